@@ -1,0 +1,93 @@
+//! Assembling a running tollgate from a config: store, provider, catalog,
+//! receipt signer and gate. Shared by the binary, the tests and the bench.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use crate::{
+    config::{Config, ConfigError, ProviderKind},
+    gate::{Catalog, Gate, GateSettings},
+    provider::{Provider, local::LocalProvider},
+    receipt::{ReceiptError, ReceiptSigner, default_key_path},
+    store::{SqliteStore, Store, StoreError, now_ms},
+    tools::{ToolBackend, demo::DemoTools},
+};
+
+/// The shipped `pricing.toml`, used when no config file is found.
+pub const DEFAULT_PRICING: &str = include_str!("../pricing.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Receipt(#[from] ReceiptError),
+    #[error("store url `{0}`: only sqlite:// is supported in this version")]
+    UnsupportedStore(String),
+}
+
+/// Opens the store a URL names. A bare path means a SQLite file.
+pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, AppError> {
+    let url = if url.contains("://") || url.starts_with("sqlite:") {
+        url.to_owned()
+    } else {
+        format!("sqlite://{url}")
+    };
+    if !url.starts_with("sqlite:") {
+        return Err(AppError::UnsupportedStore(url));
+    }
+    Ok(Arc::new(
+        SqliteStore::connect(&url, config.synchronous).await?,
+    ))
+}
+
+/// Where the receipt key lives: `TOLLGATE_RECEIPT_KEY`, the config, or the
+/// user's data directory.
+pub fn receipt_key_path(config: &Config) -> PathBuf {
+    std::env::var_os("TOLLGATE_RECEIPT_KEY")
+        .map(PathBuf::from)
+        .or_else(|| config.receipt_key_file.clone())
+        .unwrap_or_else(default_key_path)
+}
+
+pub fn provider_for(config: &Config, store: Arc<dyn Store>) -> Arc<dyn Provider> {
+    match config.provider {
+        ProviderKind::Local => {
+            Arc::new(LocalProvider::new(store, config.checkout_base_url.clone()))
+        }
+    }
+}
+
+/// The built-in tool backends.
+pub fn default_backends() -> Vec<Arc<dyn ToolBackend>> {
+    vec![Arc::new(DemoTools::default())]
+}
+
+pub fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Gate, AppError> {
+    let catalog = Catalog::build(config, &default_backends())?;
+    let signer = ReceiptSigner::load_or_create(&receipt_key_path(config))?;
+    let provider = provider_for(config, store.clone());
+    Ok(Gate::new(
+        store,
+        provider,
+        catalog,
+        signer,
+        GateSettings::from_config(config),
+    ))
+}
+
+/// Expires holds and intents past their time, now and then every `every`.
+/// Safe on several processes at once: each expiry is a conditional update.
+pub fn spawn_sweeper(store: Arc<dyn Store>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match store.sweep_expired(now_ms()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("expired {n} holds past their time"),
+                Err(e) => tracing::warn!("expiry sweep failed: {e}"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
+}

@@ -1,0 +1,75 @@
+//! Canonical form of a call's arguments, so that an intent can be bound to
+//! exactly the arguments it was priced for, whatever key order or spacing a
+//! client sends.
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// JSON with object keys sorted at every depth and no insignificant spaces.
+pub fn canonical_json(value: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[key], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Hex SHA-256 of the canonical JSON.
+pub fn args_hash(value: &Value) -> String {
+    hex::encode(Sha256::digest(canonical_json(value).as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn key_order_and_spacing_do_not_matter() {
+        let a: Value =
+            serde_json::from_str(r#"{"b": 1, "a": {"y": [1, {"q": 2, "p": 1}], "x": "s"}}"#)
+                .unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"a":{"x":"s","y":[1,{"p":1,"q":2}]},"b":1}"#).unwrap();
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"x":"s","y":[1,{"p":1,"q":2}]},"b":1}"#
+        );
+        assert_eq!(args_hash(&a), args_hash(&b));
+    }
+
+    #[test]
+    fn different_values_differ() {
+        assert_ne!(args_hash(&json!({"a": 1})), args_hash(&json!({"a": 2})));
+        assert_ne!(args_hash(&json!({"a": "1"})), args_hash(&json!({"a": 1})));
+        assert_ne!(args_hash(&json!([1, 2])), args_hash(&json!([2, 1])));
+    }
+}

@@ -1,0 +1,503 @@
+//! `pricing.toml`: what a tool author writes. Every problem is reported with
+//! the field and, where the TOML parser knows it, the line.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::money::{Currency, Units};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}{location}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// `:LINE` when known, else empty.
+    pub location: String,
+    pub message: String,
+}
+
+/// How the gate takes a payment when the fast path does not apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Auto,
+    TwoStep,
+    Resubmit,
+    Elicitation,
+    Progress,
+    DynamicTools,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 6] = [
+        Mode::Auto,
+        Mode::TwoStep,
+        Mode::Resubmit,
+        Mode::Elicitation,
+        Mode::Progress,
+        Mode::DynamicTools,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::TwoStep => "two_step",
+            Mode::Resubmit => "resubmit",
+            Mode::Elicitation => "elicitation",
+            Mode::Progress => "progress",
+            Mode::DynamicTools => "dynamic_tools",
+        }
+    }
+
+    /// Modes this build can serve. The interactive modes arrive with the
+    /// elicitation/progress work; until then a config naming them is refused
+    /// at start rather than silently served another way.
+    pub fn is_available(self) -> bool {
+        matches!(self, Mode::Auto | Mode::TwoStep | Mode::Resubmit)
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Mode::ALL.iter().map(|m| m.as_str()).collect();
+                format!("unknown mode `{s}` (expected one of: {})", names.join(", "))
+            })
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// SQLite `synchronous` setting: the durability trade-off (see README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderKind {
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub struct ToolPrice {
+    pub name: String,
+    pub price: Units,
+    pub mode: Option<Mode>,
+    /// 1-based line of the entry's `name`, for later errors.
+    pub line: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from (for error messages), or `<builtin>`.
+    pub source: String,
+    pub server_name: String,
+    pub mode: Mode,
+    pub currency: Currency,
+    pub payment_ttl: Duration,
+    pub approval_threshold: Units,
+    pub store_url: String,
+    pub synchronous: Synchronous,
+    pub provider: ProviderKind,
+    pub checkout_base_url: String,
+    pub receipt_key_file: Option<PathBuf>,
+    pub tools: Vec<ToolPrice>,
+}
+
+// ---- raw TOML shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    provider: RawProvider,
+    #[serde(default)]
+    receipts: RawReceipts,
+    #[serde(default)]
+    tools: Vec<RawTool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    name: String,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+    currency: Spanned<String>,
+    #[serde(default)]
+    payment_ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    approval_threshold: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    synchronous: Synchronous,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    #[serde(default)]
+    kind: Option<Spanned<String>>,
+    #[serde(default)]
+    checkout_base_url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReceipts {
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTool {
+    name: Spanned<String>,
+    price: Spanned<toml::Value>,
+    #[serde(default)]
+    mode: Option<Spanned<String>>,
+}
+
+pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
+pub const DEFAULT_CHECKOUT_BASE_URL: &str = "http://127.0.0.1:8080";
+
+impl Config {
+    /// Reads and validates a file. Relative SQLite paths are resolved against
+    /// the file's directory so the server finds its database whatever the
+    /// working directory (Claude Desktop starts servers in `/`).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            location: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut config = Self::parse(&text, &file)?;
+        if let Some(dir) = path.parent() {
+            config.store_url = resolve_sqlite_path(&config.store_url, dir);
+        }
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
+            file: file.to_owned(),
+            location: span
+                .map(|s| format!(":{}", line_of(text, s.start)))
+                .unwrap_or_default(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            err(
+                e.span(),
+                e.message().trim_end().replace('\n', " ").to_string(),
+            )
+        })?;
+
+        let mode = match &raw.server.mode {
+            None => Mode::Auto,
+            Some(m) => {
+                parse_mode(m).map_err(|msg| err(Some(m.span()), format!("server.mode: {msg}")))?
+            }
+        };
+        let currency = Currency::parse(raw.server.currency.get_ref()).map_err(|e| {
+            err(
+                Some(raw.server.currency.span()),
+                format!("server.currency: {e}"),
+            )
+        })?;
+        let payment_ttl = match &raw.server.payment_ttl {
+            None => Duration::from_secs(15 * 60),
+            Some(s) => {
+                let ttl = humantime::parse_duration(s.get_ref()).map_err(|e| {
+                    err(
+                        Some(s.span()),
+                        format!(
+                            "server.payment_ttl: `{}` is not a duration like \"15m\" ({e})",
+                            s.get_ref()
+                        ),
+                    )
+                })?;
+                if ttl.is_zero() {
+                    return Err(err(
+                        Some(s.span()),
+                        "server.payment_ttl: must be above zero".into(),
+                    ));
+                }
+                ttl
+            }
+        };
+        let approval_threshold = match &raw.server.approval_threshold {
+            None => Units::parse("5.00").unwrap_or_default(),
+            Some(s) => Units::parse(s.get_ref())
+                .map_err(|e| err(Some(s.span()), format!("server.approval_threshold: {e}")))?,
+        };
+        let provider = match &raw.provider.kind {
+            None => ProviderKind::Local,
+            Some(k) if k.get_ref() == "local" => ProviderKind::Local,
+            Some(k) => {
+                return Err(err(
+                    Some(k.span()),
+                    format!(
+                        "provider.kind: unknown provider `{}` (expected: local)",
+                        k.get_ref()
+                    ),
+                ));
+            }
+        };
+
+        let mut tools = Vec::with_capacity(raw.tools.len());
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, t) in raw.tools.iter().enumerate() {
+            let field = |f: &str| format!("tools[{i}].{f}");
+            let name = t.name.get_ref().trim().to_owned();
+            let line = line_of(text, t.name.span().start);
+            if name.is_empty() {
+                return Err(err(
+                    Some(t.name.span()),
+                    format!("{}: must not be empty", field("name")),
+                ));
+            }
+            if let Some(first) = seen.insert(name.clone(), line) {
+                return Err(err(
+                    Some(t.name.span()),
+                    format!(
+                        "{}: duplicate tool `{name}` (first priced on line {first})",
+                        field("name")
+                    ),
+                ));
+            }
+            let price_text = match t.price.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                other => {
+                    return Err(err(
+                        Some(t.price.span()),
+                        format!(
+                            "{}: write the price as a quoted decimal string such as \"0.05\", not {other}",
+                            field("price")
+                        ),
+                    ));
+                }
+            };
+            let price = Units::parse(&price_text).map_err(|e| {
+                err(
+                    Some(t.price.span()),
+                    format!("{} of `{name}`: {e}", field("price")),
+                )
+            })?;
+            let mode = match &t.mode {
+                None => None,
+                Some(m) => Some(parse_mode(m).map_err(|msg| {
+                    err(
+                        Some(m.span()),
+                        format!("{} of `{name}`: {msg}", field("mode")),
+                    )
+                })?),
+            };
+            tools.push(ToolPrice {
+                name,
+                price,
+                mode,
+                line: Some(line),
+            });
+        }
+
+        Ok(Config {
+            source: file.to_owned(),
+            server_name: raw.server.name,
+            mode,
+            currency,
+            payment_ttl,
+            approval_threshold,
+            store_url: raw
+                .store
+                .url
+                .unwrap_or_else(|| DEFAULT_STORE_URL.to_owned()),
+            synchronous: raw.store.synchronous,
+            provider,
+            checkout_base_url: raw
+                .provider
+                .checkout_base_url
+                .unwrap_or_else(|| DEFAULT_CHECKOUT_BASE_URL.to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+            receipt_key_file: raw.receipts.key_file,
+            tools,
+        })
+    }
+
+    /// An error about one priced tool, pointing at its entry.
+    pub fn tool_error(&self, tool: &ToolPrice, message: String) -> ConfigError {
+        ConfigError {
+            file: self.source.clone(),
+            location: tool.line.map(|l| format!(":{l}")).unwrap_or_default(),
+            message,
+        }
+    }
+}
+
+fn parse_mode(m: &Spanned<String>) -> Result<Mode, String> {
+    let mode: Mode = m.get_ref().parse()?;
+    if !mode.is_available() {
+        return Err(format!(
+            "mode `{mode}` is not available in this version of tollgate (use auto, two_step or resubmit)"
+        ));
+    }
+    Ok(mode)
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn resolve_sqlite_path(url: &str, base: &Path) -> String {
+    let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return url.to_owned();
+    };
+    let (path, query) = path
+        .split_once('?')
+        .map_or((path, None), |(p, q)| (p, Some(q)));
+    if path.is_empty() || path == ":memory:" || Path::new(path).is_absolute() {
+        return url.to_owned();
+    }
+    let joined = base.join(path);
+    match query {
+        Some(q) => format!("sqlite://{}?{q}", joined.display()),
+        None => format!("sqlite://{}", joined.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+name = "t"
+mode = "two_step"
+currency = "usd"
+payment_ttl = "10m"
+approval_threshold = "5.00"
+
+[[tools]]
+name = "echo"
+price = "0.01"
+
+[[tools]]
+name = "divide"
+price = "0.05"
+mode = "resubmit"
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = Config::parse(GOOD, "p.toml").unwrap();
+        assert_eq!(c.mode, Mode::TwoStep);
+        assert_eq!(c.currency.as_str(), "USD");
+        assert_eq!(c.payment_ttl, Duration::from_secs(600));
+        assert_eq!(c.tools[1].price, Units(50_000));
+        assert_eq!(c.tools[1].mode, Some(Mode::Resubmit));
+        assert_eq!(c.store_url, DEFAULT_STORE_URL);
+    }
+
+    fn error_for(tool_line: &str) -> String {
+        let text = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\n{tool_line}\n"
+        );
+        Config::parse(&text, "p.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_prices_name_field_and_line() {
+        let e = error_for("price = \"-0.01\"");
+        assert!(e.starts_with("p.toml:7: tools[0].price of `echo`"), "{e}");
+        assert!(e.contains("negative"), "{e}");
+        assert!(error_for("price = \"NaN\"").contains("not a decimal"));
+        assert!(error_for("price = \"ten\"").contains("not a decimal"));
+        assert!(error_for("price = 0.1").contains("quoted decimal string"));
+        assert!(error_for("price = \"0.0000001\"").contains("decimal places"));
+    }
+
+    #[test]
+    fn unknown_mode_and_duplicates() {
+        let e = error_for("price = \"1\"\nmode = \"barter\"");
+        assert!(
+            e.starts_with("p.toml:8: tools[0].mode of `echo`: unknown mode `barter`"),
+            "{e}"
+        );
+        let text = "[server]\nname = \"t\"\ncurrency = \"USD\"\n[[tools]]\nname = \"echo\"\nprice = \"1\"\n[[tools]]\nname = \"echo\"\nprice = \"2\"\n";
+        let e = Config::parse(text, "p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("p.toml:8: tools[1].name: duplicate tool `echo` (first priced on line 5)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_and_unknown_fields() {
+        let e = Config::parse(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\nfoo = 1\n",
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("p.toml:4") && e.contains("foo"), "{e}");
+        let e = Config::parse("[server]\nname = \"t\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("currency"), "{e}");
+        let e = Config::parse(
+            "[server]\nname=\"t\"\ncurrency=\"USD\"\npayment_ttl=\"soon\"\n",
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("p.toml:4: server.payment_ttl"), "{e}");
+    }
+
+    #[test]
+    fn relative_sqlite_paths_follow_the_file() {
+        assert_eq!(
+            resolve_sqlite_path("sqlite://t.db", Path::new("/etc/x")),
+            "sqlite:///etc/x/t.db"
+        );
+        assert_eq!(
+            resolve_sqlite_path("sqlite:///abs.db", Path::new("/etc/x")),
+            "sqlite:///abs.db"
+        );
+        assert_eq!(
+            resolve_sqlite_path("postgres://h/db", Path::new("/etc/x")),
+            "postgres://h/db"
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! What tools exist, what they cost, and how they are listed to clients.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use rmcp::model::{JsonObject, MetaObject, Tool};
+use serde_json::{Value, json};
+
+use crate::{
+    config::{Config, ConfigError, Mode},
+    money::{Currency, Units, format_amount},
+    tools::ToolBackend,
+};
+
+/// The price and mode of one priced tool.
+#[derive(Debug, Clone)]
+pub struct Price {
+    pub amount: Units,
+    pub currency: Currency,
+    pub mode: Mode,
+}
+
+pub struct Entry {
+    pub backend: Arc<dyn ToolBackend>,
+    /// `None`: free, passed through untouched.
+    pub price: Option<Price>,
+}
+
+pub struct Catalog {
+    entries: BTreeMap<String, Entry>,
+    /// `confirm_<tool>_payment` → tool.
+    confirms: HashMap<String, String>,
+    listed: Vec<Tool>,
+}
+
+pub const PAYMENT_ID_ARG: &str = "payment_id";
+
+pub fn confirm_tool_name(tool: &str) -> String {
+    format!("confirm_{tool}_payment")
+}
+
+impl Catalog {
+    /// Joins the backends' tools with `pricing.toml`. A priced tool no
+    /// backend provides, or a name served twice, is a start-up error.
+    pub fn build(config: &Config, backends: &[Arc<dyn ToolBackend>]) -> Result<Self, ConfigError> {
+        let mut described: BTreeMap<String, (Tool, Arc<dyn ToolBackend>)> = BTreeMap::new();
+        for backend in backends {
+            for tool in backend.tools() {
+                let name = tool.name.to_string();
+                if described
+                    .insert(name.clone(), (tool, backend.clone()))
+                    .is_some()
+                {
+                    return Err(ConfigError {
+                        file: config.source.clone(),
+                        location: String::new(),
+                        message: format!("two backends both provide a tool named `{name}`"),
+                    });
+                }
+            }
+        }
+        let mut prices: HashMap<&str, Price> = HashMap::new();
+        for priced in &config.tools {
+            if !described.contains_key(&priced.name) {
+                let known: Vec<&str> = described.keys().map(String::as_str).collect();
+                return Err(config.tool_error(
+                    priced,
+                    format!(
+                        "tools.name: no backend provides a tool named `{}` (known tools: {})",
+                        priced.name,
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if priced.price.is_zero() {
+                continue;
+            }
+            prices.insert(
+                &priced.name,
+                Price {
+                    amount: priced.price,
+                    currency: config.currency.clone(),
+                    mode: priced.mode.unwrap_or(config.mode),
+                },
+            );
+        }
+
+        let mut entries = BTreeMap::new();
+        let mut confirms = HashMap::new();
+        let mut listed = Vec::new();
+        for (name, (tool, backend)) in described {
+            let price = prices.remove(name.as_str());
+            match &price {
+                None => listed.push(tool),
+                Some(price) => {
+                    listed.push(priced_tool(tool, price));
+                    if price.mode == Mode::TwoStep {
+                        let confirm = confirm_tool_name(&name);
+                        confirms.insert(confirm.clone(), name.clone());
+                        listed.push(confirm_tool(&confirm, &name, price));
+                    }
+                }
+            }
+            entries.insert(name, Entry { backend, price });
+        }
+        for confirm in confirms.keys() {
+            if entries.contains_key(confirm) {
+                return Err(ConfigError {
+                    file: config.source.clone(),
+                    location: String::new(),
+                    message: format!(
+                        "tool `{confirm}` collides with the confirm tool tollgate adds"
+                    ),
+                });
+            }
+        }
+        listed.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Self {
+            entries,
+            confirms,
+            listed,
+        })
+    }
+
+    pub fn listed(&self) -> &[Tool] {
+        &self.listed
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    /// The priced tool a confirm tool belongs to.
+    pub fn confirmed_tool(&self, confirm: &str) -> Option<&str> {
+        self.confirms.get(confirm).map(String::as_str)
+    }
+
+    pub fn listed_tool(&self, name: &str) -> Option<Tool> {
+        self.listed.iter().find(|t| t.name == name).cloned()
+    }
+}
+
+pub fn price_json(price: &Price) -> Value {
+    json!({ "amount": format_amount(price.amount), "currency": price.currency.as_str() })
+}
+
+fn price_note(price: &Price) -> String {
+    format!(
+        "(price: {} {} per call)",
+        format_amount(price.amount),
+        price.currency
+    )
+}
+
+/// Adds the price to a tool's description and `_meta`; in resubmit mode (and
+/// auto, which falls back to it) the schema gains an optional `payment_id`.
+fn priced_tool(mut tool: Tool, price: &Price) -> Tool {
+    let description = tool
+        .description
+        .as_deref()
+        .unwrap_or("")
+        .trim_end()
+        .to_owned();
+    tool.description = Some(if description.is_empty() {
+        price_note(price).into()
+    } else {
+        format!("{description} {}", price_note(price)).into()
+    });
+    let mut meta = tool.meta.take().unwrap_or_default();
+    meta.0.insert("tollgate/price".into(), price_json(price));
+    tool.meta = Some(meta);
+    if matches!(price.mode, Mode::Resubmit | Mode::Auto) {
+        let mut schema: JsonObject = (*tool.input_schema).clone();
+        let properties = schema
+            .entry("properties")
+            .or_insert_with(|| Value::Object(JsonObject::new()));
+        if let Value::Object(properties) = properties {
+            properties.insert(
+                PAYMENT_ID_ARG.into(),
+                json!({
+                    "type": "string",
+                    "description": "Leave out on the first call. After paying, call again with the same arguments plus the payment_id you were given."
+                }),
+            );
+        }
+        tool.input_schema = Arc::new(schema);
+    }
+    tool
+}
+
+fn confirm_tool(confirm: &str, tool: &str, price: &Price) -> Tool {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            PAYMENT_ID_ARG: { "type": "string", "description": format!("The payment_id returned by `{tool}`.") }
+        },
+        "required": [PAYMENT_ID_ARG],
+        "additionalProperties": false
+    });
+    let mut meta = MetaObject::new();
+    meta.0.insert("tollgate/confirms".into(), json!(tool));
+    Tool::new(
+        confirm.to_owned(),
+        format!(
+            "Runs `{tool}` once its payment of {} {} is made. Pass the payment_id that `{tool}` returned.",
+            format_amount(price.amount),
+            price.currency
+        ),
+        Arc::new(schema.as_object().cloned().unwrap_or_default()),
+    )
+    .with_meta(meta)
+}

@@ -1,0 +1,132 @@
+//! Fast path: a funded wallet pays at once. Hold, run, then capture on
+//! success or release on a tool error: no extra round trip for the client.
+
+use std::time::Duration;
+
+use rmcp::model::CallToolResult;
+use serde_json::json;
+
+use super::{Caller, Gate, PricedCall, catalog::Entry, reply};
+use crate::{
+    money::format_amount,
+    receipt::ReceiptClaims,
+    store::{Audit, HoldOutcome, HoldRequest, new_id, now_ms, rfc3339},
+};
+
+/// A hold outlives any sane tool run; past this a crashed server's hold is
+/// expired by the sweeper and the wallet gets its funds back.
+const HOLD_TTL: Duration = Duration::from_secs(15 * 60);
+
+impl Gate {
+    /// `None` when the fast path does not apply: anonymous caller, a price
+    /// above the approval threshold, or a wallet that cannot cover it.
+    pub(super) async fn try_fast_path(
+        &self,
+        caller: &Caller,
+        call: &PricedCall<'_>,
+        entry: &Entry,
+    ) -> Option<CallToolResult> {
+        let principal = caller.principal.as_ref()?;
+        if call.price.amount > self.settings.approval_threshold {
+            return None;
+        }
+        let payment_id = new_id("pay");
+        let ttl = HOLD_TTL.max(self.settings.payment_ttl);
+        let hold = HoldRequest {
+            hold_id: payment_id.clone(),
+            principal: principal.clone(),
+            amount: call.price.amount,
+            currency: call.price.currency.clone(),
+            tool: call.tool.to_owned(),
+            args_hash: call.args_hash.clone(),
+            expires_at: now_ms() + ttl.as_millis() as i64,
+        };
+        match self.store.hold(&hold).await {
+            Ok(HoldOutcome::Held) => {}
+            Ok(HoldOutcome::Insufficient) => {
+                tracing::debug!(
+                    tool = call.tool,
+                    principal,
+                    "wallet cannot cover the price; slow path"
+                );
+                return None;
+            }
+            Err(e) => return Some(reply::unavailable(e)),
+        }
+
+        let result = entry.backend.call(call.tool, call.args.clone()).await;
+        let amount = format_amount(call.price.amount);
+        let currency = call.price.currency.as_str();
+
+        if result.is_error == Some(true) {
+            if let Err(e) = self.store.release(&payment_id).await {
+                // The hold stays open and expires on its own; nothing is charged.
+                tracing::error!(payment_id, "release after tool error failed: {e}");
+            }
+            tracing::info!(
+                tool = call.tool,
+                principal,
+                payment_id,
+                "tool failed; hold released"
+            );
+            return Some(reply::with_payment(
+                result,
+                json!({ "payment_id": payment_id, "status": "released", "amount": amount,
+                        "currency": currency, "charged": "0.00" }),
+            ));
+        }
+
+        let audit = Audit {
+            payer: Some(principal.clone()),
+            beneficiary: Some(self.settings.server_name.clone()),
+            tool: Some(call.tool.to_owned()),
+            payment_id: Some(payment_id.clone()),
+            ..Audit::default()
+        };
+        let posted = self
+            .store
+            .capture(
+                &payment_id,
+                call.price.amount,
+                &self.revenue_account(&call.price.currency),
+                audit,
+            )
+            .await;
+        let posted = match posted {
+            Ok(posted) => posted,
+            Err(e) => {
+                // The tool ran; the hold is left to expire, so the caller is
+                // not charged. Never charge twice rather than risk it.
+                tracing::error!(payment_id, "capture failed after a successful run: {e}");
+                return Some(reply::with_payment(
+                    result,
+                    json!({ "payment_id": payment_id, "status": "not_charged", "amount": amount,
+                            "currency": currency, "charged": "0.00" }),
+                ));
+            }
+        };
+        let receipt = self.signer.sign(&ReceiptClaims {
+            payment_id: payment_id.clone(),
+            tool: call.tool.to_owned(),
+            args_hash: call.args_hash.clone(),
+            amount: amount.clone(),
+            currency: currency.to_owned(),
+            payer: Some(principal.clone()),
+            ledger_txn: posted.txn_id.clone(),
+            paid_at: rfc3339(posted.at),
+        });
+        tracing::info!(
+            tool = call.tool,
+            principal,
+            payment_id,
+            amount,
+            currency,
+            "charged (fast path)"
+        );
+        Some(reply::with_payment(
+            result,
+            json!({ "payment_id": payment_id, "status": "paid", "amount": amount,
+                    "currency": currency, "receipt": receipt }),
+        ))
+    }
+}

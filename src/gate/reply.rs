@@ -1,0 +1,62 @@
+//! How the gate answers: payment errors as tool results (SDKs drop JSON-RPC
+//! error data), and the `tollgate/payment` block on paid results.
+
+use rmcp::model::{CallToolResult, ContentBlock};
+use serde_json::{Map, Value, json};
+
+pub const PAYMENT_META: &str = "tollgate/payment";
+
+/// Stable error codes clients can branch on.
+pub mod code {
+    pub const PAYMENT_REQUIRED: &str = "payment_required";
+    pub const PAYMENT_PENDING: &str = "payment_pending";
+    pub const PAYMENT_FAILED: &str = "payment_failed";
+    pub const PAYMENT_EXPIRED: &str = "payment_expired";
+    pub const PAYMENT_CANCELLED: &str = "payment_cancelled";
+    pub const PAYMENT_MISMATCH: &str = "payment_mismatch";
+    pub const PAYMENT_NOT_FOUND: &str = "payment_not_found";
+    pub const PAYMENT_IN_PROGRESS: &str = "payment_in_progress";
+    pub const INVALID_ARGUMENTS: &str = "invalid_arguments";
+    pub const UNAVAILABLE: &str = "payment_system_unavailable";
+}
+
+/// An `isError` result whose `structuredContent` is
+/// `{error: code, message, ...details}` and whose text is the message.
+pub fn error(
+    code: &str,
+    message: impl Into<String>,
+    details: Map<String, Value>,
+) -> CallToolResult {
+    let message = message.into();
+    let mut body = Map::new();
+    body.insert("error".into(), json!(code));
+    body.insert("message".into(), json!(message));
+    body.extend(details);
+    let mut result = CallToolResult::error(vec![ContentBlock::text(message)]);
+    result.structured_content = Some(Value::Object(body));
+    result
+}
+
+pub fn unavailable(cause: impl std::fmt::Display) -> CallToolResult {
+    tracing::error!("payment system unavailable: {cause}");
+    error(
+        code::UNAVAILABLE,
+        "payment system unavailable: the tool did not run and nothing was charged; try again later",
+        Map::new(),
+    )
+}
+
+/// Builds a details map from `json!({...})`.
+pub fn details(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+pub fn with_payment(mut result: CallToolResult, payment: Value) -> CallToolResult {
+    let mut meta = result.meta.take().unwrap_or_default();
+    meta.0.insert(PAYMENT_META.into(), payment);
+    result.meta = Some(meta);
+    result
+}

@@ -1,0 +1,17 @@
+//! tollgate: an MCP server that charges for tool calls.
+//!
+//! Tool authors price tools in `pricing.toml`; the [`gate::Gate`] stands in
+//! front of every priced call and either charges a funded wallet at once (the
+//! fast path) or walks the caller through a payment mode, backed by a
+//! durable [`store::Store`] with a double-entry ledger.
+
+pub mod app;
+pub mod canonical;
+pub mod config;
+pub mod gate;
+pub mod money;
+pub mod provider;
+pub mod receipt;
+pub mod server;
+pub mod store;
+pub mod tools;

@@ -1,0 +1,318 @@
+//! The `tollgate` command: serve over stdio, and manage wallets, payment
+//! sessions, the ledger and receipts.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use rmcp::ServiceExt;
+use tollgate::{
+    app::{self, DEFAULT_PRICING},
+    config::Config,
+    gate::Caller,
+    money::{Currency, Units, format_amount, format_signed},
+    receipt::ReceiptSigner,
+    server::TollgateServer,
+    store::{AccountRef, SessionStatus, Store, now_ms, rfc3339},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An MCP server that charges for tool calls"
+)]
+struct Cli {
+    /// Pricing file. Without it, ./pricing.toml, else the built-in demo pricing.
+    #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Store URL or SQLite path; overrides [store] url.
+    #[arg(long, global = true, env = "TOLLGATE_DB")]
+    db: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve MCP over stdio.
+    Serve {
+        /// The principal who pays; without one, calls are anonymous.
+        #[arg(long, env = "TOLLGATE_PAYER")]
+        payer: Option<String>,
+    },
+    /// Prepaid wallets.
+    Wallet {
+        #[command(subcommand)]
+        command: WalletCommand,
+    },
+    /// The local provider's payment sessions.
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+    /// The double-entry ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Signed receipts.
+    Receipt {
+        #[command(subcommand)]
+        command: ReceiptCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalletCommand {
+    /// Adds prepaid credit.
+    Topup {
+        wallet: String,
+        amount: String,
+        /// Defaults to the server's currency.
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long)]
+        memo: Option<String>,
+    },
+    /// Balance, held and available amounts.
+    Balance { wallet: String },
+    /// Every entry on the wallet.
+    Statement { wallet: String },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// The most recent sessions.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Pays a pending session: from a wallet with --from, else settles it in dev mode.
+    Pay {
+        id: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// Cancels a pending session.
+    Cancel { id: String },
+    /// Marks a pending session failed, as a declined card would.
+    Decline { id: String },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Checks every invariant; exits non-zero on any break.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Checks a receipt's signature and prints what it attests.
+    Verify { receipt: String },
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None if PathBuf::from("pricing.toml").exists() => {
+            Ok(Config::load("pricing.toml".as_ref())?)
+        }
+        None => {
+            tracing::info!("no pricing.toml here; using the built-in demo pricing");
+            Ok(Config::parse(DEFAULT_PRICING, "<built-in pricing.toml>")?)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    // stdout is the MCP transport: logs go to stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tollgate=info")),
+        )
+        .init();
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let config = load_config(cli.config.as_ref())?;
+    let db = cli.db.clone().unwrap_or_else(|| config.store_url.clone());
+    let store = app::open_store(&db, &config)
+        .await
+        .with_context(|| format!("opening store {db}"))?;
+    match cli.command {
+        Command::Serve { payer } => serve(config, store, payer).await?,
+        Command::Wallet { command } => wallet(&config, store.as_ref(), command).await?,
+        Command::Sessions { command } => sessions(store.as_ref(), command).await?,
+        Command::Ledger {
+            command: LedgerCommand::Verify,
+        } => return ledger_verify(store.as_ref()).await,
+        Command::Receipt {
+            command: ReceiptCommand::Verify { receipt },
+        } => {
+            let signer = ReceiptSigner::load_or_create(&app::receipt_key_path(&config))?;
+            let claims = signer.verify(&receipt)?;
+            println!("valid receipt");
+            println!("{}", serde_json::to_string_pretty(&claims)?);
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> anyhow::Result<()> {
+    let payer = payer.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
+    let gate = Arc::new(app::build_gate(&config, store.clone())?);
+    let sweeper = app::spawn_sweeper(store, Duration::from_secs(30));
+    tracing::info!(
+        server = config.server_name,
+        payer = payer.as_deref().unwrap_or("anonymous"),
+        "serving MCP over stdio"
+    );
+    let server = TollgateServer::new(gate, Caller { principal: payer });
+    let running = server.serve(rmcp::transport::stdio()).await?;
+    running.waiting().await?;
+    sweeper.abort();
+    Ok(())
+}
+
+async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> anyhow::Result<()> {
+    match command {
+        WalletCommand::Topup {
+            wallet,
+            amount,
+            currency,
+            memo,
+        } => {
+            let currency = match currency {
+                Some(c) => Currency::parse(&c)?,
+                None => config.currency.clone(),
+            };
+            let units = Units::parse(&amount).with_context(|| format!("amount `{amount}`"))?;
+            if units.is_zero() {
+                bail!("amount must be above zero");
+            }
+            let posted = store
+                .topup(&AccountRef::wallet(&wallet, &currency), units, memo)
+                .await?;
+            println!(
+                "topped up {wallet} with {} {currency} ({})",
+                format_amount(units),
+                posted.txn_id
+            );
+            print_balances(store, &wallet).await?;
+        }
+        WalletCommand::Balance { wallet } => print_balances(store, &wallet).await?,
+        WalletCommand::Statement { wallet } => {
+            let lines = store.statement(&wallet).await?;
+            println!("statement for wallet {wallet}");
+            println!(
+                "{:<20}  {:<16}  {:>14}  {:<8}  {:<12}  reference",
+                "time", "kind", "amount", "currency", "tool"
+            );
+            for line in lines {
+                println!(
+                    "{:<20}  {:<16}  {:>14}  {:<8}  {:<12}  {}",
+                    rfc3339(line.at),
+                    line.kind,
+                    format_signed(line.amount),
+                    line.currency,
+                    line.tool.as_deref().unwrap_or("-"),
+                    line.payment_id.as_deref().unwrap_or(&line.txn_id),
+                );
+            }
+            print_balances(store, &wallet).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn print_balances(store: &dyn Store, wallet: &str) -> anyhow::Result<()> {
+    let balances = store.balances(wallet).await?;
+    if balances.is_empty() {
+        println!("wallet {wallet} has no funds");
+    }
+    for b in balances {
+        println!(
+            "{wallet}: balance {} {cur}, held {} {cur}, available {} {cur}",
+            format_amount(b.balance),
+            format_amount(b.held),
+            format_amount(b.available),
+            cur = b.currency
+        );
+    }
+    Ok(())
+}
+
+async fn sessions(store: &dyn Store, command: SessionsCommand) -> anyhow::Result<()> {
+    match command {
+        SessionsCommand::List { limit } => {
+            println!(
+                "{:<37}  {:<9}  {:>10}  {:<8}  {:<20}  description",
+                "id", "status", "amount", "currency", "expires"
+            );
+            for s in store.list_sessions(limit).await? {
+                println!(
+                    "{:<37}  {:<9}  {:>10}  {:<8}  {:<20}  {}",
+                    s.id,
+                    s.status.as_str(),
+                    format_amount(s.amount),
+                    s.currency,
+                    rfc3339(s.expires_at),
+                    s.description
+                );
+            }
+        }
+        SessionsCommand::Pay { id, from } => {
+            let posted = store.pay_session(&id, from.as_deref(), now_ms()).await?;
+            match &from {
+                Some(wallet) => {
+                    println!("session {id} paid from wallet {wallet} ({})", posted.txn_id)
+                }
+                None => println!("session {id} settled in dev mode ({})", posted.txn_id),
+            }
+        }
+        SessionsCommand::Cancel { id } => end_session(store, &id, SessionStatus::Cancelled).await?,
+        SessionsCommand::Decline { id } => end_session(store, &id, SessionStatus::Failed).await?,
+    }
+    Ok(())
+}
+
+async fn end_session(store: &dyn Store, id: &str, to: SessionStatus) -> anyhow::Result<()> {
+    if store.end_session(id, to).await? {
+        println!("session {id} is now {}", to.as_str());
+        return Ok(());
+    }
+    match store.session(id).await? {
+        None => bail!("no payment session {id}"),
+        Some(s) => bail!(
+            "session {id} is {}, not pending; left as it is",
+            s.status.as_str()
+        ),
+    }
+}
+
+async fn ledger_verify(store: &dyn Store) -> anyhow::Result<std::process::ExitCode> {
+    let report = store.verify(now_ms()).await?;
+    if report.problems.is_empty() {
+        println!(
+            "ledger ok: {} transactions, {} accounts, {} open holds",
+            report.transactions, report.accounts, report.open_holds
+        );
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    println!("ledger BROKEN: {} problem(s)", report.problems.len());
+    for problem in &report.problems {
+        println!("  - {problem}");
+    }
+    Ok(std::process::ExitCode::FAILURE)
+}

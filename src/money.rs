@@ -1,0 +1,190 @@
+//! Exact money. Prices are `rust_decimal` values; the store keeps them as
+//! integer micro-units (10^-6 of the currency's major unit) so that SQL can
+//! compare and add them exactly. A price with more than six decimal places is
+//! refused, never rounded.
+
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// Decimal places kept by the store.
+pub const SCALE: u32 = 6;
+const UNITS_PER_MAJOR: i64 = 1_000_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MoneyError {
+    #[error("`{0}` is not a decimal amount")]
+    NotDecimal(String),
+    #[error("amount {0} is negative")]
+    Negative(Decimal),
+    #[error("amount {0} has more than {SCALE} decimal places")]
+    TooPrecise(Decimal),
+    #[error("amount {0} is too large")]
+    TooLarge(Decimal),
+    #[error("`{0}` is not an ISO 4217 currency code (three letters)")]
+    BadCurrency(String),
+}
+
+/// An ISO 4217 currency code, upper case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Currency(String);
+
+impl Currency {
+    pub fn parse(code: &str) -> Result<Self, MoneyError> {
+        let code = code.trim();
+        if code.len() == 3 && code.chars().all(|c| c.is_ascii_alphabetic()) {
+            Ok(Self(code.to_ascii_uppercase()))
+        } else {
+            Err(MoneyError::BadCurrency(code.to_owned()))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Currency {
+    type Error = MoneyError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<Currency> for String {
+    fn from(c: Currency) -> String {
+        c.0
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A non-negative amount in micro-units, as the store keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Units(pub i64);
+
+impl Units {
+    /// Parses a decimal string such as `"0.05"` exactly.
+    pub fn parse(text: &str) -> Result<Self, MoneyError> {
+        let trimmed = text.trim();
+        // Plain decimal notation only: rust_decimal would also take
+        // exponents ("1e3") and underscores, which a price should not have.
+        let digits = trimmed.strip_prefix('-').unwrap_or(trimmed);
+        let plain = !digits.is_empty()
+            && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && digits.matches('.').count() <= 1
+            && digits.chars().any(|c| c.is_ascii_digit());
+        if !plain {
+            return Err(MoneyError::NotDecimal(text.to_owned()));
+        }
+        let value: Decimal = trimmed
+            .parse()
+            .map_err(|_| MoneyError::NotDecimal(text.to_owned()))?;
+        Self::from_decimal(value)
+    }
+
+    pub fn from_decimal(value: Decimal) -> Result<Self, MoneyError> {
+        if value.is_sign_negative() && !value.is_zero() {
+            return Err(MoneyError::Negative(value));
+        }
+        let normalized = value.normalize();
+        if normalized.scale() > SCALE {
+            return Err(MoneyError::TooPrecise(value));
+        }
+        let scaled = normalized
+            .checked_mul(Decimal::from(UNITS_PER_MAJOR))
+            .ok_or(MoneyError::TooLarge(value))?;
+        let units: i64 = scaled
+            .trunc()
+            .try_into()
+            .map_err(|_| MoneyError::TooLarge(value))?;
+        Ok(Self(units))
+    }
+
+    pub fn to_decimal(self) -> Decimal {
+        Decimal::new(self.0, SCALE).normalize()
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// Formats an amount for people and JSON: at least two decimal places
+/// (`0.50`, `12.00`), more only when the amount has them (`0.0025`).
+pub fn format_amount(units: Units) -> String {
+    format_signed(units.0)
+}
+
+/// Same as [`format_amount`] for ledger entries, which carry a sign.
+pub fn format_signed(micros: i64) -> String {
+    let mut d = Decimal::new(micros, SCALE).normalize();
+    if d.scale() < 2 {
+        d.rescale(2);
+    }
+    d.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_exact_decimals() {
+        assert_eq!(Units::parse("0.01"), Ok(Units(10_000)));
+        assert_eq!(Units::parse("5"), Ok(Units(5_000_000)));
+        assert_eq!(Units::parse("0.000001"), Ok(Units(1)));
+        assert_eq!(Units::parse("1.500000000"), Ok(Units(1_500_000)));
+    }
+
+    #[test]
+    fn refuses_bad_amounts() {
+        assert!(matches!(Units::parse("-1"), Err(MoneyError::Negative(_))));
+        assert!(matches!(
+            Units::parse("NaN"),
+            Err(MoneyError::NotDecimal(_))
+        ));
+        assert!(matches!(
+            Units::parse("inf"),
+            Err(MoneyError::NotDecimal(_))
+        ));
+        assert!(matches!(
+            Units::parse("1e3"),
+            Err(MoneyError::NotDecimal(_))
+        ));
+        assert!(matches!(
+            Units::parse("abc"),
+            Err(MoneyError::NotDecimal(_))
+        ));
+        assert!(matches!(
+            Units::parse("0.0000001"),
+            Err(MoneyError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            Units::parse("99999999999999999"),
+            Err(MoneyError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn formats_for_people() {
+        assert_eq!(format_amount(Units(10_000)), "0.01");
+        assert_eq!(format_amount(Units(500_000)), "0.50");
+        assert_eq!(format_amount(Units(12_000_000)), "12.00");
+        assert_eq!(format_amount(Units(2_500)), "0.0025");
+        assert_eq!(format_signed(-10_000), "-0.01");
+        assert_eq!(format_amount(Units(0)), "0.00");
+    }
+
+    #[test]
+    fn currency_codes() {
+        assert_eq!(Currency::parse("usd").unwrap().as_str(), "USD");
+        assert!(Currency::parse("US").is_err());
+        assert!(Currency::parse("U$D").is_err());
+    }
+}

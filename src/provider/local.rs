@@ -1,0 +1,80 @@
+//! The embedded provider: sessions live in the same store as the ledger.
+//! A person settles one with `tollgate sessions pay ID [--from WALLET]`, or,
+//! once the HTTP listener exists, on the checkout page at `payment_url`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{Provider, ProviderError, ProviderSession, SessionRequest, SessionState};
+use crate::store::{LocalSession, SessionStatus, Store, now_ms};
+
+pub struct LocalProvider {
+    store: Arc<dyn Store>,
+    checkout_base_url: String,
+}
+
+impl LocalProvider {
+    pub fn new(store: Arc<dyn Store>, checkout_base_url: impl Into<String>) -> Self {
+        Self {
+            store,
+            checkout_base_url: checkout_base_url.into(),
+        }
+    }
+
+    pub fn checkout_url(&self, id: &str) -> String {
+        format!("{}/checkout/{id}", self.checkout_base_url)
+    }
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError> {
+        let session = LocalSession {
+            id: req.payment_id.clone(),
+            amount: req.amount,
+            currency: req.currency.clone(),
+            description: req.description.clone(),
+            status: SessionStatus::Pending,
+            created_at: now_ms(),
+            expires_at: req.expires_at,
+            paid_from: None,
+        };
+        self.store.create_session(&session).await?;
+        Ok(ProviderSession {
+            url: self.checkout_url(&session.id),
+            id: session.id,
+        })
+    }
+
+    async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError> {
+        let session = self
+            .store
+            .session(id)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
+        let session = if session.status == SessionStatus::Pending && now_ms() > session.expires_at {
+            self.store.end_session(id, SessionStatus::Expired).await?;
+            // Re-read: it may have been paid in the meantime.
+            self.store
+                .session(id)
+                .await?
+                .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?
+        } else {
+            session
+        };
+        Ok(SessionState {
+            status: session.status,
+            refund_to: session.paid_from,
+        })
+    }
+
+    async fn cancel_session(&self, id: &str) -> Result<(), ProviderError> {
+        self.store.end_session(id, SessionStatus::Cancelled).await?;
+        Ok(())
+    }
+}

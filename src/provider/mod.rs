@@ -1,0 +1,58 @@
+//! Payment providers: the side of an intent where a person (or a wallet)
+//! actually pays. The gate only asks a provider to open a session, to say
+//! its status, and to cancel it; it never takes the provider's or the
+//! client's word for more than that.
+
+pub mod local;
+
+use async_trait::async_trait;
+
+use crate::{
+    money::{Currency, Units},
+    store::{AccountRef, SessionStatus, StoreError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("payment provider unavailable: {0}")]
+    Unavailable(String),
+    #[error("payment session {0} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the gate asks a provider to collect.
+#[derive(Debug, Clone)]
+pub struct SessionRequest {
+    /// The intent's payment id; providers may use it as an idempotency key.
+    pub payment_id: String,
+    pub amount: Units,
+    pub currency: Currency,
+    pub description: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderSession {
+    pub id: String,
+    /// Where a person pays or approves.
+    pub url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionState {
+    pub status: SessionStatus,
+    /// For a paid session: the ledger account a refund goes back to.
+    pub refund_to: Option<AccountRef>,
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// Short name recorded on intents (`local`).
+    fn name(&self) -> &'static str;
+    async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError>;
+    async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError>;
+    /// Cancels a pending session; a session already ended is left as it is.
+    async fn cancel_session(&self, id: &str) -> Result<(), ProviderError>;
+}

@@ -1,0 +1,376 @@
+//! The durable store: ledger, holds, intents, local payment sessions and
+//! stored results. The gate talks to [`Store`] only, so another backend
+//! (PostgreSQL) slots in behind the same trait. Every method is one
+//! transaction; several server processes may share one store.
+
+mod sqlite;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::money::{Currency, Units};
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or failed: nothing was changed.
+    #[error("payment system unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error(
+        "insufficient funds in wallet `{wallet}`: available {available} {currency}, needed {needed} {currency}"
+    )]
+    InsufficientFunds {
+        wallet: String,
+        currency: Currency,
+        available: String,
+        needed: String,
+    },
+    #[error("{what} is {status}, not {expected}")]
+    WrongState {
+        what: String,
+        status: String,
+        expected: &'static str,
+    },
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// A new random id with a readable prefix (`pay_…`, `txn_…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccountKind {
+    /// A principal's prepaid credit.
+    Wallet,
+    /// What a tool author earns.
+    Revenue,
+    /// Money paid through a payment session, not yet earned by a tool run.
+    Clearing,
+    /// The outside world: top-ups and dev settlements come from here.
+    External,
+}
+
+impl AccountKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::Wallet => "wallet",
+            AccountKind::Revenue => "revenue",
+            AccountKind::Clearing => "clearing",
+            AccountKind::External => "external",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Wallet, Self::Revenue, Self::Clearing, Self::External]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// Names a ledger account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AccountRef {
+    pub kind: AccountKind,
+    pub name: String,
+    pub currency: Currency,
+}
+
+impl AccountRef {
+    pub fn new(kind: AccountKind, name: impl Into<String>, currency: &Currency) -> Self {
+        Self {
+            kind,
+            name: name.into(),
+            currency: currency.clone(),
+        }
+    }
+    pub fn wallet(name: impl Into<String>, currency: &Currency) -> Self {
+        Self::new(AccountKind::Wallet, name, currency)
+    }
+}
+
+impl fmt::Display for AccountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{} ({})",
+            self.kind.as_str(),
+            self.name,
+            self.currency
+        )
+    }
+}
+
+/// The audit data every money movement carries.
+#[derive(Debug, Clone, Default)]
+pub struct Audit {
+    pub payer: Option<String>,
+    pub beneficiary: Option<String>,
+    pub tool: Option<String>,
+    pub intent_id: Option<String>,
+    pub payment_id: Option<String>,
+    pub memo: Option<String>,
+}
+
+/// A posted ledger transaction.
+#[derive(Debug, Clone)]
+pub struct Posted {
+    pub txn_id: String,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct WalletBalance {
+    pub currency: Currency,
+    pub balance: Units,
+    pub held: Units,
+    pub available: Units,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatementLine {
+    pub txn_id: String,
+    pub kind: String,
+    pub at: i64,
+    /// Signed micro-units: positive is money in.
+    pub amount: i64,
+    pub currency: Currency,
+    pub tool: Option<String>,
+    pub payment_id: Option<String>,
+    pub beneficiary: Option<String>,
+    pub memo: Option<String>,
+}
+
+/// A fast-path reservation request.
+#[derive(Debug, Clone)]
+pub struct HoldRequest {
+    pub hold_id: String,
+    pub principal: String,
+    pub amount: Units,
+    pub currency: Currency,
+    pub tool: String,
+    pub args_hash: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldOutcome {
+    Held,
+    /// The wallet exists but cannot cover the amount, or does not exist.
+    Insufficient,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntentStatus {
+    AwaitingPayment,
+    Paid,
+    Running,
+    Succeeded,
+    Failed,
+    Expired,
+    Cancelled,
+    Declined,
+}
+
+impl IntentStatus {
+    pub const ALL: [IntentStatus; 8] = [
+        Self::AwaitingPayment,
+        Self::Paid,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Expired,
+        Self::Cancelled,
+        Self::Declined,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AwaitingPayment => "awaiting_payment",
+            Self::Paid => "paid",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+            Self::Declined => "declined",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Intent {
+    pub id: String,
+    pub tool: String,
+    pub args_hash: String,
+    pub args_json: String,
+    pub amount: Units,
+    pub currency: Currency,
+    pub principal: Option<String>,
+    pub mode: String,
+    pub status: IntentStatus,
+    pub provider: String,
+    pub provider_session_id: Option<String>,
+    pub payment_url: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionStatus {
+    Pending,
+    Paid,
+    Failed,
+    Expired,
+    Cancelled,
+}
+
+impl SessionStatus {
+    pub const ALL: [SessionStatus; 5] = [
+        Self::Pending,
+        Self::Paid,
+        Self::Failed,
+        Self::Expired,
+        Self::Cancelled,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Paid => "paid",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A payment session of the local provider.
+#[derive(Debug, Clone)]
+pub struct LocalSession {
+    pub id: String,
+    pub amount: Units,
+    pub currency: Currency,
+    pub description: String,
+    pub status: SessionStatus,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub paid_from: Option<AccountRef>,
+}
+
+/// How an intent's one run ended.
+#[derive(Debug, Clone)]
+pub struct IntentOutcome {
+    pub intent_id: String,
+    pub succeeded: bool,
+    pub result_json: String,
+    /// Where a successful run's money goes.
+    pub beneficiary: AccountRef,
+    /// Id and time of the ledger transaction to post, chosen by the caller so
+    /// that the stored result can already carry its receipt.
+    pub txn_id: String,
+    pub at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredResult {
+    pub is_error: bool,
+    pub result_json: String,
+}
+
+/// What `ledger verify` found. Empty `problems` means the ledger is sound.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub transactions: i64,
+    pub accounts: i64,
+    pub open_holds: i64,
+    pub problems: Vec<String>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- ledger ----
+    /// Credits a wallet from the outside world.
+    async fn topup(
+        &self,
+        wallet: &AccountRef,
+        amount: Units,
+        memo: Option<String>,
+    ) -> Result<Posted, StoreError>;
+    async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError>;
+    async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError>;
+    /// Reserves funds if, and only if, the wallet's available balance covers
+    /// them; the check and the reservation are one step.
+    async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError>;
+    /// Ends an open hold by charging at most its amount to `beneficiary`.
+    async fn capture(
+        &self,
+        hold_id: &str,
+        amount: Units,
+        beneficiary: &AccountRef,
+        audit: Audit,
+    ) -> Result<Posted, StoreError>;
+    async fn release(&self, hold_id: &str) -> Result<(), StoreError>;
+    /// Expires open holds and awaiting intents past their time. Returns how
+    /// many holds were expired.
+    async fn sweep_expired(&self, now: i64) -> Result<u64, StoreError>;
+    async fn verify(&self, now: i64) -> Result<VerifyReport, StoreError>;
+
+    // ---- intents ----
+    async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError>;
+    async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError>;
+    /// Moves an intent from one of `from` to `to`; false if it was elsewhere.
+    async fn transition_intent(
+        &self,
+        id: &str,
+        from: &[IntentStatus],
+        to: IntentStatus,
+    ) -> Result<bool, StoreError>;
+    /// awaiting_payment → paid, noting where a refund would go.
+    async fn mark_intent_paid(
+        &self,
+        id: &str,
+        refund_to: Option<&AccountRef>,
+    ) -> Result<bool, StoreError>;
+    /// Stores the one run's result and settles its money in one transaction:
+    /// clearing → beneficiary on success, clearing → payer on failure.
+    async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError>;
+    async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError>;
+
+    // ---- local provider's sessions ----
+    async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError>;
+    async fn session(&self, id: &str) -> Result<Option<LocalSession>, StoreError>;
+    async fn list_sessions(&self, limit: i64) -> Result<Vec<LocalSession>, StoreError>;
+    /// Pays a pending session from a wallet, or from outside (`None`: dev
+    /// settlement), moving the money into clearing.
+    async fn pay_session(
+        &self,
+        id: &str,
+        from_wallet: Option<&str>,
+        now: i64,
+    ) -> Result<Posted, StoreError>;
+    /// pending → `to` (failed, expired or cancelled).
+    async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError>;
+}

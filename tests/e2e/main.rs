@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `tollgate` binary over stdio, driven by rmcp's
+//! client, on a real SQLite file per test.
+
+mod harness;
+
+mod cli_and_config;
+mod concurrency;
+mod fast_path;
+mod listing;
+mod slow_path;
