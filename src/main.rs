@@ -130,6 +130,7 @@ async fn main() -> std::process::ExitCode {
     // stdout is the MCP transport: logs go to stderr.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tollgate=info")),
@@ -225,7 +226,7 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                     rfc3339(line.at),
                     line.kind,
                     format_signed(line.amount),
-                    line.currency,
+                    line.currency.as_str(),
                     line.tool.as_deref().unwrap_or("-"),
                     line.payment_id.as_deref().unwrap_or(&line.txn_id),
                 );
@@ -266,7 +267,7 @@ async fn sessions(store: &dyn Store, command: SessionsCommand) -> anyhow::Result
                     s.id,
                     s.status.as_str(),
                     format_amount(s.amount),
-                    s.currency,
+                    s.currency.as_str(),
                     rfc3339(s.expires_at),
                     s.description
                 );

@@ -28,8 +28,7 @@ CREATE TABLE ledger_transactions (
     payment_id   TEXT,
     memo         TEXT,
     created_at   INTEGER NOT NULL
-);
-CREATE INDEX ledger_transactions_payment ON ledger_transactions (payment_id);
+) WITHOUT ROWID;
 
 -- Entries are only ever inserted; a correction is a new transaction.
 CREATE TABLE ledger_entries (
@@ -54,9 +53,14 @@ CREATE TABLE holds (
     args_hash   TEXT    NOT NULL,
     created_at  INTEGER NOT NULL,
     expires_at  INTEGER NOT NULL,
-    settled_at  INTEGER
-);
-CREATE INDEX holds_open ON holds (status, expires_at);
+    settled_at  INTEGER,
+    -- Set by a capture: where the money goes, and the ledger transaction
+    -- the `holds_capture` trigger posts.
+    beneficiary_account_id INTEGER REFERENCES accounts (id),
+    txn_id      TEXT
+) WITHOUT ROWID;
+-- Only open holds need finding by expiry; the partial index stays small.
+CREATE INDEX holds_open ON holds (expires_at) WHERE status = 'open';
 
 -- One priced call on the slow path, bound to tool, arguments, price and principal.
 CREATE TABLE intents (
@@ -101,3 +105,57 @@ CREATE TABLE stored_results (
     result_json TEXT    NOT NULL,
     created_at  INTEGER NOT NULL
 );
+
+-- Derived balances are kept by the database itself, so no code path can
+-- post an entry and forget the balance. Hold, capture and release are each a
+-- single statement (one round trip, atomic, and taking the write lock at its
+-- start); these triggers do the rest of their work inside that statement.
+CREATE TRIGGER ledger_entries_post AFTER INSERT ON ledger_entries
+BEGIN
+    UPDATE accounts SET balance = balance + NEW.amount WHERE id = NEW.account_id;
+END;
+
+CREATE TRIGGER ledger_entries_never_updated BEFORE UPDATE ON ledger_entries
+BEGIN
+    SELECT RAISE(ABORT, 'ledger entries are never updated; post a correcting transaction');
+END;
+
+CREATE TRIGGER ledger_entries_never_deleted BEFORE DELETE ON ledger_entries
+BEGIN
+    SELECT RAISE(ABORT, 'ledger entries are never deleted; post a correcting transaction');
+END;
+
+CREATE TRIGGER holds_reserve AFTER INSERT ON holds WHEN NEW.status = 'open'
+BEGIN
+    UPDATE accounts SET held = held + NEW.amount WHERE id = NEW.account_id;
+END;
+
+CREATE TRIGGER holds_end AFTER UPDATE OF status ON holds
+WHEN OLD.status = 'open' AND NEW.status IN ('released', 'expired')
+BEGIN
+    UPDATE accounts SET held = held - OLD.amount WHERE id = OLD.account_id;
+END;
+
+-- A capture gives the reservation back, then posts its ledger transaction:
+-- wallet -> beneficiary, with the hold's audit data (payer, tool, payment
+-- id). One trigger, so the order is fixed: the wallet's CHECK sees the
+-- reservation gone before the debit lands.
+CREATE TRIGGER holds_capture AFTER UPDATE OF status ON holds
+WHEN OLD.status = 'open' AND NEW.status = 'captured'
+BEGIN
+    UPDATE accounts SET held = held - OLD.amount WHERE id = OLD.account_id;
+    INSERT INTO ledger_transactions
+        (id, kind, currency, amount, payer, beneficiary, tool, intent_id, payment_id, memo, created_at)
+    SELECT NEW.txn_id, 'capture', w.currency, NEW.captured, NEW.principal, b.name, NEW.tool, NULL, NEW.id,
+           NULL, NEW.settled_at
+    FROM accounts w JOIN accounts b ON b.id = NEW.beneficiary_account_id AND b.currency = w.currency
+    WHERE w.id = NEW.account_id;
+    INSERT INTO ledger_entries (txn_id, account_id, amount, created_at)
+    VALUES (NEW.txn_id, NEW.account_id, -NEW.captured, NEW.settled_at),
+           (NEW.txn_id, NEW.beneficiary_account_id, NEW.captured, NEW.settled_at);
+END;
+
+CREATE TRIGGER holds_end_once BEFORE UPDATE OF status ON holds WHEN OLD.status <> 'open'
+BEGIN
+    SELECT RAISE(ABORT, 'a hold ends exactly once');
+END;

@@ -10,7 +10,7 @@ use super::{Caller, Gate, PricedCall, catalog::Entry, reply};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
-    store::{Audit, HoldOutcome, HoldRequest, new_id, now_ms, rfc3339},
+    store::{HoldOutcome, HoldRequest, new_id, now_ms, rfc3339},
 };
 
 /// A hold outlives any sane tool run; past this a crashed server's hold is
@@ -76,20 +76,12 @@ impl Gate {
             ));
         }
 
-        let audit = Audit {
-            payer: Some(principal.clone()),
-            beneficiary: Some(self.settings.server_name.clone()),
-            tool: Some(call.tool.to_owned()),
-            payment_id: Some(payment_id.clone()),
-            ..Audit::default()
-        };
         let posted = self
             .store
             .capture(
                 &payment_id,
                 call.price.amount,
                 &self.revenue_account(&call.price.currency),
-                audit,
             )
             .await;
         let posted = match posted {

@@ -325,12 +325,12 @@ pub trait Store: Send + Sync + 'static {
     /// them; the check and the reservation are one step.
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError>;
     /// Ends an open hold by charging at most its amount to `beneficiary`.
+    /// The transaction's audit data (payer, tool, payment id) is the hold's.
     async fn capture(
         &self,
         hold_id: &str,
         amount: Units,
         beneficiary: &AccountRef,
-        audit: Audit,
     ) -> Result<Posted, StoreError>;
     async fn release(&self, hold_id: &str) -> Result<(), StoreError>;
     /// Expires open holds and awaiting intents past their time. Returns how
@@ -374,3 +374,6 @@ pub trait Store: Send + Sync + 'static {
     /// pending → `to` (failed, expired or cancelled).
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError>;
 }
+
+#[cfg(test)]
+mod tests;

@@ -59,6 +59,9 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
+            // A local file needs no ping before every use; the ping doubled
+            // the cost of each transaction.
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         let store = Self {
@@ -127,7 +130,8 @@ impl SqliteStore {
         self.account_ids.lock().ok()?.get(account).copied()
     }
 
-    /// Writes one balanced transaction: header, entries and account balances.
+    /// Writes one balanced transaction: header and entries (balances follow
+    /// by trigger).
     async fn post(
         conn: &mut SqliteConnection,
         header: TxnHeader<'_>,
@@ -161,16 +165,12 @@ impl SqliteStore {
         .execute(&mut *conn)
         .await?;
         for (account_id, amount) in entries {
+            // The `ledger_entries_post` trigger moves the account's balance.
             sqlx::query("INSERT INTO ledger_entries (txn_id, account_id, amount, created_at) VALUES (?1, ?2, ?3, ?4)")
                 .bind(&txn_id)
                 .bind(account_id)
                 .bind(amount)
                 .bind(header.at)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("UPDATE accounts SET balance = balance + ?1 WHERE id = ?2")
-                .bind(amount)
-                .bind(account_id)
                 .execute(&mut *conn)
                 .await?;
         }
@@ -339,37 +339,29 @@ impl Store for SqliteStore {
         if req.amount.is_zero() {
             return Err(StoreError::Invalid("hold amount must be above zero".into()));
         }
-        let mut tx = self.write_tx().await?;
-        // The balance check and the reservation are one conditional UPDATE.
-        let account_id: Option<i64> = sqlx::query_scalar(
-            "UPDATE accounts SET held = held + ?1
-             WHERE kind = 'wallet' AND name = ?2 AND currency = ?3 AND balance - held >= ?1
-             RETURNING id",
-        )
-        .bind(req.amount.0)
-        .bind(&req.principal)
-        .bind(req.currency.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(account_id) = account_id else {
-            return Ok(HoldOutcome::Insufficient);
-        };
-        sqlx::query(
+        // One statement: the balance check and the reservation (by the
+        // `holds_reserve` trigger) happen atomically under the write lock,
+        // which a single write statement takes at its start.
+        let done = sqlx::query(
             "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
-             VALUES (?1, ?2, ?3, 'open', ?4, ?5, ?6, ?7, ?8)",
+             SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, ?6, ?7 FROM accounts
+             WHERE kind = 'wallet' AND name = ?3 AND currency = ?8 AND balance - held >= ?2",
         )
         .bind(&req.hold_id)
-        .bind(account_id)
         .bind(req.amount.0)
         .bind(&req.principal)
         .bind(&req.tool)
         .bind(&req.args_hash)
         .bind(now_ms())
         .bind(req.expires_at)
-        .execute(&mut *tx)
+        .bind(req.currency.as_str())
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(HoldOutcome::Held)
+        Ok(if done.rows_affected() == 1 {
+            HoldOutcome::Held
+        } else {
+            HoldOutcome::Insufficient
+        })
     }
 
     async fn capture(
@@ -377,7 +369,6 @@ impl Store for SqliteStore {
         hold_id: &str,
         amount: Units,
         beneficiary: &AccountRef,
-        audit: Audit,
     ) -> Result<Posted, StoreError> {
         if amount.is_zero() {
             return Err(StoreError::Invalid(
@@ -386,96 +377,63 @@ impl Store for SqliteStore {
         }
         let beneficiary_id = self.account_id(beneficiary).await?;
         let now = now_ms();
-        let mut tx = self.write_tx().await?;
-        let row = sqlx::query(
-            "UPDATE holds SET status = 'captured', captured = ?2, settled_at = ?3
-             WHERE id = ?1 AND status = 'open' AND amount >= ?2
-             RETURNING account_id, amount",
+        let txn_id = new_id("txn");
+        // One statement; the `holds_capture` trigger gives the reservation
+        // back and posts the ledger transaction, all or nothing.
+        let done = sqlx::query(
+            "UPDATE holds SET status = 'captured', captured = ?2, settled_at = ?3, txn_id = ?4,
+                              beneficiary_account_id = ?5
+             WHERE id = ?1 AND status = 'open' AND amount >= ?2",
         )
         .bind(hold_id)
         .bind(amount.0)
         .bind(now)
-        .fetch_optional(&mut *tx)
+        .bind(&txn_id)
+        .bind(beneficiary_id)
+        .execute(&self.pool)
         .await?;
-        let Some(row) = row else {
-            drop(tx);
-            let held: Option<i64> =
-                sqlx::query_scalar("SELECT amount FROM holds WHERE id = ?1 AND status = 'open'")
-                    .bind(hold_id)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            return Err(match held {
-                Some(held) => StoreError::Invalid(format!(
-                    "capture of {} is above the hold of {}",
-                    format_amount(amount),
-                    format_amount(Units(held))
-                )),
-                None => self.hold_state(hold_id).await?,
-            });
-        };
-        let wallet_id: i64 = row.try_get("account_id")?;
-        let held: i64 = row.try_get("amount")?;
-        sqlx::query("UPDATE accounts SET held = held - ?1 WHERE id = ?2")
-            .bind(held)
-            .bind(wallet_id)
-            .execute(&mut *tx)
-            .await?;
-        let posted = Self::post(
-            &mut tx,
-            TxnHeader {
-                id: new_id("txn"),
-                kind: "capture",
-                currency: &beneficiary.currency,
-                amount,
-                audit: &audit,
-                at: now,
-            },
-            &[(wallet_id, -amount.0), (beneficiary_id, amount.0)],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(posted)
+        if done.rows_affected() == 1 {
+            return Ok(Posted { txn_id, at: now });
+        }
+        let held: Option<i64> =
+            sqlx::query_scalar("SELECT amount FROM holds WHERE id = ?1 AND status = 'open'")
+                .bind(hold_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Err(match held {
+            Some(held) => StoreError::Invalid(format!(
+                "capture of {} is above the hold of {}",
+                format_amount(amount),
+                format_amount(Units(held))
+            )),
+            None => self.hold_state(hold_id).await?,
+        })
     }
 
     async fn release(&self, hold_id: &str) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
-        let row = sqlx::query(
-            "UPDATE holds SET status = 'released', settled_at = ?2 WHERE id = ?1 AND status = 'open'
-             RETURNING account_id, amount",
-        )
-        .bind(hold_id)
-        .bind(now_ms())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            drop(tx);
-            return Err(self.hold_state(hold_id).await?);
-        };
-        sqlx::query("UPDATE accounts SET held = held - ?1 WHERE id = ?2")
-            .bind(row.try_get::<i64, _>("amount")?)
-            .bind(row.try_get::<i64, _>("account_id")?)
-            .execute(&mut *tx)
+        // `holds_end` gives the reservation back.
+        let done = sqlx::query("UPDATE holds SET status = 'released', settled_at = ?2 WHERE id = ?1 AND status = 'open'")
+            .bind(hold_id)
+            .bind(now_ms())
+            .execute(&self.pool)
             .await?;
-        tx.commit().await?;
-        Ok(())
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(self.hold_state(hold_id).await?)
+        }
     }
 
     async fn sweep_expired(&self, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.write_tx().await?;
+        // `holds_end` gives each expired reservation back.
         let expired = sqlx::query(
-            "UPDATE holds SET status = 'expired', settled_at = ?1 WHERE status = 'open' AND expires_at < ?1
-             RETURNING account_id, amount",
+            "UPDATE holds SET status = 'expired', settled_at = ?1 WHERE status = 'open' AND expires_at < ?1",
         )
         .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &expired {
-            sqlx::query("UPDATE accounts SET held = held - ?1 WHERE id = ?2")
-                .bind(row.try_get::<i64, _>("amount")?)
-                .bind(row.try_get::<i64, _>("account_id")?)
-                .execute(&mut *tx)
-                .await?;
-        }
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         sqlx::query(
             "UPDATE intents SET status = 'expired', updated_at = ?1
              WHERE status = 'awaiting_payment' AND expires_at < ?1
@@ -492,7 +450,7 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(expired.len() as u64)
+        Ok(expired)
     }
 
     async fn verify(&self, now: i64) -> Result<VerifyReport, StoreError> {
