@@ -126,8 +126,13 @@ pub fn default_key_path() -> PathBuf {
     base.join("tollgate").join("receipt.key")
 }
 
+/// Creates `path` with `contents`, readable by the owner only, unless it
+/// already exists. The key is written to a private temporary file and then
+/// hard-linked into place, so a concurrent reader never sees a half-written
+/// key and a concurrent writer never clobbers one.
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -135,11 +140,16 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    match opts.open(path) {
-        Ok(mut f) => f.write_all(contents.as_bytes()),
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
+        other => other,
+    });
+    let _ = std::fs::remove_file(&tmp);
+    linked
 }
 
 #[cfg(test)]
@@ -186,6 +196,21 @@ mod tests {
             s.verify("nonsense"),
             Err(ReceiptError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn concurrent_first_runs_agree_on_one_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("receipt.key");
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ReceiptSigner::load_or_create(&path).unwrap().key))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.windows(2).all(|w| w[0] == w[1]));
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "temporary files are cleaned up");
     }
 
     #[test]
