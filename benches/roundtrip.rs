@@ -2,8 +2,8 @@
 //!
 //! `cargo bench --bench roundtrip` prints, for `synchronous = normal` and
 //! `full`: the mean round trip of a free call, of a fast-path paid call, of a
-//! full two_step flow (call, pay, confirm), and fast-path throughput from one
-//! client with several calls in flight. Compare figures as ratios within one
+//! full two_step flow (call, pay, confirm), and free and fast-path calls per
+//! second from one client keeping 16 calls in flight. Compare figures as ratios within one
 //! run; absolute numbers depend on the machine's load.
 //!
 //! `BENCH_CALLS` sets the number of calls per figure (default 3000).
@@ -34,6 +34,7 @@ struct Figures {
     free: Duration,
     paid: Duration,
     two_step: Duration,
+    free_throughput: f64,
     throughput: f64,
 }
 
@@ -71,6 +72,26 @@ async fn mean_round_trip(client: &Client, tool: &str, n: usize) -> anyhow::Resul
     Ok(start.elapsed() / n as u32)
 }
 
+/// Calls per second from one client keeping 16 calls in flight.
+async fn throughput(client: &Client, tool: &str, n: usize) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let done = stream::iter(0..n)
+        .map(|i| {
+            let params = CallToolRequestParams::new(tool.to_owned())
+                .with_arguments(args(json!({"text": format!("{i}")})));
+            client.call_tool(params)
+        })
+        .buffer_unordered(16)
+        .filter(|r| std::future::ready(r.as_ref().is_ok_and(|r| r.is_error != Some(true))))
+        .count()
+        .await;
+    anyhow::ensure!(
+        done == n,
+        "only {done} of {n} concurrent {tool} calls succeeded"
+    );
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
 async fn run(sync: Synchronous, n: usize) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let sync_name = match sync {
@@ -100,20 +121,8 @@ async fn run(sync: Synchronous, n: usize) -> anyhow::Result<Figures> {
     let free = mean_round_trip(&payer, "word_count", n).await?;
     let paid = mean_round_trip(&payer, "echo", n).await?;
 
-    // Fast-path throughput: one client, 16 calls in flight.
-    let start = Instant::now();
-    let done = stream::iter(0..n)
-        .map(|i| {
-            let params = CallToolRequestParams::new("echo")
-                .with_arguments(args(json!({"text": format!("{i}")})));
-            payer.call_tool(params)
-        })
-        .buffer_unordered(16)
-        .filter(|r| std::future::ready(r.as_ref().is_ok_and(|r| r.is_error != Some(true))))
-        .count()
-        .await;
-    anyhow::ensure!(done == n, "only {done} of {n} concurrent calls succeeded");
-    let throughput = n as f64 / start.elapsed().as_secs_f64();
+    let free_throughput = throughput(&payer, "word_count", n).await?;
+    let throughput = throughput(&payer, "echo", n).await?;
     payer.cancel().await?;
 
     // two_step: an anonymous caller, paid in dev mode between call and confirm.
@@ -147,6 +156,7 @@ async fn run(sync: Synchronous, n: usize) -> anyhow::Result<Figures> {
         free,
         paid,
         two_step,
+        free_throughput,
         throughput,
     })
 }
@@ -163,23 +173,25 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(3000);
     println!("tollgate round trips over stdio, {n} calls per figure, one client");
     println!(
-        "{:<8} {:>12} {:>14} {:>10} {:>16} {:>22}",
+        "{:<8} {:>10} {:>14} {:>10} {:>14} {:>13} {:>13}",
         "sync",
         "free call",
         "fast-path call",
         "paid/free",
         "two_step flow",
-        "fast-path calls/s (16 in flight)"
+        "free/s (x16)",
+        "paid/s (x16)"
     );
     for sync in [Synchronous::Normal, Synchronous::Full] {
         let f = run(sync, n).await?;
         println!(
-            "{:<8} {:>10.1}µs {:>12.1}µs {:>9.2}x {:>14.1}µs {:>22.0}",
+            "{:<8} {:>8.1}µs {:>12.1}µs {:>9.2}x {:>12.1}µs {:>13.0} {:>13.0}",
             format!("{sync:?}").to_lowercase(),
             f.free.as_secs_f64() * 1e6,
             f.paid.as_secs_f64() * 1e6,
             f.paid.as_secs_f64() / f.free.as_secs_f64(),
             f.two_step.as_secs_f64() * 1e6,
+            f.free_throughput,
             f.throughput
         );
     }

@@ -125,7 +125,7 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     // stdout is the MCP transport: logs go to stderr.
     tracing_subscriber::fmt()

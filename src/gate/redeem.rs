@@ -9,7 +9,7 @@ use super::{Caller, Gate, reply, reply::code};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
-    store::{Intent, IntentOutcome, IntentStatus, SessionStatus, new_id, now_ms, rfc3339},
+    store::{Intent, IntentOutcome, IntentStatus, SessionStatus, new_txn_id, now_ms, rfc3339},
 };
 
 /// How often a concurrent redeem looks for the result of a run under way.
@@ -177,7 +177,7 @@ impl Gate {
         let args: JsonObject = serde_json::from_str(&intent.args_json).unwrap_or_default();
         let result = entry.backend.call(&intent.tool, args).await;
         let succeeded = result.is_error != Some(true);
-        let txn_id = new_id("txn");
+        let txn_id = new_txn_id();
         let at = now_ms();
         let amount = format_amount(intent.amount);
         let payment = if succeeded {

@@ -53,9 +53,16 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// A new random id with a readable prefix (`pay_…`, `txn_…`).
+/// A new random id with a readable prefix (`pay_…`). Payment ids are
+/// fully random: they should not be guessable.
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A ledger transaction id. Time-ordered (UUIDv7), so the ledger's tables
+/// grow at their right edge instead of touching a random page per insert.
+pub fn new_txn_id() -> String {
+    format!("txn_{}", uuid::Uuid::now_v7().simple())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

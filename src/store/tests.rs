@@ -190,7 +190,7 @@ fn outcome(id: &str, succeeded: bool) -> IntentOutcome {
         succeeded,
         result_json: "{}".into(),
         beneficiary: revenue(),
-        txn_id: new_id("txn"),
+        txn_id: new_txn_id(),
         at: now_ms(),
     }
 }
