@@ -709,45 +709,31 @@ impl Store for SqliteStore {
             payment_id: Some(outcome.intent_id.clone()),
             ..Audit::default()
         };
-        let posted = if outcome.succeeded {
+        // Charge on success: a successful run earns the payment, a failed
+        // one gives it back to whoever paid.
+        let destination = if outcome.succeeded {
             audit.beneficiary = Some(outcome.beneficiary.name.clone());
-            let header = TxnHeader {
-                id: outcome.txn_id.clone(),
-                kind: "capture",
-                currency,
-                amount,
-                audit: &audit,
-                at: now,
-            };
-            Some(
-                Self::post(
-                    &mut tx,
-                    header,
-                    &[(clearing_id, -amount.0), (beneficiary_id, amount.0)],
-                )
-                .await?,
-            )
-        } else if let Some(refund_account) = refund_account {
-            // Charge on success: a failed run gives the payment back.
-            audit.memo = Some("tool failed: payment refunded".into());
-            let header = TxnHeader {
-                id: outcome.txn_id.clone(),
-                kind: "refund",
-                currency,
-                amount,
-                audit: &audit,
-                at: now,
-            };
-            Some(
-                Self::post(
-                    &mut tx,
-                    header,
-                    &[(clearing_id, -amount.0), (refund_account, amount.0)],
-                )
-                .await?,
-            )
+            Some(("capture", beneficiary_id))
         } else {
-            None
+            audit.memo = Some("tool failed: payment refunded".into());
+            refund_account.map(|account| ("refund", account))
+        };
+        let posted = match destination {
+            Some((kind, to)) => {
+                let header = TxnHeader {
+                    id: outcome.txn_id.clone(),
+                    kind,
+                    currency,
+                    amount,
+                    audit: &audit,
+                    at: now,
+                };
+                Some(
+                    Self::post(&mut tx, header, &[(clearing_id, -amount.0), (to, amount.0)])
+                        .await?,
+                )
+            }
+            None => None,
         };
         tx.commit().await?;
         Ok(posted)
