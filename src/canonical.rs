@@ -6,6 +6,11 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// JSON with object keys sorted at every depth and no insignificant spaces.
+///
+/// ```
+/// let args = serde_json::json!({"b": 1, "a": [true, {"d": null, "c": "x"}]});
+/// assert_eq!(tollgate::canonical::canonical_json(&args), r#"{"a":[true,{"c":"x","d":null}],"b":1}"#);
+/// ```
 pub fn canonical_json(value: &Value) -> String {
     let mut out = String::new();
     write_canonical(value, &mut out);

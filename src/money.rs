@@ -70,6 +70,15 @@ pub struct Units(pub i64);
 
 impl Units {
     /// Parses a decimal string such as `"0.05"` exactly.
+    ///
+    /// ```
+    /// use tollgate::money::{Units, format_amount};
+    /// let price = Units::parse("0.05").unwrap();
+    /// assert_eq!(price, Units(50_000));
+    /// assert_eq!(format_amount(price), "0.05");
+    /// assert!(Units::parse("-1").is_err());
+    /// assert!(Units::parse("0.0000001").is_err()); // refused, never rounded
+    /// ```
     pub fn parse(text: &str) -> Result<Self, MoneyError> {
         let trimmed = text.trim();
         // Plain decimal notation only: rust_decimal would also take
