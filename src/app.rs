@@ -77,12 +77,14 @@ pub fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Gate, AppErr
     ))
 }
 
-/// Expires holds and intents past their time, now and then every `every`.
-/// Safe on several processes at once: each expiry is a conditional update.
-pub fn spawn_sweeper(store: Arc<dyn Store>, every: Duration) -> tokio::task::JoinHandle<()> {
+/// Expires holds and intents past their time, and dynamic confirm tools
+/// past theirs, now and then every `every`. Safe on several processes at
+/// once: each expiry is a conditional update.
+pub fn spawn_sweeper(gate: Arc<Gate>, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            match store.sweep_expired(now_ms()).await {
+            gate.dynamic_tools().prune_expired().await;
+            match gate.store().sweep_expired(now_ms()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!("expired {n} holds past their time"),
                 Err(e) => tracing::warn!("expiry sweep failed: {e}"),

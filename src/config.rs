@@ -55,11 +55,13 @@ impl Mode {
         }
     }
 
-    /// Modes this build can serve. The interactive modes arrive with the
-    /// elicitation/progress work; until then a config naming them is refused
-    /// at start rather than silently served another way.
-    pub fn is_available(self) -> bool {
-        matches!(self, Mode::Auto | Mode::TwoStep | Mode::Resubmit)
+    /// Modes that fall back to resubmit for clients that cannot do them,
+    /// so their tools accept an optional `payment_id`.
+    pub fn resubmits(self) -> bool {
+        matches!(
+            self,
+            Mode::Auto | Mode::Resubmit | Mode::Elicitation | Mode::Progress
+        )
     }
 }
 
@@ -119,7 +121,33 @@ pub struct Config {
     pub provider: ProviderKind,
     pub checkout_base_url: String,
     pub receipt_key_file: Option<PathBuf>,
+    pub timeouts: Timeouts,
     pub tools: Vec<ToolPrice>,
+}
+
+/// How long the interactive modes wait. rmcp puts no time limit on a
+/// server-to-client request, so every one of ours has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// How long an `elicitation/create` may wait for the person's answer.
+    pub elicitation: Duration,
+    /// After an "accept", how long the gate polls the provider for the payment.
+    pub payment_check: Duration,
+    /// How long a progress-mode call waits for the payment.
+    pub progress: Duration,
+    /// How often a waiting progress-mode call reports.
+    pub progress_heartbeat: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            elicitation: Duration::from_secs(120),
+            payment_check: Duration::from_secs(10),
+            progress: Duration::from_secs(600),
+            progress_heartbeat: Duration::from_secs(5),
+        }
+    }
 }
 
 // ---- raw TOML shape ----
@@ -135,7 +163,18 @@ struct RawConfig {
     #[serde(default)]
     receipts: RawReceipts,
     #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
     tools: Vec<RawTool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    elicitation: Option<Spanned<String>>,
+    payment_check: Option<Spanned<String>>,
+    progress: Option<Spanned<String>>,
+    progress_heartbeat: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -233,26 +272,41 @@ impl Config {
                 format!("server.currency: {e}"),
             )
         })?;
-        let payment_ttl = match &raw.server.payment_ttl {
-            None => Duration::from_secs(15 * 60),
-            Some(s) => {
-                let ttl = humantime::parse_duration(s.get_ref()).map_err(|e| {
-                    err(
-                        Some(s.span()),
-                        format!(
-                            "server.payment_ttl: `{}` is not a duration like \"15m\" ({e})",
-                            s.get_ref()
-                        ),
-                    )
-                })?;
-                if ttl.is_zero() {
-                    return Err(err(
-                        Some(s.span()),
-                        "server.payment_ttl: must be above zero".into(),
-                    ));
-                }
-                ttl
-            }
+        let duration = |field: &str, value: &Option<Spanned<String>>, default: Duration| match value
+        {
+            None => Ok(default),
+            Some(s) => match humantime::parse_duration(s.get_ref()) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(err(Some(s.span()), format!("{field}: must be above zero"))),
+                Err(e) => Err(err(
+                    Some(s.span()),
+                    format!(
+                        "{field}: `{}` is not a duration like \"15m\" ({e})",
+                        s.get_ref()
+                    ),
+                )),
+            },
+        };
+        let payment_ttl = duration(
+            "server.payment_ttl",
+            &raw.server.payment_ttl,
+            Duration::from_secs(15 * 60),
+        )?;
+        let defaults = Timeouts::default();
+        let t = &raw.timeouts;
+        let timeouts = Timeouts {
+            elicitation: duration("timeouts.elicitation", &t.elicitation, defaults.elicitation)?,
+            payment_check: duration(
+                "timeouts.payment_check",
+                &t.payment_check,
+                defaults.payment_check,
+            )?,
+            progress: duration("timeouts.progress", &t.progress, defaults.progress)?,
+            progress_heartbeat: duration(
+                "timeouts.progress_heartbeat",
+                &t.progress_heartbeat,
+                defaults.progress_heartbeat,
+            )?,
         };
         let approval_threshold = match &raw.server.approval_threshold {
             None => Units::parse("5.00").unwrap_or_default(),
@@ -349,6 +403,7 @@ impl Config {
                 .trim_end_matches('/')
                 .to_owned(),
             receipt_key_file: raw.receipts.key_file,
+            timeouts,
             tools,
         })
     }
@@ -364,13 +419,7 @@ impl Config {
 }
 
 fn parse_mode(m: &Spanned<String>) -> Result<Mode, String> {
-    let mode: Mode = m.get_ref().parse()?;
-    if !mode.is_available() {
-        return Err(format!(
-            "mode `{mode}` is not available in this version of tollgate (use auto, two_step or resubmit)"
-        ));
-    }
-    Ok(mode)
+    m.get_ref().parse()
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

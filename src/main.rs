@@ -176,7 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> anyhow::Result<()> {
     let payer = payer.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
     let gate = Arc::new(app::build_gate(&config, store.clone())?);
-    let sweeper = app::spawn_sweeper(store, Duration::from_secs(30));
+    let sweeper = app::spawn_sweeper(gate.clone(), Duration::from_secs(30));
     tracing::info!(
         server = config.server_name,
         payer = payer.as_deref().unwrap_or("anonymous"),

@@ -73,7 +73,8 @@ CREATE TABLE intents (
     amount               INTEGER NOT NULL,
     currency             TEXT    NOT NULL,
     principal            TEXT,                  -- NULL: anonymous
-    mode                 TEXT    NOT NULL,
+    session_id           TEXT,                  -- the MCP session that opened it
+    mode                 TEXT    NOT NULL,      -- the payment mode, or approval
     status               TEXT    NOT NULL CHECK (status IN (
         'awaiting_payment', 'paid', 'running', 'succeeded', 'failed',
         'expired', 'cancelled', 'declined')),

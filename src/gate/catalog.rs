@@ -155,7 +155,7 @@ fn price_note(price: &Price) -> String {
 }
 
 /// Adds the price to a tool's description and `_meta`; in resubmit mode (and
-/// auto, which falls back to it) the schema gains an optional `payment_id`.
+/// the modes that fall back to it) the schema gains an optional `payment_id`.
 fn priced_tool(mut tool: Tool, price: &Price) -> Tool {
     let description = tool
         .description
@@ -171,7 +171,7 @@ fn priced_tool(mut tool: Tool, price: &Price) -> Tool {
     let mut meta = tool.meta.take().unwrap_or_default();
     meta.0.insert("tollgate/price".into(), price_json(price));
     tool.meta = Some(meta);
-    if matches!(price.mode, Mode::Resubmit | Mode::Auto) {
+    if price.mode.resubmits() {
         let mut schema: JsonObject = (*tool.input_schema).clone();
         let properties = schema
             .entry("properties")

@@ -1,29 +1,36 @@
 //! The payment gate: stands in front of every priced call and decides
 //! between the fast path (charge a funded wallet) and a payment mode.
 
+mod approval;
 pub mod catalog;
+mod dynamic;
+mod elicitation;
 mod fast_path;
+mod progress;
 mod redeem;
 pub mod reply;
+mod scope;
 mod slow_path;
 
 use std::{sync::Arc, time::Duration};
 
 use rmcp::{
     ErrorData as McpError,
-    model::{CallToolResult, JsonObject},
+    model::{CallToolRequestParams, CallToolResponse, JsonObject, Tool},
 };
 use serde_json::{Value, json};
 
 use crate::{
     canonical::args_hash,
-    config::{Config, Mode},
+    config::{Config, Mode, Timeouts},
     money::{Currency, Units},
     provider::Provider,
     receipt::ReceiptSigner,
     store::{AccountKind, AccountRef, Store},
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
+pub use dynamic::{DynamicTools, dynamic_confirm_payment_id};
+pub use scope::{CallScope, Elicits};
 
 /// Who is calling: the principal pays. `None` is anonymous, which has no
 /// wallet and can only pay through payment sessions.
@@ -37,10 +44,11 @@ pub struct Caller {
 pub struct GateSettings {
     pub server_name: String,
     pub payment_ttl: Duration,
-    /// Prices above this never take the fast path.
+    /// Charges above this need a person's yes, even from a funded wallet.
     pub approval_threshold: Units,
     /// How long a concurrent confirm waits for the run already under way.
     pub run_wait: Duration,
+    pub timeouts: Timeouts,
 }
 
 impl GateSettings {
@@ -50,6 +58,7 @@ impl GateSettings {
             payment_ttl: config.payment_ttl,
             approval_threshold: config.approval_threshold,
             run_wait: Duration::from_secs(60),
+            timeouts: config.timeouts.clone(),
         }
     }
 }
@@ -60,6 +69,7 @@ pub struct Gate {
     pub(crate) catalog: Catalog,
     pub(crate) signer: ReceiptSigner,
     pub(crate) settings: GateSettings,
+    pub(crate) dynamic: DynamicTools,
 }
 
 /// A priced call that passed validation.
@@ -84,6 +94,7 @@ impl Gate {
             catalog,
             signer,
             settings,
+            dynamic: DynamicTools::default(),
         }
     }
 
@@ -95,6 +106,27 @@ impl Gate {
         &self.store
     }
 
+    pub fn dynamic_tools(&self) -> &DynamicTools {
+        &self.dynamic
+    }
+
+    /// The tools one MCP session sees: the catalog plus its own dynamic
+    /// confirm tools.
+    pub fn tools_for(&self, session_id: &str) -> Vec<Tool> {
+        let mut tools = self.catalog.listed().to_vec();
+        tools.extend(self.dynamic.listed(session_id));
+        tools
+    }
+
+    pub fn tool_for(&self, session_id: &str, name: &str) -> Option<Tool> {
+        self.catalog.listed_tool(name).or_else(|| {
+            self.dynamic
+                .listed(session_id)
+                .into_iter()
+                .find(|t| t.name == name)
+        })
+    }
+
     /// The account a tool's earnings go to.
     pub(crate) fn revenue_account(&self, currency: &Currency) -> AccountRef {
         AccountRef::new(AccountKind::Revenue, &self.settings.server_name, currency)
@@ -104,26 +136,28 @@ impl Gate {
     /// everything else, payment problems included, is a tool result.
     pub async fn call(
         &self,
-        caller: &Caller,
-        name: &str,
-        args: Option<JsonObject>,
-    ) -> Result<CallToolResult, McpError> {
-        let mut args = args.unwrap_or_default();
+        scope: &CallScope<'_>,
+        params: CallToolRequestParams,
+    ) -> Result<CallToolResponse, McpError> {
+        let name = params.name.as_ref();
+        let mut args = params.arguments.unwrap_or_default();
         if let Some(tool) = self.catalog.confirmed_tool(name) {
-            return Ok(self.confirm(caller, tool, &args).await);
+            return Ok(self.confirm(scope, tool, &args).await.into());
+        }
+        if let Some(payment_id) = dynamic_confirm_payment_id(name) {
+            return Ok(self.dynamic_confirm(scope, name, payment_id).await.into());
         }
         let entry = self
             .catalog
             .get(name)
             .ok_or_else(|| McpError::invalid_params(format!("unknown tool `{name}`"), None))?;
         let Some(price) = &entry.price else {
-            return Ok(entry.backend.call(name, args).await);
+            return Ok(entry.backend.call(name, args).await.into());
         };
-        let mode = self.mode_for(price);
-        // The payment id rides along with the arguments in resubmit mode; it
-        // is not part of what the tool is priced for.
-        let payment_id = match mode {
-            Mode::Resubmit => match args.remove(PAYMENT_ID_ARG) {
+        // The payment id rides along with the arguments in the modes that
+        // resubmit; it is not part of what the tool is priced for.
+        let payment_id = if price.mode.resubmits() {
+            match args.remove(PAYMENT_ID_ARG) {
                 None | Some(Value::Null) => None,
                 Some(Value::String(id)) => Some(id),
                 Some(_) => {
@@ -131,17 +165,20 @@ impl Gate {
                         reply::code::INVALID_ARGUMENTS,
                         "invalid argument `payment_id`: expected a string",
                         reply::details(json!({ "field": PAYMENT_ID_ARG })),
-                    ));
+                    )
+                    .into());
                 }
-            },
-            _ => None,
+            }
+        } else {
+            None
         };
         if let Err(e) = entry.backend.validate(name, &args) {
             return Ok(reply::error(
                 reply::code::INVALID_ARGUMENTS,
                 format!("{e}; nothing was charged"),
                 reply::details(json!({ "field": e.field })),
-            ));
+            )
+            .into());
         }
         let call = PricedCall {
             tool: name,
@@ -149,33 +186,58 @@ impl Gate {
             args_hash: args_hash(&Value::Object(args.clone())),
             args,
         };
+        if let Some(state) = params.request_state.as_deref() {
+            // A 2026-07-28 client answering our InputRequiredResult.
+            return Ok(self
+                .resume_input_required(scope, &call, state, params.input_responses.as_ref())
+                .await
+                .into());
+        }
         if let Some(payment_id) = payment_id {
             return Ok(self
-                .redeem(caller, &payment_id, call.tool, Some(&call.args_hash))
-                .await);
+                .redeem(scope, &payment_id, call.tool, Some(&call.args_hash))
+                .await
+                .into());
         }
-        if let Some(result) = self.try_fast_path(caller, &call, entry).await {
-            return Ok(result);
+        let mode = self.resolve_mode(price.mode, scope);
+        if call.price.amount > self.settings.approval_threshold {
+            if let Some(response) = self.ask_approval(scope, &call, mode).await {
+                return Ok(response);
+            }
+        } else if let Some(result) = self.try_fast_path(scope.caller, &call, entry).await {
+            return Ok(result.into());
         }
-        Ok(self.open_intent(caller, &call, mode).await)
+        Ok(self
+            .slow_path(scope, &call, mode, slow_path::Purpose::Payment)
+            .await)
     }
 
-    /// The mode this call is served in. `auto` means elicitation where the
-    /// client supports it; until elicitation lands it is resubmit.
-    fn mode_for(&self, price: &Price) -> Mode {
-        match price.mode {
-            Mode::Auto => {
-                tracing::debug!("mode auto: serving as resubmit");
-                Mode::Resubmit
-            }
-            mode => mode,
+    /// The mode this call is served in, given what the client can do:
+    /// `auto` is elicitation where the client declares it and resubmit
+    /// otherwise; elicitation and progress fall back to resubmit for clients
+    /// that cannot do them.
+    fn resolve_mode(&self, mode: Mode, scope: &CallScope<'_>) -> Mode {
+        let resolved = match mode {
+            Mode::Auto | Mode::Elicitation if scope.elicits().any() => Mode::Elicitation,
+            Mode::Auto | Mode::Elicitation => Mode::Resubmit,
+            Mode::Progress if scope.progress_token().is_none() => Mode::Resubmit,
+            other => other,
+        };
+        if resolved != mode {
+            tracing::debug!(configured = %mode, serving = %resolved, elicits = ?scope.elicits(), "payment mode chosen for this client");
         }
+        resolved
     }
 
     /// `confirm_<tool>_payment {payment_id}`.
-    async fn confirm(&self, caller: &Caller, tool: &str, args: &JsonObject) -> CallToolResult {
+    async fn confirm(
+        &self,
+        scope: &CallScope<'_>,
+        tool: &str,
+        args: &JsonObject,
+    ) -> rmcp::model::CallToolResult {
         match args.get(PAYMENT_ID_ARG) {
-            Some(Value::String(id)) if args.len() == 1 => self.redeem(caller, id, tool, None).await,
+            Some(Value::String(id)) if args.len() == 1 => self.redeem(scope, id, tool, None).await,
             _ => reply::error(
                 reply::code::INVALID_ARGUMENTS,
                 "invalid argument `payment_id`: pass exactly {\"payment_id\": \"...\"}",

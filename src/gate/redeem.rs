@@ -1,11 +1,15 @@
-//! Redeeming a payment id: the confirm tool (two_step) and the second call
-//! (resubmit). A paid intent runs its tool at most once; every retry gets
-//! the stored result back and is never charged again.
+//! Redeeming a payment id: the confirm tool (two_step), the second call
+//! (resubmit), and the waits of the interactive modes. A paid intent runs its
+//! tool at most once; every retry gets the stored result back and is never
+//! charged again.
+
+use std::time::Duration;
 
 use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::{Map, Value, json};
+use tokio::time::Instant;
 
-use super::{Caller, Gate, reply, reply::code};
+use super::{CallScope, Caller, Gate, progress::ProgressReporter, reply, reply::code};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
@@ -13,42 +17,70 @@ use crate::{
 };
 
 /// How often a concurrent redeem looks for the result of a run under way.
-const RUN_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+const RUN_POLL: Duration = Duration::from_millis(20);
+/// Polling the provider while waiting: start quick, back off to this.
+const FIRST_POLL: Duration = Duration::from_millis(50);
+const MAX_POLL: Duration = Duration::from_secs(1);
+
+/// How a redeem ended.
+pub(super) enum Settled {
+    /// Ran (or replayed), or ended for good (failed, expired, mismatch…).
+    Final(CallToolResult),
+    /// Still unpaid when the wait ran out (or there was none); the intent
+    /// stays payable. Carries the `payment_pending` answer.
+    Pending(CallToolResult),
+}
+
+impl Settled {
+    pub fn into_result(self) -> CallToolResult {
+        match self {
+            Settled::Final(r) | Settled::Pending(r) => r,
+        }
+    }
+}
+
+/// Keep polling the provider until `until`, reporting progress if asked.
+/// The client's `notifications/cancelled` ends the wait early.
+pub(super) struct Wait<'a> {
+    pub until: Instant,
+    pub progress: Option<&'a mut ProgressReporter>,
+}
 
 impl Gate {
     /// `args_hash` is checked when the caller re-sent arguments (resubmit).
     pub(super) async fn redeem(
         &self,
-        caller: &Caller,
+        scope: &CallScope<'_>,
         payment_id: &str,
         tool: &str,
         args_hash: Option<&str>,
     ) -> CallToolResult {
-        let intent = match self.store.intent(payment_id).await {
-            Ok(Some(intent)) => intent,
-            Ok(None) => {
-                return reply::error(
-                    code::PAYMENT_NOT_FOUND,
-                    format!("no payment with id `{payment_id}`"),
-                    reply::details(json!({ "payment_id": payment_id })),
-                );
-            }
-            Err(e) => return reply::unavailable(e),
+        self.redeem_until(scope, payment_id, tool, args_hash, None)
+            .await
+            .into_result()
+    }
+
+    pub(super) async fn redeem_until(
+        &self,
+        scope: &CallScope<'_>,
+        payment_id: &str,
+        tool: &str,
+        args_hash: Option<&str>,
+        mut wait: Option<Wait<'_>>,
+    ) -> Settled {
+        let mut intent = match self
+            .bound_intent(scope.caller, payment_id, tool, args_hash)
+            .await
+        {
+            Ok(intent) => intent,
+            Err(answer) => return Settled::Final(answer),
         };
-        if let Some(why) = mismatch(&intent, caller, tool, args_hash) {
-            tracing::warn!(payment_id, tool, "payment_mismatch: {why}");
-            return reply::error(
-                code::PAYMENT_MISMATCH,
-                format!("payment `{payment_id}` does not belong to this call: {why}"),
-                reply::details(json!({ "payment_id": payment_id })),
-            );
-        }
-        let deadline = tokio::time::Instant::now() + self.settings.run_wait;
-        let mut intent = intent;
+        let run_deadline = Instant::now() + self.settings.run_wait;
+        let mut poll = FIRST_POLL;
         loop {
             let step = match intent.status {
                 IntentStatus::Succeeded | IntentStatus::Failed => {
-                    return self.replay(&intent).await;
+                    return Settled::Final(self.replay(&intent).await);
                 }
                 IntentStatus::AwaitingPayment => self.check_payment(&intent).await,
                 IntentStatus::Paid => match self
@@ -56,20 +88,20 @@ impl Gate {
                     .transition_intent(&intent.id, &[IntentStatus::Paid], IntentStatus::Running)
                     .await
                 {
-                    Ok(true) => return self.run_paid(intent).await,
+                    Ok(true) => return Settled::Final(self.run_paid(intent).await),
                     Ok(false) => Step::Reload,
-                    Err(e) => return reply::unavailable(e),
+                    Err(e) => return Settled::Final(reply::unavailable(e)),
                 },
                 IntentStatus::Running => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return reply::error(
+                    if Instant::now() >= run_deadline {
+                        return Settled::Final(reply::error(
                             code::PAYMENT_IN_PROGRESS,
                             format!(
                                 "payment `{}` is paid and its call is still running; try again shortly",
                                 intent.id
                             ),
                             reply::details(json!({ "payment_id": intent.id, "status": "running" })),
-                        );
+                        ));
                     }
                     tokio::time::sleep(RUN_POLL).await;
                     Step::Reload
@@ -80,20 +112,83 @@ impl Gate {
                 IntentStatus::Cancelled => {
                     Step::Answer(ended(&intent, code::PAYMENT_CANCELLED, "cancelled"))
                 }
-                IntentStatus::Declined => {
-                    Step::Answer(ended(&intent, code::PAYMENT_FAILED, "failed"))
-                }
+                IntentStatus::Declined => Step::Answer(self.declined(&intent).await),
             };
             match step {
-                Step::Answer(result) => return result,
-                Step::Reload => match self.store.intent(&intent.id).await {
-                    Ok(Some(fresh)) => intent = fresh,
-                    Ok(None) => {
-                        return reply::unavailable(format!("intent {} vanished", intent.id));
+                Step::Answer(result) => return Settled::Final(result),
+                Step::Pending(result) => {
+                    let Some(wait) = wait.as_mut() else {
+                        return Settled::Pending(result);
+                    };
+                    let now = Instant::now();
+                    if now >= wait.until {
+                        return Settled::Pending(result);
                     }
-                    Err(e) => return reply::unavailable(e),
-                },
+                    if let Some(progress) = wait.progress.as_deref_mut() {
+                        progress.heartbeat(scope).await;
+                    }
+                    let pause = poll.min(wait.until - now);
+                    poll = (poll * 2).min(MAX_POLL);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = scope.request.ct.cancelled() => return Settled::Pending(result),
+                    }
+                }
+                Step::Reload => {}
             }
+            intent = match self.store.intent(&intent.id).await {
+                Ok(Some(fresh)) => fresh,
+                Ok(None) => {
+                    return Settled::Final(reply::unavailable(format!(
+                        "intent {} vanished",
+                        intent.id
+                    )));
+                }
+                Err(e) => return Settled::Final(reply::unavailable(e)),
+            };
+        }
+    }
+
+    /// The intent a payment id names, if it belongs to this call: the same
+    /// tool, the same principal and (when given) the same arguments.
+    pub(super) async fn bound_intent(
+        &self,
+        caller: &Caller,
+        payment_id: &str,
+        tool: &str,
+        args_hash: Option<&str>,
+    ) -> Result<Intent, CallToolResult> {
+        let intent = match self.store.intent(payment_id).await {
+            Ok(Some(intent)) => intent,
+            Ok(None) => {
+                return Err(reply::error(
+                    code::PAYMENT_NOT_FOUND,
+                    format!("no payment with id `{payment_id}`"),
+                    reply::details(json!({ "payment_id": payment_id })),
+                ));
+            }
+            Err(e) => return Err(reply::unavailable(e)),
+        };
+        match mismatch(&intent, caller, tool, args_hash) {
+            None => Ok(intent),
+            Some(why) => Err(mismatch_reply(payment_id, tool, why)),
+        }
+    }
+
+    /// A declined intent: the person said no, or the provider failed the
+    /// payment.
+    async fn declined(&self, intent: &Intent) -> CallToolResult {
+        let failed = match intent.provider_session_id.as_deref() {
+            Some(id) => matches!(
+                self.provider.session_state(id).await.map(|s| s.status),
+                Ok(SessionStatus::Failed)
+            ),
+            None => false,
+        };
+        if failed {
+            ended(intent, code::PAYMENT_FAILED, "failed")
+        } else {
+            ended(intent, code::PAYMENT_DECLINED, "declined")
         }
     }
 
@@ -123,7 +218,7 @@ impl Gate {
                 };
             }
             SessionStatus::Pending if now_ms() <= intent.expires_at => {
-                return Step::Answer(reply::error(
+                return Step::Pending(reply::error(
                     code::PAYMENT_PENDING,
                     format!(
                         "payment `{}` is not paid yet: pay {} {} at {} and try again",
@@ -254,7 +349,18 @@ impl Gate {
 
 enum Step {
     Answer(CallToolResult),
+    /// Not paid yet: the `payment_pending` answer, unless the caller waits.
+    Pending(CallToolResult),
     Reload,
+}
+
+pub(super) fn mismatch_reply(payment_id: &str, tool: &str, why: &str) -> CallToolResult {
+    tracing::warn!(payment_id, tool, "payment_mismatch: {why}");
+    reply::error(
+        code::PAYMENT_MISMATCH,
+        format!("payment `{payment_id}` does not belong to this call: {why}"),
+        reply::details(json!({ "payment_id": payment_id })),
+    )
 }
 
 fn mismatch(
@@ -276,7 +382,7 @@ fn mismatch(
 }
 
 /// The answer for an intent that ended without running.
-fn ended(intent: &Intent, code: &str, status: &str) -> CallToolResult {
+pub(super) fn ended(intent: &Intent, code: &str, status: &str) -> CallToolResult {
     let mut details = Map::new();
     details.insert("payment_id".into(), json!(intent.id));
     details.insert("status".into(), json!(status));

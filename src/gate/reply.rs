@@ -13,6 +13,8 @@ pub mod code {
     pub const PAYMENT_FAILED: &str = "payment_failed";
     pub const PAYMENT_EXPIRED: &str = "payment_expired";
     pub const PAYMENT_CANCELLED: &str = "payment_cancelled";
+    pub const PAYMENT_DECLINED: &str = "payment_declined";
+    pub const PAYMENT_TIMEOUT: &str = "payment_timeout";
     pub const PAYMENT_MISMATCH: &str = "payment_mismatch";
     pub const PAYMENT_NOT_FOUND: &str = "payment_not_found";
     pub const PAYMENT_IN_PROGRESS: &str = "payment_in_progress";

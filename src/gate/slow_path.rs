@@ -1,10 +1,10 @@
-//! Slow path: open an intent and a payment session, then tell the caller
-//! how to pay in the words of the tool's mode.
+//! Slow path: open an intent and a payment session, then take the caller
+//! through the payment mode.
 
-use rmcp::model::{CallToolResult, ContentBlock};
+use rmcp::model::{CallToolResponse, CallToolResult, ContentBlock};
 use serde_json::{Value, json};
 
-use super::{Caller, Gate, PricedCall, confirm_tool_name, reply};
+use super::{CallScope, Gate, PricedCall, confirm_tool_name, reply};
 use crate::{
     config::Mode,
     money::format_amount,
@@ -12,32 +12,86 @@ use crate::{
     store::{Intent, IntentStatus, new_id, now_ms, rfc3339},
 };
 
+/// Why a session is opened: to take a payment, or for a person to approve
+/// charging the caller's wallet above the approval threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    Payment,
+    Approval,
+}
+
+/// An intent just opened, with its payment session.
+pub(super) struct Opened {
+    pub intent: Intent,
+    pub url: String,
+}
+
 impl Gate {
-    pub(super) async fn open_intent(
+    /// Opens an intent, answers in the mode's words, and, in the waiting
+    /// modes, waits for the payment.
+    pub(super) async fn slow_path(
         &self,
-        caller: &Caller,
+        scope: &CallScope<'_>,
         call: &PricedCall<'_>,
         mode: Mode,
-    ) -> CallToolResult {
+        purpose: Purpose,
+    ) -> CallToolResponse {
+        let opened = match self.open_intent(scope, call, mode, purpose).await {
+            Ok(opened) => opened,
+            Err(unavailable) => return unavailable.into(),
+        };
+        match mode {
+            Mode::TwoStep => self
+                .payment_required(&opened, purpose, Some(confirm_tool_name(call.tool)))
+                .into(),
+            Mode::DynamicTools => self
+                .offer_dynamic_confirm(scope, call, &opened, purpose)
+                .await
+                .into(),
+            Mode::Elicitation => self.elicit_payment(scope, &opened, purpose).await,
+            Mode::Progress => self
+                .wait_with_progress(scope, &opened, purpose)
+                .await
+                .into(),
+            Mode::Resubmit | Mode::Auto => self.payment_required(&opened, purpose, None).into(),
+        }
+    }
+
+    pub(super) async fn open_intent(
+        &self,
+        scope: &CallScope<'_>,
+        call: &PricedCall<'_>,
+        mode: Mode,
+        purpose: Purpose,
+    ) -> Result<Opened, CallToolResult> {
         let now = now_ms();
         let payment_id = new_id("pay");
         let expires_at = now + self.settings.payment_ttl.as_millis() as i64;
         let amount = format_amount(call.price.amount);
         let currency = call.price.currency.as_str();
+        let principal = scope.caller.principal.as_deref();
+        let description = match (purpose, principal) {
+            (Purpose::Approval, Some(wallet)) => format!(
+                "Approve charging {amount} {currency} to wallet {wallet} for `{}` on {}",
+                call.tool, self.settings.server_name
+            ),
+            _ => format!(
+                "{amount} {currency} for `{}` on {}",
+                call.tool, self.settings.server_name
+            ),
+        };
         let request = SessionRequest {
             payment_id: payment_id.clone(),
             amount: call.price.amount,
             currency: call.price.currency.clone(),
-            description: format!(
-                "{} call to `{}` on {}",
-                mode, call.tool, self.settings.server_name
-            ),
+            description,
             expires_at,
         };
-        let session = match self.provider.create_session(&request).await {
-            Ok(session) => session,
-            Err(e) => return reply::unavailable(e),
-        };
+        let session = self
+            .provider
+            .create_session(&request)
+            .await
+            .map_err(reply::unavailable)?;
         let intent = Intent {
             id: payment_id.clone(),
             tool: call.tool.to_owned(),
@@ -45,8 +99,12 @@ impl Gate {
             args_json: Value::Object(call.args.clone()).to_string(),
             amount: call.price.amount,
             currency: call.price.currency.clone(),
-            principal: caller.principal.clone(),
-            mode: mode.as_str().to_owned(),
+            principal: scope.caller.principal.clone(),
+            session_id: Some(scope.session_id.to_owned()),
+            mode: match purpose {
+                Purpose::Approval => "approval".to_owned(),
+                Purpose::Payment => mode.as_str().to_owned(),
+            },
             status: IntentStatus::AwaitingPayment,
             provider: self.provider.name().to_owned(),
             provider_session_id: Some(session.id.clone()),
@@ -54,45 +112,87 @@ impl Gate {
             created_at: now,
             expires_at,
         };
-        if let Err(e) = self.store.create_intent(&intent).await {
-            return reply::unavailable(e);
-        }
+        self.store
+            .create_intent(&intent)
+            .await
+            .map_err(reply::unavailable)?;
         tracing::info!(
             tool = call.tool,
-            principal = caller.principal.as_deref().unwrap_or("anonymous"),
+            principal = principal.unwrap_or("anonymous"),
             payment_id,
             amount,
             currency,
             %mode,
+            ?purpose,
             "payment required"
         );
+        Ok(Opened {
+            intent,
+            url: session.url,
+        })
+    }
 
-        let mut body = json!({
-            "payment_id": payment_id,
-            "payment_url": session.url,
-            "amount": amount,
-            "currency": currency,
-            "expires_at": rfc3339(expires_at),
-        });
-        let how_to_pay = format!(
-            "Payment required: {amount} {currency} for `{}`. Pay at {} (or run `tollgate sessions pay {payment_id}`)",
-            call.tool, session.url
-        );
-        if mode == Mode::TwoStep {
-            let next = confirm_tool_name(call.tool);
-            body["status"] = json!(reply::code::PAYMENT_REQUIRED);
-            body["next_step"] = json!(next);
-            let text =
-                format!("{how_to_pay}, then call `{next}` with payment_id \"{payment_id}\".");
-            let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
-            result.structured_content = Some(body);
-            result
-        } else {
-            let text = format!(
-                "{how_to_pay}, then call `{}` again with the same arguments plus \"payment_id\": \"{payment_id}\".",
-                call.tool
-            );
-            reply::error(reply::code::PAYMENT_REQUIRED, text, reply::details(body))
+    /// The answer that asks for payment. With a `next_step` tool (two_step,
+    /// dynamic tools) it is a normal result; otherwise (resubmit) an
+    /// `isError` result, because that call did not do what was asked.
+    pub(super) fn payment_required(
+        &self,
+        opened: &Opened,
+        purpose: Purpose,
+        next_step: Option<String>,
+    ) -> CallToolResult {
+        let intent = &opened.intent;
+        let body = required_body(opened);
+        let how = how_to_pay(opened, purpose);
+        match next_step {
+            Some(next) => {
+                let mut body = body;
+                body["status"] = json!(reply::code::PAYMENT_REQUIRED);
+                body["next_step"] = json!(next);
+                let text = format!(
+                    "{how}, then call `{next}` with payment_id \"{}\".",
+                    intent.id
+                );
+                let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
+                result.structured_content = Some(body);
+                result
+            }
+            None => {
+                let text = format!(
+                    "{how}, then call `{}` again with the same arguments plus \"payment_id\": \"{}\".",
+                    intent.tool, intent.id
+                );
+                reply::error(reply::code::PAYMENT_REQUIRED, text, reply::details(body))
+            }
         }
+    }
+}
+
+/// `{payment_id, payment_url, amount, currency, expires_at}`.
+pub(super) fn required_body(opened: &Opened) -> Value {
+    let intent = &opened.intent;
+    json!({
+        "payment_id": intent.id,
+        "payment_url": opened.url,
+        "amount": format_amount(intent.amount),
+        "currency": intent.currency.as_str(),
+        "expires_at": rfc3339(intent.expires_at),
+    })
+}
+
+/// One sentence a person can follow to pay (or approve).
+pub(super) fn how_to_pay(opened: &Opened, purpose: Purpose) -> String {
+    let intent = &opened.intent;
+    let amount = format_amount(intent.amount);
+    match (purpose, intent.principal.as_deref()) {
+        (Purpose::Approval, Some(wallet)) => format!(
+            "Approval required: charging {amount} {} to wallet {wallet} for `{}` is above the approval threshold. \
+             Approve at {} (or run `tollgate sessions pay {} --from {wallet}`)",
+            intent.currency, intent.tool, opened.url, intent.id
+        ),
+        _ => format!(
+            "Payment required: {amount} {} for `{}`. Pay at {} (or run `tollgate sessions pay {}`)",
+            intent.currency, intent.tool, opened.url, intent.id
+        ),
     }
 }

@@ -77,4 +77,9 @@ impl Provider for LocalProvider {
         self.store.end_session(id, SessionStatus::Cancelled).await?;
         Ok(())
     }
+
+    async fn pay_from_wallet(&self, id: &str, wallet: &str) -> Result<(), ProviderError> {
+        self.store.pay_session(id, Some(wallet), now_ms()).await?;
+        Ok(())
+    }
 }

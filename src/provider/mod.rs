@@ -55,4 +55,7 @@ pub trait Provider: Send + Sync {
     async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError>;
     /// Cancels a pending session; a session already ended is left as it is.
     async fn cancel_session(&self, id: &str) -> Result<(), ProviderError>;
+    /// Pays a pending session from a principal's prepaid wallet, after that
+    /// person approved the charge.
+    async fn pay_from_wallet(&self, id: &str, wallet: &str) -> Result<(), ProviderError>;
 }

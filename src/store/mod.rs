@@ -234,6 +234,10 @@ pub struct Intent {
     pub amount: Units,
     pub currency: Currency,
     pub principal: Option<String>,
+    /// The MCP session that opened the intent (dynamic confirm tools are
+    /// visible to it alone).
+    pub session_id: Option<String>,
+    /// The payment mode it was opened in, or `approval`.
     pub mode: String,
     pub status: IntentStatus,
     pub provider: String,

@@ -161,6 +161,7 @@ fn intent(id: &str) -> Intent {
         amount: units("0.05"),
         currency: usd(),
         principal: Some("alice".into()),
+        session_id: None,
         mode: "two_step".into(),
         status: IntentStatus::AwaitingPayment,
         provider: "local".into(),

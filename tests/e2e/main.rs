@@ -2,9 +2,11 @@
 //! client, on a real SQLite file per test.
 
 mod harness;
+mod inproc;
 
 mod cli_and_config;
 mod concurrency;
 mod fast_path;
 mod listing;
+mod modes;
 mod slow_path;

@@ -220,6 +220,7 @@ fn intent_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Intent, StoreError> 
         amount: Units(row.try_get("amount")?),
         currency: currency_of(row.try_get("currency")?)?,
         principal: row.try_get("principal")?,
+        session_id: row.try_get("session_id")?,
         mode: row.try_get("mode")?,
         status: IntentStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("intent status {status}")))?,
@@ -578,9 +579,10 @@ impl Store for SqliteStore {
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
         sqlx::query(
-            "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, mode, status,
-                                  provider, provider_session_id, payment_url, created_at, expires_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?13)",
+            "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
+                                  status, provider, provider_session_id, payment_url, created_at, expires_at,
+                                  updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?14)",
         )
         .bind(&intent.id)
         .bind(&intent.tool)
@@ -589,6 +591,7 @@ impl Store for SqliteStore {
         .bind(intent.amount.0)
         .bind(intent.currency.as_str())
         .bind(&intent.principal)
+        .bind(&intent.session_id)
         .bind(&intent.mode)
         .bind(intent.status.as_str())
         .bind(&intent.provider)

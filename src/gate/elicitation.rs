@@ -1,0 +1,368 @@
+//! Elicitation: the person answers inside the call. On sessions up to
+//! 2025-11-25 the gate sends `elicitation/create` and waits (never longer
+//! than the configured timeout: rmcp sets none). On 2026-07-28 sessions,
+//! where the server may not send requests, the call returns an
+//! `InputRequiredResult` and the client calls again with the answer; its
+//! `request_state` is only a key to the intent, checked on the server.
+//!
+//! An "accept" is never taken as paid: the gate then asks the provider,
+//! polling briefly. The same prompts carry approvals of charges above the
+//! threshold, which an accept turns into a payment from the caller's wallet.
+
+use rmcp::{
+    ServiceError,
+    model::{
+        CallToolResponse, CallToolResult, CustomNotification, ElicitRequest, ElicitRequestParams,
+        ElicitResult, ElicitationAction, ElicitationSchema, InputRequest, InputRequests,
+        InputRequiredResult, InputResponses, ServerNotification,
+    },
+};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::{
+    CallScope, Elicits, Gate, PricedCall,
+    redeem::{Settled, Wait, ended},
+    reply::{self, code},
+    slow_path::{Opened, Purpose, how_to_pay, required_body},
+};
+use crate::{
+    money::format_amount,
+    provider::ProviderError,
+    store::{Intent, IntentStatus, StoreError},
+};
+
+/// The key of our request in an `InputRequiredResult`.
+const INPUT_KEY: &str = "payment";
+
+/// What became of a prompt.
+pub(super) enum Answer {
+    Accepted(Option<Value>),
+    Declined,
+    Cancelled,
+    /// No answer within the timeout, the client cancelled the call, or the
+    /// request failed: the intent stays payable.
+    Unanswered(String),
+}
+
+impl From<ElicitResult> for Answer {
+    fn from(r: ElicitResult) -> Self {
+        match r.action {
+            ElicitationAction::Accept => Answer::Accepted(r.content),
+            ElicitationAction::Decline => Answer::Declined,
+            // Cancel, and any action a newer client may add: not a yes.
+            _ => Answer::Cancelled,
+        }
+    }
+}
+
+impl Gate {
+    /// Elicitation mode, and approvals where the client can answer.
+    pub(super) async fn elicit_payment(
+        &self,
+        scope: &CallScope<'_>,
+        opened: &Opened,
+        purpose: Purpose,
+    ) -> CallToolResponse {
+        let Some(prompt) = prompt(scope.elicits(), opened, purpose) else {
+            return self.payment_required(opened, purpose, None).into();
+        };
+        if scope.is_modern() {
+            let mut requests = InputRequests::new();
+            requests.insert(
+                INPUT_KEY.into(),
+                InputRequest::Elicitation(ElicitRequest::new(prompt)),
+            );
+            return InputRequiredResult::new(Some(requests), Some(opened.intent.id.clone())).into();
+        }
+        let is_url = matches!(prompt, ElicitRequestParams::UrlElicitationParams { .. });
+        let answer = tokio::select! {
+            r = scope.request.peer.create_elicitation_with_timeout(prompt, Some(self.settings.timeouts.elicitation)) => match r {
+                Ok(r) => Answer::from(r),
+                Err(ServiceError::Timeout { timeout }) => Answer::Unanswered(format!("no answer within {}s", timeout.as_secs())),
+                Err(e) => Answer::Unanswered(format!("elicitation failed: {e}")),
+            },
+            () = scope.request.ct.cancelled() => Answer::Unanswered("the call was cancelled".into()),
+        };
+        let result = self.after_answer(scope, opened, answer).await;
+        if is_url && result.is_error != Some(true) {
+            // Tell a URL-mode client the out-of-band step is over. rmcp 3.9
+            // has no typed method for it.
+            let done = ServerNotification::CustomNotification(CustomNotification::new(
+                "notifications/elicitation/complete",
+                Some(json!({ "elicitationId": opened.intent.id })),
+            ));
+            if let Err(e) = scope.request.peer.send_notification(done).await {
+                tracing::debug!("elicitation/complete not sent: {e}");
+            }
+        }
+        result.into()
+    }
+
+    /// A 2026-07-28 client calling again with its answer. The state is
+    /// client-controlled, so it must name an intent of this very call.
+    pub(super) async fn resume_input_required(
+        &self,
+        scope: &CallScope<'_>,
+        call: &PricedCall<'_>,
+        state: &str,
+        responses: Option<&InputResponses>,
+    ) -> CallToolResult {
+        let intent = match self
+            .bound_intent(scope.caller, state, call.tool, Some(&call.args_hash))
+            .await
+        {
+            Ok(intent) => intent,
+            Err(answer)
+                if answer
+                    .structured_content
+                    .as_ref()
+                    .is_some_and(|s| s["error"] == code::PAYMENT_NOT_FOUND) =>
+            {
+                return super::redeem::mismatch_reply(
+                    state,
+                    call.tool,
+                    "request_state names no payment of ours",
+                );
+            }
+            Err(answer) => return answer,
+        };
+        let answer = match responses
+            .and_then(|r| r.get(INPUT_KEY))
+            .and_then(|v| serde_json::from_value::<ElicitResult>(v.clone()).ok())
+        {
+            Some(r) => Answer::from(r),
+            None => Answer::Unanswered("the call carried no answer".into()),
+        };
+        let opened = Opened {
+            url: intent.payment_url.clone().unwrap_or_default(),
+            intent,
+        };
+        self.after_answer(scope, &opened, answer).await
+    }
+
+    async fn after_answer(
+        &self,
+        scope: &CallScope<'_>,
+        opened: &Opened,
+        answer: Answer,
+    ) -> CallToolResult {
+        let intent = &opened.intent;
+        let purpose = if intent.mode == "approval" {
+            Purpose::Approval
+        } else {
+            Purpose::Payment
+        };
+        match answer {
+            Answer::Accepted(content) => {
+                if purpose == Purpose::Approval {
+                    if content.as_ref().and_then(|c| c.get("approve")) == Some(&Value::Bool(false))
+                    {
+                        return self
+                            .refuse(
+                                intent,
+                                IntentStatus::Declined,
+                                code::PAYMENT_DECLINED,
+                                "declined",
+                            )
+                            .await;
+                    }
+                    if let Some(refused) = self.charge_approved(opened).await {
+                        return refused;
+                    }
+                }
+                let wait = Wait {
+                    until: Instant::now() + self.settings.timeouts.payment_check,
+                    progress: None,
+                };
+                match self
+                    .redeem_until(scope, &intent.id, &intent.tool, None, Some(wait))
+                    .await
+                {
+                    Settled::Final(result) => result,
+                    Settled::Pending(pending) => {
+                        tracing::info!(
+                            payment_id = intent.id,
+                            "accepted, but the provider has no payment"
+                        );
+                        pending
+                    }
+                }
+            }
+            Answer::Declined => {
+                self.refuse(
+                    intent,
+                    IntentStatus::Declined,
+                    code::PAYMENT_DECLINED,
+                    "declined",
+                )
+                .await
+            }
+            Answer::Cancelled => {
+                self.refuse(
+                    intent,
+                    IntentStatus::Cancelled,
+                    code::PAYMENT_CANCELLED,
+                    "cancelled",
+                )
+                .await
+            }
+            Answer::Unanswered(why) => {
+                tracing::info!(
+                    payment_id = intent.id,
+                    "no answer to the payment prompt: {why}"
+                );
+                let mut body = required_body(opened);
+                body["status"] = json!("pending");
+                reply::error(
+                    code::PAYMENT_TIMEOUT,
+                    format!(
+                        "{why}. {}, then call `{}` again with the same arguments plus \"payment_id\": \"{}\".",
+                        how_to_pay(opened, purpose),
+                        intent.tool,
+                        intent.id
+                    ),
+                    reply::details(body),
+                )
+            }
+        }
+    }
+
+    /// An approved charge: pay the session from the caller's wallet. `Some`
+    /// is the answer when that cannot be done.
+    async fn charge_approved(&self, opened: &Opened) -> Option<CallToolResult> {
+        let intent = &opened.intent;
+        let (Some(wallet), Some(session)) = (
+            intent.principal.as_deref(),
+            intent.provider_session_id.as_deref(),
+        ) else {
+            return Some(reply::unavailable(format!(
+                "approval {} has no wallet or session",
+                intent.id
+            )));
+        };
+        match self.provider.pay_from_wallet(session, wallet).await {
+            Ok(()) => {
+                tracing::info!(
+                    payment_id = intent.id,
+                    wallet,
+                    "charge above the threshold approved"
+                );
+                None
+            }
+            // Already paid (a retry of the same answer): redeem replays it.
+            Err(ProviderError::Store(StoreError::WrongState { .. })) => None,
+            Err(ProviderError::Store(e @ StoreError::InsufficientFunds { .. })) => {
+                let mut body = required_body(opened);
+                body["status"] = json!("pending");
+                Some(reply::error(
+                    code::PAYMENT_REQUIRED,
+                    format!(
+                        "approved, but {e}. Pay at {} instead, or top up and call again with \"payment_id\": \"{}\".",
+                        opened.url, intent.id
+                    ),
+                    reply::details(body),
+                ))
+            }
+            Err(e) => Some(reply::unavailable(e)),
+        }
+    }
+
+    /// The person said no: cancel the session, end the intent, charge nothing.
+    async fn refuse(
+        &self,
+        intent: &Intent,
+        to: IntentStatus,
+        code: &str,
+        status: &str,
+    ) -> CallToolResult {
+        if let Some(session) = intent.provider_session_id.as_deref()
+            && let Err(e) = self.provider.cancel_session(session).await
+        {
+            tracing::warn!(payment_id = intent.id, "could not cancel the session: {e}");
+        }
+        match self
+            .store
+            .transition_intent(&intent.id, &[IntentStatus::AwaitingPayment], to)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(payment_id = intent.id, status, "payment prompt refused");
+                ended(intent, code, status)
+            }
+            // Already paid or ended: say what it is now.
+            Ok(false) => self.redeem_state(intent).await,
+            Err(e) => reply::unavailable(e),
+        }
+    }
+
+    async fn redeem_state(&self, intent: &Intent) -> CallToolResult {
+        match self.store.intent(&intent.id).await {
+            Ok(Some(now)) if now.status == IntentStatus::Cancelled => {
+                ended(&now, code::PAYMENT_CANCELLED, "cancelled")
+            }
+            Ok(Some(now)) if now.status == IntentStatus::Declined => {
+                ended(&now, code::PAYMENT_DECLINED, "declined")
+            }
+            Ok(Some(now)) => reply::error(
+                code::PAYMENT_IN_PROGRESS,
+                format!("payment `{}` is {}", now.id, now.status.as_str()),
+                reply::details(json!({ "payment_id": now.id, "status": now.status.as_str() })),
+            ),
+            Ok(None) => reply::unavailable(format!("intent {} vanished", intent.id)),
+            Err(e) => reply::unavailable(e),
+        }
+    }
+}
+
+/// The prompt for a payment (URL mode where the client has it, else a form
+/// stating tool, amount, currency and URL) or for an approval (a yes/no
+/// form where possible).
+fn prompt(elicits: Elicits, opened: &Opened, purpose: Purpose) -> Option<ElicitRequestParams> {
+    let intent = &opened.intent;
+    let amount = format_amount(intent.amount);
+    let url_prompt = |message: String| ElicitRequestParams::UrlElicitationParams {
+        meta: None,
+        message,
+        url: opened.url.clone(),
+        elicitation_id: intent.id.clone(),
+    };
+    let form = |message: String, field: &str| {
+        ElicitationSchema::builder()
+            .required_bool(field)
+            .build()
+            .ok()
+            .map(
+                |requested_schema| ElicitRequestParams::FormElicitationParams {
+                    meta: None,
+                    message,
+                    requested_schema,
+                },
+            )
+    };
+    match (purpose, elicits) {
+        (_, Elicits::No) => None,
+        (Purpose::Approval, e) if e.form() => form(
+            format!(
+                "Approve charging {amount} {} to wallet {} for tool `{}`? (payment {})",
+                intent.currency,
+                intent.principal.as_deref().unwrap_or("-"),
+                intent.tool,
+                intent.id
+            ),
+            "approve",
+        ),
+        (Purpose::Approval, _) => Some(url_prompt(how_to_pay(opened, purpose))),
+        (Purpose::Payment, Elicits::Url { .. }) => Some(url_prompt(format!(
+            "Pay {amount} {} to run `{}` (payment {}).",
+            intent.currency, intent.tool, intent.id
+        ))),
+        (Purpose::Payment, Elicits::Form) => form(
+            format!(
+                "Payment required: {amount} {} for tool `{}`. Pay at {} and then accept. (payment {})",
+                intent.currency, intent.tool, opened.url, intent.id
+            ),
+            "paid",
+        ),
+    }
+}

@@ -1,0 +1,290 @@
+//! In-process harness for the interactive modes: tollgate's server and an
+//! rmcp test client joined by a pipe, sharing the SQLite file with the CLI.
+//! The test client answers elicitations and watches progress the way a
+//! person and a client would: it can pay the session it is shown.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use rmcp::{
+    ClientHandler, ClientLifecycleMode, ClientServiceExt, ErrorData as McpError, RoleClient,
+    ServiceExt,
+    model::*,
+    service::{NotificationContext, RequestContext, RunningService},
+};
+use tollgate::{
+    app,
+    config::Config,
+    gate::{Caller, Gate},
+    server::TollgateServer,
+    store::{Store, now_ms},
+};
+
+use crate::harness::Env;
+
+/// What the person behind the test client does when asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Person {
+    /// Pays the session (dev settlement), then accepts.
+    PaysAndAccepts,
+    /// Accepts an approval (the gate charges the wallet).
+    Approves,
+    /// Accepts without paying.
+    AcceptsUnpaid,
+    Declines,
+    Cancels,
+    /// Answers only after the server has stopped waiting.
+    Dawdles,
+    /// Says nothing to prompts; pays after this many progress messages.
+    PaysAfterProgress(usize),
+    /// Says nothing and never pays.
+    Ignores,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elicitation {
+    None,
+    Form,
+    Url,
+}
+
+#[derive(Clone)]
+pub struct TestClient {
+    pub person: Person,
+    pub elicitation: Elicitation,
+    store: Arc<dyn Store>,
+    pub prompts: Arc<Mutex<Vec<ElicitRequestParams>>>,
+    pub progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
+    pub list_changed: Arc<AtomicUsize>,
+    pub custom: Arc<Mutex<Vec<String>>>,
+}
+
+/// The payment id a prompt or progress message names.
+pub fn payment_id_in(text: &str) -> Option<String> {
+    let start = text.find("pay_")?;
+    let id: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    (id.len() == 36).then_some(id)
+}
+
+impl TestClient {
+    fn pay(&self, id: &str) {
+        let store = self.store.clone();
+        let id = id.to_owned();
+        // Called from a sync context too; the store is async.
+        tokio::spawn(async move {
+            if let Err(e) = store.pay_session(&id, None, now_ms()).await {
+                eprintln!("test client could not pay {id}: {e}");
+            }
+        });
+    }
+
+    async fn pay_now(&self, id: &str) {
+        self.store
+            .pay_session(id, None, now_ms())
+            .await
+            .expect("pay session");
+    }
+
+    pub fn prompt_count(&self) -> usize {
+        self.prompts.lock().unwrap().len()
+    }
+}
+
+impl ClientHandler for TestClient {
+    fn get_info(&self) -> ClientConfig {
+        let capabilities = ClientCapabilities::builder();
+        let capabilities = match self.elicitation {
+            Elicitation::None => capabilities.build(),
+            Elicitation::Form => capabilities
+                .enable_elicitation_with(
+                    ElicitationCapability::new().with_form(FormElicitationCapability::new()),
+                )
+                .build(),
+            Elicitation::Url => capabilities
+                .enable_elicitation_with(
+                    ElicitationCapability::new()
+                        .with_form(FormElicitationCapability::new())
+                        .with_url(UrlElicitationCapability::new()),
+                )
+                .build(),
+        };
+        ClientConfig::new(
+            capabilities,
+            Implementation::new("tollgate-test-client", "0.0.1"),
+        )
+    }
+
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, McpError> {
+        let (id, field) = match &request {
+            ElicitRequestParams::UrlElicitationParams { elicitation_id, .. } => {
+                (Some(elicitation_id.clone()), None)
+            }
+            ElicitRequestParams::FormElicitationParams {
+                message,
+                requested_schema,
+                ..
+            } => {
+                let schema = serde_json::to_value(requested_schema).unwrap_or_default();
+                let field = schema["properties"]
+                    .as_object()
+                    .and_then(|p| p.keys().next().cloned());
+                (payment_id_in(message), field)
+            }
+            _ => (None, None),
+        };
+        self.prompts.lock().unwrap().push(request);
+        let accept = |field: Option<String>| {
+            let mut r = ElicitResult::new(ElicitationAction::Accept);
+            if let Some(field) = field {
+                r = r.with_content(serde_json::json!({ field: true }));
+            }
+            Ok(r)
+        };
+        match self.person {
+            Person::PaysAndAccepts => {
+                if let Some(id) = &id {
+                    self.pay_now(id).await;
+                }
+                accept(field)
+            }
+            Person::Approves | Person::AcceptsUnpaid => accept(field),
+            Person::Declines => Ok(ElicitResult::new(ElicitationAction::Decline)),
+            Person::Cancels => Ok(ElicitResult::new(ElicitationAction::Cancel)),
+            Person::Dawdles => {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                accept(field)
+            }
+            Person::PaysAfterProgress(_) | Person::Ignores => {
+                std::future::pending::<()>().await;
+                accept(field)
+            }
+        }
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let message = params.message.clone().unwrap_or_default();
+        let count = {
+            let mut progress = self.progress.lock().unwrap();
+            progress.push(params);
+            progress.len()
+        };
+        if let (Person::PaysAfterProgress(n), Some(id)) = (self.person, payment_id_in(&message))
+            && count == n
+        {
+            self.pay(&id);
+        }
+    }
+
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.list_changed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn on_custom_notification(
+        &self,
+        n: CustomNotification,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        self.custom.lock().unwrap().push(n.method);
+    }
+}
+
+pub type Client = RunningService<RoleClient, TestClient>;
+
+/// A tollgate installation with its gate running in this process.
+pub struct InProcess {
+    pub env: Env,
+    pub gate: Arc<Gate>,
+}
+
+/// Short timeouts, so the tests see every ending quickly.
+pub fn pricing(mode: &str, extra_server: &str) -> String {
+    let base = crate::harness::pricing(mode, extra_server);
+    format!(
+        "{base}\n[timeouts]\nelicitation = \"300ms\"\npayment_check = \"300ms\"\nprogress = \"1s\"\nprogress_heartbeat = \"50ms\"\n"
+    )
+}
+
+impl InProcess {
+    pub async fn new(pricing_text: &str) -> Self {
+        let env = Env::with_pricing(pricing_text);
+        let text = format!(
+            "{pricing_text}\n[receipts]\nkey_file = \"{}\"\n",
+            env.key.display()
+        );
+        let mut config = Config::parse(&text, "pricing.toml").expect("pricing");
+        config.store_url = format!("sqlite://{}", env.db.display());
+        let store = app::open_store(&config.store_url, &config)
+            .await
+            .expect("store");
+        let gate = Arc::new(app::build_gate(&config, store).expect("gate"));
+        Self { env, gate }
+    }
+
+    pub fn client(&self, person: Person, elicitation: Elicitation) -> TestClient {
+        TestClient {
+            person,
+            elicitation,
+            store: self.gate.store().clone(),
+            prompts: Default::default(),
+            progress: Default::default(),
+            list_changed: Default::default(),
+            custom: Default::default(),
+        }
+    }
+
+    /// Connects a client through a new MCP session; `modern` negotiates
+    /// 2026-07-28 through the `Discover` lifecycle.
+    pub async fn connect(&self, payer: Option<&str>, handler: TestClient, modern: bool) -> Client {
+        let (server_io, client_io) = tokio::io::duplex(256 * 1024);
+        let server = TollgateServer::new(
+            self.gate.clone(),
+            Caller {
+                principal: payer.map(str::to_owned),
+            },
+        );
+        tokio::spawn(async move {
+            if let Ok(running) = server.serve(server_io).await {
+                let _ = running.waiting().await;
+            }
+        });
+        let client = if modern {
+            handler
+                .serve_with_lifecycle(
+                    client_io,
+                    ClientLifecycleMode::Discover {
+                        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+                    },
+                )
+                .await
+        } else {
+            handler.serve(client_io).await
+        };
+        client.expect("connect")
+    }
+}
+
+pub async fn call(client: &Client, tool: &str, arguments: serde_json::Value) -> CallToolResult {
+    client
+        .call_tool(
+            CallToolRequestParams::new(tool.to_owned())
+                .with_arguments(crate::harness::args(arguments)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("call {tool} failed at the protocol level: {e}"))
+}
