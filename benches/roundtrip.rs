@@ -6,19 +6,30 @@
 //! second from one client keeping 16 calls in flight. Compare figures as ratios within one
 //! run; absolute numbers depend on the machine's load.
 //!
+//! It then times the interactive flows of an anonymous caller whose client
+//! pays the session as soon as it is asked: a full elicitation flow (call,
+//! `elicitation/create`, pay, accept, result) and a full progress flow (call,
+//! progress notification, pay, result). It reports the gate's own overhead:
+//! the flow's time less its unavoidable parts, the MCP round trips (timed as
+//! free calls in the same run) and the payment itself (timed in the client).
+//!
 //! `BENCH_CALLS` sets the number of calls per figure (default 3000).
 
 use std::{
     process::Stdio,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use futures::{StreamExt, stream};
 use rmcp::{
-    RoleClient, ServiceExt,
-    model::{CallToolRequestParams, JsonObject},
-    service::RunningService,
+    ClientHandler, ErrorData as McpError, RoleClient, ServiceExt,
+    model::{
+        CallToolRequestParams, ClientCapabilities, ClientConfig, ElicitRequestParams, ElicitResult,
+        ElicitationAction, ElicitationCapability, FormElicitationCapability, Implementation,
+        JsonObject, ProgressNotificationParam, UrlElicitationCapability,
+    },
+    service::{NotificationContext, RequestContext, RunningService},
     transport::{ConfigureCommandExt, TokioChildProcess},
 };
 use serde_json::json;
@@ -29,6 +40,86 @@ use tollgate::{
 };
 
 type Client = RunningService<RoleClient, ()>;
+
+/// A client whose person pays the session at once, through the store, when
+/// an elicitation or the first progress message asks; it times the paying.
+#[derive(Clone)]
+struct PayingClient {
+    store: Arc<SqliteStore>,
+    paying: Arc<Mutex<(Duration, u32)>>,
+    last_paid: Arc<Mutex<String>>,
+}
+
+impl PayingClient {
+    async fn pay(&self, id: &str) {
+        if *self.last_paid.lock().unwrap_or_else(|p| p.into_inner()) == id {
+            return;
+        }
+        let started = Instant::now();
+        if self.store.pay_session(id, None, now_ms()).await.is_ok() {
+            let mut paying = self.paying.lock().unwrap_or_else(|p| p.into_inner());
+            paying.0 += started.elapsed();
+            paying.1 += 1;
+        }
+        *self.last_paid.lock().unwrap_or_else(|p| p.into_inner()) = id.to_owned();
+    }
+
+    /// Mean time one payment took, then start counting afresh.
+    fn take_mean_payment(&self) -> Duration {
+        let mut paying = self.paying.lock().unwrap_or_else(|p| p.into_inner());
+        let mean = paying.0 / paying.1.max(1);
+        *paying = (Duration::ZERO, 0);
+        mean
+    }
+}
+
+impl ClientHandler for PayingClient {
+    fn get_info(&self) -> ClientConfig {
+        let elicitation = ElicitationCapability::new()
+            .with_form(FormElicitationCapability::new())
+            .with_url(UrlElicitationCapability::new());
+        ClientConfig::new(
+            ClientCapabilities::builder()
+                .enable_elicitation_with(elicitation)
+                .build(),
+            Implementation::new("tollgate-bench", "0"),
+        )
+    }
+
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, McpError> {
+        if let ElicitRequestParams::UrlElicitationParams { elicitation_id, .. } = &request {
+            self.pay(elicitation_id).await;
+        }
+        Ok(ElicitResult::new(ElicitationAction::Accept))
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let message = params.message.unwrap_or_default();
+        if let Some(start) = message.find("sessions pay pay_") {
+            let id: String = message[start + "sessions pay ".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            self.pay(&id).await;
+        }
+    }
+}
+
+struct FlowFigures {
+    free: Duration,
+    elicitation: Duration,
+    elicitation_payment: Duration,
+    progress: Duration,
+    progress_payment: Duration,
+}
 
 struct Figures {
     free: Duration,
@@ -43,6 +134,14 @@ fn args(v: serde_json::Value) -> JsonObject {
 }
 
 async fn client(dir: &std::path::Path, payer: Option<&str>) -> anyhow::Result<Client> {
+    connect(dir, payer, ()).await
+}
+
+async fn connect<H: ClientHandler>(
+    dir: &std::path::Path,
+    payer: Option<&str>,
+    handler: H,
+) -> anyhow::Result<RunningService<RoleClient, H>> {
     let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).configure(|cmd| {
         cmd.arg("serve")
             .env("TOLLGATE_CONFIG", dir.join("pricing.toml"))
@@ -55,7 +154,63 @@ async fn client(dir: &std::path::Path, payer: Option<&str>) -> anyhow::Result<Cl
     let (transport, _) = TokioChildProcess::builder(cmd)
         .stderr(Stdio::inherit())
         .spawn()?;
-    Ok(().serve(transport).await?)
+    Ok(handler.serve(transport).await?)
+}
+
+/// The interactive flows, on `synchronous = normal`.
+async fn interactive_flows(n: usize) -> anyhow::Result<FlowFigures> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("pricing.toml"),
+        "[server]\nname = \"bench\"\nmode = \"elicitation\"\ncurrency = \"USD\"\n\
+         [store]\nurl = \"sqlite://bench.db\"\nsynchronous = \"normal\"\n\
+         [[tools]]\nname = \"echo\"\nprice = \"0.01\"\n\
+         [[tools]]\nname = \"divide\"\nprice = \"0.05\"\nmode = \"progress\"\n",
+    )?;
+    let db = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let store = Arc::new(SqliteStore::connect(&db, Synchronous::Normal).await?);
+    let handler = PayingClient {
+        store,
+        paying: Default::default(),
+        last_paid: Default::default(),
+    };
+    let client = connect(dir.path(), None, handler.clone()).await?;
+    let flows = (n / 10).max(50);
+    let free_params =
+        CallToolRequestParams::new("word_count").with_arguments(args(json!({"text": "a b"})));
+    for _ in 0..flows / 10 {
+        client.call_tool(free_params.clone()).await?;
+    }
+    let start = Instant::now();
+    for _ in 0..flows {
+        client.call_tool(free_params.clone()).await?;
+    }
+    let free = start.elapsed() / flows as u32;
+
+    let timed = |tool: &'static str, arguments: serde_json::Value| {
+        let client = &client;
+        async move {
+            let params = CallToolRequestParams::new(tool).with_arguments(args(arguments));
+            let start = Instant::now();
+            for _ in 0..flows {
+                let r = client.call_tool(params.clone()).await?;
+                anyhow::ensure!(r.is_error != Some(true), "{tool} flow failed: {r:?}");
+            }
+            Ok::<_, anyhow::Error>(start.elapsed() / flows as u32)
+        }
+    };
+    let elicitation = timed("echo", json!({"text": "hi"})).await?;
+    let elicitation_payment = handler.take_mean_payment();
+    let progress = timed("divide", json!({"a": 1, "b": 2})).await?;
+    let progress_payment = handler.take_mean_payment();
+    client.cancel().await?;
+    Ok(FlowFigures {
+        free,
+        elicitation,
+        elicitation_payment,
+        progress,
+        progress_payment,
+    })
 }
 
 async fn mean_round_trip(client: &Client, tool: &str, n: usize) -> anyhow::Result<Duration> {
@@ -193,6 +348,33 @@ async fn main() -> anyhow::Result<()> {
             f.two_step.as_secs_f64() * 1e6,
             f.free_throughput,
             f.throughput
+        );
+    }
+    let f = interactive_flows(n).await?;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!();
+    println!(
+        "interactive flows (normal): an anonymous caller whose client pays at once when asked"
+    );
+    println!(
+        "{:<12} {:>10} {:>30} {:>14} {:>16}",
+        "flow", "total", "round trips (as free calls)", "payment", "gate overhead"
+    );
+    for (name, total, trips, payment) in [
+        ("elicitation", f.elicitation, 2, f.elicitation_payment),
+        ("progress", f.progress, 1, f.progress_payment),
+    ] {
+        let unavoidable = f.free * trips + payment;
+        let overhead = total.saturating_sub(unavoidable);
+        println!(
+            "{:<12} {:>8.1}µs {:>21} x {:>6.1}µs {:>12.1}µs {:>10.1}µs ({:.0}%)",
+            name,
+            us(total),
+            trips,
+            us(f.free),
+            us(payment),
+            us(overhead),
+            100.0 * overhead.as_secs_f64() / total.as_secs_f64()
         );
     }
     Ok(())

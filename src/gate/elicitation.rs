@@ -283,7 +283,7 @@ impl Gate {
         }
         match self
             .store
-            .transition_intent(&intent.id, &[IntentStatus::AwaitingPayment], to)
+            .transition_intent(&intent.id, IntentStatus::AwaitingPayment, to)
             .await
         {
             Ok(true) => {

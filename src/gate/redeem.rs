@@ -19,7 +19,7 @@ use crate::{
 /// How often a concurrent redeem looks for the result of a run under way.
 const RUN_POLL: Duration = Duration::from_millis(20);
 /// Polling the provider while waiting: start quick, back off to this.
-const FIRST_POLL: Duration = Duration::from_millis(50);
+const FIRST_POLL: Duration = Duration::from_millis(2);
 const MAX_POLL: Duration = Duration::from_secs(1);
 
 /// How a redeem ended.
@@ -85,7 +85,7 @@ impl Gate {
                 IntentStatus::AwaitingPayment => self.check_payment(&intent).await,
                 IntentStatus::Paid => match self
                     .store
-                    .transition_intent(&intent.id, &[IntentStatus::Paid], IntentStatus::Running)
+                    .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
                     .await
                 {
                     Ok(true) => return Settled::Final(self.run_paid(intent).await),
@@ -253,7 +253,7 @@ impl Gate {
         }
         match self
             .store
-            .transition_intent(&intent.id, &[IntentStatus::AwaitingPayment], to)
+            .transition_intent(&intent.id, IntentStatus::AwaitingPayment, to)
             .await
         {
             Ok(true) => Step::Answer(ended(intent, code, status)),

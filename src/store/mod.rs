@@ -352,11 +352,11 @@ pub trait Store: Send + Sync + 'static {
     // ---- intents ----
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError>;
     async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError>;
-    /// Moves an intent from one of `from` to `to`; false if it was elsewhere.
+    /// Moves an intent from `from` to `to`; false if it was elsewhere.
     async fn transition_intent(
         &self,
         id: &str,
-        from: &[IntentStatus],
+        from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError>;
     /// awaiting_payment → paid, noting where a refund would go.

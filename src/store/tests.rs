@@ -214,7 +214,7 @@ async fn intents_move_only_along_their_state_machine() {
     // Cannot run or finish before being paid.
     assert!(
         !store
-            .transition_intent("a", &[IntentStatus::Paid], IntentStatus::Running)
+            .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
             .await
             .unwrap()
     );
@@ -233,13 +233,13 @@ async fn intents_move_only_along_their_state_machine() {
     );
     assert!(
         store
-            .transition_intent("a", &[IntentStatus::Paid], IntentStatus::Running)
+            .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
             .await
             .unwrap()
     );
     assert!(
         !store
-            .transition_intent("a", &[IntentStatus::Paid], IntentStatus::Running)
+            .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
             .await
             .unwrap(),
         "runs once"
@@ -262,7 +262,7 @@ async fn intents_move_only_along_their_state_machine() {
         .unwrap();
     store.mark_intent_paid("b", Some(&refund_to)).await.unwrap();
     store
-        .transition_intent("b", &[IntentStatus::Paid], IntentStatus::Running)
+        .transition_intent("b", IntentStatus::Paid, IntentStatus::Running)
         .await
         .unwrap();
     store.finish_intent(&outcome("b", false)).await.unwrap();

@@ -1,6 +1,9 @@
-//! SQLite backend. WAL mode; every write transaction starts with
-//! `BEGIN IMMEDIATE` so that two writers never both read and then fail to
-//! upgrade (SQLITE_BUSY). Several processes may open the same file.
+//! SQLite backend. WAL mode; every multi-statement write transaction starts
+//! with `BEGIN IMMEDIATE` so that two writers never both read and then fail
+//! to upgrade (SQLITE_BUSY). A write that is one statement runs on its own:
+//! it is atomic, and takes the write lock when it starts, so it cannot fail
+//! to upgrade either, and it costs one round trip instead of three. Several
+//! processes may open the same file.
 
 use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
 
@@ -577,7 +580,6 @@ impl Store for SqliteStore {
     }
 
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
                                   status, provider, provider_session_id, payment_url, created_at, expires_at,
@@ -599,9 +601,8 @@ impl Store for SqliteStore {
         .bind(&intent.payment_url)
         .bind(intent.created_at)
         .bind(intent.expires_at)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -616,28 +617,19 @@ impl Store for SqliteStore {
     async fn transition_intent(
         &self,
         id: &str,
-        from: &[IntentStatus],
+        from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
-        let mut changed = false;
-        let mut tx = self.write_tx().await?;
-        for status in from {
-            let done = sqlx::query(
-                "UPDATE intents SET status = ?3, updated_at = ?4 WHERE id = ?1 AND status = ?2",
-            )
-            .bind(id)
-            .bind(status.as_str())
-            .bind(to.as_str())
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() > 0 {
-                changed = true;
-                break;
-            }
-        }
-        tx.commit().await?;
-        Ok(changed)
+        let done = sqlx::query(
+            "UPDATE intents SET status = ?3, updated_at = ?4 WHERE id = ?1 AND status = ?2",
+        )
+        .bind(id)
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn mark_intent_paid(
@@ -649,7 +641,6 @@ impl Store for SqliteStore {
             Some(account) => Some(self.account_id(account).await?),
             None => None,
         };
-        let mut tx = self.write_tx().await?;
         let done = sqlx::query(
             "UPDATE intents SET status = 'paid', refund_account_id = ?2, updated_at = ?3
              WHERE id = ?1 AND status = 'awaiting_payment'",
@@ -657,9 +648,8 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(refund_id)
         .bind(now_ms())
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -758,7 +748,6 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
-        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO payment_sessions (id, amount, currency, description, status, created_at, expires_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
@@ -770,9 +759,8 @@ impl Store for SqliteStore {
         .bind(session.status.as_str())
         .bind(session.created_at)
         .bind(session.expires_at)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -904,16 +892,15 @@ impl Store for SqliteStore {
                 to.as_str()
             )));
         }
-        let mut tx = self.write_tx().await?;
+
         let done = sqlx::query(
             "UPDATE payment_sessions SET status = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'pending'",
         )
         .bind(id)
         .bind(to.as_str())
         .bind(now_ms())
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
-        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 }
