@@ -10,3 +10,4 @@ mod fast_path;
 mod listing;
 mod modes;
 mod slow_path;
+mod wire;
