@@ -164,6 +164,7 @@ async fn a_client_without_elicitation_gets_resubmit() {
     assert_eq!(error_code(&r), "payment_required");
     assert_eq!(handler.prompt_count(), 0);
     client.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
 }
 
 #[tokio::test]
@@ -579,6 +580,7 @@ async fn a_2026_session_hears_about_dynamic_tools_on_its_listen_stream() {
     assert!(tools.iter().any(|t| t.name == confirm));
     sub.cancel().await.ok();
     client.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
 }
 
 // ---------- approval above the threshold ----------
