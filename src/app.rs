@@ -6,7 +6,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use crate::{
     config::{Config, ConfigError, ProviderKind},
     gate::{Catalog, Gate, GateSettings},
-    provider::{Provider, local::LocalProvider},
+    provider::{Provider, ProviderError, local::LocalProvider, sessions_api::SessionsApiProvider},
     receipt::{ReceiptError, ReceiptSigner, default_key_path},
     store::{SqliteStore, Store, StoreError, now_ms},
     tools::{ToolBackend, demo::DemoTools},
@@ -25,6 +25,10 @@ pub enum AppError {
     Receipt(#[from] ReceiptError),
     #[error("store url `{0}`: only sqlite:// is supported in this version")]
     UnsupportedStore(String),
+    #[error("the sessions_api provider reads its API key from ${0}, which is not set")]
+    MissingSecret(String),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
 }
 
 /// Opens the store a URL names. A bare path means a SQLite file.
@@ -51,12 +55,15 @@ pub fn receipt_key_path(config: &Config) -> PathBuf {
         .unwrap_or_else(default_key_path)
 }
 
-pub fn provider_for(config: &Config, store: Arc<dyn Store>) -> Arc<dyn Provider> {
-    match config.provider {
-        ProviderKind::Local => {
-            Arc::new(LocalProvider::new(store, config.checkout_base_url.clone()))
+pub fn provider_for(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Provider>, AppError> {
+    Ok(match &config.provider {
+        ProviderKind::Local => Arc::new(LocalProvider::new(store, config.checkout_base_url())),
+        ProviderKind::SessionsApi { url, api_key_env } => {
+            let key = std::env::var(api_key_env)
+                .map_err(|_| AppError::MissingSecret(api_key_env.clone()))?;
+            Arc::new(SessionsApiProvider::new(url, key)?)
         }
-    }
+    })
 }
 
 /// The built-in tool backends.
@@ -67,7 +74,7 @@ pub fn default_backends() -> Vec<Arc<dyn ToolBackend>> {
 pub fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Gate, AppError> {
     let catalog = Catalog::build(config, &default_backends())?;
     let signer = ReceiptSigner::load_or_create(&receipt_key_path(config))?;
-    let provider = provider_for(config, store.clone());
+    let provider = provider_for(config, store.clone())?;
     Ok(Gate::new(
         store,
         provider,

@@ -95,7 +95,51 @@ pub enum Synchronous {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderKind {
+    /// Sessions in our own store, paid at our own checkout page or CLI.
     Local,
+    /// Another payment authority speaking the sessions API (for example a
+    /// remote tollgate): `POST /v1/sessions`, `GET /v1/sessions/{id}`.
+    SessionsApi {
+        url: String,
+        /// The environment variable that holds the API key: secrets stay
+        /// out of pricing.toml.
+        api_key_env: String,
+    },
+}
+
+/// The HTTP service (`tollgate serve --http`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    pub listen: String,
+    /// `Host` values `/mcp` accepts (DNS-rebinding protection). Loopback only
+    /// by default.
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins allowed on `/mcp` and the checkout page, besides the
+    /// server's own.
+    pub allowed_origins: Vec<String>,
+    /// Let `/mcp` be called without an API key (as an anonymous caller).
+    /// `/v1` always needs a key.
+    pub anonymous_mcp: bool,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// Per API key, per minute.
+    pub sessions_create_per_minute: u32,
+    pub sessions_read_per_minute: u32,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            allowed_origins: Vec::new(),
+            anonymous_mcp: false,
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+            sessions_create_per_minute: 100,
+            sessions_read_per_minute: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +163,12 @@ pub struct Config {
     pub store_url: String,
     pub synchronous: Synchronous,
     pub provider: ProviderKind,
-    pub checkout_base_url: String,
+    /// Where payment URLs point; unset, the HTTP service's own address.
+    pub checkout_base_url: Option<String>,
+    /// The checkout page may settle a session without any wallet (for
+    /// development with the local provider).
+    pub dev_settle: bool,
+    pub http: HttpConfig,
     pub receipt_key_file: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub tools: Vec<ToolPrice>,
@@ -165,6 +214,8 @@ struct RawConfig {
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     tools: Vec<RawTool>,
 }
 
@@ -206,6 +257,26 @@ struct RawProvider {
     kind: Option<Spanned<String>>,
     #[serde(default)]
     checkout_base_url: Option<String>,
+    #[serde(default)]
+    dev_settle: bool,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    api_key_env: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
+    #[serde(default)]
+    anonymous_mcp: bool,
+    max_body_bytes: Option<usize>,
+    request_timeout: Option<Spanned<String>>,
+    sessions_create_per_minute: Option<Spanned<u32>>,
+    sessions_read_per_minute: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -225,7 +296,6 @@ struct RawTool {
 }
 
 pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
-pub const DEFAULT_CHECKOUT_BASE_URL: &str = "http://127.0.0.1:8080";
 
 impl Config {
     /// Reads and validates a file. Relative SQLite paths are resolved against
@@ -316,15 +386,57 @@ impl Config {
         let provider = match &raw.provider.kind {
             None => ProviderKind::Local,
             Some(k) if k.get_ref() == "local" => ProviderKind::Local,
+            Some(k) if k.get_ref() == "sessions_api" => ProviderKind::SessionsApi {
+                url: raw.provider.url.clone().ok_or_else(|| {
+                    err(
+                        Some(k.span()),
+                        "provider.url: the sessions_api provider needs a url".into(),
+                    )
+                })?,
+                api_key_env: raw
+                    .provider
+                    .api_key_env
+                    .clone()
+                    .unwrap_or_else(|| "TOLLGATE_PROVIDER_KEY".into()),
+            },
             Some(k) => {
                 return Err(err(
                     Some(k.span()),
                     format!(
-                        "provider.kind: unknown provider `{}` (expected: local)",
+                        "provider.kind: unknown provider `{}` (expected: local, sessions_api)",
                         k.get_ref()
                     ),
                 ));
             }
+        };
+        let defaults = HttpConfig::default();
+        let h = &raw.http;
+        let per_minute = |field: &str, value: &Option<Spanned<u32>>, default: u32| match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() > 0 => Ok(*v.get_ref()),
+            Some(v) => Err(err(Some(v.span()), format!("{field}: must be above zero"))),
+        };
+        let http = HttpConfig {
+            listen: h.listen.clone().unwrap_or(defaults.listen),
+            allowed_hosts: h.allowed_hosts.clone().unwrap_or(defaults.allowed_hosts),
+            allowed_origins: h.allowed_origins.clone().unwrap_or_default(),
+            anonymous_mcp: h.anonymous_mcp,
+            max_body_bytes: h.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            request_timeout: duration(
+                "http.request_timeout",
+                &h.request_timeout,
+                defaults.request_timeout,
+            )?,
+            sessions_create_per_minute: per_minute(
+                "http.sessions_create_per_minute",
+                &h.sessions_create_per_minute,
+                defaults.sessions_create_per_minute,
+            )?,
+            sessions_read_per_minute: per_minute(
+                "http.sessions_read_per_minute",
+                &h.sessions_read_per_minute,
+                defaults.sessions_read_per_minute,
+            )?,
         };
 
         let mut tools = Vec::with_capacity(raw.tools.len());
@@ -399,13 +511,20 @@ impl Config {
             checkout_base_url: raw
                 .provider
                 .checkout_base_url
-                .unwrap_or_else(|| DEFAULT_CHECKOUT_BASE_URL.to_owned())
-                .trim_end_matches('/')
-                .to_owned(),
+                .map(|url| url.trim_end_matches('/').to_owned()),
+            dev_settle: raw.provider.dev_settle,
+            http,
             receipt_key_file: raw.receipts.key_file,
             timeouts,
             tools,
         })
+    }
+
+    /// The base of payment URLs (`<base>/checkout/<id>`).
+    pub fn checkout_base_url(&self) -> String {
+        self.checkout_base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.http.listen))
     }
 
     /// An error about one priced tool, pointing at its entry.

@@ -9,6 +9,8 @@ pub mod app;
 pub mod canonical;
 pub mod config;
 pub mod gate;
+pub mod http;
+pub mod keys;
 pub mod money;
 pub mod provider;
 pub mod receipt;

@@ -10,6 +10,7 @@ use tollgate::{
     app::{self, DEFAULT_PRICING},
     config::Config,
     gate::Caller,
+    keys::{ApiKey, Scope},
     money::{Currency, Units, format_amount, format_signed},
     receipt::ReceiptSigner,
     server::TollgateServer,
@@ -37,9 +38,19 @@ struct Cli {
 enum Command {
     /// Serve MCP over stdio.
     Serve {
-        /// The principal who pays; without one, calls are anonymous.
+        /// The principal who pays on stdio; without one, calls are anonymous.
+        /// (Over HTTP the API key names the principal.)
         #[arg(long, env = "TOLLGATE_PAYER")]
         payer: Option<String>,
+        /// Serve HTTP on this address instead of stdio: /mcp, /checkout,
+        /// /v1/sessions, /metrics, /healthz. `-` takes [http] listen.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<String>,
+    },
+    /// API keys for the HTTP service.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Prepaid wallets.
     Wallet {
@@ -101,6 +112,25 @@ enum SessionsCommand {
 }
 
 #[derive(Subcommand)]
+enum KeysCommand {
+    /// Creates a key; prints it once (only its hash is kept).
+    Create {
+        /// Who pays when this key calls.
+        #[arg(long)]
+        principal: String,
+        /// mcp, sessions:create, sessions:read or admin; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum LedgerCommand {
     /// Checks every invariant; exits non-zero on any break.
     Verify,
@@ -125,11 +155,7 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     }
 }
 
-// One thread: a stdio server talks to one client, and keeping its tasks and
-// the store's writer on one thread saves a cross-thread wake-up per step
-// (measured: about 20% more paid calls per second on the 2-core machine).
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     // stdout is the MCP transport: logs go to stderr.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -139,7 +165,24 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("tollgate=info")),
         )
         .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    // The HTTP service serves many clients at once: all cores. Everything
+    // else, stdio included, talks to one client: one thread, which saves a
+    // cross-thread wake-up per step (measured: about 20% more paid calls per
+    // second over stdio on the 2-core machine).
+    let runtime = match &cli.command {
+        Command::Serve { http: Some(_), .. } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let outcome = match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => Err(e.into()),
+    };
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -155,7 +198,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         .await
         .with_context(|| format!("opening store {db}"))?;
     match cli.command {
-        Command::Serve { payer } => serve(config, store, payer).await?,
+        Command::Serve { payer, http: None } => serve(config, store, payer).await?,
+        Command::Serve {
+            http: Some(addr), ..
+        } => serve_http(config, store, addr).await?,
+        Command::Keys { command } => keys(store.as_ref(), command).await?,
         Command::Wallet { command } => wallet(&config, store.as_ref(), command).await?,
         Command::Sessions { command } => sessions(store.as_ref(), command).await?,
         Command::Ledger {
@@ -186,6 +233,111 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
     let running = server.serve(rmcp::transport::stdio()).await?;
     running.waiting().await?;
     sweeper.abort();
+    Ok(())
+}
+
+async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> anyhow::Result<()> {
+    if addr != "-" {
+        config.http.listen = addr;
+    }
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.http.listen))?;
+    let local = listener.local_addr()?;
+    // Payment URLs point here unless the config says otherwise (port 0
+    // becomes the real port).
+    config.http.listen = local.to_string();
+    let gate = Arc::new(app::build_gate(&config, store)?);
+    let sweeper = app::spawn_sweeper(gate.clone(), Duration::from_secs(30));
+    tracing::info!(
+        server = config.server_name,
+        "serving HTTP on http://{local} (/mcp, /checkout, /v1/sessions)"
+    );
+    // Machine-readable for scripts and tests that ask for port 0.
+    eprintln!("listening on http://{local}");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing calls in flight");
+        signal.cancel();
+    });
+    let state = Arc::new(tollgate::http::HttpState::new(&config, gate));
+    tollgate::http::serve(listener, state, &config.http, shutdown).await?;
+    sweeper.abort();
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn keys(store: &dyn Store, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            principal,
+            scopes,
+            label,
+        } => {
+            let principal = principal.trim();
+            if principal.is_empty() {
+                bail!("--principal must not be empty");
+            }
+            let scopes = scopes
+                .iter()
+                .map(|s| s.parse::<Scope>().map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let (key, presented) = ApiKey::generate(principal, scopes, label, now_ms());
+            store.create_api_key(&key).await?;
+            eprintln!(
+                "created {} for {} with scopes: {}; it is shown only now:",
+                key.id,
+                key.principal,
+                key.scopes_text()
+            );
+            println!("{presented}");
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<22}  {:<16}  {:<40}  {:<20}  revoked",
+                "id", "principal", "scopes", "created"
+            );
+            for key in store.api_keys().await? {
+                println!(
+                    "{:<22}  {:<16}  {:<40}  {:<20}  {}",
+                    key.id,
+                    key.principal,
+                    key.scopes_text(),
+                    rfc3339(key.created_at),
+                    key.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            if !store.revoke_api_key(&id, now_ms()).await? {
+                bail!("no live key {id}");
+            }
+            println!("revoked {id}");
+        }
+    }
     Ok(())
 }
 

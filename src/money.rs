@@ -24,6 +24,14 @@ pub enum MoneyError {
     TooLarge(Decimal),
     #[error("`{0}` is not an ISO 4217 currency code (three letters)")]
     BadCurrency(String),
+    #[error(
+        "{amount} {currency} has more decimal places than {currency}'s minor unit ({exponent})"
+    )]
+    SubMinor {
+        amount: String,
+        currency: Currency,
+        exponent: u32,
+    },
 }
 
 /// An ISO 4217 currency code, upper case.
@@ -42,6 +50,19 @@ impl Currency {
     }
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl Currency {
+    /// ISO 4217 minor-unit exponent: 2 (cents) for most currencies.
+    pub fn minor_unit_exponent(&self) -> u32 {
+        match self.0.as_str() {
+            "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF"
+            | "UGX" | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
+            "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
+            "CLF" | "UYW" => 4,
+            _ => 2,
+        }
     }
 }
 
@@ -124,6 +145,34 @@ impl Units {
     }
 }
 
+/// Minor units (cents) at a provider's edge. An amount finer than the
+/// currency's minor unit is refused, never rounded or truncated.
+pub fn to_minor_units(amount: Units, currency: &Currency) -> Result<i64, MoneyError> {
+    let exponent = currency.minor_unit_exponent();
+    let per_minor = 10i64.pow(SCALE - exponent.min(SCALE));
+    if amount.0 % per_minor != 0 {
+        return Err(MoneyError::SubMinor {
+            amount: format_amount(amount),
+            currency: currency.clone(),
+            exponent,
+        });
+    }
+    Ok(amount.0 / per_minor)
+}
+
+/// The inverse of [`to_minor_units`].
+pub fn from_minor_units(minor: i64, currency: &Currency) -> Result<Units, MoneyError> {
+    let exponent = currency.minor_unit_exponent();
+    let per_minor = 10i64.pow(SCALE - exponent.min(SCALE));
+    if minor < 0 {
+        return Err(MoneyError::Negative(Decimal::from(minor)));
+    }
+    minor
+        .checked_mul(per_minor)
+        .map(Units)
+        .ok_or(MoneyError::TooLarge(Decimal::from(minor)))
+}
+
 /// Formats an amount for people and JSON: at least two decimal places
 /// (`0.50`, `12.00`), more only when the amount has them (`0.0025`).
 pub fn format_amount(units: Units) -> String {
@@ -188,6 +237,29 @@ mod tests {
         assert_eq!(format_amount(Units(2_500)), "0.0025");
         assert_eq!(format_signed(-10_000), "-0.01");
         assert_eq!(format_amount(Units(0)), "0.00");
+    }
+
+    #[test]
+    fn minor_units_are_exact_or_refused() {
+        let usd = Currency::parse("USD").unwrap();
+        let jpy = Currency::parse("JPY").unwrap();
+        let kwd = Currency::parse("KWD").unwrap();
+        assert_eq!(to_minor_units(Units::parse("2.00").unwrap(), &usd), Ok(200));
+        assert_eq!(to_minor_units(Units::parse("150").unwrap(), &jpy), Ok(150));
+        assert_eq!(
+            to_minor_units(Units::parse("1.234").unwrap(), &kwd),
+            Ok(1234)
+        );
+        assert!(matches!(
+            to_minor_units(Units::parse("0.005").unwrap(), &usd),
+            Err(MoneyError::SubMinor { .. })
+        ));
+        assert!(to_minor_units(Units::parse("0.5").unwrap(), &jpy).is_err());
+        assert_eq!(
+            from_minor_units(250, &usd),
+            Ok(Units::parse("2.50").unwrap())
+        );
+        assert!(from_minor_units(-1, &usd).is_err());
     }
 
     #[test]

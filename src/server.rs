@@ -17,11 +17,13 @@ use crate::{
 };
 
 /// One MCP session's handler. The gate (store, catalog, provider) is shared;
-/// the caller and the session id are this session's.
+/// the session id is this session's, and so is the caller on stdio. Over
+/// HTTP the caller comes with each request, from its API key.
 #[derive(Clone)]
 pub struct TollgateServer {
     gate: Arc<Gate>,
-    caller: Caller,
+    /// `None`: read it from each HTTP request.
+    caller: Option<Caller>,
     session_id: String,
 }
 
@@ -29,8 +31,31 @@ impl TollgateServer {
     pub fn new(gate: Arc<Gate>, caller: Caller) -> Self {
         Self {
             gate,
-            caller,
+            caller: Some(caller),
             session_id: new_id("sess"),
+        }
+    }
+
+    /// A session of the HTTP service, whose requests carry their caller.
+    pub fn for_http(gate: Arc<Gate>) -> Self {
+        Self {
+            gate,
+            caller: None,
+            session_id: new_id("sess"),
+        }
+    }
+
+    fn caller_of(&self, context: &RequestContext<RoleServer>) -> Caller {
+        match &self.caller {
+            Some(caller) => caller.clone(),
+            // Put there by the HTTP service's authentication; rmcp hands the
+            // request's parts (and so their extensions) to the handler.
+            None => context
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|parts| parts.extensions.get::<Caller>())
+                .cloned()
+                .unwrap_or_default(),
         }
     }
 
@@ -73,12 +98,22 @@ impl ServerHandler for TollgateServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        let started = std::time::Instant::now();
+        let caller = self.caller_of(&context);
         let scope = CallScope {
-            caller: &self.caller,
+            caller: &caller,
             session_id: &self.session_id,
             request: &context,
         };
-        self.gate.call(&scope, request).await
+        let tool = request.name.to_string();
+        let response = self.gate.call(&scope, request).await;
+        crate::http::metrics::record_call(
+            &tool,
+            self.gate.mode_label(&tool),
+            outcome(&response),
+            started.elapsed().as_secs_f64(),
+        );
+        response
     }
 
     fn accepted_subscription_filter(
@@ -98,5 +133,46 @@ impl ServerHandler for TollgateServer {
         context.cancelled().await;
         dynamic.detach_listener(&self.session_id, &id);
         Ok(())
+    }
+}
+
+/// How a call ended, for metrics: the payment's status when there is one,
+/// the payment error's code, or plain success or tool error.
+fn outcome(response: &Result<CallToolResponse, McpError>) -> &'static str {
+    let result = match response {
+        Err(_) => return "rejected",
+        Ok(CallToolResponse::Complete(result)) => result,
+        Ok(_) => return "input_required",
+    };
+    let payment = result
+        .meta
+        .as_ref()
+        .and_then(|m| m.0.get(crate::gate::reply::PAYMENT_META));
+    if let Some(status) = payment
+        .and_then(|p| p.get("status"))
+        .and_then(|s| s.as_str())
+    {
+        let replayed = payment.and_then(|p| p.get("replayed")).is_some();
+        return match (status, replayed) {
+            (_, true) => "replayed",
+            ("paid", _) => "paid",
+            ("released", _) => "released",
+            ("refunded", _) => "refunded",
+            _ => "not_charged",
+        };
+    }
+    let code = result
+        .structured_content
+        .as_ref()
+        .and_then(|s| s.get("error"))
+        .and_then(|e| e.as_str());
+    match (result.is_error, code) {
+        (Some(true), Some(code)) => crate::gate::reply::code::ALL
+            .iter()
+            .copied()
+            .find(|c| *c == code)
+            .unwrap_or("tool_error"),
+        (Some(true), None) => "tool_error",
+        _ => "ok",
     }
 }

@@ -127,6 +127,24 @@ impl Gate {
         })
     }
 
+    /// The configured payment mode of a tool, for metrics: `free` for
+    /// unpriced tools, the mode of the tool a confirm tool confirms.
+    pub fn mode_label(&self, tool: &str) -> &'static str {
+        if dynamic_confirm_payment_id(tool).is_some() {
+            return Mode::DynamicTools.as_str();
+        }
+        let priced = self.catalog.confirmed_tool(tool).unwrap_or(tool);
+        match self.catalog.get(priced) {
+            Some(entry) => entry.price.as_ref().map_or("free", |p| p.mode.as_str()),
+            None => "unknown",
+        }
+    }
+
+    /// The server's signing key, for receipts and other tags.
+    pub fn signer(&self) -> &ReceiptSigner {
+        &self.signer
+    }
+
     /// The account a tool's earnings go to.
     pub(crate) fn revenue_account(&self, currency: &Currency) -> AccountRef {
         AccountRef::new(AccountKind::Revenue, &self.settings.server_name, currency)

@@ -210,7 +210,7 @@ impl Gate {
             SessionStatus::Paid => {
                 return match self
                     .store
-                    .mark_intent_paid(&intent.id, state.refund_to.as_ref())
+                    .mark_intent_paid(&intent.id, &state.funding)
                     .await
                 {
                     Ok(_) => Step::Reload,

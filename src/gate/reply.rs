@@ -20,6 +20,21 @@ pub mod code {
     pub const PAYMENT_IN_PROGRESS: &str = "payment_in_progress";
     pub const INVALID_ARGUMENTS: &str = "invalid_arguments";
     pub const UNAVAILABLE: &str = "payment_system_unavailable";
+
+    pub const ALL: [&str; 12] = [
+        PAYMENT_REQUIRED,
+        PAYMENT_PENDING,
+        PAYMENT_FAILED,
+        PAYMENT_EXPIRED,
+        PAYMENT_CANCELLED,
+        PAYMENT_DECLINED,
+        PAYMENT_TIMEOUT,
+        PAYMENT_MISMATCH,
+        PAYMENT_NOT_FOUND,
+        PAYMENT_IN_PROGRESS,
+        INVALID_ARGUMENTS,
+        UNAVAILABLE,
+    ];
 }
 
 /// An `isError` result whose `structuredContent` is

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{Provider, ProviderError, ProviderSession, SessionRequest, SessionState};
-use crate::store::{LocalSession, SessionStatus, Store, now_ms};
+use crate::store::{Funding, LocalSession, SessionStatus, Store, now_ms};
 
 pub struct LocalProvider {
     store: Arc<dyn Store>,
@@ -43,6 +43,7 @@ impl Provider for LocalProvider {
             created_at: now_ms(),
             expires_at: req.expires_at,
             paid_from: None,
+            owner: None,
         };
         self.store.create_session(&session).await?;
         Ok(ProviderSession {
@@ -69,7 +70,9 @@ impl Provider for LocalProvider {
         };
         Ok(SessionState {
             status: session.status,
-            refund_to: session.paid_from,
+            funding: Funding::InClearing {
+                refund_to: session.paid_from,
+            },
         })
     }
 

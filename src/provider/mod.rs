@@ -4,12 +4,13 @@
 //! client's word for more than that.
 
 pub mod local;
+pub mod sessions_api;
 
 use async_trait::async_trait;
 
 use crate::{
     money::{Currency, Units},
-    store::{AccountRef, SessionStatus, StoreError},
+    store::{Funding, SessionStatus, StoreError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,12 @@ pub enum ProviderError {
     Unavailable(String),
     #[error("payment session {0} not found")]
     NotFound(String),
+    /// The provider will not take this request (say, an amount finer than
+    /// the currency's minor unit).
+    #[error("payment provider refused: {0}")]
+    Refused(String),
+    #[error("the payment provider cannot {0}")]
+    Unsupported(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -43,8 +50,8 @@ pub struct ProviderSession {
 #[derive(Debug, Clone)]
 pub struct SessionState {
     pub status: SessionStatus,
-    /// For a paid session: the ledger account a refund goes back to.
-    pub refund_to: Option<AccountRef>,
+    /// For a paid session: where its money is in (or enters) the ledger.
+    pub funding: Funding,
 }
 
 #[async_trait]

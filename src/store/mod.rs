@@ -9,7 +9,10 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::money::{Currency, Units};
+use crate::{
+    keys::{ApiKey, Scope},
+    money::{Currency, Units},
+};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +292,20 @@ pub struct LocalSession {
     pub created_at: i64,
     pub expires_at: i64,
     pub paid_from: Option<AccountRef>,
+    /// The principal whose API key created it through the sessions API.
+    pub owner: Option<String>,
+}
+
+/// Where the money of a paid session is, as the gate marks its intent paid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Funding {
+    /// Already in clearing: the local provider posted it when the session
+    /// was paid. A refund goes back to `refund_to`.
+    InClearing { refund_to: Option<AccountRef> },
+    /// Paid outside this ledger (a remote provider). Marking the intent paid
+    /// posts it from this external account into clearing, and a refund goes
+    /// back there.
+    External { account: String },
 }
 
 /// How an intent's one run ended.
@@ -309,6 +326,16 @@ pub struct IntentOutcome {
 pub struct StoredResult {
     pub is_error: bool,
     pub result_json: String,
+}
+
+/// What `/metrics` reports from the store.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    pub open_holds: i64,
+    /// Intents per status.
+    pub intents: Vec<(String, i64)>,
+    /// Captured revenue per tool and currency, in micro-units.
+    pub revenue: Vec<(String, String, i64)>,
 }
 
 /// What `ledger verify` found. Empty `problems` means the ledger is sound.
@@ -359,12 +386,9 @@ pub trait Store: Send + Sync + 'static {
         from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError>;
-    /// awaiting_payment → paid, noting where a refund would go.
-    async fn mark_intent_paid(
-        &self,
-        id: &str,
-        refund_to: Option<&AccountRef>,
-    ) -> Result<bool, StoreError>;
+    /// awaiting_payment → paid, with the money's arrival in clearing when it
+    /// was paid outside the ledger, and where a refund would go.
+    async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError>;
     /// Stores the one run's result and settles its money in one transaction:
     /// clearing → beneficiary on success, clearing → payer on failure.
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError>;
@@ -384,6 +408,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Posted, StoreError>;
     /// pending → `to` (failed, expired or cancelled).
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError>;
+
+    // ---- API keys and health ----
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
+    async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// Revokes a key; false if there is no such live key.
+    async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError>;
+    /// A cheap round trip, for `/healthz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}
+
+/// Scopes as stored: space-separated names.
+pub(crate) fn parse_scopes(text: &str) -> Result<Vec<Scope>, StoreError> {
+    text.split_whitespace()
+        .map(|s| s.parse().map_err(StoreError::Corrupt))
+        .collect()
 }
 
 #[cfg(test)]

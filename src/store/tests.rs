@@ -182,6 +182,7 @@ fn session(id: &str, expires_at: i64) -> LocalSession {
         created_at: now_ms(),
         expires_at,
         paid_from: None,
+        owner: None,
     }
 }
 
@@ -226,9 +227,27 @@ async fn intents_move_only_along_their_state_machine() {
         .await
         .unwrap();
     assert_eq!(available(&store, "payer").await, units("0.95"));
-    assert!(store.mark_intent_paid("a", Some(&refund_to)).await.unwrap());
     assert!(
-        !store.mark_intent_paid("a", Some(&refund_to)).await.unwrap(),
+        store
+            .mark_intent_paid(
+                "a",
+                &Funding::InClearing {
+                    refund_to: Some(refund_to.clone())
+                }
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .mark_intent_paid(
+                "a",
+                &Funding::InClearing {
+                    refund_to: Some(refund_to.clone())
+                }
+            )
+            .await
+            .unwrap(),
         "paid once"
     );
     assert!(
@@ -260,7 +279,15 @@ async fn intents_move_only_along_their_state_machine() {
         .pay_session("b", Some("payer"), now_ms())
         .await
         .unwrap();
-    store.mark_intent_paid("b", Some(&refund_to)).await.unwrap();
+    store
+        .mark_intent_paid(
+            "b",
+            &Funding::InClearing {
+                refund_to: Some(refund_to.clone()),
+            },
+        )
+        .await
+        .unwrap();
     store
         .transition_intent("b", IntentStatus::Paid, IntentStatus::Running)
         .await

@@ -75,6 +75,18 @@ pub fn payment_id_in(text: &str) -> Option<String> {
 }
 
 impl TestClient {
+    pub fn new(person: Person, elicitation: Elicitation, store: Arc<dyn Store>) -> Self {
+        Self {
+            person,
+            elicitation,
+            store,
+            prompts: Default::default(),
+            progress: Default::default(),
+            list_changed: Default::default(),
+            custom: Default::default(),
+        }
+    }
+
     fn pay(&self, id: &str) {
         let store = self.store.clone();
         let id = id.to_owned();
@@ -220,15 +232,21 @@ pub fn pricing(mode: &str, extra_server: &str) -> String {
     )
 }
 
+/// The config an in-process server runs: the env's pricing, database and key.
+pub fn config_for(env: &Env, pricing_text: &str) -> Config {
+    let text = format!(
+        "{pricing_text}\n[receipts]\nkey_file = \"{}\"\n",
+        env.key.display()
+    );
+    let mut config = Config::parse(&text, "pricing.toml").expect("pricing");
+    config.store_url = format!("sqlite://{}", env.db.display());
+    config
+}
+
 impl InProcess {
     pub async fn new(pricing_text: &str) -> Self {
         let env = Env::with_pricing(pricing_text);
-        let text = format!(
-            "{pricing_text}\n[receipts]\nkey_file = \"{}\"\n",
-            env.key.display()
-        );
-        let mut config = Config::parse(&text, "pricing.toml").expect("pricing");
-        config.store_url = format!("sqlite://{}", env.db.display());
+        let config = config_for(&env, pricing_text);
         let store = app::open_store(&config.store_url, &config)
             .await
             .expect("store");
@@ -237,15 +255,7 @@ impl InProcess {
     }
 
     pub fn client(&self, person: Person, elicitation: Elicitation) -> TestClient {
-        TestClient {
-            person,
-            elicitation,
-            store: self.gate.store().clone(),
-            prompts: Default::default(),
-            progress: Default::default(),
-            list_changed: Default::default(),
-            custom: Default::default(),
-        }
+        TestClient::new(person, elicitation, self.gate.store().clone())
     }
 
     /// Connects a client through a new MCP session; `modern` negotiates

@@ -2,6 +2,7 @@
 //! client, on a real SQLite file per test.
 
 mod harness;
+mod http_service;
 mod inproc;
 
 mod cli_and_config;

@@ -20,7 +20,7 @@ mod fast_writes;
 use fast_writes::{FastWrite, FastWriter};
 
 use super::*;
-use crate::{config::Synchronous, money::format_amount};
+use crate::{config::Synchronous, keys::ApiKey, money::format_amount};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -209,6 +209,18 @@ impl SqliteStore {
     }
 }
 
+fn api_key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, StoreError> {
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        secret_hash: row.try_get("secret_hash")?,
+        principal: row.try_get("principal")?,
+        scopes: parse_scopes(&row.try_get::<String, _>("scopes")?)?,
+        label: row.try_get("label")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
 fn currency_of(text: String) -> Result<Currency, StoreError> {
     Currency::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
@@ -237,7 +249,7 @@ fn intent_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Intent, StoreError> 
 
 const SESSION_COLUMNS: &str =
     "s.id, s.amount, s.currency, s.description, s.status, s.created_at, s.expires_at,
-     a.kind AS paid_kind, a.name AS paid_name";
+     s.owner, a.kind AS paid_kind, a.name AS paid_name";
 
 fn session_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LocalSession, StoreError> {
     let status: String = row.try_get("status")?;
@@ -258,6 +270,7 @@ fn session_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LocalSession, Store
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
         paid_from,
+        owner: row.try_get("owner")?,
     })
 }
 
@@ -632,25 +645,85 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn mark_intent_paid(
-        &self,
-        id: &str,
-        refund_to: Option<&AccountRef>,
-    ) -> Result<bool, StoreError> {
-        let refund_id = match refund_to {
-            Some(account) => Some(self.account_id(account).await?),
-            None => None,
+    async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let external = match funding {
+            Funding::InClearing { refund_to: None } => None,
+            Funding::InClearing {
+                refund_to: Some(account),
+            } => {
+                let refund_id = self.account_id(account).await?;
+                let done = sqlx::query(
+                    "UPDATE intents SET status = 'paid', refund_account_id = ?2, updated_at = ?3
+                     WHERE id = ?1 AND status = 'awaiting_payment'",
+                )
+                .bind(id)
+                .bind(refund_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                return Ok(done.rows_affected() > 0);
+            }
+            Funding::External { account } => Some(account),
         };
+        let Some(account) = external else {
+            let done = sqlx::query(
+                "UPDATE intents SET status = 'paid', updated_at = ?2 WHERE id = ?1 AND status = 'awaiting_payment'",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+            return Ok(done.rows_affected() > 0);
+        };
+        // Paid elsewhere: the money enters the ledger as the intent is
+        // marked paid, in one transaction.
+        let Some(intent) = self.intent(id).await? else {
+            return Err(StoreError::NotFound(format!("intent {id}")));
+        };
+        let source = AccountRef::new(AccountKind::External, account.as_str(), &intent.currency);
+        let source_id = self.account_id(&source).await?;
+        let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query(
             "UPDATE intents SET status = 'paid', refund_account_id = ?2, updated_at = ?3
              WHERE id = ?1 AND status = 'awaiting_payment'",
         )
         .bind(id)
-        .bind(refund_id)
-        .bind(now_ms())
-        .execute(&self.pool)
+        .bind(source_id)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let audit = Audit {
+            payer: intent.principal.clone(),
+            beneficiary: Some("clearing:payments".into()),
+            tool: Some(intent.tool.clone()),
+            intent_id: Some(id.to_owned()),
+            payment_id: Some(id.to_owned()),
+            memo: Some(format!("paid through {account}")),
+        };
+        let header = TxnHeader {
+            id: new_txn_id(),
+            kind: "session_payment",
+            currency: &intent.currency,
+            amount: intent.amount,
+            audit: &audit,
+            at: now,
+        };
+        Self::post(
+            &mut tx,
+            header,
+            &[
+                (source_id, -intent.amount.0),
+                (clearing_id, intent.amount.0),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
@@ -749,8 +822,8 @@ impl Store for SqliteStore {
 
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO payment_sessions (id, amount, currency, description, status, created_at, expires_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6)",
+            "INSERT INTO payment_sessions (id, amount, currency, description, status, created_at, expires_at, updated_at, owner)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?6, ?8)",
         )
         .bind(&session.id)
         .bind(session.amount.0)
@@ -759,6 +832,7 @@ impl Store for SqliteStore {
         .bind(session.status.as_str())
         .bind(session.created_at)
         .bind(session.expires_at)
+        .bind(&session.owner)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -902,6 +976,87 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, secret_hash, principal, scopes, label, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&key.id)
+        .bind(&key.secret_hash)
+        .bind(&key.principal)
+        .bind(key.scopes_text())
+        .bind(&key.label)
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(api_key_from_row).collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
+                .bind(id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let open_holds = sqlx::query_scalar("SELECT COUNT(*) FROM holds WHERE status = 'open'")
+            .fetch_one(&self.pool)
+            .await?;
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM intents GROUP BY status ORDER BY status",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let intents = rows
+            .iter()
+            .map(|row| Ok((row.try_get("status")?, row.try_get("n")?)))
+            .collect::<Result<_, sqlx::Error>>()?;
+        let rows = sqlx::query(
+            "SELECT COALESCE(tool, '-') AS tool, currency, SUM(amount) AS total FROM ledger_transactions
+             WHERE kind = 'capture' GROUP BY tool, currency ORDER BY tool, currency",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let revenue = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("tool")?,
+                    row.try_get("currency")?,
+                    row.try_get("total")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()?;
+        Ok(StoreStats {
+            open_holds,
+            intents,
+            revenue,
+        })
     }
 }
 

@@ -1,0 +1,99 @@
+//! API keys on HTTP: `Authorization: Bearer <key>` or `x-api-key: <key>`.
+//! A missing or bad key is a 401, a key without the scope a 403, both with a
+//! JSON body.
+
+use axum::{
+    Json,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::{
+    keys::{ApiKey, Scope, key_id},
+    store::{Store, StoreError},
+};
+
+#[derive(Debug)]
+pub enum AuthError {
+    Missing,
+    Invalid,
+    Forbidden(Scope),
+    Store(StoreError),
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let (status, error, message) = match self {
+            AuthError::Missing => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "an API key is required: send `Authorization: Bearer <key>` or `x-api-key: <key>`"
+                    .to_owned(),
+            ),
+            AuthError::Invalid => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the API key is not valid (unknown, wrong or revoked)".to_owned(),
+            ),
+            AuthError::Forbidden(scope) => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this API key lacks the `{scope}` scope"),
+            ),
+            AuthError::Store(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("payment system unavailable: {e}"),
+            ),
+        };
+        let mut response =
+            (status, Json(json!({ "error": error, "message": message }))).into_response();
+        if status == StatusCode::UNAUTHORIZED
+            && let Ok(value) = "Bearer".parse()
+        {
+            response.headers_mut().insert("www-authenticate", value);
+        }
+        response
+    }
+}
+
+/// The key a request presents, if any.
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        return value.strip_prefix("Bearer ").map(str::trim);
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// The live key presented in `headers`, if it has `scope`.
+pub async fn authenticate(
+    store: &dyn Store,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<ApiKey, AuthError> {
+    let presented = presented_key(headers).ok_or(AuthError::Missing)?;
+    let key = authenticate_key(store, presented).await?;
+    if key.allows(scope) {
+        Ok(key)
+    } else {
+        Err(AuthError::Forbidden(scope))
+    }
+}
+
+/// The live key `presented` names, whatever its scopes.
+pub async fn authenticate_key(store: &dyn Store, presented: &str) -> Result<ApiKey, AuthError> {
+    let id = key_id(presented).ok_or(AuthError::Invalid)?;
+    let key = store
+        .api_key(id)
+        .await
+        .map_err(AuthError::Store)?
+        .ok_or(AuthError::Invalid)?;
+    if key.revoked_at.is_some() || !key.matches(presented) {
+        return Err(AuthError::Invalid);
+    }
+    Ok(key)
+}

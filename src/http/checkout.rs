@@ -1,0 +1,346 @@
+//! The checkout page, `/checkout/<id>`: a plain HTML page (no scripts) where
+//! a person sees what a payment is for and pays it, approves it, or declines
+//! it. Paying from a wallet takes that wallet's API key, so a page URL alone
+//! can never spend anyone's money; settling without a wallet is for
+//! development and only offered when `[provider] dev_settle = true`.
+//!
+//! Every form carries a token bound to the session (an HMAC), and a POST
+//! whose `Origin` is another site's is refused: no cross-site request can
+//! act here. A POST answers with a redirect to the page (so a reload does not
+//! resubmit), and a second submit finds the session no longer pending and
+//! takes nothing.
+
+use std::sync::Arc;
+
+use axum::{
+    Form,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{Html, IntoResponse, Redirect, Response},
+};
+use serde::Deserialize;
+
+use super::{HttpState, auth::authenticate_key};
+use crate::{
+    money::format_amount,
+    store::{LocalSession, SessionStatus, StoreError, now_ms, rfc3339},
+};
+
+const CSRF: &str = "checkout";
+
+#[derive(Deserialize)]
+pub struct Action {
+    action: String,
+    csrf: String,
+    #[serde(default)]
+    api_key: String,
+}
+
+#[derive(Deserialize, Default)]
+pub struct Shown {
+    done: Option<String>,
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title}</title><style>\
+         body{{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;color:#222}}\
+         table{{border-collapse:collapse;margin:1rem 0}}td,th{{text-align:left;padding:.3rem .8rem .3rem 0}}\
+         form{{margin:1rem 0;padding:1rem;border:1px solid #ccc;border-radius:.4rem}}\
+         button{{padding:.4rem 1rem}}.msg{{padding:.6rem;border-radius:.3rem;background:#eef}}\
+         .err{{background:#fee}}</style></head><body><h1>{title}</h1>{body}</body></html>",
+        title = escape(title)
+    );
+    (status, [(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
+}
+
+/// What the session is for, from its intent when the gate opened it.
+struct CheckoutView {
+    session: LocalSession,
+    tool: Option<String>,
+    approval_wallet: Option<String>,
+}
+
+async fn load(state: &HttpState, id: &str) -> Result<Option<CheckoutView>, StoreError> {
+    let Some(mut session) = state.store.session(id).await? else {
+        return Ok(None);
+    };
+    if session.status == SessionStatus::Pending && now_ms() > session.expires_at {
+        state.store.end_session(id, SessionStatus::Expired).await?;
+        session = state.store.session(id).await?.unwrap_or(session);
+    }
+    let intent = state.store.intent(id).await?;
+    let approval_wallet = intent
+        .as_ref()
+        .filter(|i| i.mode == "approval")
+        .and_then(|i| i.principal.clone());
+    Ok(Some(CheckoutView {
+        tool: intent.map(|i| i.tool),
+        approval_wallet,
+        session,
+    }))
+}
+
+fn not_found(id: &str) -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        "No such payment",
+        &format!("<p>There is no payment <code>{}</code>.</p>", escape(id)),
+    )
+}
+
+fn render(
+    state: &HttpState,
+    shown: &CheckoutView,
+    message: Option<(&str, bool)>,
+    status: StatusCode,
+) -> Response {
+    let s = &shown.session;
+    let amount = format!("{} {}", format_amount(s.amount), s.currency);
+    let what = shown.tool.as_deref().map_or_else(
+        || escape(&s.description),
+        |t| format!("tool <code>{}</code>", escape(t)),
+    );
+    let title = match (&shown.approval_wallet, s.status) {
+        (Some(_), SessionStatus::Pending) => format!("Approve {amount}"),
+        (_, SessionStatus::Pending) => format!("Pay {amount}"),
+        (_, SessionStatus::Paid) => format!("Paid: {amount}"),
+        (_, other) => format!("Payment {}", other.as_str()),
+    };
+    let mut body = String::new();
+    if let Some((text, is_error)) = message {
+        body.push_str(&format!(
+            "<p class=\"msg{}\" id=\"message\">{}</p>",
+            if is_error { " err" } else { "" },
+            escape(text)
+        ));
+    }
+    body.push_str(&format!(
+        "<table><tr><th>For</th><td>{what}</td></tr><tr><th>Amount</th><td id=\"amount\">{}</td></tr>\
+         <tr><th>Currency</th><td>{}</td></tr><tr><th>Expires</th><td>{}</td></tr>\
+         <tr><th>Status</th><td id=\"status\">{}</td></tr></table>",
+        format_amount(s.amount),
+        s.currency,
+        rfc3339(s.expires_at),
+        s.status.as_str()
+    ));
+    match s.status {
+        SessionStatus::Pending => {
+            let csrf = state.signer.tag(CSRF, &s.id);
+            let hidden = format!("<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">");
+            let (legend, button) = match &shown.approval_wallet {
+                Some(wallet) => (
+                    format!("Approve charging {amount} to wallet <b>{}</b>: enter that wallet's API key.", escape(wallet)),
+                    "Approve",
+                ),
+                None => (format!("Pay {amount} from your wallet: enter its API key."), "Pay"),
+            };
+            body.push_str(&format!(
+                "<form method=\"post\" id=\"pay\">{hidden}<input type=\"hidden\" name=\"action\" value=\"pay\">\
+                 <p>{legend}</p><p><input type=\"password\" name=\"api_key\" id=\"api_key\" autocomplete=\"off\" \
+                 size=\"40\" required></p><button type=\"submit\" id=\"pay_button\">{button}</button></form>"
+            ));
+            if state.dev_settle && shown.approval_wallet.is_none() {
+                body.push_str(&format!(
+                    "<form method=\"post\" id=\"settle\">{hidden}<input type=\"hidden\" name=\"action\" value=\"settle\">\
+                     <p>Development mode: settle without a wallet.</p>\
+                     <button type=\"submit\" id=\"settle_button\">Settle (dev mode)</button></form>"
+                ));
+            }
+            body.push_str(&format!(
+                "<form method=\"post\" id=\"decline\">{hidden}<input type=\"hidden\" name=\"action\" value=\"decline\">\
+                 <button type=\"submit\" id=\"decline_button\">Decline</button></form>"
+            ));
+        }
+        SessionStatus::Paid => body.push_str(
+            "<p id=\"final\">This payment is complete. Go back to your assistant: the call can go ahead.</p>",
+        ),
+        SessionStatus::Expired => body.push_str("<p id=\"final\">This payment request has expired. Nothing was taken.</p>"),
+        SessionStatus::Cancelled | SessionStatus::Failed => {
+            body.push_str("<p id=\"final\">This payment was declined. Nothing was taken.</p>")
+        }
+    }
+    page(status, &title, &body)
+}
+
+pub async fn show(
+    State(state): State<Arc<HttpState>>,
+    Path(id): Path<String>,
+    axum::extract::Query(shown): axum::extract::Query<Shown>,
+) -> Response {
+    match load(&state, &id).await {
+        Ok(Some(loaded)) => {
+            let message = match shown.done.as_deref() {
+                Some("paid") => Some(("Paid. Thank you.", false)),
+                Some("approved") => Some(("Approved and paid from the wallet.", false)),
+                Some("declined") => Some(("Declined. Nothing was taken.", false)),
+                _ => None,
+            };
+            render(&state, &loaded, message, StatusCode::OK)
+        }
+        Ok(None) => not_found(&id),
+        Err(e) => page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            &format!("<p>{}</p>", escape(&e.to_string())),
+        ),
+    }
+}
+
+/// Whether a POST comes from this site (or one allowed), judged by its
+/// `Origin` (or, lacking that, `Referer`). A request with neither is not a
+/// browser's cross-site form, which always sends `Origin` on POST.
+fn same_site(state: &HttpState, headers: &HeaderMap) -> bool {
+    let claimed = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok());
+    let Some(claimed) = claimed else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let origin_of = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        rest.split('/').next().unwrap_or_default().to_owned()
+    };
+    let claimed_host = origin_of(claimed);
+    claimed_host == host
+        || state
+            .allowed_origins
+            .iter()
+            .any(|o| origin_of(o) == claimed_host)
+}
+
+pub async fn act(
+    State(state): State<Arc<HttpState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<Action>,
+) -> Response {
+    if !same_site(&state, &headers) {
+        return page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "<p>This form was sent from another site.</p>",
+        );
+    }
+    if !state.signer.check_tag(CSRF, &id, &form.csrf) {
+        return page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "<p>This form is stale or forged. Reload the page.</p>",
+        );
+    }
+    let loaded = match load(&state, &id).await {
+        Ok(Some(loaded)) => loaded,
+        Ok(None) => return not_found(&id),
+        Err(e) => {
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                &escape(&e.to_string()),
+            );
+        }
+    };
+    if loaded.session.status != SessionStatus::Pending {
+        let message = format!(
+            "This payment is already {}; nothing more was done.",
+            loaded.session.status.as_str()
+        );
+        return render(
+            &state,
+            &loaded,
+            Some((&message, true)),
+            StatusCode::CONFLICT,
+        );
+    }
+    let outcome = match form.action.as_str() {
+        "pay" => {
+            let key = match authenticate_key(state.store.as_ref(), form.api_key.trim()).await {
+                Ok(key) => key,
+                Err(_) => {
+                    return render(
+                        &state,
+                        &loaded,
+                        Some(("That API key is not valid.", true)),
+                        StatusCode::UNAUTHORIZED,
+                    );
+                }
+            };
+            if let Some(wallet) = &loaded.approval_wallet
+                && wallet != &key.principal
+            {
+                let message = format!("Only the key of wallet {wallet} can approve this charge.");
+                return render(
+                    &state,
+                    &loaded,
+                    Some((&message, true)),
+                    StatusCode::FORBIDDEN,
+                );
+            }
+            let done = if loaded.approval_wallet.is_some() {
+                "approved"
+            } else {
+                "paid"
+            };
+            state
+                .store
+                .pay_session(&id, Some(&key.principal), now_ms())
+                .await
+                .map(|_| done)
+        }
+        "settle" if state.dev_settle && loaded.approval_wallet.is_none() => state
+            .store
+            .pay_session(&id, None, now_ms())
+            .await
+            .map(|_| "paid"),
+        "decline" => state
+            .store
+            .end_session(&id, SessionStatus::Cancelled)
+            .await
+            .map(|_| "declined"),
+        _ => {
+            return render(
+                &state,
+                &loaded,
+                Some(("That action is not available here.", true)),
+                StatusCode::BAD_REQUEST,
+            );
+        }
+    };
+    match outcome {
+        Ok(done) => {
+            tracing::info!(session = id, done, "checkout");
+            Redirect::to(&format!("/checkout/{id}?done={done}")).into_response()
+        }
+        Err(e) => {
+            let status = match e {
+                StoreError::InsufficientFunds { .. } => StatusCode::PAYMENT_REQUIRED,
+                StoreError::WrongState { .. } => StatusCode::CONFLICT,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let loaded = load(&state, &id).await.ok().flatten().unwrap_or(loaded);
+            render(&state, &loaded, Some((&e.to_string(), true)), status)
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `/metrics` in Prometheus text format. Calls (by tool, mode and outcome)
+//! and the gate's latency are counted as they happen (see
+//! [`record_call`]); open holds, intents by status and revenue are read from
+//! the store at scrape time, so they are exact and survive restarts.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::{
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use super::{HttpState, auth::authenticate};
+use crate::{keys::Scope, money::format_signed};
+
+const LATENCY: &str = "tollgate_gate_seconds";
+
+/// The process-wide recorder, installed on first use.
+pub fn recorder() -> Option<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0, 30.0,
+            ];
+            let built = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(LATENCY.into()), &buckets)
+                .map_err(|e| e.to_string())
+                .and_then(|b| b.install_recorder().map_err(|e| e.to_string()));
+            match built {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!("metrics disabled: {e}");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// One `tools/call`: what it was, how it ended, how long the gate took.
+pub fn record_call(tool: &str, mode: &str, outcome: &str, seconds: f64) {
+    metrics::counter!("tollgate_calls_total", "tool" => tool.to_owned(), "mode" => mode.to_owned(), "outcome" => outcome.to_owned())
+        .increment(1);
+    metrics::histogram!(LATENCY, "tool" => tool.to_owned()).record(seconds);
+}
+
+pub async fn scrape(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authenticate(state.store.as_ref(), &headers, Scope::Admin).await {
+        return e.into_response();
+    }
+    let Some(handle) = recorder() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n",
+        )
+            .into_response();
+    };
+    match state.store.stats().await {
+        Ok(stats) => {
+            metrics::gauge!("tollgate_open_holds").set(stats.open_holds as f64);
+            for (status, n) in stats.intents {
+                metrics::gauge!("tollgate_intents", "status" => status).set(n as f64);
+            }
+            for (tool, currency, micros) in stats.revenue {
+                // Major units; the ledger keeps the exact figure.
+                let amount: f64 = format_signed(micros).parse().unwrap_or_default();
+                metrics::gauge!("tollgate_revenue", "tool" => tool, "currency" => currency)
+                    .set(amount);
+            }
+        }
+        Err(e) => tracing::warn!("metrics: store unavailable: {e}"),
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,163 @@
+//! The HTTP service (`tollgate serve --http ADDR`), on axum:
+//!
+//! - `/mcp`: streamable HTTP (SSE), in session mode so elicitation and
+//!   progress work; the caller is the API key's principal;
+//! - `/checkout/<id>`: where a person pays, approves or declines;
+//! - `/v1/sessions`: the sessions API, rate limited per key;
+//! - `/metrics` (admin key) and `/healthz`.
+
+mod auth;
+mod checkout;
+mod limits;
+pub mod metrics;
+mod sessions;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use rmcp::transport::streamable_http_server::{
+    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
+
+use crate::{
+    config::{Config, HttpConfig},
+    gate::{Caller, Gate},
+    keys::Scope,
+    receipt::ReceiptSigner,
+    server::TollgateServer,
+    store::Store,
+};
+pub use auth::presented_key;
+
+/// Everything the routes share.
+pub struct HttpState {
+    pub(crate) gate: Arc<Gate>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) signer: ReceiptSigner,
+    pub(crate) checkout_base_url: String,
+    pub(crate) dev_settle: bool,
+    pub(crate) session_ttl: Duration,
+    pub(crate) allowed_origins: Vec<String>,
+    pub(crate) anonymous_mcp: bool,
+    pub(crate) limits: limits::RateLimits,
+}
+
+impl HttpState {
+    pub fn new(config: &Config, gate: Arc<Gate>) -> Self {
+        let http = &config.http;
+        Self {
+            store: gate.store().clone(),
+            signer: gate.signer().clone(),
+            gate,
+            checkout_base_url: config.checkout_base_url(),
+            dev_settle: config.dev_settle,
+            session_ttl: config.payment_ttl,
+            allowed_origins: http.allowed_origins.clone(),
+            anonymous_mcp: http.anonymous_mcp,
+            limits: limits::RateLimits::new(
+                http.sessions_create_per_minute,
+                http.sessions_read_per_minute,
+            ),
+        }
+    }
+}
+
+/// The whole service. `shutdown` ends the MCP sessions when cancelled.
+pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationToken) -> Router {
+    let _ = metrics::recorder();
+    let gate = state.gate.clone();
+    let mcp = StreamableHttpService::new(
+        move || Ok(TollgateServer::for_http(gate.clone())),
+        LocalSessionManager::default().into(),
+        StreamableHttpServerConfig::default()
+            .with_legacy_session_mode(true)
+            .with_allowed_hosts(http.allowed_hosts.clone())
+            .with_allowed_origins(http.allowed_origins.clone())
+            .with_max_request_body_bytes(http.max_body_bytes)
+            .with_cancellation_token(shutdown.child_token()),
+    );
+    // Plain request/response routes get a body limit and a timeout; /mcp
+    // streams (SSE) and limits its own bodies.
+    let plain = Router::new()
+        .route("/v1/sessions", post(sessions::create))
+        .route("/v1/sessions/{id}", get(sessions::read))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::rate_limit,
+        ))
+        .route("/checkout/{id}", get(checkout::show).post(checkout::act))
+        .route("/metrics", get(metrics::scrape))
+        .route("/healthz", get(healthz))
+        .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            http.request_timeout,
+        ));
+    Router::new()
+        .nest_service(
+            "/mcp",
+            Router::new()
+                .fallback_service(mcp)
+                .layer(middleware::from_fn_with_state(state.clone(), mcp_caller)),
+        )
+        .merge(plain)
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then lets calls in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    http: &HttpConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(state, http, shutdown.clone());
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// Authenticates an `/mcp` request and hands its caller to the MCP handler
+/// (through the request's extensions, which rmcp passes on).
+async fn mcp_caller(
+    State(state): State<Arc<HttpState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let caller = if presented_key(request.headers()).is_none() && state.anonymous_mcp {
+        Caller::default()
+    } else {
+        match auth::authenticate(state.store.as_ref(), request.headers(), Scope::Mcp).await {
+            Ok(key) => Caller {
+                principal: Some(key.principal),
+            },
+            Err(e) => return e.into_response(),
+        }
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}

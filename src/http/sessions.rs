@@ -1,0 +1,167 @@
+//! The sessions API, in the seed payment API's shape, so that a remote
+//! tollgate (or anything else) can use this one as its payment authority:
+//! `POST /v1/sessions {amount (minor units), currency, description}` →
+//! `{sessionId, url}`; `GET /v1/sessions/{id}` → `{status, …}`. Nothing here
+//! can mark a session paid: only a person at the checkout page (or the CLI).
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+use super::{HttpState, auth::authenticate};
+use crate::{
+    keys::{ApiKey, Scope},
+    money::{Currency, from_minor_units, to_minor_units},
+    store::{LocalSession, SessionStatus, new_id, now_ms, rfc3339},
+};
+
+const MAX_DESCRIPTION: usize = 500;
+
+fn bad_request(field: &str, message: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": "invalid_request", "field": field, "message": message.into() })),
+    )
+        .into_response()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": "unavailable", "message": format!("payment system unavailable: {e}") })),
+    )
+        .into_response()
+}
+
+pub async fn create(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let key = match authenticate(state.store.as_ref(), &headers, Scope::SessionsCreate).await {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
+    };
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(Value::Object(body)) => Value::Object(body),
+        Ok(_) => return bad_request("body", "expected a JSON object"),
+        Err(e) => return bad_request("body", format!("not valid JSON: {e}")),
+    };
+    let currency = match body
+        .get("currency")
+        .and_then(Value::as_str)
+        .map(Currency::parse)
+    {
+        Some(Ok(currency)) => currency,
+        Some(Err(e)) => return bad_request("currency", e.to_string()),
+        None => return bad_request("currency", "required: an ISO 4217 code such as \"usd\""),
+    };
+    let amount = match body.get("amount").and_then(Value::as_i64) {
+        Some(minor) if minor > 0 => match from_minor_units(minor, &currency) {
+            Ok(units) => units,
+            Err(e) => return bad_request("amount", e.to_string()),
+        },
+        _ => {
+            return bad_request(
+                "amount",
+                "required: a whole number of minor units (cents) above zero",
+            );
+        }
+    };
+    let description = match body.get("description") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(d)) if d.chars().count() <= MAX_DESCRIPTION => d.clone(),
+        Some(Value::String(_)) => {
+            return bad_request(
+                "description",
+                format!("at most {MAX_DESCRIPTION} characters"),
+            );
+        }
+        Some(_) => return bad_request("description", "must be a string"),
+    };
+    let now = now_ms();
+    let session = LocalSession {
+        id: new_id("cs"),
+        amount,
+        currency,
+        description,
+        status: SessionStatus::Pending,
+        created_at: now,
+        expires_at: now + state.session_ttl.as_millis() as i64,
+        paid_from: None,
+        owner: Some(key.principal.clone()),
+    };
+    if let Err(e) = state.store.create_session(&session).await {
+        return unavailable(e);
+    }
+    tracing::info!(
+        session = session.id,
+        principal = key.principal,
+        "session created through the API"
+    );
+    let url = format!("{}/checkout/{}", state.checkout_base_url, session.id);
+    (
+        StatusCode::CREATED,
+        Json(json!({ "sessionId": session.id, "url": url })),
+    )
+        .into_response()
+}
+
+pub async fn read(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let key = match authenticate(state.store.as_ref(), &headers, Scope::SessionsRead).await {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
+    };
+    let session = match state.store.session(&id).await {
+        Ok(Some(session)) if visible_to(&session, &key) => session,
+        Ok(_) => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": "not_found", "message": format!("no session `{id}`") })),
+            )
+                .into_response();
+        }
+        Err(e) => return unavailable(e),
+    };
+    // A pending session past its time is expired, whoever asks.
+    let status = if session.status == SessionStatus::Pending && now_ms() > session.expires_at {
+        if let Err(e) = state.store.end_session(&id, SessionStatus::Expired).await {
+            return unavailable(e);
+        }
+        state
+            .store
+            .session(&id)
+            .await
+            .ok()
+            .flatten()
+            .map_or(SessionStatus::Expired, |s| s.status)
+    } else {
+        session.status
+    };
+    Json(json!({
+        "sessionId": session.id,
+        "status": status.as_str(),
+        "amount": to_minor_units(session.amount, &session.currency).unwrap_or_default(),
+        "currency": session.currency.as_str().to_ascii_lowercase(),
+        "description": session.description,
+        "createdAt": rfc3339(session.created_at),
+        "expiresAt": rfc3339(session.expires_at),
+    }))
+    .into_response()
+}
+
+/// A session is visible to the principal that created it, and to admins.
+fn visible_to(session: &LocalSession, key: &ApiKey) -> bool {
+    key.allows(Scope::Admin) || session.owner.as_deref() == Some(key.principal.as_str())
+}

@@ -1,0 +1,171 @@
+//! A client for the sessions API (`POST /v1/sessions`, `GET
+//! /v1/sessions/{id}`, Bearer key), so that a tollgate can take payments
+//! through another payment authority, such as a remote tollgate, without
+//! holding any secret that can mark a payment paid. Amounts go out in minor
+//! units; an amount finer than that is refused, never rounded.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Provider, ProviderError, ProviderSession, SessionRequest, SessionState};
+use crate::{
+    money::to_minor_units,
+    store::{Funding, SessionStatus},
+};
+
+const ATTEMPTS: u32 = 3;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct SessionsApiProvider {
+    http: reqwest::Client,
+    base: String,
+    api_key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Created {
+    session_id: String,
+    url: String,
+}
+
+#[derive(Deserialize)]
+struct Status {
+    status: String,
+}
+
+impl SessionsApiProvider {
+    pub fn new(base: &str, api_key: String) -> Result<Self, ProviderError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            api_key,
+        })
+    }
+
+    /// Sends with retries and backoff. A POST is retried only when it never
+    /// reached the server (so a session is never created twice); a GET on
+    /// any transient failure.
+    async fn send(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+        idempotent: bool,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let outcome = request().bearer_auth(&self.api_key).send().await;
+            let retry = match &outcome {
+                Ok(r) => {
+                    idempotent
+                        && (r.status().is_server_error()
+                            || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS)
+                }
+                Err(e) => e.is_connect() || (idempotent && e.is_timeout()),
+            };
+            if !retry || attempt >= ATTEMPTS {
+                return outcome.map_err(|e| ProviderError::Unavailable(e.to_string()));
+            }
+            tracing::debug!(attempt, "sessions API call failed; retrying in {backoff:?}");
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            attempt += 1;
+        }
+    }
+}
+
+async fn check(
+    response: reqwest::Response,
+    id: Option<&str>,
+) -> Result<reqwest::Response, ProviderError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    if status == reqwest::StatusCode::NOT_FOUND
+        && let Some(id) = id
+    {
+        return Err(ProviderError::NotFound(id.to_owned()));
+    }
+    let body = response.text().await.unwrap_or_default();
+    let body: String = body.chars().take(300).collect();
+    if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
+        Err(ProviderError::Refused(format!("{status}: {body}")))
+    } else {
+        Err(ProviderError::Unavailable(format!("{status}: {body}")))
+    }
+}
+
+#[async_trait]
+impl Provider for SessionsApiProvider {
+    fn name(&self) -> &'static str {
+        "sessions_api"
+    }
+
+    async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError> {
+        let minor = to_minor_units(req.amount, &req.currency)
+            .map_err(|e| ProviderError::Refused(e.to_string()))?;
+        let body = json!({
+            "amount": minor,
+            "currency": req.currency.as_str().to_ascii_lowercase(),
+            "description": req.description,
+        });
+        let url = format!("{}/v1/sessions", self.base);
+        let response = self
+            .send(|| self.http.post(&url).json(&body), false)
+            .await?;
+        let created: Created = check(response, None)
+            .await?
+            .json()
+            .await
+            .map_err(|e| ProviderError::Unavailable(format!("unreadable answer: {e}")))?;
+        Ok(ProviderSession {
+            id: created.session_id,
+            url: created.url,
+        })
+    }
+
+    async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError> {
+        let url = format!("{}/v1/sessions/{id}", self.base);
+        let response = self.send(|| self.http.get(&url), true).await?;
+        let status: Status = check(response, Some(id))
+            .await?
+            .json()
+            .await
+            .map_err(|e| ProviderError::Unavailable(format!("unreadable answer: {e}")))?;
+        let status =
+            SessionStatus::parse(&status.status.to_ascii_lowercase()).ok_or_else(|| {
+                ProviderError::Unavailable(format!("unknown session status `{}`", status.status))
+            })?;
+        Ok(SessionState {
+            status,
+            funding: Funding::External {
+                account: self.name().to_owned(),
+            },
+        })
+    }
+
+    async fn cancel_session(&self, id: &str) -> Result<(), ProviderError> {
+        // The API has no cancel; the remote session expires by itself, and
+        // our intent no longer accepts it.
+        tracing::debug!(
+            session = id,
+            "sessions API has no cancel; leaving the remote session to expire"
+        );
+        Ok(())
+    }
+
+    async fn pay_from_wallet(&self, _id: &str, _wallet: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::Unsupported(
+            "pay a remote session from a local wallet",
+        ))
+    }
+}

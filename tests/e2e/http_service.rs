@@ -1,0 +1,593 @@
+//! The HTTP service over real loopback HTTP: rmcp's streamable HTTP client
+//! on /mcp, the sessions API, the checkout page's forms, /metrics, /healthz.
+
+use std::{sync::Arc, time::Duration};
+
+use rmcp::{
+    ClientHandler, RoleClient, ServiceExt,
+    model::{CallToolRequestParams, CallToolResult},
+    service::RunningService,
+    transport::{
+        StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
+    },
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tollgate::{app, gate::Gate, http::HttpState};
+
+use crate::{
+    harness::{Env, args, echo_args, error_code, payment_meta, structured, text},
+    inproc::{Elicitation, Person, TestClient, config_for},
+};
+
+pub struct HttpServer {
+    pub env: Env,
+    pub base: String,
+    pub gate: Arc<Gate>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl HttpServer {
+    pub async fn start(pricing_text: &str) -> Self {
+        let env = Env::with_pricing(pricing_text);
+        let mut config = config_for(&env, pricing_text);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        config.http.listen = addr.to_string();
+        let store = app::open_store(&config.store_url, &config)
+            .await
+            .expect("store");
+        let gate = Arc::new(app::build_gate(&config, store).expect("gate"));
+        let state = Arc::new(HttpState::new(&config, gate.clone()));
+        let shutdown = CancellationToken::new();
+        let http = config.http.clone();
+        let ct = shutdown.clone();
+        tokio::spawn(async move { tollgate::http::serve(listener, state, &http, ct).await });
+        Self {
+            env,
+            base: format!("http://{addr}"),
+            gate,
+            shutdown,
+        }
+    }
+
+    /// A new API key, made with the CLI as an operator would.
+    pub async fn key(&self, principal: &str, scopes: &[&str]) -> String {
+        let mut cmd = vec!["keys", "create", "--principal", principal];
+        for scope in scopes {
+            cmd.extend(["--scope", scope]);
+        }
+        self.env.ok(&cmd).await.trim().to_owned()
+    }
+
+    pub async fn mcp<H: ClientHandler>(
+        &self,
+        key: Option<&str>,
+        handler: H,
+    ) -> RunningService<RoleClient, H> {
+        let mut config =
+            StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", self.base));
+        if let Some(key) = key {
+            config = config.auth_header(key);
+        }
+        handler
+            .serve(StreamableHttpClientTransport::from_config(config))
+            .await
+            .expect("MCP over HTTP")
+    }
+
+    pub fn client(&self, person: Person, elicitation: Elicitation) -> TestClient {
+        TestClient::new(person, elicitation, self.gate.store().clone())
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+async fn call<H: ClientHandler>(
+    client: &RunningService<RoleClient, H>,
+    tool: &str,
+    arguments: Value,
+) -> CallToolResult {
+    client
+        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
+        .await
+        .unwrap_or_else(|e| panic!("{tool}: {e}"))
+}
+
+/// The checkout page's CSRF token.
+fn csrf_of(html: &str) -> String {
+    let start =
+        html.find("name=\"csrf\" value=\"").expect("csrf field") + "name=\"csrf\" value=\"".len();
+    html[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn checkout_post(base: &str, id: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+    let page = http()
+        .get(format!("{base}/checkout/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = csrf_of(&page);
+    let mut form: Vec<(&str, &str)> = vec![("csrf", &csrf)];
+    form.extend_from_slice(fields);
+    http()
+        .post(format!("{base}/checkout/{id}"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn two_step_pricing() -> String {
+    crate::harness::pricing("two_step", "")
+        .replace("[store]", "[provider]\ndev_settle = true\n\n[store]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_over_http_with_keys_fast_path_two_step_and_checkout() {
+    let server = HttpServer::start(&two_step_pricing()).await;
+    server.env.topup("alice", "1.00").await;
+    let alice_key = server.key("alice", &["mcp"]).await;
+    let bob_key = server.key("bob", &["mcp"]).await;
+
+    // No key, a bad key, a key without the mcp scope: 401/403 with a JSON body.
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    for (key, status) in [(None, 401), (Some("tg_key_0000000000000000_nope"), 401)] {
+        let mut request = http()
+            .post(format!("{}/mcp", server.base))
+            .header("accept", "application/json, text/event-stream")
+            .json(&init);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let sessions_only = server.key("carol", &["sessions:create"]).await;
+    let response = http()
+        .post(format!("{}/mcp", server.base))
+        .header("x-api-key", &sessions_only)
+        .header("accept", "application/json, text/event-stream")
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    // Fast path: alice's key names her wallet.
+    let alice = server.mcp(Some(&alice_key), ()).await;
+    let r = call(&alice, "echo", echo_args("over http")).await;
+    assert_eq!(text(&r), "over http");
+    assert_eq!(payment_meta(&r)["status"], "paid");
+    assert_eq!(server.env.available("alice").await, "0.99");
+
+    // two_step: bob has no wallet; he pays at the checkout page.
+    let bob = server.mcp(Some(&bob_key), ()).await;
+    let r = call(&bob, "echo", echo_args("bob's")).await;
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+    assert_eq!(url, format!("{}/checkout/{id}", server.base));
+    let page = http().get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(
+        page.contains("0.01")
+            && page.contains("USD")
+            && page.contains("<code>echo</code>")
+            && page.contains("pending")
+    );
+
+    // Alice cannot use bob's payment id, even after it is paid.
+    let response = checkout_post(&server.base, &id, &[("action", "settle")]).await;
+    assert_eq!(response.status(), 303);
+    let r = call(&alice, "confirm_echo_payment", json!({"payment_id": id})).await;
+    assert_eq!(error_code(&r), "payment_mismatch");
+    let r = call(&bob, "confirm_echo_payment", json!({"payment_id": id})).await;
+    assert_eq!(text(&r), "bob's");
+    assert_eq!(payment_meta(&r)["status"], "paid");
+
+    alice.cancel().await.ok();
+    bob.cancel().await.ok();
+    server.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elicitation_and_progress_over_http() {
+    let pricing = crate::inproc::pricing("elicitation", "").replacen(
+        "price = \"0.05\"",
+        "price = \"0.05\"\nmode = \"progress\"",
+        1,
+    );
+    let server = HttpServer::start(&pricing).await;
+    let key = server.key("dave", &["mcp"]).await;
+
+    let handler = server.client(Person::PaysAndAccepts, Elicitation::Url);
+    let client = server.mcp(Some(&key), handler.clone()).await;
+    let r = call(&client, "echo", echo_args("elicited")).await;
+    assert_eq!(text(&r), "elicited", "{r:?}");
+    assert_eq!(handler.prompt_count(), 1);
+    client.cancel().await.ok();
+
+    let handler = server.client(Person::PaysAfterProgress(2), Elicitation::None);
+    let client = server.mcp(Some(&key), handler.clone()).await;
+    let r = call(&client, "divide", json!({"a": 6, "b": 3})).await;
+    assert_eq!(structured(&r), json!({"quotient": 2.0}), "{r:?}");
+    assert!(handler.progress.lock().unwrap().len() >= 2);
+    client.cancel().await.ok();
+    server.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_api_validates_authenticates_and_rate_limits() {
+    let pricing = crate::harness::pricing("resubmit", "").replace(
+        "[store]",
+        "[http]\nsessions_create_per_minute = 3\n\n[store]",
+    );
+    let server = HttpServer::start(&pricing).await;
+    let creator = server
+        .key("shop", &["sessions:create", "sessions:read"])
+        .await;
+    let reader = server.key("shop", &["sessions:read"]).await;
+    let stranger = server.key("other", &["sessions:read"]).await;
+    let revoked = server.key("shop", &["sessions:create"]).await;
+    let revoked_id = tollgate::keys::key_id(&revoked).unwrap().to_owned();
+    server.env.ok(&["keys", "revoke", &revoked_id]).await;
+    let sessions = format!("{}/v1/sessions", server.base);
+
+    let post = |key: Option<String>, body: Value| {
+        let mut request = http().post(&sessions).json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    // Auth cases.
+    let good = json!({"amount": 250, "currency": "usd", "description": "Pro feature"});
+    assert_eq!(post(None, good.clone()).await.unwrap().status(), 401);
+    assert_eq!(
+        post(Some("tg_key_1234567890abcdef_x".into()), good.clone())
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        post(Some(revoked.clone()), good.clone())
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        post(Some(reader.clone()), good.clone())
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+
+    // Good input.
+    let response = post(Some(creator.clone()), good.clone()).await.unwrap();
+    assert_eq!(response.status(), 201);
+    for header in [
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    ] {
+        assert!(response.headers().contains_key(header), "{header} missing");
+    }
+    assert_eq!(response.headers()["x-ratelimit-limit"], "3");
+    let created: Value = response.json().await.unwrap();
+    let id = created["sessionId"].as_str().unwrap().to_owned();
+    assert_eq!(created["url"], format!("{}/checkout/{id}", server.base));
+
+    let get = |key: &str, id: &str| {
+        http()
+            .get(format!("{sessions}/{id}"))
+            .header("x-api-key", key)
+            .send()
+    };
+    let response = get(&reader, &id).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-ratelimit-remaining"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "pending");
+    assert_eq!(body["amount"], 250);
+    assert_eq!(body["currency"], "usd");
+    assert!(body["createdAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        get(&stranger, &id).await.unwrap().status(),
+        404,
+        "another principal's session is not visible"
+    );
+    assert_eq!(get(&reader, "cs_unknown").await.unwrap().status(), 404);
+
+    // Bad input: 400 naming the field; the two good ones above used 1 of 3.
+    let response = post(
+        Some(creator.clone()),
+        json!({"amount": 2.5, "currency": "usd"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.json::<Value>().await.unwrap()["field"], "amount");
+    let response = post(
+        Some(creator.clone()),
+        json!({"amount": 100, "currency": "dollars"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap()["field"], "currency");
+
+    // The limit: 3 a minute for creating, so the next is a 429.
+    let response = post(Some(creator.clone()), good.clone()).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["x-ratelimit-remaining"], "0");
+    assert!(response.headers().contains_key("retry-after"));
+    // Reading has its own limit and still works.
+    assert_eq!(get(&reader, &id).await.unwrap().status(), 200);
+    // Malformed JSON is a 400 too (with the limit counted per key, use another key).
+    let other = server.key("shop", &["sessions:create"]).await;
+    let response = http()
+        .post(&sessions)
+        .bearer_auth(&other)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    server.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkout_page_refuses_forgery_double_submits_and_late_payment() {
+    let pricing = two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
+    let server = HttpServer::start(&pricing).await;
+    server.env.topup("erin", "1.00").await;
+    server.env.topup("poor", "0.01").await;
+    let erin_key = server.key("erin", &["mcp"]).await;
+    let poor_key = server.key("poor", &["mcp"]).await;
+    let anon = server.key("frank", &["mcp"]).await;
+    let client = server.mcp(Some(&anon), ()).await;
+    let open = || async {
+        let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
+        structured(&r)["payment_id"].as_str().unwrap().to_owned()
+    };
+
+    // A forged token, or a form posted from another site, is refused.
+    let id = open().await;
+    let url = format!("{}/checkout/{id}", server.base);
+    let forged = http()
+        .post(&url)
+        .form(&[("csrf", "00"), ("action", "settle")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    let page = http().get(&url).send().await.unwrap().text().await.unwrap();
+    let cross_site = http()
+        .post(&url)
+        .header("origin", "https://evil.example")
+        .form(&[("csrf", csrf_of(&page).as_str()), ("action", "settle")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross_site.status(), 403);
+
+    let pending_csrf = csrf_of(&page);
+    // Paying from a wallet needs that wallet's key; too little money is said so.
+    let response = checkout_post(
+        &server.base,
+        &id,
+        &[("action", "pay"), ("api_key", "nonsense")],
+    )
+    .await;
+    assert_eq!(response.status(), 401);
+    let response = checkout_post(
+        &server.base,
+        &id,
+        &[("action", "pay"), ("api_key", &poor_key)],
+    )
+    .await;
+    assert_eq!(response.status(), 402);
+    assert_eq!(server.env.available("poor").await, "0.01");
+    let response = checkout_post(
+        &server.base,
+        &id,
+        &[("action", "pay"), ("api_key", &erin_key)],
+    )
+    .await;
+    assert_eq!(response.status(), 303);
+    let page = http().get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("<td id=\"status\">paid</td>"), "{page}");
+    // A second submit (the same form again) takes nothing.
+    let again = http()
+        .post(&url)
+        .form(&[
+            ("csrf", pending_csrf.as_str()),
+            ("action", "pay"),
+            ("api_key", erin_key.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    assert!(again.text().await.unwrap().contains("already paid"));
+    assert_eq!(server.env.available("erin").await, "0.95");
+
+    // Decline.
+    let declined = open().await;
+    let response = checkout_post(&server.base, &declined, &[("action", "decline")]).await;
+    assert_eq!(response.status(), 303);
+    let r = call(
+        &client,
+        "confirm_divide_payment",
+        json!({"payment_id": declined}),
+    )
+    .await;
+    assert_eq!(error_code(&r), "payment_cancelled");
+
+    // Expired: the page says so and takes nothing.
+    let late = open().await;
+    let page = http()
+        .get(format!("{}/checkout/{late}", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = csrf_of(&page);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let page = http()
+        .get(format!("{}/checkout/{late}", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("has expired"), "{page}");
+    let response = http()
+        .post(format!("{}/checkout/{late}", server.base))
+        .form(&[("csrf", csrf.as_str()), ("action", "settle")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    client.cancel().await.ok();
+    server.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health() {
+    let server = HttpServer::start(&two_step_pricing()).await;
+    server.env.topup("gina", "1.00").await;
+    let key = server.key("gina", &["mcp"]).await;
+    let admin = server.key("ops", &["admin"]).await;
+    let scrape = || async {
+        http()
+            .get(format!("{}/metrics", server.base))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let count = |text: &str, needle: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with("tollgate_calls_total") && l.contains(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        http()
+            .get(format!("{}/metrics", server.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let before = scrape().await;
+    let client = server.mcp(Some(&key), ()).await;
+    for _ in 0..3 {
+        call(&client, "echo", echo_args("m")).await;
+    }
+    call(&client, "divide", json!({"a": 1, "b": 0})).await;
+    let after = scrape().await;
+    // The recorder is process-wide: other tests' calls count too, so look
+    // at this test's own line and at how much it grew.
+    let paid = "tool=\"echo\",mode=\"two_step\",outcome=\"paid\"";
+    assert!(
+        count(&after, paid) - count(&before, paid) >= 3.0,
+        "calls counted: {after}"
+    );
+    assert!(after.contains("outcome=\"released\""), "{after}");
+    assert!(
+        after.contains("tollgate_gate_seconds_bucket"),
+        "latency histogram: {after}"
+    );
+    assert!(after.contains("tollgate_open_holds 0"), "{after}");
+    assert!(
+        after.contains("tollgate_revenue{tool=\"echo\",currency=\"USD\"}"),
+        "{after}"
+    );
+    let health: Value = http()
+        .get(format!("{}/healthz", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    client.cancel().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
+    // B is the payment authority; A is a tollgate whose provider is B.
+    let b = HttpServer::start(&two_step_pricing()).await;
+    let key_for_a = b
+        .key("tollgate-a", &["sessions:create", "sessions:read"])
+        .await;
+    let env_var = format!("TOLLGATE_TEST_PROVIDER_KEY_{}", std::process::id());
+    // SAFETY: set once, before A reads it; no other test reads this variable.
+    unsafe { std::env::set_var(&env_var, &key_for_a) };
+    let a_pricing = crate::harness::pricing("resubmit", "").replace(
+        "[store]",
+        &format!("[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"{env_var}\"\n\n[store]", b.base),
+    );
+    let a = crate::inproc::InProcess::new(&a_pricing).await;
+    let client = a
+        .connect(None, a.client(Person::Ignores, Elicitation::None), false)
+        .await;
+
+    let r = crate::inproc::call(&client, "echo", echo_args("remote")).await;
+    assert_eq!(error_code(&r), "payment_required");
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+    assert!(
+        url.starts_with(&format!("{}/checkout/cs_", b.base)),
+        "the person pays at B: {url}"
+    );
+    let r = crate::inproc::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
+    assert_eq!(error_code(&r), "payment_pending");
+
+    // The person pays at B's checkout page.
+    let session = url.rsplit('/').next().unwrap();
+    let response = checkout_post(&b.base, session, &[("action", "settle")]).await;
+    assert_eq!(response.status(), 303);
+    let r = crate::inproc::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
+    assert_eq!(text(&r), "remote", "{r:?}");
+    assert_eq!(payment_meta(&r)["status"], "paid");
+    client.cancel().await.ok();
+    // A's ledger took the money in from outside and earned it; B's took it at checkout.
+    a.env.assert_ledger_ok().await;
+    b.env.assert_ledger_ok().await;
+}
