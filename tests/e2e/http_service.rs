@@ -96,7 +96,7 @@ fn http() -> reqwest::Client {
         .expect("client")
 }
 
-async fn call<H: ClientHandler>(
+pub async fn call<H: ClientHandler>(
     client: &RunningService<RoleClient, H>,
     tool: &str,
     arguments: Value,

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `tollgate` binary over stdio, driven by rmcp's
 //! client, on a real SQLite file per test.
 
+mod browser;
 mod harness;
 mod http_service;
 mod inproc;
@@ -10,5 +11,6 @@ mod concurrency;
 mod fast_path;
 mod listing;
 mod modes;
+mod shutdown;
 mod slow_path;
 mod wire;
