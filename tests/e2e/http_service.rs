@@ -591,3 +591,53 @@ async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
     a.env.assert_ledger_ok().await;
     b.env.assert_ledger_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_bodies_and_anonymous_access_are_guarded() {
+    let server = HttpServer::start(&two_step_pricing()).await;
+    let key = server.key("judy", &["mcp", "sessions:create"]).await;
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    // DNS rebinding: a foreign Host is refused on /mcp.
+    let response = http()
+        .post(format!("{}/mcp", server.base))
+        .bearer_auth(&key)
+        .header("host", "evil.example")
+        .header("accept", "application/json, text/event-stream")
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error(), "{}", response.status());
+    // Oversized bodies are refused before any work.
+    let huge = json!({"amount": 100, "currency": "usd", "description": "x".repeat(200_000)});
+    let response = http()
+        .post(format!("{}/v1/sessions", server.base))
+        .bearer_auth(&key)
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+
+    // Anonymous /mcp only when the config says so.
+    let open = HttpServer::start(
+        &two_step_pricing().replace("[store]", "[http]\nanonymous_mcp = true\n\n[store]"),
+    )
+    .await;
+    let client = open.mcp(None, ()).await;
+    let r = call(&client, "echo", echo_args("anon")).await;
+    assert_eq!(
+        structured(&r)["status"],
+        "payment_required",
+        "anonymous: no wallet, so a payment session"
+    );
+    client.cancel().await.ok();
+    let response = http()
+        .post(format!("{}/v1/sessions", open.base))
+        .json(&json!({"amount": 100, "currency": "usd"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "/v1 always needs a key");
+}
