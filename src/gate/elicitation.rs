@@ -24,7 +24,7 @@ use super::{
     CallScope, Elicits, Gate, PricedCall,
     redeem::{Settled, Wait, ended},
     reply::{self, code},
-    slow_path::{Opened, Purpose, how_to_pay, required_body},
+    slow_path::{Opened, Purpose, how_to_pay, required_body, stopped_waiting},
 };
 use crate::{
     money::format_amount,
@@ -212,18 +212,7 @@ impl Gate {
                     payment_id = intent.id,
                     "no answer to the payment prompt: {why}"
                 );
-                let mut body = required_body(opened);
-                body["status"] = json!("pending");
-                reply::error(
-                    code::PAYMENT_TIMEOUT,
-                    format!(
-                        "{why}. {}, then call `{}` again with the same arguments plus \"payment_id\": \"{}\".",
-                        how_to_pay(opened, purpose),
-                        intent.tool,
-                        intent.id
-                    ),
-                    reply::details(body),
-                )
+                stopped_waiting(opened, purpose, &why)
             }
         }
     }

@@ -3,14 +3,12 @@
 //! tool's result once paid.
 
 use rmcp::model::{CallToolResult, ProgressNotificationParam, ProgressToken};
-use serde_json::json;
 use tokio::time::Instant;
 
 use super::{
     CallScope, Gate,
     redeem::{Settled, Wait},
-    reply,
-    slow_path::{Opened, Purpose, how_to_pay, required_body},
+    slow_path::{Opened, Purpose, how_to_pay, stopped_waiting},
 };
 
 /// Sends the progress notifications of one waiting call: one at once, then
@@ -90,21 +88,11 @@ impl Gate {
             .await
         {
             Settled::Final(result) => result,
-            Settled::Pending(_) => {
-                let mut body = required_body(opened);
-                body["status"] = json!("pending");
-                reply::error(
-                    reply::code::PAYMENT_TIMEOUT,
-                    format!(
-                        "{}. Stopped waiting after {}s; once paid, call `{}` again with the same arguments plus \"payment_id\": \"{}\".",
-                        how_to_pay(opened, purpose),
-                        timeouts.progress.as_secs(),
-                        intent.tool,
-                        intent.id
-                    ),
-                    reply::details(body),
-                )
-            }
+            Settled::Pending(_) => stopped_waiting(
+                opened,
+                purpose,
+                &format!("Stopped waiting after {}s", timeouts.progress.as_secs()),
+            ),
         }
     }
 }

@@ -180,6 +180,25 @@ pub(super) fn required_body(opened: &Opened) -> Value {
     })
 }
 
+/// The answer when the gate stops waiting for a payment (no answer to a
+/// prompt, a progress timeout, a cancelled call): `payment_timeout`, with
+/// the payment id, which stays payable by resubmit.
+pub(super) fn stopped_waiting(opened: &Opened, purpose: Purpose, why: &str) -> CallToolResult {
+    let intent = &opened.intent;
+    let mut body = required_body(opened);
+    body["status"] = json!("pending");
+    reply::error(
+        reply::code::PAYMENT_TIMEOUT,
+        format!(
+            "{why}. {}, then call `{}` again with the same arguments plus \"payment_id\": \"{}\".",
+            how_to_pay(opened, purpose),
+            intent.tool,
+            intent.id
+        ),
+        reply::details(body),
+    )
+}
+
 /// One sentence a person can follow to pay (or approve).
 pub(super) fn how_to_pay(opened: &Opened, purpose: Purpose) -> String {
     let intent = &opened.intent;

@@ -105,6 +105,22 @@ impl TestClient {
             .expect("pay session");
     }
 
+    /// The payment id the first progress message names, once it arrives.
+    pub async fn first_progress_payment_id(&self) -> String {
+        loop {
+            let first = self
+                .progress
+                .lock()
+                .unwrap()
+                .first()
+                .and_then(|p| p.message.clone());
+            if let Some(id) = first.as_deref().and_then(payment_id_in) {
+                return id;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn prompt_count(&self) -> usize {
         self.prompts.lock().unwrap().len()
     }

@@ -380,19 +380,8 @@ async fn progress_ends_at_once_when_the_session_fails_or_is_cancelled() {
         let store = t.gate.store().clone();
         let watcher = handler.clone();
         tokio::spawn(async move {
-            loop {
-                let first = watcher
-                    .progress
-                    .lock()
-                    .unwrap()
-                    .first()
-                    .and_then(|p| p.message.clone());
-                if let Some(id) = first.as_deref().and_then(payment_id_in) {
-                    store.end_session(&id, end).await.unwrap();
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let id = watcher.first_progress_payment_id().await;
+            store.end_session(&id, end).await.unwrap();
         });
         let started = std::time::Instant::now();
         let r = call(&client, "echo", echo_args("doomed")).await;
@@ -425,18 +414,7 @@ async fn a_resubmit_during_a_progress_wait_runs_the_tool_once() {
         first.cancel().await.ok();
         r
     });
-    let id = loop {
-        let first = waiting
-            .progress
-            .lock()
-            .unwrap()
-            .first()
-            .and_then(|p| p.message.clone());
-        if let Some(id) = first.as_deref().and_then(payment_id_in) {
-            break id;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let id = waiting.first_progress_payment_id().await;
     t.gate
         .store()
         .pay_session(&id, None, tollgate::store::now_ms())
@@ -686,18 +664,7 @@ async fn a_cancelled_call_stops_waiting_and_leaves_the_intent_payable() {
         .send_cancellable_request(request, PeerRequestOptions::no_options())
         .await
         .unwrap();
-    let id = loop {
-        let first = handler
-            .progress
-            .lock()
-            .unwrap()
-            .first()
-            .and_then(|p| p.message.clone());
-        if let Some(id) = first.as_deref().and_then(payment_id_in) {
-            break id;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let id = handler.first_progress_payment_id().await;
     handle
         .cancel(Some("the user gave up".into()))
         .await
