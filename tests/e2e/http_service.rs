@@ -641,3 +641,47 @@ async fn hosts_bodies_and_anonymous_access_are_guarded() {
         .unwrap();
     assert_eq!(response.status(), 401, "/v1 always needs a key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_above_the_threshold_is_approved_at_the_checkout_page_with_the_wallets_key() {
+    let pricing = two_step_pricing().replace(
+        "approval_threshold = \"5.00\"",
+        "approval_threshold = \"0.02\"",
+    );
+    let server = HttpServer::start(&pricing).await;
+    server.env.topup("kim", "1.00").await;
+    let kim = server.key("kim", &["mcp"]).await;
+    let lee = server.key("lee", &["mcp"]).await;
+    let client = server.mcp(Some(&kim), ()).await;
+    let r = call(&client, "divide", json!({"a": 8, "b": 2})).await;
+    assert!(text(&r).contains("Approval required"), "{}", text(&r));
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    let page = http()
+        .get(format!("{}/checkout/{id}", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("Approve charging 0.05 USD to wallet <b>kim</b>"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("settle_button"),
+        "an approval cannot be settled without the wallet"
+    );
+
+    // Someone else's key cannot approve a charge to kim's wallet.
+    let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &lee)]).await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(server.env.available("kim").await, "1.00");
+    let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &kim)]).await;
+    assert_eq!(response.status(), 303);
+    let r = call(&client, "confirm_divide_payment", json!({"payment_id": id})).await;
+    assert_eq!(structured(&r), json!({"quotient": 4.0}));
+    assert_eq!(server.env.available("kim").await, "0.95");
+    client.cancel().await.ok();
+    server.env.assert_ledger_ok().await;
+}
