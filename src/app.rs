@@ -9,7 +9,11 @@ use crate::{
     provider::{Provider, ProviderError, local::LocalProvider, sessions_api::SessionsApiProvider},
     receipt::{ReceiptError, ReceiptSigner, default_key_path},
     store::{SqliteStore, Store, StoreError, now_ms},
-    tools::{ToolBackend, demo::DemoTools},
+    tools::{
+        ToolBackend,
+        demo::DemoTools,
+        upstream::{Upstream, UpstreamError},
+    },
 };
 
 /// The shipped `pricing.toml`, used when no config file is found.
@@ -29,6 +33,8 @@ pub enum AppError {
     MissingSecret(String),
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
 }
 
 /// Opens the store a URL names. A bare path means a SQLite file.
@@ -66,13 +72,18 @@ pub fn provider_for(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Pr
     })
 }
 
-/// The built-in tool backends.
-pub fn default_backends() -> Vec<Arc<dyn ToolBackend>> {
-    vec![Arc::new(DemoTools::default())]
+/// The tool backends: the built-in demo tools, then each upstream MCP
+/// server, connected now (its tools must be known to check the prices).
+pub async fn backends(config: &Config) -> Result<Vec<Arc<dyn ToolBackend>>, AppError> {
+    let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(DemoTools::default())];
+    for upstream in &config.upstreams {
+        backends.push(Upstream::connect(upstream).await?);
+    }
+    Ok(backends)
 }
 
-pub fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Gate, AppError> {
-    let catalog = Catalog::build(config, &default_backends())?;
+pub async fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Gate, AppError> {
+    let catalog = Catalog::build(config, &backends(config).await?)?;
     let signer = ReceiptSigner::load_or_create(&receipt_key_path(config))?;
     let provider = provider_for(config, store.clone())?;
     Ok(Gate::new(

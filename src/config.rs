@@ -107,6 +107,46 @@ pub enum ProviderKind {
     },
 }
 
+/// What happens to an upstream's tools that `[[tools]]` does not price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpriced {
+    /// Served free, untouched.
+    Free,
+    /// Not served at all.
+    Hidden,
+    /// Served at this price, in the server's mode.
+    Price(Units),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamTransport {
+    /// A child process speaking MCP on stdio.
+    Stdio {
+        command: Vec<String>,
+        env: std::collections::BTreeMap<String, String>,
+        cwd: Option<PathBuf>,
+    },
+    /// Streamable HTTP. Header values may name environment variables as
+    /// `${NAME}`, so that tokens stay out of this file.
+    Http {
+        url: String,
+        headers: std::collections::BTreeMap<String, String>,
+    },
+}
+
+/// An MCP server whose tools tollgate serves, priced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub transport: UpstreamTransport,
+    /// Put before each of its tools' names, to keep upstreams apart.
+    pub prefix: Option<String>,
+    pub unpriced: Unpriced,
+    /// A call that takes longer is abandoned (and cancelled upstream), and
+    /// charges nothing.
+    pub timeout: Duration,
+}
+
 /// The HTTP service (`tollgate serve --http`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
@@ -171,6 +211,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub receipt_key_file: Option<PathBuf>,
     pub timeouts: Timeouts,
+    pub upstreams: Vec<UpstreamConfig>,
     pub tools: Vec<ToolPrice>,
 }
 
@@ -215,6 +256,8 @@ struct RawConfig {
     timeouts: RawTimeouts,
     #[serde(default)]
     http: RawHttp,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
     #[serde(default)]
     tools: Vec<RawTool>,
 }
@@ -263,6 +306,29 @@ struct RawProvider {
     url: Option<String>,
     #[serde(default)]
     api_key_env: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Spanned<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    /// `true` for `<name>_`, or the prefix itself.
+    #[serde(default)]
+    prefix: Option<toml::Value>,
+    #[serde(default)]
+    unpriced: Option<Spanned<String>>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -439,6 +505,68 @@ impl Config {
             )?,
         };
 
+        let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+        for (i, u) in raw.upstreams.iter().enumerate() {
+            let name = u.name.get_ref().trim().to_owned();
+            let here = Some(u.name.span());
+            let field = |f: &str| format!("upstreams[{i}].{f} of `{name}`");
+            if name.is_empty() || upstreams.iter().any(|x: &UpstreamConfig| x.name == name) {
+                return Err(err(
+                    here,
+                    format!("upstreams[{i}].name: empty or duplicate upstream `{name}`"),
+                ));
+            }
+            let transport = match (&u.command, &u.url) {
+                (Some(command), None) if !command.is_empty() => UpstreamTransport::Stdio {
+                    command: command.clone(),
+                    env: u.env.clone(),
+                    cwd: u.cwd.clone(),
+                },
+                (None, Some(url)) => UpstreamTransport::Http {
+                    url: url.clone(),
+                    headers: u.headers.clone(),
+                },
+                _ => {
+                    return Err(err(
+                        here,
+                        format!(
+                            "{}: give either `command` (argv) or `url`",
+                            field("command")
+                        ),
+                    ));
+                }
+            };
+            let prefix = match &u.prefix {
+                None | Some(toml::Value::Boolean(false)) => None,
+                Some(toml::Value::Boolean(true)) => Some(format!("{name}_")),
+                Some(toml::Value::String(p)) => Some(p.clone()),
+                Some(_) => {
+                    return Err(err(
+                        here,
+                        format!("{}: true, false or a string", field("prefix")),
+                    ));
+                }
+            };
+            let unpriced = match &u.unpriced {
+                None => Unpriced::Free,
+                Some(s) if s.get_ref() == "free" => Unpriced::Free,
+                Some(s) if s.get_ref() == "hidden" => Unpriced::Hidden,
+                Some(s) => Unpriced::Price(Units::parse(s.get_ref()).map_err(|e| {
+                    err(
+                        Some(s.span()),
+                        format!("{}: free, hidden, or a price ({e})", field("unpriced")),
+                    )
+                })?),
+            };
+            upstreams.push(UpstreamConfig {
+                transport,
+                prefix,
+                unpriced,
+                timeout: duration(&field("timeout"), &u.timeout, Duration::from_secs(60))?,
+                name,
+            });
+        }
+
         let mut tools = Vec::with_capacity(raw.tools.len());
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, t) in raw.tools.iter().enumerate() {
@@ -516,6 +644,7 @@ impl Config {
             http,
             receipt_key_file: raw.receipts.key_file,
             timeouts,
+            upstreams,
             tools,
         })
     }

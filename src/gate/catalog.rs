@@ -9,7 +9,7 @@ use rmcp::model::{JsonObject, MetaObject, Tool};
 use serde_json::{Value, json};
 
 use crate::{
-    config::{Config, ConfigError, Mode},
+    config::{Config, ConfigError, Mode, Unpriced},
     money::{Currency, Units, format_amount},
     tools::ToolBackend,
 };
@@ -62,6 +62,7 @@ impl Catalog {
             }
         }
         let mut prices: HashMap<&str, Price> = HashMap::new();
+        let mut explicitly_free = std::collections::HashSet::new();
         for priced in &config.tools {
             if !described.contains_key(&priced.name) {
                 let known: Vec<&str> = described.keys().map(String::as_str).collect();
@@ -75,6 +76,7 @@ impl Catalog {
                 ));
             }
             if priced.price.is_zero() {
+                explicitly_free.insert(priced.name.as_str());
                 continue;
             }
             prices.insert(
@@ -91,7 +93,20 @@ impl Catalog {
         let mut confirms = HashMap::new();
         let mut listed = Vec::new();
         for (name, (tool, backend)) in described {
-            let price = prices.remove(name.as_str());
+            let price = match prices.remove(name.as_str()) {
+                Some(price) => Some(price),
+                None if explicitly_free.contains(name.as_str()) => None,
+                // Not in [[tools]]: the backend's default for unpriced tools.
+                None => match backend.unpriced() {
+                    Unpriced::Free => None,
+                    Unpriced::Hidden => continue,
+                    Unpriced::Price(amount) => Some(Price {
+                        amount,
+                        currency: config.currency.clone(),
+                        mode: config.mode,
+                    }),
+                },
+            };
             match &price {
                 None => listed.push(tool),
                 Some(price) => {

@@ -1,9 +1,12 @@
 //! Tool backends: what actually runs once the gate lets a call through.
 
 pub mod demo;
+pub mod upstream;
 
 use async_trait::async_trait;
 use rmcp::model::{CallToolResult, JsonObject, Tool};
+
+use crate::config::Unpriced;
 
 /// Arguments that do not fit a tool's input schema.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,4 +27,8 @@ pub trait ToolBackend: Send + Sync {
     fn validate(&self, tool: &str, args: &JsonObject) -> Result<(), ArgumentError>;
     /// Runs the tool. A tool failure is a result with `is_error: true`.
     async fn call(&self, tool: &str, args: JsonObject) -> CallToolResult;
+    /// What happens to this backend's tools that `pricing.toml` does not price.
+    fn unpriced(&self) -> Unpriced {
+        Unpriced::Free
+    }
 }
