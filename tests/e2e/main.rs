@@ -13,4 +13,5 @@ mod listing;
 mod modes;
 mod shutdown;
 mod slow_path;
+mod upstreams;
 mod wire;

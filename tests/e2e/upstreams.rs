@@ -1,0 +1,336 @@
+//! Upstream MCP servers behind tollgate: a test upstream over streamable HTTP
+//! written here, and (ignored unless installed) the reference
+//! `@modelcontextprotocol/server-everything` from npm over stdio.
+
+use std::{sync::Arc, time::Duration};
+
+use rmcp::{
+    ErrorData as McpError, RoleServer, ServerHandler,
+    model::{
+        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+        PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    },
+    service::RequestContext,
+    transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    },
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    harness::{error_code, payment_meta, structured, text},
+    inproc::{Elicitation, InProcess, Person, call},
+};
+
+/// An upstream that fails when asked and hangs when asked.
+#[derive(Clone)]
+struct TestUpstream;
+
+fn schema(props: serde_json::Value) -> Arc<rmcp::model::JsonObject> {
+    Arc::new(
+        json!({"type": "object", "properties": props})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    )
+}
+
+impl ServerHandler for TestUpstream {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(vec![
+            Tool::new(
+                "work",
+                "Does some work; fails when asked.",
+                schema(json!({"fail": {"type": "boolean"}})),
+            ),
+            Tool::new("hang", "Never answers.", schema(json!({}))),
+            Tool::new("extra", "Not priced in pricing.toml.", schema(json!({}))),
+        ]))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let args = request.arguments.unwrap_or_default();
+        let result = match request.name.as_ref() {
+            "work" if args.get("fail") == Some(&json!(true)) => {
+                CallToolResult::error(vec![ContentBlock::text("the work failed, as asked")])
+            }
+            "work" => {
+                let mut r = CallToolResult::success(vec![ContentBlock::text("worked")]);
+                r.structured_content = Some(json!({"done": true}));
+                r
+            }
+            "hang" => {
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+            _ => CallToolResult::success(vec![ContentBlock::text("extra")]),
+        };
+        Ok(result.into())
+    }
+}
+
+async fn spawn_upstream() -> (String, CancellationToken) {
+    let ct = CancellationToken::new();
+    let service = StreamableHttpService::new(
+        || Ok(TestUpstream),
+        LocalSessionManager::default().into(),
+        StreamableHttpServerConfig::default()
+            .with_legacy_session_mode(true)
+            .with_cancellation_token(ct.child_token()),
+    );
+    let app = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = ct.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    (format!("http://{addr}/mcp"), ct)
+}
+
+fn upstream_pricing(url: &str, unpriced: &str) -> String {
+    crate::harness::pricing("resubmit", "")
+        + &format!(
+            "\n[[upstreams]]\nname = \"test\"\nurl = \"{url}\"\nprefix = true\nunpriced = \"{unpriced}\"\ntimeout = \"300ms\"\n\n\
+             [[tools]]\nname = \"test_work\"\nprice = \"0.10\"\n\n[[tools]]\nname = \"test_hang\"\nprice = \"0.10\"\n"
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_is_priced_and_its_failures_and_timeouts_charge_nothing() {
+    let (url, upstream) = spawn_upstream().await;
+    let t = InProcess::new(&upstream_pricing(&url, "free")).await;
+    t.env.topup("alice", "1.00").await;
+    let client = t
+        .connect(
+            Some("alice"),
+            t.client(Person::Ignores, Elicitation::None),
+            false,
+        )
+        .await;
+
+    let tools = client.list_all_tools().await.unwrap();
+    let work = tools
+        .iter()
+        .find(|t| t.name == "test_work")
+        .expect("prefixed upstream tool");
+    assert_eq!(
+        work.description.as_deref(),
+        Some("Does some work; fails when asked. (price: 0.10 USD per call)")
+    );
+    assert_eq!(
+        work.meta.as_ref().unwrap().0["tollgate/price"]["amount"],
+        "0.10"
+    );
+    let extra = tools
+        .iter()
+        .find(|t| t.name == "test_extra")
+        .expect("unpriced: free");
+    assert!(extra.meta.is_none());
+    assert!(
+        tools.iter().any(|t| t.name == "echo"),
+        "the demo tools are still served"
+    );
+
+    // Success: arguments, content and structuredContent pass through; charged.
+    let r = call(&client, "test_work", json!({})).await;
+    assert_eq!(text(&r), "worked");
+    assert_eq!(structured(&r), json!({"done": true}));
+    assert_eq!(payment_meta(&r)["status"], "paid");
+    assert_eq!(t.env.available("alice").await, "0.90");
+
+    // The upstream's isError releases the hold.
+    let r = call(&client, "test_work", json!({"fail": true})).await;
+    assert_eq!(r.is_error, Some(true));
+    assert!(text(&r).contains("failed, as asked"));
+    assert_eq!(payment_meta(&r)["status"], "released");
+    // A call past the upstream's timeout is released, not charged.
+    let started = std::time::Instant::now();
+    let r = call(&client, "test_hang", json!({})).await;
+    assert_eq!(r.is_error, Some(true));
+    assert!(text(&r).contains("no answer within"), "{}", text(&r));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(payment_meta(&r)["status"], "released");
+    assert_eq!(t.env.available("alice").await, "0.90");
+
+    // An upstream that is gone: its tools answer isError, nothing is
+    // charged, and the rest of the server keeps serving.
+    upstream.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = call(&client, "test_work", json!({})).await;
+    assert_eq!(r.is_error, Some(true), "{r:?}");
+    assert!(
+        text(&r).contains("upstream `test` unavailable"),
+        "{}",
+        text(&r)
+    );
+    assert_eq!(t.env.available("alice").await, "0.90");
+    let r = call(&client, "echo", json!({"text": "still here"})).await;
+    assert_eq!(text(&r), "still here");
+    client.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpriced_upstream_tools_can_be_hidden_or_priced_by_default() {
+    let (url, _upstream) = spawn_upstream().await;
+    let t = InProcess::new(&upstream_pricing(&url, "hidden")).await;
+    let client = t
+        .connect(None, t.client(Person::Ignores, Elicitation::None), false)
+        .await;
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(!tools.iter().any(|t| t.name == "test_extra"), "hidden");
+    let err = client
+        .call_tool(CallToolRequestParams::new("test_extra"))
+        .await
+        .expect_err("a hidden tool cannot be called");
+    assert!(err.to_string().contains("unknown tool"));
+    client.cancel().await.ok();
+
+    let t = InProcess::new(&upstream_pricing(&url, "0.07")).await;
+    let client = t
+        .connect(None, t.client(Person::Ignores, Elicitation::None), false)
+        .await;
+    let tools = client.list_all_tools().await.unwrap();
+    let extra = tools.iter().find(|t| t.name == "test_extra").unwrap();
+    assert_eq!(
+        extra.meta.as_ref().unwrap().0["tollgate/price"]["amount"],
+        "0.07"
+    );
+    let r = call(&client, "test_extra", json!({})).await;
+    assert_eq!(error_code(&r), "payment_required");
+    client.cancel().await.ok();
+}
+
+#[tokio::test]
+async fn a_priced_tool_no_upstream_provides_is_a_start_up_error() {
+    let (url, _upstream) = spawn_upstream().await;
+    let text =
+        upstream_pricing(&url, "free") + "\n[[tools]]\nname = \"test_missing\"\nprice = \"1\"\n";
+    let env = crate::harness::Env::with_pricing(&text);
+    let out = env.cli(&["serve"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no backend provides a tool named `test_missing`"),
+        "{err}"
+    );
+
+    let text = crate::harness::pricing("resubmit", "")
+        + "\n[[upstreams]]\nname = \"gone\"\nurl = \"http://127.0.0.1:9/mcp\"\n";
+    let env = crate::harness::Env::with_pricing(&text);
+    let out = env.cli(&["serve"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream `gone`"));
+}
+
+/// Where `.ci/run` installs the reference server.
+fn everything() -> std::path::PathBuf {
+    std::env::var_os("TOLLGATE_TEST_EVERYTHING").map_or_else(
+        || {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(
+                "target/npm/node_modules/@modelcontextprotocol/server-everything/dist/index.js",
+            )
+        },
+        Into::into,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs @modelcontextprotocol/server-everything from npm; .ci/run installs it and runs this"]
+async fn the_reference_server_everything_behind_tollgate() {
+    let path = everything();
+    assert!(
+        path.exists(),
+        "install it: npm install --prefix target/npm @modelcontextprotocol/server-everything"
+    );
+    let pricing = crate::harness::pricing("two_step", "")
+        + &format!(
+            "\n[[upstreams]]\nname = \"everything\"\ncommand = [\"node\", \"{}\", \"stdio\"]\nprefix = \"everything_\"\n\n\
+             [[tools]]\nname = \"everything_echo\"\nprice = \"0.02\"\n\n[[tools]]\nname = \"everything_get-sum\"\nprice = \"0.03\"\n",
+            path.display()
+        );
+    let t = InProcess::new(&pricing).await;
+    t.env.topup("alice", "1.00").await;
+    let alice = t
+        .connect(
+            Some("alice"),
+            t.client(Person::Ignores, Elicitation::None),
+            false,
+        )
+        .await;
+    let tools = alice.list_all_tools().await.unwrap();
+    let priced: Vec<_> = tools
+        .iter()
+        .filter(|t| {
+            t.meta
+                .as_ref()
+                .is_some_and(|m| m.0.contains_key("tollgate/price"))
+        })
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(
+        priced.contains(&"everything_echo".to_owned())
+            && priced.contains(&"everything_get-sum".to_owned())
+    );
+    assert!(
+        tools
+            .iter()
+            .any(|t| t.name == "everything_get-tiny-image" && t.meta.is_none()),
+        "the rest free"
+    );
+
+    // Fast path.
+    let r = call(&alice, "everything_echo", json!({"message": "hi"})).await;
+    assert!(text(&r).contains("hi"), "{r:?}");
+    assert_eq!(payment_meta(&r)["status"], "paid");
+    let r = call(&alice, "everything_get-sum", json!({"a": 2, "b": 3})).await;
+    assert!(text(&r).contains('5'), "{r:?}");
+    assert_eq!(t.env.available("alice").await, "0.95");
+
+    // two_step, for a caller without a wallet.
+    let bob = t
+        .connect(
+            Some("bob"),
+            t.client(Person::Ignores, Elicitation::None),
+            false,
+        )
+        .await;
+    let r = call(&bob, "everything_echo", json!({"message": "paid later"})).await;
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    t.env.ok(&["sessions", "pay", &id]).await;
+    let r = call(
+        &bob,
+        "confirm_everything_echo_payment",
+        json!({"payment_id": id}),
+    )
+    .await;
+    assert!(text(&r).contains("paid later"), "{r:?}");
+    assert_eq!(payment_meta(&r)["status"], "paid");
+
+    // A free tool passes through untouched.
+    let r = call(&alice, "everything_get-tiny-image", json!({})).await;
+    assert_ne!(r.is_error, Some(true), "{r:?}");
+    assert!(!r.content.is_empty());
+    assert!(payment_meta(&r).is_null());
+    alice.cancel().await.ok();
+    bob.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
+}
