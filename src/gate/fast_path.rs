@@ -6,7 +6,7 @@ use std::time::Duration;
 use rmcp::model::CallToolResult;
 use serde_json::json;
 
-use super::{Caller, Gate, PricedCall, catalog::Entry, reply};
+use super::{CallScope, Gate, PricedCall, catalog::Entry, reply};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
@@ -22,11 +22,11 @@ impl Gate {
     /// above the approval threshold, or a wallet that cannot cover it.
     pub(super) async fn try_fast_path(
         &self,
-        caller: &Caller,
+        scope: &CallScope<'_>,
         call: &PricedCall<'_>,
         entry: &Entry,
     ) -> Option<CallToolResult> {
-        let principal = caller.principal.as_ref()?;
+        let principal = scope.caller.principal.as_ref()?;
         if call.price.amount > self.settings.approval_threshold {
             return None;
         }
@@ -54,7 +54,10 @@ impl Gate {
             Err(e) => return Some(reply::unavailable(e)),
         }
 
-        let result = entry.backend.call(call.tool, call.args.clone()).await;
+        let result = entry
+            .backend
+            .call(call.tool, call.args.clone(), &scope.backend_context())
+            .await;
         let amount = format_amount(call.price.amount);
         let currency = call.price.currency.as_str();
 

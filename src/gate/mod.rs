@@ -170,7 +170,11 @@ impl Gate {
             .get(name)
             .ok_or_else(|| McpError::invalid_params(format!("unknown tool `{name}`"), None))?;
         let Some(price) = &entry.price else {
-            return Ok(entry.backend.call(name, args).await.into());
+            return Ok(entry
+                .backend
+                .call(name, args, &scope.backend_context())
+                .await
+                .into());
         };
         // The payment id rides along with the arguments in the modes that
         // resubmit; it is not part of what the tool is priced for.
@@ -222,7 +226,7 @@ impl Gate {
             if let Some(response) = self.ask_approval(scope, &call, mode).await {
                 return Ok(response);
             }
-        } else if let Some(result) = self.try_fast_path(scope.caller, &call, entry).await {
+        } else if let Some(result) = self.try_fast_path(scope, &call, entry).await {
             return Ok(result.into());
         }
         Ok(self

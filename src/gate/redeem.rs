@@ -88,7 +88,7 @@ impl Gate {
                     .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
                     .await
                 {
-                    Ok(true) => return Settled::Final(self.run_paid(intent).await),
+                    Ok(true) => return Settled::Final(self.run_paid(scope, intent).await),
                     Ok(false) => Step::Reload,
                     Err(e) => return Settled::Final(reply::unavailable(e)),
                 },
@@ -265,12 +265,15 @@ impl Gate {
 
     /// Runs a paid intent's tool, the one time it runs, and settles: the
     /// result and the ledger posting are stored in one transaction.
-    async fn run_paid(&self, intent: Intent) -> CallToolResult {
+    async fn run_paid(&self, scope: &CallScope<'_>, intent: Intent) -> CallToolResult {
         let Some(entry) = self.catalog.get(&intent.tool) else {
             return reply::unavailable(format!("tool {} is no longer served", intent.tool));
         };
         let args: JsonObject = serde_json::from_str(&intent.args_json).unwrap_or_default();
-        let result = entry.backend.call(&intent.tool, args).await;
+        let result = entry
+            .backend
+            .call(&intent.tool, args, &scope.backend_context())
+            .await;
         let succeeded = result.is_error != Some(true);
         let txn_id = new_txn_id();
         let at = now_ms();

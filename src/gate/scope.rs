@@ -9,6 +9,7 @@ use rmcp::{
 };
 
 use super::Caller;
+use crate::tools::CallContext;
 
 /// How a client can answer an elicitation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,16 @@ pub struct CallScope<'a> {
 }
 
 impl CallScope<'_> {
+    /// What the tool backend may use of this call: progress and cancellation.
+    pub fn backend_context(&self) -> CallContext {
+        CallContext {
+            progress: self
+                .progress_token()
+                .map(|token| (self.request.peer.clone(), token)),
+            cancelled: self.request.ct.clone(),
+        }
+    }
+
     /// A 2026-07-28 session: the server may not send requests to the client,
     /// so elicitation travels in an `InputRequiredResult` instead.
     pub fn is_modern(&self) -> bool {

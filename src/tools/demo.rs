@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
-use super::{ArgumentError, ToolBackend};
+use super::{ArgumentError, CallContext, ToolBackend};
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -160,7 +160,7 @@ impl ToolBackend for DemoTools {
         }
     }
 
-    async fn call(&self, tool: &str, args: JsonObject) -> CallToolResult {
+    async fn call(&self, tool: &str, args: JsonObject, _context: &CallContext) -> CallToolResult {
         match self.tools.get(tool) {
             Some(t) => t.run(args),
             None => CallToolResult::error(vec![ContentBlock::text(format!("no tool `{tool}`"))]),
@@ -200,10 +200,20 @@ mod tests {
     #[tokio::test]
     async fn tools_run() {
         let demo = DemoTools::default();
-        let r = demo.call("divide", obj(json!({"a": 1, "b": 0}))).await;
+        let r = demo
+            .call(
+                "divide",
+                obj(json!({"a": 1, "b": 0})),
+                &CallContext::default(),
+            )
+            .await;
         assert_eq!(r.is_error, Some(true));
         let r = demo
-            .call("word_count", obj(json!({"text": "a b  c"})))
+            .call(
+                "word_count",
+                obj(json!({"text": "a b  c"})),
+                &CallContext::default(),
+            )
             .await;
         assert_eq!(r.structured_content, Some(json!({"words": 3})));
         let names: Vec<_> = demo

@@ -4,9 +4,23 @@ pub mod demo;
 pub mod upstream;
 
 use async_trait::async_trait;
-use rmcp::model::{CallToolResult, JsonObject, Tool};
+use rmcp::{
+    Peer, RoleServer,
+    model::{CallToolResult, JsonObject, ProgressToken, Tool},
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Unpriced;
+
+/// What a backend may use of the MCP call it serves: where to relay
+/// progress, and the client's cancellation.
+#[derive(Clone, Default)]
+pub struct CallContext {
+    /// The client's peer and progress token, when it asked for progress.
+    pub progress: Option<(Peer<RoleServer>, ProgressToken)>,
+    /// Cancelled when the client cancels the call.
+    pub cancelled: CancellationToken,
+}
 
 /// Arguments that do not fit a tool's input schema.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,7 +40,7 @@ pub trait ToolBackend: Send + Sync {
     /// Checks arguments against the tool's input schema without running it.
     fn validate(&self, tool: &str, args: &JsonObject) -> Result<(), ArgumentError>;
     /// Runs the tool. A tool failure is a result with `is_error: true`.
-    async fn call(&self, tool: &str, args: JsonObject) -> CallToolResult;
+    async fn call(&self, tool: &str, args: JsonObject, context: &CallContext) -> CallToolResult;
     /// What happens to this backend's tools that `pricing.toml` does not price.
     fn unpriced(&self) -> Unpriced {
         Unpriced::Free

@@ -5,24 +5,30 @@
 //! gate releases the hold (or refunds) and nothing is charged.
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, RwLock},
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, RwLock, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use async_trait::async_trait;
 use rmcp::{
-    RoleClient, ServiceExt,
+    ClientHandler, Peer, RoleClient, RoleServer, ServiceError, ServiceExt,
     model::{
-        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, JsonObject, Tool,
+        CallToolRequestParams, CallToolResult, CancelledNotificationParam, ClientRequest,
+        ContentBlock, JsonObject, ProgressNotificationParam, ProgressToken, Request, ServerResult,
+        Tool,
     },
-    service::RunningService,
+    service::{NotificationContext, PeerRequestOptions, RunningService},
     transport::{
         ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess,
         streamable_http_client::StreamableHttpClientTransportConfig,
     },
 };
 
-use super::{ArgumentError, ToolBackend};
+use super::{ArgumentError, CallContext, ToolBackend};
 use crate::config::{Unpriced, UpstreamConfig, UpstreamTransport};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,23 +38,68 @@ pub struct UpstreamError {
     pub message: String,
 }
 
-type Client = RunningService<RoleClient, ()>;
+/// Where an upstream call's progress goes: the client's peer and token.
+type Route = (Peer<RoleServer>, ProgressToken);
+
+/// tollgate's side of an upstream connection: relays the upstream's
+/// progress notifications to the client whose call they belong to.
+#[derive(Clone, Default)]
+struct Relay {
+    /// Upstream progress token → the client's route.
+    routes: Arc<Mutex<HashMap<ProgressToken, Route>>>,
+}
+
+impl Relay {
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<ProgressToken, Route>> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl ClientHandler for Relay {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let route = self.routes().get(&params.progress_token).cloned();
+        if let Some((peer, token)) = route {
+            let mut params = params;
+            params.progress_token = token;
+            if let Err(e) = peer.notify_progress(params).await {
+                tracing::debug!("progress not relayed: {e}");
+            }
+        }
+    }
+}
+
+type Client = RunningService<RoleClient, Relay>;
+
+const FIRST_RECONNECT: Duration = Duration::from_millis(100);
+const MAX_RECONNECT: Duration = Duration::from_secs(10);
 
 pub struct Upstream {
     config: UpstreamConfig,
+    me: Weak<Upstream>,
+    relay: Relay,
     client: tokio::sync::RwLock<Option<Client>>,
     /// The upstream's tools as served here (names prefixed).
     tools: RwLock<Vec<Tool>>,
+    reconnecting: AtomicBool,
 }
 
 impl Upstream {
     /// Connects and lists the upstream's tools; an upstream that cannot be
     /// reached at start is an error, because its prices cannot be checked.
     pub async fn connect(config: &UpstreamConfig) -> Result<Arc<Self>, UpstreamError> {
-        let upstream = Arc::new(Self {
+        let upstream = Arc::new_cyclic(|me| Self {
             config: config.clone(),
+            me: me.clone(),
+            relay: Relay::default(),
             client: tokio::sync::RwLock::new(None),
             tools: RwLock::new(Vec::new()),
+            reconnecting: AtomicBool::new(false),
         });
         upstream.open().await.map_err(|message| UpstreamError {
             name: config.name.clone(),
@@ -80,13 +131,15 @@ impl Upstream {
                     .stderr(std::process::Stdio::inherit())
                     .spawn()
                     .map_err(|e| format!("cannot start {program}: {e}"))?;
-                ().serve(transport)
+                self.relay
+                    .clone()
+                    .serve(transport)
                     .await
                     .map_err(|e| format!("handshake failed: {e}"))?
             }
             UpstreamTransport::Http { url, headers } => {
                 let mut config = StreamableHttpClientTransportConfig::with_uri(url.as_str());
-                let mut custom = std::collections::HashMap::new();
+                let mut custom = HashMap::new();
                 for (name, value) in expand_headers(headers)? {
                     if let Some(token) = value
                         .strip_prefix("Bearer ")
@@ -102,7 +155,9 @@ impl Upstream {
                     custom.insert(name, value);
                 }
                 config = config.custom_headers(custom);
-                ().serve(StreamableHttpClientTransport::from_config(config))
+                self.relay
+                    .clone()
+                    .serve(StreamableHttpClientTransport::from_config(config))
                     .await
                     .map_err(|e| format!("cannot connect to {url}: {e}"))?
             }
@@ -128,6 +183,37 @@ impl Upstream {
         }
         *self.client.write().await = Some(client);
         Ok(())
+    }
+
+    /// The connection is gone (the process crashed, the server went away):
+    /// answer "unavailable" meanwhile and reconnect with backoff, once.
+    fn reconnect(&self) {
+        if self.reconnecting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Some(old) = me.client.write().await.take() {
+                let _ = old.cancel().await;
+            }
+            let mut backoff = FIRST_RECONNECT;
+            loop {
+                match me.open().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(
+                            upstream = me.config.name,
+                            "reconnect failed: {e}; next try in {backoff:?}"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_RECONNECT);
+                    }
+                }
+            }
+            me.reconnecting.store(false, Ordering::SeqCst);
+        });
     }
 
     fn failure(&self, message: String) -> CallToolResult {
@@ -181,25 +267,72 @@ impl ToolBackend for Upstream {
         self.config.unpriced
     }
 
-    async fn call(&self, tool: &str, args: JsonObject) -> CallToolResult {
+    async fn call(&self, tool: &str, args: JsonObject, context: &CallContext) -> CallToolResult {
         let name = tool
             .strip_prefix(self.config.prefix.as_deref().unwrap_or(""))
             .unwrap_or(tool)
             .to_owned();
-        let guard = self.client.read().await;
-        let Some(client) = guard.as_ref() else {
-            return self.failure("not connected".into());
+        let Some(peer) = self.client.read().await.as_ref().map(|c| c.peer().clone()) else {
+            self.reconnect();
+            return self.failure("not connected; reconnecting".into());
         };
-        let params = CallToolRequestParams::new(name).with_arguments(args);
-        // Dropping the call on timeout sends notifications/cancelled upstream.
-        match tokio::time::timeout(self.config.timeout, client.call_tool_once(params)).await {
-            Ok(Ok(CallToolResponse::Complete(result))) => result,
-            Ok(Ok(_)) => self.failure("it asked for input tollgate cannot relay".into()),
-            Ok(Err(e)) => self.failure(format!("call failed: {e}")),
-            Err(_) => self.failure(format!(
-                "no answer within {}s",
-                self.config.timeout.as_secs_f64()
-            )),
+        let request = ClientRequest::CallToolRequest(Request::new(
+            CallToolRequestParams::new(name).with_arguments(args),
+        ));
+        // rmcp cancels the upstream request itself when the timeout passes.
+        let handle = match peer
+            .send_request_with_option(
+                request,
+                PeerRequestOptions::with_timeout(self.config.timeout),
+            )
+            .await
+        {
+            Ok(handle) => handle,
+            Err(e) => {
+                self.reconnect();
+                return self.failure(format!("cannot send the call: {e}"));
+            }
+        };
+        let (id, upstream_token) = (handle.id.clone(), handle.progress_token.clone());
+        if let Some((client, token)) = &context.progress {
+            self.relay
+                .routes()
+                .insert(upstream_token.clone(), (client.clone(), token.clone()));
+        }
+        let outcome = tokio::select! {
+            outcome = handle.await_response() => Some(outcome),
+            () = context.cancelled.cancelled() => None,
+        };
+        self.relay.routes().remove(&upstream_token);
+        match outcome {
+            None => {
+                // The client cancelled: tell the upstream too.
+                let cancel = CancelledNotificationParam::new(
+                    Some(id),
+                    Some("cancelled by the client".into()),
+                );
+                if let Err(e) = peer.notify_cancelled(cancel).await {
+                    tracing::debug!("cancellation not relayed: {e}");
+                }
+                self.failure("the client cancelled the call".into())
+            }
+            Some(Ok(ServerResult::CallToolResult(result))) => result,
+            Some(Ok(_)) => self.failure("it answered tools/call with something else".into()),
+            Some(Err(ServiceError::Timeout { timeout })) => {
+                self.failure(format!("no answer within {}s", timeout.as_secs_f64()))
+            }
+            // The upstream refused the call (bad arguments, unknown tool): a
+            // tool error for the caller, the connection is fine.
+            Some(Err(ServiceError::McpError(e))) => {
+                CallToolResult::error(vec![ContentBlock::text(format!(
+                    "upstream `{}` refused the call: {}; nothing was charged",
+                    self.config.name, e.message
+                ))])
+            }
+            Some(Err(e)) => {
+                self.reconnect();
+                self.failure(format!("call failed: {e}"))
+            }
         }
     }
 }

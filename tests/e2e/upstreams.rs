@@ -23,9 +23,12 @@ use crate::{
     inproc::{Elicitation, InProcess, Person, call},
 };
 
-/// An upstream that fails when asked and hangs when asked.
-#[derive(Clone)]
-struct TestUpstream;
+/// An upstream that fails when asked, hangs when asked (noting when a
+/// hanging call is cancelled), and reports progress.
+#[derive(Clone, Default)]
+struct TestUpstream {
+    cancelled: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 fn schema(props: serde_json::Value) -> Arc<rmcp::model::JsonObject> {
     Arc::new(
@@ -53,6 +56,7 @@ impl ServerHandler for TestUpstream {
                 schema(json!({"fail": {"type": "boolean"}})),
             ),
             Tool::new("hang", "Never answers.", schema(json!({}))),
+            Tool::new("steps", "Reports progress three times.", schema(json!({}))),
             Tool::new("extra", "Not priced in pricing.toml.", schema(json!({}))),
         ]))
     }
@@ -60,7 +64,7 @@ impl ServerHandler for TestUpstream {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let args = request.arguments.unwrap_or_default();
         let result = match request.name.as_ref() {
@@ -73,8 +77,25 @@ impl ServerHandler for TestUpstream {
                 r
             }
             "hang" => {
-                std::future::pending::<()>().await;
-                unreachable!()
+                context.ct.cancelled().await;
+                self.cancelled
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                CallToolResult::error(vec![ContentBlock::text("cancelled")])
+            }
+            "steps" => {
+                if let Some(token) = context.meta.get_progress_token() {
+                    for step in 1..=3 {
+                        let note = rmcp::model::ProgressNotificationParam::new(
+                            token.clone(),
+                            f64::from(step),
+                        )
+                        .with_total(3.0)
+                        .with_message(format!("step {step}"));
+                        let _ = context.peer.notify_progress(note).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                CallToolResult::success(vec![ContentBlock::text("three steps")])
             }
             _ => CallToolResult::success(vec![ContentBlock::text("extra")]),
         };
@@ -83,18 +104,25 @@ impl ServerHandler for TestUpstream {
 }
 
 async fn spawn_upstream() -> (String, CancellationToken) {
+    let (url, ct, _) = spawn_upstream_at("127.0.0.1:0", TestUpstream::default()).await;
+    (url, ct)
+}
+
+async fn spawn_upstream_at(
+    addr: &str,
+    upstream: TestUpstream,
+) -> (String, CancellationToken, TestUpstream) {
     let ct = CancellationToken::new();
+    let handler = upstream.clone();
     let service = StreamableHttpService::new(
-        || Ok(TestUpstream),
+        move || Ok(handler.clone()),
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default()
             .with_legacy_session_mode(true)
             .with_cancellation_token(ct.child_token()),
     );
     let app = axum::Router::new().nest_service("/mcp", service);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let stop = ct.clone();
     tokio::spawn(async move {
@@ -102,14 +130,15 @@ async fn spawn_upstream() -> (String, CancellationToken) {
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
     });
-    (format!("http://{addr}/mcp"), ct)
+    (format!("http://{addr}/mcp"), ct, upstream)
 }
 
 fn upstream_pricing(url: &str, unpriced: &str) -> String {
     crate::harness::pricing("resubmit", "")
         + &format!(
             "\n[[upstreams]]\nname = \"test\"\nurl = \"{url}\"\nprefix = true\nunpriced = \"{unpriced}\"\ntimeout = \"300ms\"\n\n\
-             [[tools]]\nname = \"test_work\"\nprice = \"0.10\"\n\n[[tools]]\nname = \"test_hang\"\nprice = \"0.10\"\n"
+             [[tools]]\nname = \"test_work\"\nprice = \"0.10\"\n\n[[tools]]\nname = \"test_hang\"\nprice = \"0.10\"\n\n\
+             [[tools]]\nname = \"test_steps\"\nprice = \"0.10\"\n"
         )
 }
 
@@ -269,13 +298,8 @@ async fn the_reference_server_everything_behind_tollgate() {
         );
     let t = InProcess::new(&pricing).await;
     t.env.topup("alice", "1.00").await;
-    let alice = t
-        .connect(
-            Some("alice"),
-            t.client(Person::Ignores, Elicitation::None),
-            false,
-        )
-        .await;
+    let watcher = t.client(Person::Ignores, Elicitation::None);
+    let alice = t.connect(Some("alice"), watcher.clone(), false).await;
     let tools = alice.list_all_tools().await.unwrap();
     let priced: Vec<_> = tools
         .iter()
@@ -325,6 +349,19 @@ async fn the_reference_server_everything_behind_tollgate() {
     assert!(text(&r).contains("paid later"), "{r:?}");
     assert_eq!(payment_meta(&r)["status"], "paid");
 
+    // Its long-running tool's progress notifications reach the client.
+    let r = call(
+        &alice,
+        "everything_trigger-long-running-operation",
+        json!({"duration": 1, "steps": 3}),
+    )
+    .await;
+    assert_ne!(r.is_error, Some(true), "{r:?}");
+    assert!(
+        watcher.progress.lock().unwrap().len() >= 3,
+        "progress relayed"
+    );
+
     // A free tool passes through untouched.
     let r = call(&alice, "everything_get-tiny-image", json!({})).await;
     assert_ne!(r.is_error, Some(true), "{r:?}");
@@ -332,5 +369,85 @@ async fn the_reference_server_everything_behind_tollgate() {
     assert!(payment_meta(&r).is_null());
     alice.cancel().await.ok();
     bob.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_and_cancellation_pass_through_and_a_lost_upstream_comes_back() {
+    let upstream = TestUpstream::default();
+    let (url, stop, upstream) = spawn_upstream_at("127.0.0.1:0", upstream).await;
+    let t = InProcess::new(
+        &upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"30s\""),
+    )
+    .await;
+    t.env.topup("alice", "1.00").await;
+    let handler = t.client(Person::Ignores, Elicitation::None);
+    let client = t.connect(Some("alice"), handler.clone(), false).await;
+
+    // The upstream's progress notifications reach the client.
+    let r = call(&client, "test_steps", json!({})).await;
+    assert_eq!(text(&r), "three steps");
+    let messages: Vec<_> = handler
+        .progress
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.message.clone())
+        .collect();
+    assert_eq!(messages, ["step 1", "step 2", "step 3"]);
+
+    // The client's cancellation reaches the upstream; nothing is charged.
+    let request = rmcp::model::ClientRequest::CallToolRequest(rmcp::model::Request::new(
+        CallToolRequestParams::new("test_hang"),
+    ));
+    let handle = client
+        .send_cancellable_request(request, rmcp::service::PeerRequestOptions::no_options())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    handle.cancel(Some("gave up".into())).await.unwrap();
+    for _ in 0..50 {
+        if upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the upstream saw the cancellation"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        t.env.available("alice").await,
+        "0.90",
+        "only the progress call was charged"
+    );
+
+    // The upstream goes away: its tools answer isError without charging…
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = call(&client, "test_work", json!({})).await;
+    assert_eq!(r.is_error, Some(true));
+    assert_eq!(t.env.available("alice").await, "0.90");
+    // …and once it is back, tollgate reconnects by itself.
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let (_url, _stop, _) = spawn_upstream_at(&addr, TestUpstream::default()).await;
+    let mut worked = false;
+    for _ in 0..100 {
+        let r = call(&client, "test_work", json!({})).await;
+        if r.is_error != Some(true) {
+            assert_eq!(text(&r), "worked");
+            worked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(worked, "tollgate reconnected to the upstream");
+    assert_eq!(t.env.available("alice").await, "0.80");
+    client.cancel().await.ok();
     t.env.assert_ledger_ok().await;
 }
