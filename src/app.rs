@@ -11,7 +11,7 @@ use crate::{
     store::{SqliteStore, Store, StoreError, now_ms},
     tools::{
         ToolBackend,
-        demo::DemoTools,
+        demo::demo_tools,
         upstream::{Upstream, UpstreamError},
     },
 };
@@ -72,18 +72,31 @@ pub fn provider_for(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Pr
     })
 }
 
-/// The tool backends: the built-in demo tools, then each upstream MCP
-/// server, connected now (its tools must be known to check the prices).
-pub async fn backends(config: &Config) -> Result<Vec<Arc<dyn ToolBackend>>, AppError> {
-    let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(DemoTools::default())];
+/// The upstream MCP servers of the config, connected now (their tools must
+/// be known to check the prices).
+pub async fn upstreams(config: &Config) -> Result<Vec<Arc<dyn ToolBackend>>, AppError> {
+    let mut backends: Vec<Arc<dyn ToolBackend>> = Vec::new();
     for upstream in &config.upstreams {
         backends.push(Upstream::connect(upstream).await?);
     }
     Ok(backends)
 }
 
+/// The `tollgate` binary's gate: the built-in demo tools and the config's
+/// upstreams.
 pub async fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Gate, AppError> {
-    let catalog = Catalog::build(config, &backends(config).await?)?;
+    let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(demo_tools())];
+    backends.extend(upstreams(config).await?);
+    build_gate_with(config, store, &backends)
+}
+
+/// A gate over the given tool backends.
+pub fn build_gate_with(
+    config: &Config,
+    store: Arc<dyn Store>,
+    backends: &[Arc<dyn ToolBackend>],
+) -> Result<Gate, AppError> {
+    let catalog = Catalog::build(config, backends)?;
     let signer = ReceiptSigner::load_or_create(&receipt_key_path(config))?;
     let provider = provider_for(config, store.clone())?;
     Ok(Gate::new(

@@ -8,6 +8,7 @@
 pub mod app;
 pub mod canonical;
 pub mod config;
+pub mod embed;
 pub mod gate;
 pub mod http;
 pub mod keys;
@@ -17,3 +18,6 @@ pub mod receipt;
 pub mod server;
 pub mod store;
 pub mod tools;
+
+pub use embed::{Tollgate, TollgateBuilder};
+pub use gate::Caller;

@@ -1,6 +1,7 @@
 //! Tool backends: what actually runs once the gate lets a call through.
 
 pub mod demo;
+pub mod functions;
 pub mod upstream;
 
 use async_trait::async_trait;

@@ -5,6 +5,7 @@ mod browser;
 mod harness;
 mod http_service;
 mod inproc;
+mod library;
 
 mod cli_and_config;
 mod concurrency;

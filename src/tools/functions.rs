@@ -1,0 +1,207 @@
+//! Tools written as Rust functions: the way a Rust author prices their own
+//! tools with tollgate (see [`crate::Tollgate`]), and how the demo tools are
+//! built. A tool's input schema comes from its argument type (schemars), and
+//! arguments are checked by deserialising into that type before any money
+//! moves, so a bad argument is an `isError` naming the field and costs
+//! nothing.
+
+use std::{collections::BTreeMap, future::Future, marker::PhantomData, pin::Pin, sync::Arc};
+
+use async_trait::async_trait;
+use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool};
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::{ArgumentError, CallContext, ToolBackend};
+
+/// What a tool function may return.
+pub trait IntoToolResult {
+    fn into_tool_result(self) -> CallToolResult;
+}
+
+impl IntoToolResult for CallToolResult {
+    fn into_tool_result(self) -> CallToolResult {
+        self
+    }
+}
+
+impl IntoToolResult for String {
+    fn into_tool_result(self) -> CallToolResult {
+        CallToolResult::success(vec![ContentBlock::text(self)])
+    }
+}
+
+impl IntoToolResult for &'static str {
+    fn into_tool_result(self) -> CallToolResult {
+        self.to_owned().into_tool_result()
+    }
+}
+
+/// `Err` is a tool error: the caller is told why and charged nothing.
+impl<T: IntoToolResult, E: std::fmt::Display> IntoToolResult for Result<T, E> {
+    fn into_tool_result(self) -> CallToolResult {
+        match self {
+            Ok(value) => value.into_tool_result(),
+            Err(e) => CallToolResult::error(vec![ContentBlock::text(e.to_string())]),
+        }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = CallToolResult> + Send>>;
+
+/// One tool, its argument type erased.
+trait FnTool: Send + Sync {
+    fn describe(&self) -> Tool;
+    fn validate(&self, args: &JsonObject) -> Result<(), ArgumentError>;
+    fn run(&self, args: JsonObject) -> BoxFuture;
+}
+
+struct Typed<A, F> {
+    name: String,
+    description: String,
+    handler: Arc<F>,
+    args: PhantomData<fn(A)>,
+}
+
+impl<A, F, Fut, R> Typed<A, F>
+where
+    A: DeserializeOwned + JsonSchema + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoToolResult,
+{
+    fn parse(args: JsonObject) -> Result<A, ArgumentError> {
+        serde_path_to_error::deserialize(Value::Object(args)).map_err(|e| {
+            let message = e.inner().to_string();
+            let path = e.path().to_string();
+            let field = if path == "." {
+                named_field(&message).unwrap_or_else(|| "arguments".to_owned())
+            } else {
+                path
+            };
+            ArgumentError { field, message }
+        })
+    }
+}
+
+/// serde names a missing or unknown field only in its message.
+fn named_field(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("missing field `")
+        .or_else(|| message.strip_prefix("unknown field `"))?;
+    rest.split('`').next().map(str::to_owned)
+}
+
+impl<A, F, Fut, R> FnTool for Typed<A, F>
+where
+    A: DeserializeOwned + JsonSchema + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = R> + Send + 'static,
+    R: IntoToolResult,
+{
+    fn describe(&self) -> Tool {
+        let schema = serde_json::to_value(schemars::schema_for!(A))
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        Tool::new(
+            self.name.clone(),
+            self.description.clone(),
+            Arc::new(schema),
+        )
+    }
+
+    fn validate(&self, args: &JsonObject) -> Result<(), ArgumentError> {
+        Self::parse(args.clone()).map(|_| ())
+    }
+
+    fn run(&self, args: JsonObject) -> BoxFuture {
+        match Self::parse(args) {
+            Ok(args) => {
+                let future = (self.handler)(args);
+                Box::pin(async move { future.await.into_tool_result() })
+            }
+            Err(e) => {
+                Box::pin(
+                    async move { CallToolResult::error(vec![ContentBlock::text(e.to_string())]) },
+                )
+            }
+        }
+    }
+}
+
+/// A set of tools written as async Rust functions.
+///
+/// ```
+/// use schemars::JsonSchema;
+/// use serde::Deserialize;
+/// use tollgate::tools::functions::FnTools;
+///
+/// #[derive(Deserialize, JsonSchema)]
+/// struct Greet { name: String }
+///
+/// let tools = FnTools::new().tool("greet", "Says hello.", |args: Greet| async move {
+///     format!("Hello, {}!", args.name)
+/// });
+/// ```
+#[derive(Default, Clone)]
+pub struct FnTools {
+    tools: BTreeMap<String, Arc<dyn FnTool>>,
+}
+
+impl FnTools {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tool. `handler` takes the deserialised arguments and returns a
+    /// [`CallToolResult`], a `String`, or a `Result` of either (`Err` is a
+    /// tool error, which charges nothing).
+    pub fn tool<A, F, Fut, R>(
+        mut self,
+        name: impl Into<String>,
+        description: impl Into<String>,
+        handler: F,
+    ) -> Self
+    where
+        A: DeserializeOwned + JsonSchema + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: IntoToolResult + 'static,
+    {
+        let name = name.into();
+        let tool = Typed {
+            name: name.clone(),
+            description: description.into(),
+            handler: Arc::new(handler),
+            args: PhantomData,
+        };
+        self.tools.insert(name, Arc::new(tool));
+        self
+    }
+}
+
+#[async_trait]
+impl ToolBackend for FnTools {
+    fn tools(&self) -> Vec<Tool> {
+        self.tools.values().map(|t| t.describe()).collect()
+    }
+
+    fn validate(&self, tool: &str, args: &JsonObject) -> Result<(), ArgumentError> {
+        match self.tools.get(tool) {
+            Some(t) => t.validate(args),
+            None => Err(ArgumentError {
+                field: "name".into(),
+                message: format!("no tool `{tool}`"),
+            }),
+        }
+    }
+
+    async fn call(&self, tool: &str, args: JsonObject, _context: &CallContext) -> CallToolResult {
+        match self.tools.get(tool) {
+            Some(t) => t.run(args).await,
+            None => CallToolResult::error(vec![ContentBlock::text(format!("no tool `{tool}`"))]),
+        }
+    }
+}
