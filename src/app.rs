@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
     config::{Config, ConfigError, ProviderKind},
-    gate::{Catalog, Gate, GateSettings},
+    gate::{Catalog, CatalogSources, Gate, GateSettings},
     provider::{Provider, ProviderError, local::LocalProvider, sessions_api::SessionsApiProvider},
     receipt::{ReceiptError, ReceiptSigner, default_key_path},
     store::{SqliteStore, Store, StoreError, now_ms},
@@ -84,7 +84,7 @@ pub async fn upstreams(config: &Config) -> Result<Vec<Arc<dyn ToolBackend>>, App
 
 /// The `tollgate` binary's gate: the built-in demo tools and the config's
 /// upstreams.
-pub async fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Gate, AppError> {
+pub async fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Arc<Gate>, AppError> {
     let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(demo_tools())];
     backends.extend(upstreams(config).await?);
     build_gate_with(config, store, &backends)
@@ -95,17 +95,25 @@ pub fn build_gate_with(
     config: &Config,
     store: Arc<dyn Store>,
     backends: &[Arc<dyn ToolBackend>],
-) -> Result<Gate, AppError> {
+) -> Result<Arc<Gate>, AppError> {
     let catalog = Catalog::build(config, backends)?;
     let signer = ReceiptSigner::load_or_create(&receipt_key_path(config))?;
     let provider = provider_for(config, store.clone())?;
-    Ok(Gate::new(
+    let gate = Gate::new(
         store,
         provider,
         catalog,
         signer,
         GateSettings::from_config(config),
-    ))
+    )
+    .with_sources(CatalogSources {
+        config: config.clone(),
+        backends: backends.to_vec(),
+    });
+    let gate = Arc::new(gate);
+    // Upstreams may change their tools while we run.
+    gate.watch_backends();
+    Ok(gate)
 }
 
 /// Expires holds and intents past their time, and dynamic confirm tools

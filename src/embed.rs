@@ -150,8 +150,6 @@ impl TollgateBuilder {
         backends.extend(self.backends);
         backends.extend(app::upstreams(&self.config).await?);
         let gate = app::build_gate_with(&self.config, store, &backends)?;
-        Ok(Tollgate {
-            gate: Arc::new(gate),
-        })
+        Ok(Tollgate { gate })
     }
 }

@@ -222,7 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 
 async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> anyhow::Result<()> {
     let payer = payer.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
-    let gate = Arc::new(app::build_gate(&config, store.clone()).await?);
+    let gate = app::build_gate(&config, store.clone()).await?;
     let sweeper = app::spawn_sweeper(gate.clone(), Duration::from_secs(30));
     tracing::info!(
         server = config.server_name,
@@ -247,7 +247,7 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
     // Payment URLs point here unless the config says otherwise (port 0
     // becomes the real port).
     config.http.listen = local.to_string();
-    let gate = Arc::new(app::build_gate(&config, store).await?);
+    let gate = app::build_gate(&config, store).await?;
     let sweeper = app::spawn_sweeper(gate.clone(), Duration::from_secs(30));
     tracing::info!(
         server = config.server_name,

@@ -116,6 +116,14 @@ impl ServerHandler for TollgateServer {
         response
     }
 
+    /// Sessions up to 2025-11-25 hear `tools/list_changed` through their
+    /// peer.
+    async fn on_initialized(&self, context: rmcp::service::NotificationContext<RoleServer>) {
+        self.gate
+            .dynamic_tools()
+            .attach_peer(&self.session_id, context.peer);
+    }
+
     fn accepted_subscription_filter(
         &self,
         requested: &SubscriptionFilter,

@@ -45,6 +45,23 @@ impl Catalog {
     /// Joins the backends' tools with `pricing.toml`. A priced tool no
     /// backend provides, or a name served twice, is a start-up error.
     pub fn build(config: &Config, backends: &[Arc<dyn ToolBackend>]) -> Result<Self, ConfigError> {
+        Self::join(config, backends, true)
+    }
+
+    /// The same while running, after an upstream changed its tools: a priced
+    /// tool that went away is simply not served (and logged).
+    pub fn build_lenient(
+        config: &Config,
+        backends: &[Arc<dyn ToolBackend>],
+    ) -> Result<Self, ConfigError> {
+        Self::join(config, backends, false)
+    }
+
+    fn join(
+        config: &Config,
+        backends: &[Arc<dyn ToolBackend>],
+        strict: bool,
+    ) -> Result<Self, ConfigError> {
         let mut described: BTreeMap<String, (Tool, Arc<dyn ToolBackend>)> = BTreeMap::new();
         for backend in backends {
             for tool in backend.tools() {
@@ -64,6 +81,13 @@ impl Catalog {
         let mut prices: HashMap<&str, Price> = HashMap::new();
         let mut explicitly_free = std::collections::HashSet::new();
         for priced in &config.tools {
+            if !described.contains_key(&priced.name) && !strict {
+                tracing::warn!(
+                    tool = priced.name,
+                    "a priced tool is no longer provided; not served"
+                );
+                continue;
+            }
             if !described.contains_key(&priced.name) {
                 let known: Vec<&str> = described.keys().map(String::as_str).collect();
                 return Err(config.tool_error(

@@ -78,6 +78,25 @@ impl DynamicTools {
         })
     }
 
+    /// Remembers a session's peer, so it hears when the tool list changes.
+    pub fn attach_peer(&self, session: &str, peer: Peer<RoleServer>) {
+        self.with(session, |s| s.peer = Some(peer));
+    }
+
+    /// Tells every session the tool list changed (an upstream's did).
+    pub async fn announce_all(&self) {
+        let sessions: Vec<String> = {
+            let sessions = self
+                .sessions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            sessions.keys().cloned().collect()
+        };
+        for session in sessions {
+            self.announce(&session).await;
+        }
+    }
+
     /// A 2026-07-28 session's `subscriptions/listen` stream.
     pub fn attach_listener(&self, session: &str, sink: SubscriptionSink) {
         self.with(session, |s| s.sinks.push(sink));

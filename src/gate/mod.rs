@@ -27,6 +27,7 @@ use crate::{
     provider::Provider,
     receipt::ReceiptSigner,
     store::{AccountKind, AccountRef, Store},
+    tools::ToolBackend,
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
 pub use dynamic::{DynamicTools, dynamic_confirm_payment_id};
@@ -63,10 +64,18 @@ impl GateSettings {
     }
 }
 
+/// What the catalog is built from, kept to rebuild it when a backend's tool
+/// list changes.
+pub struct CatalogSources {
+    pub config: Config,
+    pub backends: Vec<Arc<dyn ToolBackend>>,
+}
+
 pub struct Gate {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) provider: Arc<dyn Provider>,
-    pub(crate) catalog: Catalog,
+    catalog: std::sync::RwLock<Arc<Catalog>>,
+    sources: Option<CatalogSources>,
     pub(crate) signer: ReceiptSigner,
     pub(crate) settings: GateSettings,
     pub(crate) dynamic: DynamicTools,
@@ -91,15 +100,62 @@ impl Gate {
         Self {
             store,
             provider,
-            catalog,
+            catalog: std::sync::RwLock::new(Arc::new(catalog)),
+            sources: None,
             signer,
             settings,
             dynamic: DynamicTools::default(),
         }
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+    /// Keeps what the catalog was built from, so that it can be rebuilt.
+    pub fn with_sources(mut self, sources: CatalogSources) -> Self {
+        self.sources = Some(sources);
+        self
+    }
+
+    /// The tools and prices now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |c| c.clone())
+    }
+
+    /// Follows the backends whose tool lists can change (upstreams): on a
+    /// change, rebuilds the catalog and tells every session.
+    pub fn watch_backends(self: &Arc<Self>) {
+        let Some(sources) = &self.sources else {
+            return;
+        };
+        for mut changes in sources.backends.iter().filter_map(|b| b.changes()) {
+            let gate = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    let Some(gate) = gate.upgrade() else {
+                        break;
+                    };
+                    gate.rebuild_catalog();
+                    gate.dynamic.announce_all().await;
+                }
+            });
+        }
+    }
+
+    fn rebuild_catalog(&self) {
+        let Some(sources) = &self.sources else {
+            return;
+        };
+        match Catalog::build_lenient(&sources.config, &sources.backends) {
+            Ok(catalog) => {
+                if let Ok(mut current) = self.catalog.write() {
+                    *current = Arc::new(catalog);
+                }
+                tracing::info!("tool list changed upstream; catalog rebuilt");
+            }
+            Err(e) => {
+                tracing::warn!("tool list changed upstream but the catalog cannot be rebuilt: {e}")
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -113,13 +169,13 @@ impl Gate {
     /// The tools one MCP session sees: the catalog plus its own dynamic
     /// confirm tools.
     pub fn tools_for(&self, session_id: &str) -> Vec<Tool> {
-        let mut tools = self.catalog.listed().to_vec();
+        let mut tools = self.catalog().listed().to_vec();
         tools.extend(self.dynamic.listed(session_id));
         tools
     }
 
     pub fn tool_for(&self, session_id: &str, name: &str) -> Option<Tool> {
-        self.catalog.listed_tool(name).or_else(|| {
+        self.catalog().listed_tool(name).or_else(|| {
             self.dynamic
                 .listed(session_id)
                 .into_iter()
@@ -133,8 +189,9 @@ impl Gate {
         if dynamic_confirm_payment_id(tool).is_some() {
             return Mode::DynamicTools.as_str();
         }
-        let priced = self.catalog.confirmed_tool(tool).unwrap_or(tool);
-        match self.catalog.get(priced) {
+        let catalog = self.catalog();
+        let priced = catalog.confirmed_tool(tool).unwrap_or(tool);
+        match catalog.get(priced) {
             Some(entry) => entry.price.as_ref().map_or("free", |p| p.mode.as_str()),
             None => "unknown",
         }
@@ -159,14 +216,14 @@ impl Gate {
     ) -> Result<CallToolResponse, McpError> {
         let name = params.name.as_ref();
         let mut args = params.arguments.unwrap_or_default();
-        if let Some(tool) = self.catalog.confirmed_tool(name) {
+        let catalog = self.catalog();
+        if let Some(tool) = catalog.confirmed_tool(name) {
             return Ok(self.confirm(scope, tool, &args).await.into());
         }
         if let Some(payment_id) = dynamic_confirm_payment_id(name) {
             return Ok(self.dynamic_confirm(scope, name, payment_id).await.into());
         }
-        let entry = self
-            .catalog
+        let entry = catalog
             .get(name)
             .ok_or_else(|| McpError::invalid_params(format!("unknown tool `{name}`"), None))?;
         let Some(price) = &entry.price else {

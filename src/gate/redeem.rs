@@ -266,7 +266,8 @@ impl Gate {
     /// Runs a paid intent's tool, the one time it runs, and settles: the
     /// result and the ledger posting are stored in one transaction.
     async fn run_paid(&self, scope: &CallScope<'_>, intent: Intent) -> CallToolResult {
-        let Some(entry) = self.catalog.get(&intent.tool) else {
+        let catalog = self.catalog();
+        let Some(entry) = catalog.get(&intent.tool) else {
             return reply::unavailable(format!("tool {} is no longer served", intent.tool));
         };
         let args: JsonObject = serde_json::from_str(&intent.args_json).unwrap_or_default();

@@ -42,6 +42,12 @@ pub trait ToolBackend: Send + Sync {
     fn validate(&self, tool: &str, args: &JsonObject) -> Result<(), ArgumentError>;
     /// Runs the tool. A tool failure is a result with `is_error: true`.
     async fn call(&self, tool: &str, args: JsonObject, context: &CallContext) -> CallToolResult;
+    /// Ticks when the backend's tool list changes (upstreams that announce
+    /// `tools/list_changed`); `None` for a fixed list.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// What happens to this backend's tools that `pricing.toml` does not price.
     fn unpriced(&self) -> Unpriced {
         Unpriced::Free

@@ -47,6 +47,8 @@ type Route = (Peer<RoleServer>, ProgressToken);
 struct Relay {
     /// Upstream progress token → the client's route.
     routes: Arc<Mutex<HashMap<ProgressToken, Route>>>,
+    /// Woken by the upstream's `notifications/tools/list_changed`.
+    list_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Relay {
@@ -72,6 +74,10 @@ impl ClientHandler for Relay {
             }
         }
     }
+
+    async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
+        self.list_changed.notify_one();
+    }
 }
 
 type Client = RunningService<RoleClient, Relay>;
@@ -87,6 +93,8 @@ pub struct Upstream {
     /// The upstream's tools as served here (names prefixed).
     tools: RwLock<Vec<Tool>>,
     reconnecting: AtomicBool,
+    /// Ticks when `tools` changes.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Upstream {
@@ -100,11 +108,13 @@ impl Upstream {
             client: tokio::sync::RwLock::new(None),
             tools: RwLock::new(Vec::new()),
             reconnecting: AtomicBool::new(false),
+            changes: tokio::sync::watch::Sender::new(0),
         });
         upstream.open().await.map_err(|message| UpstreamError {
             name: config.name.clone(),
             message,
         })?;
+        upstream.follow_list_changes();
         Ok(upstream)
     }
 
@@ -162,6 +172,14 @@ impl Upstream {
                     .map_err(|e| format!("cannot connect to {url}: {e}"))?
             }
         };
+        self.refresh_tools(&client).await?;
+        tracing::info!(upstream = self.config.name, "connected to upstream");
+        *self.client.write().await = Some(client);
+        Ok(())
+    }
+
+    /// Re-reads the upstream's tools and tells the gate if they changed.
+    async fn refresh_tools(&self, client: &Client) -> Result<(), String> {
         let listed = client
             .list_all_tools()
             .await
@@ -173,16 +191,35 @@ impl Upstream {
                 tool
             })
             .collect();
-        tracing::info!(
-            upstream = self.config.name,
-            tools = tools.len(),
-            "connected to upstream"
-        );
-        if let Ok(mut cached) = self.tools.write() {
+        let changed = self.tools.write().map(|mut cached| {
+            let changed = *cached != tools;
             *cached = tools;
+            changed
+        });
+        if changed.unwrap_or(false) {
+            self.changes.send_modify(|n| *n += 1);
         }
-        *self.client.write().await = Some(client);
         Ok(())
+    }
+
+    /// Follows the upstream's `tools/list_changed` for as long as it lives.
+    fn follow_list_changes(&self) {
+        let me = self.me.clone();
+        let announced = self.relay.list_changed.clone();
+        tokio::spawn(async move {
+            loop {
+                announced.notified().await;
+                let Some(me) = me.upgrade() else {
+                    break;
+                };
+                let client = me.client.read().await;
+                if let Some(client) = client.as_ref()
+                    && let Err(e) = me.refresh_tools(client).await
+                {
+                    tracing::warn!(upstream = me.config.name, "tool list refresh failed: {e}");
+                }
+            }
+        });
     }
 
     /// The connection is gone (the process crashed, the server went away):
@@ -265,6 +302,10 @@ impl ToolBackend for Upstream {
 
     fn unpriced(&self) -> Unpriced {
         self.config.unpriced
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 
     async fn call(&self, tool: &str, args: JsonObject, context: &CallContext) -> CallToolResult {

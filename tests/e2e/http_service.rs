@@ -45,7 +45,7 @@ impl HttpServer {
         let store = app::open_store(&config.store_url, &config)
             .await
             .expect("store");
-        let gate = Arc::new(app::build_gate(&config, store).await.expect("gate"));
+        let gate = app::build_gate(&config, store).await.expect("gate");
         let state = Arc::new(HttpState::new(&config, gate.clone()));
         let shutdown = CancellationToken::new();
         let http = config.http.clone();

@@ -266,7 +266,7 @@ impl InProcess {
         let store = app::open_store(&config.store_url, &config)
             .await
             .expect("store");
-        let gate = Arc::new(app::build_gate(&config, store).await.expect("gate"));
+        let gate = app::build_gate(&config, store).await.expect("gate");
         Self { env, gate }
     }
 

@@ -28,6 +28,8 @@ use crate::{
 #[derive(Clone, Default)]
 struct TestUpstream {
     cancelled: Arc<std::sync::atomic::AtomicUsize>,
+    /// How many `more_N` tools `grow` has added.
+    grown: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn schema(props: serde_json::Value) -> Arc<rmcp::model::JsonObject> {
@@ -41,7 +43,12 @@ fn schema(props: serde_json::Value) -> Arc<rmcp::model::JsonObject> {
 
 impl ServerHandler for TestUpstream {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
+        )
     }
 
     async fn list_tools(
@@ -49,16 +56,23 @@ impl ServerHandler for TestUpstream {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(vec![
-            Tool::new(
-                "work",
-                "Does some work; fails when asked.",
-                schema(json!({"fail": {"type": "boolean"}})),
-            ),
-            Tool::new("hang", "Never answers.", schema(json!({}))),
-            Tool::new("steps", "Reports progress three times.", schema(json!({}))),
-            Tool::new("extra", "Not priced in pricing.toml.", schema(json!({}))),
-        ]))
+        let grown = self.grown.load(std::sync::atomic::Ordering::SeqCst);
+        let more = (1..=grown)
+            .map(|n| Tool::new(format!("more_{n}"), "Added by grow.", schema(json!({}))));
+        Ok(ListToolsResult::with_all_items(
+            more.chain([
+                Tool::new(
+                    "work",
+                    "Does some work; fails when asked.",
+                    schema(json!({"fail": {"type": "boolean"}})),
+                ),
+                Tool::new("hang", "Never answers.", schema(json!({}))),
+                Tool::new("steps", "Reports progress three times.", schema(json!({}))),
+                Tool::new("extra", "Not priced in pricing.toml.", schema(json!({}))),
+                Tool::new("grow", "Adds a tool and says so.", schema(json!({}))),
+            ])
+            .collect(),
+        ))
     }
 
     async fn call_tool(
@@ -96,6 +110,11 @@ impl ServerHandler for TestUpstream {
                     }
                 }
                 CallToolResult::success(vec![ContentBlock::text("three steps")])
+            }
+            "grow" => {
+                self.grown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = context.peer.notify_tool_list_changed().await;
+                CallToolResult::success(vec![ContentBlock::text("grown")])
             }
             _ => CallToolResult::success(vec![ContentBlock::text("extra")]),
         };
@@ -448,6 +467,37 @@ async fn progress_and_cancellation_pass_through_and_a_lost_upstream_comes_back()
     }
     assert!(worked, "tollgate reconnected to the upstream");
     assert_eq!(t.env.available("alice").await, "0.80");
+    client.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_tool_list_change_reaches_the_client() {
+    let (url, _upstream) = spawn_upstream().await;
+    let t = InProcess::new(&upstream_pricing(&url, "free")).await;
+    let handler = t.client(Person::Ignores, Elicitation::None);
+    let client = t.connect(None, handler.clone(), false).await;
+    let before = client.list_all_tools().await.unwrap().len();
+    let r = call(&client, "test_grow", json!({})).await;
+    assert_eq!(text(&r), "grown");
+    let mut heard = false;
+    for _ in 0..100 {
+        if handler
+            .list_changed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            heard = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(heard, "the client heard tools/list_changed");
+    let tools = client.list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), before + 1);
+    assert!(tools.iter().any(|t| t.name == "test_more_1"));
+    let r = call(&client, "test_more_1", json!({})).await;
+    assert_ne!(r.is_error, Some(true), "{r:?}");
     client.cancel().await.ok();
     t.env.assert_ledger_ok().await;
 }
