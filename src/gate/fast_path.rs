@@ -56,7 +56,11 @@ impl Gate {
 
         let result = entry
             .backend
-            .call(call.tool, call.args.clone(), &scope.backend_context())
+            .call(
+                call.tool,
+                call.args.clone(),
+                &scope.backend_context(self.settings.timeouts.elicitation),
+            )
             .await;
         let amount = format_amount(call.price.amount);
         let currency = call.price.currency.as_str();

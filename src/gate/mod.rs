@@ -229,7 +229,11 @@ impl Gate {
         let Some(price) = &entry.price else {
             return Ok(entry
                 .backend
-                .call(name, args, &scope.backend_context())
+                .call(
+                    name,
+                    args,
+                    &scope.backend_context(self.settings.timeouts.elicitation),
+                )
                 .await
                 .into());
         };

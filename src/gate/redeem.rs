@@ -273,7 +273,11 @@ impl Gate {
         let args: JsonObject = serde_json::from_str(&intent.args_json).unwrap_or_default();
         let result = entry
             .backend
-            .call(&intent.tool, args, &scope.backend_context())
+            .call(
+                &intent.tool,
+                args,
+                &scope.backend_context(self.settings.timeouts.elicitation),
+            )
             .await;
         let succeeded = result.is_error != Some(true);
         let txn_id = new_txn_id();

@@ -40,12 +40,15 @@ pub struct CallScope<'a> {
 }
 
 impl CallScope<'_> {
-    /// What the tool backend may use of this call: progress and cancellation.
-    pub fn backend_context(&self) -> CallContext {
+    /// What the tool backend may use of this call: progress, elicitation
+    /// (on sessions where the server may send requests) and cancellation.
+    pub fn backend_context(&self, elicitation_timeout: std::time::Duration) -> CallContext {
         CallContext {
             progress: self
                 .progress_token()
                 .map(|token| (self.request.peer.clone(), token)),
+            elicitation: (self.elicits().any() && !self.is_modern())
+                .then(|| (self.request.peer.clone(), elicitation_timeout)),
             cancelled: self.request.ct.clone(),
         }
     }

@@ -19,6 +19,9 @@ use crate::config::Unpriced;
 pub struct CallContext {
     /// The client's peer and progress token, when it asked for progress.
     pub progress: Option<(Peer<RoleServer>, ProgressToken)>,
+    /// The client's peer, when it can answer an elicitation in this call,
+    /// and how long such a request may wait.
+    pub elicitation: Option<(Peer<RoleServer>, std::time::Duration)>,
     /// Cancelled when the client cancels the call.
     pub cancelled: CancellationToken,
 }

@@ -15,13 +15,15 @@ use std::{
 
 use async_trait::async_trait;
 use rmcp::{
-    ClientHandler, Peer, RoleClient, RoleServer, ServiceError, ServiceExt,
+    ClientHandler, ErrorData as McpError, Peer, RoleClient, RoleServer, ServiceError, ServiceExt,
     model::{
-        CallToolRequestParams, CallToolResult, CancelledNotificationParam, ClientRequest,
-        ContentBlock, JsonObject, ProgressNotificationParam, ProgressToken, Request, ServerResult,
-        Tool,
+        CallToolRequestParams, CallToolResult, CancelledNotificationParam, ClientCapabilities,
+        ClientConfig, ClientRequest, ContentBlock, ElicitRequestParams, ElicitResult,
+        ElicitationAction, ElicitationCapability, FormElicitationCapability, Implementation,
+        JsonObject, ProgressNotificationParam, ProgressToken, Request, RequestId, ServerResult,
+        Tool, UrlElicitationCapability,
     },
-    service::{NotificationContext, PeerRequestOptions, RunningService},
+    service::{NotificationContext, PeerRequestOptions, RequestContext, RunningService},
     transport::{
         ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess,
         streamable_http_client::StreamableHttpClientTransportConfig,
@@ -49,11 +51,23 @@ struct Relay {
     routes: Arc<Mutex<HashMap<ProgressToken, Route>>>,
     /// Woken by the upstream's `notifications/tools/list_changed`.
     list_changed: Arc<tokio::sync::Notify>,
+    /// Calls in flight whose client can answer an elicitation: upstream
+    /// request id → the client and how long it may take.
+    askers: Arc<Mutex<Vec<(RequestId, Asker)>>>,
 }
+
+/// A client that can answer elicitations, and the time it is given.
+type Asker = (Peer<RoleServer>, Duration);
 
 impl Relay {
     fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<ProgressToken, Route>> {
         self.routes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn askers(&self) -> std::sync::MutexGuard<'_, Vec<(RequestId, Asker)>> {
+        self.askers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -77,6 +91,50 @@ impl ClientHandler for Relay {
 
     async fn on_tool_list_changed(&self, _context: NotificationContext<RoleClient>) {
         self.list_changed.notify_one();
+    }
+
+    fn get_info(&self) -> ClientConfig {
+        // Upstreams may ask; whether a person can answer is decided per call.
+        let elicitation = ElicitationCapability::new()
+            .with_form(FormElicitationCapability::new())
+            .with_url(UrlElicitationCapability::new());
+        ClientConfig::new(
+            ClientCapabilities::builder()
+                .enable_elicitation_with(elicitation)
+                .build(),
+            Implementation::new("tollgate", env!("CARGO_PKG_VERSION")),
+        )
+    }
+
+    /// An upstream asks the person something during a call: relayed to the
+    /// client when exactly one call in flight has a client that can answer
+    /// (so there is no doubt whose question it is), declined otherwise.
+    async fn create_elicitation(
+        &self,
+        request: ElicitRequestParams,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<ElicitResult, McpError> {
+        let asker = {
+            let askers = self.askers();
+            match askers.as_slice() {
+                [(_, asker)] => Some(asker.clone()),
+                _ => None,
+            }
+        };
+        let Some((client, timeout)) = asker else {
+            tracing::debug!("upstream elicitation declined: no single client can answer it");
+            return Ok(ElicitResult::new(ElicitationAction::Decline));
+        };
+        match client
+            .create_elicitation_with_timeout(request, Some(timeout))
+            .await
+        {
+            Ok(answer) => Ok(answer),
+            Err(e) => {
+                tracing::debug!("upstream elicitation not answered: {e}");
+                Ok(ElicitResult::new(ElicitationAction::Cancel))
+            }
+        }
     }
 }
 
@@ -340,11 +398,15 @@ impl ToolBackend for Upstream {
                 .routes()
                 .insert(upstream_token.clone(), (client.clone(), token.clone()));
         }
+        if let Some(asker) = &context.elicitation {
+            self.relay.askers().push((id.clone(), asker.clone()));
+        }
         let outcome = tokio::select! {
             outcome = handle.await_response() => Some(outcome),
             () = context.cancelled.cancelled() => None,
         };
         self.relay.routes().remove(&upstream_token);
+        self.relay.askers().retain(|(asker, _)| asker != &id);
         match outcome {
             None => {
                 // The client cancelled: tell the upstream too.

@@ -70,6 +70,7 @@ impl ServerHandler for TestUpstream {
                 Tool::new("steps", "Reports progress three times.", schema(json!({}))),
                 Tool::new("extra", "Not priced in pricing.toml.", schema(json!({}))),
                 Tool::new("grow", "Adds a tool and says so.", schema(json!({}))),
+                Tool::new("ask", "Asks the person a question.", schema(json!({}))),
             ])
             .collect(),
         ))
@@ -110,6 +111,25 @@ impl ServerHandler for TestUpstream {
                     }
                 }
                 CallToolResult::success(vec![ContentBlock::text("three steps")])
+            }
+            "ask" => {
+                let question = rmcp::model::ElicitRequestParams::FormElicitationParams {
+                    meta: None,
+                    message: "Proceed?".into(),
+                    requested_schema: rmcp::model::ElicitationSchema::builder()
+                        .required_bool("proceed")
+                        .build()
+                        .map_err(|e| McpError::internal_error(e, None))?,
+                };
+                match context.peer.create_elicitation(question).await {
+                    Ok(answer) => CallToolResult::success(vec![ContentBlock::text(format!(
+                        "{:?}",
+                        answer.action
+                    ))]),
+                    Err(e) => {
+                        CallToolResult::error(vec![ContentBlock::text(format!("no answer: {e}"))])
+                    }
+                }
             }
             "grow" => {
                 self.grown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -498,6 +518,30 @@ async fn an_upstreams_tool_list_change_reaches_the_client() {
     assert!(tools.iter().any(|t| t.name == "test_more_1"));
     let r = call(&client, "test_more_1", json!({})).await;
     assert_ne!(r.is_error, Some(true), "{r:?}");
+    client.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_elicitation_is_relayed_or_declined_cleanly() {
+    let (url, _upstream) = spawn_upstream().await;
+    let t = InProcess::new(&upstream_pricing(&url, "free")).await;
+
+    // A client that can answer: the question reaches it, and its answer
+    // goes back to the upstream.
+    let asked = t.client(Person::Approves, Elicitation::Form);
+    let client = t.connect(None, asked.clone(), false).await;
+    let r = call(&client, "test_ask", json!({})).await;
+    assert_eq!(text(&r), "Accept", "{r:?}");
+    assert_eq!(asked.prompt_count(), 1);
+    client.cancel().await.ok();
+
+    // A client that cannot: declined, cleanly.
+    let plain = t.client(Person::Approves, Elicitation::None);
+    let client = t.connect(None, plain.clone(), false).await;
+    let r = call(&client, "test_ask", json!({})).await;
+    assert_eq!(text(&r), "Decline", "{r:?}");
+    assert_eq!(plain.prompt_count(), 0);
     client.cancel().await.ok();
     t.env.assert_ledger_ok().await;
 }
