@@ -396,6 +396,14 @@ async fn the_reference_server_everything_behind_tollgate() {
     )
     .await;
     assert_ne!(r.is_error, Some(true), "{r:?}");
+    // Notifications are handled concurrently with the response: allow them
+    // a moment to land.
+    for _ in 0..50 {
+        if watcher.progress.lock().unwrap().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         watcher.progress.lock().unwrap().len() >= 3,
         "progress relayed"
@@ -426,14 +434,24 @@ async fn progress_and_cancellation_pass_through_and_a_lost_upstream_comes_back()
     // The upstream's progress notifications reach the client.
     let r = call(&client, "test_steps", json!({})).await;
     assert_eq!(text(&r), "three steps");
-    let messages: Vec<_> = handler
-        .progress
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p.message.clone())
-        .collect();
-    assert_eq!(messages, ["step 1", "step 2", "step 3"]);
+    let messages = || -> Vec<String> {
+        handler
+            .progress
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.message.clone())
+            .collect()
+    };
+    for _ in 0..50 {
+        if messages().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut heard = messages();
+    heard.sort();
+    assert_eq!(heard, ["step 1", "step 2", "step 3"]);
 
     // The client's cancellation reaches the upstream; nothing is charged.
     let request = rmcp::model::ClientRequest::CallToolRequest(rmcp::model::Request::new(
