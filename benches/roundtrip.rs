@@ -157,6 +157,50 @@ async fn connect<H: ClientHandler>(
     Ok(handler.serve(transport).await?)
 }
 
+/// The proxy: a tollgate whose upstream is another tollgate serving its demo
+/// tools free. Returns (free call straight to the upstream, the same call
+/// through the proxy, a fast-path paid call through the proxy).
+async fn proxy(n: usize) -> anyhow::Result<(Duration, Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let back = dir.path().join("back");
+    let front = dir.path().join("front");
+    std::fs::create_dir_all(&back)?;
+    std::fs::create_dir_all(&front)?;
+    std::fs::write(
+        back.join("pricing.toml"),
+        "[server]\nname = \"back\"\ncurrency = \"USD\"\n[store]\nurl = \"sqlite://back.db\"\nsynchronous = \"normal\"\n",
+    )?;
+    std::fs::write(
+        front.join("pricing.toml"),
+        format!(
+            "[server]\nname = \"front\"\ncurrency = \"USD\"\n[store]\nurl = \"sqlite://front.db\"\nsynchronous = \"normal\"\n\
+             [[upstreams]]\nname = \"back\"\ncommand = [\"{exe}\", \"serve\"]\nprefix = \"up_\"\n\
+             env = {{ TOLLGATE_CONFIG = \"{config}\", TOLLGATE_RECEIPT_KEY = \"{key}\", TOLLGATE_LOG = \"tollgate=warn\" }}\n\
+             [[tools]]\nname = \"up_echo\"\nprice = \"0.01\"\n",
+            exe = env!("CARGO_BIN_EXE_tollgate"),
+            config = back.join("pricing.toml").display(),
+            key = back.join("receipt.key").display(),
+        ),
+    )?;
+    let db = format!("sqlite://{}", front.join("front.db").display());
+    let store = SqliteStore::connect(&db, Synchronous::Normal).await?;
+    store
+        .topup(
+            &AccountRef::wallet("bench", &Currency::parse("USD")?),
+            Units::parse("1000000")?,
+            None,
+        )
+        .await?;
+    let direct = client(&back, None).await?;
+    let straight = mean_round_trip(&direct, "word_count", n).await?;
+    direct.cancel().await?;
+    let proxied = client(&front, Some("bench")).await?;
+    let through = mean_round_trip(&proxied, "up_word_count", n).await?;
+    let paid = mean_round_trip(&proxied, "up_echo", n).await?;
+    proxied.cancel().await?;
+    Ok((straight, through, paid))
+}
+
 /// The interactive flows, on `synchronous = normal`.
 async fn interactive_flows(n: usize) -> anyhow::Result<FlowFigures> {
     let dir = tempfile::tempdir()?;
@@ -350,8 +394,25 @@ async fn main() -> anyhow::Result<()> {
             f.throughput
         );
     }
-    let f = interactive_flows(n).await?;
+    let (straight, through, paid) = proxy(n).await?;
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!();
+    println!(
+        "proxy (normal): a tollgate in front of an upstream MCP server (another tollgate, over stdio)"
+    );
+    println!(
+        "{:<28} {:>10}\n{:<28} {:>10}\n{:<28} {:>10}\n{:<28} {:>10}",
+        "free call, straight",
+        format!("{:.1}µs", us(straight)),
+        "free call, through tollgate",
+        format!("{:.1}µs", us(through)),
+        "added by the proxy",
+        format!("{:.1}µs", us(through.saturating_sub(straight))),
+        "fast-path paid, through",
+        format!("{:.1}µs", us(paid)),
+    );
+
+    let f = interactive_flows(n).await?;
     println!();
     println!(
         "interactive flows (normal): an anonymous caller whose client pays at once when asked"
