@@ -25,23 +25,42 @@ pub struct TollgateServer {
     /// `None`: read it from each HTTP request.
     caller: Option<Caller>,
     session_id: String,
+    /// Shared by the session's clones; the last one to go forgets the
+    /// session's registry entry, so ended sessions take no memory.
+    _session: Arc<SessionGuard>,
+}
+
+struct SessionGuard {
+    id: String,
+    gate: Arc<Gate>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.gate.dynamic_tools().forget(&self.id);
+    }
 }
 
 impl TollgateServer {
     pub fn new(gate: Arc<Gate>, caller: Caller) -> Self {
-        Self {
-            gate,
-            caller: Some(caller),
-            session_id: new_id("sess"),
-        }
+        Self::session(gate, Some(caller))
     }
 
     /// A session of the HTTP service, whose requests carry their caller.
     pub fn for_http(gate: Arc<Gate>) -> Self {
+        Self::session(gate, None)
+    }
+
+    fn session(gate: Arc<Gate>, caller: Option<Caller>) -> Self {
+        let session_id = new_id("sess");
         Self {
+            _session: Arc::new(SessionGuard {
+                id: session_id.clone(),
+                gate: gate.clone(),
+            }),
             gate,
-            caller: None,
-            session_id: new_id("sess"),
+            caller,
+            session_id,
         }
     }
 
