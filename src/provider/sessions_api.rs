@@ -169,3 +169,112 @@ impl Provider for SessionsApiProvider {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+
+    use super::*;
+    use crate::money::{Currency, Units};
+
+    /// A sessions API that fails `failures` times, then answers.
+    async fn flaky(failures: usize) -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = Router::new()
+            .route(
+                "/v1/sessions/{id}",
+                get(move |State(calls): State<Arc<AtomicUsize>>| async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) < failures {
+                        Err(StatusCode::SERVICE_UNAVAILABLE)
+                    } else {
+                        Ok(Json(json!({"status": "PAID"})))
+                    }
+                }),
+            )
+            .route(
+                "/v1/sessions",
+                axum::routing::post(|State(calls): State<Arc<AtomicUsize>>| async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }),
+            )
+            .with_state(calls.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}"), calls)
+    }
+
+    fn request(amount: &str) -> SessionRequest {
+        SessionRequest {
+            payment_id: "pay_1".into(),
+            amount: Units::parse(amount).unwrap(),
+            currency: Currency::parse("USD").unwrap(),
+            description: "test".into(),
+            expires_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn status_reads_are_retried_with_backoff() {
+        let (base, calls) = flaky(2).await;
+        let provider = SessionsApiProvider::new(&base, "key".into()).unwrap();
+        let state = provider.session_state("cs_1").await.unwrap();
+        assert_eq!(state.status, SessionStatus::Paid);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "two failures, then the answer"
+        );
+        assert_eq!(
+            state.funding,
+            Funding::External {
+                account: "sessions_api".into()
+            }
+        );
+
+        let (base, calls) = flaky(10).await;
+        let provider = SessionsApiProvider::new(&base, "key".into()).unwrap();
+        assert!(matches!(
+            provider.session_state("cs_1").await,
+            Err(ProviderError::Unavailable(_))
+        ));
+        assert_eq!(calls.load(Ordering::SeqCst), ATTEMPTS as usize, "bounded");
+    }
+
+    #[tokio::test]
+    async fn a_create_that_reached_the_server_is_not_repeated() {
+        let (base, calls) = flaky(0).await;
+        let provider = SessionsApiProvider::new(&base, "key".into()).unwrap();
+        assert!(matches!(
+            provider.create_session(&request("1.00")).await,
+            Err(ProviderError::Unavailable(_))
+        ));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "a POST that got an answer is never sent twice"
+        );
+        // Nothing listens here: the POST never arrived, so it is retried, then refused.
+        let provider = SessionsApiProvider::new("http://127.0.0.1:9", "key".into()).unwrap();
+        assert!(matches!(
+            provider.create_session(&request("1.00")).await,
+            Err(ProviderError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn amounts_finer_than_cents_are_refused_not_rounded() {
+        let provider = SessionsApiProvider::new("http://127.0.0.1:9", "key".into()).unwrap();
+        let refused = provider.create_session(&request("0.005")).await;
+        assert!(
+            matches!(refused, Err(ProviderError::Refused(_))),
+            "{refused:?}"
+        );
+    }
+}
