@@ -102,8 +102,13 @@ impl Env {
 
     /// `tollgate serve` as a child process, with an MCP client on its stdio.
     pub async fn client(&self, payer: Option<&str>) -> Client {
+        self.client_with_env(payer, &[]).await
+    }
+
+    /// Like [`Env::client`], with extra environment for the server process.
+    pub async fn client_with_env(&self, payer: Option<&str>, vars: &[(&str, &str)]) -> Client {
         let cmd = self.command().configure(|cmd| {
-            cmd.arg("serve");
+            cmd.arg("serve").envs(vars.iter().copied());
             if let Some(payer) = payer {
                 cmd.args(["--payer", payer]);
             }

@@ -556,19 +556,20 @@ async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
     let key_for_a = b
         .key("tollgate-a", &["sessions:create", "sessions:read"])
         .await;
-    let env_var = format!("TOLLGATE_TEST_PROVIDER_KEY_{}", std::process::id());
-    // SAFETY: set once, before A reads it; no other test reads this variable.
-    unsafe { std::env::set_var(&env_var, &key_for_a) };
     let a_pricing = crate::harness::pricing("resubmit", "").replace(
         "[store]",
-        &format!("[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"{env_var}\"\n\n[store]", b.base),
+        &format!(
+            "[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"TOLLGATE_PROVIDER_KEY\"\n\n[store]",
+            b.base
+        ),
     );
-    let a = crate::inproc::InProcess::new(&a_pricing).await;
+    // A is the real binary, with the key in its own environment only.
+    let a = Env::with_pricing(&a_pricing);
     let client = a
-        .connect(None, a.client(Person::Ignores, Elicitation::None), false)
+        .client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key_for_a.as_str())])
         .await;
 
-    let r = crate::inproc::call(&client, "echo", echo_args("remote")).await;
+    let r = crate::harness::call(&client, "echo", echo_args("remote")).await;
     assert_eq!(error_code(&r), "payment_required");
     let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
     let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
@@ -576,19 +577,21 @@ async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
         url.starts_with(&format!("{}/checkout/cs_", b.base)),
         "the person pays at B: {url}"
     );
-    let r = crate::inproc::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
+    let r =
+        crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
     assert_eq!(error_code(&r), "payment_pending");
 
     // The person pays at B's checkout page.
     let session = url.rsplit('/').next().unwrap();
     let response = checkout_post(&b.base, session, &[("action", "settle")]).await;
     assert_eq!(response.status(), 303);
-    let r = crate::inproc::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
+    let r =
+        crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
     assert_eq!(text(&r), "remote", "{r:?}");
     assert_eq!(payment_meta(&r)["status"], "paid");
     client.cancel().await.ok();
     // A's ledger took the money in from outside and earned it; B's took it at checkout.
-    a.env.assert_ledger_ok().await;
+    a.assert_ledger_ok().await;
     b.env.assert_ledger_ok().await;
 }
 
