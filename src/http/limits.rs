@@ -55,6 +55,13 @@ impl RateLimits {
             read: Limit::new(read_per_minute),
         }
     }
+
+    /// Forgets keys and addresses whose buckets are full again, so the
+    /// limiters do not grow with every caller ever seen.
+    pub fn forget_idle(&self) {
+        self.create.limiter.retain_recent();
+        self.read.limiter.retain_recent();
+    }
 }
 
 /// Seconds since the Unix epoch, `after` from now.

@@ -121,6 +121,16 @@ pub async fn serve(
     http: &HttpConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let limits = state.clone();
+    let idle = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(60)) => limits.limits.forget_idle(),
+                () = idle.cancelled() => break,
+            }
+        }
+    });
     let app = router(state, http, shutdown.clone());
     axum::serve(
         listener,
