@@ -23,7 +23,7 @@ use serde::Deserialize;
 use super::{HttpState, auth::authenticate_key};
 use crate::{
     money::format_amount,
-    store::{LocalSession, SessionStatus, StoreError, now_ms, rfc3339},
+    store::{LocalSession, SessionStatus, StoreError, current_session, now_ms, rfc3339},
 };
 
 const CSRF: &str = "checkout";
@@ -79,13 +79,9 @@ struct CheckoutView {
 }
 
 async fn load(state: &HttpState, id: &str) -> Result<Option<CheckoutView>, StoreError> {
-    let Some(mut session) = state.store.session(id).await? else {
+    let Some(session) = current_session(state.store.as_ref(), id).await? else {
         return Ok(None);
     };
-    if session.status == SessionStatus::Pending && now_ms() > session.expires_at {
-        state.store.end_session(id, SessionStatus::Expired).await?;
-        session = state.store.session(id).await?.unwrap_or(session);
-    }
     let intent = state.store.intent(id).await?;
     let approval_wallet = intent
         .as_ref()

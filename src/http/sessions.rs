@@ -19,7 +19,7 @@ use super::{HttpState, auth::authenticate};
 use crate::{
     keys::{ApiKey, Scope},
     money::{Currency, from_minor_units, to_minor_units},
-    store::{LocalSession, SessionStatus, new_id, now_ms, rfc3339},
+    store::{LocalSession, SessionStatus, current_session, new_id, now_ms, rfc3339},
 };
 
 const MAX_DESCRIPTION: usize = 500;
@@ -123,7 +123,8 @@ pub async fn read(
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    let session = match state.store.session(&id).await {
+    // A pending session past its time is expired, whoever asks.
+    let session = match current_session(state.store.as_ref(), &id).await {
         Ok(Some(session)) if visible_to(&session, &key) => session,
         Ok(_) => {
             return (
@@ -134,24 +135,9 @@ pub async fn read(
         }
         Err(e) => return unavailable(e),
     };
-    // A pending session past its time is expired, whoever asks.
-    let status = if session.status == SessionStatus::Pending && now_ms() > session.expires_at {
-        if let Err(e) = state.store.end_session(&id, SessionStatus::Expired).await {
-            return unavailable(e);
-        }
-        state
-            .store
-            .session(&id)
-            .await
-            .ok()
-            .flatten()
-            .map_or(SessionStatus::Expired, |s| s.status)
-    } else {
-        session.status
-    };
     Json(json!({
         "sessionId": session.id,
-        "status": status.as_str(),
+        "status": session.status.as_str(),
         "amount": to_minor_units(session.amount, &session.currency).unwrap_or_default(),
         "currency": session.currency.as_str().to_ascii_lowercase(),
         "description": session.description,

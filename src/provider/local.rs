@@ -7,7 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{Provider, ProviderError, ProviderSession, SessionRequest, SessionState};
-use crate::store::{Funding, LocalSession, SessionStatus, Store, now_ms};
+use crate::store::{Funding, LocalSession, SessionStatus, Store, current_session, now_ms};
 
 pub struct LocalProvider {
     store: Arc<dyn Store>,
@@ -53,21 +53,9 @@ impl Provider for LocalProvider {
     }
 
     async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError> {
-        let session = self
-            .store
-            .session(id)
+        let session = current_session(self.store.as_ref(), id)
             .await?
             .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?;
-        let session = if session.status == SessionStatus::Pending && now_ms() > session.expires_at {
-            self.store.end_session(id, SessionStatus::Expired).await?;
-            // Re-read: it may have been paid in the meantime.
-            self.store
-                .session(id)
-                .await?
-                .ok_or_else(|| ProviderError::NotFound(id.to_owned()))?
-        } else {
-            session
-        };
         Ok(SessionState {
             status: session.status,
             funding: Funding::InClearing {

@@ -420,6 +420,23 @@ pub trait Store: Send + Sync + 'static {
     async fn stats(&self) -> Result<StoreStats, StoreError>;
 }
 
+/// A local session as it stands now. A pending session past its time is
+/// expired first (whoever asks: the gate, the API, the checkout page), then
+/// read back, since it may have been paid in the meantime.
+pub async fn current_session(
+    store: &dyn Store,
+    id: &str,
+) -> Result<Option<LocalSession>, StoreError> {
+    let Some(session) = store.session(id).await? else {
+        return Ok(None);
+    };
+    if session.status != SessionStatus::Pending || now_ms() <= session.expires_at {
+        return Ok(Some(session));
+    }
+    store.end_session(id, SessionStatus::Expired).await?;
+    store.session(id).await
+}
+
 /// Scopes as stored: space-separated names.
 pub(crate) fn parse_scopes(text: &str) -> Result<Vec<Scope>, StoreError> {
     text.split_whitespace()

@@ -209,6 +209,11 @@ impl SqliteStore {
     }
 }
 
+/// awaiting_payment → paid, noting the account a refund goes back to.
+const MARK_PAID: &str =
+    "UPDATE intents SET status = 'paid', refund_account_id = ?2, updated_at = ?3
+     WHERE id = ?1 AND status = 'awaiting_payment'";
+
 fn api_key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey, StoreError> {
     Ok(ApiKey {
         id: row.try_get("id")?,
@@ -647,34 +652,21 @@ impl Store for SqliteStore {
 
     async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
         let now = now_ms();
-        let external = match funding {
-            Funding::InClearing { refund_to: None } => None,
-            Funding::InClearing {
-                refund_to: Some(account),
-            } => {
-                let refund_id = self.account_id(account).await?;
-                let done = sqlx::query(
-                    "UPDATE intents SET status = 'paid', refund_account_id = ?2, updated_at = ?3
-                     WHERE id = ?1 AND status = 'awaiting_payment'",
-                )
-                .bind(id)
-                .bind(refund_id)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
+        let account = match funding {
+            Funding::InClearing { refund_to } => {
+                let refund_id = match refund_to {
+                    Some(account) => Some(self.account_id(account).await?),
+                    None => None,
+                };
+                let done = sqlx::query(MARK_PAID)
+                    .bind(id)
+                    .bind(refund_id)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
                 return Ok(done.rows_affected() > 0);
             }
-            Funding::External { account } => Some(account),
-        };
-        let Some(account) = external else {
-            let done = sqlx::query(
-                "UPDATE intents SET status = 'paid', updated_at = ?2 WHERE id = ?1 AND status = 'awaiting_payment'",
-            )
-            .bind(id)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-            return Ok(done.rows_affected() > 0);
+            Funding::External { account } => account,
         };
         // Paid elsewhere: the money enters the ledger as the intent is
         // marked paid, in one transaction.
@@ -685,15 +677,12 @@ impl Store for SqliteStore {
         let source_id = self.account_id(&source).await?;
         let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
         let mut tx = self.write_tx().await?;
-        let done = sqlx::query(
-            "UPDATE intents SET status = 'paid', refund_account_id = ?2, updated_at = ?3
-             WHERE id = ?1 AND status = 'awaiting_payment'",
-        )
-        .bind(id)
-        .bind(source_id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        let done = sqlx::query(MARK_PAID)
+            .bind(id)
+            .bind(source_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         if done.rows_affected() == 0 {
             return Ok(false);
         }
