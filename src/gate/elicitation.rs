@@ -265,16 +265,7 @@ impl Gate {
         code: &str,
         status: &str,
     ) -> CallToolResult {
-        if let Some(session) = intent.provider_session_id.as_deref()
-            && let Err(e) = self.provider.cancel_session(session).await
-        {
-            tracing::warn!(payment_id = intent.id, "could not cancel the session: {e}");
-        }
-        match self
-            .store
-            .transition_intent(&intent.id, IntentStatus::AwaitingPayment, to)
-            .await
-        {
+        match self.end_unpaid(intent, to).await {
             Ok(true) => {
                 tracing::info!(payment_id = intent.id, status, "payment prompt refused");
                 ended(intent, code, status)

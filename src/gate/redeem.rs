@@ -13,7 +13,9 @@ use super::{CallScope, Caller, Gate, progress::ProgressReporter, reply, reply::c
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
-    store::{Intent, IntentOutcome, IntentStatus, SessionStatus, new_txn_id, now_ms, rfc3339},
+    store::{
+        Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError, new_txn_id, now_ms, rfc3339,
+    },
 };
 
 /// How often a concurrent redeem looks for the result of a run under way.
@@ -245,22 +247,33 @@ impl Gate {
                 "cancelled",
             ),
         };
-        if let Err(e) = self.provider.cancel_session(session_id).await {
-            tracing::warn!(
-                payment_id = intent.id,
-                "could not cancel the provider session: {e}"
-            );
-        }
-        match self
-            .store
-            .transition_intent(&intent.id, IntentStatus::AwaitingPayment, to)
-            .await
-        {
+        match self.end_unpaid(intent, to).await {
             Ok(true) => Step::Answer(ended(intent, code, status)),
             // Someone else moved it first (perhaps to paid): look again.
             Ok(false) => Step::Reload,
             Err(e) => Step::Answer(reply::unavailable(e)),
         }
+    }
+
+    /// Ends an intent still awaiting payment as `to` (expired, declined,
+    /// cancelled), cancelling its provider session first so that it can no
+    /// longer be paid. False if the intent had already moved on.
+    pub(super) async fn end_unpaid(
+        &self,
+        intent: &Intent,
+        to: IntentStatus,
+    ) -> Result<bool, StoreError> {
+        if let Some(session) = intent.provider_session_id.as_deref()
+            && let Err(e) = self.provider.cancel_session(session).await
+        {
+            tracing::warn!(
+                payment_id = intent.id,
+                "could not cancel the provider session: {e}"
+            );
+        }
+        self.store
+            .transition_intent(&intent.id, IntentStatus::AwaitingPayment, to)
+            .await
     }
 
     /// Runs a paid intent's tool, the one time it runs, and settles: the
