@@ -219,11 +219,7 @@ impl Gate {
         let intent = match self.store.intent(payment_id).await {
             Ok(Some(intent)) => intent,
             Ok(None) => {
-                return reply::error(
-                    code::PAYMENT_NOT_FOUND,
-                    format!("no payment with id `{payment_id}`"),
-                    reply::details(json!({ "payment_id": payment_id })),
-                );
+                return reply::payment_not_found(payment_id);
             }
             Err(e) => return reply::unavailable(e),
         };

@@ -163,11 +163,7 @@ impl Gate {
         let intent = match self.store.intent(payment_id).await {
             Ok(Some(intent)) => intent,
             Ok(None) => {
-                return Err(reply::error(
-                    code::PAYMENT_NOT_FOUND,
-                    format!("no payment with id `{payment_id}`"),
-                    reply::details(json!({ "payment_id": payment_id })),
-                ));
+                return Err(reply::payment_not_found(payment_id));
             }
             Err(e) => return Err(reply::unavailable(e)),
         };

@@ -63,6 +63,15 @@ pub fn unavailable(cause: impl std::fmt::Display) -> CallToolResult {
     )
 }
 
+/// No intent has this payment id.
+pub fn payment_not_found(payment_id: &str) -> CallToolResult {
+    error(
+        code::PAYMENT_NOT_FOUND,
+        format!("no payment with id `{payment_id}`"),
+        details(json!({ "payment_id": payment_id })),
+    )
+}
+
 /// Builds a details map from `json!({...})`.
 pub fn details(value: Value) -> Map<String, Value> {
     match value {
