@@ -8,7 +8,7 @@ use crate::{
     gate::{Catalog, CatalogSources, Gate, GateSettings},
     provider::{Provider, ProviderError, local::LocalProvider, sessions_api::SessionsApiProvider},
     receipt::{ReceiptError, ReceiptSigner, default_key_path},
-    store::{SqliteStore, Store, StoreError, now_ms},
+    store::{PgStore, SqliteStore, Store, StoreError, now_ms},
     tools::{
         ToolBackend,
         demo::demo_tools,
@@ -27,7 +27,7 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Receipt(#[from] ReceiptError),
-    #[error("store url `{0}`: only sqlite:// is supported in this version")]
+    #[error("store url `{0}`: use sqlite://PATH (or a bare path) or postgres://")]
     UnsupportedStore(String),
     #[error("the sessions_api provider reads its API key from ${0}, which is not set")]
     MissingSecret(String),
@@ -37,8 +37,13 @@ pub enum AppError {
     Upstream(#[from] UpstreamError),
 }
 
-/// Opens the store a URL names. A bare path means a SQLite file.
+/// Opens the store a URL names: `postgres://…` (or `postgresql://…`) for a
+/// PostgreSQL database shared by several instances, `sqlite://PATH` or a
+/// bare path for a SQLite file.
 pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, AppError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PgStore::connect(url, &config.pool).await?));
+    }
     let url = if url.contains("://") || url.starts_with("sqlite:") {
         url.to_owned()
     } else {

@@ -93,6 +93,28 @@ pub enum Synchronous {
     Normal,
 }
 
+/// How a PostgreSQL store uses its database (`[store]` in pricing.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Connections this instance keeps at most.
+    pub max_connections: u32,
+    /// How long a call waits for a connection (or for the database to
+    /// answer a connect) before it gets "payment system unavailable".
+    pub connect_timeout: Duration,
+    /// The longest one statement may run; a stuck statement is cancelled.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderKind {
     /// Sessions in our own store, paid at our own checkout page or CLI.
@@ -202,6 +224,8 @@ pub struct Config {
     pub approval_threshold: Units,
     pub store_url: String,
     pub synchronous: Synchronous,
+    /// Connection pool of a PostgreSQL store.
+    pub pool: PoolSettings,
     pub provider: ProviderKind,
     /// Where payment URLs point; unset, the HTTP service's own address.
     pub checkout_base_url: Option<String>,
@@ -291,6 +315,12 @@ struct RawStore {
     url: Option<String>,
     #[serde(default)]
     synchronous: Synchronous,
+    #[serde(default)]
+    max_connections: Option<Spanned<u32>>,
+    #[serde(default)]
+    connect_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    statement_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -442,6 +472,30 @@ impl Config {
                 "timeouts.progress_heartbeat",
                 &t.progress_heartbeat,
                 defaults.progress_heartbeat,
+            )?,
+        };
+        let pool_defaults = PoolSettings::default();
+        let s = &raw.store;
+        let pool = PoolSettings {
+            max_connections: match &s.max_connections {
+                None => pool_defaults.max_connections,
+                Some(n) if *n.get_ref() == 0 => {
+                    return Err(err(
+                        Some(n.span()),
+                        "store.max_connections: must be at least 1".into(),
+                    ));
+                }
+                Some(n) => *n.get_ref(),
+            },
+            connect_timeout: duration(
+                "store.connect_timeout",
+                &s.connect_timeout,
+                pool_defaults.connect_timeout,
+            )?,
+            statement_timeout: duration(
+                "store.statement_timeout",
+                &s.statement_timeout,
+                pool_defaults.statement_timeout,
             )?,
         };
         let approval_threshold = match &raw.server.approval_threshold {
@@ -635,6 +689,7 @@ impl Config {
                 .url
                 .unwrap_or_else(|| DEFAULT_STORE_URL.to_owned()),
             synchronous: raw.store.synchronous,
+            pool,
             provider,
             checkout_base_url: raw
                 .provider

@@ -3,7 +3,12 @@
 //! (PostgreSQL) slots in behind the same trait. Every method is one
 //! transaction; several server processes may share one store.
 
+mod postgres;
+mod posting;
+mod rows;
+mod sql;
 mod sqlite;
+mod verify;
 
 use std::fmt;
 
@@ -11,8 +16,9 @@ use async_trait::async_trait;
 
 use crate::{
     keys::{ApiKey, Scope},
-    money::{Currency, Units},
+    money::{Currency, Units, format_amount},
 };
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +49,64 @@ pub enum StoreError {
     Invalid(String),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// A hold that is not open (`status`), or that does not exist.
+    fn hold_not_open(hold_id: &str, status: Option<String>) -> Self {
+        match status {
+            None => Self::NotFound(format!("hold {hold_id}")),
+            Some(status) => Self::WrongState {
+                what: format!("hold {hold_id}"),
+                status,
+                expected: "open",
+            },
+        }
+    }
+
+    fn capture_above_hold(amount: Units, held: i64) -> Self {
+        Self::Invalid(format!(
+            "capture of {} is above the hold of {}",
+            format_amount(amount),
+            format_amount(Units(held))
+        ))
+    }
+
+    fn intent_not_running(intent_id: &str) -> Self {
+        Self::WrongState {
+            what: format!("intent {intent_id}"),
+            status: "not running".into(),
+            expected: "running",
+        }
+    }
+
+    fn session_not_pending(session_id: &str, status: String) -> Self {
+        Self::WrongState {
+            what: format!("payment session {session_id}"),
+            status,
+            expected: "pending",
+        }
+    }
+
+    fn insufficient(wallet: &str, session: &LocalSession, available: i64) -> Self {
+        Self::InsufficientFunds {
+            wallet: wallet.to_owned(),
+            currency: session.currency.clone(),
+            available: format_amount(Units(available)),
+            needed: format_amount(session.amount),
+        }
+    }
+}
+
+/// A session ends (without payment) only as failed, expired or cancelled.
+fn check_session_ending(to: SessionStatus) -> Result<(), StoreError> {
+    if matches!(to, SessionStatus::Pending | SessionStatus::Paid) {
+        return Err(StoreError::Invalid(format!(
+            "a session cannot be ended as {}",
+            to.as_str()
+        )));
+    }
+    Ok(())
 }
 
 /// Unix time in milliseconds.

@@ -12,138 +12,138 @@ async fn start_error(env: &Env) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[tokio::test]
-async fn bad_pricing_files_fail_at_start_naming_field_and_line() {
-    let cases = [
-        (
-            "price = \"-0.01\"",
-            "pricing.toml:14: tools[0].price of `echo`: amount -0.01 is negative",
-        ),
-        (
-            "price = \"NaN\"",
-            "pricing.toml:14: tools[0].price of `echo`: `NaN` is not a decimal amount",
-        ),
-        ("price = \"1e3\"", "`1e3` is not a decimal amount"),
-        ("price = 0.01", "write the price as a quoted decimal string"),
-        (
-            "price = \"0.01\"\nmode = \"barter\"",
-            "pricing.toml:15: tools[0].mode of `echo`: unknown mode `barter`",
-        ),
-    ];
-    for (line, expected) in cases {
-        let env = Env::with_pricing(&pricing("resubmit", "").replacen("price = \"0.01\"", line, 1));
+on_both_backends! {
+    #[tokio::test]
+    async fn bad_pricing_files_fail_at_start_naming_field_and_line() {
+        let cases = [
+            (
+                "price = \"-0.01\"",
+                "pricing.toml:14: tools[0].price of `echo`: amount -0.01 is negative",
+            ),
+            (
+                "price = \"NaN\"",
+                "pricing.toml:14: tools[0].price of `echo`: `NaN` is not a decimal amount",
+            ),
+            ("price = \"1e3\"", "`1e3` is not a decimal amount"),
+            ("price = 0.01", "write the price as a quoted decimal string"),
+            (
+                "price = \"0.01\"\nmode = \"barter\"",
+                "pricing.toml:15: tools[0].mode of `echo`: unknown mode `barter`",
+            ),
+        ];
+        for (line, expected) in cases {
+            let env = Env::with_pricing(&pricing("resubmit", "").replacen("price = \"0.01\"", line, 1));
+            let err = start_error(&env).await;
+            assert!(
+                err.contains(expected),
+                "for {line:?} expected {expected:?} in: {err}"
+            );
+        }
+
+        let env = Env::with_pricing(&format!(
+            "{}\n[[tools]]\nname = \"echo\"\nprice = \"0.02\"\n",
+            pricing("resubmit", "")
+        ));
         let err = start_error(&env).await;
         assert!(
-            err.contains(expected),
-            "for {line:?} expected {expected:?} in: {err}"
+            err.contains("tools[2].name: duplicate tool `echo` (first priced on line 13)"),
+            "{err}"
         );
+
+        let env = Env::with_pricing(&format!(
+            "{}\n[[tools]]\nname = \"ghost\"\nprice = \"1\"\n",
+            pricing("resubmit", "")
+        ));
+        let err = start_error(&env).await;
+        assert!(
+            err.contains("no backend provides a tool named `ghost`"),
+            "{err}"
+        );
+
+        let env = Env::with_pricing(&pricing("telepathy", ""));
+        let err = start_error(&env).await;
+        assert!(
+            err.contains("pricing.toml:3: server.mode: unknown mode `telepathy`"),
+            "{err}"
+        );
+
+        let env = Env::with_pricing(
+            "[server]\nname = \"x\"\ncurrency = \"USD\"\n[[tools]]\nname = \"echo\"\n",
+        );
+        let err = start_error(&env).await;
+        assert!(err.contains("price"), "{err}");
     }
-
-    let env = Env::with_pricing(&format!(
-        "{}\n[[tools]]\nname = \"echo\"\nprice = \"0.02\"\n",
-        pricing("resubmit", "")
-    ));
-    let err = start_error(&env).await;
-    assert!(
-        err.contains("tools[2].name: duplicate tool `echo` (first priced on line 13)"),
-        "{err}"
-    );
-
-    let env = Env::with_pricing(&format!(
-        "{}\n[[tools]]\nname = \"ghost\"\nprice = \"1\"\n",
-        pricing("resubmit", "")
-    ));
-    let err = start_error(&env).await;
-    assert!(
-        err.contains("no backend provides a tool named `ghost`"),
-        "{err}"
-    );
-
-    let env = Env::with_pricing(&pricing("telepathy", ""));
-    let err = start_error(&env).await;
-    assert!(
-        err.contains("pricing.toml:3: server.mode: unknown mode `telepathy`"),
-        "{err}"
-    );
-
-    let env = Env::with_pricing(
-        "[server]\nname = \"x\"\ncurrency = \"USD\"\n[[tools]]\nname = \"echo\"\n",
-    );
-    let err = start_error(&env).await;
-    assert!(err.contains("price"), "{err}");
 }
 
-#[tokio::test]
-async fn wallet_commands_refuse_bad_amounts_without_touching_state() {
-    let env = Env::new("resubmit");
-    for bad in ["-5", "abc", "0", "0.0000001"] {
-        let out = env.cli(&["wallet", "topup", "alice", bad]).await;
-        assert!(!out.status.success(), "topup {bad} must fail");
+on_both_backends! {
+    #[tokio::test]
+    async fn wallet_commands_refuse_bad_amounts_without_touching_state() {
+        let env = Env::new("resubmit");
+        for bad in ["-5", "abc", "0", "0.0000001"] {
+            let out = env.cli(&["wallet", "topup", "alice", bad]).await;
+            assert!(!out.status.success(), "topup {bad} must fail");
+        }
+        assert_eq!(env.available("alice").await, "0.00");
+        env.topup("alice", "2.5").await;
+        let out = env.ok(&["wallet", "balance", "alice"]).await;
+        assert!(
+            out.contains("alice: balance 2.50 USD, held 0.00 USD, available 2.50 USD"),
+            "{out}"
+        );
+        env.assert_ledger_ok().await;
     }
-    assert_eq!(env.available("alice").await, "0.00");
-    env.topup("alice", "2.5").await;
-    let out = env.ok(&["wallet", "balance", "alice"]).await;
-    assert!(
-        out.contains("alice: balance 2.50 USD, held 0.00 USD, available 2.50 USD"),
-        "{out}"
-    );
-    env.assert_ledger_ok().await;
 }
 
 async fn corrupt(env: &Env, sql: &str) {
-    use sqlx::Connection;
-    let url = format!("sqlite://{}", env.db.display());
-    let mut conn = sqlx::SqliteConnection::connect(&url)
-        .await
-        .expect("open db");
-    sqlx::query(sql).execute(&mut conn).await.expect("corrupt");
-    conn.close().await.ok();
+    crate::backend::execute(&env.db, sql).await;
 }
 
-#[tokio::test]
-async fn ledger_verify_fails_on_a_hand_corrupted_database() {
-    let env = Env::new("resubmit");
-    env.topup("alice", "1.00").await;
-    env.assert_ledger_ok().await;
+on_both_backends! {
+    #[tokio::test]
+    async fn ledger_verify_fails_on_a_hand_corrupted_database() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        env.assert_ledger_ok().await;
 
-    corrupt(
-        &env,
-        "UPDATE accounts SET balance = balance + 1 WHERE kind = 'wallet'",
-    )
-    .await;
-    let out = env.cli(&["ledger", "verify"]).await;
-    assert_eq!(out.status.code(), Some(1));
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        report.contains("ledger BROKEN") && report.contains("wallet:alice (USD): balance 1.000001"),
-        "{report}"
-    );
+        corrupt(
+            &env,
+            "UPDATE accounts SET balance = balance + 1 WHERE kind = 'wallet'",
+        )
+        .await;
+        let out = env.cli(&["ledger", "verify"]).await;
+        assert_eq!(out.status.code(), Some(1));
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            report.contains("ledger BROKEN") && report.contains("wallet:alice (USD): balance 1.000001"),
+            "{report}"
+        );
 
-    let env = Env::new("resubmit");
-    env.topup("alice", "1.00").await;
-    corrupt(
-        &env,
-        "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at)
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        corrupt(
+            &env,
+            "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at)
          SELECT txn_id, account_id, 5, 0 FROM ledger_entries LIMIT 1",
-    )
-    .await;
-    let out = env.cli(&["ledger", "verify"]).await;
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("not zero"));
+        )
+        .await;
+        let out = env.cli(&["ledger", "verify"]).await;
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("not zero"));
 
-    let env = Env::new("resubmit");
-    env.topup("alice", "1.00").await;
-    corrupt(
-        &env,
-        "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        corrupt(
+            &env,
+            "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
          SELECT 'hold_stale', id, 1, 'open', 'alice', 'echo', '', 0, 1 FROM accounts WHERE kind = 'wallet'",
-    )
-    .await;
-    let out = env.cli(&["ledger", "verify"]).await;
-    assert!(!out.status.success());
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        report.contains("hold hold_stale is open past its expiry"),
-        "{report}"
-    );
+        )
+        .await;
+        let out = env.cli(&["ledger", "verify"]).await;
+        assert!(!out.status.success());
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            report.contains("hold hold_stale is open past its expiry"),
+            "{report}"
+        );
+    }
 }

@@ -2,115 +2,121 @@ use serde_json::json;
 
 use crate::harness::*;
 
-#[tokio::test]
-async fn a_funded_wallet_is_charged_once_with_a_verifiable_receipt() {
-    let env = Env::new("resubmit");
-    env.topup("alice", "1.00").await;
-    let client = env.client(Some("alice")).await;
+on_both_backends! {
+    #[tokio::test]
+    async fn a_funded_wallet_is_charged_once_with_a_verifiable_receipt() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let client = env.client(Some("alice")).await;
 
-    let r = call(&client, "echo", echo_args("hello")).await;
-    assert_eq!(r.is_error, Some(false));
-    assert_eq!(text(&r), "hello");
-    let payment = payment_meta(&r);
-    assert_eq!(payment["status"], "paid");
-    assert_eq!(payment["amount"], "0.01");
-    assert_eq!(payment["currency"], "USD");
-    let payment_id = payment["payment_id"].as_str().unwrap().to_owned();
-    let receipt = payment["receipt"].as_str().unwrap().to_owned();
-    assert_eq!(
-        env.balance("alice").await,
-        ("0.99".into(), "0.00".into(), "0.99".into())
-    );
+        let r = call(&client, "echo", echo_args("hello")).await;
+        assert_eq!(r.is_error, Some(false));
+        assert_eq!(text(&r), "hello");
+        let payment = payment_meta(&r);
+        assert_eq!(payment["status"], "paid");
+        assert_eq!(payment["amount"], "0.01");
+        assert_eq!(payment["currency"], "USD");
+        let payment_id = payment["payment_id"].as_str().unwrap().to_owned();
+        let receipt = payment["receipt"].as_str().unwrap().to_owned();
+        assert_eq!(
+            env.balance("alice").await,
+            ("0.99".into(), "0.00".into(), "0.99".into())
+        );
 
-    let statement = env.ok(&["wallet", "statement", "alice"]).await;
-    let captures: Vec<_> = statement
-        .lines()
-        .filter(|l| l.contains("capture"))
-        .collect();
-    assert_eq!(captures.len(), 1, "{statement}");
-    assert!(
-        captures[0].contains("-0.01") && captures[0].contains(&payment_id),
-        "{statement}"
-    );
+        let statement = env.ok(&["wallet", "statement", "alice"]).await;
+        let captures: Vec<_> = statement
+            .lines()
+            .filter(|l| l.contains("capture"))
+            .collect();
+        assert_eq!(captures.len(), 1, "{statement}");
+        assert!(
+            captures[0].contains("-0.01") && captures[0].contains(&payment_id),
+            "{statement}"
+        );
 
-    let verified = env.ok(&["receipt", "verify", &receipt]).await;
-    assert!(
-        verified.contains("valid receipt") && verified.contains(&payment_id),
-        "{verified}"
-    );
-    assert!(verified.contains("\"payer\": \"alice\"") && verified.contains("\"tool\": \"echo\""));
-    // A receipt with one character changed does not verify.
-    let mut tampered = receipt.clone().into_bytes();
-    let i = tampered.len() / 3;
-    tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
-    let out = env
-        .cli(&["receipt", "verify", &String::from_utf8(tampered).unwrap()])
-        .await;
-    assert!(!out.status.success());
+        let verified = env.ok(&["receipt", "verify", &receipt]).await;
+        assert!(
+            verified.contains("valid receipt") && verified.contains(&payment_id),
+            "{verified}"
+        );
+        assert!(verified.contains("\"payer\": \"alice\"") && verified.contains("\"tool\": \"echo\""));
+        // A receipt with one character changed does not verify.
+        let mut tampered = receipt.clone().into_bytes();
+        let i = tampered.len() / 3;
+        tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+        let out = env
+            .cli(&["receipt", "verify", &String::from_utf8(tampered).unwrap()])
+            .await;
+        assert!(!out.status.success());
 
-    client.cancel().await.ok();
-    env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn a_tool_error_releases_the_hold_and_costs_nothing() {
-    let env = Env::new("resubmit");
-    env.topup("alice", "1.00").await;
-    let client = env.client(Some("alice")).await;
-
-    let r = call(&client, "divide", json!({"a": 1, "b": 0})).await;
-    assert_eq!(r.is_error, Some(true));
-    assert!(text(&r).contains("divide by zero"));
-    assert_eq!(payment_meta(&r)["status"], "released");
-    assert_eq!(payment_meta(&r)["charged"], "0.00");
-    assert_eq!(
-        env.balance("alice").await,
-        ("1.00".into(), "0.00".into(), "1.00".into())
-    );
-
-    let r = call(&client, "divide", json!({"a": 1, "b": 4})).await;
-    assert_eq!(structured(&r), json!({"quotient": 0.25}));
-    assert_eq!(payment_meta(&r)["status"], "paid");
-    assert_eq!(env.available("alice").await, "0.95");
-
-    client.cancel().await.ok();
-    env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn insufficient_balance_anonymous_callers_and_prices_above_the_threshold_take_the_slow_path()
-{
-    let env = Env::with_pricing(&pricing("resubmit", "").replace(
-        "approval_threshold = \"5.00\"",
-        "approval_threshold = \"0.02\"",
-    ));
-    env.topup("bob", "0.03").await;
-    let bob = env.client(Some("bob")).await;
-
-    // divide costs 0.05: above both bob's balance and the threshold.
-    let r = call(&bob, "divide", json!({"a": 1, "b": 2})).await;
-    assert_eq!(error_code(&r), "payment_required");
-    payment_id_of(&r);
-
-    // echo fits; three calls drain the wallet, the fourth needs a payment.
-    for _ in 0..3 {
-        let r = call(&bob, "echo", echo_args("x")).await;
-        assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
     }
-    let r = call(&bob, "echo", echo_args("x")).await;
-    assert_eq!(error_code(&r), "payment_required");
-    assert_eq!(env.available("bob").await, "0.00");
+}
 
-    // Now a wallet with plenty, but divide is above the approval threshold.
-    env.topup("bob", "10").await;
-    let r = call(&bob, "divide", json!({"a": 1, "b": 2})).await;
-    assert_eq!(error_code(&r), "payment_required");
-    assert_eq!(env.available("bob").await, "10.00");
-    bob.cancel().await.ok();
+on_both_backends! {
+    #[tokio::test]
+    async fn a_tool_error_releases_the_hold_and_costs_nothing() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let client = env.client(Some("alice")).await;
 
-    let anonymous = env.client(None).await;
-    let r = call(&anonymous, "echo", echo_args("x")).await;
-    assert_eq!(error_code(&r), "payment_required");
-    anonymous.cancel().await.ok();
-    env.assert_ledger_ok().await;
+        let r = call(&client, "divide", json!({"a": 1, "b": 0})).await;
+        assert_eq!(r.is_error, Some(true));
+        assert!(text(&r).contains("divide by zero"));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        assert_eq!(payment_meta(&r)["charged"], "0.00");
+        assert_eq!(
+            env.balance("alice").await,
+            ("1.00".into(), "0.00".into(), "1.00".into())
+        );
+
+        let r = call(&client, "divide", json!({"a": 1, "b": 4})).await;
+        assert_eq!(structured(&r), json!({"quotient": 0.25}));
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(env.available("alice").await, "0.95");
+
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn insufficient_balance_anonymous_callers_and_prices_above_the_threshold_take_the_slow_path()
+    {
+        let env = Env::with_pricing(&pricing("resubmit", "").replace(
+            "approval_threshold = \"5.00\"",
+            "approval_threshold = \"0.02\"",
+        ));
+        env.topup("bob", "0.03").await;
+        let bob = env.client(Some("bob")).await;
+
+        // divide costs 0.05: above both bob's balance and the threshold.
+        let r = call(&bob, "divide", json!({"a": 1, "b": 2})).await;
+        assert_eq!(error_code(&r), "payment_required");
+        payment_id_of(&r);
+
+        // echo fits; three calls drain the wallet, the fourth needs a payment.
+        for _ in 0..3 {
+            let r = call(&bob, "echo", echo_args("x")).await;
+            assert_eq!(payment_meta(&r)["status"], "paid");
+        }
+        let r = call(&bob, "echo", echo_args("x")).await;
+        assert_eq!(error_code(&r), "payment_required");
+        assert_eq!(env.available("bob").await, "0.00");
+
+        // Now a wallet with plenty, but divide is above the approval threshold.
+        env.topup("bob", "10").await;
+        let r = call(&bob, "divide", json!({"a": 1, "b": 2})).await;
+        assert_eq!(error_code(&r), "payment_required");
+        assert_eq!(env.available("bob").await, "10.00");
+        bob.cancel().await.ok();
+
+        let anonymous = env.client(None).await;
+        let r = call(&anonymous, "echo", echo_args("x")).await;
+        assert_eq!(error_code(&r), "payment_required");
+        anonymous.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
 }

@@ -1,5 +1,6 @@
-//! Test harness: a temporary tollgate installation (config, SQLite file,
-//! receipt key) driven through the real binary, over stdio, with rmcp's client.
+//! Test harness: a temporary tollgate installation (config, database on the
+//! test's backend, receipt key) driven through the real binary, over stdio,
+//! with rmcp's client.
 
 use std::{
     path::PathBuf,
@@ -14,15 +15,19 @@ use rmcp::{
 };
 use serde_json::{Value, json};
 
+use crate::backend::TestDb;
+
 pub type Client = RunningService<RoleClient, ()>;
 
 pub const EXE: &str = env!("CARGO_BIN_EXE_tollgate");
 
 pub struct Env {
-    /// Kept so the directory lives as long as the environment.
+    /// Kept so the database and the directory live as long as the environment.
+    _database: TestDb,
     _dir: tempfile::TempDir,
     pub config: PathBuf,
-    pub db: PathBuf,
+    /// The store: a SQLite path or a PostgreSQL URL.
+    pub db: String,
     pub key: PathBuf,
 }
 
@@ -60,10 +65,12 @@ impl Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("pricing.toml");
         std::fs::write(&config, text).expect("write pricing");
+        let database = TestDb::fresh(dir.path());
         Self {
-            db: dir.path().join("tollgate.db"),
+            db: database.url.clone(),
             key: dir.path().join("keys/receipt.key"),
             config,
+            _database: database,
             _dir: dir,
         }
     }

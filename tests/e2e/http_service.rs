@@ -143,548 +143,564 @@ fn two_step_pricing() -> String {
         .replace("[store]", "[provider]\ndev_settle = true\n\n[store]")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mcp_over_http_with_keys_fast_path_two_step_and_checkout() {
-    let server = HttpServer::start(&two_step_pricing()).await;
-    server.env.topup("alice", "1.00").await;
-    let alice_key = server.key("alice", &["mcp"]).await;
-    let bob_key = server.key("bob", &["mcp"]).await;
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mcp_over_http_with_keys_fast_path_two_step_and_checkout() {
+        let server = HttpServer::start(&two_step_pricing()).await;
+        server.env.topup("alice", "1.00").await;
+        let alice_key = server.key("alice", &["mcp"]).await;
+        let bob_key = server.key("bob", &["mcp"]).await;
 
-    // No key, a bad key, a key without the mcp scope: 401/403 with a JSON body.
-    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
-    for (key, status) in [(None, 401), (Some("tg_key_0000000000000000_nope"), 401)] {
-        let mut request = http()
+        // No key, a bad key, a key without the mcp scope: 401/403 with a JSON body.
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+        for (key, status) in [(None, 401), (Some("tg_key_0000000000000000_nope"), 401)] {
+            let mut request = http()
+                .post(format!("{}/mcp", server.base))
+                .header("accept", "application/json, text/event-stream")
+                .json(&init);
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), status);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"], "unauthorized");
+        }
+        let sessions_only = server.key("carol", &["sessions:create"]).await;
+        let response = http()
             .post(format!("{}/mcp", server.base))
+            .header("x-api-key", &sessions_only)
             .header("accept", "application/json, text/event-stream")
-            .json(&init);
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), status);
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["error"], "unauthorized");
-    }
-    let sessions_only = server.key("carol", &["sessions:create"]).await;
-    let response = http()
-        .post(format!("{}/mcp", server.base))
-        .header("x-api-key", &sessions_only)
-        .header("accept", "application/json, text/event-stream")
-        .json(&init)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 403);
-
-    // Fast path: alice's key names her wallet.
-    let alice = server.mcp(Some(&alice_key), ()).await;
-    let r = call(&alice, "echo", echo_args("over http")).await;
-    assert_eq!(text(&r), "over http");
-    assert_eq!(payment_meta(&r)["status"], "paid");
-    assert_eq!(server.env.available("alice").await, "0.99");
-
-    // two_step: bob has no wallet; he pays at the checkout page.
-    let bob = server.mcp(Some(&bob_key), ()).await;
-    let r = call(&bob, "echo", echo_args("bob's")).await;
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
-    assert_eq!(url, format!("{}/checkout/{id}", server.base));
-    let page = http().get(&url).send().await.unwrap().text().await.unwrap();
-    assert!(
-        page.contains("0.01")
-            && page.contains("USD")
-            && page.contains("<code>echo</code>")
-            && page.contains("pending")
-    );
-
-    // Alice cannot use bob's payment id, even after it is paid.
-    let response = checkout_post(&server.base, &id, &[("action", "settle")]).await;
-    assert_eq!(response.status(), 303);
-    let r = call(&alice, "confirm_echo_payment", json!({"payment_id": id})).await;
-    assert_eq!(error_code(&r), "payment_mismatch");
-    let r = call(&bob, "confirm_echo_payment", json!({"payment_id": id})).await;
-    assert_eq!(text(&r), "bob's");
-    assert_eq!(payment_meta(&r)["status"], "paid");
-
-    alice.cancel().await.ok();
-    bob.cancel().await.ok();
-    server.env.assert_ledger_ok().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn elicitation_and_progress_over_http() {
-    let pricing = crate::inproc::pricing("elicitation", "").replacen(
-        "price = \"0.05\"",
-        "price = \"0.05\"\nmode = \"progress\"",
-        1,
-    );
-    let server = HttpServer::start(&pricing).await;
-    let key = server.key("dave", &["mcp"]).await;
-
-    let handler = server.client(Person::PaysAndAccepts, Elicitation::Url);
-    let client = server.mcp(Some(&key), handler.clone()).await;
-    let r = call(&client, "echo", echo_args("elicited")).await;
-    assert_eq!(text(&r), "elicited", "{r:?}");
-    assert_eq!(handler.prompt_count(), 1);
-    client.cancel().await.ok();
-
-    let handler = server.client(Person::PaysAfterProgress(2), Elicitation::None);
-    let client = server.mcp(Some(&key), handler.clone()).await;
-    let r = call(&client, "divide", json!({"a": 6, "b": 3})).await;
-    assert_eq!(structured(&r), json!({"quotient": 2.0}), "{r:?}");
-    assert!(handler.progress.lock().unwrap().len() >= 2);
-    client.cancel().await.ok();
-    server.env.assert_ledger_ok().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sessions_api_validates_authenticates_and_rate_limits() {
-    let pricing = crate::harness::pricing("resubmit", "").replace(
-        "[store]",
-        "[http]\nsessions_create_per_minute = 3\n\n[store]",
-    );
-    let server = HttpServer::start(&pricing).await;
-    let creator = server
-        .key("shop", &["sessions:create", "sessions:read"])
-        .await;
-    let reader = server.key("shop", &["sessions:read"]).await;
-    let stranger = server.key("other", &["sessions:read"]).await;
-    let revoked = server.key("shop", &["sessions:create"]).await;
-    let revoked_id = tollgate::keys::key_id(&revoked).unwrap().to_owned();
-    server.env.ok(&["keys", "revoke", &revoked_id]).await;
-    let sessions = format!("{}/v1/sessions", server.base);
-
-    let post = |key: Option<String>, body: Value| {
-        let mut request = http().post(&sessions).json(&body);
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        request.send()
-    };
-    // Auth cases.
-    let good = json!({"amount": 250, "currency": "usd", "description": "Pro feature"});
-    assert_eq!(post(None, good.clone()).await.unwrap().status(), 401);
-    assert_eq!(
-        post(Some("tg_key_1234567890abcdef_x".into()), good.clone())
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        post(Some(revoked.clone()), good.clone())
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        post(Some(reader.clone()), good.clone())
-            .await
-            .unwrap()
-            .status(),
-        403
-    );
-
-    // Good input.
-    let response = post(Some(creator.clone()), good.clone()).await.unwrap();
-    assert_eq!(response.status(), 201);
-    for header in [
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
-    ] {
-        assert!(response.headers().contains_key(header), "{header} missing");
-    }
-    assert_eq!(response.headers()["x-ratelimit-limit"], "3");
-    let created: Value = response.json().await.unwrap();
-    let id = created["sessionId"].as_str().unwrap().to_owned();
-    assert_eq!(created["url"], format!("{}/checkout/{id}", server.base));
-
-    let get = |key: &str, id: &str| {
-        http()
-            .get(format!("{sessions}/{id}"))
-            .header("x-api-key", key)
+            .json(&init)
             .send()
-    };
-    let response = get(&reader, &id).await.unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(response.headers().contains_key("x-ratelimit-remaining"));
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], "pending");
-    assert_eq!(body["amount"], 250);
-    assert_eq!(body["currency"], "usd");
-    assert!(body["createdAt"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(
-        get(&stranger, &id).await.unwrap().status(),
-        404,
-        "another principal's session is not visible"
-    );
-    assert_eq!(get(&reader, "cs_unknown").await.unwrap().status(), 404);
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403);
 
-    // Bad input: 400 naming the field; the two good ones above used 1 of 3.
-    let response = post(
-        Some(creator.clone()),
-        json!({"amount": 2.5, "currency": "usd"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status(), 400);
-    assert_eq!(response.json::<Value>().await.unwrap()["field"], "amount");
-    let response = post(
-        Some(creator.clone()),
-        json!({"amount": 100, "currency": "dollars"}),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.json::<Value>().await.unwrap()["field"], "currency");
+        // Fast path: alice's key names her wallet.
+        let alice = server.mcp(Some(&alice_key), ()).await;
+        let r = call(&alice, "echo", echo_args("over http")).await;
+        assert_eq!(text(&r), "over http");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(server.env.available("alice").await, "0.99");
 
-    // The limit: 3 a minute for creating, so the next is a 429.
-    let response = post(Some(creator.clone()), good.clone()).await.unwrap();
-    assert_eq!(response.status(), 429);
-    assert_eq!(response.headers()["x-ratelimit-remaining"], "0");
-    assert!(response.headers().contains_key("retry-after"));
-    // Reading has its own limit and still works.
-    assert_eq!(get(&reader, &id).await.unwrap().status(), 200);
-    // Malformed JSON is a 400 too (with the limit counted per key, use another key).
-    let other = server.key("shop", &["sessions:create"]).await;
-    let response = http()
-        .post(&sessions)
-        .bearer_auth(&other)
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    server.env.assert_ledger_ok().await;
+        // two_step: bob has no wallet; he pays at the checkout page.
+        let bob = server.mcp(Some(&bob_key), ()).await;
+        let r = call(&bob, "echo", echo_args("bob's")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+        assert_eq!(url, format!("{}/checkout/{id}", server.base));
+        let page = http().get(&url).send().await.unwrap().text().await.unwrap();
+        assert!(
+            page.contains("0.01")
+                && page.contains("USD")
+                && page.contains("<code>echo</code>")
+                && page.contains("pending")
+        );
+
+        // Alice cannot use bob's payment id, even after it is paid.
+        let response = checkout_post(&server.base, &id, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 303);
+        let r = call(&alice, "confirm_echo_payment", json!({"payment_id": id})).await;
+        assert_eq!(error_code(&r), "payment_mismatch");
+        let r = call(&bob, "confirm_echo_payment", json!({"payment_id": id})).await;
+        assert_eq!(text(&r), "bob's");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+
+        alice.cancel().await.ok();
+        bob.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_checkout_page_refuses_forgery_double_submits_and_late_payment() {
-    let pricing = two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
-    let server = HttpServer::start(&pricing).await;
-    server.env.topup("erin", "1.00").await;
-    server.env.topup("poor", "0.01").await;
-    let erin_key = server.key("erin", &["mcp"]).await;
-    let poor_key = server.key("poor", &["mcp"]).await;
-    let anon = server.key("frank", &["mcp"]).await;
-    let client = server.mcp(Some(&anon), ()).await;
-    let open = || async {
-        let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
-        structured(&r)["payment_id"].as_str().unwrap().to_owned()
-    };
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn elicitation_and_progress_over_http() {
+        let pricing = crate::inproc::pricing("elicitation", "").replacen(
+            "price = \"0.05\"",
+            "price = \"0.05\"\nmode = \"progress\"",
+            1,
+        );
+        let server = HttpServer::start(&pricing).await;
+        let key = server.key("dave", &["mcp"]).await;
 
-    // A forged token, or a form posted from another site, is refused.
-    let id = open().await;
-    let url = format!("{}/checkout/{id}", server.base);
-    let forged = http()
-        .post(&url)
-        .form(&[("csrf", "00"), ("action", "settle")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(forged.status(), 403);
-    let page = http().get(&url).send().await.unwrap().text().await.unwrap();
-    let cross_site = http()
-        .post(&url)
-        .header("origin", "https://evil.example")
-        .form(&[("csrf", csrf_of(&page).as_str()), ("action", "settle")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(cross_site.status(), 403);
+        let handler = server.client(Person::PaysAndAccepts, Elicitation::Url);
+        let client = server.mcp(Some(&key), handler.clone()).await;
+        let r = call(&client, "echo", echo_args("elicited")).await;
+        assert_eq!(text(&r), "elicited", "{r:?}");
+        assert_eq!(handler.prompt_count(), 1);
+        client.cancel().await.ok();
 
-    let pending_csrf = csrf_of(&page);
-    // Paying from a wallet needs that wallet's key; too little money is said so.
-    let response = checkout_post(
-        &server.base,
-        &id,
-        &[("action", "pay"), ("api_key", "nonsense")],
-    )
-    .await;
-    assert_eq!(response.status(), 401);
-    let response = checkout_post(
-        &server.base,
-        &id,
-        &[("action", "pay"), ("api_key", &poor_key)],
-    )
-    .await;
-    assert_eq!(response.status(), 402);
-    assert_eq!(server.env.available("poor").await, "0.01");
-    let response = checkout_post(
-        &server.base,
-        &id,
-        &[("action", "pay"), ("api_key", &erin_key)],
-    )
-    .await;
-    assert_eq!(response.status(), 303);
-    let page = http().get(&url).send().await.unwrap().text().await.unwrap();
-    assert!(page.contains("<td id=\"status\">paid</td>"), "{page}");
-    // A second submit (the same form again) takes nothing.
-    let again = http()
-        .post(&url)
-        .form(&[
-            ("csrf", pending_csrf.as_str()),
-            ("action", "pay"),
-            ("api_key", erin_key.as_str()),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), 409);
-    assert!(again.text().await.unwrap().contains("already paid"));
-    assert_eq!(server.env.available("erin").await, "0.95");
-
-    // Decline.
-    let declined = open().await;
-    let response = checkout_post(&server.base, &declined, &[("action", "decline")]).await;
-    assert_eq!(response.status(), 303);
-    let r = call(
-        &client,
-        "confirm_divide_payment",
-        json!({"payment_id": declined}),
-    )
-    .await;
-    assert_eq!(error_code(&r), "payment_cancelled");
-
-    // Expired: the page says so and takes nothing.
-    let late = open().await;
-    let page = http()
-        .get(format!("{}/checkout/{late}", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = csrf_of(&page);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let page = http()
-        .get(format!("{}/checkout/{late}", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(page.contains("has expired"), "{page}");
-    let response = http()
-        .post(format!("{}/checkout/{late}", server.base))
-        .form(&[("csrf", csrf.as_str()), ("action", "settle")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 409);
-    client.cancel().await.ok();
-    server.env.assert_ledger_ok().await;
+        let handler = server.client(Person::PaysAfterProgress(2), Elicitation::None);
+        let client = server.mcp(Some(&key), handler.clone()).await;
+        let r = call(&client, "divide", json!({"a": 6, "b": 3})).await;
+        assert_eq!(structured(&r), json!({"quotient": 2.0}), "{r:?}");
+        assert!(handler.progress.lock().unwrap().len() >= 2);
+        client.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_and_health() {
-    let server = HttpServer::start(&two_step_pricing()).await;
-    server.env.topup("gina", "1.00").await;
-    let key = server.key("gina", &["mcp"]).await;
-    let admin = server.key("ops", &["admin"]).await;
-    let scrape = || async {
-        http()
-            .get(format!("{}/metrics", server.base))
-            .bearer_auth(&admin)
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sessions_api_validates_authenticates_and_rate_limits() {
+        let pricing = crate::harness::pricing("resubmit", "").replace(
+            "[store]",
+            "[http]\nsessions_create_per_minute = 3\n\n[store]",
+        );
+        let server = HttpServer::start(&pricing).await;
+        let creator = server
+            .key("shop", &["sessions:create", "sessions:read"])
+            .await;
+        let reader = server.key("shop", &["sessions:read"]).await;
+        let stranger = server.key("other", &["sessions:read"]).await;
+        let revoked = server.key("shop", &["sessions:create"]).await;
+        let revoked_id = tollgate::keys::key_id(&revoked).unwrap().to_owned();
+        server.env.ok(&["keys", "revoke", &revoked_id]).await;
+        let sessions = format!("{}/v1/sessions", server.base);
+
+        let post = |key: Option<String>, body: Value| {
+            let mut request = http().post(&sessions).json(&body);
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            request.send()
+        };
+        // Auth cases.
+        let good = json!({"amount": 250, "currency": "usd", "description": "Pro feature"});
+        assert_eq!(post(None, good.clone()).await.unwrap().status(), 401);
+        assert_eq!(
+            post(Some("tg_key_1234567890abcdef_x".into()), good.clone())
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+        assert_eq!(
+            post(Some(revoked.clone()), good.clone())
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+        assert_eq!(
+            post(Some(reader.clone()), good.clone())
+                .await
+                .unwrap()
+                .status(),
+            403
+        );
+
+        // Good input.
+        let response = post(Some(creator.clone()), good.clone()).await.unwrap();
+        assert_eq!(response.status(), 201);
+        for header in [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            assert!(response.headers().contains_key(header), "{header} missing");
+        }
+        assert_eq!(response.headers()["x-ratelimit-limit"], "3");
+        let created: Value = response.json().await.unwrap();
+        let id = created["sessionId"].as_str().unwrap().to_owned();
+        assert_eq!(created["url"], format!("{}/checkout/{id}", server.base));
+
+        let get = |key: &str, id: &str| {
+            http()
+                .get(format!("{sessions}/{id}"))
+                .header("x-api-key", key)
+                .send()
+        };
+        let response = get(&reader, &id).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().contains_key("x-ratelimit-remaining"));
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["status"], "pending");
+        assert_eq!(body["amount"], 250);
+        assert_eq!(body["currency"], "usd");
+        assert!(body["createdAt"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(
+            get(&stranger, &id).await.unwrap().status(),
+            404,
+            "another principal's session is not visible"
+        );
+        assert_eq!(get(&reader, "cs_unknown").await.unwrap().status(), 404);
+
+        // Bad input: 400 naming the field; the two good ones above used 1 of 3.
+        let response = post(
+            Some(creator.clone()),
+            json!({"amount": 2.5, "currency": "usd"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 400);
+        assert_eq!(response.json::<Value>().await.unwrap()["field"], "amount");
+        let response = post(
+            Some(creator.clone()),
+            json!({"amount": 100, "currency": "dollars"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.json::<Value>().await.unwrap()["field"], "currency");
+
+        // The limit: 3 a minute for creating, so the next is a 429.
+        let response = post(Some(creator.clone()), good.clone()).await.unwrap();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["x-ratelimit-remaining"], "0");
+        assert!(response.headers().contains_key("retry-after"));
+        // Reading has its own limit and still works.
+        assert_eq!(get(&reader, &id).await.unwrap().status(), 200);
+        // Malformed JSON is a 400 too (with the limit counted per key, use another key).
+        let other = server.key("shop", &["sessions:create"]).await;
+        let response = http()
+            .post(&sessions)
+            .bearer_auth(&other)
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        server.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkout_page_refuses_forgery_double_submits_and_late_payment() {
+        let pricing = two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
+        let server = HttpServer::start(&pricing).await;
+        server.env.topup("erin", "1.00").await;
+        server.env.topup("poor", "0.01").await;
+        let erin_key = server.key("erin", &["mcp"]).await;
+        let poor_key = server.key("poor", &["mcp"]).await;
+        let anon = server.key("frank", &["mcp"]).await;
+        let client = server.mcp(Some(&anon), ()).await;
+        let open = || async {
+            let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
+            structured(&r)["payment_id"].as_str().unwrap().to_owned()
+        };
+
+        // A forged token, or a form posted from another site, is refused.
+        let id = open().await;
+        let url = format!("{}/checkout/{id}", server.base);
+        let forged = http()
+            .post(&url)
+            .form(&[("csrf", "00"), ("action", "settle")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), 403);
+        let page = http().get(&url).send().await.unwrap().text().await.unwrap();
+        let cross_site = http()
+            .post(&url)
+            .header("origin", "https://evil.example")
+            .form(&[("csrf", csrf_of(&page).as_str()), ("action", "settle")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cross_site.status(), 403);
+
+        let pending_csrf = csrf_of(&page);
+        // Paying from a wallet needs that wallet's key; too little money is said so.
+        let response = checkout_post(
+            &server.base,
+            &id,
+            &[("action", "pay"), ("api_key", "nonsense")],
+        )
+        .await;
+        assert_eq!(response.status(), 401);
+        let response = checkout_post(
+            &server.base,
+            &id,
+            &[("action", "pay"), ("api_key", &poor_key)],
+        )
+        .await;
+        assert_eq!(response.status(), 402);
+        assert_eq!(server.env.available("poor").await, "0.01");
+        let response = checkout_post(
+            &server.base,
+            &id,
+            &[("action", "pay"), ("api_key", &erin_key)],
+        )
+        .await;
+        assert_eq!(response.status(), 303);
+        let page = http().get(&url).send().await.unwrap().text().await.unwrap();
+        assert!(page.contains("<td id=\"status\">paid</td>"), "{page}");
+        // A second submit (the same form again) takes nothing.
+        let again = http()
+            .post(&url)
+            .form(&[
+                ("csrf", pending_csrf.as_str()),
+                ("action", "pay"),
+                ("api_key", erin_key.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 409);
+        assert!(again.text().await.unwrap().contains("already paid"));
+        assert_eq!(server.env.available("erin").await, "0.95");
+
+        // Decline.
+        let declined = open().await;
+        let response = checkout_post(&server.base, &declined, &[("action", "decline")]).await;
+        assert_eq!(response.status(), 303);
+        let r = call(
+            &client,
+            "confirm_divide_payment",
+            json!({"payment_id": declined}),
+        )
+        .await;
+        assert_eq!(error_code(&r), "payment_cancelled");
+
+        // Expired: the page says so and takes nothing.
+        let late = open().await;
+        let page = http()
+            .get(format!("{}/checkout/{late}", server.base))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap()
-    };
-    let count = |text: &str, needle: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with("tollgate_calls_total") && l.contains(needle))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    assert_eq!(
-        http()
-            .get(format!("{}/metrics", server.base))
+            .unwrap();
+        let csrf = csrf_of(&page);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let page = http()
+            .get(format!("{}/checkout/{late}", server.base))
             .send()
             .await
             .unwrap()
-            .status(),
-        401
-    );
-    let before = scrape().await;
-    let client = server.mcp(Some(&key), ()).await;
-    for _ in 0..3 {
-        call(&client, "echo", echo_args("m")).await;
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("has expired"), "{page}");
+        let response = http()
+            .post(format!("{}/checkout/{late}", server.base))
+            .form(&[("csrf", csrf.as_str()), ("action", "settle")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 409);
+        client.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
     }
-    call(&client, "divide", json!({"a": 1, "b": 0})).await;
-    let after = scrape().await;
-    // The recorder is process-wide: other tests' calls count too, so look
-    // at this test's own line and at how much it grew.
-    let paid = "tool=\"echo\",mode=\"two_step\",outcome=\"paid\"";
-    assert!(
-        count(&after, paid) - count(&before, paid) >= 3.0,
-        "calls counted: {after}"
-    );
-    assert!(after.contains("outcome=\"released\""), "{after}");
-    assert!(
-        after.contains("tollgate_gate_seconds_bucket"),
-        "latency histogram: {after}"
-    );
-    assert!(after.contains("tollgate_open_holds 0"), "{after}");
-    assert!(
-        after.contains("tollgate_revenue{tool=\"echo\",currency=\"USD\"}"),
-        "{after}"
-    );
-    let health: Value = http()
-        .get(format!("{}/healthz", server.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(health["status"], "ok");
-    client.cancel().await.ok();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
-    // B is the payment authority; A is a tollgate whose provider is B.
-    let b = HttpServer::start(&two_step_pricing()).await;
-    let key_for_a = b
-        .key("tollgate-a", &["sessions:create", "sessions:read"])
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_and_health() {
+        let server = HttpServer::start(&two_step_pricing()).await;
+        server.env.topup("gina", "1.00").await;
+        let key = server.key("gina", &["mcp"]).await;
+        let admin = server.key("ops", &["admin"]).await;
+        let scrape = || async {
+            http()
+                .get(format!("{}/metrics", server.base))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        };
+        let count = |text: &str, needle: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with("tollgate_calls_total") && l.contains(needle))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        assert_eq!(
+            http()
+                .get(format!("{}/metrics", server.base))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+        let before = scrape().await;
+        let client = server.mcp(Some(&key), ()).await;
+        for _ in 0..3 {
+            call(&client, "echo", echo_args("m")).await;
+        }
+        call(&client, "divide", json!({"a": 1, "b": 0})).await;
+        let after = scrape().await;
+        // The recorder is process-wide: other tests' calls count too, so look
+        // at this test's own line and at how much it grew.
+        let paid = "tool=\"echo\",mode=\"two_step\",outcome=\"paid\"";
+        assert!(
+            count(&after, paid) - count(&before, paid) >= 3.0,
+            "calls counted: {after}"
+        );
+        assert!(after.contains("outcome=\"released\""), "{after}");
+        assert!(
+            after.contains("tollgate_gate_seconds_bucket"),
+            "latency histogram: {after}"
+        );
+        assert!(after.contains("tollgate_open_holds 0"), "{after}");
+        assert!(
+            after.contains("tollgate_revenue{tool=\"echo\",currency=\"USD\"}"),
+            "{after}"
+        );
+        let health: Value = http()
+            .get(format!("{}/healthz", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["status"], "ok");
+        client.cancel().await.ok();
+    }
+}
+
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
+        // B is the payment authority; A is a tollgate whose provider is B.
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let key_for_a = b
+            .key("tollgate-a", &["sessions:create", "sessions:read"])
+            .await;
+        let a_pricing = crate::harness::pricing("resubmit", "").replace(
+            "[store]",
+            &format!(
+                "[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"TOLLGATE_PROVIDER_KEY\"\n\n[store]",
+                b.base
+            ),
+        );
+        // A is the real binary, with the key in its own environment only.
+        let a = Env::with_pricing(&a_pricing);
+        let client = a
+            .client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key_for_a.as_str())])
+            .await;
+
+        let r = crate::harness::call(&client, "echo", echo_args("remote")).await;
+        assert_eq!(error_code(&r), "payment_required");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+        assert!(
+            url.starts_with(&format!("{}/checkout/cs_", b.base)),
+            "the person pays at B: {url}"
+        );
+        let r =
+            crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
+        assert_eq!(error_code(&r), "payment_pending");
+
+        // The person pays at B's checkout page.
+        let session = url.rsplit('/').next().unwrap();
+        let response = checkout_post(&b.base, session, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 303);
+        let r =
+            crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
+        assert_eq!(text(&r), "remote", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        // A's ledger took the money in from outside and earned it; B's took it at checkout.
+        a.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_bodies_and_anonymous_access_are_guarded() {
+        let server = HttpServer::start(&two_step_pricing()).await;
+        let key = server.key("judy", &["mcp", "sessions:create"]).await;
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+        // DNS rebinding: a foreign Host is refused on /mcp.
+        let response = http()
+            .post(format!("{}/mcp", server.base))
+            .bearer_auth(&key)
+            .header("host", "evil.example")
+            .header("accept", "application/json, text/event-stream")
+            .json(&init)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_client_error(), "{}", response.status());
+        // Oversized bodies are refused before any work.
+        let huge = json!({"amount": 100, "currency": "usd", "description": "x".repeat(200_000)});
+        let response = http()
+            .post(format!("{}/v1/sessions", server.base))
+            .bearer_auth(&key)
+            .json(&huge)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 413);
+
+        // Anonymous /mcp only when the config says so.
+        let open = HttpServer::start(
+            &two_step_pricing().replace("[store]", "[http]\nanonymous_mcp = true\n\n[store]"),
+        )
         .await;
-    let a_pricing = crate::harness::pricing("resubmit", "").replace(
-        "[store]",
-        &format!(
-            "[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"TOLLGATE_PROVIDER_KEY\"\n\n[store]",
-            b.base
-        ),
-    );
-    // A is the real binary, with the key in its own environment only.
-    let a = Env::with_pricing(&a_pricing);
-    let client = a
-        .client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key_for_a.as_str())])
-        .await;
-
-    let r = crate::harness::call(&client, "echo", echo_args("remote")).await;
-    assert_eq!(error_code(&r), "payment_required");
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
-    assert!(
-        url.starts_with(&format!("{}/checkout/cs_", b.base)),
-        "the person pays at B: {url}"
-    );
-    let r =
-        crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
-    assert_eq!(error_code(&r), "payment_pending");
-
-    // The person pays at B's checkout page.
-    let session = url.rsplit('/').next().unwrap();
-    let response = checkout_post(&b.base, session, &[("action", "settle")]).await;
-    assert_eq!(response.status(), 303);
-    let r =
-        crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
-    assert_eq!(text(&r), "remote", "{r:?}");
-    assert_eq!(payment_meta(&r)["status"], "paid");
-    client.cancel().await.ok();
-    // A's ledger took the money in from outside and earned it; B's took it at checkout.
-    a.assert_ledger_ok().await;
-    b.env.assert_ledger_ok().await;
+        let client = open.mcp(None, ()).await;
+        let r = call(&client, "echo", echo_args("anon")).await;
+        assert_eq!(
+            structured(&r)["status"],
+            "payment_required",
+            "anonymous: no wallet, so a payment session"
+        );
+        client.cancel().await.ok();
+        let response = http()
+            .post(format!("{}/v1/sessions", open.base))
+            .json(&json!({"amount": 100, "currency": "usd"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "/v1 always needs a key");
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hosts_bodies_and_anonymous_access_are_guarded() {
-    let server = HttpServer::start(&two_step_pricing()).await;
-    let key = server.key("judy", &["mcp", "sessions:create"]).await;
-    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
-    // DNS rebinding: a foreign Host is refused on /mcp.
-    let response = http()
-        .post(format!("{}/mcp", server.base))
-        .bearer_auth(&key)
-        .header("host", "evil.example")
-        .header("accept", "application/json, text/event-stream")
-        .json(&init)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_client_error(), "{}", response.status());
-    // Oversized bodies are refused before any work.
-    let huge = json!({"amount": 100, "currency": "usd", "description": "x".repeat(200_000)});
-    let response = http()
-        .post(format!("{}/v1/sessions", server.base))
-        .bearer_auth(&key)
-        .json(&huge)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 413);
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_charge_above_the_threshold_is_approved_at_the_checkout_page_with_the_wallets_key() {
+        let pricing = two_step_pricing().replace(
+            "approval_threshold = \"5.00\"",
+            "approval_threshold = \"0.02\"",
+        );
+        let server = HttpServer::start(&pricing).await;
+        server.env.topup("kim", "1.00").await;
+        let kim = server.key("kim", &["mcp"]).await;
+        let lee = server.key("lee", &["mcp"]).await;
+        let client = server.mcp(Some(&kim), ()).await;
+        let r = call(&client, "divide", json!({"a": 8, "b": 2})).await;
+        assert!(text(&r).contains("Approval required"), "{}", text(&r));
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let page = http()
+            .get(format!("{}/checkout/{id}", server.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains("Approve charging 0.05 USD to wallet <b>kim</b>"),
+            "{page}"
+        );
+        assert!(
+            !page.contains("settle_button"),
+            "an approval cannot be settled without the wallet"
+        );
 
-    // Anonymous /mcp only when the config says so.
-    let open = HttpServer::start(
-        &two_step_pricing().replace("[store]", "[http]\nanonymous_mcp = true\n\n[store]"),
-    )
-    .await;
-    let client = open.mcp(None, ()).await;
-    let r = call(&client, "echo", echo_args("anon")).await;
-    assert_eq!(
-        structured(&r)["status"],
-        "payment_required",
-        "anonymous: no wallet, so a payment session"
-    );
-    client.cancel().await.ok();
-    let response = http()
-        .post(format!("{}/v1/sessions", open.base))
-        .json(&json!({"amount": 100, "currency": "usd"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 401, "/v1 always needs a key");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_charge_above_the_threshold_is_approved_at_the_checkout_page_with_the_wallets_key() {
-    let pricing = two_step_pricing().replace(
-        "approval_threshold = \"5.00\"",
-        "approval_threshold = \"0.02\"",
-    );
-    let server = HttpServer::start(&pricing).await;
-    server.env.topup("kim", "1.00").await;
-    let kim = server.key("kim", &["mcp"]).await;
-    let lee = server.key("lee", &["mcp"]).await;
-    let client = server.mcp(Some(&kim), ()).await;
-    let r = call(&client, "divide", json!({"a": 8, "b": 2})).await;
-    assert!(text(&r).contains("Approval required"), "{}", text(&r));
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    let page = http()
-        .get(format!("{}/checkout/{id}", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        page.contains("Approve charging 0.05 USD to wallet <b>kim</b>"),
-        "{page}"
-    );
-    assert!(
-        !page.contains("settle_button"),
-        "an approval cannot be settled without the wallet"
-    );
-
-    // Someone else's key cannot approve a charge to kim's wallet.
-    let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &lee)]).await;
-    assert_eq!(response.status(), 403);
-    assert_eq!(server.env.available("kim").await, "1.00");
-    let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &kim)]).await;
-    assert_eq!(response.status(), 303);
-    let r = call(&client, "confirm_divide_payment", json!({"payment_id": id})).await;
-    assert_eq!(structured(&r), json!({"quotient": 4.0}));
-    assert_eq!(server.env.available("kim").await, "0.95");
-    client.cancel().await.ok();
-    server.env.assert_ledger_ok().await;
+        // Someone else's key cannot approve a charge to kim's wallet.
+        let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &lee)]).await;
+        assert_eq!(response.status(), 403);
+        assert_eq!(server.env.available("kim").await, "1.00");
+        let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &kim)]).await;
+        assert_eq!(response.status(), 303);
+        let r = call(&client, "confirm_divide_payment", json!({"payment_id": id})).await;
+        assert_eq!(structured(&r), json!({"quotient": 4.0}));
+        assert_eq!(server.env.available("kim").await, "0.95");
+        client.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
 }

@@ -255,7 +255,7 @@ pub fn config_for(env: &Env, pricing_text: &str) -> Config {
         env.key.display()
     );
     let mut config = Config::parse(&text, "pricing.toml").expect("pricing");
-    config.store_url = format!("sqlite://{}", env.db.display());
+    config.store_url = env.db.clone();
     config
 }
 

@@ -15,69 +15,71 @@ use tollgate::{
 
 use crate::harness::{Env, error_code, payment_meta, text};
 
-#[tokio::test]
-async fn the_library_example_serves_priced_tools_through_the_gate() {
-    let env = Env::with_pricing(weather::PRICING);
-    let pricing = format!(
-        "{}\n[receipts]\nkey_file = \"{}\"\n",
-        weather::PRICING,
-        env.key.display()
-    );
-    let tollgate = weather::weather(&pricing)
-        .expect("pricing")
-        .store_url(format!("sqlite://{}", env.db.display()))
-        .build()
-        .await
-        .expect("build");
-    let usd = Currency::parse("USD").unwrap();
-    tollgate
-        .gate()
-        .store()
-        .topup(
-            &AccountRef::wallet("alice", &usd),
-            Units::parse("1.00").unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
+on_both_backends! {
+    #[tokio::test]
+    async fn the_library_example_serves_priced_tools_through_the_gate() {
+        let env = Env::with_pricing(weather::PRICING);
+        let pricing = format!(
+            "{}\n[receipts]\nkey_file = \"{}\"\n",
+            weather::PRICING,
+            env.key.display()
+        );
+        let tollgate = weather::weather(&pricing)
+            .expect("pricing")
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let usd = Currency::parse("USD").unwrap();
+        tollgate
+            .gate()
+            .store()
+            .topup(
+                &AccountRef::wallet("alice", &usd),
+                Units::parse("1.00").unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
 
-    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-    let server = tollgate.server(Caller {
-        principal: Some("alice".into()),
-    });
-    tokio::spawn(async move {
-        if let Ok(running) = server.serve(server_io).await {
-            let _ = running.waiting().await;
-        }
-    });
-    let client = ().serve(client_io).await.expect("connect");
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let server = tollgate.server(Caller {
+            principal: Some("alice".into()),
+        });
+        tokio::spawn(async move {
+            if let Ok(running) = server.serve(server_io).await {
+                let _ = running.waiting().await;
+            }
+        });
+        let client = ().serve(client_io).await.expect("connect");
 
-    let tools = client.list_all_tools().await.unwrap();
-    let forecast = tools.iter().find(|t| t.name == "forecast").unwrap();
-    assert!(
-        forecast
-            .description
-            .as_deref()
-            .unwrap()
-            .ends_with("(price: 0.05 USD per call)")
-    );
-    assert_eq!(forecast.input_schema["required"], json!(["city"]));
+        let tools = client.list_all_tools().await.unwrap();
+        let forecast = tools.iter().find(|t| t.name == "forecast").unwrap();
+        assert!(
+            forecast
+                .description
+                .as_deref()
+                .unwrap()
+                .ends_with("(price: 0.05 USD per call)")
+        );
+        assert_eq!(forecast.input_schema["required"], json!(["city"]));
 
-    let r = crate::harness::call(&client, "forecast", json!({"city": "Oslo", "days": 2})).await;
-    assert_eq!(text(&r), "Oslo: sunny for the next 2 day(s).");
-    assert_eq!(payment_meta(&r)["status"], "paid");
-    // The function's Err is a tool error: released, not charged.
-    let r = crate::harness::call(&client, "forecast", json!({"city": "Oslo", "days": 30})).await;
-    assert_eq!(r.is_error, Some(true));
-    assert_eq!(payment_meta(&r)["status"], "released");
-    // Schema violations name the field and charge nothing.
-    let r = crate::harness::call(&client, "forecast", json!({"town": "Oslo"})).await;
-    assert_eq!(error_code(&r), "invalid_arguments");
-    // Unpriced: free.
-    let r = crate::harness::call(&client, "cities", json!({})).await;
-    assert_eq!(text(&r), "Oslo, Lima, Pune");
-    assert!(payment_meta(&r).is_null());
-    assert_eq!(env.available("alice").await, "0.95");
-    client.cancel().await.ok();
-    env.assert_ledger_ok().await;
+        let r = crate::harness::call(&client, "forecast", json!({"city": "Oslo", "days": 2})).await;
+        assert_eq!(text(&r), "Oslo: sunny for the next 2 day(s).");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        // The function's Err is a tool error: released, not charged.
+        let r = crate::harness::call(&client, "forecast", json!({"city": "Oslo", "days": 30})).await;
+        assert_eq!(r.is_error, Some(true));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        // Schema violations name the field and charge nothing.
+        let r = crate::harness::call(&client, "forecast", json!({"town": "Oslo"})).await;
+        assert_eq!(error_code(&r), "invalid_arguments");
+        // Unpriced: free.
+        let r = crate::harness::call(&client, "cities", json!({})).await;
+        assert_eq!(text(&r), "Oslo, Lima, Pune");
+        assert!(payment_meta(&r).is_null());
+        assert_eq!(env.available("alice").await, "0.95");
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
 }

@@ -1,6 +1,9 @@
 //! End-to-end tests: the real `tollgate` binary over stdio, driven by rmcp's
-//! client, on a real SQLite file per test.
+//! client, on a real SQLite file per test and, when `TOLLGATE_TEST_POSTGRES`
+//! is set, again on a PostgreSQL database per test (see `backend`).
 
+#[macro_use]
+mod backend;
 mod browser;
 mod harness;
 mod http_service;

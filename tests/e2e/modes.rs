@@ -27,538 +27,574 @@ async fn session_status(t: &InProcess, id: &str) -> String {
 
 // ---------- elicitation, sessions up to 2025-11-25 ----------
 
-#[tokio::test]
-async fn elicitation_in_url_mode_takes_the_payment_inside_the_call() {
-    let t = InProcess::new(&pricing("elicitation", "")).await;
-    let handler = t.client(Person::PaysAndAccepts, Elicitation::Url);
-    let client = t.connect(None, handler.clone(), false).await;
-    let r = call(&client, "echo", echo_args("hello")).await;
-    assert_ran(&r, "hello");
-    let payment_id = payment_meta(&r)["payment_id"].as_str().unwrap().to_owned();
-    match &handler.prompts.lock().unwrap()[0] {
-        ElicitRequestParams::UrlElicitationParams {
-            url,
-            elicitation_id,
-            ..
-        } => {
-            assert_eq!(elicitation_id, &payment_id);
-            assert!(url.ends_with(&format!("/checkout/{payment_id}")), "{url}");
-        }
-        other => panic!("expected a URL prompt, got {other:?}"),
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        handler.custom.lock().unwrap().as_slice(),
-        ["notifications/elicitation/complete"]
-    );
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn elicitation_falls_back_to_a_form_stating_tool_amount_currency_and_url() {
-    let t = InProcess::new(&pricing("elicitation", "")).await;
-    let handler = t.client(Person::PaysAndAccepts, Elicitation::Form);
-    let client = t.connect(Some("alice"), handler.clone(), false).await;
-    let r = call(&client, "divide", json!({"a": 9, "b": 3})).await;
-    assert_eq!(structured(&r), json!({"quotient": 3.0}));
-    assert_eq!(payment_meta(&r)["status"], "paid");
-    match &handler.prompts.lock().unwrap()[0] {
-        ElicitRequestParams::FormElicitationParams { message, .. } => {
-            for needle in ["`divide`", "0.05", "USD", "/checkout/pay_"] {
-                assert!(message.contains(needle), "{needle} missing from {message}");
-            }
-        }
-        other => panic!("expected a form, got {other:?}"),
-    }
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn accept_alone_is_not_payment_and_the_intent_stays_payable() {
-    let t = InProcess::new(&pricing("elicitation", "")).await;
-    let client = t
-        .connect(
-            None,
-            t.client(Person::AcceptsUnpaid, Elicitation::Url),
-            false,
-        )
-        .await;
-    let r = call(&client, "echo", echo_args("later")).await;
-    assert_eq!(error_code(&r), "payment_pending", "{r:?}");
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    assert_eq!(session_status(&t, &id).await, "pending");
-
-    t.env.ok(&["sessions", "pay", &id]).await;
-    let r = call(&client, "echo", json!({"text": "later", "payment_id": id})).await;
-    assert_ran(&r, "later");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn decline_and_cancel_end_the_payment_and_charge_nothing() {
-    for (person, code, status) in [
-        (Person::Declines, "payment_declined", "declined"),
-        (Person::Cancels, "payment_cancelled", "cancelled"),
-    ] {
+on_both_backends! {
+    #[tokio::test]
+    async fn elicitation_in_url_mode_takes_the_payment_inside_the_call() {
         let t = InProcess::new(&pricing("elicitation", "")).await;
-        t.env.topup("carol", "1.00").await;
-        let client = t
-            .connect(None, t.client(person, Elicitation::Url), false)
-            .await;
-        let r = call(&client, "echo", echo_args("no")).await;
-        assert_eq!(error_code(&r), code);
-        assert_eq!(structured(&r)["status"], status);
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let handler = t.client(Person::PaysAndAccepts, Elicitation::Url);
+        let client = t.connect(None, handler.clone(), false).await;
+        let r = call(&client, "echo", echo_args("hello")).await;
+        assert_ran(&r, "hello");
+        let payment_id = payment_meta(&r)["payment_id"].as_str().unwrap().to_owned();
+        match &handler.prompts.lock().unwrap()[0] {
+            ElicitRequestParams::UrlElicitationParams {
+                url,
+                elicitation_id,
+                ..
+            } => {
+                assert_eq!(elicitation_id, &payment_id);
+                assert!(url.ends_with(&format!("/checkout/{payment_id}")), "{url}");
+            }
+            other => panic!("expected a URL prompt, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
-            session_status(&t, &id).await,
-            "cancelled",
-            "the session is cancelled in the store"
+            handler.custom.lock().unwrap().as_slice(),
+            ["notifications/elicitation/complete"]
         );
-        // The id cannot be paid or redeemed afterwards.
-        assert!(
-            !t.env
-                .cli(&["sessions", "pay", &id, "--from", "carol"])
-                .await
-                .status
-                .success()
-        );
-        let r = call(&client, "echo", json!({"text": "no", "payment_id": id})).await;
-        assert_eq!(error_code(&r), code);
-        assert_eq!(t.env.available("carol").await, "1.00");
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
 }
 
-#[tokio::test]
-async fn an_unanswered_prompt_times_out_and_the_intent_stays_payable() {
-    let t = InProcess::new(&pricing("elicitation", "")).await;
-    let client = t
-        .connect(None, t.client(Person::Dawdles, Elicitation::Url), false)
-        .await;
-    let started = std::time::Instant::now();
-    let r = call(&client, "echo", echo_args("slow")).await;
-    assert_eq!(error_code(&r), "payment_timeout", "{r:?}");
-    assert!(text(&r).contains("no answer within"), "{}", text(&r));
-    assert!(
-        started.elapsed() < Duration::from_millis(750),
-        "the server's timeout ended the wait"
-    );
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    t.env.ok(&["sessions", "pay", &id]).await;
-    let r = call(&client, "echo", json!({"text": "slow", "payment_id": id})).await;
-    assert_ran(&r, "slow");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+on_both_backends! {
+    #[tokio::test]
+    async fn elicitation_falls_back_to_a_form_stating_tool_amount_currency_and_url() {
+        let t = InProcess::new(&pricing("elicitation", "")).await;
+        let handler = t.client(Person::PaysAndAccepts, Elicitation::Form);
+        let client = t.connect(Some("alice"), handler.clone(), false).await;
+        let r = call(&client, "divide", json!({"a": 9, "b": 3})).await;
+        assert_eq!(structured(&r), json!({"quotient": 3.0}));
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        match &handler.prompts.lock().unwrap()[0] {
+            ElicitRequestParams::FormElicitationParams { message, .. } => {
+                for needle in ["`divide`", "0.05", "USD", "/checkout/pay_"] {
+                    assert!(message.contains(needle), "{needle} missing from {message}");
+                }
+            }
+            other => panic!("expected a form, got {other:?}"),
+        }
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
 }
 
-#[tokio::test]
-async fn a_client_without_elicitation_gets_resubmit() {
-    let t = InProcess::new(&pricing("elicitation", "")).await;
-    let handler = t.client(Person::PaysAndAccepts, Elicitation::None);
-    let client = t.connect(None, handler.clone(), false).await;
-    let r = call(&client, "echo", echo_args("x")).await;
-    assert_eq!(error_code(&r), "payment_required");
-    assert_eq!(handler.prompt_count(), 0);
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+on_both_backends! {
+    #[tokio::test]
+    async fn accept_alone_is_not_payment_and_the_intent_stays_payable() {
+        let t = InProcess::new(&pricing("elicitation", "")).await;
+        let client = t
+            .connect(
+                None,
+                t.client(Person::AcceptsUnpaid, Elicitation::Url),
+                false,
+            )
+            .await;
+        let r = call(&client, "echo", echo_args("later")).await;
+        assert_eq!(error_code(&r), "payment_pending", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        assert_eq!(session_status(&t, &id).await, "pending");
+
+        t.env.ok(&["sessions", "pay", &id]).await;
+        let r = call(&client, "echo", json!({"text": "later", "payment_id": id})).await;
+        assert_ran(&r, "later");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
 }
 
-#[tokio::test]
-async fn auto_elicits_where_the_client_can_and_resubmits_otherwise() {
-    let t = InProcess::new(&pricing("auto", "")).await;
-    let eliciting = t.client(Person::PaysAndAccepts, Elicitation::Form);
-    let client = t.connect(None, eliciting.clone(), false).await;
-    assert_ran(&call(&client, "echo", echo_args("a")).await, "a");
-    assert_eq!(eliciting.prompt_count(), 1);
-    client.cancel().await.ok();
-
-    let plain = t.client(Person::PaysAndAccepts, Elicitation::None);
-    let client = t.connect(None, plain.clone(), false).await;
-    let r = call(&client, "echo", echo_args("a")).await;
-    assert_eq!(error_code(&r), "payment_required");
-    assert_eq!(plain.prompt_count(), 0);
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+on_both_backends! {
+    #[tokio::test]
+    async fn decline_and_cancel_end_the_payment_and_charge_nothing() {
+        for (person, code, status) in [
+            (Person::Declines, "payment_declined", "declined"),
+            (Person::Cancels, "payment_cancelled", "cancelled"),
+        ] {
+            let t = InProcess::new(&pricing("elicitation", "")).await;
+            t.env.topup("carol", "1.00").await;
+            let client = t
+                .connect(None, t.client(person, Elicitation::Url), false)
+                .await;
+            let r = call(&client, "echo", echo_args("no")).await;
+            assert_eq!(error_code(&r), code);
+            assert_eq!(structured(&r)["status"], status);
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            assert_eq!(
+                session_status(&t, &id).await,
+                "cancelled",
+                "the session is cancelled in the store"
+            );
+            // The id cannot be paid or redeemed afterwards.
+            assert!(
+                !t.env
+                    .cli(&["sessions", "pay", &id, "--from", "carol"])
+                    .await
+                    .status
+                    .success()
+            );
+            let r = call(&client, "echo", json!({"text": "no", "payment_id": id})).await;
+            assert_eq!(error_code(&r), code);
+            assert_eq!(t.env.available("carol").await, "1.00");
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
+    }
 }
 
-#[tokio::test]
-async fn a_per_tool_mode_overrides_the_server_mode() {
-    let text = pricing("resubmit", "").replacen(
-        "price = \"0.01\"",
-        "price = \"0.01\"\nmode = \"elicitation\"",
-        1,
-    );
-    let t = InProcess::new(&text).await;
-    let handler = t.client(Person::PaysAndAccepts, Elicitation::Url);
-    let client = t.connect(None, handler.clone(), false).await;
-    assert_ran(&call(&client, "echo", echo_args("e")).await, "e");
-    let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
-    assert_eq!(error_code(&r), "payment_required", "divide stays resubmit");
-    assert_eq!(handler.prompt_count(), 1);
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+on_both_backends! {
+    #[tokio::test]
+    async fn an_unanswered_prompt_times_out_and_the_intent_stays_payable() {
+        let t = InProcess::new(&pricing("elicitation", "")).await;
+        let client = t
+            .connect(None, t.client(Person::Dawdles, Elicitation::Url), false)
+            .await;
+        let started = std::time::Instant::now();
+        let r = call(&client, "echo", echo_args("slow")).await;
+        assert_eq!(error_code(&r), "payment_timeout", "{r:?}");
+        assert!(text(&r).contains("no answer within"), "{}", text(&r));
+        assert!(
+            started.elapsed() < Duration::from_millis(750),
+            "the server's timeout ended the wait"
+        );
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        t.env.ok(&["sessions", "pay", &id]).await;
+        let r = call(&client, "echo", json!({"text": "slow", "payment_id": id})).await;
+        assert_ran(&r, "slow");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_client_without_elicitation_gets_resubmit() {
+        let t = InProcess::new(&pricing("elicitation", "")).await;
+        let handler = t.client(Person::PaysAndAccepts, Elicitation::None);
+        let client = t.connect(None, handler.clone(), false).await;
+        let r = call(&client, "echo", echo_args("x")).await;
+        assert_eq!(error_code(&r), "payment_required");
+        assert_eq!(handler.prompt_count(), 0);
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn auto_elicits_where_the_client_can_and_resubmits_otherwise() {
+        let t = InProcess::new(&pricing("auto", "")).await;
+        let eliciting = t.client(Person::PaysAndAccepts, Elicitation::Form);
+        let client = t.connect(None, eliciting.clone(), false).await;
+        assert_ran(&call(&client, "echo", echo_args("a")).await, "a");
+        assert_eq!(eliciting.prompt_count(), 1);
+        client.cancel().await.ok();
+
+        let plain = t.client(Person::PaysAndAccepts, Elicitation::None);
+        let client = t.connect(None, plain.clone(), false).await;
+        let r = call(&client, "echo", echo_args("a")).await;
+        assert_eq!(error_code(&r), "payment_required");
+        assert_eq!(plain.prompt_count(), 0);
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_per_tool_mode_overrides_the_server_mode() {
+        let text = pricing("resubmit", "").replacen(
+            "price = \"0.01\"",
+            "price = \"0.01\"\nmode = \"elicitation\"",
+            1,
+        );
+        let t = InProcess::new(&text).await;
+        let handler = t.client(Person::PaysAndAccepts, Elicitation::Url);
+        let client = t.connect(None, handler.clone(), false).await;
+        assert_ran(&call(&client, "echo", echo_args("e")).await, "e");
+        let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
+        assert_eq!(error_code(&r), "payment_required", "divide stays resubmit");
+        assert_eq!(handler.prompt_count(), 1);
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
 }
 
 // ---------- elicitation, 2026-07-28 sessions ----------
 
-#[tokio::test]
-async fn a_2026_session_gets_input_required_and_pays_through_it() {
-    let t = InProcess::new(&pricing("elicitation", "")).await;
-    let handler = t.client(Person::PaysAndAccepts, Elicitation::Url);
-    let client = t.connect(Some("alice"), handler.clone(), true).await;
-
-    let first = client
-        .call_tool_once(
-            CallToolRequestParams::new("echo")
-                .with_arguments(crate::harness::args(echo_args("new"))),
-        )
-        .await
-        .unwrap();
-    let CallToolResponse::InputRequired(ir) = first else {
-        panic!("expected input_required, got {first:?}")
-    };
-    let state = ir.request_state.clone().unwrap();
-    assert!(state.starts_with("pay_"));
-    assert_eq!(session_status(&t, &state).await, "pending");
-
-    // The high-level call drives the round through create_elicitation.
-    let r = call(&client, "echo", echo_args("new")).await;
-    assert_ran(&r, "new");
-    assert_eq!(handler.prompt_count(), 1);
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn a_2026_request_state_is_checked_on_the_server() {
-    let t = InProcess::new(&pricing("elicitation", "")).await;
-    let alice = t
-        .connect(
-            Some("alice"),
-            t.client(Person::AcceptsUnpaid, Elicitation::Url),
-            true,
-        )
-        .await;
-    let bob = t
-        .connect(
-            Some("bob"),
-            t.client(Person::AcceptsUnpaid, Elicitation::Url),
-            true,
-        )
-        .await;
-    let accepted = {
-        let mut responses = rmcp::model::InputResponses::new();
-        responses.insert("payment".into(), json!({"action": "accept"}));
-        responses
-    };
-    let retry = |state: &str, text_arg: &str| {
-        let mut params = CallToolRequestParams::new("echo")
-            .with_arguments(crate::harness::args(echo_args(text_arg)));
-        params.request_state = Some(state.to_owned());
-        params.input_responses = Some(accepted.clone());
-        params
-    };
-    let complete = |r: CallToolResponse| match r {
-        CallToolResponse::Complete(r) => r,
-        other => panic!("expected a result, got {other:?}"),
-    };
-
-    // Forged: names no intent.
-    let r = complete(
-        alice
-            .call_tool_once(retry("pay_0000000000000000000000000000dead", "x"))
-            .await
-            .unwrap(),
-    );
-    assert_eq!(error_code(&r), "payment_mismatch");
-
-    let CallToolResponse::InputRequired(ir) = alice
-        .call_tool_once(
-            CallToolRequestParams::new("echo").with_arguments(crate::harness::args(echo_args("x"))),
-        )
-        .await
-        .unwrap()
-    else {
-        panic!("expected input_required")
-    };
-    let state = ir.request_state.unwrap();
-    t.gate
-        .store()
-        .pay_session(&state, None, tollgate::store::now_ms())
-        .await
-        .unwrap();
-    // Foreign: another principal, or other arguments.
-    let r = complete(bob.call_tool_once(retry(&state, "x")).await.unwrap());
-    assert_eq!(error_code(&r), "payment_mismatch");
-    let r = complete(alice.call_tool_once(retry(&state, "y")).await.unwrap());
-    assert_eq!(error_code(&r), "payment_mismatch");
-    // The real answer runs the call once.
-    let r = complete(alice.call_tool_once(retry(&state, "x")).await.unwrap());
-    assert_ran(&r, "x");
-    alice.cancel().await.ok();
-    bob.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn a_2026_decline_cancel_or_unpaid_accept_charges_nothing() {
-    for (person, code) in [
-        (Person::Declines, "payment_declined"),
-        (Person::Cancels, "payment_cancelled"),
-        (Person::AcceptsUnpaid, "payment_pending"),
-    ] {
+on_both_backends! {
+    #[tokio::test]
+    async fn a_2026_session_gets_input_required_and_pays_through_it() {
         let t = InProcess::new(&pricing("elicitation", "")).await;
-        let client = t
-            .connect(None, t.client(person, Elicitation::Form), true)
-            .await;
-        let r = call(&client, "echo", echo_args("z")).await;
-        assert_eq!(error_code(&r), code, "{person:?}");
+        let handler = t.client(Person::PaysAndAccepts, Elicitation::Url);
+        let client = t.connect(Some("alice"), handler.clone(), true).await;
+
+        let first = client
+            .call_tool_once(
+                CallToolRequestParams::new("echo")
+                    .with_arguments(crate::harness::args(echo_args("new"))),
+            )
+            .await
+            .unwrap();
+        let CallToolResponse::InputRequired(ir) = first else {
+            panic!("expected input_required, got {first:?}")
+        };
+        let state = ir.request_state.clone().unwrap();
+        assert!(state.starts_with("pay_"));
+        assert_eq!(session_status(&t, &state).await, "pending");
+
+        // The high-level call drives the round through create_elicitation.
+        let r = call(&client, "echo", echo_args("new")).await;
+        assert_ran(&r, "new");
+        assert_eq!(handler.prompt_count(), 1);
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_2026_request_state_is_checked_on_the_server() {
+        let t = InProcess::new(&pricing("elicitation", "")).await;
+        let alice = t
+            .connect(
+                Some("alice"),
+                t.client(Person::AcceptsUnpaid, Elicitation::Url),
+                true,
+            )
+            .await;
+        let bob = t
+            .connect(
+                Some("bob"),
+                t.client(Person::AcceptsUnpaid, Elicitation::Url),
+                true,
+            )
+            .await;
+        let accepted = {
+            let mut responses = rmcp::model::InputResponses::new();
+            responses.insert("payment".into(), json!({"action": "accept"}));
+            responses
+        };
+        let retry = |state: &str, text_arg: &str| {
+            let mut params = CallToolRequestParams::new("echo")
+                .with_arguments(crate::harness::args(echo_args(text_arg)));
+            params.request_state = Some(state.to_owned());
+            params.input_responses = Some(accepted.clone());
+            params
+        };
+        let complete = |r: CallToolResponse| match r {
+            CallToolResponse::Complete(r) => r,
+            other => panic!("expected a result, got {other:?}"),
+        };
+
+        // Forged: names no intent.
+        let r = complete(
+            alice
+                .call_tool_once(retry("pay_0000000000000000000000000000dead", "x"))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(error_code(&r), "payment_mismatch");
+
+        let CallToolResponse::InputRequired(ir) = alice
+            .call_tool_once(
+                CallToolRequestParams::new("echo").with_arguments(crate::harness::args(echo_args("x"))),
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("expected input_required")
+        };
+        let state = ir.request_state.unwrap();
+        t.gate
+            .store()
+            .pay_session(&state, None, tollgate::store::now_ms())
+            .await
+            .unwrap();
+        // Foreign: another principal, or other arguments.
+        let r = complete(bob.call_tool_once(retry(&state, "x")).await.unwrap());
+        assert_eq!(error_code(&r), "payment_mismatch");
+        let r = complete(alice.call_tool_once(retry(&state, "y")).await.unwrap());
+        assert_eq!(error_code(&r), "payment_mismatch");
+        // The real answer runs the call once.
+        let r = complete(alice.call_tool_once(retry(&state, "x")).await.unwrap());
+        assert_ran(&r, "x");
+        alice.cancel().await.ok();
+        bob.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_2026_decline_cancel_or_unpaid_accept_charges_nothing() {
+        for (person, code) in [
+            (Person::Declines, "payment_declined"),
+            (Person::Cancels, "payment_cancelled"),
+            (Person::AcceptsUnpaid, "payment_pending"),
+        ] {
+            let t = InProcess::new(&pricing("elicitation", "")).await;
+            let client = t
+                .connect(None, t.client(person, Elicitation::Form), true)
+                .await;
+            let r = call(&client, "echo", echo_args("z")).await;
+            assert_eq!(error_code(&r), code, "{person:?}");
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
     }
 }
 
 // ---------- progress ----------
 
-#[tokio::test]
-async fn progress_waits_reports_the_url_and_answers_once_paid() {
-    let t = InProcess::new(&pricing("progress", "")).await;
-    let handler = t.client(Person::PaysAfterProgress(3), Elicitation::None);
-    let client = t.connect(None, handler.clone(), false).await;
-    let r = call(&client, "echo", echo_args("waited")).await;
-    assert_ran(&r, "waited");
-    let progress = handler.progress.lock().unwrap().clone();
-    assert!(progress.len() >= 3, "{progress:?}");
-    let message = progress[0].message.clone().unwrap();
-    assert!(
-        message.contains("/checkout/pay_") && message.contains("0.01 USD"),
-        "{message}"
-    );
-    assert!(
-        progress.windows(2).all(|w| w[1].progress > w[0].progress),
-        "progress increases"
-    );
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn progress_times_out_with_the_payment_id_and_resumes_by_resubmit() {
-    let t = InProcess::new(&pricing("progress", "")).await;
-    let client = t
-        .connect(None, t.client(Person::Ignores, Elicitation::None), false)
-        .await;
-    let r = call(&client, "echo", echo_args("resume")).await;
-    assert_eq!(error_code(&r), "payment_timeout", "{r:?}");
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    t.env.ok(&["sessions", "pay", &id]).await;
-    let r = call(&client, "echo", json!({"text": "resume", "payment_id": id})).await;
-    assert_ran(&r, "resume");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn progress_ends_at_once_when_the_session_fails_or_is_cancelled() {
-    for (end, code) in [
-        (tollgate::store::SessionStatus::Failed, "payment_failed"),
-        (
-            tollgate::store::SessionStatus::Cancelled,
-            "payment_cancelled",
-        ),
-    ] {
-        let t = InProcess::new(
-            &pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\""),
-        )
-        .await;
-        let handler = t.client(Person::Ignores, Elicitation::None);
+on_both_backends! {
+    #[tokio::test]
+    async fn progress_waits_reports_the_url_and_answers_once_paid() {
+        let t = InProcess::new(&pricing("progress", "")).await;
+        let handler = t.client(Person::PaysAfterProgress(3), Elicitation::None);
         let client = t.connect(None, handler.clone(), false).await;
-        let store = t.gate.store().clone();
-        let watcher = handler.clone();
-        tokio::spawn(async move {
-            let id = watcher.first_progress_payment_id().await;
-            store.end_session(&id, end).await.unwrap();
-        });
-        let started = std::time::Instant::now();
-        let r = call(&client, "echo", echo_args("doomed")).await;
-        assert_eq!(error_code(&r), code);
+        let r = call(&client, "echo", echo_args("waited")).await;
+        assert_ran(&r, "waited");
+        let progress = handler.progress.lock().unwrap().clone();
+        assert!(progress.len() >= 3, "{progress:?}");
+        let message = progress[0].message.clone().unwrap();
         assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "ended at once, not at the timeout"
+            message.contains("/checkout/pay_") && message.contains("0.01 USD"),
+            "{message}"
+        );
+        assert!(
+            progress.windows(2).all(|w| w[1].progress > w[0].progress),
+            "progress increases"
         );
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_resubmit_during_a_progress_wait_runs_the_tool_once() {
-    let t =
-        InProcess::new(&pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\""))
+on_both_backends! {
+    #[tokio::test]
+    async fn progress_times_out_with_the_payment_id_and_resumes_by_resubmit() {
+        let t = InProcess::new(&pricing("progress", "")).await;
+        let client = t
+            .connect(None, t.client(Person::Ignores, Elicitation::None), false)
             .await;
-    let waiting = t.client(Person::Ignores, Elicitation::None);
-    let first = t.connect(Some("alice"), waiting.clone(), false).await;
-    let second = t
-        .connect(
-            Some("alice"),
-            t.client(Person::Ignores, Elicitation::None),
-            false,
+        let r = call(&client, "echo", echo_args("resume")).await;
+        assert_eq!(error_code(&r), "payment_timeout", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        t.env.ok(&["sessions", "pay", &id]).await;
+        let r = call(&client, "echo", json!({"text": "resume", "payment_id": id})).await;
+        assert_ran(&r, "resume");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn progress_ends_at_once_when_the_session_fails_or_is_cancelled() {
+        for (end, code) in [
+            (tollgate::store::SessionStatus::Failed, "payment_failed"),
+            (
+                tollgate::store::SessionStatus::Cancelled,
+                "payment_cancelled",
+            ),
+        ] {
+            let t = InProcess::new(
+                &pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\""),
+            )
+            .await;
+            let handler = t.client(Person::Ignores, Elicitation::None);
+            let client = t.connect(None, handler.clone(), false).await;
+            let store = t.gate.store().clone();
+            let watcher = handler.clone();
+            tokio::spawn(async move {
+                let id = watcher.first_progress_payment_id().await;
+                store.end_session(&id, end).await.unwrap();
+            });
+            let started = std::time::Instant::now();
+            let r = call(&client, "echo", echo_args("doomed")).await;
+            assert_eq!(error_code(&r), code);
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "ended at once, not at the timeout"
+            );
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
+    }
+}
+
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_resubmit_during_a_progress_wait_runs_the_tool_once() {
+        let t =
+            InProcess::new(&pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\""))
+                .await;
+        let waiting = t.client(Person::Ignores, Elicitation::None);
+        let first = t.connect(Some("alice"), waiting.clone(), false).await;
+        let second = t
+            .connect(
+                Some("alice"),
+                t.client(Person::Ignores, Elicitation::None),
+                false,
+            )
+            .await;
+        let long_call = tokio::spawn(async move {
+            let r = call(&first, "echo", echo_args("once")).await;
+            first.cancel().await.ok();
+            r
+        });
+        let id = waiting.first_progress_payment_id().await;
+        t.gate
+            .store()
+            .pay_session(&id, None, tollgate::store::now_ms())
+            .await
+            .unwrap();
+        let resubmits = futures::future::join_all(
+            (0..4).map(|_| call(&second, "echo", json!({"text": "once", "payment_id": id}))),
         )
         .await;
-    let long_call = tokio::spawn(async move {
-        let r = call(&first, "echo", echo_args("once")).await;
-        first.cancel().await.ok();
-        r
-    });
-    let id = waiting.first_progress_payment_id().await;
-    t.gate
-        .store()
-        .pay_session(&id, None, tollgate::store::now_ms())
-        .await
-        .unwrap();
-    let resubmits = futures::future::join_all(
-        (0..4).map(|_| call(&second, "echo", json!({"text": "once", "payment_id": id}))),
-    )
-    .await;
-    let waited = long_call.await.unwrap();
-    let all: Vec<_> = resubmits.iter().chain(std::iter::once(&waited)).collect();
-    let first_runs = all
-        .iter()
-        .filter(|r| payment_meta(r).get("replayed").is_none())
-        .count();
-    for r in &all {
-        assert_ran(r, "once");
+        let waited = long_call.await.unwrap();
+        let all: Vec<_> = resubmits.iter().chain(std::iter::once(&waited)).collect();
+        let first_runs = all
+            .iter()
+            .filter(|r| payment_meta(r).get("replayed").is_none())
+            .count();
+        for r in &all {
+            assert_ran(r, "once");
+        }
+        assert_eq!(
+            first_runs, 1,
+            "the tool ran once; every other answer is the stored result"
+        );
+        second.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
     }
-    assert_eq!(
-        first_runs, 1,
-        "the tool ran once; every other answer is the stored result"
-    );
-    second.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
 }
 
 // ---------- dynamic tools ----------
 
-#[tokio::test]
-async fn dynamic_confirm_tools_are_per_session_and_go_away_after_use() {
-    let t = InProcess::new(&pricing("dynamic_tools", "")).await;
-    let a_handler = t.client(Person::Ignores, Elicitation::None);
-    let a = t.connect(Some("alice"), a_handler.clone(), false).await;
-    let b = t
-        .connect(
-            Some("alice"),
-            t.client(Person::Ignores, Elicitation::None),
-            false,
+on_both_backends! {
+    #[tokio::test]
+    async fn dynamic_confirm_tools_are_per_session_and_go_away_after_use() {
+        let t = InProcess::new(&pricing("dynamic_tools", "")).await;
+        let a_handler = t.client(Person::Ignores, Elicitation::None);
+        let a = t.connect(Some("alice"), a_handler.clone(), false).await;
+        let b = t
+            .connect(
+                Some("alice"),
+                t.client(Person::Ignores, Elicitation::None),
+                false,
+            )
+            .await;
+        let before = a.list_all_tools().await.unwrap().len();
+
+        let r = call(&a, "echo", echo_args("dyn")).await;
+        assert_eq!(r.is_error, Some(false));
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let confirm = format!("confirm_{id}");
+        assert_eq!(structured(&r)["next_step"], confirm.as_str());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            a_handler
+                .list_changed
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        let names = |tools: Vec<rmcp::model::Tool>| {
+            tools
+                .into_iter()
+                .map(|t| t.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert!(names(a.list_all_tools().await.unwrap()).contains(&confirm));
+        assert!(
+            !names(b.list_all_tools().await.unwrap()).contains(&confirm),
+            "visible only to its session"
+        );
+
+        // Another session, same principal: mismatch.
+        let r = call(&b, &confirm, json!({})).await;
+        assert_eq!(error_code(&r), "payment_mismatch");
+        // Unpaid: pending, and the tool stays.
+        let r = call(&a, &confirm, json!({})).await;
+        assert_eq!(error_code(&r), "payment_pending");
+        assert!(names(a.list_all_tools().await.unwrap()).contains(&confirm));
+
+        t.env.ok(&["sessions", "pay", &id]).await;
+        assert_ran(&call(&a, &confirm, json!({})).await, "dyn");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            a_handler
+                .list_changed
+                .load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
+        assert_eq!(
+            a.list_all_tools().await.unwrap().len(),
+            before,
+            "removed after use"
+        );
+        a.cancel().await.ok();
+        b.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn dynamic_confirm_tools_expire_with_their_intent() {
+        let t = InProcess::new(
+            &pricing("dynamic_tools", "").replace("payment_ttl = \"15m\"", "payment_ttl = \"1s\""),
         )
         .await;
-    let before = a.list_all_tools().await.unwrap().len();
-
-    let r = call(&a, "echo", echo_args("dyn")).await;
-    assert_eq!(r.is_error, Some(false));
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    let confirm = format!("confirm_{id}");
-    assert_eq!(structured(&r)["next_step"], confirm.as_str());
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        a_handler
-            .list_changed
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
-    let names = |tools: Vec<rmcp::model::Tool>| {
-        tools
-            .into_iter()
-            .map(|t| t.name.to_string())
-            .collect::<Vec<_>>()
-    };
-    assert!(names(a.list_all_tools().await.unwrap()).contains(&confirm));
-    assert!(
-        !names(b.list_all_tools().await.unwrap()).contains(&confirm),
-        "visible only to its session"
-    );
-
-    // Another session, same principal: mismatch.
-    let r = call(&b, &confirm, json!({})).await;
-    assert_eq!(error_code(&r), "payment_mismatch");
-    // Unpaid: pending, and the tool stays.
-    let r = call(&a, &confirm, json!({})).await;
-    assert_eq!(error_code(&r), "payment_pending");
-    assert!(names(a.list_all_tools().await.unwrap()).contains(&confirm));
-
-    t.env.ok(&["sessions", "pay", &id]).await;
-    assert_ran(&call(&a, &confirm, json!({})).await, "dyn");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        a_handler
-            .list_changed
-            .load(std::sync::atomic::Ordering::SeqCst),
-        2
-    );
-    assert_eq!(
-        a.list_all_tools().await.unwrap().len(),
-        before,
-        "removed after use"
-    );
-    a.cancel().await.ok();
-    b.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn dynamic_confirm_tools_expire_with_their_intent() {
-    let t = InProcess::new(
-        &pricing("dynamic_tools", "").replace("payment_ttl = \"15m\"", "payment_ttl = \"1s\""),
-    )
-    .await;
-    let a = t
-        .connect(None, t.client(Person::Ignores, Elicitation::None), false)
-        .await;
-    let before = a.list_all_tools().await.unwrap().len();
-    for _ in 0..3 {
-        call(&a, "echo", echo_args("x")).await;
+        let a = t
+            .connect(None, t.client(Person::Ignores, Elicitation::None), false)
+            .await;
+        let before = a.list_all_tools().await.unwrap().len();
+        for _ in 0..3 {
+            call(&a, "echo", echo_args("x")).await;
+        }
+        assert_eq!(a.list_all_tools().await.unwrap().len(), before + 3);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            a.list_all_tools().await.unwrap().len(),
+            before,
+            "expired tools are gone"
+        );
+        a.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
     }
-    assert_eq!(a.list_all_tools().await.unwrap().len(), before + 3);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(
-        a.list_all_tools().await.unwrap().len(),
-        before,
-        "expired tools are gone"
-    );
-    a.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
 }
 
-#[tokio::test]
-async fn a_2026_session_hears_about_dynamic_tools_on_its_listen_stream() {
-    let t = InProcess::new(&pricing("dynamic_tools", "")).await;
-    let client = t
-        .connect(None, t.client(Person::Ignores, Elicitation::None), true)
-        .await;
-    let mut sub = client
-        .peer()
-        .listen(SubscriptionFilter::builder().tools_list_changed().build())
-        .await
-        .unwrap();
-    assert_eq!(sub.acknowledged().tools_list_changed, Some(true));
-    let r = call(&client, "echo", echo_args("listen")).await;
-    let confirm = structured(&r)["next_step"].as_str().unwrap().to_owned();
-    let n = tokio::time::timeout(Duration::from_secs(2), sub.next())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        matches!(n, Some(ServerNotification::ToolListChangedNotification(_))),
-        "{n:?}"
-    );
-    let tools = client.list_all_tools().await.unwrap();
-    assert!(tools.iter().any(|t| t.name == confirm));
-    sub.cancel().await.ok();
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+on_both_backends! {
+    #[tokio::test]
+    async fn a_2026_session_hears_about_dynamic_tools_on_its_listen_stream() {
+        let t = InProcess::new(&pricing("dynamic_tools", "")).await;
+        let client = t
+            .connect(None, t.client(Person::Ignores, Elicitation::None), true)
+            .await;
+        let mut sub = client
+            .peer()
+            .listen(SubscriptionFilter::builder().tools_list_changed().build())
+            .await
+            .unwrap();
+        assert_eq!(sub.acknowledged().tools_list_changed, Some(true));
+        let r = call(&client, "echo", echo_args("listen")).await;
+        let confirm = structured(&r)["next_step"].as_str().unwrap().to_owned();
+        let n = tokio::time::timeout(Duration::from_secs(2), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(n, Some(ServerNotification::ToolListChangedNotification(_))),
+            "{n:?}"
+        );
+        let tools = client.list_all_tools().await.unwrap();
+        assert!(tools.iter().any(|t| t.name == confirm));
+        sub.cancel().await.ok();
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
 }
 
 // ---------- approval above the threshold ----------
@@ -570,124 +606,132 @@ fn approval_pricing() -> String {
     )
 }
 
-#[tokio::test]
-async fn a_charge_above_the_threshold_needs_a_yes() {
-    for modern in [false, true] {
-        let t = InProcess::new(&approval_pricing()).await;
-        t.env.topup("alice", "1.00").await;
-        let handler = t.client(Person::Approves, Elicitation::Form);
-        let client = t.connect(Some("alice"), handler.clone(), modern).await;
-        // Under the threshold: auto-approved, no prompt.
-        assert_ran(&call(&client, "echo", echo_args("small")).await, "small");
-        assert_eq!(handler.prompt_count(), 0);
-        // Above it: asked, approved, charged to the wallet.
-        let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
-        assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
-        assert_eq!(payment_meta(&r)["status"], "paid");
-        match &handler.prompts.lock().unwrap()[0] {
-            ElicitRequestParams::FormElicitationParams { message, .. } => assert!(
-                message.contains("Approve charging 0.05 USD to wallet alice for tool `divide`"),
-                "{message}"
-            ),
-            other => panic!("expected an approval form, got {other:?}"),
+on_both_backends! {
+    #[tokio::test]
+    async fn a_charge_above_the_threshold_needs_a_yes() {
+        for modern in [false, true] {
+            let t = InProcess::new(&approval_pricing()).await;
+            t.env.topup("alice", "1.00").await;
+            let handler = t.client(Person::Approves, Elicitation::Form);
+            let client = t.connect(Some("alice"), handler.clone(), modern).await;
+            // Under the threshold: auto-approved, no prompt.
+            assert_ran(&call(&client, "echo", echo_args("small")).await, "small");
+            assert_eq!(handler.prompt_count(), 0);
+            // Above it: asked, approved, charged to the wallet.
+            let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
+            assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+            match &handler.prompts.lock().unwrap()[0] {
+                ElicitRequestParams::FormElicitationParams { message, .. } => assert!(
+                    message.contains("Approve charging 0.05 USD to wallet alice for tool `divide`"),
+                    "{message}"
+                ),
+                other => panic!("expected an approval form, got {other:?}"),
+            }
+            assert_eq!(t.env.available("alice").await, "0.94");
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
         }
-        assert_eq!(t.env.available("alice").await, "0.94");
-        client.cancel().await.ok();
-        t.env.assert_ledger_ok().await;
     }
 }
 
-#[tokio::test]
-async fn a_declined_approval_charges_nothing() {
-    for modern in [false, true] {
+on_both_backends! {
+    #[tokio::test]
+    async fn a_declined_approval_charges_nothing() {
+        for modern in [false, true] {
+            let t = InProcess::new(&approval_pricing()).await;
+            t.env.topup("alice", "1.00").await;
+            let client = t
+                .connect(
+                    Some("alice"),
+                    t.client(Person::Declines, Elicitation::Form),
+                    modern,
+                )
+                .await;
+            let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
+            assert_eq!(error_code(&r), "payment_declined");
+            assert_eq!(t.env.available("alice").await, "1.00");
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn without_elicitation_an_approval_goes_through_the_checkout_session() {
         let t = InProcess::new(&approval_pricing()).await;
         t.env.topup("alice", "1.00").await;
         let client = t
             .connect(
                 Some("alice"),
-                t.client(Person::Declines, Elicitation::Form),
-                modern,
+                t.client(Person::Ignores, Elicitation::None),
+                false,
             )
             .await;
         let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
-        assert_eq!(error_code(&r), "payment_declined");
-        assert_eq!(t.env.available("alice").await, "1.00");
+        assert_eq!(error_code(&r), "payment_required");
+        assert!(text(&r).contains("Approval required"), "{}", text(&r));
+        assert_eq!(
+            t.env.available("alice").await,
+            "1.00",
+            "nothing charged without a yes"
+        );
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        t.env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+        let r = call(&client, "divide", json!({"a": 1, "b": 2, "payment_id": id})).await;
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(t.env.available("alice").await, "0.95");
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
 }
 
-#[tokio::test]
-async fn without_elicitation_an_approval_goes_through_the_checkout_session() {
-    let t = InProcess::new(&approval_pricing()).await;
-    t.env.topup("alice", "1.00").await;
-    let client = t
-        .connect(
-            Some("alice"),
-            t.client(Person::Ignores, Elicitation::None),
-            false,
+on_both_backends! {
+    #[tokio::test]
+    async fn a_cancelled_call_stops_waiting_and_leaves_the_intent_payable() {
+        use rmcp::{
+            model::{ClientRequest, Request},
+            service::PeerRequestOptions,
+        };
+        let t =
+            InProcess::new(&pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\""))
+                .await;
+        let handler = t.client(Person::Ignores, Elicitation::None);
+        let client = t.connect(None, handler.clone(), false).await;
+        let request = ClientRequest::CallToolRequest(Request::new(
+            CallToolRequestParams::new("echo")
+                .with_arguments(crate::harness::args(echo_args("cancelled"))),
+        ));
+        let handle = client
+            .send_cancellable_request(request, PeerRequestOptions::no_options())
+            .await
+            .unwrap();
+        let id = handler.first_progress_payment_id().await;
+        handle
+            .cancel(Some("the user gave up".into()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let heard = handler.progress.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            handler.progress.lock().unwrap().len(),
+            heard,
+            "no more heartbeats: the wait ended"
+        );
+        let intent = t.gate.store().intent(&id).await.unwrap().unwrap();
+        assert_eq!(intent.status.as_str(), "awaiting_payment", "still payable");
+
+        t.env.ok(&["sessions", "pay", &id]).await;
+        let r = call(
+            &client,
+            "echo",
+            json!({"text": "cancelled", "payment_id": id}),
         )
         .await;
-    let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
-    assert_eq!(error_code(&r), "payment_required");
-    assert!(text(&r).contains("Approval required"), "{}", text(&r));
-    assert_eq!(
-        t.env.available("alice").await,
-        "1.00",
-        "nothing charged without a yes"
-    );
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-    t.env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
-    let r = call(&client, "divide", json!({"a": 1, "b": 2, "payment_id": id})).await;
-    assert_eq!(payment_meta(&r)["status"], "paid");
-    assert_eq!(t.env.available("alice").await, "0.95");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
-
-#[tokio::test]
-async fn a_cancelled_call_stops_waiting_and_leaves_the_intent_payable() {
-    use rmcp::{
-        model::{ClientRequest, Request},
-        service::PeerRequestOptions,
-    };
-    let t =
-        InProcess::new(&pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\""))
-            .await;
-    let handler = t.client(Person::Ignores, Elicitation::None);
-    let client = t.connect(None, handler.clone(), false).await;
-    let request = ClientRequest::CallToolRequest(Request::new(
-        CallToolRequestParams::new("echo")
-            .with_arguments(crate::harness::args(echo_args("cancelled"))),
-    ));
-    let handle = client
-        .send_cancellable_request(request, PeerRequestOptions::no_options())
-        .await
-        .unwrap();
-    let id = handler.first_progress_payment_id().await;
-    handle
-        .cancel(Some("the user gave up".into()))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let heard = handler.progress.lock().unwrap().len();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        handler.progress.lock().unwrap().len(),
-        heard,
-        "no more heartbeats: the wait ended"
-    );
-    let intent = t.gate.store().intent(&id).await.unwrap().unwrap();
-    assert_eq!(intent.status.as_str(), "awaiting_payment", "still payable");
-
-    t.env.ok(&["sessions", "pay", &id]).await;
-    let r = call(
-        &client,
-        "echo",
-        json!({"text": "cancelled", "payment_id": id}),
-    )
-    .await;
-    assert_ran(&r, "cancelled");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+        assert_ran(&r, "cancelled");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
 }

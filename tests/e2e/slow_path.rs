@@ -90,209 +90,221 @@ async fn statement_count(env: &Env, wallet: &str, kind: &str, payment_id: &str) 
         .count()
 }
 
-#[tokio::test]
-async fn pending_then_paid_then_replayed_without_a_second_charge() {
-    for flow in FLOWS {
-        let env = Env::new(flow.mode());
-        env.topup("carol", "1.00").await;
-        // alice has no wallet: she pays through the session, here from carol's wallet.
-        let client = env.client(Some("alice")).await;
-        let id = flow.start(&client, "echo", echo_args("hello")).await;
+on_both_backends! {
+    #[tokio::test]
+    async fn pending_then_paid_then_replayed_without_a_second_charge() {
+        for flow in FLOWS {
+            let env = Env::new(flow.mode());
+            env.topup("carol", "1.00").await;
+            // alice has no wallet: she pays through the session, here from carol's wallet.
+            let client = env.client(Some("alice")).await;
+            let id = flow.start(&client, "echo", echo_args("hello")).await;
 
-        let r = flow.redeem(&client, "echo", echo_args("hello"), &id).await;
-        assert_eq!(error_code(&r), "payment_pending", "{flow:?}");
-        assert!(
-            structured(&r)["payment_url"]
-                .as_str()
-                .unwrap()
-                .contains(&id)
-        );
+            let r = flow.redeem(&client, "echo", echo_args("hello"), &id).await;
+            assert_eq!(error_code(&r), "payment_pending", "{flow:?}");
+            assert!(
+                structured(&r)["payment_url"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&id)
+            );
 
-        env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
-        assert_eq!(env.available("carol").await, "0.99");
+            env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+            assert_eq!(env.available("carol").await, "0.99");
 
-        let r = flow.redeem(&client, "echo", echo_args("hello"), &id).await;
-        assert_eq!(r.is_error, Some(false), "{flow:?}: {r:?}");
-        assert_eq!(text(&r), "hello");
-        let payment = payment_meta(&r);
-        assert_eq!(payment["status"], "paid");
-        assert_eq!(payment["payment_id"], id.as_str());
-        let receipt = payment["receipt"].as_str().unwrap().to_owned();
-        assert!(env.ok(&["receipt", "verify", &receipt]).await.contains(&id));
+            let r = flow.redeem(&client, "echo", echo_args("hello"), &id).await;
+            assert_eq!(r.is_error, Some(false), "{flow:?}: {r:?}");
+            assert_eq!(text(&r), "hello");
+            let payment = payment_meta(&r);
+            assert_eq!(payment["status"], "paid");
+            assert_eq!(payment["payment_id"], id.as_str());
+            let receipt = payment["receipt"].as_str().unwrap().to_owned();
+            assert!(env.ok(&["receipt", "verify", &receipt]).await.contains(&id));
 
-        // A consumed payment id returns the stored result and charges nothing more.
-        for _ in 0..2 {
-            let again = flow.redeem(&client, "echo", echo_args("hello"), &id).await;
-            assert_eq!(text(&again), "hello");
-            assert_eq!(payment_meta(&again)["replayed"], true);
-            assert_eq!(payment_meta(&again)["receipt"], receipt.as_str());
+            // A consumed payment id returns the stored result and charges nothing more.
+            for _ in 0..2 {
+                let again = flow.redeem(&client, "echo", echo_args("hello"), &id).await;
+                assert_eq!(text(&again), "hello");
+                assert_eq!(payment_meta(&again)["replayed"], true);
+                assert_eq!(payment_meta(&again)["receipt"], receipt.as_str());
+            }
+            assert_eq!(env.available("carol").await, "0.99");
+            assert_eq!(
+                statement_count(&env, "carol", "session_payment", &id).await,
+                1
+            );
+
+            // The session cannot be paid twice either.
+            let out = env.cli(&["sessions", "pay", &id, "--from", "carol"]).await;
+            assert!(!out.status.success());
+            assert!(String::from_utf8_lossy(&out.stderr).contains("is paid, not pending"));
+
+            client.cancel().await.ok();
+            env.assert_ledger_ok().await;
         }
-        assert_eq!(env.available("carol").await, "0.99");
-        assert_eq!(
-            statement_count(&env, "carol", "session_payment", &id).await,
-            1
-        );
-
-        // The session cannot be paid twice either.
-        let out = env.cli(&["sessions", "pay", &id, "--from", "carol"]).await;
-        assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("is paid, not pending"));
-
-        client.cancel().await.ok();
-        env.assert_ledger_ok().await;
     }
 }
 
-#[tokio::test]
-async fn failed_cancelled_and_unknown_payments_say_so_and_charge_nothing() {
-    for flow in FLOWS {
-        let env = Env::new(flow.mode());
-        let client = env.client(Some("alice")).await;
+on_both_backends! {
+    #[tokio::test]
+    async fn failed_cancelled_and_unknown_payments_say_so_and_charge_nothing() {
+        for flow in FLOWS {
+            let env = Env::new(flow.mode());
+            let client = env.client(Some("alice")).await;
 
-        let declined = flow.start(&client, "echo", echo_args("a")).await;
-        env.ok(&["sessions", "decline", &declined]).await;
-        let r = flow
-            .redeem(&client, "echo", echo_args("a"), &declined)
-            .await;
-        assert_eq!(error_code(&r), "payment_failed", "{flow:?}");
-        assert_eq!(structured(&r)["status"], "failed");
-
-        let cancelled = flow.start(&client, "echo", echo_args("b")).await;
-        env.ok(&["sessions", "cancel", &cancelled]).await;
-        let r = flow
-            .redeem(&client, "echo", echo_args("b"), &cancelled)
-            .await;
-        assert_eq!(error_code(&r), "payment_cancelled", "{flow:?}");
-        assert_eq!(structured(&r)["status"], "cancelled");
-        // Ended stays ended, even if someone tries to pay afterwards.
-        assert!(
-            !env.cli(&["sessions", "pay", &cancelled])
-                .await
-                .status
-                .success()
-        );
-        let r = flow
-            .redeem(&client, "echo", echo_args("b"), &cancelled)
-            .await;
-        assert_eq!(error_code(&r), "payment_cancelled");
-
-        for bogus in ["pay_doesnotexist", "' OR 1=1 --", "../../etc/passwd"] {
-            let r = flow.redeem(&client, "echo", echo_args("a"), bogus).await;
-            assert_eq!(error_code(&r), "payment_not_found", "{flow:?} {bogus}");
-        }
-        client.cancel().await.ok();
-        env.assert_ledger_ok().await;
-    }
-}
-
-#[tokio::test]
-async fn an_unpaid_intent_expires() {
-    for flow in FLOWS {
-        let env = Env::with_pricing(
-            &pricing(flow.mode(), "").replace("payment_ttl = \"15m\"", "payment_ttl = \"1s\""),
-        );
-        let client = env.client(Some("alice")).await;
-        let id = flow.start(&client, "echo", echo_args("late")).await;
-        tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
-        let r = flow.redeem(&client, "echo", echo_args("late"), &id).await;
-        assert_eq!(error_code(&r), "payment_expired", "{flow:?}");
-        assert_eq!(structured(&r)["status"], "expired");
-        // Too late to pay now.
-        let out = env.cli(&["sessions", "pay", &id]).await;
-        assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("expired"));
-        client.cancel().await.ok();
-        env.assert_ledger_ok().await;
-    }
-}
-
-#[tokio::test]
-async fn a_payment_id_is_bound_to_its_tool_principal_and_arguments() {
-    for flow in FLOWS {
-        let env = Env::new(flow.mode());
-        let alice = env.client(Some("alice")).await;
-        let bob = env.client(Some("bob")).await;
-        let id = flow.start(&alice, "echo", echo_args("mine")).await;
-        env.ok(&["sessions", "pay", &id]).await;
-
-        // Another tool.
-        let r = flow
-            .redeem(&alice, "divide", json!({"a": 1, "b": 2}), &id)
-            .await;
-        assert_eq!(error_code(&r), "payment_mismatch", "{flow:?}");
-        // Another principal, on another server process sharing the store.
-        let r = flow.redeem(&bob, "echo", echo_args("mine"), &id).await;
-        assert_eq!(error_code(&r), "payment_mismatch", "{flow:?}");
-        // Another caller with no principal at all.
-        let anonymous = env.client(None).await;
-        let r = flow
-            .redeem(&anonymous, "echo", echo_args("mine"), &id)
-            .await;
-        assert_eq!(error_code(&r), "payment_mismatch", "{flow:?}");
-        anonymous.cancel().await.ok();
-        if let Flow::Resubmit = flow {
-            // Other arguments.
-            let r = flow.redeem(&alice, "echo", echo_args("yours"), &id).await;
-            assert_eq!(error_code(&r), "payment_mismatch");
-            assert!(text(&r).contains("arguments differ"));
-            // Key order and spacing do not make arguments different.
+            let declined = flow.start(&client, "echo", echo_args("a")).await;
+            env.ok(&["sessions", "decline", &declined]).await;
             let r = flow
-                .redeem(&alice, "echo", json!({"text": "mine"}), &id)
+                .redeem(&client, "echo", echo_args("a"), &declined)
                 .await;
-            assert_eq!(text(&r), "mine");
-        } else {
-            let r = flow.redeem(&alice, "echo", Value::Null, &id).await;
-            assert_eq!(text(&r), "mine", "two_step runs the stored arguments");
+            assert_eq!(error_code(&r), "payment_failed", "{flow:?}");
+            assert_eq!(structured(&r)["status"], "failed");
+
+            let cancelled = flow.start(&client, "echo", echo_args("b")).await;
+            env.ok(&["sessions", "cancel", &cancelled]).await;
+            let r = flow
+                .redeem(&client, "echo", echo_args("b"), &cancelled)
+                .await;
+            assert_eq!(error_code(&r), "payment_cancelled", "{flow:?}");
+            assert_eq!(structured(&r)["status"], "cancelled");
+            // Ended stays ended, even if someone tries to pay afterwards.
+            assert!(
+                !env.cli(&["sessions", "pay", &cancelled])
+                    .await
+                    .status
+                    .success()
+            );
+            let r = flow
+                .redeem(&client, "echo", echo_args("b"), &cancelled)
+                .await;
+            assert_eq!(error_code(&r), "payment_cancelled");
+
+            for bogus in ["pay_doesnotexist", "' OR 1=1 --", "../../etc/passwd"] {
+                let r = flow.redeem(&client, "echo", echo_args("a"), bogus).await;
+                assert_eq!(error_code(&r), "payment_not_found", "{flow:?} {bogus}");
+            }
+            client.cancel().await.ok();
+            env.assert_ledger_ok().await;
         }
-        alice.cancel().await.ok();
-        bob.cancel().await.ok();
-        env.assert_ledger_ok().await;
     }
 }
 
-#[tokio::test]
-async fn a_paid_call_whose_tool_fails_is_refunded() {
-    for flow in FLOWS {
-        let env = Env::new(flow.mode());
-        env.topup("carol", "1.00").await;
-        let client = env.client(None).await;
-        let arguments = json!({"a": 1, "b": 0});
-        let id = flow.start(&client, "divide", arguments.clone()).await;
-        env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
-        assert_eq!(env.available("carol").await, "0.95");
-
-        let r = flow.redeem(&client, "divide", arguments.clone(), &id).await;
-        assert_eq!(r.is_error, Some(true));
-        assert!(text(&r).contains("divide by zero"), "{flow:?}: {r:?}");
-        assert_eq!(payment_meta(&r)["status"], "refunded");
-        assert_eq!(env.available("carol").await, "1.00");
-        assert_eq!(statement_count(&env, "carol", "refund", &id).await, 1);
-
-        // Replaying the consumed id neither runs nor refunds again.
-        let r = flow.redeem(&client, "divide", arguments, &id).await;
-        assert_eq!(payment_meta(&r)["replayed"], true);
-        assert_eq!(env.available("carol").await, "1.00");
-        client.cancel().await.ok();
-        env.assert_ledger_ok().await;
+on_both_backends! {
+    #[tokio::test]
+    async fn an_unpaid_intent_expires() {
+        for flow in FLOWS {
+            let env = Env::with_pricing(
+                &pricing(flow.mode(), "").replace("payment_ttl = \"15m\"", "payment_ttl = \"1s\""),
+            );
+            let client = env.client(Some("alice")).await;
+            let id = flow.start(&client, "echo", echo_args("late")).await;
+            tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+            let r = flow.redeem(&client, "echo", echo_args("late"), &id).await;
+            assert_eq!(error_code(&r), "payment_expired", "{flow:?}");
+            assert_eq!(structured(&r)["status"], "expired");
+            // Too late to pay now.
+            let out = env.cli(&["sessions", "pay", &id]).await;
+            assert!(!out.status.success());
+            assert!(String::from_utf8_lossy(&out.stderr).contains("expired"));
+            client.cancel().await.ok();
+            env.assert_ledger_ok().await;
+        }
     }
 }
 
-#[tokio::test]
-async fn an_intent_created_before_a_restart_is_paid_and_confirmed_after_it() {
-    for flow in FLOWS {
-        let env = Env::new(flow.mode());
-        let first = env.client(Some("alice")).await;
-        let id = flow.start(&first, "echo", echo_args("durable")).await;
-        first.cancel().await.ok(); // the server process exits
+on_both_backends! {
+    #[tokio::test]
+    async fn a_payment_id_is_bound_to_its_tool_principal_and_arguments() {
+        for flow in FLOWS {
+            let env = Env::new(flow.mode());
+            let alice = env.client(Some("alice")).await;
+            let bob = env.client(Some("bob")).await;
+            let id = flow.start(&alice, "echo", echo_args("mine")).await;
+            env.ok(&["sessions", "pay", &id]).await;
 
-        env.ok(&["sessions", "pay", &id]).await;
-        let second = env.client(Some("alice")).await;
-        let r = flow
-            .redeem(&second, "echo", echo_args("durable"), &id)
-            .await;
-        assert_eq!(text(&r), "durable", "{flow:?}: {r:?}");
-        assert_eq!(payment_meta(&r)["status"], "paid");
-        second.cancel().await.ok();
-        env.assert_ledger_ok().await;
+            // Another tool.
+            let r = flow
+                .redeem(&alice, "divide", json!({"a": 1, "b": 2}), &id)
+                .await;
+            assert_eq!(error_code(&r), "payment_mismatch", "{flow:?}");
+            // Another principal, on another server process sharing the store.
+            let r = flow.redeem(&bob, "echo", echo_args("mine"), &id).await;
+            assert_eq!(error_code(&r), "payment_mismatch", "{flow:?}");
+            // Another caller with no principal at all.
+            let anonymous = env.client(None).await;
+            let r = flow
+                .redeem(&anonymous, "echo", echo_args("mine"), &id)
+                .await;
+            assert_eq!(error_code(&r), "payment_mismatch", "{flow:?}");
+            anonymous.cancel().await.ok();
+            if let Flow::Resubmit = flow {
+                // Other arguments.
+                let r = flow.redeem(&alice, "echo", echo_args("yours"), &id).await;
+                assert_eq!(error_code(&r), "payment_mismatch");
+                assert!(text(&r).contains("arguments differ"));
+                // Key order and spacing do not make arguments different.
+                let r = flow
+                    .redeem(&alice, "echo", json!({"text": "mine"}), &id)
+                    .await;
+                assert_eq!(text(&r), "mine");
+            } else {
+                let r = flow.redeem(&alice, "echo", Value::Null, &id).await;
+                assert_eq!(text(&r), "mine", "two_step runs the stored arguments");
+            }
+            alice.cancel().await.ok();
+            bob.cancel().await.ok();
+            env.assert_ledger_ok().await;
+        }
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_paid_call_whose_tool_fails_is_refunded() {
+        for flow in FLOWS {
+            let env = Env::new(flow.mode());
+            env.topup("carol", "1.00").await;
+            let client = env.client(None).await;
+            let arguments = json!({"a": 1, "b": 0});
+            let id = flow.start(&client, "divide", arguments.clone()).await;
+            env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+            assert_eq!(env.available("carol").await, "0.95");
+
+            let r = flow.redeem(&client, "divide", arguments.clone(), &id).await;
+            assert_eq!(r.is_error, Some(true));
+            assert!(text(&r).contains("divide by zero"), "{flow:?}: {r:?}");
+            assert_eq!(payment_meta(&r)["status"], "refunded");
+            assert_eq!(env.available("carol").await, "1.00");
+            assert_eq!(statement_count(&env, "carol", "refund", &id).await, 1);
+
+            // Replaying the consumed id neither runs nor refunds again.
+            let r = flow.redeem(&client, "divide", arguments, &id).await;
+            assert_eq!(payment_meta(&r)["replayed"], true);
+            assert_eq!(env.available("carol").await, "1.00");
+            client.cancel().await.ok();
+            env.assert_ledger_ok().await;
+        }
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn an_intent_created_before_a_restart_is_paid_and_confirmed_after_it() {
+        for flow in FLOWS {
+            let env = Env::new(flow.mode());
+            let first = env.client(Some("alice")).await;
+            let id = flow.start(&first, "echo", echo_args("durable")).await;
+            first.cancel().await.ok(); // the server process exits
+
+            env.ok(&["sessions", "pay", &id]).await;
+            let second = env.client(Some("alice")).await;
+            let r = flow
+                .redeem(&second, "echo", echo_args("durable"), &id)
+                .await;
+            assert_eq!(text(&r), "durable", "{flow:?}: {r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+            second.cancel().await.ok();
+            env.assert_ledger_ok().await;
+        }
     }
 }

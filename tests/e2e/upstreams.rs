@@ -181,132 +181,138 @@ fn upstream_pricing(url: &str, unpriced: &str) -> String {
         )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_is_priced_and_its_failures_and_timeouts_charge_nothing() {
-    let (url, upstream) = spawn_upstream().await;
-    let t = InProcess::new(&upstream_pricing(&url, "free")).await;
-    t.env.topup("alice", "1.00").await;
-    let client = t
-        .connect(
-            Some("alice"),
-            t.client(Person::Ignores, Elicitation::None),
-            false,
-        )
-        .await;
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstream_is_priced_and_its_failures_and_timeouts_charge_nothing() {
+        let (url, upstream) = spawn_upstream().await;
+        let t = InProcess::new(&upstream_pricing(&url, "free")).await;
+        t.env.topup("alice", "1.00").await;
+        let client = t
+            .connect(
+                Some("alice"),
+                t.client(Person::Ignores, Elicitation::None),
+                false,
+            )
+            .await;
 
-    let tools = client.list_all_tools().await.unwrap();
-    let work = tools
-        .iter()
-        .find(|t| t.name == "test_work")
-        .expect("prefixed upstream tool");
-    assert_eq!(
-        work.description.as_deref(),
-        Some("Does some work; fails when asked. (price: 0.10 USD per call)")
-    );
-    assert_eq!(
-        work.meta.as_ref().unwrap().0["tollgate/price"]["amount"],
-        "0.10"
-    );
-    let extra = tools
-        .iter()
-        .find(|t| t.name == "test_extra")
-        .expect("unpriced: free");
-    assert!(extra.meta.is_none());
-    assert!(
-        tools.iter().any(|t| t.name == "echo"),
-        "the demo tools are still served"
-    );
+        let tools = client.list_all_tools().await.unwrap();
+        let work = tools
+            .iter()
+            .find(|t| t.name == "test_work")
+            .expect("prefixed upstream tool");
+        assert_eq!(
+            work.description.as_deref(),
+            Some("Does some work; fails when asked. (price: 0.10 USD per call)")
+        );
+        assert_eq!(
+            work.meta.as_ref().unwrap().0["tollgate/price"]["amount"],
+            "0.10"
+        );
+        let extra = tools
+            .iter()
+            .find(|t| t.name == "test_extra")
+            .expect("unpriced: free");
+        assert!(extra.meta.is_none());
+        assert!(
+            tools.iter().any(|t| t.name == "echo"),
+            "the demo tools are still served"
+        );
 
-    // Success: arguments, content and structuredContent pass through; charged.
-    let r = call(&client, "test_work", json!({})).await;
-    assert_eq!(text(&r), "worked");
-    assert_eq!(structured(&r), json!({"done": true}));
-    assert_eq!(payment_meta(&r)["status"], "paid");
-    assert_eq!(t.env.available("alice").await, "0.90");
+        // Success: arguments, content and structuredContent pass through; charged.
+        let r = call(&client, "test_work", json!({})).await;
+        assert_eq!(text(&r), "worked");
+        assert_eq!(structured(&r), json!({"done": true}));
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(t.env.available("alice").await, "0.90");
 
-    // The upstream's isError releases the hold.
-    let r = call(&client, "test_work", json!({"fail": true})).await;
-    assert_eq!(r.is_error, Some(true));
-    assert!(text(&r).contains("failed, as asked"));
-    assert_eq!(payment_meta(&r)["status"], "released");
-    // A call past the upstream's timeout is released, not charged.
-    let started = std::time::Instant::now();
-    let r = call(&client, "test_hang", json!({})).await;
-    assert_eq!(r.is_error, Some(true));
-    assert!(text(&r).contains("no answer within"), "{}", text(&r));
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(payment_meta(&r)["status"], "released");
-    assert_eq!(t.env.available("alice").await, "0.90");
+        // The upstream's isError releases the hold.
+        let r = call(&client, "test_work", json!({"fail": true})).await;
+        assert_eq!(r.is_error, Some(true));
+        assert!(text(&r).contains("failed, as asked"));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        // A call past the upstream's timeout is released, not charged.
+        let started = std::time::Instant::now();
+        let r = call(&client, "test_hang", json!({})).await;
+        assert_eq!(r.is_error, Some(true));
+        assert!(text(&r).contains("no answer within"), "{}", text(&r));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        assert_eq!(t.env.available("alice").await, "0.90");
 
-    // An upstream that is gone: its tools answer isError, nothing is
-    // charged, and the rest of the server keeps serving.
-    upstream.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = call(&client, "test_work", json!({})).await;
-    assert_eq!(r.is_error, Some(true), "{r:?}");
-    assert!(
-        text(&r).contains("upstream `test` unavailable"),
-        "{}",
-        text(&r)
-    );
-    assert_eq!(t.env.available("alice").await, "0.90");
-    let r = call(&client, "echo", json!({"text": "still here"})).await;
-    assert_eq!(text(&r), "still here");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+        // An upstream that is gone: its tools answer isError, nothing is
+        // charged, and the rest of the server keeps serving.
+        upstream.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = call(&client, "test_work", json!({})).await;
+        assert_eq!(r.is_error, Some(true), "{r:?}");
+        assert!(
+            text(&r).contains("upstream `test` unavailable"),
+            "{}",
+            text(&r)
+        );
+        assert_eq!(t.env.available("alice").await, "0.90");
+        let r = call(&client, "echo", json!({"text": "still here"})).await;
+        assert_eq!(text(&r), "still here");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unpriced_upstream_tools_can_be_hidden_or_priced_by_default() {
-    let (url, _upstream) = spawn_upstream().await;
-    let t = InProcess::new(&upstream_pricing(&url, "hidden")).await;
-    let client = t
-        .connect(None, t.client(Person::Ignores, Elicitation::None), false)
-        .await;
-    let tools = client.list_all_tools().await.unwrap();
-    assert!(!tools.iter().any(|t| t.name == "test_extra"), "hidden");
-    let err = client
-        .call_tool(CallToolRequestParams::new("test_extra"))
-        .await
-        .expect_err("a hidden tool cannot be called");
-    assert!(err.to_string().contains("unknown tool"));
-    client.cancel().await.ok();
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unpriced_upstream_tools_can_be_hidden_or_priced_by_default() {
+        let (url, _upstream) = spawn_upstream().await;
+        let t = InProcess::new(&upstream_pricing(&url, "hidden")).await;
+        let client = t
+            .connect(None, t.client(Person::Ignores, Elicitation::None), false)
+            .await;
+        let tools = client.list_all_tools().await.unwrap();
+        assert!(!tools.iter().any(|t| t.name == "test_extra"), "hidden");
+        let err = client
+            .call_tool(CallToolRequestParams::new("test_extra"))
+            .await
+            .expect_err("a hidden tool cannot be called");
+        assert!(err.to_string().contains("unknown tool"));
+        client.cancel().await.ok();
 
-    let t = InProcess::new(&upstream_pricing(&url, "0.07")).await;
-    let client = t
-        .connect(None, t.client(Person::Ignores, Elicitation::None), false)
-        .await;
-    let tools = client.list_all_tools().await.unwrap();
-    let extra = tools.iter().find(|t| t.name == "test_extra").unwrap();
-    assert_eq!(
-        extra.meta.as_ref().unwrap().0["tollgate/price"]["amount"],
-        "0.07"
-    );
-    let r = call(&client, "test_extra", json!({})).await;
-    assert_eq!(error_code(&r), "payment_required");
-    client.cancel().await.ok();
+        let t = InProcess::new(&upstream_pricing(&url, "0.07")).await;
+        let client = t
+            .connect(None, t.client(Person::Ignores, Elicitation::None), false)
+            .await;
+        let tools = client.list_all_tools().await.unwrap();
+        let extra = tools.iter().find(|t| t.name == "test_extra").unwrap();
+        assert_eq!(
+            extra.meta.as_ref().unwrap().0["tollgate/price"]["amount"],
+            "0.07"
+        );
+        let r = call(&client, "test_extra", json!({})).await;
+        assert_eq!(error_code(&r), "payment_required");
+        client.cancel().await.ok();
+    }
 }
 
-#[tokio::test]
-async fn a_priced_tool_no_upstream_provides_is_a_start_up_error() {
-    let (url, _upstream) = spawn_upstream().await;
-    let text =
-        upstream_pricing(&url, "free") + "\n[[tools]]\nname = \"test_missing\"\nprice = \"1\"\n";
-    let env = crate::harness::Env::with_pricing(&text);
-    let out = env.cli(&["serve"]).await;
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("no backend provides a tool named `test_missing`"),
-        "{err}"
-    );
+on_both_backends! {
+    #[tokio::test]
+    async fn a_priced_tool_no_upstream_provides_is_a_start_up_error() {
+        let (url, _upstream) = spawn_upstream().await;
+        let text =
+            upstream_pricing(&url, "free") + "\n[[tools]]\nname = \"test_missing\"\nprice = \"1\"\n";
+        let env = crate::harness::Env::with_pricing(&text);
+        let out = env.cli(&["serve"]).await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no backend provides a tool named `test_missing`"),
+            "{err}"
+        );
 
-    let text = crate::harness::pricing("resubmit", "")
-        + "\n[[upstreams]]\nname = \"gone\"\nurl = \"http://127.0.0.1:9/mcp\"\n";
-    let env = crate::harness::Env::with_pricing(&text);
-    let out = env.cli(&["serve"]).await;
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("upstream `gone`"));
+        let text = crate::harness::pricing("resubmit", "")
+            + "\n[[upstreams]]\nname = \"gone\"\nurl = \"http://127.0.0.1:9/mcp\"\n";
+        let env = crate::harness::Env::with_pricing(&text);
+        let out = env.cli(&["serve"]).await;
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("upstream `gone`"));
+    }
 }
 
 /// Where `.ci/run` installs the reference server.
@@ -419,147 +425,153 @@ async fn the_reference_server_everything_behind_tollgate() {
     t.env.assert_ledger_ok().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_and_cancellation_pass_through_and_a_lost_upstream_comes_back() {
-    let upstream = TestUpstream::default();
-    let (url, stop, upstream) = spawn_upstream_at("127.0.0.1:0", upstream).await;
-    let t = InProcess::new(
-        &upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"30s\""),
-    )
-    .await;
-    t.env.topup("alice", "1.00").await;
-    let handler = t.client(Person::Ignores, Elicitation::None);
-    let client = t.connect(Some("alice"), handler.clone(), false).await;
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_and_cancellation_pass_through_and_a_lost_upstream_comes_back() {
+        let upstream = TestUpstream::default();
+        let (url, stop, upstream) = spawn_upstream_at("127.0.0.1:0", upstream).await;
+        let t = InProcess::new(
+            &upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"30s\""),
+        )
+        .await;
+        t.env.topup("alice", "1.00").await;
+        let handler = t.client(Person::Ignores, Elicitation::None);
+        let client = t.connect(Some("alice"), handler.clone(), false).await;
 
-    // The upstream's progress notifications reach the client.
-    let r = call(&client, "test_steps", json!({})).await;
-    assert_eq!(text(&r), "three steps");
-    let messages = || -> Vec<String> {
-        handler
-            .progress
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|p| p.message.clone())
-            .collect()
-    };
-    for _ in 0..50 {
-        if messages().len() >= 3 {
-            break;
+        // The upstream's progress notifications reach the client.
+        let r = call(&client, "test_steps", json!({})).await;
+        assert_eq!(text(&r), "three steps");
+        let messages = || -> Vec<String> {
+            handler
+                .progress
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|p| p.message.clone())
+                .collect()
+        };
+        for _ in 0..50 {
+            if messages().len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut heard = messages();
-    heard.sort();
-    assert_eq!(heard, ["step 1", "step 2", "step 3"]);
+        let mut heard = messages();
+        heard.sort();
+        assert_eq!(heard, ["step 1", "step 2", "step 3"]);
 
-    // The client's cancellation reaches the upstream; nothing is charged.
-    let request = rmcp::model::ClientRequest::CallToolRequest(rmcp::model::Request::new(
-        CallToolRequestParams::new("test_hang"),
-    ));
-    let handle = client
-        .send_cancellable_request(request, rmcp::service::PeerRequestOptions::no_options())
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    handle.cancel(Some("gave up".into())).await.unwrap();
-    for _ in 0..50 {
-        if upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1 {
-            break;
+        // The client's cancellation reaches the upstream; nothing is charged.
+        let request = rmcp::model::ClientRequest::CallToolRequest(rmcp::model::Request::new(
+            CallToolRequestParams::new("test_hang"),
+        ));
+        let handle = client
+            .send_cancellable_request(request, rmcp::service::PeerRequestOptions::no_options())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        handle.cancel(Some("gave up".into())).await.unwrap();
+        for _ in 0..50 {
+            if upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "the upstream saw the cancellation"
-    );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        t.env.available("alice").await,
-        "0.90",
-        "only the progress call was charged"
-    );
-
-    // The upstream goes away: its tools answer isError without charging…
-    stop.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = call(&client, "test_work", json!({})).await;
-    assert_eq!(r.is_error, Some(true));
-    assert_eq!(t.env.available("alice").await, "0.90");
-    // …and once it is back, tollgate reconnects by itself.
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches("/mcp")
-        .to_owned();
-    let (_url, _stop, _) = spawn_upstream_at(&addr, TestUpstream::default()).await;
-    let mut worked = false;
-    for _ in 0..100 {
-        let r = call(&client, "test_work", json!({})).await;
-        if r.is_error != Some(true) {
-            assert_eq!(text(&r), "worked");
-            worked = true;
-            break;
-        }
+        assert_eq!(
+            upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the upstream saw the cancellation"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(worked, "tollgate reconnected to the upstream");
-    assert_eq!(t.env.available("alice").await, "0.80");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
-}
+        assert_eq!(
+            t.env.available("alice").await,
+            "0.90",
+            "only the progress call was charged"
+        );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstreams_tool_list_change_reaches_the_client() {
-    let (url, _upstream) = spawn_upstream().await;
-    let t = InProcess::new(&upstream_pricing(&url, "free")).await;
-    let handler = t.client(Person::Ignores, Elicitation::None);
-    let client = t.connect(None, handler.clone(), false).await;
-    let before = client.list_all_tools().await.unwrap().len();
-    let r = call(&client, "test_grow", json!({})).await;
-    assert_eq!(text(&r), "grown");
-    let mut heard = false;
-    for _ in 0..100 {
-        if handler
-            .list_changed
-            .load(std::sync::atomic::Ordering::SeqCst)
-            > 0
-        {
-            heard = true;
-            break;
+        // The upstream goes away: its tools answer isError without charging…
+        stop.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = call(&client, "test_work", json!({})).await;
+        assert_eq!(r.is_error, Some(true));
+        assert_eq!(t.env.available("alice").await, "0.90");
+        // …and once it is back, tollgate reconnects by itself.
+        let addr = url
+            .trim_start_matches("http://")
+            .trim_end_matches("/mcp")
+            .to_owned();
+        let (_url, _stop, _) = spawn_upstream_at(&addr, TestUpstream::default()).await;
+        let mut worked = false;
+        for _ in 0..100 {
+            let r = call(&client, "test_work", json!({})).await;
+            if r.is_error != Some(true) {
+                assert_eq!(text(&r), "worked");
+                worked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(worked, "tollgate reconnected to the upstream");
+        assert_eq!(t.env.available("alice").await, "0.80");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
     }
-    assert!(heard, "the client heard tools/list_changed");
-    let tools = client.list_all_tools().await.unwrap();
-    assert_eq!(tools.len(), before + 1);
-    assert!(tools.iter().any(|t| t.name == "test_more_1"));
-    let r = call(&client, "test_more_1", json!({})).await;
-    assert_ne!(r.is_error, Some(true), "{r:?}");
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstreams_elicitation_is_relayed_or_declined_cleanly() {
-    let (url, _upstream) = spawn_upstream().await;
-    let t = InProcess::new(&upstream_pricing(&url, "free")).await;
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstreams_tool_list_change_reaches_the_client() {
+        let (url, _upstream) = spawn_upstream().await;
+        let t = InProcess::new(&upstream_pricing(&url, "free")).await;
+        let handler = t.client(Person::Ignores, Elicitation::None);
+        let client = t.connect(None, handler.clone(), false).await;
+        let before = client.list_all_tools().await.unwrap().len();
+        let r = call(&client, "test_grow", json!({})).await;
+        assert_eq!(text(&r), "grown");
+        let mut heard = false;
+        for _ in 0..100 {
+            if handler
+                .list_changed
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0
+            {
+                heard = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(heard, "the client heard tools/list_changed");
+        let tools = client.list_all_tools().await.unwrap();
+        assert_eq!(tools.len(), before + 1);
+        assert!(tools.iter().any(|t| t.name == "test_more_1"));
+        let r = call(&client, "test_more_1", json!({})).await;
+        assert_ne!(r.is_error, Some(true), "{r:?}");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
 
-    // A client that can answer: the question reaches it, and its answer
-    // goes back to the upstream.
-    let asked = t.client(Person::Approves, Elicitation::Form);
-    let client = t.connect(None, asked.clone(), false).await;
-    let r = call(&client, "test_ask", json!({})).await;
-    assert_eq!(text(&r), "Accept", "{r:?}");
-    assert_eq!(asked.prompt_count(), 1);
-    client.cancel().await.ok();
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstreams_elicitation_is_relayed_or_declined_cleanly() {
+        let (url, _upstream) = spawn_upstream().await;
+        let t = InProcess::new(&upstream_pricing(&url, "free")).await;
 
-    // A client that cannot: declined, cleanly.
-    let plain = t.client(Person::Approves, Elicitation::None);
-    let client = t.connect(None, plain.clone(), false).await;
-    let r = call(&client, "test_ask", json!({})).await;
-    assert_eq!(text(&r), "Decline", "{r:?}");
-    assert_eq!(plain.prompt_count(), 0);
-    client.cancel().await.ok();
-    t.env.assert_ledger_ok().await;
+        // A client that can answer: the question reaches it, and its answer
+        // goes back to the upstream.
+        let asked = t.client(Person::Approves, Elicitation::Form);
+        let client = t.connect(None, asked.clone(), false).await;
+        let r = call(&client, "test_ask", json!({})).await;
+        assert_eq!(text(&r), "Accept", "{r:?}");
+        assert_eq!(asked.prompt_count(), 1);
+        client.cancel().await.ok();
+
+        // A client that cannot: declined, cleanly.
+        let plain = t.client(Person::Approves, Elicitation::None);
+        let client = t.connect(None, plain.clone(), false).await;
+        let r = call(&client, "test_ask", json!({})).await;
+        assert_eq!(text(&r), "Decline", "{r:?}");
+        assert_eq!(plain.prompt_count(), 0);
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
 }

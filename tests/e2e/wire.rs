@@ -72,46 +72,48 @@ impl Wire {
     }
 }
 
-#[tokio::test]
-async fn without_a_progress_token_or_elicitation_the_interactive_modes_resubmit() {
-    for mode in ["progress", "elicitation", "auto"] {
-        let env = Env::new(mode);
-        let mut wire = Wire::start(&env).await;
-        let response = wire
-            .request(
-                1,
-                "tools/call",
-                json!({"name": "echo", "arguments": {"text": "plain"}}),
-            )
-            .await;
-        let result = &response["result"];
-        assert_eq!(result["isError"], true, "{mode}: {response}");
-        assert_eq!(
-            result["structuredContent"]["error"], "payment_required",
-            "{mode}"
-        );
-        let id = result["structuredContent"]["payment_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+on_both_backends! {
+    #[tokio::test]
+    async fn without_a_progress_token_or_elicitation_the_interactive_modes_resubmit() {
+        for mode in ["progress", "elicitation", "auto"] {
+            let env = Env::new(mode);
+            let mut wire = Wire::start(&env).await;
+            let response = wire
+                .request(
+                    1,
+                    "tools/call",
+                    json!({"name": "echo", "arguments": {"text": "plain"}}),
+                )
+                .await;
+            let result = &response["result"];
+            assert_eq!(result["isError"], true, "{mode}: {response}");
+            assert_eq!(
+                result["structuredContent"]["error"], "payment_required",
+                "{mode}"
+            );
+            let id = result["structuredContent"]["payment_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
 
-        env.ok(&["sessions", "pay", &id]).await;
-        let response = wire
-            .request(
-                2,
-                "tools/call",
-                json!({"name": "echo", "arguments": {"text": "plain", "payment_id": id}}),
-            )
-            .await;
-        assert_eq!(
-            response["result"]["content"][0]["text"], "plain",
-            "{mode}: {response}"
-        );
-        assert_eq!(
-            response["result"]["_meta"]["tollgate/payment"]["status"],
-            "paid"
-        );
-        wire.child.kill().await.ok();
-        env.assert_ledger_ok().await;
+            env.ok(&["sessions", "pay", &id]).await;
+            let response = wire
+                .request(
+                    2,
+                    "tools/call",
+                    json!({"name": "echo", "arguments": {"text": "plain", "payment_id": id}}),
+                )
+                .await;
+            assert_eq!(
+                response["result"]["content"][0]["text"], "plain",
+                "{mode}: {response}"
+            );
+            assert_eq!(
+                response["result"]["_meta"]["tollgate/payment"]["status"],
+                "paid"
+            );
+            wire.child.kill().await.ok();
+            env.assert_ledger_ok().await;
+        }
     }
 }

@@ -1,0 +1,798 @@
+//! PostgreSQL backend, for several tollgate instances sharing one ledger.
+//!
+//! Everything runs at Read Committed and stays correct there:
+//! - a balance check is the `WHERE` of the `UPDATE` that reserves or debits,
+//!   which PostgreSQL re-checks against the row's newest version after
+//!   waiting for a concurrent writer, or a `SELECT … FOR UPDATE` of the
+//!   wallet inside the transaction that debits it;
+//! - every state change (hold ends, intent moves, session paid) is a
+//!   conditional `UPDATE … WHERE status = …`, so exactly one instance wins;
+//! - the expiry sweep takes its rows with `FOR UPDATE SKIP LOCKED`, so two
+//!   instances sweeping at once never wait on, or expire, the same row;
+//! - a serialization failure or deadlock (which PostgreSQL rolls back whole)
+//!   is retried a bounded number of times, so it never reaches a caller.
+//!
+//! A wallet that does not exist yet is created by `INSERT … ON CONFLICT DO
+//! NOTHING` before anything locks it, so the first charge on a brand-new
+//! wallet has a row to lock like any other.
+
+use std::{collections::HashMap, future::Future, str::FromStr, sync::Mutex, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    PgConnection, Postgres, Row, Transaction,
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+};
+
+use super::{
+    posting::{
+        Settlement, TxnHeader, check_balanced, clearing, dev_settlement, external_payment_audit,
+        session_payment_audit, topup_audit, topups,
+    },
+    rows,
+    sql::*,
+    verify, *,
+};
+use crate::{config::PoolSettings, keys::ApiKey};
+
+/// Attempts at a write that PostgreSQL rolled back as a serialization
+/// failure or deadlock.
+const ATTEMPTS: u32 = 8;
+
+pub struct PgStore {
+    pool: PgPool,
+    /// Account ids never change once created, so they are cached.
+    account_ids: Mutex<HashMap<AccountRef, i64>>,
+}
+
+/// PostgreSQL rolled the whole transaction back and says trying again may
+/// work: serialization failure (40001) or deadlock (40P01).
+fn retryable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40001" | "40P01"))
+        }
+        _ => false,
+    }
+}
+
+impl PgStore {
+    /// Connects, and applies the migrations under `migrations/postgres`
+    /// (sqlx holds an advisory lock meanwhile, so instances starting at once
+    /// take turns).
+    pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.options([(
+            "statement_timeout",
+            settings.statement_timeout.as_millis().to_string(),
+        )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.connect_timeout)
+            // A connection the server dropped (restart, pg_terminate_backend)
+            // is found and replaced before a call uses it.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self {
+            pool,
+            account_ids: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs `op` again while PostgreSQL reports it rolled it back for a
+    /// conflict with a concurrent transaction.
+    async fn retrying<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(e) if retryable(&e) && attempt < ATTEMPTS => {
+                    tracing::debug!("attempt {attempt} rolled back ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(2u64 << attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn tx(&self) -> Result<Transaction<'_, Postgres>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// The id of an account, creating the (empty) account if needed.
+    async fn account_id(&self, account: &AccountRef) -> Result<i64, StoreError> {
+        if let Some(id) = self
+            .account_ids
+            .lock()
+            .ok()
+            .and_then(|c| c.get(account).copied())
+        {
+            return Ok(id);
+        }
+        let id: i64 = self
+            .retrying(|| async {
+                sqlx::query(CREATE_ACCOUNT)
+                    .bind(account.kind.as_str())
+                    .bind(&account.name)
+                    .bind(account.currency.as_str())
+                    .bind(now_ms())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(sqlx::query_scalar(ACCOUNT_ID)
+                    .bind(account.kind.as_str())
+                    .bind(&account.name)
+                    .bind(account.currency.as_str())
+                    .fetch_one(&self.pool)
+                    .await?)
+            })
+            .await?;
+        if let Ok(mut cache) = self.account_ids.lock() {
+            cache.insert(account.clone(), id);
+        }
+        Ok(id)
+    }
+
+    /// Writes one balanced transaction: header and entries (balances follow
+    /// by trigger). Entries are written in account order, so two
+    /// transactions touching the same accounts lock them in the same order.
+    async fn post(
+        conn: &mut PgConnection,
+        header: TxnHeader<'_>,
+        entries: &[(i64, i64)],
+    ) -> Result<Posted, StoreError> {
+        check_balanced(header.kind, entries)?;
+        let mut entries = entries.to_vec();
+        entries.sort_unstable();
+        let a = header.audit;
+        sqlx::query(INSERT_TRANSACTION)
+            .bind(&header.id)
+            .bind(header.kind)
+            .bind(header.currency.as_str())
+            .bind(header.amount.0)
+            .bind(&a.payer)
+            .bind(&a.beneficiary)
+            .bind(&a.tool)
+            .bind(&a.intent_id)
+            .bind(&a.payment_id)
+            .bind(&a.memo)
+            .bind(header.at)
+            .execute(&mut *conn)
+            .await?;
+        for (account_id, amount) in entries {
+            sqlx::query(INSERT_ENTRY)
+                .bind(&header.id)
+                .bind(account_id)
+                .bind(amount)
+                .bind(header.at)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(Posted {
+            txn_id: header.id,
+            at: header.at,
+        })
+    }
+
+    async fn hold_state(&self, hold_id: &str) -> Result<StoreError, StoreError> {
+        let status: Option<String> = sqlx::query_scalar(HOLD_STATUS)
+            .bind(hold_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(StoreError::hold_not_open(hold_id, status))
+    }
+
+    async fn topup_once(
+        &self,
+        wallet_id: i64,
+        source_id: i64,
+        header: TxnHeader<'_>,
+    ) -> Result<Posted, StoreError> {
+        let amount = header.amount.0;
+        let mut tx = self.tx().await?;
+        let posted = Self::post(
+            &mut tx,
+            header,
+            &[(source_id, -amount), (wallet_id, amount)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(posted)
+    }
+
+    async fn mark_paid_externally(
+        &self,
+        intent: &Intent,
+        source_id: i64,
+        clearing_id: i64,
+        audit: &Audit,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let mut tx = self.tx().await?;
+        let done = sqlx::query(MARK_PAID)
+            .bind(&intent.id)
+            .bind(source_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let header = TxnHeader {
+            id: new_txn_id(),
+            kind: "session_payment",
+            currency: &intent.currency,
+            amount: intent.amount,
+            audit,
+            at: now,
+        };
+        Self::post(
+            &mut tx,
+            header,
+            &[
+                (source_id, -intent.amount.0),
+                (clearing_id, intent.amount.0),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn finish_once(
+        &self,
+        outcome: &IntentOutcome,
+        clearing_id: i64,
+        beneficiary_id: i64,
+    ) -> Result<Option<Posted>, StoreError> {
+        let currency = &outcome.beneficiary.currency;
+        let mut tx = self.tx().await?;
+        let row = sqlx::query(FINISH_INTENT)
+            .bind(&outcome.intent_id)
+            .bind(if outcome.succeeded {
+                "succeeded"
+            } else {
+                "failed"
+            })
+            .bind(outcome.at)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(StoreError::intent_not_running(&outcome.intent_id));
+        };
+        sqlx::query(STORE_RESULT)
+            .bind(&outcome.intent_id)
+            .bind(!outcome.succeeded)
+            .bind(&outcome.result_json)
+            .bind(outcome.at)
+            .execute(&mut *tx)
+            .await?;
+        let settlement = Settlement::of(outcome, &row, beneficiary_id)?;
+        let posted = match settlement.destination {
+            Some((kind, to)) => Some(
+                Self::post(
+                    &mut tx,
+                    TxnHeader {
+                        id: outcome.txn_id.clone(),
+                        kind,
+                        currency,
+                        amount: settlement.amount,
+                        audit: &settlement.audit,
+                        at: outcome.at,
+                    },
+                    &[
+                        (clearing_id, -settlement.amount.0),
+                        (to, settlement.amount.0),
+                    ],
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(posted)
+    }
+
+    async fn pay_session_once(
+        &self,
+        session: &LocalSession,
+        from_wallet: Option<&str>,
+        source_id: i64,
+        clearing_id: i64,
+        now: i64,
+    ) -> Result<Posted, StoreError> {
+        let id = session.id.as_str();
+        let mut tx = self.tx().await?;
+        // Lock the session first: a concurrent payment of it waits here and
+        // then sees it paid.
+        let row =
+            sqlx::query("SELECT status, expires_at FROM payment_sessions WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let status: String = row.try_get("status")?;
+        let expires_at: i64 = row.try_get("expires_at")?;
+        if status == "pending" && now > expires_at {
+            sqlx::query(EXPIRE_SESSION)
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Err(StoreError::session_not_pending(id, "expired".into()));
+        }
+        if status != "pending" {
+            return Err(StoreError::session_not_pending(id, status));
+        }
+        if let Some(wallet) = from_wallet {
+            // The wallet's row stays locked until the debit commits.
+            let available: i64 =
+                sqlx::query_scalar("SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE")
+                    .bind(source_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if available < session.amount.0 {
+                return Err(StoreError::insufficient(wallet, session, available));
+            }
+        }
+        let audit = session_payment_audit(session, from_wallet);
+        let posted = Self::post(
+            &mut tx,
+            TxnHeader {
+                id: new_txn_id(),
+                kind: "session_payment",
+                currency: &session.currency,
+                amount: session.amount,
+                audit: &audit,
+                at: now,
+            },
+            &[
+                (source_id, -session.amount.0),
+                (clearing_id, session.amount.0),
+            ],
+        )
+        .await?;
+        sqlx::query(MARK_SESSION_PAID)
+            .bind(id)
+            .bind(source_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(posted)
+    }
+
+    async fn sweep_once(&self, now: i64) -> Result<u64, StoreError> {
+        let mut tx = self.tx().await?;
+        // Rows another instance is sweeping (or capturing) right now are
+        // skipped: it ends them, exactly once.
+        let expired = sqlx::query(
+            "UPDATE holds SET status = 'expired', settled_at = $1
+             WHERE id IN (SELECT id FROM holds WHERE status = 'open' AND expires_at < $1
+                          ORDER BY id FOR UPDATE SKIP LOCKED)
+               AND status = 'open'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE intents SET status = 'expired', updated_at = $1
+             WHERE id IN (SELECT i.id FROM intents i
+                          WHERE i.status = 'awaiting_payment' AND i.expires_at < $1
+                            AND NOT EXISTS (SELECT 1 FROM payment_sessions s
+                                            WHERE s.id = i.provider_session_id AND s.status = 'paid')
+                          FOR UPDATE SKIP LOCKED)
+               AND status = 'awaiting_payment'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE payment_sessions SET status = 'expired', updated_at = $1
+             WHERE id IN (SELECT id FROM payment_sessions WHERE status = 'pending' AND expires_at < $1
+                          FOR UPDATE SKIP LOCKED)
+               AND status = 'pending'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(expired)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn topup(
+        &self,
+        wallet: &AccountRef,
+        amount: Units,
+        memo: Option<String>,
+    ) -> Result<Posted, StoreError> {
+        if amount.is_zero() {
+            return Err(StoreError::Invalid(
+                "top-up amount must be above zero".into(),
+            ));
+        }
+        let wallet_id = self.account_id(wallet).await?;
+        let source_id = self.account_id(&topups(&wallet.currency)).await?;
+        let audit = topup_audit(wallet, memo);
+        let (txn_id, at) = (new_txn_id(), now_ms());
+        self.retrying(|| {
+            let header = TxnHeader {
+                id: txn_id.clone(),
+                kind: "topup",
+                currency: &wallet.currency,
+                amount,
+                audit: &audit,
+                at,
+            };
+            self.topup_once(wallet_id, source_id, header)
+        })
+        .await
+    }
+
+    async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
+        let rows = sqlx::query(BALANCES)
+            .bind(wallet)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rows::wallet_balance).collect()
+    }
+
+    async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError> {
+        let rows = sqlx::query(STATEMENT)
+            .bind(wallet)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rows::statement_line).collect()
+    }
+
+    async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError> {
+        if req.amount.is_zero() {
+            return Err(StoreError::Invalid("hold amount must be above zero".into()));
+        }
+        // One statement: the reservation is an UPDATE whose WHERE is the
+        // balance check (re-checked on the newest row after any wait), and
+        // the hold row is written only if it reserved.
+        let done = self
+            .retrying(|| async {
+                Ok(sqlx::query(
+                    "WITH wallet AS (
+                         UPDATE accounts SET held = held + $2
+                         WHERE kind = 'wallet' AND name = $3 AND currency = $4 AND balance - held >= $2
+                         RETURNING id)
+                     INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
+                     SELECT $1, wallet.id, $2, 'open', $3, $5, $6, $7, $8 FROM wallet",
+                )
+                .bind(&req.hold_id)
+                .bind(req.amount.0)
+                .bind(&req.principal)
+                .bind(req.currency.as_str())
+                .bind(&req.tool)
+                .bind(&req.args_hash)
+                .bind(now_ms())
+                .bind(req.expires_at)
+                .execute(&self.pool)
+                .await?)
+            })
+            .await?;
+        Ok(if done.rows_affected() == 1 {
+            HoldOutcome::Held
+        } else {
+            HoldOutcome::Insufficient
+        })
+    }
+
+    async fn capture(
+        &self,
+        hold_id: &str,
+        amount: Units,
+        beneficiary: &AccountRef,
+    ) -> Result<Posted, StoreError> {
+        if amount.is_zero() {
+            return Err(StoreError::Invalid(
+                "capture amount must be above zero; release instead".into(),
+            ));
+        }
+        let beneficiary_id = self.account_id(beneficiary).await?;
+        let (at, txn_id) = (now_ms(), new_txn_id());
+        // The `holds_capture` trigger gives the reservation back and posts
+        // the ledger transaction, all in this one statement.
+        let done = self
+            .retrying(|| async {
+                Ok(sqlx::query(CAPTURE)
+                    .bind(hold_id)
+                    .bind(amount.0)
+                    .bind(at)
+                    .bind(&txn_id)
+                    .bind(beneficiary_id)
+                    .execute(&self.pool)
+                    .await?)
+            })
+            .await?;
+        if done.rows_affected() == 1 {
+            return Ok(Posted { txn_id, at });
+        }
+        let held: Option<i64> = sqlx::query_scalar(OPEN_HOLD_AMOUNT)
+            .bind(hold_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Err(match held {
+            Some(held) => StoreError::capture_above_hold(amount, held),
+            None => self.hold_state(hold_id).await?,
+        })
+    }
+
+    async fn release(&self, hold_id: &str) -> Result<(), StoreError> {
+        let done = self
+            .retrying(|| async {
+                Ok(sqlx::query(RELEASE)
+                    .bind(hold_id)
+                    .bind(now_ms())
+                    .execute(&self.pool)
+                    .await?)
+            })
+            .await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(self.hold_state(hold_id).await?)
+        }
+    }
+
+    async fn sweep_expired(&self, now: i64) -> Result<u64, StoreError> {
+        self.retrying(|| self.sweep_once(now)).await
+    }
+
+    async fn verify(&self, now: i64) -> Result<VerifyReport, StoreError> {
+        // One repeatable-read transaction: every check sees one snapshot.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let found = verify::Found {
+            counts: sqlx::query(verify::COUNTS).fetch_one(&mut *tx).await?,
+            unbalanced: sqlx::query(verify::UNBALANCED).fetch_all(&mut *tx).await?,
+            orphan_entries: sqlx::query(verify::ORPHAN_ENTRIES)
+                .fetch_all(&mut *tx)
+                .await?,
+            accounts: sqlx::query(verify::ACCOUNTS).fetch_all(&mut *tx).await?,
+            stale_holds: sqlx::query(verify::STALE_HOLDS)
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?,
+            over_captured: sqlx::query(verify::OVER_CAPTURED)
+                .fetch_all(&mut *tx)
+                .await?,
+        };
+        tx.rollback().await?;
+        found.report()
+    }
+
+    async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
+        sqlx::query(CREATE_INTENT)
+            .bind(&intent.id)
+            .bind(&intent.tool)
+            .bind(&intent.args_hash)
+            .bind(&intent.args_json)
+            .bind(intent.amount.0)
+            .bind(intent.currency.as_str())
+            .bind(&intent.principal)
+            .bind(&intent.session_id)
+            .bind(&intent.mode)
+            .bind(intent.status.as_str())
+            .bind(&intent.provider)
+            .bind(&intent.provider_session_id)
+            .bind(&intent.payment_url)
+            .bind(intent.created_at)
+            .bind(intent.expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {
+        let row = sqlx::query(INTENT)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(rows::intent).transpose()
+    }
+
+    async fn transition_intent(
+        &self,
+        id: &str,
+        from: IntentStatus,
+        to: IntentStatus,
+    ) -> Result<bool, StoreError> {
+        let done = self
+            .retrying(|| async {
+                Ok(sqlx::query(TRANSITION_INTENT)
+                    .bind(id)
+                    .bind(from.as_str())
+                    .bind(to.as_str())
+                    .bind(now_ms())
+                    .execute(&self.pool)
+                    .await?)
+            })
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
+        let account = match funding {
+            Funding::InClearing { refund_to } => {
+                let refund_id = match refund_to {
+                    Some(account) => Some(self.account_id(account).await?),
+                    None => None,
+                };
+                let done = self
+                    .retrying(|| async {
+                        Ok(sqlx::query(MARK_PAID)
+                            .bind(id)
+                            .bind(refund_id)
+                            .bind(now_ms())
+                            .execute(&self.pool)
+                            .await?)
+                    })
+                    .await?;
+                return Ok(done.rows_affected() > 0);
+            }
+            Funding::External { account } => account,
+        };
+        let Some(intent) = self.intent(id).await? else {
+            return Err(StoreError::NotFound(format!("intent {id}")));
+        };
+        let source = AccountRef::new(AccountKind::External, account.as_str(), &intent.currency);
+        let source_id = self.account_id(&source).await?;
+        let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
+        let audit = external_payment_audit(&intent, account);
+        self.retrying(|| self.mark_paid_externally(&intent, source_id, clearing_id, &audit))
+            .await
+    }
+
+    async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
+        let clearing_id = self
+            .account_id(&clearing(&outcome.beneficiary.currency))
+            .await?;
+        let beneficiary_id = self.account_id(&outcome.beneficiary).await?;
+        self.retrying(|| self.finish_once(outcome, clearing_id, beneficiary_id))
+            .await
+    }
+
+    async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
+        let row = sqlx::query(STORED_RESULT)
+            .bind(intent_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(StoredResult {
+                is_error: row.try_get("is_error")?,
+                result_json: row.try_get("result_json")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
+        sqlx::query(CREATE_SESSION)
+            .bind(&session.id)
+            .bind(session.amount.0)
+            .bind(session.currency.as_str())
+            .bind(&session.description)
+            .bind(session.status.as_str())
+            .bind(session.created_at)
+            .bind(session.expires_at)
+            .bind(&session.owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn session(&self, id: &str) -> Result<Option<LocalSession>, StoreError> {
+        let row = sqlx::query(&sessions_where("WHERE s.id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(rows::session).transpose()
+    }
+
+    async fn list_sessions(&self, limit: i64) -> Result<Vec<LocalSession>, StoreError> {
+        let rows = sqlx::query(&sessions_where("ORDER BY s.created_at DESC, s.id LIMIT $1"))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rows::session).collect()
+    }
+
+    async fn pay_session(
+        &self,
+        id: &str,
+        from_wallet: Option<&str>,
+        now: i64,
+    ) -> Result<Posted, StoreError> {
+        let Some(session) = self.session(id).await? else {
+            return Err(StoreError::NotFound(format!("payment session {id}")));
+        };
+        let source = match from_wallet {
+            Some(wallet) => AccountRef::wallet(wallet, &session.currency),
+            None => dev_settlement(&session.currency),
+        };
+        let source_id = self.account_id(&source).await?;
+        let clearing_id = self.account_id(&clearing(&session.currency)).await?;
+        self.retrying(|| self.pay_session_once(&session, from_wallet, source_id, clearing_id, now))
+            .await
+    }
+
+    async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError> {
+        check_session_ending(to)?;
+        let done = self
+            .retrying(|| async {
+                Ok(sqlx::query(END_SESSION)
+                    .bind(id)
+                    .bind(to.as_str())
+                    .bind(now_ms())
+                    .execute(&self.pool)
+                    .await?)
+            })
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        sqlx::query(CREATE_API_KEY)
+            .bind(&key.id)
+            .bind(&key.secret_hash)
+            .bind(&key.principal)
+            .bind(key.scopes_text())
+            .bind(&key.label)
+            .bind(key.created_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(API_KEY)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(rows::api_key).transpose()
+    }
+
+    async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(API_KEYS).fetch_all(&self.pool).await?;
+        rows.iter().map(rows::api_key).collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(REVOKE_API_KEY)
+            .bind(id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let open_holds = sqlx::query(STATS_OPEN_HOLDS).fetch_one(&self.pool).await?;
+        let intents = sqlx::query(STATS_INTENTS).fetch_all(&self.pool).await?;
+        let revenue = sqlx::query(STATS_REVENUE).fetch_all(&self.pool).await?;
+        rows::stats(&open_holds, &intents, &revenue)
+    }
+}

@@ -1,0 +1,151 @@
+//! Reading store rows into domain types, shared by both backends: each
+//! backend says how to read a column ([`Columns`]), and the mapping from
+//! columns to intents, sessions and keys is written once.
+
+use sqlx::Row;
+
+use super::{
+    AccountKind, AccountRef, Intent, IntentStatus, LocalSession, SessionStatus, StatementLine,
+    StoreError, StoreStats, WalletBalance, parse_scopes,
+};
+use crate::{
+    keys::ApiKey,
+    money::{Currency, Units},
+};
+
+/// Typed column access on one row of either backend.
+pub(super) trait Columns {
+    fn text(&self, column: &str) -> Result<String, StoreError>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
+    fn int(&self, column: &str) -> Result<i64, StoreError>;
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+}
+
+macro_rules! columns_for {
+    ($row:ty) => {
+        impl Columns for $row {
+            fn text(&self, column: &str) -> Result<String, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn int(&self, column: &str) -> Result<i64, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+        }
+    };
+}
+columns_for!(sqlx::sqlite::SqliteRow);
+columns_for!(sqlx::postgres::PgRow);
+
+pub(super) fn currency_of(text: String) -> Result<Currency, StoreError> {
+    Currency::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(super) fn intent(row: &impl Columns) -> Result<Intent, StoreError> {
+    let status = row.text("status")?;
+    Ok(Intent {
+        id: row.text("id")?,
+        tool: row.text("tool")?,
+        args_hash: row.text("args_hash")?,
+        args_json: row.text("args_json")?,
+        amount: Units(row.int("amount")?),
+        currency: currency_of(row.text("currency")?)?,
+        principal: row.opt_text("principal")?,
+        session_id: row.opt_text("session_id")?,
+        mode: row.text("mode")?,
+        status: IntentStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("intent status {status}")))?,
+        provider: row.text("provider")?,
+        provider_session_id: row.opt_text("provider_session_id")?,
+        payment_url: row.opt_text("payment_url")?,
+        created_at: row.int("created_at")?,
+        expires_at: row.int("expires_at")?,
+    })
+}
+
+pub(super) fn session(row: &impl Columns) -> Result<LocalSession, StoreError> {
+    let status = row.text("status")?;
+    let currency = currency_of(row.text("currency")?)?;
+    let paid_kind = row.opt_text("paid_kind")?;
+    let paid_from = match (
+        paid_kind.as_deref().and_then(AccountKind::parse),
+        row.opt_text("paid_name")?,
+    ) {
+        (Some(kind), Some(name)) => Some(AccountRef::new(kind, name, &currency)),
+        _ => None,
+    };
+    Ok(LocalSession {
+        id: row.text("id")?,
+        amount: Units(row.int("amount")?),
+        currency,
+        description: row.text("description")?,
+        status: SessionStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("session status {status}")))?,
+        created_at: row.int("created_at")?,
+        expires_at: row.int("expires_at")?,
+        paid_from,
+        owner: row.opt_text("owner")?,
+    })
+}
+
+pub(super) fn api_key(row: &impl Columns) -> Result<ApiKey, StoreError> {
+    Ok(ApiKey {
+        id: row.text("id")?,
+        secret_hash: row.text("secret_hash")?,
+        principal: row.text("principal")?,
+        scopes: parse_scopes(&row.text("scopes")?)?,
+        label: row.opt_text("label")?,
+        created_at: row.int("created_at")?,
+        revoked_at: row.opt_int("revoked_at")?,
+    })
+}
+
+pub(super) fn wallet_balance(row: &impl Columns) -> Result<WalletBalance, StoreError> {
+    let balance = row.int("balance")?;
+    let held = row.int("held")?;
+    Ok(WalletBalance {
+        currency: currency_of(row.text("currency")?)?,
+        balance: Units(balance),
+        held: Units(held),
+        available: Units(balance - held),
+    })
+}
+
+pub(super) fn statement_line(row: &impl Columns) -> Result<StatementLine, StoreError> {
+    Ok(StatementLine {
+        txn_id: row.text("id")?,
+        kind: row.text("kind")?,
+        at: row.int("created_at")?,
+        amount: row.int("amount")?,
+        currency: currency_of(row.text("currency")?)?,
+        tool: row.opt_text("tool")?,
+        payment_id: row.opt_text("payment_id")?,
+        beneficiary: row.opt_text("beneficiary")?,
+        memo: row.opt_text("memo")?,
+    })
+}
+
+/// `/metrics` figures from the rows of [`super::sql::STATS_OPEN_HOLDS`],
+/// [`super::sql::STATS_INTENTS`] and [`super::sql::STATS_REVENUE`].
+pub(super) fn stats<R: Columns>(
+    open_holds: &R,
+    intents: &[R],
+    revenue: &[R],
+) -> Result<StoreStats, StoreError> {
+    Ok(StoreStats {
+        open_holds: open_holds.int("n")?,
+        intents: intents
+            .iter()
+            .map(|row| Ok((row.text("status")?, row.int("n")?)))
+            .collect::<Result<_, StoreError>>()?,
+        revenue: revenue
+            .iter()
+            .map(|row| Ok((row.text("tool")?, row.text("currency")?, row.int("total")?)))
+            .collect::<Result<_, StoreError>>()?,
+    })
+}

@@ -1,0 +1,104 @@
+//! Statements both backends run as they are. Parameters are `$N`, which
+//! PostgreSQL and sqlx's SQLite driver both bind by number. Sums are cast
+//! to BIGINT because PostgreSQL sums BIGINTs into NUMERIC.
+
+/// Wallet balances of a principal, per currency.
+pub(super) const BALANCES: &str = "SELECT currency, balance, held FROM accounts
+     WHERE kind = 'wallet' AND name = $1 ORDER BY currency";
+
+/// A principal's wallet entries with their transactions' audit data.
+pub(super) const STATEMENT: &str = "SELECT t.id, t.kind, t.created_at, e.amount, a.currency, t.tool, t.payment_id, t.beneficiary, t.memo
+     FROM ledger_entries e
+     JOIN accounts a ON a.id = e.account_id
+     JOIN ledger_transactions t ON t.id = e.txn_id
+     WHERE a.kind = 'wallet' AND a.name = $1
+     ORDER BY e.id";
+
+pub(super) const INSERT_TRANSACTION: &str = "INSERT INTO ledger_transactions
+       (id, kind, currency, amount, payer, beneficiary, tool, intent_id, payment_id, memo, created_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// One entry; a trigger moves the account's balance.
+pub(super) const INSERT_ENTRY: &str =
+    "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at) VALUES ($1, $2, $3, $4)";
+
+pub(super) const CREATE_ACCOUNT: &str =
+    "INSERT INTO accounts (kind, name, currency, created_at) VALUES ($1, $2, $3, $4)
+     ON CONFLICT (kind, name, currency) DO NOTHING";
+
+pub(super) const ACCOUNT_ID: &str =
+    "SELECT id FROM accounts WHERE kind = $1 AND name = $2 AND currency = $3";
+
+/// End an open hold by charging at most its amount; the `holds_capture`
+/// trigger gives the reservation back and posts the ledger transaction.
+pub(super) const CAPTURE: &str =
+    "UPDATE holds SET status = 'captured', captured = $2, settled_at = $3, txn_id = $4,
+                      beneficiary_account_id = $5
+     WHERE id = $1 AND status = 'open' AND amount >= $2";
+
+/// End an open hold without charging (`holds_end` gives the reservation back).
+pub(super) const RELEASE: &str =
+    "UPDATE holds SET status = 'released', settled_at = $2 WHERE id = $1 AND status = 'open'";
+
+pub(super) const HOLD_STATUS: &str = "SELECT status FROM holds WHERE id = $1";
+pub(super) const OPEN_HOLD_AMOUNT: &str =
+    "SELECT amount FROM holds WHERE id = $1 AND status = 'open'";
+
+pub(super) const CREATE_INTENT: &str = "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
+                          status, provider, provider_session_id, payment_url, created_at, expires_at,
+                          updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $14)";
+
+pub(super) const INTENT: &str = "SELECT * FROM intents WHERE id = $1";
+
+pub(super) const TRANSITION_INTENT: &str =
+    "UPDATE intents SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2";
+
+/// awaiting_payment → paid, noting the account a refund goes back to.
+pub(super) const MARK_PAID: &str =
+    "UPDATE intents SET status = 'paid', refund_account_id = $2, updated_at = $3
+     WHERE id = $1 AND status = 'awaiting_payment'";
+
+/// running → succeeded or failed, with what settling it needs.
+pub(super) const FINISH_INTENT: &str =
+    "UPDATE intents SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'running'
+     RETURNING amount, currency, principal, tool, refund_account_id";
+
+pub(super) const STORE_RESULT: &str = "INSERT INTO stored_results (intent_id, is_error, result_json, created_at) VALUES ($1, $2, $3, $4)";
+
+pub(super) const STORED_RESULT: &str =
+    "SELECT is_error, result_json FROM stored_results WHERE intent_id = $1";
+
+pub(super) const CREATE_SESSION: &str = "INSERT INTO payment_sessions (id, amount, currency, description, status, created_at, expires_at, updated_at, owner)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8)";
+
+/// A session joined with the account that paid it, as `rows::session` reads it.
+pub(super) fn sessions_where(tail: &str) -> String {
+    format!(
+        "SELECT s.id, s.amount, s.currency, s.description, s.status, s.created_at, s.expires_at,
+                s.owner, a.kind AS paid_kind, a.name AS paid_name
+         FROM payment_sessions s LEFT JOIN accounts a ON a.id = s.paid_from_account {tail}"
+    )
+}
+
+pub(super) const EXPIRE_SESSION: &str =
+    "UPDATE payment_sessions SET status = 'expired', updated_at = $2 WHERE id = $1";
+
+pub(super) const MARK_SESSION_PAID: &str =
+    "UPDATE payment_sessions SET status = 'paid', paid_from_account = $2, updated_at = $3
+     WHERE id = $1 AND status = 'pending'";
+
+pub(super) const END_SESSION: &str =
+    "UPDATE payment_sessions SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'pending'";
+
+pub(super) const CREATE_API_KEY: &str = "INSERT INTO api_keys (id, secret_hash, principal, scopes, label, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
+pub(super) const API_KEY: &str = "SELECT * FROM api_keys WHERE id = $1";
+pub(super) const API_KEYS: &str = "SELECT * FROM api_keys ORDER BY created_at, id";
+pub(super) const REVOKE_API_KEY: &str =
+    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL";
+
+pub(super) const STATS_OPEN_HOLDS: &str = "SELECT COUNT(*) AS n FROM holds WHERE status = 'open'";
+pub(super) const STATS_INTENTS: &str =
+    "SELECT status, COUNT(*) AS n FROM intents GROUP BY status ORDER BY status";
+pub(super) const STATS_REVENUE: &str = "SELECT COALESCE(tool, '-') AS tool, currency, CAST(SUM(amount) AS BIGINT) AS total
+     FROM ledger_transactions WHERE kind = 'capture' GROUP BY tool, currency ORDER BY tool, currency";

@@ -1,0 +1,154 @@
+//! The store a test runs on. Every end-to-end test wrapped in
+//! [`on_both_backends!`] runs twice: on a SQLite file, and on a fresh
+//! PostgreSQL database of its own (created on the server named by
+//! `TOLLGATE_TEST_POSTGRES`, dropped when the test ends). Without that
+//! variable the PostgreSQL runs show as ignored, with the reason.
+
+use std::{cell::Cell, path::Path};
+
+use sqlx::Connection;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+thread_local! {
+    /// The backend of the test running on this thread (tests that are not
+    /// wrapped run on SQLite).
+    static BACKEND: Cell<Backend> = const { Cell::new(Backend::Sqlite) };
+}
+
+pub fn select(backend: Backend) {
+    BACKEND.with(|b| b.set(backend));
+}
+
+pub fn current() -> Backend {
+    BACKEND.with(Cell::get)
+}
+
+/// Generates, for each test function, a module of the same name holding a
+/// `sqlite` and a `postgres` test with the same body.
+macro_rules! on_both_backends {
+    ($( $(#[$attr:meta])* async fn $name:ident() $body:block )*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$attr])*
+            async fn sqlite() {
+                $crate::backend::select($crate::backend::Backend::Sqlite);
+                $body
+            }
+
+            $(#[$attr])*
+            #[cfg_attr(
+                not(tollgate_pg),
+                ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+            )]
+            async fn postgres() {
+                $crate::backend::select($crate::backend::Backend::Postgres);
+                $body
+            }
+        }
+    )*};
+}
+
+/// A test's database. A PostgreSQL one is dropped when this is.
+pub struct TestDb {
+    /// What `--db` / `TOLLGATE_DB` / `[store] url` take.
+    pub url: String,
+    postgres: Option<String>,
+}
+
+impl TestDb {
+    /// A new, empty database on the current backend; SQLite files go in `dir`.
+    pub fn fresh(dir: &Path) -> Self {
+        match current() {
+            Backend::Sqlite => Self {
+                url: dir.join("tollgate.db").display().to_string(),
+                postgres: None,
+            },
+            Backend::Postgres => {
+                let name = format!("tollgate_test_{}", uuid::Uuid::new_v4().simple());
+                admin(format!("CREATE DATABASE {name}"));
+                Self {
+                    url: database_url(&server_url(), &name),
+                    postgres: Some(name),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.postgres.take() {
+            admin(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        }
+    }
+}
+
+fn server_url() -> String {
+    std::env::var("TOLLGATE_TEST_POSTGRES")
+        .expect("TOLLGATE_TEST_POSTGRES must name a PostgreSQL server for the postgres tests")
+}
+
+/// `url` with its database name replaced by `name`.
+pub fn database_url(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base
+        .find("://")
+        .map(|i| i + 3)
+        .and_then(|start| base[start..].find('/').map(|i| start + i))
+        .unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// Runs one statement on the server's admin database, from any context
+/// (its own thread and runtime: `Drop` and sync set-up code call it).
+fn admin(sql: String) {
+    let url = server_url();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut conn = sqlx::PgConnection::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("connect to TOLLGATE_TEST_POSTGRES ({url}): {e}"));
+            sqlx::query(&sql)
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            conn.close().await.ok();
+        });
+    })
+    .join()
+    .expect("admin statement");
+}
+
+/// Runs SQL straight on a test's database, behind tollgate's back (to
+/// corrupt it on purpose, or to look at it).
+pub async fn execute(url: &str, sql: &str) {
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("open db");
+        sqlx::query(sql).execute(&mut conn).await.expect("execute");
+        conn.close().await.ok();
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{url}"))
+            .await
+            .expect("open db");
+        sqlx::query(sql).execute(&mut conn).await.expect("execute");
+        conn.close().await.ok();
+    }
+}
