@@ -17,6 +17,8 @@ pub mod provider;
 pub mod receipt;
 pub mod server;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod tools;
 
 pub use embed::{Tollgate, TollgateBuilder};

@@ -133,7 +133,8 @@ CREATE TRIGGER ledger_entries_post AFTER INSERT ON ledger_entries
 
 CREATE FUNCTION ledger_entries_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'ledger entries are never updated or deleted; post a correcting transaction';
+    RAISE EXCEPTION 'ledger entries are never %; post a correcting transaction',
+        CASE TG_OP WHEN 'UPDATE' THEN 'updated' ELSE 'deleted' END;
 END $$;
 CREATE TRIGGER ledger_entries_never_changed BEFORE UPDATE OR DELETE ON ledger_entries
     FOR EACH ROW EXECUTE FUNCTION ledger_entries_immutable();

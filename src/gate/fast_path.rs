@@ -6,7 +6,7 @@ use std::time::Duration;
 use rmcp::model::CallToolResult;
 use serde_json::json;
 
-use super::{CallScope, Gate, PricedCall, catalog::Entry, reply};
+use super::{CallScope, Gate, PricedCall, catalog::Entry, recording, reply};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
@@ -51,7 +51,14 @@ impl Gate {
                 );
                 return None;
             }
-            Err(e) => return Some(reply::unavailable(e)),
+            Err(e) => {
+                // The hold may have landed with its answer lost: give it back
+                // now if the store is reachable again, else it expires.
+                if self.store.release(&payment_id).await.is_ok() {
+                    tracing::info!(payment_id, "released a hold whose answer was lost");
+                }
+                return Some(reply::unavailable(e));
+            }
         }
 
         let result = entry
@@ -83,25 +90,22 @@ impl Gate {
             ));
         }
 
-        let posted = self
-            .store
-            .capture(
-                &payment_id,
-                call.price.amount,
-                &self.revenue_account(&call.price.currency),
-            )
-            .await;
+        let revenue = self.revenue_account(&call.price.currency);
+        let posted = recording::until_recorded("capture after a successful run", || {
+            self.store.capture(&payment_id, call.price.amount, &revenue)
+        })
+        .await;
         let posted = match posted {
             Ok(posted) => posted,
             Err(e) => {
-                // The tool ran; the hold is left to expire, so the caller is
-                // not charged. Never charge twice rather than risk it.
+                // The charge could not be recorded: the result is not handed
+                // over unpaid. The hold is given back (or expires), so nothing
+                // is charged.
                 tracing::error!(payment_id, "capture failed after a successful run: {e}");
-                return Some(reply::with_payment(
-                    result,
-                    json!({ "payment_id": payment_id, "status": "not_charged", "amount": amount,
-                            "currency": currency, "charged": "0.00" }),
-                ));
+                if self.store.release(&payment_id).await.is_err() {
+                    tracing::warn!(payment_id, "hold left to expire");
+                }
+                return Some(reply::unrecorded(&payment_id, e));
             }
         };
         let receipt = self.signer.sign(&ReceiptClaims {

@@ -7,6 +7,7 @@ mod dynamic;
 mod elicitation;
 mod fast_path;
 mod progress;
+mod recording;
 mod redeem;
 pub mod reply;
 mod scope;

@@ -9,7 +9,13 @@ use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
-use super::{CallScope, Caller, Gate, progress::ProgressReporter, reply, reply::code};
+use super::{
+    CallScope, Caller, Gate,
+    progress::ProgressReporter,
+    recording::{self, Unrecorded},
+    reply,
+    reply::code,
+};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
@@ -318,21 +324,30 @@ impl Gate {
             txn_id,
             at,
         };
-        if let Err(e) = self.store.finish_intent(&outcome).await {
-            // The intent stays `running`, so it can never run again; the
-            // money stays in clearing for an operator to settle.
-            tracing::error!(
-                payment_id = intent.id,
-                "could not store the result of a paid run: {e}"
-            );
-        } else {
-            tracing::info!(
-                tool = intent.tool,
-                payment_id = intent.id,
-                amount,
-                succeeded,
-                "paid intent ran"
-            );
+        let finished = recording::until_recorded("storing a paid run's result", || {
+            self.store.finish_intent(&outcome)
+        })
+        .await;
+        match finished {
+            // Only this call moved the intent to `running`, so a retry that
+            // finds it moved on means an earlier attempt landed.
+            Err(Unrecorded::Retried(StoreError::WrongState { .. })) | Ok(_) => {
+                tracing::info!(
+                    tool = intent.tool,
+                    payment_id = intent.id,
+                    amount,
+                    succeeded,
+                    "paid intent ran"
+                );
+            }
+            Err(e) => {
+                // The intent stays `running`, so it can never run again; the
+                // money stays in clearing for an operator to settle.
+                tracing::error!(
+                    payment_id = intent.id,
+                    "could not store the result of a paid run: {e}"
+                );
+            }
         }
         result
     }

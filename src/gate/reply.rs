@@ -63,6 +63,20 @@ pub fn unavailable(cause: impl std::fmt::Display) -> CallToolResult {
     )
 }
 
+/// A tool ran but its charge could not be recorded: its result is withheld
+/// and nothing is charged.
+pub fn unrecorded(payment_id: &str, cause: impl std::fmt::Display) -> CallToolResult {
+    tracing::error!(
+        payment_id,
+        "payment system unavailable after the run: {cause}"
+    );
+    error(
+        code::UNAVAILABLE,
+        "payment system unavailable: the charge could not be recorded, so the result is withheld and nothing was charged; try again later",
+        details(json!({ "payment_id": payment_id })),
+    )
+}
+
 /// No intent has this payment id.
 pub fn payment_not_found(payment_id: &str) -> CallToolResult {
     error(

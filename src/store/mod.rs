@@ -428,6 +428,8 @@ pub trait Store: Send + Sync + 'static {
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError>;
     /// Ends an open hold by charging at most its amount to `beneficiary`.
     /// The transaction's audit data (payer, tool, payment id) is the hold's.
+    /// A hold already captured for the same amount and beneficiary answers
+    /// with that capture, so a capture whose answer was lost may be retried.
     async fn capture(
         &self,
         hold_id: &str,

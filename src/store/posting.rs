@@ -3,7 +3,7 @@
 //! movement, and how a finished intent settles.
 
 use super::{
-    AccountKind, AccountRef, Audit, Intent, IntentOutcome, LocalSession, StoreError,
+    AccountKind, AccountRef, Audit, Intent, IntentOutcome, LocalSession, Posted, StoreError,
     rows::{Columns, currency_of},
 };
 use crate::money::{Currency, Units};
@@ -74,6 +74,35 @@ pub(super) fn external_payment_audit(intent: &Intent, account: &str) -> Audit {
         intent_id: Some(intent.id.clone()),
         payment_id: Some(intent.id.clone()),
         memo: Some(format!("paid through {account}")),
+    }
+}
+
+/// A capture that changed nothing, read from the hold's row (`HOLD`): the
+/// capture itself when the hold was already captured just so (a retried
+/// capture whose first answer was lost, say to a dropped connection), else
+/// why it was refused.
+pub(super) fn settled_capture(
+    hold_id: &str,
+    hold: Option<&impl Columns>,
+    amount: Units,
+    beneficiary_id: i64,
+) -> Result<Posted, StoreError> {
+    let Some(hold) = hold else {
+        return Err(StoreError::hold_not_open(hold_id, None));
+    };
+    let status = hold.text("status")?;
+    match status.as_str() {
+        "open" => Err(StoreError::capture_above_hold(amount, hold.int("amount")?)),
+        "captured"
+            if hold.opt_int("captured")? == Some(amount.0)
+                && hold.opt_int("beneficiary_account_id")? == Some(beneficiary_id) =>
+        {
+            Ok(Posted {
+                txn_id: hold.opt_text("txn_id")?.unwrap_or_default(),
+                at: hold.opt_int("settled_at")?.unwrap_or_default(),
+            })
+        }
+        _ => Err(StoreError::hold_not_open(hold_id, Some(status))),
     }
 }
 

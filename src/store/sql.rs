@@ -41,8 +41,9 @@ pub(super) const RELEASE: &str =
     "UPDATE holds SET status = 'released', settled_at = $2 WHERE id = $1 AND status = 'open'";
 
 pub(super) const HOLD_STATUS: &str = "SELECT status FROM holds WHERE id = $1";
-pub(super) const OPEN_HOLD_AMOUNT: &str =
-    "SELECT amount FROM holds WHERE id = $1 AND status = 'open'";
+pub(super) const HOLD: &str =
+    "SELECT status, amount, captured, txn_id, settled_at, beneficiary_account_id
+     FROM holds WHERE id = $1";
 
 pub(super) const CREATE_INTENT: &str = "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
                           status, provider, provider_session_id, payment_url, created_at, expires_at,

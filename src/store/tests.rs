@@ -1,17 +1,36 @@
-//! Ledger and state-machine tests against a real SQLite file.
+//! Ledger and state-machine tests against a real SQLite file and, when
+//! `TOLLGATE_TEST_POSTGRES` is set, a real PostgreSQL database.
 
 use std::sync::Arc;
 
 use super::*;
-use crate::config::Synchronous;
+use crate::{
+    config::{PoolSettings, Synchronous},
+    testing::{Backend, TestDb},
+};
 
-async fn store() -> (tempfile::TempDir, Arc<SqliteStore>) {
+/// Keeps a test's database (and its directory) alive.
+struct Place {
+    db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+async fn store() -> (Place, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let store = SqliteStore::connect(&url, Synchronous::Normal)
-        .await
-        .expect("connect");
-    (dir, Arc::new(store))
+    let db = TestDb::fresh(dir.path());
+    let store: Arc<dyn Store> = match crate::testing::current() {
+        Backend::Sqlite => Arc::new(
+            SqliteStore::connect(&format!("sqlite://{}", db.url), Synchronous::Normal)
+                .await
+                .expect("connect"),
+        ),
+        Backend::Postgres => Arc::new(
+            PgStore::connect(&db.url, &PoolSettings::default())
+                .await
+                .expect("connect"),
+        ),
+    };
+    (Place { db, _dir: dir }, store)
 }
 
 fn usd() -> Currency {
@@ -38,7 +57,7 @@ fn hold_request(id: &str, wallet: &str, amount: &str) -> HoldRequest {
     }
 }
 
-async fn available(store: &SqliteStore, wallet: &str) -> Units {
+async fn available(store: &dyn Store, wallet: &str) -> Units {
     store
         .balances(wallet)
         .await
@@ -47,109 +66,113 @@ async fn available(store: &SqliteStore, wallet: &str) -> Units {
         .map_or(Units(0), |b| b.available)
 }
 
-async fn assert_sound(store: &SqliteStore) {
+async fn assert_sound(store: &dyn Store) {
     let report = store.verify(now_ms()).await.expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
-#[tokio::test]
-async fn hold_capture_release_move_exactly_the_right_amounts() {
-    let (_dir, store) = store().await;
-    store
-        .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-        .await
-        .unwrap();
-
-    assert_eq!(
-        store.hold(&hold_request("h1", "w", "0.30")).await.unwrap(),
-        HoldOutcome::Held
-    );
-    let b = &store.balances("w").await.unwrap()[0];
-    assert_eq!(
-        (b.balance, b.held, b.available),
-        (units("1.00"), units("0.30"), units("0.70"))
-    );
-
-    // A capture may take less than the hold, never more.
-    let err = store
-        .capture("h1", units("0.31"), &revenue())
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("above the hold"), "{err}");
-    store
-        .capture("h1", units("0.25"), &revenue())
-        .await
-        .unwrap();
-    assert_eq!(available(&store, "w").await, units("0.75"));
-
-    // A hold ends exactly once.
-    assert!(matches!(
-        store.release("h1").await,
-        Err(StoreError::WrongState { .. })
-    ));
-    assert!(matches!(
-        store.capture("h1", units("0.01"), &revenue()).await,
-        Err(StoreError::WrongState { .. })
-    ));
-    assert!(matches!(
-        store.release("nope").await,
-        Err(StoreError::NotFound(_))
-    ));
-
-    store.hold(&hold_request("h2", "w", "0.75")).await.unwrap();
-    assert_eq!(available(&store, "w").await, Units(0));
-    assert_eq!(
-        store.hold(&hold_request("h3", "w", "0.01")).await.unwrap(),
-        HoldOutcome::Insufficient
-    );
-    store.release("h2").await.unwrap();
-    assert_eq!(available(&store, "w").await, units("0.75"));
-    assert_eq!(
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn hold_capture_release_move_exactly_the_right_amounts() {
+        let (_dir, store) = store().await;
         store
-            .hold(&hold_request("h4", "nobody", "0.01"))
+            .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
             .await
-            .unwrap(),
-        HoldOutcome::Insufficient
-    );
+            .unwrap();
 
-    let lines = store.statement("w").await.unwrap();
-    let amounts: Vec<(String, i64)> = lines.iter().map(|l| (l.kind.clone(), l.amount)).collect();
-    assert_eq!(
-        amounts,
-        [("topup".into(), 1_000_000), ("capture".into(), -250_000)]
-    );
-    assert_eq!(lines[1].payment_id.as_deref(), Some("h1"));
-    assert_sound(&store).await;
+        assert_eq!(
+            store.hold(&hold_request("h1", "w", "0.30")).await.unwrap(),
+            HoldOutcome::Held
+        );
+        let b = &store.balances("w").await.unwrap()[0];
+        assert_eq!(
+            (b.balance, b.held, b.available),
+            (units("1.00"), units("0.30"), units("0.70"))
+        );
+
+        // A capture may take less than the hold, never more.
+        let err = store
+            .capture("h1", units("0.31"), &revenue())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("above the hold"), "{err}");
+        store
+            .capture("h1", units("0.25"), &revenue())
+            .await
+            .unwrap();
+        assert_eq!(available(&*store, "w").await, units("0.75"));
+
+        // A hold ends exactly once.
+        assert!(matches!(
+            store.release("h1").await,
+            Err(StoreError::WrongState { .. })
+        ));
+        assert!(matches!(
+            store.capture("h1", units("0.01"), &revenue()).await,
+            Err(StoreError::WrongState { .. })
+        ));
+        assert!(matches!(
+            store.release("nope").await,
+            Err(StoreError::NotFound(_))
+        ));
+
+        store.hold(&hold_request("h2", "w", "0.75")).await.unwrap();
+        assert_eq!(available(&*store, "w").await, Units(0));
+        assert_eq!(
+            store.hold(&hold_request("h3", "w", "0.01")).await.unwrap(),
+            HoldOutcome::Insufficient
+        );
+        store.release("h2").await.unwrap();
+        assert_eq!(available(&*store, "w").await, units("0.75"));
+        assert_eq!(
+            store
+                .hold(&hold_request("h4", "nobody", "0.01"))
+                .await
+                .unwrap(),
+            HoldOutcome::Insufficient
+        );
+
+        let lines = store.statement("w").await.unwrap();
+        let amounts: Vec<(String, i64)> = lines.iter().map(|l| (l.kind.clone(), l.amount)).collect();
+        assert_eq!(
+            amounts,
+            [("topup".into(), 1_000_000), ("capture".into(), -250_000)]
+        );
+        assert_eq!(lines[1].payment_id.as_deref(), Some("h1"));
+        assert_sound(&*store).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_holds_never_overdraw() {
-    let (_dir, store) = store().await;
-    store
-        .topup(&AccountRef::wallet("w", &usd()), units("0.20"), None)
-        .await
-        .unwrap();
-    let tasks: Vec<_> = (0..64)
-        .map(|i| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let id = format!("h{i}");
-                let held =
-                    store.hold(&hold_request(&id, "w", "0.01")).await.unwrap() == HoldOutcome::Held;
-                if held {
-                    store.capture(&id, units("0.01"), &revenue()).await.unwrap();
-                }
-                held
+crate::on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_holds_never_overdraw() {
+        let (_dir, store) = store().await;
+        store
+            .topup(&AccountRef::wallet("w", &usd()), units("0.20"), None)
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let id = format!("h{i}");
+                    let held =
+                        store.hold(&hold_request(&id, "w", "0.01")).await.unwrap() == HoldOutcome::Held;
+                    if held {
+                        store.capture(&id, units("0.01"), &revenue()).await.unwrap();
+                    }
+                    held
+                })
             })
-        })
-        .collect();
-    let mut charged = 0;
-    for t in tasks {
-        charged += usize::from(t.await.unwrap());
+            .collect();
+        let mut charged = 0;
+        for t in tasks {
+            charged += usize::from(t.await.unwrap());
+        }
+        assert_eq!(charged, 20);
+        assert_eq!(available(&*store, "w").await, Units(0));
+        assert_sound(&*store).await;
     }
-    assert_eq!(charged, 20);
-    assert_eq!(available(&store, "w").await, Units(0));
-    assert_sound(&store).await;
 }
 
 fn intent(id: &str) -> Intent {
@@ -197,234 +220,238 @@ fn outcome(id: &str, succeeded: bool) -> IntentOutcome {
     }
 }
 
-#[tokio::test]
-async fn intents_move_only_along_their_state_machine() {
-    let (_dir, store) = store().await;
-    store
-        .topup(&AccountRef::wallet("payer", &usd()), units("1.00"), None)
-        .await
-        .unwrap();
-    for id in ["a", "b"] {
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn intents_move_only_along_their_state_machine() {
+        let (_dir, store) = store().await;
         store
-            .create_session(&session(id, now_ms() + 60_000))
+            .topup(&AccountRef::wallet("payer", &usd()), units("1.00"), None)
             .await
             .unwrap();
-        store.create_intent(&intent(id)).await.unwrap();
-    }
+        for id in ["a", "b"] {
+            store
+                .create_session(&session(id, now_ms() + 60_000))
+                .await
+                .unwrap();
+            store.create_intent(&intent(id)).await.unwrap();
+        }
 
-    // Cannot run or finish before being paid.
-    assert!(
-        !store
-            .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
-            .await
-            .unwrap()
-    );
-    assert!(store.finish_intent(&outcome("a", true)).await.is_err());
+        // Cannot run or finish before being paid.
+        assert!(
+            !store
+                .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
+                .await
+                .unwrap()
+        );
+        assert!(store.finish_intent(&outcome("a", true)).await.is_err());
 
-    let refund_to = AccountRef::wallet("payer", &usd());
-    store
-        .pay_session("a", Some("payer"), now_ms())
-        .await
-        .unwrap();
-    assert_eq!(available(&store, "payer").await, units("0.95"));
-    assert!(
+        let refund_to = AccountRef::wallet("payer", &usd());
         store
-            .mark_intent_paid(
-                "a",
-                &Funding::InClearing {
-                    refund_to: Some(refund_to.clone())
-                }
-            )
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .mark_intent_paid(
-                "a",
-                &Funding::InClearing {
-                    refund_to: Some(refund_to.clone())
-                }
-            )
-            .await
-            .unwrap(),
-        "paid once"
-    );
-    assert!(
-        store
-            .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
-            .await
-            .unwrap(),
-        "runs once"
-    );
-    store.finish_intent(&outcome("a", true)).await.unwrap();
-    assert!(
-        store.finish_intent(&outcome("a", true)).await.is_err(),
-        "finishes once"
-    );
-    assert_eq!(
-        store.intent("a").await.unwrap().unwrap().status,
-        IntentStatus::Succeeded
-    );
-    assert!(store.stored_result("a").await.unwrap().is_some());
-
-    // A failed run is refunded to whoever paid.
-    store
-        .pay_session("b", Some("payer"), now_ms())
-        .await
-        .unwrap();
-    store
-        .mark_intent_paid(
-            "b",
-            &Funding::InClearing {
-                refund_to: Some(refund_to.clone()),
-            },
-        )
-        .await
-        .unwrap();
-    store
-        .transition_intent("b", IntentStatus::Paid, IntentStatus::Running)
-        .await
-        .unwrap();
-    store.finish_intent(&outcome("b", false)).await.unwrap();
-    assert_eq!(available(&store, "payer").await, units("0.95"));
-    let kinds: Vec<String> = store
-        .statement("payer")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|l| l.kind)
-        .collect();
-    assert_eq!(
-        kinds,
-        ["topup", "session_payment", "session_payment", "refund"]
-    );
-    assert_sound(&store).await;
-}
-
-#[tokio::test]
-async fn sessions_refuse_bad_payments_without_changing_anything() {
-    let (_dir, store) = store().await;
-    store
-        .topup(&AccountRef::wallet("poor", &usd()), units("0.01"), None)
-        .await
-        .unwrap();
-    store
-        .create_session(&session("s", now_ms() + 60_000))
-        .await
-        .unwrap();
-
-    let err = store
-        .pay_session("s", Some("poor"), now_ms())
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::InsufficientFunds { .. }), "{err}");
-    assert_eq!(
-        store.session("s").await.unwrap().unwrap().status,
-        SessionStatus::Pending
-    );
-    assert_eq!(available(&store, "poor").await, units("0.01"));
-    assert!(matches!(
-        store.pay_session("missing", None, now_ms()).await,
-        Err(StoreError::NotFound(_))
-    ));
-
-    store.pay_session("s", None, now_ms()).await.unwrap();
-    assert!(matches!(
-        store.pay_session("s", None, now_ms()).await,
-        Err(StoreError::WrongState { .. })
-    ));
-    assert!(
-        !store
-            .end_session("s", SessionStatus::Cancelled)
-            .await
-            .unwrap(),
-        "paid stays paid"
-    );
-
-    store
-        .create_session(&session("late", now_ms() - 1))
-        .await
-        .unwrap();
-    let err = store.pay_session("late", None, now_ms()).await.unwrap_err();
-    assert!(err.to_string().contains("expired"), "{err}");
-    assert_eq!(
-        store.session("late").await.unwrap().unwrap().status,
-        SessionStatus::Expired
-    );
-    assert_sound(&store).await;
-}
-
-#[tokio::test]
-async fn the_sweep_expires_what_is_past_its_time_and_nothing_else() {
-    let (_dir, store) = store().await;
-    store
-        .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-        .await
-        .unwrap();
-    let mut stale = hold_request("stale", "w", "0.40");
-    stale.expires_at = now_ms() - 1;
-    store.hold(&stale).await.unwrap();
-    store
-        .hold(&hold_request("fresh", "w", "0.10"))
-        .await
-        .unwrap();
-    assert!(
-        !store.verify(now_ms()).await.unwrap().problems.is_empty(),
-        "a stale hold is a problem"
-    );
-
-    // An expired intent whose session was paid in time is kept for its caller.
-    for id in ["unpaid", "paid"] {
-        store
-            .create_session(&session(id, now_ms() + 60_000))
+            .pay_session("a", Some("payer"), now_ms())
             .await
             .unwrap();
-        let mut i = intent(id);
-        i.expires_at = now_ms() - 1;
-        store.create_intent(&i).await.unwrap();
-    }
-    store.pay_session("paid", None, now_ms()).await.unwrap();
+        assert_eq!(available(&*store, "payer").await, units("0.95"));
+        assert!(
+            store
+                .mark_intent_paid(
+                    "a",
+                    &Funding::InClearing {
+                        refund_to: Some(refund_to.clone())
+                    }
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .mark_intent_paid(
+                    "a",
+                    &Funding::InClearing {
+                        refund_to: Some(refund_to.clone())
+                    }
+                )
+                .await
+                .unwrap(),
+            "paid once"
+        );
+        assert!(
+            store
+                .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
+                .await
+                .unwrap(),
+            "runs once"
+        );
+        store.finish_intent(&outcome("a", true)).await.unwrap();
+        assert!(
+            store.finish_intent(&outcome("a", true)).await.is_err(),
+            "finishes once"
+        );
+        assert_eq!(
+            store.intent("a").await.unwrap().unwrap().status,
+            IntentStatus::Succeeded
+        );
+        assert!(store.stored_result("a").await.unwrap().is_some());
 
-    assert_eq!(store.sweep_expired(now_ms()).await.unwrap(), 1);
-    assert_eq!(available(&store, "w").await, units("0.90"));
-    assert_eq!(
-        store.intent("unpaid").await.unwrap().unwrap().status,
-        IntentStatus::Expired
-    );
-    assert_eq!(
-        store.intent("paid").await.unwrap().unwrap().status,
-        IntentStatus::AwaitingPayment
-    );
-    assert_eq!(
-        store.sweep_expired(now_ms()).await.unwrap(),
-        0,
-        "each expiry happens once"
-    );
-    store.release("fresh").await.unwrap();
-    assert_sound(&store).await;
+        // A failed run is refunded to whoever paid.
+        store
+            .pay_session("b", Some("payer"), now_ms())
+            .await
+            .unwrap();
+        store
+            .mark_intent_paid(
+                "b",
+                &Funding::InClearing {
+                    refund_to: Some(refund_to.clone()),
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .transition_intent("b", IntentStatus::Paid, IntentStatus::Running)
+            .await
+            .unwrap();
+        store.finish_intent(&outcome("b", false)).await.unwrap();
+        assert_eq!(available(&*store, "payer").await, units("0.95"));
+        let kinds: Vec<String> = store
+            .statement("payer")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            ["topup", "session_payment", "session_payment", "refund"]
+        );
+        assert_sound(&*store).await;
+    }
 }
 
-#[tokio::test]
-async fn ledger_entries_cannot_be_rewritten() {
-    let (_dir, store) = store().await;
-    store
-        .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-        .await
-        .unwrap();
-    let update = sqlx::query("UPDATE ledger_entries SET amount = 0")
-        .execute(store.pool())
-        .await;
-    assert!(update.unwrap_err().to_string().contains("never updated"));
-    let delete = sqlx::query("DELETE FROM ledger_entries")
-        .execute(store.pool())
-        .await;
-    assert!(delete.unwrap_err().to_string().contains("never deleted"));
-    assert_sound(&store).await;
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn sessions_refuse_bad_payments_without_changing_anything() {
+        let (_dir, store) = store().await;
+        store
+            .topup(&AccountRef::wallet("poor", &usd()), units("0.01"), None)
+            .await
+            .unwrap();
+        store
+            .create_session(&session("s", now_ms() + 60_000))
+            .await
+            .unwrap();
+
+        let err = store
+            .pay_session("s", Some("poor"), now_ms())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::InsufficientFunds { .. }), "{err}");
+        assert_eq!(
+            store.session("s").await.unwrap().unwrap().status,
+            SessionStatus::Pending
+        );
+        assert_eq!(available(&*store, "poor").await, units("0.01"));
+        assert!(matches!(
+            store.pay_session("missing", None, now_ms()).await,
+            Err(StoreError::NotFound(_))
+        ));
+
+        store.pay_session("s", None, now_ms()).await.unwrap();
+        assert!(matches!(
+            store.pay_session("s", None, now_ms()).await,
+            Err(StoreError::WrongState { .. })
+        ));
+        assert!(
+            !store
+                .end_session("s", SessionStatus::Cancelled)
+                .await
+                .unwrap(),
+            "paid stays paid"
+        );
+
+        store
+            .create_session(&session("late", now_ms() - 1))
+            .await
+            .unwrap();
+        let err = store.pay_session("late", None, now_ms()).await.unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert_eq!(
+            store.session("late").await.unwrap().unwrap().status,
+            SessionStatus::Expired
+        );
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn the_sweep_expires_what_is_past_its_time_and_nothing_else() {
+        let (_dir, store) = store().await;
+        store
+            .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
+            .await
+            .unwrap();
+        let mut stale = hold_request("stale", "w", "0.40");
+        stale.expires_at = now_ms() - 1;
+        store.hold(&stale).await.unwrap();
+        store
+            .hold(&hold_request("fresh", "w", "0.10"))
+            .await
+            .unwrap();
+        assert!(
+            !store.verify(now_ms()).await.unwrap().problems.is_empty(),
+            "a stale hold is a problem"
+        );
+
+        // An expired intent whose session was paid in time is kept for its caller.
+        for id in ["unpaid", "paid"] {
+            store
+                .create_session(&session(id, now_ms() + 60_000))
+                .await
+                .unwrap();
+            let mut i = intent(id);
+            i.expires_at = now_ms() - 1;
+            store.create_intent(&i).await.unwrap();
+        }
+        store.pay_session("paid", None, now_ms()).await.unwrap();
+
+        assert_eq!(store.sweep_expired(now_ms()).await.unwrap(), 1);
+        assert_eq!(available(&*store, "w").await, units("0.90"));
+        assert_eq!(
+            store.intent("unpaid").await.unwrap().unwrap().status,
+            IntentStatus::Expired
+        );
+        assert_eq!(
+            store.intent("paid").await.unwrap().unwrap().status,
+            IntentStatus::AwaitingPayment
+        );
+        assert_eq!(
+            store.sweep_expired(now_ms()).await.unwrap(),
+            0,
+            "each expiry happens once"
+        );
+        store.release("fresh").await.unwrap();
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn ledger_entries_cannot_be_rewritten() {
+        let (place, store) = store().await;
+        store
+            .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
+            .await
+            .unwrap();
+        let update = crate::testing::execute(&place.db.url, "UPDATE ledger_entries SET amount = 0").await;
+        assert!(update.unwrap_err().to_string().contains("never updated"));
+        let delete = crate::testing::execute(&place.db.url, "DELETE FROM ledger_entries").await;
+        assert!(delete.unwrap_err().to_string().contains("never deleted"));
+        assert_sound(&*store).await;
+    }
 }

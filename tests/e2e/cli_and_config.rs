@@ -95,7 +95,9 @@ on_both_backends! {
 }
 
 async fn corrupt(env: &Env, sql: &str) {
-    crate::backend::execute(&env.db, sql).await;
+    tollgate::testing::execute(&env.db, sql)
+        .await
+        .expect("corrupt the database");
 }
 
 on_both_backends! {

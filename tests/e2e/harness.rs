@@ -11,11 +11,15 @@ use rmcp::{
     RoleClient, ServiceExt,
     model::{CallToolRequestParams, CallToolResult, JsonObject},
     service::RunningService,
-    transport::{ConfigureCommandExt, TokioChildProcess},
+    transport::{
+        ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess,
+        streamable_http_client::StreamableHttpClientTransportConfig,
+    },
 };
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::backend::TestDb;
+use tollgate::testing::TestDb;
 
 pub type Client = RunningService<RoleClient, ()>;
 
@@ -127,6 +131,41 @@ impl Env {
         ().serve(transport).await.expect("initialize")
     }
 
+    /// `tollgate serve --http` on a free loopback port, as a real process
+    /// on this environment's config and store.
+    pub async fn serve_http(&self) -> Served {
+        let mut child = self
+            .command()
+            .args(["serve", "--http", "127.0.0.1:0"])
+            .env("TOLLGATE_LOG", "tollgate=info")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tollgate serve --http");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let base = loop {
+            let line = stderr
+                .next_line()
+                .await
+                .expect("read")
+                .expect("server exited early");
+            if let Some(url) = line.strip_prefix("listening on ") {
+                break url.to_owned();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+        Served { child, base }
+    }
+
+    /// An API key with the `mcp` scope for `principal`, made with the CLI.
+    pub async fn mcp_key(&self, principal: &str) -> String {
+        self.ok(&["keys", "create", "--principal", principal, "--scope", "mcp"])
+            .await
+            .trim()
+            .to_owned()
+    }
+
     pub async fn topup(&self, wallet: &str, amount: &str) {
         self.ok(&["wallet", "topup", wallet, amount]).await;
     }
@@ -164,6 +203,24 @@ impl Env {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// A `tollgate serve --http` process (killed when dropped).
+pub struct Served {
+    pub child: tokio::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+}
+
+impl Served {
+    /// An MCP client over streamable HTTP, calling with `key`.
+    pub async fn mcp(&self, key: &str) -> Client {
+        let transport = StreamableHttpClientTransport::from_config(
+            StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", self.base))
+                .auth_header(key.to_owned()),
+        );
+        ().serve(transport).await.expect("MCP over HTTP")
     }
 }
 

@@ -13,7 +13,7 @@ use rmcp::{
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-use tollgate::{app, gate::Gate, http::HttpState};
+use tollgate::{app, config::Config, gate::Gate, http::HttpState};
 
 use crate::{
     harness::{Env, args, echo_args, error_code, payment_meta, structured, text},
@@ -36,24 +36,15 @@ impl Drop for HttpServer {
 impl HttpServer {
     pub async fn start(pricing_text: &str) -> Self {
         let env = Env::with_pricing(pricing_text);
-        let mut config = config_for(&env, pricing_text);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        config.http.listen = addr.to_string();
+        let config = config_for(&env, pricing_text);
         let store = app::open_store(&config.store_url, &config)
             .await
             .expect("store");
         let gate = app::build_gate(&config, store).await.expect("gate");
-        let state = Arc::new(HttpState::new(&config, gate.clone()));
-        let shutdown = CancellationToken::new();
-        let http = config.http.clone();
-        let ct = shutdown.clone();
-        tokio::spawn(async move { tollgate::http::serve(listener, state, &http, ct).await });
+        let (base, shutdown) = serve_gate(config, gate.clone()).await;
         Self {
             env,
-            base: format!("http://{addr}"),
+            base,
             gate,
             shutdown,
         }
@@ -89,6 +80,21 @@ impl HttpServer {
     }
 }
 
+/// Serves `gate` over loopback HTTP, on a free port, until the token is
+/// cancelled; returns its base URL.
+pub async fn serve_gate(mut config: Config, gate: Arc<Gate>) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    config.http.listen = addr.to_string();
+    let state = Arc::new(HttpState::new(&config, gate));
+    let shutdown = CancellationToken::new();
+    let ct = shutdown.clone();
+    tokio::spawn(async move { tollgate::http::serve(listener, state, &config.http, ct).await });
+    (format!("http://{addr}"), shutdown)
+}
+
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -118,7 +124,7 @@ fn csrf_of(html: &str) -> String {
         .to_owned()
 }
 
-async fn checkout_post(base: &str, id: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+pub async fn checkout_post(base: &str, id: &str, fields: &[(&str, &str)]) -> reqwest::Response {
     let page = http()
         .get(format!("{base}/checkout/{id}"))
         .send()

@@ -3,7 +3,8 @@
 //! is set, again on a PostgreSQL database per test (see `backend`).
 
 #[macro_use]
-mod backend;
+extern crate tollgate;
+
 mod browser;
 mod harness;
 mod http_service;
@@ -15,6 +16,7 @@ mod concurrency;
 mod fast_path;
 mod listing;
 mod modes;
+mod scale_out;
 mod shutdown;
 mod slow_path;
 mod upstreams;

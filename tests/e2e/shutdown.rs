@@ -4,16 +4,11 @@
 use std::time::Duration;
 
 use rmcp::{
-    ServiceExt,
     model::{CallToolRequestParams, ClientRequest, Request},
     service::PeerRequestOptions,
-    transport::{
-        StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
-    },
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::harness::{EXE, Env, args, echo_args};
+use crate::harness::{Env, args, echo_args};
 
 on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,47 +17,11 @@ on_both_backends! {
             .replace("price = \"0.01\"", "price = \"0.01\"\nmode = \"resubmit\"");
         let env = Env::with_pricing(&pricing);
         env.topup("hal", "1.00").await;
-        let key = env
-            .ok(&["keys", "create", "--principal", "hal", "--scope", "mcp"])
-            .await
-            .trim()
-            .to_owned();
-        let anon_key = env
-            .ok(&["keys", "create", "--principal", "ivy", "--scope", "mcp"])
-            .await
-            .trim()
-            .to_owned();
+        let key = env.mcp_key("hal").await;
+        let anon_key = env.mcp_key("ivy").await;
 
-        let mut child = tokio::process::Command::new(EXE)
-            .args(["serve", "--http", "127.0.0.1:0"])
-            .env("TOLLGATE_CONFIG", &env.config)
-            .env("TOLLGATE_DB", &env.db)
-            .env("TOLLGATE_RECEIPT_KEY", &env.key)
-            .env("TOLLGATE_LOG", "tollgate=info")
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn");
-        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let base = loop {
-            let line = stderr
-                .next_line()
-                .await
-                .expect("read")
-                .expect("server exited early");
-            if let Some(url) = line.strip_prefix("listening on ") {
-                break url.to_owned();
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
-
-        let connect = |key: String| {
-            let transport = StreamableHttpClientTransport::from_config(
-                StreamableHttpClientTransportConfig::with_uri(format!("{base}/mcp")).auth_header(key),
-            );
-            ().serve(transport)
-        };
-        let paying = connect(key).await.expect("connect");
+        let mut served = env.serve_http().await;
+        let paying = served.mcp(&key).await;
         let r = paying
             .call_tool(CallToolRequestParams::new("echo").with_arguments(args(echo_args("before"))))
             .await
@@ -70,7 +29,7 @@ on_both_backends! {
         assert_eq!(crate::harness::payment_meta(&r)["status"], "paid");
 
         // A progress-mode call waiting for a payment when the signal comes.
-        let waiting = connect(anon_key).await.expect("connect");
+        let waiting = served.mcp(&anon_key).await;
         let _in_flight = waiting
             .send_cancellable_request(
                 ClientRequest::CallToolRequest(Request::new(
@@ -83,13 +42,13 @@ on_both_backends! {
             .expect("send");
         tokio::time::sleep(Duration::from_millis(300)).await;
 
-        let pid = child.id().expect("pid").to_string();
+        let pid = served.child.id().expect("pid").to_string();
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("kill");
         assert!(status.success());
-        let exited = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+        let exited = tokio::time::timeout(Duration::from_secs(15), served.child.wait()).await;
         let exit = exited
             .expect("stopped within the grace period")
             .expect("wait");

@@ -22,7 +22,7 @@ use fast_writes::{FastWrite, FastWriter};
 use super::{
     posting::{
         Settlement, TxnHeader, check_balanced, clearing, dev_settlement, external_payment_audit,
-        session_payment_audit, topup_audit, topups,
+        session_payment_audit, settled_capture, topup_audit, topups,
     },
     rows,
     sql::*,
@@ -277,14 +277,11 @@ impl Store for SqliteStore {
         if captured {
             return Ok(Posted { txn_id, at });
         }
-        let held: Option<i64> = sqlx::query_scalar(OPEN_HOLD_AMOUNT)
+        let hold = sqlx::query(HOLD)
             .bind(hold_id)
             .fetch_optional(&self.pool)
             .await?;
-        Err(match held {
-            Some(held) => StoreError::capture_above_hold(amount, held),
-            None => self.hold_state(hold_id).await?,
-        })
+        settled_capture(hold_id, hold.as_ref(), amount, beneficiary_id)
     }
 
     async fn release(&self, hold_id: &str) -> Result<(), StoreError> {

@@ -1,8 +1,9 @@
-//! The store a test runs on. Every end-to-end test wrapped in
-//! [`on_both_backends!`] runs twice: on a SQLite file, and on a fresh
-//! PostgreSQL database of its own (created on the server named by
-//! `TOLLGATE_TEST_POSTGRES`, dropped when the test ends). Without that
-//! variable the PostgreSQL runs show as ignored, with the reason.
+//! Test support (not part of the API): the store a test runs on. Every test
+//! wrapped in [`on_both_backends!`](crate::on_both_backends) runs twice: on
+//! a SQLite file, and on a fresh PostgreSQL database of its own (created on
+//! the server named by `TOLLGATE_TEST_POSTGRES`, dropped when the test
+//! ends). Without that variable the PostgreSQL runs show as ignored, with
+//! the reason (the build script sets `cfg(tollgate_pg)` when it is set).
 
 use std::{cell::Cell, path::Path};
 
@@ -30,6 +31,7 @@ pub fn current() -> Backend {
 
 /// Generates, for each test function, a module of the same name holding a
 /// `sqlite` and a `postgres` test with the same body.
+#[macro_export]
 macro_rules! on_both_backends {
     ($( $(#[$attr:meta])* async fn $name:ident() $body:block )*) => {$(
         mod $name {
@@ -38,7 +40,7 @@ macro_rules! on_both_backends {
 
             $(#[$attr])*
             async fn sqlite() {
-                $crate::backend::select($crate::backend::Backend::Sqlite);
+                $crate::testing::select($crate::testing::Backend::Sqlite);
                 $body
             }
 
@@ -48,7 +50,7 @@ macro_rules! on_both_backends {
                 ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
             )]
             async fn postgres() {
-                $crate::backend::select($crate::backend::Backend::Postgres);
+                $crate::testing::select($crate::testing::Backend::Postgres);
                 $body
             }
         }
@@ -90,9 +92,16 @@ impl Drop for TestDb {
     }
 }
 
-fn server_url() -> String {
+/// The PostgreSQL server the tests use (`TOLLGATE_TEST_POSTGRES`).
+pub fn server_url() -> String {
     std::env::var("TOLLGATE_TEST_POSTGRES")
         .expect("TOLLGATE_TEST_POSTGRES must name a PostgreSQL server for the postgres tests")
+}
+
+/// The database name at the end of a PostgreSQL URL.
+pub fn database_name(url: &str) -> &str {
+    let base = url.split('?').next().unwrap_or(url);
+    base.rsplit('/').next().unwrap_or(base)
 }
 
 /// `url` with its database name replaced by `name`.
@@ -138,17 +147,22 @@ fn admin(sql: String) {
 }
 
 /// Runs SQL straight on a test's database, behind tollgate's back (to
-/// corrupt it on purpose, or to look at it).
-pub async fn execute(url: &str, sql: &str) {
+/// corrupt it on purpose, or to look at it). Returns the rows it changed.
+pub async fn execute(url: &str, sql: &str) -> Result<u64, sqlx::Error> {
     if url.starts_with("postgres") {
-        let mut conn = sqlx::PgConnection::connect(url).await.expect("open db");
-        sqlx::query(sql).execute(&mut conn).await.expect("execute");
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let done = sqlx::query(sql).execute(&mut conn).await;
         conn.close().await.ok();
+        Ok(done?.rows_affected())
     } else {
-        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{url}"))
-            .await
-            .expect("open db");
-        sqlx::query(sql).execute(&mut conn).await.expect("execute");
+        let url = if url.starts_with("sqlite:") {
+            url.to_owned()
+        } else {
+            format!("sqlite://{url}")
+        };
+        let mut conn = sqlx::SqliteConnection::connect(&url).await?;
+        let done = sqlx::query(sql).execute(&mut conn).await;
         conn.close().await.ok();
+        Ok(done?.rows_affected())
     }
 }

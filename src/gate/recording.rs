@@ -1,0 +1,61 @@
+//! Writes that must land after a tool has run: the fast path's capture and
+//! a paid intent's stored result. A tool's work cannot be taken back, so
+//! when the payment system is briefly unreachable (a database restart, a
+//! dropped connection) these are tried again for a while rather than given
+//! up at the first error. Both are safe to repeat: a capture of a hold
+//! already captured the same way answers with that capture, and an intent
+//! leaves `running` once only.
+
+use std::{future::Future, time::Duration};
+
+use crate::store::StoreError;
+
+/// How long a write after a run keeps trying.
+const PATIENCE: Duration = Duration::from_secs(20);
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs `write` until it lands, fails for a reason other than the payment
+/// system being unreachable, or [`PATIENCE`] runs out. `Retried(e)` says a
+/// later attempt failed after an earlier one may have landed unseen.
+pub(super) async fn until_recorded<T, F, Fut>(what: &str, mut write: F) -> Result<T, Unrecorded>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut pause = FIRST_PAUSE;
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Ok(done) => return Ok(done),
+            Err(e @ StoreError::Unavailable(_))
+                if tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::warn!("{what}: payment system unavailable ({e}); trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+                attempt += 1;
+            }
+            Err(e) if attempt > 1 => return Err(Unrecorded::Retried(e)),
+            Err(e) => return Err(Unrecorded::Refused(e)),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum Unrecorded {
+    /// The first attempt failed, and nothing was written.
+    Refused(StoreError),
+    /// An attempt after an unreachable one failed: the unreachable one may
+    /// have landed (its answer was lost).
+    Retried(StoreError),
+}
+
+impl std::fmt::Display for Unrecorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unrecorded::Refused(e) | Unrecorded::Retried(e) => e.fmt(f),
+        }
+    }
+}
