@@ -18,19 +18,18 @@ struct Place {
 async fn store() -> (Place, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = TestDb::fresh(dir.path());
-    let store: Arc<dyn Store> = match crate::testing::current() {
-        Backend::Sqlite => Arc::new(
-            SqliteStore::connect(&format!("sqlite://{}", db.url), Synchronous::Normal)
-                .await
-                .expect("connect"),
-        ),
-        Backend::Postgres => Arc::new(
-            PgStore::connect(&db.url, &PoolSettings::default())
-                .await
-                .expect("connect"),
-        ),
-    };
+    let store = open(&db.url).await.expect("connect");
     (Place { db, _dir: dir }, store)
+}
+
+/// Another store on the same database, as another server instance has.
+async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match crate::testing::current() {
+        Backend::Sqlite => {
+            Arc::new(SqliteStore::connect(&format!("sqlite://{url}"), Synchronous::Normal).await?)
+        }
+        Backend::Postgres => Arc::new(PgStore::connect(url, &PoolSettings::default()).await?),
+    })
 }
 
 fn usd() -> Currency {
@@ -453,5 +452,80 @@ crate::on_both_backends! {
         let delete = crate::testing::execute(&place.db.url, "DELETE FROM ledger_entries").await;
         assert!(delete.unwrap_err().to_string().contains("never deleted"));
         assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn instances_starting_at_once_share_one_migrated_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = TestDb::fresh(dir.path());
+        let (a, b) = tokio::join!(open(&db.url), open(&db.url));
+        let (a, b) = (a.expect("first instance"), b.expect("second instance"));
+        a.topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
+            .await
+            .unwrap();
+        assert_eq!(available(&*b, "w").await, units("1.00"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_brand_new_wallet_charged_from_two_instances_never_overdraws() {
+        let (place, a) = store().await;
+        let b = open(&place.db.url).await.expect("second instance");
+        // The wallet does not exist yet: its top-up races its first holds.
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                if i == 5 {
+                    store
+                        .topup(&AccountRef::wallet("new", &usd()), units("0.10"), None)
+                        .await
+                        .unwrap();
+                    return false;
+                }
+                let held = store
+                    .hold(&hold_request(&format!("h{i}"), "new", "0.01"))
+                    .await
+                    .unwrap();
+                held == HoldOutcome::Held
+            }));
+        }
+        let mut held = 0;
+        for task in tasks {
+            held += usize::from(task.await.unwrap());
+        }
+        assert!(held <= 10, "{held} holds of 0.01 on 0.10");
+        assert_eq!(
+            available(&*a, "new").await,
+            Units(units("0.10").0 - held as i64 * units("0.01").0)
+        );
+        assert_sound(&*a).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sweeps_on_every_instance_expire_each_hold_once() {
+        let (place, a) = store().await;
+        let b = open(&place.db.url).await.expect("second instance");
+        a.topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
+            .await
+            .unwrap();
+        for i in 0..40 {
+            let mut request = hold_request(&format!("h{i}"), "w", "0.01");
+            request.expires_at = now_ms() - 1;
+            assert_eq!(a.hold(&request).await.unwrap(), HoldOutcome::Held);
+        }
+        assert_eq!(available(&*a, "w").await, units("0.60"));
+        let sweeps = (0..8).map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { store.sweep_expired(now_ms()).await.unwrap() })
+        });
+        let mut expired = 0;
+        for sweep in sweeps {
+            expired += sweep.await.unwrap();
+        }
+        assert_eq!(expired, 40, "each hold expired exactly once");
+        assert_eq!(available(&*b, "w").await, units("1.00"));
+        assert_sound(&*a).await;
     }
 }
