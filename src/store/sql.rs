@@ -103,3 +103,198 @@ pub(super) const STATS_INTENTS: &str =
     "SELECT status, COUNT(*) AS n FROM intents GROUP BY status ORDER BY status";
 pub(super) const STATS_REVENUE: &str = "SELECT COALESCE(tool, '-') AS tool, currency, CAST(SUM(amount) AS BIGINT) AS total
      FROM ledger_transactions WHERE kind = 'capture' GROUP BY tool, currency ORDER BY tool, currency";
+
+/// A parameter of a shared statement.
+pub(super) enum Param<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+    Flag(bool),
+}
+
+impl<'a> From<&'a str> for Param<'a> {
+    fn from(text: &'a str) -> Self {
+        Param::Text(Some(text))
+    }
+}
+impl<'a> From<&'a String> for Param<'a> {
+    fn from(text: &'a String) -> Self {
+        Param::Text(Some(text))
+    }
+}
+impl<'a> From<&'a Option<String>> for Param<'a> {
+    fn from(text: &'a Option<String>) -> Self {
+        Param::Text(text.as_deref())
+    }
+}
+impl From<i64> for Param<'_> {
+    fn from(n: i64) -> Self {
+        Param::Int(Some(n))
+    }
+}
+impl From<Option<i64>> for Param<'_> {
+    fn from(n: Option<i64>) -> Self {
+        Param::Int(n)
+    }
+}
+impl From<bool> for Param<'_> {
+    fn from(flag: bool) -> Self {
+        Param::Flag(flag)
+    }
+}
+
+/// A shared statement with its parameters, in `$N` order.
+pub(super) struct Statement<'a> {
+    pub sql: &'static str,
+    pub params: Vec<Param<'a>>,
+}
+
+macro_rules! statement {
+    ($sql:expr $(, $param:expr)* $(,)?) => {
+        Statement { sql: $sql, params: vec![$(Param::from($param)),*] }
+    };
+}
+
+/// Binds a statement's parameters, for either backend.
+pub(super) fn query<'q, DB>(
+    statement: Statement<'q>,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut query = sqlx::query(statement.sql);
+    for param in statement.params {
+        query = match param {
+            Param::Text(text) => query.bind(text),
+            Param::Int(n) => query.bind(n),
+            Param::Flag(flag) => query.bind(flag),
+        };
+    }
+    query
+}
+
+use super::{ApiKey, Intent, IntentStatus, LocalSession, SessionStatus, posting::TxnHeader};
+
+impl<'a> Statement<'a> {
+    pub(super) fn insert_transaction(header: &'a TxnHeader<'a>) -> Self {
+        let a = header.audit;
+        statement!(
+            INSERT_TRANSACTION,
+            &header.id,
+            header.kind,
+            header.currency.as_str(),
+            header.amount.0,
+            &a.payer,
+            &a.beneficiary,
+            &a.tool,
+            &a.intent_id,
+            &a.payment_id,
+            &a.memo,
+            header.at,
+        )
+    }
+
+    pub(super) fn insert_entry(txn_id: &'a str, account_id: i64, amount: i64, at: i64) -> Self {
+        statement!(INSERT_ENTRY, txn_id, account_id, amount, at)
+    }
+
+    pub(super) fn create_account(account: &'a super::AccountRef, at: i64) -> Self {
+        statement!(
+            CREATE_ACCOUNT,
+            account.kind.as_str(),
+            &account.name,
+            account.currency.as_str(),
+            at
+        )
+    }
+
+    pub(super) fn account_id(account: &'a super::AccountRef) -> Self {
+        statement!(
+            ACCOUNT_ID,
+            account.kind.as_str(),
+            &account.name,
+            account.currency.as_str()
+        )
+    }
+
+    pub(super) fn create_intent(intent: &'a Intent) -> Self {
+        statement!(
+            CREATE_INTENT,
+            &intent.id,
+            &intent.tool,
+            &intent.args_hash,
+            &intent.args_json,
+            intent.amount.0,
+            intent.currency.as_str(),
+            &intent.principal,
+            &intent.session_id,
+            &intent.mode,
+            intent.status.as_str(),
+            &intent.provider,
+            &intent.provider_session_id,
+            &intent.payment_url,
+            intent.created_at,
+            intent.expires_at,
+        )
+    }
+
+    pub(super) fn transition_intent(
+        id: &'a str,
+        from: IntentStatus,
+        to: IntentStatus,
+        at: i64,
+    ) -> Self {
+        statement!(TRANSITION_INTENT, id, from.as_str(), to.as_str(), at)
+    }
+
+    pub(super) fn finish_intent(outcome: &'a super::IntentOutcome) -> Self {
+        let status = if outcome.succeeded {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        statement!(FINISH_INTENT, &outcome.intent_id, status, outcome.at)
+    }
+
+    pub(super) fn store_result(outcome: &'a super::IntentOutcome) -> Self {
+        statement!(
+            STORE_RESULT,
+            &outcome.intent_id,
+            !outcome.succeeded,
+            &outcome.result_json,
+            outcome.at
+        )
+    }
+
+    pub(super) fn create_session(session: &'a LocalSession) -> Self {
+        statement!(
+            CREATE_SESSION,
+            &session.id,
+            session.amount.0,
+            session.currency.as_str(),
+            &session.description,
+            session.status.as_str(),
+            session.created_at,
+            session.expires_at,
+            &session.owner,
+        )
+    }
+
+    pub(super) fn end_session(id: &'a str, to: SessionStatus, at: i64) -> Self {
+        statement!(END_SESSION, id, to.as_str(), at)
+    }
+
+    pub(super) fn create_api_key(key: &'a ApiKey, scopes: &'a str) -> Self {
+        statement!(
+            CREATE_API_KEY,
+            &key.id,
+            &key.secret_hash,
+            &key.principal,
+            scopes,
+            &key.label,
+            key.created_at,
+        )
+    }
+}

@@ -36,12 +36,14 @@ impl Drop for HttpServer {
 impl HttpServer {
     pub async fn start(pricing_text: &str) -> Self {
         let env = Env::with_pricing(pricing_text);
-        let config = config_for(&env, pricing_text);
+        let mut config = config_for(&env, pricing_text);
+        // The gate's payment URLs point at the address it will listen on.
+        let listener = loopback_listener(&mut config).await;
         let store = app::open_store(&config.store_url, &config)
             .await
             .expect("store");
         let gate = app::build_gate(&config, store).await.expect("gate");
-        let (base, shutdown) = serve_gate(config, gate.clone()).await;
+        let (base, shutdown) = serve_on(listener, config, gate.clone());
         Self {
             env,
             base,
@@ -80,19 +82,34 @@ impl HttpServer {
     }
 }
 
-/// Serves `gate` over loopback HTTP, on a free port, until the token is
-/// cancelled; returns its base URL.
-pub async fn serve_gate(mut config: Config, gate: Arc<Gate>) -> (String, CancellationToken) {
+/// A free loopback port, noted in the config as where the service listens.
+async fn loopback_listener(config: &mut Config) -> tokio::net::TcpListener {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    config.http.listen = addr.to_string();
+    config.http.listen = listener.local_addr().expect("addr").to_string();
+    listener
+}
+
+/// Serves `gate` on `listener` until the token is cancelled; returns its
+/// base URL.
+fn serve_on(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    gate: Arc<Gate>,
+) -> (String, CancellationToken) {
+    let base = format!("http://{}", config.http.listen);
     let state = Arc::new(HttpState::new(&config, gate));
     let shutdown = CancellationToken::new();
     let ct = shutdown.clone();
     tokio::spawn(async move { tollgate::http::serve(listener, state, &config.http, ct).await });
-    (format!("http://{addr}"), shutdown)
+    (base, shutdown)
+}
+
+/// Serves an already built `gate` over loopback HTTP, on a free port.
+pub async fn serve_gate(mut config: Config, gate: Arc<Gate>) -> (String, CancellationToken) {
+    let listener = loopback_listener(&mut config).await;
+    serve_on(listener, config, gate)
 }
 
 fn http() -> reqwest::Client {

@@ -100,19 +100,13 @@ impl SqliteStore {
         if let Some(id) = self.cached_account(account) {
             return Ok(id);
         }
-        sqlx::query(CREATE_ACCOUNT)
-            .bind(account.kind.as_str())
-            .bind(&account.name)
-            .bind(account.currency.as_str())
-            .bind(now_ms())
+        query(Statement::create_account(account, now_ms()))
             .execute(&self.pool)
             .await?;
-        let id: i64 = sqlx::query_scalar(ACCOUNT_ID)
-            .bind(account.kind.as_str())
-            .bind(&account.name)
-            .bind(account.currency.as_str())
+        let id: i64 = query(Statement::account_id(account))
             .fetch_one(&self.pool)
-            .await?;
+            .await?
+            .try_get("id")?;
         if let Ok(mut cache) = self.account_ids.lock() {
             cache.insert(account.clone(), id);
         }
@@ -131,34 +125,19 @@ impl SqliteStore {
         entries: &[(i64, i64)],
     ) -> Result<Posted, StoreError> {
         check_balanced(header.kind, entries)?;
-        let txn_id = header.id;
-        let a = header.audit;
-        sqlx::query(INSERT_TRANSACTION)
-            .bind(&txn_id)
-            .bind(header.kind)
-            .bind(header.currency.as_str())
-            .bind(header.amount.0)
-            .bind(&a.payer)
-            .bind(&a.beneficiary)
-            .bind(&a.tool)
-            .bind(&a.intent_id)
-            .bind(&a.payment_id)
-            .bind(&a.memo)
-            .bind(header.at)
+        query(Statement::insert_transaction(&header))
             .execute(&mut *conn)
             .await?;
-        for (account_id, amount) in entries {
+        for &(account_id, amount) in entries {
             // The `ledger_entries_post` trigger moves the account's balance.
-            sqlx::query(INSERT_ENTRY)
-                .bind(&txn_id)
-                .bind(account_id)
-                .bind(amount)
-                .bind(header.at)
-                .execute(&mut *conn)
-                .await?;
+            query(Statement::insert_entry(
+                &header.id, account_id, amount, header.at,
+            ))
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(Posted {
-            txn_id,
+            txn_id: header.id,
             at: header.at,
         })
     }
@@ -353,22 +332,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        sqlx::query(CREATE_INTENT)
-            .bind(&intent.id)
-            .bind(&intent.tool)
-            .bind(&intent.args_hash)
-            .bind(&intent.args_json)
-            .bind(intent.amount.0)
-            .bind(intent.currency.as_str())
-            .bind(&intent.principal)
-            .bind(&intent.session_id)
-            .bind(&intent.mode)
-            .bind(intent.status.as_str())
-            .bind(&intent.provider)
-            .bind(&intent.provider_session_id)
-            .bind(&intent.payment_url)
-            .bind(intent.created_at)
-            .bind(intent.expires_at)
+        query(Statement::create_intent(intent))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -388,11 +352,7 @@ impl Store for SqliteStore {
         from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(TRANSITION_INTENT)
-            .bind(id)
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .bind(now_ms())
+        let done = query(Statement::transition_intent(id, from, to, now_ms()))
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() > 0)
@@ -461,24 +421,13 @@ impl Store for SqliteStore {
         let clearing_id = self.account_id(&clearing(currency)).await?;
         let beneficiary_id = self.account_id(&outcome.beneficiary).await?;
         let mut tx = self.write_tx().await?;
-        let row = sqlx::query(FINISH_INTENT)
-            .bind(&outcome.intent_id)
-            .bind(if outcome.succeeded {
-                "succeeded"
-            } else {
-                "failed"
-            })
-            .bind(outcome.at)
+        let row = query(Statement::finish_intent(outcome))
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else {
             return Err(StoreError::intent_not_running(&outcome.intent_id));
         };
-        sqlx::query(STORE_RESULT)
-            .bind(&outcome.intent_id)
-            .bind(!outcome.succeeded)
-            .bind(&outcome.result_json)
-            .bind(outcome.at)
+        query(Statement::store_result(outcome))
             .execute(&mut *tx)
             .await?;
         let settlement = Settlement::of(outcome, &row, beneficiary_id)?;
@@ -522,15 +471,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
-        sqlx::query(CREATE_SESSION)
-            .bind(&session.id)
-            .bind(session.amount.0)
-            .bind(session.currency.as_str())
-            .bind(&session.description)
-            .bind(session.status.as_str())
-            .bind(session.created_at)
-            .bind(session.expires_at)
-            .bind(&session.owner)
+        query(Statement::create_session(session))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -628,23 +569,14 @@ impl Store for SqliteStore {
 
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError> {
         check_session_ending(to)?;
-        let done = sqlx::query(END_SESSION)
-            .bind(id)
-            .bind(to.as_str())
-            .bind(now_ms())
+        let done = query(Statement::end_session(id, to, now_ms()))
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
-        sqlx::query(CREATE_API_KEY)
-            .bind(&key.id)
-            .bind(&key.secret_hash)
-            .bind(&key.principal)
-            .bind(key.scopes_text())
-            .bind(&key.label)
-            .bind(key.created_at)
+        query(Statement::create_api_key(key, &key.scopes_text()))
             .execute(&self.pool)
             .await?;
         Ok(())
