@@ -18,7 +18,6 @@
 use std::{
     io::Write,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -30,7 +29,6 @@ use rmcp::{
         StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
     },
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tollgate::testing::{self, Backend, TestDb};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tollgate");
@@ -68,25 +66,7 @@ impl Setup {
 
     /// A `serve --http` process; returns it and its base URL.
     async fn serve(&self) -> anyhow::Result<(tokio::process::Child, String)> {
-        let mut child = self
-            .command()
-            .args(["serve", "--http", "127.0.0.1:0"])
-            .env("TOLLGATE_LOG", "tollgate=info")
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let base = loop {
-            let line = lines
-                .next_line()
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("server exited"))?;
-            if let Some(url) = line.strip_prefix("listening on ") {
-                break url.to_owned();
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok((child, base))
+        Ok(testing::serve_http(self.command()).await?)
     }
 }
 

@@ -166,3 +166,33 @@ pub async fn execute(url: &str, sql: &str) -> Result<u64, sqlx::Error> {
         Ok(done?.rows_affected())
     }
 }
+
+/// Starts `tollgate serve --http 127.0.0.1:0` from `command` (a `tollgate`
+/// command with its environment set) and waits for its `listening on URL`
+/// line; returns the process (killed when dropped) and that URL. Its log is
+/// drained from then on, so it never blocks on a full pipe.
+pub async fn serve_http(
+    mut command: tokio::process::Command,
+) -> std::io::Result<(tokio::process::Child, String)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = command
+        .args(["serve", "--http", "127.0.0.1:0"])
+        .env("TOLLGATE_LOG", "tollgate=info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let Some(stderr) = child.stderr.take() else {
+        return Err(std::io::Error::other("no stderr"));
+    };
+    let mut lines = BufReader::new(stderr).lines();
+    let base = loop {
+        let Some(line) = lines.next_line().await? else {
+            return Err(std::io::Error::other("server exited before listening"));
+        };
+        if let Some(url) = line.strip_prefix("listening on ") {
+            break url.to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, base))
+}

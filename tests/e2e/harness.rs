@@ -17,7 +17,6 @@ use rmcp::{
     },
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use tollgate::testing::TestDb;
 
@@ -134,27 +133,9 @@ impl Env {
     /// `tollgate serve --http` on a free loopback port, as a real process
     /// on this environment's config and store.
     pub async fn serve_http(&self) -> Served {
-        let mut child = self
-            .command()
-            .args(["serve", "--http", "127.0.0.1:0"])
-            .env("TOLLGATE_LOG", "tollgate=info")
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tollgate serve --http");
-        let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let base = loop {
-            let line = stderr
-                .next_line()
-                .await
-                .expect("read")
-                .expect("server exited early");
-            if let Some(url) = line.strip_prefix("listening on ") {
-                break url.to_owned();
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+        let (child, base) = tollgate::testing::serve_http(self.command())
+            .await
+            .expect("tollgate serve --http");
         Served { child, base }
     }
 
