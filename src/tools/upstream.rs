@@ -43,12 +43,24 @@ pub struct UpstreamError {
 /// Where an upstream call's progress goes: the client's peer and token.
 type Route = (Peer<RoleServer>, ProgressToken);
 
+/// How long a progress notification that arrived before its call's route
+/// was known is kept for it: the upstream may report progress before rmcp
+/// hands back the request it sent (the token is only known then).
+const EARLY_PROGRESS_KEPT: Duration = Duration::from_secs(5);
+
+/// The routes of calls in flight, and notifications that beat their route.
+#[derive(Default)]
+struct Routes {
+    routes: HashMap<ProgressToken, Route>,
+    early: HashMap<ProgressToken, Vec<(std::time::Instant, ProgressNotificationParam)>>,
+}
+
 /// tollgate's side of an upstream connection: relays the upstream's
 /// progress notifications to the client whose call they belong to.
 #[derive(Clone, Default)]
 struct Relay {
     /// Upstream progress token → the client's route.
-    routes: Arc<Mutex<HashMap<ProgressToken, Route>>>,
+    routes: Arc<Mutex<Routes>>,
     /// Woken by the upstream's `notifications/tools/list_changed`.
     list_changed: Arc<tokio::sync::Notify>,
     /// Calls in flight whose client can answer an elicitation: upstream
@@ -60,10 +72,29 @@ struct Relay {
 type Asker = (Peer<RoleServer>, Duration);
 
 impl Relay {
-    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<ProgressToken, Route>> {
+    fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
         self.routes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Routes an upstream token's progress to a client from now on, and
+    /// relays what arrived for it before.
+    async fn open_route(&self, upstream: ProgressToken, route: Route) {
+        let early = {
+            let mut routes = self.routes();
+            routes.routes.insert(upstream.clone(), route.clone());
+            routes.early.remove(&upstream).unwrap_or_default()
+        };
+        for (_, params) in early {
+            relay_progress(&route, params).await;
+        }
+    }
+
+    fn close_route(&self, upstream: &ProgressToken) {
+        let mut routes = self.routes();
+        routes.routes.remove(upstream);
+        routes.early.remove(upstream);
     }
 
     fn askers(&self) -> std::sync::MutexGuard<'_, Vec<(RequestId, Asker)>> {
@@ -73,19 +104,41 @@ impl Relay {
     }
 }
 
+async fn relay_progress((peer, token): &Route, mut params: ProgressNotificationParam) {
+    params.progress_token = token.clone();
+    if let Err(e) = peer.notify_progress(params).await {
+        tracing::debug!("progress not relayed: {e}");
+    }
+}
+
 impl ClientHandler for Relay {
     async fn on_progress(
         &self,
         params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let route = self.routes().get(&params.progress_token).cloned();
-        if let Some((peer, token)) = route {
-            let mut params = params;
-            params.progress_token = token;
-            if let Err(e) = peer.notify_progress(params).await {
-                tracing::debug!("progress not relayed: {e}");
+        let route = {
+            let mut routes = self.routes();
+            let route = routes.routes.get(&params.progress_token).cloned();
+            if route.is_none() {
+                // Possibly a call whose route is about to open: keep it a while.
+                let now = std::time::Instant::now();
+                routes.early.retain(|_, notes| {
+                    notes.retain(|(at, _)| now.duration_since(*at) < EARLY_PROGRESS_KEPT);
+                    !notes.is_empty()
+                });
+                let notes = routes
+                    .early
+                    .entry(params.progress_token.clone())
+                    .or_default();
+                if notes.len() < 16 {
+                    notes.push((now, params.clone()));
+                }
             }
+            route
+        };
+        if let Some(route) = route {
+            relay_progress(&route, params).await;
         }
     }
 
@@ -395,8 +448,8 @@ impl ToolBackend for Upstream {
         let (id, upstream_token) = (handle.id.clone(), handle.progress_token.clone());
         if let Some((client, token)) = &context.progress {
             self.relay
-                .routes()
-                .insert(upstream_token.clone(), (client.clone(), token.clone()));
+                .open_route(upstream_token.clone(), (client.clone(), token.clone()))
+                .await;
         }
         if let Some(asker) = &context.elicitation {
             self.relay.askers().push((id.clone(), asker.clone()));
@@ -405,7 +458,7 @@ impl ToolBackend for Upstream {
             outcome = handle.await_response() => Some(outcome),
             () = context.cancelled.cancelled() => None,
         };
-        self.relay.routes().remove(&upstream_token);
+        self.relay.close_route(&upstream_token);
         self.relay.askers().retain(|(asker, _)| asker != &id);
         match outcome {
             None => {
