@@ -10,7 +10,7 @@
 //! above 1 means commits are grouped. PostgreSQL is the server named by `TOLLGATE_TEST_POSTGRES`
 //! (default the local one); its rows are skipped, saying so, if it is not
 //! reachable. `BENCH_SECONDS` sets how long each figure is measured
-//! (default 5); `BENCH_POOL` each instance's `max_connections` (default 4:
+//! (default 5); `BENCH_POOL` each instance's `max_connections` (default 8:
 //! on a 2-core machine more backends only contend). A first row times free
 //! calls the same way: the ceiling of the transport and client themselves.
 //! Compare figures as ratios within one run.
@@ -73,7 +73,7 @@ impl Setup {
 async fn setup(backend: Backend, synchronous: &str) -> anyhow::Result<(Setup, TestDb)> {
     testing::select(backend);
     let dir = tempfile::tempdir()?;
-    let pool = std::env::var("BENCH_POOL").unwrap_or_else(|_| "4".into());
+    let pool = std::env::var("BENCH_POOL").unwrap_or_else(|_| "8".into());
     std::fs::write(
         dir.path().join("pricing.toml"),
         format!(

@@ -3,8 +3,11 @@
 -- milliseconds. Several tollgate instances share one database, so every
 -- write is safe at Read Committed (see src/store/postgres).
 
--- Ledger accounts. `balance` is the sum of the account's posted entries;
--- `held` the sum of its open holds. A wallet can never go below zero.
+-- Ledger accounts. A wallet's `balance` is the sum of its posted entries
+-- and `held` the sum of its open holds; a wallet can never go below zero.
+-- Other accounts (revenue, clearing, external) keep no stored balance: theirs
+-- is the sum of their entries, read when needed. Stored, it would be one row
+-- that every capture updates, and concurrent captures would queue on its lock.
 CREATE TABLE accounts (
     id          BIGSERIAL PRIMARY KEY,
     kind        TEXT   NOT NULL CHECK (kind IN ('wallet', 'revenue', 'clearing', 'external')),
@@ -125,7 +128,7 @@ CREATE TABLE api_keys (
 -- statement (src/store/postgres).
 CREATE FUNCTION ledger_entries_post() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE accounts SET balance = balance + NEW.amount WHERE id = NEW.account_id;
+    UPDATE accounts SET balance = balance + NEW.amount WHERE id = NEW.account_id AND kind = 'wallet';
     RETURN NULL;
 END $$;
 CREATE TRIGGER ledger_entries_post AFTER INSERT ON ledger_entries

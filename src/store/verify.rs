@@ -20,8 +20,8 @@ pub(super) const ORPHAN_ENTRIES: &str = "SELECT e.id, e.txn_id FROM ledger_entri
      LEFT JOIN accounts a ON a.id = e.account_id
      WHERE t.id IS NULL OR a.id IS NULL OR a.currency <> t.currency";
 
-/// Every account with its stored balance and hold, and what its entries and
-/// open holds say they should be.
+/// Every account with its stored balance and hold (only wallets store a
+/// balance), and what its entries and open holds say they should be.
 pub(super) const ACCOUNTS: &str = "SELECT a.kind, a.name, a.currency, a.balance, a.held,
             (SELECT CAST(COALESCE(SUM(e.amount), 0) AS BIGINT) FROM ledger_entries e WHERE e.account_id = a.id) AS posted,
             (SELECT CAST(COALESCE(SUM(h.amount), 0) AS BIGINT) FROM holds h WHERE h.account_id = a.id AND h.status = 'open') AS open_held
@@ -75,7 +75,8 @@ impl<R: Columns> Found<R> {
             let name = format!("{kind}:{} ({})", row.text("name")?, row.text("currency")?);
             let (balance, held) = (row.int("balance")?, row.int("held")?);
             let (posted, open_held) = (row.int("posted")?, row.int("open_held")?);
-            if balance != posted {
+            // Only wallets store a balance; other accounts' is their entries.
+            if kind == "wallet" && balance != posted {
                 problems.push(format!(
                     "account {name}: balance {} but its entries sum to {}",
                     format_signed(balance),
