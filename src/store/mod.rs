@@ -3,6 +3,7 @@
 //! (PostgreSQL) slots in behind the same trait. Every method is one
 //! transaction; several server processes may share one store.
 
+mod portable;
 mod postgres;
 mod posting;
 mod rows;

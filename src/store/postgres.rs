@@ -16,7 +16,7 @@
 //! NOTHING` before anything locks it, so the first charge on a brand-new
 //! wallet has a row to lock like any other.
 
-use std::{collections::HashMap, future::Future, str::FromStr, sync::Mutex, time::Duration};
+use std::{future::Future, str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -25,13 +25,13 @@ use sqlx::{
 };
 
 use super::{
+    portable::Portable,
     posting::{
         Settlement, TxnHeader, check_balanced, clearing, dev_settlement, external_payment_audit,
-        session_payment_audit, settled_capture, topup_audit, topups,
+        session_payment_audit, topup_audit, topups,
     },
-    rows,
     sql::*,
-    verify, *,
+    *,
 };
 use crate::{config::PoolSettings, keys::ApiKey};
 
@@ -40,9 +40,7 @@ use crate::{config::PoolSettings, keys::ApiKey};
 const ATTEMPTS: u32 = 8;
 
 pub struct PgStore {
-    pool: PgPool,
-    /// Account ids never change once created, so they are cached.
-    account_ids: Mutex<HashMap<AccountRef, i64>>,
+    db: Portable<Postgres>,
 }
 
 /// PostgreSQL rolled the whole transaction back and says trying again may
@@ -96,43 +94,21 @@ impl PgStore {
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
-            pool,
-            account_ids: Mutex::new(HashMap::new()),
+            db: Portable::new(pool),
         })
     }
 
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        &self.db.pool
     }
 
     async fn tx(&self) -> Result<Transaction<'_, Postgres>, StoreError> {
-        Ok(self.pool.begin().await?)
+        Ok(self.db.pool.begin().await?)
     }
 
     /// The id of an account, creating the (empty) account if needed.
     async fn account_id(&self, account: &AccountRef) -> Result<i64, StoreError> {
-        if let Some(id) = self
-            .account_ids
-            .lock()
-            .ok()
-            .and_then(|c| c.get(account).copied())
-        {
-            return Ok(id);
-        }
-        let id: i64 = retrying(|| async {
-            query(Statement::create_account(account, now_ms()))
-                .execute(&self.pool)
-                .await?;
-            Ok(query(Statement::account_id(account))
-                .fetch_one(&self.pool)
-                .await?
-                .try_get("id")?)
-        })
-        .await?;
-        if let Ok(mut cache) = self.account_ids.lock() {
-            cache.insert(account.clone(), id);
-        }
-        Ok(id)
+        retrying(|| self.db.account_id(account)).await
     }
 
     /// Writes one balanced transaction: header and entries (balances follow
@@ -160,14 +136,6 @@ impl PgStore {
             txn_id: header.id,
             at: header.at,
         })
-    }
-
-    async fn hold_state(&self, hold_id: &str) -> Result<StoreError, StoreError> {
-        let status: Option<String> = sqlx::query_scalar(HOLD_STATUS)
-            .bind(hold_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(StoreError::hold_not_open(hold_id, status))
     }
 
     async fn topup_once(
@@ -411,19 +379,11 @@ impl Store for PgStore {
     }
 
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
-        let rows = sqlx::query(BALANCES)
-            .bind(wallet)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rows::wallet_balance).collect()
+        self.db.balances(wallet).await
     }
 
     async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError> {
-        let rows = sqlx::query(STATEMENT)
-            .bind(wallet)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rows::statement_line).collect()
+        self.db.statement(wallet).await
     }
 
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError> {
@@ -450,7 +410,7 @@ impl Store for PgStore {
                 .bind(&req.args_hash)
                 .bind(now_ms())
                 .bind(req.expires_at)
-                .execute(&self.pool)
+                .execute(&self.db.pool)
                 .await?)
             })
             .await?;
@@ -483,18 +443,16 @@ impl Store for PgStore {
                 .bind(at)
                 .bind(&txn_id)
                 .bind(beneficiary_id)
-                .execute(&self.pool)
+                .execute(&self.db.pool)
                 .await?)
         })
         .await?;
         if done.rows_affected() == 1 {
             return Ok(Posted { txn_id, at });
         }
-        let hold = sqlx::query(HOLD)
-            .bind(hold_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        settled_capture(hold_id, hold.as_ref(), amount, beneficiary_id)
+        self.db
+            .refused_capture(hold_id, amount, beneficiary_id)
+            .await
     }
 
     async fn release(&self, hold_id: &str) -> Result<(), StoreError> {
@@ -502,14 +460,14 @@ impl Store for PgStore {
             Ok(sqlx::query(RELEASE)
                 .bind(hold_id)
                 .bind(now_ms())
-                .execute(&self.pool)
+                .execute(&self.db.pool)
                 .await?)
         })
         .await?;
         if done.rows_affected() == 1 {
             Ok(())
         } else {
-            Err(self.hold_state(hold_id).await?)
+            Err(self.db.hold_not_open(hold_id).await?)
         }
     }
 
@@ -520,41 +478,21 @@ impl Store for PgStore {
     async fn verify(&self, now: i64) -> Result<VerifyReport, StoreError> {
         // One repeatable-read transaction: every check sees one snapshot.
         let mut tx = self
+            .db
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
-        let found = verify::Found {
-            counts: sqlx::query(verify::COUNTS).fetch_one(&mut *tx).await?,
-            unbalanced: sqlx::query(verify::UNBALANCED).fetch_all(&mut *tx).await?,
-            orphan_entries: sqlx::query(verify::ORPHAN_ENTRIES)
-                .fetch_all(&mut *tx)
-                .await?,
-            accounts: sqlx::query(verify::ACCOUNTS).fetch_all(&mut *tx).await?,
-            stale_holds: sqlx::query(verify::STALE_HOLDS)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?,
-            over_captured: sqlx::query(verify::OVER_CAPTURED)
-                .fetch_all(&mut *tx)
-                .await?,
-        };
+        let report = Portable::<Postgres>::verify(&mut tx, now).await?;
         tx.rollback().await?;
-        found.report()
+        Ok(report)
     }
 
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        query(Statement::create_intent(intent))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.db.create_intent(intent).await
     }
 
     async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {
-        let row = sqlx::query(INTENT)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(rows::intent).transpose()
+        self.db.intent(id).await
     }
 
     async fn transition_intent(
@@ -565,7 +503,7 @@ impl Store for PgStore {
     ) -> Result<bool, StoreError> {
         let done = retrying(|| async {
             Ok(query(Statement::transition_intent(id, from, to, now_ms()))
-                .execute(&self.pool)
+                .execute(&self.db.pool)
                 .await?)
         })
         .await?;
@@ -584,7 +522,7 @@ impl Store for PgStore {
                         .bind(id)
                         .bind(refund_id)
                         .bind(now_ms())
-                        .execute(&self.pool)
+                        .execute(&self.db.pool)
                         .await?)
                 })
                 .await?;
@@ -611,40 +549,19 @@ impl Store for PgStore {
     }
 
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
-        let row = sqlx::query(STORED_RESULT)
-            .bind(intent_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(StoredResult {
-                is_error: row.try_get("is_error")?,
-                result_json: row.try_get("result_json")?,
-            })
-        })
-        .transpose()
+        self.db.stored_result(intent_id).await
     }
 
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
-        query(Statement::create_session(session))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.db.create_session(session).await
     }
 
     async fn session(&self, id: &str) -> Result<Option<LocalSession>, StoreError> {
-        let row = sqlx::query(&sessions_where("WHERE s.id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(rows::session).transpose()
+        self.db.session(id).await
     }
 
     async fn list_sessions(&self, limit: i64) -> Result<Vec<LocalSession>, StoreError> {
-        let rows = sqlx::query(&sessions_where("ORDER BY s.created_at DESC, s.id LIMIT $1"))
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rows::session).collect()
+        self.db.list_sessions(limit).await
     }
 
     async fn pay_session(
@@ -669,7 +586,7 @@ impl Store for PgStore {
         check_session_ending(to)?;
         let done = retrying(|| async {
             Ok(query(Statement::end_session(id, to, now_ms()))
-                .execute(&self.pool)
+                .execute(&self.db.pool)
                 .await?)
         })
         .await?;
@@ -677,44 +594,27 @@ impl Store for PgStore {
     }
 
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
-        query(Statement::create_api_key(key, &key.scopes_text()))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.db.create_api_key(key).await
     }
 
     async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
-        let row = sqlx::query(API_KEY)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(rows::api_key).transpose()
+        self.db.api_key(id).await
     }
 
     async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
-        let rows = sqlx::query(API_KEYS).fetch_all(&self.pool).await?;
-        rows.iter().map(rows::api_key).collect()
+        self.db.api_keys().await
     }
 
     async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(REVOKE_API_KEY)
-            .bind(id)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        self.db.revoke_api_key(id, now).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.db.ping().await
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let open_holds = sqlx::query(STATS_OPEN_HOLDS).fetch_one(&self.pool).await?;
-        let intents = sqlx::query(STATS_INTENTS).fetch_all(&self.pool).await?;
-        let revenue = sqlx::query(STATS_REVENUE).fetch_all(&self.pool).await?;
-        rows::stats(&open_holds, &intents, &revenue)
+        self.db.stats().await
     }
 }
 

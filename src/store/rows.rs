@@ -6,7 +6,7 @@ use sqlx::Row;
 
 use super::{
     AccountKind, AccountRef, Intent, IntentStatus, LocalSession, SessionStatus, StatementLine,
-    StoreError, StoreStats, WalletBalance, parse_scopes,
+    StoreError, StoreStats, StoredResult, WalletBalance, parse_scopes,
 };
 use crate::{
     keys::ApiKey,
@@ -19,6 +19,22 @@ pub(super) trait Columns {
     fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError>;
     fn int(&self, column: &str) -> Result<i64, StoreError>;
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError>;
+    fn flag(&self, column: &str) -> Result<bool, StoreError>;
+}
+
+/// How many rows a write changed, on either backend.
+pub(super) trait Changed {
+    fn changed(&self) -> u64;
+}
+impl Changed for sqlx::sqlite::SqliteQueryResult {
+    fn changed(&self) -> u64 {
+        self.rows_affected()
+    }
+}
+impl Changed for sqlx::postgres::PgQueryResult {
+    fn changed(&self) -> u64 {
+        self.rows_affected()
+    }
 }
 
 macro_rules! columns_for {
@@ -34,6 +50,9 @@ macro_rules! columns_for {
                 Ok(self.try_get(column)?)
             }
             fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+                Ok(self.try_get(column)?)
+            }
+            fn flag(&self, column: &str) -> Result<bool, StoreError> {
                 Ok(self.try_get(column)?)
             }
         }
@@ -147,5 +166,12 @@ pub(super) fn stats<R: Columns>(
             .iter()
             .map(|row| Ok((row.text("tool")?, row.text("currency")?, row.int("total")?)))
             .collect::<Result<_, StoreError>>()?,
+    })
+}
+
+pub(super) fn stored_result(row: &impl Columns) -> Result<StoredResult, StoreError> {
+    Ok(StoredResult {
+        is_error: row.flag("is_error")?,
+        result_json: row.text("result_json")?,
     })
 }

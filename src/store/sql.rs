@@ -40,7 +40,6 @@ pub(super) const CAPTURE: &str =
 pub(super) const RELEASE: &str =
     "UPDATE holds SET status = 'released', settled_at = $2 WHERE id = $1 AND status = 'open'";
 
-pub(super) const HOLD_STATUS: &str = "SELECT status FROM holds WHERE id = $1";
 pub(super) const HOLD: &str =
     "SELECT status, amount, captured, txn_id, settled_at, beneficiary_account_id
      FROM holds WHERE id = $1";
@@ -73,14 +72,21 @@ pub(super) const STORED_RESULT: &str =
 pub(super) const CREATE_SESSION: &str = "INSERT INTO payment_sessions (id, amount, currency, description, status, created_at, expires_at, updated_at, owner)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $6, $8)";
 
-/// A session joined with the account that paid it, as `rows::session` reads it.
-pub(super) fn sessions_where(tail: &str) -> String {
-    format!(
-        "SELECT s.id, s.amount, s.currency, s.description, s.status, s.created_at, s.expires_at,
-                s.owner, a.kind AS paid_kind, a.name AS paid_name
-         FROM payment_sessions s LEFT JOIN accounts a ON a.id = s.paid_from_account {tail}"
-    )
+/// Sessions joined with the account that paid them, as `rows::session`
+/// reads them, followed by `$tail`.
+macro_rules! sessions_where {
+    ($tail:literal) => {
+        concat!(
+            "SELECT s.id, s.amount, s.currency, s.description, s.status, s.created_at, s.expires_at,
+                    s.owner, a.kind AS paid_kind, a.name AS paid_name
+             FROM payment_sessions s LEFT JOIN accounts a ON a.id = s.paid_from_account ",
+            $tail
+        )
+    };
 }
+pub(super) const SESSION: &str = sessions_where!("WHERE s.id = $1");
+pub(super) const RECENT_SESSIONS: &str =
+    sessions_where!("ORDER BY s.created_at DESC, s.id LIMIT $1");
 
 pub(super) const EXPIRE_SESSION: &str =
     "UPDATE payment_sessions SET status = 'expired', updated_at = $2 WHERE id = $1";
@@ -153,6 +159,7 @@ macro_rules! statement {
         Statement { sql: $sql, params: vec![$(Param::from($param)),*] }
     };
 }
+pub(super) use statement;
 
 /// Binds a statement's parameters, for either backend.
 pub(super) fn query<'q, DB>(

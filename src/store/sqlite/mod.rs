@@ -5,7 +5,7 @@
 //! to upgrade either, and it costs one round trip instead of three. Several
 //! processes may open the same file.
 
-use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
+use std::{str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -20,25 +20,23 @@ mod fast_writes;
 use fast_writes::{FastWrite, FastWriter};
 
 use super::{
+    portable::Portable,
     posting::{
         Settlement, TxnHeader, check_balanced, clearing, dev_settlement, external_payment_audit,
-        session_payment_audit, settled_capture, topup_audit, topups,
+        session_payment_audit, topup_audit, topups,
     },
-    rows,
     sql::*,
-    verify, *,
+    *,
 };
 use crate::{config::Synchronous, keys::ApiKey};
 
 pub struct SqliteStore {
-    pool: SqlitePool,
+    db: Portable<Sqlite>,
     /// The fast path's writes (hold, capture, release) go through one
     /// connection of their own, with group commit. A pooled connection would
     /// cost extra round trips to SQLite's worker thread per use (sqlx pings
     /// it on release), and SQLite serialises writers anyway.
     fast_writes: FastWriter,
-    /// Account ids never change once created, so they are cached.
-    account_ids: Mutex<HashMap<AccountRef, i64>>,
 }
 
 impl SqliteStore {
@@ -62,9 +60,8 @@ impl SqliteStore {
             .await?;
         let fast_writes = FastWriter::spawn(sqlx::ConnectOptions::connect(&options).await?);
         let store = Self {
-            pool,
+            db: Portable::new(pool),
             fast_writes,
-            account_ids: Mutex::new(HashMap::new()),
         };
         store.migrate().await?;
         Ok(store)
@@ -75,7 +72,10 @@ impl SqliteStore {
         // start at once the loser sees the winner's tables and tries again.
         let mut attempt = 0;
         loop {
-            match sqlx::migrate!("./migrations/sqlite").run(&self.pool).await {
+            match sqlx::migrate!("./migrations/sqlite")
+                .run(&self.db.pool)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < 5 => {
                     attempt += 1;
@@ -88,33 +88,11 @@ impl SqliteStore {
     }
 
     pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+        &self.db.pool
     }
 
     async fn write_tx(&self) -> Result<Transaction<'_, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
-    }
-
-    /// The id of an account, creating the (empty) account if needed.
-    async fn account_id(&self, account: &AccountRef) -> Result<i64, StoreError> {
-        if let Some(id) = self.cached_account(account) {
-            return Ok(id);
-        }
-        query(Statement::create_account(account, now_ms()))
-            .execute(&self.pool)
-            .await?;
-        let id: i64 = query(Statement::account_id(account))
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("id")?;
-        if let Ok(mut cache) = self.account_ids.lock() {
-            cache.insert(account.clone(), id);
-        }
-        Ok(id)
-    }
-
-    fn cached_account(&self, account: &AccountRef) -> Option<i64> {
-        self.account_ids.lock().ok()?.get(account).copied()
+        Ok(self.db.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     /// Writes one balanced transaction: header and entries (balances follow
@@ -141,14 +119,6 @@ impl SqliteStore {
             at: header.at,
         })
     }
-
-    async fn hold_state(&self, hold_id: &str) -> Result<StoreError, StoreError> {
-        let status: Option<String> = sqlx::query_scalar(HOLD_STATUS)
-            .bind(hold_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(StoreError::hold_not_open(hold_id, status))
-    }
 }
 
 #[async_trait]
@@ -164,8 +134,8 @@ impl Store for SqliteStore {
                 "top-up amount must be above zero".into(),
             ));
         }
-        let wallet_id = self.account_id(wallet).await?;
-        let source_id = self.account_id(&topups(&wallet.currency)).await?;
+        let wallet_id = self.db.account_id(wallet).await?;
+        let source_id = self.db.account_id(&topups(&wallet.currency)).await?;
         let audit = topup_audit(wallet, memo);
         let mut tx = self.write_tx().await?;
         let posted = Self::post(
@@ -186,19 +156,11 @@ impl Store for SqliteStore {
     }
 
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
-        let rows = sqlx::query(BALANCES)
-            .bind(wallet)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rows::wallet_balance).collect()
+        self.db.balances(wallet).await
     }
 
     async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError> {
-        let rows = sqlx::query(STATEMENT)
-            .bind(wallet)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rows::statement_line).collect()
+        self.db.statement(wallet).await
     }
 
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError> {
@@ -238,7 +200,7 @@ impl Store for SqliteStore {
                 "capture amount must be above zero; release instead".into(),
             ));
         }
-        let beneficiary_id = self.account_id(beneficiary).await?;
+        let beneficiary_id = self.db.account_id(beneficiary).await?;
         let at = now_ms();
         let txn_id = new_txn_id();
         // One conditional UPDATE; the `holds_capture` trigger gives the
@@ -256,11 +218,9 @@ impl Store for SqliteStore {
         if captured {
             return Ok(Posted { txn_id, at });
         }
-        let hold = sqlx::query(HOLD)
-            .bind(hold_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        settled_capture(hold_id, hold.as_ref(), amount, beneficiary_id)
+        self.db
+            .refused_capture(hold_id, amount, beneficiary_id)
+            .await
     }
 
     async fn release(&self, hold_id: &str) -> Result<(), StoreError> {
@@ -275,7 +235,7 @@ impl Store for SqliteStore {
         if released {
             Ok(())
         } else {
-            Err(self.hold_state(hold_id).await?)
+            Err(self.db.hold_not_open(hold_id).await?)
         }
     }
 
@@ -311,39 +271,18 @@ impl Store for SqliteStore {
 
     async fn verify(&self, now: i64) -> Result<VerifyReport, StoreError> {
         // One read transaction, so every check sees the same snapshot.
-        let mut tx = self.pool.begin().await?;
-        let found = verify::Found {
-            counts: sqlx::query(verify::COUNTS).fetch_one(&mut *tx).await?,
-            unbalanced: sqlx::query(verify::UNBALANCED).fetch_all(&mut *tx).await?,
-            orphan_entries: sqlx::query(verify::ORPHAN_ENTRIES)
-                .fetch_all(&mut *tx)
-                .await?,
-            accounts: sqlx::query(verify::ACCOUNTS).fetch_all(&mut *tx).await?,
-            stale_holds: sqlx::query(verify::STALE_HOLDS)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?,
-            over_captured: sqlx::query(verify::OVER_CAPTURED)
-                .fetch_all(&mut *tx)
-                .await?,
-        };
+        let mut tx = self.db.pool.begin().await?;
+        let report = Portable::<Sqlite>::verify(&mut tx, now).await?;
         tx.rollback().await?;
-        found.report()
+        Ok(report)
     }
 
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        query(Statement::create_intent(intent))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.db.create_intent(intent).await
     }
 
     async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {
-        let row = sqlx::query(INTENT)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(rows::intent).transpose()
+        self.db.intent(id).await
     }
 
     async fn transition_intent(
@@ -353,7 +292,7 @@ impl Store for SqliteStore {
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
         let done = query(Statement::transition_intent(id, from, to, now_ms()))
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -363,14 +302,14 @@ impl Store for SqliteStore {
         let account = match funding {
             Funding::InClearing { refund_to } => {
                 let refund_id = match refund_to {
-                    Some(account) => Some(self.account_id(account).await?),
+                    Some(account) => Some(self.db.account_id(account).await?),
                     None => None,
                 };
                 let done = sqlx::query(MARK_PAID)
                     .bind(id)
                     .bind(refund_id)
                     .bind(now)
-                    .execute(&self.pool)
+                    .execute(&self.db.pool)
                     .await?;
                 return Ok(done.rows_affected() > 0);
             }
@@ -382,8 +321,8 @@ impl Store for SqliteStore {
             return Err(StoreError::NotFound(format!("intent {id}")));
         };
         let source = AccountRef::new(AccountKind::External, account.as_str(), &intent.currency);
-        let source_id = self.account_id(&source).await?;
-        let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
+        let source_id = self.db.account_id(&source).await?;
+        let clearing_id = self.db.account_id(&clearing(&intent.currency)).await?;
         let audit = external_payment_audit(&intent, account);
         let mut tx = self.write_tx().await?;
         let done = sqlx::query(MARK_PAID)
@@ -418,8 +357,8 @@ impl Store for SqliteStore {
 
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
         let currency = &outcome.beneficiary.currency;
-        let clearing_id = self.account_id(&clearing(currency)).await?;
-        let beneficiary_id = self.account_id(&outcome.beneficiary).await?;
+        let clearing_id = self.db.account_id(&clearing(currency)).await?;
+        let beneficiary_id = self.db.account_id(&outcome.beneficiary).await?;
         let mut tx = self.write_tx().await?;
         let row = query(Statement::finish_intent(outcome))
             .fetch_optional(&mut *tx)
@@ -457,40 +396,19 @@ impl Store for SqliteStore {
     }
 
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
-        let row = sqlx::query(STORED_RESULT)
-            .bind(intent_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(StoredResult {
-                is_error: row.try_get("is_error")?,
-                result_json: row.try_get("result_json")?,
-            })
-        })
-        .transpose()
+        self.db.stored_result(intent_id).await
     }
 
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
-        query(Statement::create_session(session))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.db.create_session(session).await
     }
 
     async fn session(&self, id: &str) -> Result<Option<LocalSession>, StoreError> {
-        let row = sqlx::query(&sessions_where("WHERE s.id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(rows::session).transpose()
+        self.db.session(id).await
     }
 
     async fn list_sessions(&self, limit: i64) -> Result<Vec<LocalSession>, StoreError> {
-        let rows = sqlx::query(&sessions_where("ORDER BY s.created_at DESC, s.id LIMIT $1"))
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rows::session).collect()
+        self.db.list_sessions(limit).await
     }
 
     async fn pay_session(
@@ -506,8 +424,8 @@ impl Store for SqliteStore {
             Some(wallet) => AccountRef::wallet(wallet, &session.currency),
             None => dev_settlement(&session.currency),
         };
-        let source_id = self.account_id(&source).await?;
-        let clearing_id = self.account_id(&clearing(&session.currency)).await?;
+        let source_id = self.db.account_id(&source).await?;
+        let clearing_id = self.db.account_id(&clearing(&session.currency)).await?;
 
         let mut tx = self.write_tx().await?;
         // Re-read inside the write transaction: the status may have moved.
@@ -570,49 +488,32 @@ impl Store for SqliteStore {
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError> {
         check_session_ending(to)?;
         let done = query(Statement::end_session(id, to, now_ms()))
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
-        query(Statement::create_api_key(key, &key.scopes_text()))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.db.create_api_key(key).await
     }
 
     async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
-        let row = sqlx::query(API_KEY)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(rows::api_key).transpose()
+        self.db.api_key(id).await
     }
 
     async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
-        let rows = sqlx::query(API_KEYS).fetch_all(&self.pool).await?;
-        rows.iter().map(rows::api_key).collect()
+        self.db.api_keys().await
     }
 
     async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(REVOKE_API_KEY)
-            .bind(id)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        self.db.revoke_api_key(id, now).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.db.ping().await
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let open_holds = sqlx::query(STATS_OPEN_HOLDS).fetch_one(&self.pool).await?;
-        let intents = sqlx::query(STATS_INTENTS).fetch_all(&self.pool).await?;
-        let revenue = sqlx::query(STATS_REVENUE).fetch_all(&self.pool).await?;
-        rows::stats(&open_holds, &intents, &revenue)
+        self.db.stats().await
     }
 }

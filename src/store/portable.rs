@@ -1,0 +1,225 @@
+//! The part of the store both backends do alike: reads, and writes that are
+//! one plain statement, written once over sqlx's generic pool. Each backend
+//! keeps what differs (transactions, locking, retries, the fast path).
+
+use std::{collections::HashMap, sync::Mutex};
+
+use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Type};
+
+use crate::money::Units;
+
+use super::{
+    AccountRef, ApiKey, Intent, LocalSession, Posted, StatementLine, StoreError, StoreStats,
+    StoredResult, VerifyReport, WalletBalance, now_ms,
+    posting::settled_capture,
+    rows,
+    rows::{Changed, Columns},
+    sql::{self, Param, Statement, query, statement},
+    verify,
+};
+
+/// A backend's pool, with the statements every backend runs the same way.
+pub(super) struct Portable<DB: Database> {
+    pub pool: Pool<DB>,
+    /// Account ids never change once created, so they are cached.
+    account_ids: Mutex<HashMap<AccountRef, i64>>,
+}
+
+impl<DB: Database> Portable<DB> {
+    pub fn new(pool: Pool<DB>) -> Self {
+        Self {
+            pool,
+            account_ids: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<DB> Portable<DB>
+where
+    DB: Database,
+    DB::Row: Columns,
+    DB::QueryResult: Changed,
+    for<'p> &'p Pool<DB>: Executor<'p, Database = DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+{
+    /// Runs a statement; how many rows it changed.
+    pub async fn execute(&self, statement: Statement<'_>) -> Result<u64, StoreError> {
+        Ok(query(statement).execute(&self.pool).await?.changed())
+    }
+
+    /// The id of an account, creating the (empty) account if needed.
+    pub async fn account_id(&self, account: &AccountRef) -> Result<i64, StoreError> {
+        let cached = self
+            .account_ids
+            .lock()
+            .ok()
+            .and_then(|c| c.get(account).copied());
+        if let Some(id) = cached {
+            return Ok(id);
+        }
+        self.execute(Statement::create_account(account, now_ms()))
+            .await?;
+        let id = query(Statement::account_id(account))
+            .fetch_one(&self.pool)
+            .await?
+            .int("id")?;
+        if let Ok(mut cache) = self.account_ids.lock() {
+            cache.insert(account.clone(), id);
+        }
+        Ok(id)
+    }
+
+    /// Why a hold could not be ended: it is not open, or does not exist.
+    pub async fn hold_not_open(&self, hold_id: &str) -> Result<StoreError, StoreError> {
+        let hold = query(statement!(sql::HOLD, hold_id))
+            .fetch_optional(&self.pool)
+            .await?;
+        let status = hold.map(|hold| hold.text("status")).transpose()?;
+        Ok(StoreError::hold_not_open(hold_id, status))
+    }
+
+    /// After a capture that changed nothing: that same capture, if it had
+    /// already landed, else why it was refused (see [`settled_capture`]).
+    pub async fn refused_capture(
+        &self,
+        hold_id: &str,
+        amount: Units,
+        beneficiary_id: i64,
+    ) -> Result<Posted, StoreError> {
+        let hold = query(statement!(sql::HOLD, hold_id))
+            .fetch_optional(&self.pool)
+            .await?;
+        settled_capture(hold_id, hold.as_ref(), amount, beneficiary_id)
+    }
+
+    async fn optional<T>(
+        &self,
+        statement: Statement<'_>,
+        read: fn(&DB::Row) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let row = query(statement).fetch_optional(&self.pool).await?;
+        row.as_ref().map(read).transpose()
+    }
+
+    async fn all<T>(
+        &self,
+        statement: Statement<'_>,
+        read: fn(&DB::Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = query(statement).fetch_all(&self.pool).await?;
+        rows.iter().map(read).collect()
+    }
+
+    pub async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
+        self.all(statement!(sql::BALANCES, wallet), rows::wallet_balance)
+            .await
+    }
+
+    pub async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError> {
+        self.all(statement!(sql::STATEMENT, wallet), rows::statement_line)
+            .await
+    }
+
+    pub async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
+        self.execute(Statement::create_intent(intent)).await?;
+        Ok(())
+    }
+
+    pub async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {
+        self.optional(statement!(sql::INTENT, id), rows::intent)
+            .await
+    }
+
+    pub async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
+        self.optional(
+            statement!(sql::STORED_RESULT, intent_id),
+            rows::stored_result,
+        )
+        .await
+    }
+
+    pub async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
+        self.execute(Statement::create_session(session)).await?;
+        Ok(())
+    }
+
+    pub async fn session(&self, id: &str) -> Result<Option<LocalSession>, StoreError> {
+        self.optional(statement!(sql::SESSION, id), rows::session)
+            .await
+    }
+
+    pub async fn list_sessions(&self, limit: i64) -> Result<Vec<LocalSession>, StoreError> {
+        self.all(statement!(sql::RECENT_SESSIONS, limit), rows::session)
+            .await
+    }
+
+    pub async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        self.execute(Statement::create_api_key(key, &key.scopes_text()))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        self.optional(statement!(sql::API_KEY, id), rows::api_key)
+            .await
+    }
+
+    pub async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        self.all(statement!(sql::API_KEYS), rows::api_key).await
+    }
+
+    pub async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .execute(statement!(sql::REVOKE_API_KEY, id, now))
+            .await?
+            > 0)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.execute(statement!("SELECT 1")).await?;
+        Ok(())
+    }
+
+    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let open_holds = query(statement!(sql::STATS_OPEN_HOLDS))
+            .fetch_one(&self.pool)
+            .await?;
+        let intents = query(statement!(sql::STATS_INTENTS))
+            .fetch_all(&self.pool)
+            .await?;
+        let revenue = query(statement!(sql::STATS_REVENUE))
+            .fetch_all(&self.pool)
+            .await?;
+        rows::stats(&open_holds, &intents, &revenue)
+    }
+
+    /// `ledger verify`'s checks, on a connection the backend holds in one
+    /// read snapshot.
+    pub async fn verify(conn: &mut DB::Connection, now: i64) -> Result<VerifyReport, StoreError> {
+        let found = verify::Found {
+            counts: query(statement!(verify::COUNTS))
+                .fetch_one(&mut *conn)
+                .await?,
+            unbalanced: query(statement!(verify::UNBALANCED))
+                .fetch_all(&mut *conn)
+                .await?,
+            orphan_entries: query(statement!(verify::ORPHAN_ENTRIES))
+                .fetch_all(&mut *conn)
+                .await?,
+            accounts: query(statement!(verify::ACCOUNTS))
+                .fetch_all(&mut *conn)
+                .await?,
+            stale_holds: query(statement!(verify::STALE_HOLDS, now))
+                .fetch_all(&mut *conn)
+                .await?,
+            over_captured: query(statement!(verify::OVER_CAPTURED))
+                .fetch_all(&mut *conn)
+                .await?,
+        };
+        found.report()
+    }
+}
