@@ -4,19 +4,27 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Type};
+use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Transaction, Type};
 
 use crate::money::Units;
 
 use super::{
-    AccountRef, ApiKey, Intent, LocalSession, Posted, StatementLine, StoreError, StoreStats,
-    StoredResult, VerifyReport, WalletBalance, now_ms,
-    posting::settled_capture,
+    AccountRef, ApiKey, Audit, Intent, IntentOutcome, LocalSession, Posted, StatementLine,
+    StoreError, StoreStats, StoredResult, VerifyReport, WalletBalance, new_txn_id, now_ms,
+    posting::{Settlement, TxnHeader, check_balanced, session_payment_audit, settled_capture},
     rows,
     rows::{Changed, Columns},
     sql::{self, Param, Statement, query, statement},
     verify,
 };
+
+/// How a backend reads what a session payment must keep unchanged until it
+/// commits: the session (`$1`: its id; columns `status`, `expires_at`) and
+/// the paying wallet (`$1`: its account id; column `available`).
+pub(super) struct PaymentLocks {
+    pub session: &'static str,
+    pub wallet: &'static str,
+}
 
 /// A backend's pool, with the statements every backend runs the same way.
 pub(super) struct Portable<DB: Database> {
@@ -195,6 +203,192 @@ where
             .fetch_all(&self.pool)
             .await?;
         rows::stats(&open_holds, &intents, &revenue)
+    }
+
+    /// Writes one balanced transaction: header and entries (a trigger moves
+    /// each wallet's balance). Entries are written in account order, so two
+    /// transactions touching the same accounts lock them in the same order.
+    async fn post(
+        conn: &mut DB::Connection,
+        header: TxnHeader<'_>,
+        entries: &[(i64, i64)],
+    ) -> Result<Posted, StoreError> {
+        check_balanced(header.kind, entries)?;
+        let mut entries = entries.to_vec();
+        entries.sort_unstable();
+        query(Statement::insert_transaction(&header))
+            .execute(&mut *conn)
+            .await?;
+        for (account_id, amount) in entries {
+            query(Statement::insert_entry(
+                &header.id, account_id, amount, header.at,
+            ))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(Posted {
+            txn_id: header.id,
+            at: header.at,
+        })
+    }
+
+    /// A top-up from `source_id` into `wallet_id`, in `tx`, committed.
+    pub async fn topup(
+        mut tx: Transaction<'_, DB>,
+        wallet_id: i64,
+        source_id: i64,
+        header: TxnHeader<'_>,
+    ) -> Result<Posted, StoreError> {
+        let amount = header.amount.0;
+        let posted = Self::post(
+            &mut tx,
+            header,
+            &[(source_id, -amount), (wallet_id, amount)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(posted)
+    }
+
+    /// awaiting_payment → paid for an intent paid outside the ledger, with
+    /// the money's arrival in clearing, in `tx`; false if it was not awaiting.
+    pub async fn mark_paid_externally(
+        mut tx: Transaction<'_, DB>,
+        intent: &Intent,
+        source_id: i64,
+        clearing_id: i64,
+        audit: &Audit,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let marked = query(statement!(sql::MARK_PAID, &intent.id, source_id, now))
+            .execute(&mut *tx)
+            .await?
+            .changed();
+        if marked == 0 {
+            return Ok(false);
+        }
+        let header = TxnHeader {
+            id: new_txn_id(),
+            kind: "session_payment",
+            currency: &intent.currency,
+            amount: intent.amount,
+            audit,
+            at: now,
+        };
+        Self::post(
+            &mut tx,
+            header,
+            &[
+                (source_id, -intent.amount.0),
+                (clearing_id, intent.amount.0),
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Stores a run's result and settles its money, in `tx`, committed.
+    pub async fn finish(
+        mut tx: Transaction<'_, DB>,
+        outcome: &IntentOutcome,
+        clearing_id: i64,
+        beneficiary_id: i64,
+    ) -> Result<Option<Posted>, StoreError> {
+        let row = query(Statement::finish_intent(outcome))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(StoreError::intent_not_running(&outcome.intent_id));
+        };
+        query(Statement::store_result(outcome))
+            .execute(&mut *tx)
+            .await?;
+        let settlement = Settlement::of(outcome, &row, beneficiary_id)?;
+        let posted = match settlement.destination {
+            Some((kind, to)) => Some(
+                Self::post(
+                    &mut tx,
+                    TxnHeader {
+                        id: outcome.txn_id.clone(),
+                        kind,
+                        currency: &outcome.beneficiary.currency,
+                        amount: settlement.amount,
+                        audit: &settlement.audit,
+                        at: outcome.at,
+                    },
+                    &[
+                        (clearing_id, -settlement.amount.0),
+                        (to, settlement.amount.0),
+                    ],
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        tx.commit().await?;
+        Ok(posted)
+    }
+
+    /// Pays a pending session from `source_id` into clearing, in `tx`. The
+    /// session and the paying wallet are read with the backend's `locks`,
+    /// so that nothing changes them before the transaction commits.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn pay_session(
+        mut tx: Transaction<'_, DB>,
+        locks: &PaymentLocks,
+        session: &LocalSession,
+        from_wallet: Option<&str>,
+        source_id: i64,
+        clearing_id: i64,
+        now: i64,
+    ) -> Result<Posted, StoreError> {
+        let id = session.id.as_str();
+        let row = query(statement!(locks.session, id))
+            .fetch_one(&mut *tx)
+            .await?;
+        let status = row.text("status")?;
+        if status == "pending" && now > row.int("expires_at")? {
+            query(statement!(sql::EXPIRE_SESSION, id, now))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Err(StoreError::session_not_pending(id, "expired".into()));
+        }
+        if status != "pending" {
+            return Err(StoreError::session_not_pending(id, status));
+        }
+        if let Some(wallet) = from_wallet {
+            let available = query(statement!(locks.wallet, source_id))
+                .fetch_one(&mut *tx)
+                .await?
+                .int("available")?;
+            if available < session.amount.0 {
+                return Err(StoreError::insufficient(wallet, session, available));
+            }
+        }
+        let audit = session_payment_audit(session, from_wallet);
+        let posted = Self::post(
+            &mut tx,
+            TxnHeader {
+                id: new_txn_id(),
+                kind: "session_payment",
+                currency: &session.currency,
+                amount: session.amount,
+                audit: &audit,
+                at: now,
+            },
+            &[
+                (source_id, -session.amount.0),
+                (clearing_id, session.amount.0),
+            ],
+        )
+        .await?;
+        query(statement!(sql::MARK_SESSION_PAID, id, source_id, now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(posted)
     }
 
     /// `ledger verify`'s checks, on a connection the backend holds in one

@@ -20,16 +20,13 @@ use std::{future::Future, str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
-    PgConnection, Postgres, Row, Transaction,
+    Postgres, Transaction,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
 };
 
 use super::{
-    portable::Portable,
-    posting::{
-        Settlement, TxnHeader, check_balanced, clearing, dev_settlement, external_payment_audit,
-        session_payment_audit, topup_audit, topups,
-    },
+    portable::{PaymentLocks, Portable},
+    posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
     sql::*,
     *,
 };
@@ -111,202 +108,6 @@ impl PgStore {
         retrying(|| self.db.account_id(account)).await
     }
 
-    /// Writes one balanced transaction: header and entries (balances follow
-    /// by trigger). Entries are written in account order, so two
-    /// transactions touching the same accounts lock them in the same order.
-    async fn post(
-        conn: &mut PgConnection,
-        header: TxnHeader<'_>,
-        entries: &[(i64, i64)],
-    ) -> Result<Posted, StoreError> {
-        check_balanced(header.kind, entries)?;
-        let mut entries = entries.to_vec();
-        entries.sort_unstable();
-        query(Statement::insert_transaction(&header))
-            .execute(&mut *conn)
-            .await?;
-        for (account_id, amount) in entries {
-            query(Statement::insert_entry(
-                &header.id, account_id, amount, header.at,
-            ))
-            .execute(&mut *conn)
-            .await?;
-        }
-        Ok(Posted {
-            txn_id: header.id,
-            at: header.at,
-        })
-    }
-
-    async fn topup_once(
-        &self,
-        wallet_id: i64,
-        source_id: i64,
-        header: TxnHeader<'_>,
-    ) -> Result<Posted, StoreError> {
-        let amount = header.amount.0;
-        let mut tx = self.tx().await?;
-        let posted = Self::post(
-            &mut tx,
-            header,
-            &[(source_id, -amount), (wallet_id, amount)],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(posted)
-    }
-
-    async fn mark_paid_externally(
-        &self,
-        intent: &Intent,
-        source_id: i64,
-        clearing_id: i64,
-        audit: &Audit,
-    ) -> Result<bool, StoreError> {
-        let now = now_ms();
-        let mut tx = self.tx().await?;
-        let done = sqlx::query(MARK_PAID)
-            .bind(&intent.id)
-            .bind(source_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        let header = TxnHeader {
-            id: new_txn_id(),
-            kind: "session_payment",
-            currency: &intent.currency,
-            amount: intent.amount,
-            audit,
-            at: now,
-        };
-        Self::post(
-            &mut tx,
-            header,
-            &[
-                (source_id, -intent.amount.0),
-                (clearing_id, intent.amount.0),
-            ],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn finish_once(
-        &self,
-        outcome: &IntentOutcome,
-        clearing_id: i64,
-        beneficiary_id: i64,
-    ) -> Result<Option<Posted>, StoreError> {
-        let currency = &outcome.beneficiary.currency;
-        let mut tx = self.tx().await?;
-        let row = query(Statement::finish_intent(outcome))
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
-            return Err(StoreError::intent_not_running(&outcome.intent_id));
-        };
-        query(Statement::store_result(outcome))
-            .execute(&mut *tx)
-            .await?;
-        let settlement = Settlement::of(outcome, &row, beneficiary_id)?;
-        let posted = match settlement.destination {
-            Some((kind, to)) => Some(
-                Self::post(
-                    &mut tx,
-                    TxnHeader {
-                        id: outcome.txn_id.clone(),
-                        kind,
-                        currency,
-                        amount: settlement.amount,
-                        audit: &settlement.audit,
-                        at: outcome.at,
-                    },
-                    &[
-                        (clearing_id, -settlement.amount.0),
-                        (to, settlement.amount.0),
-                    ],
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        tx.commit().await?;
-        Ok(posted)
-    }
-
-    async fn pay_session_once(
-        &self,
-        session: &LocalSession,
-        from_wallet: Option<&str>,
-        source_id: i64,
-        clearing_id: i64,
-        now: i64,
-    ) -> Result<Posted, StoreError> {
-        let id = session.id.as_str();
-        let mut tx = self.tx().await?;
-        // Lock the session first: a concurrent payment of it waits here and
-        // then sees it paid.
-        let row =
-            sqlx::query("SELECT status, expires_at FROM payment_sessions WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-        let status: String = row.try_get("status")?;
-        let expires_at: i64 = row.try_get("expires_at")?;
-        if status == "pending" && now > expires_at {
-            sqlx::query(EXPIRE_SESSION)
-                .bind(id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Err(StoreError::session_not_pending(id, "expired".into()));
-        }
-        if status != "pending" {
-            return Err(StoreError::session_not_pending(id, status));
-        }
-        if let Some(wallet) = from_wallet {
-            // The wallet's row stays locked until the debit commits.
-            let available: i64 =
-                sqlx::query_scalar("SELECT balance - held FROM accounts WHERE id = $1 FOR UPDATE")
-                    .bind(source_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if available < session.amount.0 {
-                return Err(StoreError::insufficient(wallet, session, available));
-            }
-        }
-        let audit = session_payment_audit(session, from_wallet);
-        let posted = Self::post(
-            &mut tx,
-            TxnHeader {
-                id: new_txn_id(),
-                kind: "session_payment",
-                currency: &session.currency,
-                amount: session.amount,
-                audit: &audit,
-                at: now,
-            },
-            &[
-                (source_id, -session.amount.0),
-                (clearing_id, session.amount.0),
-            ],
-        )
-        .await?;
-        sqlx::query(MARK_SESSION_PAID)
-            .bind(id)
-            .bind(source_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(posted)
-    }
-
     async fn sweep_once(&self, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.tx().await?;
         // Rows another instance is sweeping (or capturing) right now are
@@ -347,6 +148,13 @@ impl PgStore {
     }
 }
 
+/// A session payment locks the session first (a concurrent payment of it
+/// waits, then sees it paid), then the paying wallet, until it commits.
+const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
+    session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1 FOR UPDATE",
+    wallet: "SELECT balance - held AS available FROM accounts WHERE id = $1 FOR UPDATE",
+};
+
 #[async_trait]
 impl Store for PgStore {
     async fn topup(
@@ -373,7 +181,7 @@ impl Store for PgStore {
                 audit: &audit,
                 at,
             };
-            self.topup_once(wallet_id, source_id, header)
+            async move { Portable::topup(self.tx().await?, wallet_id, source_id, header).await }
         })
         .await
     }
@@ -537,7 +345,17 @@ impl Store for PgStore {
         let source_id = self.account_id(&source).await?;
         let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
         let audit = external_payment_audit(&intent, account);
-        retrying(|| self.mark_paid_externally(&intent, source_id, clearing_id, &audit)).await
+        retrying(|| async {
+            Portable::mark_paid_externally(
+                self.tx().await?,
+                &intent,
+                source_id,
+                clearing_id,
+                &audit,
+            )
+            .await
+        })
+        .await
     }
 
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
@@ -545,7 +363,10 @@ impl Store for PgStore {
             .account_id(&clearing(&outcome.beneficiary.currency))
             .await?;
         let beneficiary_id = self.account_id(&outcome.beneficiary).await?;
-        retrying(|| self.finish_once(outcome, clearing_id, beneficiary_id)).await
+        retrying(|| async {
+            Portable::finish(self.tx().await?, outcome, clearing_id, beneficiary_id).await
+        })
+        .await
     }
 
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
@@ -579,7 +400,19 @@ impl Store for PgStore {
         };
         let source_id = self.account_id(&source).await?;
         let clearing_id = self.account_id(&clearing(&session.currency)).await?;
-        retrying(|| self.pay_session_once(&session, from_wallet, source_id, clearing_id, now)).await
+        retrying(|| async {
+            Portable::pay_session(
+                self.tx().await?,
+                &PAYMENT_LOCKS,
+                &session,
+                from_wallet,
+                source_id,
+                clearing_id,
+                now,
+            )
+            .await
+        })
+        .await
     }
 
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError> {

@@ -9,7 +9,7 @@ use std::{str::FromStr, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
-    Row, Sqlite, SqliteConnection, Transaction,
+    Sqlite, Transaction,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
@@ -20,11 +20,8 @@ mod fast_writes;
 use fast_writes::{FastWrite, FastWriter};
 
 use super::{
-    portable::Portable,
-    posting::{
-        Settlement, TxnHeader, check_balanced, clearing, dev_settlement, external_payment_audit,
-        session_payment_audit, topup_audit, topups,
-    },
+    portable::{PaymentLocks, Portable},
+    posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
     sql::*,
     *,
 };
@@ -94,32 +91,14 @@ impl SqliteStore {
     async fn write_tx(&self) -> Result<Transaction<'_, Sqlite>, StoreError> {
         Ok(self.db.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
-
-    /// Writes one balanced transaction: header and entries (balances follow
-    /// by trigger).
-    async fn post(
-        conn: &mut SqliteConnection,
-        header: TxnHeader<'_>,
-        entries: &[(i64, i64)],
-    ) -> Result<Posted, StoreError> {
-        check_balanced(header.kind, entries)?;
-        query(Statement::insert_transaction(&header))
-            .execute(&mut *conn)
-            .await?;
-        for &(account_id, amount) in entries {
-            // The `ledger_entries_post` trigger moves the account's balance.
-            query(Statement::insert_entry(
-                &header.id, account_id, amount, header.at,
-            ))
-            .execute(&mut *conn)
-            .await?;
-        }
-        Ok(Posted {
-            txn_id: header.id,
-            at: header.at,
-        })
-    }
 }
+
+/// The IMMEDIATE transaction a session payment runs in holds the write
+/// lock: plain reads see what nothing can change before it commits.
+const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
+    session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1",
+    wallet: "SELECT balance - held AS available FROM accounts WHERE id = $1",
+};
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -137,22 +116,15 @@ impl Store for SqliteStore {
         let wallet_id = self.db.account_id(wallet).await?;
         let source_id = self.db.account_id(&topups(&wallet.currency)).await?;
         let audit = topup_audit(wallet, memo);
-        let mut tx = self.write_tx().await?;
-        let posted = Self::post(
-            &mut tx,
-            TxnHeader {
-                id: new_txn_id(),
-                kind: "topup",
-                currency: &wallet.currency,
-                amount,
-                audit: &audit,
-                at: now_ms(),
-            },
-            &[(source_id, -amount.0), (wallet_id, amount.0)],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(posted)
+        let header = TxnHeader {
+            id: new_txn_id(),
+            kind: "topup",
+            currency: &wallet.currency,
+            amount,
+            audit: &audit,
+            at: now_ms(),
+        };
+        Portable::topup(self.write_tx().await?, wallet_id, source_id, header).await
     }
 
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
@@ -298,7 +270,6 @@ impl Store for SqliteStore {
     }
 
     async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
-        let now = now_ms();
         let account = match funding {
             Funding::InClearing { refund_to } => {
                 let refund_id = match refund_to {
@@ -308,7 +279,7 @@ impl Store for SqliteStore {
                 let done = sqlx::query(MARK_PAID)
                     .bind(id)
                     .bind(refund_id)
-                    .bind(now)
+                    .bind(now_ms())
                     .execute(&self.db.pool)
                     .await?;
                 return Ok(done.rows_affected() > 0);
@@ -324,75 +295,23 @@ impl Store for SqliteStore {
         let source_id = self.db.account_id(&source).await?;
         let clearing_id = self.db.account_id(&clearing(&intent.currency)).await?;
         let audit = external_payment_audit(&intent, account);
-        let mut tx = self.write_tx().await?;
-        let done = sqlx::query(MARK_PAID)
-            .bind(id)
-            .bind(source_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Ok(false);
-        }
-        let header = TxnHeader {
-            id: new_txn_id(),
-            kind: "session_payment",
-            currency: &intent.currency,
-            amount: intent.amount,
-            audit: &audit,
-            at: now,
-        };
-        Self::post(
-            &mut tx,
-            header,
-            &[
-                (source_id, -intent.amount.0),
-                (clearing_id, intent.amount.0),
-            ],
+        Portable::mark_paid_externally(
+            self.write_tx().await?,
+            &intent,
+            source_id,
+            clearing_id,
+            &audit,
         )
-        .await?;
-        tx.commit().await?;
-        Ok(true)
+        .await
     }
 
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
-        let currency = &outcome.beneficiary.currency;
-        let clearing_id = self.db.account_id(&clearing(currency)).await?;
+        let clearing_id = self
+            .db
+            .account_id(&clearing(&outcome.beneficiary.currency))
+            .await?;
         let beneficiary_id = self.db.account_id(&outcome.beneficiary).await?;
-        let mut tx = self.write_tx().await?;
-        let row = query(Statement::finish_intent(outcome))
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
-            return Err(StoreError::intent_not_running(&outcome.intent_id));
-        };
-        query(Statement::store_result(outcome))
-            .execute(&mut *tx)
-            .await?;
-        let settlement = Settlement::of(outcome, &row, beneficiary_id)?;
-        let posted = match settlement.destination {
-            Some((kind, to)) => Some(
-                Self::post(
-                    &mut tx,
-                    TxnHeader {
-                        id: outcome.txn_id.clone(),
-                        kind,
-                        currency,
-                        amount: settlement.amount,
-                        audit: &settlement.audit,
-                        at: outcome.at,
-                    },
-                    &[
-                        (clearing_id, -settlement.amount.0),
-                        (to, settlement.amount.0),
-                    ],
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        tx.commit().await?;
-        Ok(posted)
+        Portable::finish(self.write_tx().await?, outcome, clearing_id, beneficiary_id).await
     }
 
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
@@ -426,63 +345,16 @@ impl Store for SqliteStore {
         };
         let source_id = self.db.account_id(&source).await?;
         let clearing_id = self.db.account_id(&clearing(&session.currency)).await?;
-
-        let mut tx = self.write_tx().await?;
-        // Re-read inside the write transaction: the status may have moved.
-        let row = sqlx::query("SELECT status, expires_at FROM payment_sessions WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let status: String = row.try_get("status")?;
-        let expires_at: i64 = row.try_get("expires_at")?;
-        if status == "pending" && now > expires_at {
-            sqlx::query(EXPIRE_SESSION)
-                .bind(id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Err(StoreError::session_not_pending(id, "expired".into()));
-        }
-        if status != "pending" {
-            return Err(StoreError::session_not_pending(id, status));
-        }
-        if let Some(wallet) = from_wallet {
-            // Checked inside the IMMEDIATE transaction: no writer can slip in.
-            let available: i64 =
-                sqlx::query_scalar("SELECT balance - held FROM accounts WHERE id = $1")
-                    .bind(source_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            if available < session.amount.0 {
-                return Err(StoreError::insufficient(wallet, &session, available));
-            }
-        }
-        let audit = session_payment_audit(&session, from_wallet);
-        let posted = Self::post(
-            &mut tx,
-            TxnHeader {
-                id: new_txn_id(),
-                kind: "session_payment",
-                currency: &session.currency,
-                amount: session.amount,
-                audit: &audit,
-                at: now,
-            },
-            &[
-                (source_id, -session.amount.0),
-                (clearing_id, session.amount.0),
-            ],
+        Portable::pay_session(
+            self.write_tx().await?,
+            &PAYMENT_LOCKS,
+            &session,
+            from_wallet,
+            source_id,
+            clearing_id,
+            now,
         )
-        .await?;
-        sqlx::query(MARK_SESSION_PAID)
-            .bind(id)
-            .bind(source_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(posted)
+        .await
     }
 
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError> {
