@@ -1,22 +1,44 @@
 //! Group commit for the fast path's writes (hold, capture, release).
 //!
-//! Each is one conditional statement, atomic on its own. One task owns a
-//! dedicated connection and runs them: a lone write goes straight through
-//! (one round trip, one commit), while writes that queued up meanwhile from
-//! concurrent calls share one `BEGIN IMMEDIATE … COMMIT` script, so many
-//! calls pay for one commit and one round trip to SQLite's worker thread.
+//! Each is one conditional statement, atomic on its own. They all go through
+//! one dedicated connection (rusqlite, not sqlx: sqlx runs every statement on
+//! a worker thread of its own, and those hand-offs, not SQLite, were most of
+//! a write's time). Writes are queued, and whoever runs the queue runs all
+//! that is in it in one `BEGIN IMMEDIATE … COMMIT`, so writes from
+//! concurrent calls share a commit:
+//!
+//! - under `synchronous = normal` the caller runs it (flat combining), after
+//!   letting the runtime's other ready calls queue their writes: a lone call
+//!   costs no hand-off at all. It never waits for SQLite's write lock on a
+//!   runtime thread (the holder may be a transaction that needs that thread
+//!   to finish): if another connection holds it, the writer thread takes
+//!   over;
+//! - under `synchronous = full` the writer thread always runs it, so that no
+//!   runtime thread waits on an fsync, and writes that arrive during one
+//!   fsync share the next.
+//!
 //! Statements in a batch run in order inside one transaction, so each sees
-//! the balances the ones before it left: the same result as running them
-//! one by one. If a batch fails, it is rolled back and every write is retried
-//! on its own, so one bad write cannot fail its neighbours.
+//! the balances the ones before it left: the same result as running them one
+//! by one. A statement that fails is undone on its own (SQLite rolls back
+//! just that statement), so one bad write cannot fail its neighbours.
 
-use sqlx::{Row, Sqlite, SqliteConnection, query::Query, sqlite::SqliteArguments};
-use tokio::sync::{mpsc, oneshot};
+use std::{
+    collections::VecDeque,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard, TryLockError, mpsc},
+    time::Duration,
+};
 
-use crate::store::StoreError;
+use rusqlite::{Connection, ErrorCode, OpenFlags, params};
+use tokio::sync::oneshot;
+
+use crate::{config::Synchronous, store::StoreError};
 
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 64;
+
+/// How long the writer thread waits for another connection's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub(super) enum FastWrite {
@@ -45,32 +67,9 @@ pub(super) enum FastWrite {
 }
 
 impl FastWrite {
-    /// The statement. Its parameters are plain `?`, bound in order of
-    /// appearance by [`FastWrite::bind`]: sqlx numbers plain parameters
-    /// across the statements of a script, but not `?NNN` ones.
-    fn sql(&self) -> &'static str {
-        match self {
-            FastWrite::Hold { .. } => {
-                "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
-                 SELECT ?, id, ?, 'open', ?, ?, ?, ?, ? FROM accounts
-                 WHERE kind = 'wallet' AND name = ? AND currency = ? AND balance - held >= ?"
-            }
-            FastWrite::Capture { .. } => {
-                "UPDATE holds SET status = 'captured', captured = ?, settled_at = ?, txn_id = ?,
-                                  beneficiary_account_id = ?
-                 WHERE id = ? AND status = 'open' AND amount >= ?"
-            }
-            FastWrite::Release { .. } => {
-                "UPDATE holds SET status = 'released', settled_at = ? WHERE id = ? AND status = 'open'"
-            }
-        }
-    }
-
-    fn bind<'q>(
-        &'q self,
-        q: Query<'q, Sqlite, SqliteArguments<'q>>,
-    ) -> Query<'q, Sqlite, SqliteArguments<'q>> {
-        match self {
+    /// Runs the write's statement; `Ok(true)` when it changed its row.
+    fn run(&self, conn: &Connection) -> rusqlite::Result<bool> {
+        let changed = match self {
             FastWrite::Hold {
                 id,
                 principal,
@@ -80,32 +79,33 @@ impl FastWrite {
                 args_hash,
                 created_at,
                 expires_at,
-            } => q
-                .bind(id)
-                .bind(amount)
-                .bind(principal)
-                .bind(tool)
-                .bind(args_hash)
-                .bind(created_at)
-                .bind(expires_at)
-                .bind(principal)
-                .bind(currency)
-                .bind(amount),
+            } => conn
+                .prepare_cached(
+                    "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
+                     SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, ?6, ?7 FROM accounts
+                     WHERE kind = 'wallet' AND name = ?3 AND currency = ?8 AND balance - held >= ?2",
+                )?
+                .execute(params![id, amount, principal, tool, args_hash, created_at, expires_at, currency])?,
             FastWrite::Capture {
                 hold_id,
                 amount,
                 at,
                 txn_id,
                 beneficiary_id,
-            } => q
-                .bind(amount)
-                .bind(at)
-                .bind(txn_id)
-                .bind(beneficiary_id)
-                .bind(hold_id)
-                .bind(amount),
-            FastWrite::Release { hold_id, at } => q.bind(at).bind(hold_id),
-        }
+            } => conn
+                .prepare_cached(
+                    "UPDATE holds SET status = 'captured', captured = ?1, settled_at = ?2, txn_id = ?3,
+                                      beneficiary_account_id = ?4
+                     WHERE id = ?5 AND status = 'open' AND amount >= ?1",
+                )?
+                .execute(params![amount, at, txn_id, beneficiary_id, hold_id])?,
+            FastWrite::Release { hold_id, at } => conn
+                .prepare_cached(
+                    "UPDATE holds SET status = 'released', settled_at = ?1 WHERE id = ?2 AND status = 'open'",
+                )?
+                .execute(params![at, hold_id])?,
+        };
+        Ok(changed == 1)
     }
 }
 
@@ -113,112 +113,217 @@ impl FastWrite {
 /// did not hold (not enough funds, hold not open, capture above the hold).
 type Outcome = Result<bool, StoreError>;
 
+type Queued = (FastWrite, oneshot::Sender<Outcome>);
+
 pub(super) struct FastWriter {
-    queue: mpsc::UnboundedSender<(FastWrite, oneshot::Sender<Outcome>)>,
+    queue: Arc<Queue>,
+    /// Wakes the writer thread, which runs the queue.
+    writer_thread: mpsc::Sender<()>,
+    /// Whether callers run the queue themselves (`synchronous = normal`).
+    combine: bool,
+}
+
+struct Queue {
+    conn: Mutex<Connection>,
+    writes: Mutex<VecDeque<Queued>>,
+}
+
+/// Who is running the queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Runner {
+    /// A call, on a runtime thread: it must not wait for the write lock.
+    Caller,
+    WriterThread,
 }
 
 impl FastWriter {
-    pub(super) fn spawn(conn: SqliteConnection) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(conn, rx));
-        Self { queue }
+    /// Opens the writer's connection to the database file and starts the
+    /// writer thread, which ends when the store is dropped.
+    pub(super) fn open(path: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
+        let queue = Arc::new(Queue {
+            conn: Mutex::new(open(path, synchronous).map_err(unavailable)?),
+            writes: Mutex::new(VecDeque::new()),
+        });
+        let (writer_thread, woken) = mpsc::channel::<()>();
+        let thread_queue = queue.clone();
+        std::thread::Builder::new()
+            .name("tollgate-writer".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    while woken.try_recv().is_ok() {}
+                    thread_queue.run(Runner::WriterThread);
+                }
+            })
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        Ok(Self {
+            queue,
+            writer_thread,
+            combine: synchronous == Synchronous::Normal,
+        })
     }
 
     pub(super) async fn write(&self, write: FastWrite) -> Outcome {
         let (reply, outcome) = oneshot::channel();
+        lock(&self.queue.writes).push_back((write, reply));
+        // Calls the runtime has ready get to queue their writes first, so
+        // that they share this commit. (A call dropped here leaves its write
+        // to whoever runs the queue next.)
+        let handed_over = if self.combine {
+            tokio::task::yield_now().await;
+            self.queue.run(Runner::Caller) == Ran::Busy
+        } else {
+            true
+        };
         let stopped = || StoreError::Corrupt("the store's writer has stopped".into());
-        self.queue.send((write, reply)).map_err(|_| stopped())?;
+        if handed_over {
+            self.writer_thread.send(()).map_err(|_| stopped())?;
+        }
         outcome.await.map_err(|_| stopped())?
     }
 }
 
-async fn run(
-    mut conn: SqliteConnection,
-    mut rx: mpsc::UnboundedReceiver<(FastWrite, oneshot::Sender<Outcome>)>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+#[derive(PartialEq, Eq)]
+enum Ran {
+    /// Nothing left in the queue, or another runner will see to it.
+    Done,
+    /// Another connection holds the write lock; what is queued is left.
+    Busy,
+}
+
+impl Queue {
+    /// Runs what is queued if the connection is free. A caller that finds it
+    /// busy leaves its write to the holder, which looks at the queue again
+    /// after letting go of the connection: a write queued before a failed
+    /// `try_lock` is always seen.
+    fn run(&self, runner: Runner) -> Ran {
+        loop {
+            let conn = match self.conn.try_lock() {
+                Ok(conn) => conn,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) if runner == Runner::WriterThread => lock(&self.conn),
+                Err(TryLockError::WouldBlock) => return Ran::Done,
+            };
+            let timeout = match runner {
+                Runner::Caller => Duration::ZERO,
+                Runner::WriterThread => BUSY_TIMEOUT,
+            };
+            if let Err(e) = conn.busy_timeout(timeout) {
+                tracing::warn!("cannot set the writer's busy timeout: {e}");
             }
-        }
-        if batch.len() > 1 {
-            match run_batch(&mut conn, &batch).await {
-                Ok(outcomes) => {
-                    for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
-                        let _ = reply.send(Ok(outcome));
-                    }
-                    continue;
+            loop {
+                let mut writes = lock(&self.writes);
+                let cut = writes.len().min(MAX_BATCH);
+                let batch: Vec<Queued> = writes.drain(..cut).collect();
+                drop(writes);
+                if batch.is_empty() {
+                    break;
                 }
-                Err(e) => {
-                    tracing::debug!(
-                        "batch of {} fast writes failed ({e}); retrying one by one",
-                        batch.len()
-                    );
-                    if sqlx::query("ROLLBACK").execute(&mut conn).await.is_err() {
-                        tracing::debug!("nothing to roll back");
+                if let Err(batch) = run(&conn, batch) {
+                    // Put back in front, in order, for the writer thread.
+                    let mut writes = lock(&self.writes);
+                    for queued in batch.into_iter().rev() {
+                        writes.push_front(queued);
                     }
+                    return Ran::Busy;
                 }
             }
-        }
-        for (write, reply) in batch {
-            let outcome = run_one(&mut conn, &write).await;
-            let _ = reply.send(outcome);
+            drop(conn);
+            if lock(&self.writes).is_empty() {
+                return Ran::Done;
+            }
         }
     }
 }
 
-/// A lone write: one autocommit statement, which takes the write lock at
-/// its start (so it cannot fail to upgrade like a deferred transaction).
-async fn run_one(conn: &mut SqliteConnection, write: &FastWrite) -> Outcome {
-    let done = write
-        .bind(sqlx::query(write.sql()))
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
+/// A panic elsewhere cannot leave a queue or a connection half-changed in a
+/// way that matters here: both are used as they are.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-async fn run_batch(
-    conn: &mut SqliteConnection,
-    batch: &[(FastWrite, oneshot::Sender<Outcome>)],
-) -> Result<Vec<bool>, StoreError> {
-    let mut sql = String::from("BEGIN IMMEDIATE;\n");
-    for (write, _) in batch {
-        sql.push_str(write.sql());
-        // changes() counts the rows the statement just before changed itself.
-        sql.push_str(";\nSELECT changes();\n");
+/// The same settings as the store's pool: WAL (set when the pool opened the
+/// file) and the configured durability.
+fn open(path: &Path, synchronous: Synchronous) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// A failure of the database under the writer: the same answer the pool's
+/// failures give, so callers retry or refuse the call the same way.
+fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+    StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(e)))
+}
+
+/// Runs one batch and answers each write, or gives the batch back untouched
+/// when the write lock is taken and the connection may not wait for it.
+fn run(conn: &Connection, batch: Vec<Queued>) -> Result<(), Vec<Queued>> {
+    let outcomes = match run_batch(conn, batch.iter().map(|(write, _)| write)) {
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => return Err(batch),
+        Err(e) => {
+            tracing::error!("a batch of {} fast writes failed: {e}", batch.len());
+            let e = e.to_string();
+            batch.iter().map(|_| Err(unavailable(e.clone()))).collect()
+        }
+        Ok(outcomes) => outcomes,
+    };
+    for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
+        let _ = reply.send(outcome);
     }
-    sql.push_str("COMMIT;");
-    // Batches differ in shape, so their scripts are not worth caching.
-    let mut query = sqlx::query(&sql).persistent(false);
-    for (write, _) in batch {
-        query = write.bind(query);
+    Ok(())
+}
+
+/// One transaction for the batch. A write that fails is undone alone and
+/// answered with its error; the others commit. `Err` only when the
+/// transaction itself failed: nothing of it was kept.
+fn run_batch<'a>(
+    conn: &Connection,
+    batch: impl Iterator<Item = &'a FastWrite>,
+) -> rusqlite::Result<Vec<Outcome>> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let mut outcomes = Vec::new();
+    for write in batch {
+        match write.run(conn) {
+            // The error ended the whole transaction (SQLite does so for I/O
+            // errors, a full disk and the like): the writes before it were
+            // rolled back too.
+            Err(e) if conn.is_autocommit() => return Err(e),
+            outcome => outcomes.push(outcome.map_err(unavailable)),
+        }
     }
-    // fetch_all, not fetch_optional: every statement, COMMIT included, must run.
-    let rows = query.fetch_all(&mut *conn).await?;
-    if rows.len() != batch.len() {
-        return Err(StoreError::Corrupt(format!(
-            "batch of {} writes returned {} outcomes",
-            batch.len(),
-            rows.len()
-        )));
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
+            tracing::debug!("nothing to roll back");
+        }
+        return Err(e);
     }
-    rows.iter()
-        .map(|row| Ok(row.try_get::<i64, _>(0)? == 1))
-        .collect()
+    Ok(outcomes)
 }
 
 #[cfg(test)]
 mod tests {
-    use sqlx::Connection;
-
     use super::*;
     use crate::{
         config::Synchronous,
         money::{Currency, Units},
-        store::{AccountRef, SqliteStore, Store, now_ms},
+        store::{AccountKind, AccountRef, HoldOutcome, HoldRequest, SqliteStore, Store, now_ms},
     };
 
     fn hold(id: &str, amount: i64) -> FastWrite {
@@ -234,11 +339,8 @@ mod tests {
         }
     }
 
-    /// A long mixed batch behaves exactly like the same writes one by one,
-    /// and is committed.
-    #[tokio::test]
-    async fn a_mixed_batch_is_applied_in_order_and_committed() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store whose wallet `w` holds 100 units.
+    async fn funded_store(dir: &tempfile::TempDir) -> SqliteStore {
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let store = SqliteStore::connect(&url, Synchronous::Normal)
             .await
@@ -248,6 +350,15 @@ mod tests {
             .topup(&AccountRef::wallet("w", &usd), Units(100), None)
             .await
             .unwrap();
+        store
+    }
+
+    /// A long mixed batch behaves exactly like the same writes one by one,
+    /// and is committed.
+    #[tokio::test]
+    async fn a_mixed_batch_is_applied_in_order_and_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = funded_store(&dir).await;
 
         let mut writes = Vec::new();
         let mut expected = Vec::new();
@@ -273,13 +384,13 @@ mod tests {
             writes.push(hold(&format!("h{i}"), 10));
             expected.push(i < 14);
         }
-        let batch: Vec<_> = writes
+        let conn = open(&dir.path().join("t.db"), Synchronous::Normal).unwrap();
+        let outcomes: Vec<bool> = run_batch(&conn, writes.iter())
+            .unwrap()
             .into_iter()
-            .map(|w| (w, oneshot::channel().0))
+            .map(|outcome| outcome.unwrap())
             .collect();
-
-        let mut conn = SqliteConnection::connect(&url).await.unwrap();
-        assert_eq!(run_batch(&mut conn, &batch).await.unwrap(), expected);
+        assert_eq!(outcomes, expected);
         let balances = store.balances("w").await.unwrap();
         assert_eq!(
             balances[0].held,
@@ -287,5 +398,107 @@ mod tests {
             "committed and visible to other connections"
         );
         assert_eq!(balances[0].available, Units(0));
+    }
+
+    /// A write that fails (here a hold id used twice) is undone alone; the
+    /// writes around it commit.
+    #[tokio::test]
+    async fn a_failing_write_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = funded_store(&dir).await;
+        let conn = open(&dir.path().join("t.db"), Synchronous::Normal).unwrap();
+        let writes = [hold("h1", 10), hold("h1", 10), hold("h2", 10)];
+        let outcomes = run_batch(&conn, writes.iter()).unwrap();
+        assert!(matches!(outcomes[0], Ok(true)));
+        assert!(
+            matches!(outcomes[1], Err(StoreError::Unavailable(_))),
+            "{:?}",
+            outcomes[1]
+        );
+        assert!(matches!(outcomes[2], Ok(true)));
+        assert_eq!(store.balances("w").await.unwrap()[0].held, Units(20));
+    }
+
+    /// While another connection holds SQLite's write lock, a fast write does
+    /// not wait for it on the runtime's thread: that thread may be the one
+    /// the holder needs to finish. Here the runtime has one thread, and the
+    /// lock is given up by a task on it, which could not run before the
+    /// busy timeout ran out had the write blocked the thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_waits_for_another_writer_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = funded_store(&dir).await;
+        let path = dir.path().join("t.db");
+        let writer = Arc::new(FastWriter::open(&path, Synchronous::Normal).unwrap());
+        let other = open(&path, Synchronous::Normal).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let started = std::time::Instant::now();
+
+        let write = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.write(hold("h1", 10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!write.is_finished(), "the lock is still held");
+        other.execute_batch("COMMIT").unwrap();
+        assert!(
+            started.elapsed() < BUSY_TIMEOUT,
+            "the runtime's thread was held waiting for the lock"
+        );
+        assert!(write.await.unwrap().unwrap(), "held once the lock was free");
+    }
+
+    /// 64 concurrent calls against a wallet that covers 20 of them, under
+    /// both ways of running the queue: exactly 20 are charged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_calls_are_charged_exactly_what_the_wallet_covers() {
+        for synchronous in [Synchronous::Normal, Synchronous::Full] {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("t.db").display());
+            let store = Arc::new(SqliteStore::connect(&url, synchronous).await.unwrap());
+            let usd = Currency::parse("USD").unwrap();
+            let revenue = AccountRef::new(AccountKind::Revenue, "author", &usd);
+            store
+                .topup(&AccountRef::wallet("w", &usd), Units(20), None)
+                .await
+                .unwrap();
+            let calls: Vec<_> = (0..64)
+                .map(|i| {
+                    let (store, usd, revenue) = (store.clone(), usd.clone(), revenue.clone());
+                    tokio::spawn(async move {
+                        let request = HoldRequest {
+                            hold_id: format!("h{i}"),
+                            principal: "w".into(),
+                            amount: Units(1),
+                            currency: usd,
+                            tool: "echo".into(),
+                            args_hash: "h".into(),
+                            expires_at: now_ms() + 60_000,
+                        };
+                        if store.hold(&request).await.unwrap() != HoldOutcome::Held {
+                            return 0;
+                        }
+                        store
+                            .capture(&request.hold_id, Units(1), &revenue)
+                            .await
+                            .unwrap();
+                        1
+                    })
+                })
+                .collect();
+            let mut charged = 0;
+            for call in calls {
+                charged += call.await.unwrap();
+            }
+            assert_eq!(charged, 20, "{synchronous:?}");
+            let wallet = &store.balances("w").await.unwrap()[0];
+            assert_eq!((wallet.available, wallet.held), (Units(0), Units(0)));
+            let report = store.verify(now_ms()).await.unwrap();
+            assert!(
+                report.problems.is_empty(),
+                "{synchronous:?}: {:?}",
+                report.problems
+            );
+        }
     }
 }

@@ -30,9 +30,8 @@ use crate::{config::Synchronous, keys::ApiKey};
 pub struct SqliteStore {
     db: Portable<Sqlite>,
     /// The fast path's writes (hold, capture, release) go through one
-    /// connection of their own, with group commit. A pooled connection would
-    /// cost extra round trips to SQLite's worker thread per use (sqlx pings
-    /// it on release), and SQLite serialises writers anyway.
+    /// connection of their own, with group commit
+    /// (see `fast_writes`). SQLite serialises writers anyway.
     fast_writes: FastWriter,
 }
 
@@ -55,7 +54,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
-        let fast_writes = FastWriter::spawn(sqlx::ConnectOptions::connect(&options).await?);
+        let fast_writes = FastWriter::open(options.get_filename(), synchronous)?;
         let store = Self {
             db: Portable::new(pool),
             fast_writes,
