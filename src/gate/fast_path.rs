@@ -10,7 +10,7 @@ use super::{CallScope, Gate, PricedCall, catalog::Entry, recording, reply};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
-    store::{HoldOutcome, HoldRequest, new_id, now_ms, rfc3339},
+    store::{HoldOutcome, HoldRequest, new_payment_id, now_ms, rfc3339},
 };
 
 /// A hold outlives any sane tool run; past this a crashed server's hold is
@@ -30,7 +30,7 @@ impl Gate {
         if call.price.amount > self.settings.approval_threshold {
             return None;
         }
-        let payment_id = new_id("pay");
+        let payment_id = new_payment_id();
         let ttl = HOLD_TTL.max(self.settings.payment_ttl);
         let hold = HoldRequest {
             hold_id: payment_id.clone(),

@@ -9,7 +9,7 @@ use crate::{
     config::Mode,
     money::format_amount,
     provider::SessionRequest,
-    store::{Intent, IntentStatus, new_id, now_ms, rfc3339},
+    store::{Intent, IntentStatus, new_payment_id, now_ms, rfc3339},
 };
 
 /// Why a session is opened: to take a payment, or for a person to approve
@@ -65,7 +65,7 @@ impl Gate {
         purpose: Purpose,
     ) -> Result<Opened, CallToolResult> {
         let now = now_ms();
-        let payment_id = new_id("pay");
+        let payment_id = new_payment_id();
         let expires_at = now + self.settings.payment_ttl.as_millis() as i64;
         let amount = format_amount(call.price.amount);
         let currency = call.price.currency.as_str();

@@ -127,6 +127,12 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A payment id: time-ordered (UUIDv7), so holds and intents grow at their
+/// table's right edge, and with 74 random bits, so it cannot be guessed.
+pub fn new_payment_id() -> String {
+    format!("pay_{}", uuid::Uuid::now_v7().simple())
+}
+
 /// A ledger transaction id. Time-ordered (UUIDv7), so the ledger's tables
 /// grow at their right edge instead of touching a random page per insert.
 pub fn new_txn_id() -> String {
