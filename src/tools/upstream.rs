@@ -48,6 +48,10 @@ type Route = (Peer<RoleServer>, ProgressToken);
 /// hands back the request it sent (the token is only known then).
 const EARLY_PROGRESS_KEPT: Duration = Duration::from_secs(5);
 
+/// How long a finished call's route stays open for progress notifications
+/// the upstream sent before its answer but rmcp handed over after it.
+const LATE_PROGRESS_RELAYED: Duration = Duration::from_secs(1);
+
 /// The routes of calls in flight, and notifications that beat their route.
 #[derive(Default)]
 struct Routes {
@@ -89,6 +93,19 @@ impl Relay {
         for (_, params) in early {
             relay_progress(&route, params).await;
         }
+    }
+
+    /// Closes a finished call's route. rmcp hands each notification to a
+    /// task of its own, so progress the upstream sent before its answer may
+    /// be handled after the answer is: give those tasks a turn, and keep the
+    /// route open a while for any that are later still.
+    async fn close_route_soon(&self, upstream: ProgressToken) {
+        tokio::task::yield_now().await;
+        let relay = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(LATE_PROGRESS_RELAYED).await;
+            relay.close_route(&upstream);
+        });
     }
 
     fn close_route(&self, upstream: &ProgressToken) {
@@ -458,7 +475,7 @@ impl ToolBackend for Upstream {
             outcome = handle.await_response() => Some(outcome),
             () = context.cancelled.cancelled() => None,
         };
-        self.relay.close_route(&upstream_token);
+        self.relay.close_route_soon(upstream_token).await;
         self.relay.askers().retain(|(asker, _)| asker != &id);
         match outcome {
             None => {
