@@ -218,7 +218,7 @@ impl Queue {
                 if batch.is_empty() {
                     break;
                 }
-                if let Err(batch) = run(&conn, batch) {
+                if let Err(batch) = run(&conn, batch, runner) {
                     // Put back in front, in order, for the writer thread.
                     let mut writes = lock(&self.writes);
                     for queued in batch.into_iter().rev() {
@@ -272,11 +272,17 @@ fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreE
     StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(e)))
 }
 
-/// Runs one batch and answers each write, or gives the batch back untouched
-/// when the write lock is taken and the connection may not wait for it.
-fn run(conn: &Connection, batch: Vec<Queued>) -> Result<(), Vec<Queued>> {
+/// Runs one batch and answers each write. A caller, which may not wait for
+/// the write lock, gets the batch back untouched when the lock is taken; the
+/// writer thread, which waited its busy timeout, answers it as a failure.
+fn run(conn: &Connection, batch: Vec<Queued>, runner: Runner) -> Result<(), Vec<Queued>> {
     let outcomes = match run_batch(conn, batch.iter().map(|(write, _)| write)) {
-        Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => return Err(batch),
+        Err(e)
+            if runner == Runner::Caller
+                && e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) =>
+        {
+            return Err(batch);
+        }
         Err(e) => {
             tracing::error!("a batch of {} fast writes failed: {e}", batch.len());
             let e = e.to_string();
@@ -500,5 +506,27 @@ mod tests {
                 report.problems
             );
         }
+    }
+
+    /// A write that waited the writer thread's whole busy timeout for
+    /// another connection's lock is answered as a failure (the store is
+    /// unavailable), not left queued unanswered.
+    #[tokio::test]
+    async fn a_write_the_lock_never_frees_up_for_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = funded_store(&dir).await;
+        let path = dir.path().join("t.db");
+        let writer = FastWriter::open(&path, Synchronous::Full).unwrap();
+        let other = open(&path, Synchronous::Normal).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+        let outcome = tokio::time::timeout(BUSY_TIMEOUT * 3, writer.write(hold("h1", 10)))
+            .await
+            .expect("answered, not left in the queue");
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        other.execute_batch("ROLLBACK").unwrap();
     }
 }
