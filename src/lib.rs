@@ -17,6 +17,7 @@ pub mod provider;
 pub mod receipt;
 pub mod server;
 pub mod store;
+mod sync;
 #[doc(hidden)]
 pub mod testing;
 pub mod tools;

@@ -24,7 +24,7 @@ use super::{
     reply::{self, code},
     slow_path::{Opened, Purpose},
 };
-use crate::{money::format_amount, store::now_ms};
+use crate::{money::format_amount, store::now_ms, sync::lock};
 
 const PREFIX: &str = "confirm_pay_";
 
@@ -62,10 +62,7 @@ pub struct DynamicTools {
 
 impl DynamicTools {
     fn with<R>(&self, session: &str, f: impl FnOnce(&mut SessionTools) -> R) -> R {
-        let mut sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sessions = lock(&self.sessions);
         f(sessions.entry(session.to_owned()).or_default())
     }
 
@@ -86,10 +83,7 @@ impl DynamicTools {
     /// Tells every session the tool list changed (an upstream's did).
     pub async fn announce_all(&self) {
         let sessions: Vec<String> = {
-            let sessions = self
-                .sessions
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let sessions = lock(&self.sessions);
             sessions.keys().cloned().collect()
         };
         for session in sessions {
@@ -109,10 +103,7 @@ impl DynamicTools {
 
     /// Forgets a session that has closed.
     pub fn forget(&self, session: &str) {
-        let mut sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sessions = lock(&self.sessions);
         sessions.remove(session);
     }
 
@@ -120,10 +111,7 @@ impl DynamicTools {
     pub async fn prune_expired(&self) {
         let now = now_ms();
         let changed: Vec<String> = {
-            let mut sessions = self
-                .sessions
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut sessions = lock(&self.sessions);
             sessions
                 .iter_mut()
                 .filter_map(|(id, s)| s.prune(now).then(|| id.clone()))

@@ -31,7 +31,10 @@ use rmcp::{
 };
 
 use super::{ArgumentError, CallContext, ToolBackend};
-use crate::config::{Unpriced, UpstreamConfig, UpstreamTransport};
+use crate::{
+    config::{Unpriced, UpstreamConfig, UpstreamTransport},
+    sync::lock,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream `{name}`: {message}")]
@@ -77,9 +80,7 @@ type Asker = (Peer<RoleServer>, Duration);
 
 impl Relay {
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
-        self.routes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.routes)
     }
 
     /// Routes an upstream token's progress to a client from now on, and
@@ -115,9 +116,7 @@ impl Relay {
     }
 
     fn askers(&self) -> std::sync::MutexGuard<'_, Vec<(RequestId, Asker)>> {
-        self.askers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.askers)
     }
 }
 

@@ -25,14 +25,14 @@
 use std::{
     collections::VecDeque,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard, TryLockError, mpsc},
+    sync::{Arc, Mutex, TryLockError, mpsc},
     time::Duration,
 };
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, params};
 use tokio::sync::oneshot;
 
-use crate::{config::Synchronous, store::StoreError};
+use crate::{config::Synchronous, store::StoreError, sync::lock};
 
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 64;
@@ -233,14 +233,6 @@ impl Queue {
             }
         }
     }
-}
-
-/// A panic elsewhere cannot leave a queue or a connection half-changed in a
-/// way that matters here: both are used as they are.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The same settings as the store's pool: WAL (set when the pool opened the
