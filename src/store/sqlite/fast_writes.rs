@@ -37,8 +37,9 @@ use crate::{config::Synchronous, store::StoreError, sync::lock};
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 64;
 
-/// How long the writer thread waits for another connection's write lock.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection waits for another's write lock: the pool's, and
+/// the writer thread's (a caller running the queue does not wait).
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub(super) enum FastWrite {

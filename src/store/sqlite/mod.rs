@@ -17,7 +17,7 @@ use sqlx::{
 
 mod fast_writes;
 
-use fast_writes::{FastWrite, FastWriter};
+use fast_writes::{BUSY_TIMEOUT, FastWrite, FastWriter};
 
 use super::{
     portable::{PaymentLocks, Portable},
@@ -45,7 +45,7 @@ impl SqliteStore {
                 Synchronous::Full => SqliteSynchronous::Full,
                 Synchronous::Normal => SqliteSynchronous::Normal,
             })
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
