@@ -47,6 +47,28 @@ impl SqliteStore {
             })
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
+        // Processes opening one new file at once get in each other's way:
+        // one finds it locked while another turns on WAL (SQLite answers
+        // that at once, without waiting), or finds the tables another is
+        // creating (SQLite migrations take no cross-process lock). The loser
+        // waits a little and tries again, and then sees the winner's work.
+        let mut attempt = 0;
+        loop {
+            match Self::open(&options, synchronous).await {
+                Err(e) if attempt < 5 && start_up_contention(&e) => {
+                    attempt += 1;
+                    tracing::debug!("opening the store failed ({e}); attempt {attempt}, retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    async fn open(
+        options: &SqliteConnectOptions,
+        synchronous: Synchronous,
+    ) -> Result<Self, StoreError> {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -55,32 +77,11 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await?;
         let fast_writes = FastWriter::open(options.get_filename(), synchronous)?;
-        let store = Self {
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Self {
             db: Portable::new(pool),
             fast_writes,
-        };
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    async fn migrate(&self) -> Result<(), StoreError> {
-        // SQLite migrations take no cross-process lock; when two processes
-        // start at once the loser sees the winner's tables and tries again.
-        let mut attempt = 0;
-        loop {
-            match sqlx::migrate!("./migrations/sqlite")
-                .run(&self.db.pool)
-                .await
-            {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::debug!("migration attempt {attempt} failed ({e}); retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -89,6 +90,20 @@ impl SqliteStore {
 
     async fn write_tx(&self) -> Result<Transaction<'_, Sqlite>, StoreError> {
         Ok(self.db.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Whether opening the store failed because another process was opening it
+/// too: a migration that met the other's (any migration error, as before),
+/// or the file locked (SQLITE_BUSY, whatever its extended code).
+fn start_up_contention(e: &StoreError) -> bool {
+    match e {
+        StoreError::Migrate(_) => true,
+        StoreError::Unavailable(sqlx::Error::Database(db)) => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == 5),
+        _ => false,
     }
 }
 
