@@ -12,7 +12,11 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::money::{Currency, Units};
+use crate::{
+    money::{Currency, Units},
+    tariff::{Measure, Metered, Tariff},
+    terms::{Fee, FeeAccounts, Terms},
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}{location}: {message}")]
@@ -207,7 +211,10 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone)]
 pub struct ToolPrice {
     pub name: String,
-    pub price: Units,
+    pub price: Tariff,
+    /// Who earns the tool's charges, and the fees on them: `[fees]`, with
+    /// the tool's own overrides.
+    pub terms: Terms,
     pub mode: Option<Mode>,
     /// 1-based line of the entry's `name`, for later errors.
     pub line: Option<usize>,
@@ -237,6 +244,9 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub upstreams: Vec<UpstreamConfig>,
     pub tools: Vec<ToolPrice>,
+    /// The terms of tools `[[tools]]` does not list (an upstream's
+    /// `unpriced` price): the server's beneficiary and `[fees]`.
+    pub terms: Terms,
 }
 
 /// How long the interactive modes wait. rmcp puts no time limit on a
@@ -281,9 +291,39 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
+    fees: RawFees,
+    #[serde(default)]
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     tools: Vec<RawTool>,
+}
+
+/// Fees on every tool's charges, unless the tool states its own.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFees {
+    platform_share: Option<Spanned<String>>,
+    commission_in: Option<Spanned<String>>,
+    commission_out: Option<Spanned<String>>,
+    platform_account: Option<String>,
+    commission_account: Option<String>,
+    rounding_account: Option<String>,
+}
+
+/// A metered price: `price = { base, per_unit, unit_size, argument | usage, max }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetered {
+    #[serde(default)]
+    base: Option<String>,
+    per_unit: String,
+    #[serde(default)]
+    unit_size: Option<u64>,
+    #[serde(default)]
+    argument: Option<String>,
+    #[serde(default)]
+    usage: Option<String>,
+    max: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -306,6 +346,9 @@ struct RawServer {
     payment_ttl: Option<Spanned<String>>,
     #[serde(default)]
     approval_threshold: Option<Spanned<String>>,
+    /// Whose revenue account tool charges go to (default: the server name).
+    #[serde(default)]
+    beneficiary: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -389,6 +432,14 @@ struct RawTool {
     price: Spanned<toml::Value>,
     #[serde(default)]
     mode: Option<Spanned<String>>,
+    #[serde(default)]
+    beneficiary: Option<Spanned<String>>,
+    #[serde(default)]
+    platform_share: Option<Spanned<String>>,
+    #[serde(default)]
+    commission_in: Option<Spanned<String>>,
+    #[serde(default)]
+    commission_out: Option<Spanned<String>>,
 }
 
 pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
@@ -621,6 +672,8 @@ impl Config {
             });
         }
 
+        let server_terms =
+            server_terms(&raw, &currency).map_err(|(span, message)| err(span, message))?;
         let mut tools = Vec::with_capacity(raw.tools.len());
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, t) in raw.tools.iter().enumerate() {
@@ -642,22 +695,49 @@ impl Config {
                     ),
                 ));
             }
-            let price_text = match t.price.get_ref() {
-                toml::Value::String(s) => s.clone(),
-                other => {
-                    return Err(err(
-                        Some(t.price.span()),
-                        format!(
-                            "{}: write the price as a quoted decimal string such as \"0.05\", not {other}",
-                            field("price")
-                        ),
-                    ));
-                }
-            };
-            let price = Units::parse(&price_text).map_err(|e| {
+            let price = parse_tariff(t.price.get_ref()).map_err(|message| {
                 err(
                     Some(t.price.span()),
-                    format!("{} of `{name}`: {e}", field("price")),
+                    format!("{} of `{name}`: {message}", field("price")),
+                )
+            })?;
+            let fee = |f: &str, own: &Option<Spanned<String>>, default: Option<Fee>| match own {
+                None => Ok(default),
+                Some(text) => Fee::parse(text.get_ref(), &currency)
+                    .map(Some)
+                    .map_err(|e| err(Some(text.span()), format!("{} of `{name}`: {e}", field(f)))),
+            };
+            let terms = Terms {
+                beneficiary: match &t.beneficiary {
+                    None => server_terms.beneficiary.clone(),
+                    Some(b) => account_name(b.get_ref()).map_err(|message| {
+                        err(
+                            Some(b.span()),
+                            format!("{} of `{name}`: {message}", field("beneficiary")),
+                        )
+                    })?,
+                },
+                platform_share: fee(
+                    "platform_share",
+                    &t.platform_share,
+                    server_terms.platform_share,
+                )?,
+                commission_in: fee(
+                    "commission_in",
+                    &t.commission_in,
+                    server_terms.commission_in,
+                )?,
+                commission_out: fee(
+                    "commission_out",
+                    &t.commission_out,
+                    server_terms.commission_out,
+                )?,
+                accounts: server_terms.accounts.clone(),
+            };
+            check_terms(&terms).map_err(|message| {
+                err(
+                    Some(t.name.span()),
+                    format!("{} `{name}`: {message}", field("name")),
                 )
             })?;
             let mode = match &t.mode {
@@ -672,6 +752,7 @@ impl Config {
             tools.push(ToolPrice {
                 name,
                 price,
+                terms,
                 mode,
                 line: Some(line),
             });
@@ -701,6 +782,7 @@ impl Config {
             timeouts,
             upstreams,
             tools,
+            terms: server_terms,
         })
     }
 
@@ -719,6 +801,130 @@ impl Config {
             message,
         }
     }
+}
+
+/// A price: a decimal string, or a metered price's table.
+fn parse_tariff(value: &toml::Value) -> Result<Tariff, String> {
+    let table = match value {
+        toml::Value::String(s) => {
+            return Units::parse(s).map(Tariff::Flat).map_err(|e| e.to_string());
+        }
+        toml::Value::Table(table) => table,
+        other => {
+            return Err(format!(
+                "write the price as a quoted decimal string such as \"0.05\", or a metered price's table, not {other}"
+            ));
+        }
+    };
+    let raw: RawMetered = toml::Value::Table(table.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().trim_end().replace('\n', " "))?;
+    let amount = |field: &str, text: &str| Units::parse(text).map_err(|e| format!("{field}: {e}"));
+    let measure = match (raw.argument, raw.usage.as_deref()) {
+        (Some(argument), None) if !argument.trim().is_empty() => Measure::Argument(argument),
+        (None, Some("reported")) => Measure::Reported,
+        (None, Some(other)) => {
+            return Err(format!(
+                "usage: `{other}` is not known (expected \"reported\")"
+            ));
+        }
+        _ => {
+            return Err(
+                "a metered price counts units of one `argument`, or `usage = \"reported\"` by the tool: give exactly one".into(),
+            );
+        }
+    };
+    let metered = Metered {
+        base: amount("base", raw.base.as_deref().unwrap_or("0"))?,
+        per_unit: amount("per_unit", &raw.per_unit)?,
+        unit_size: match raw.unit_size {
+            Some(0) => return Err("unit_size: must be at least 1".into()),
+            size => size.unwrap_or(1),
+        },
+        measure,
+        max: amount("max", &raw.max)?,
+    };
+    if metered.max.is_zero() || metered.max < metered.base {
+        return Err("max: must be above zero and at least the base".into());
+    }
+    Ok(Tariff::Metered(metered))
+}
+
+/// The server's beneficiary and `[fees]`: every tool's defaults.
+fn server_terms(
+    raw: &RawConfig,
+    currency: &Currency,
+) -> Result<Terms, (Option<std::ops::Range<usize>>, String)> {
+    let fees = &raw.fees;
+    let fee = |f: &str, text: &Option<Spanned<String>>| match text {
+        None => Ok(None),
+        Some(text) => Fee::parse(text.get_ref(), currency)
+            .map(Some)
+            .map_err(|e| (Some(text.span()), format!("fees.{f}: {e}"))),
+    };
+    let defaults = FeeAccounts::default();
+    let name = |f: &str, given: &Option<String>, default: String| match given {
+        None => Ok(default),
+        Some(given) => account_name(given).map_err(|e| (None, format!("fees.{f}: {e}"))),
+    };
+    let terms = Terms {
+        beneficiary: name(
+            "beneficiary",
+            &raw.server.beneficiary,
+            raw.server.name.clone(),
+        )
+        .map_err(|(span, e)| (span, e.replace("fees.beneficiary", "server.beneficiary")))?,
+        platform_share: fee("platform_share", &fees.platform_share)?,
+        commission_in: fee("commission_in", &fees.commission_in)?,
+        commission_out: fee("commission_out", &fees.commission_out)?,
+        accounts: FeeAccounts {
+            platform: name(
+                "platform_account",
+                &fees.platform_account,
+                defaults.platform,
+            )?,
+            commissions: name(
+                "commission_account",
+                &fees.commission_account,
+                defaults.commissions,
+            )?,
+            rounding: name(
+                "rounding_account",
+                &fees.rounding_account,
+                defaults.rounding,
+            )?,
+        },
+    };
+    check_terms(&terms).map_err(|e| (None, format!("fees: {e}")))?;
+    Ok(terms)
+}
+
+/// Fees that leave the author something, and a beneficiary that is not one
+/// of the fee accounts (its statement would mix in the fees).
+fn check_terms(terms: &Terms) -> Result<(), String> {
+    terms.check().map_err(|e| e.to_string())?;
+    let accounts = &terms.accounts;
+    if [
+        &accounts.platform,
+        &accounts.commissions,
+        &accounts.rounding,
+    ]
+    .contains(&&terms.beneficiary)
+    {
+        return Err(format!(
+            "beneficiary `{}` is also a fee account; name it apart",
+            terms.beneficiary
+        ));
+    }
+    Ok(())
+}
+
+fn account_name(name: &str) -> Result<String, String> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(format!("`{name}` is not an account name"));
+    }
+    Ok(name.to_owned())
 }
 
 fn parse_mode(m: &Spanned<String>) -> Result<Mode, String> {
@@ -777,7 +983,8 @@ mode = "resubmit"
         assert_eq!(c.mode, Mode::TwoStep);
         assert_eq!(c.currency.as_str(), "USD");
         assert_eq!(c.payment_ttl, Duration::from_secs(600));
-        assert_eq!(c.tools[1].price, Units(50_000));
+        assert_eq!(c.tools[1].price, Tariff::Flat(Units(50_000)));
+        assert_eq!(c.tools[1].terms, Terms::plain("t"));
         assert_eq!(c.tools[1].mode, Some(Mode::Resubmit));
         assert_eq!(c.store_url, DEFAULT_STORE_URL);
     }
@@ -797,6 +1004,15 @@ mode = "resubmit"
         assert!(error_for("price = \"NaN\"").contains("not a decimal"));
         assert!(error_for("price = \"ten\"").contains("not a decimal"));
         assert!(error_for("price = 0.1").contains("quoted decimal string"));
+        assert!(error_for("price = { per_unit = \"0.01\", max = \"1\" }").contains("exactly one"));
+        assert!(
+            error_for("price = { per_unit = \"0.01\", usage = \"reported\", max = \"0\" }")
+                .contains("max: must be above zero")
+        );
+        assert!(
+            error_for("price = { per_unit = \"x\", usage = \"reported\", max = \"1\" }")
+                .starts_with("p.toml:7: tools[0].price of `echo`: per_unit: `x` is not a decimal")
+        );
         assert!(error_for("price = \"0.0000001\"").contains("decimal places"));
     }
 
@@ -835,6 +1051,62 @@ mode = "resubmit"
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("p.toml:4: server.payment_ttl"), "{e}");
+    }
+
+    #[test]
+    fn fees_and_metered_prices() {
+        let text = r#"
+[server]
+name = "t"
+currency = "USD"
+beneficiary = "acme"
+
+[fees]
+platform_share = "10%"
+commission_out = "0.01"
+
+[[tools]]
+name = "echo"
+price = { base = "0.01", per_unit = "0.002", unit_size = 1000, argument = "text", max = "0.10" }
+beneficiary = "alice"
+commission_in = "2.5%"
+
+[[tools]]
+name = "divide"
+price = "0.05"
+platform_share = "0.02"
+"#;
+        let c = Config::parse(text, "p.toml").unwrap();
+        let usd = Currency::parse("USD").unwrap();
+        let echo = &c.tools[0];
+        assert_eq!(echo.terms.beneficiary, "alice");
+        assert_eq!(
+            echo.terms.platform_share,
+            Some(Fee::parse("10%", &usd).unwrap())
+        );
+        assert_eq!(
+            echo.terms.commission_in,
+            Some(Fee::parse("2.5%", &usd).unwrap())
+        );
+        assert_eq!(
+            echo.terms.commission_out,
+            Some(Fee::parse("0.01", &usd).unwrap())
+        );
+        assert!(matches!(&echo.price, Tariff::Metered(m) if m.unit_size == 1000));
+        let divide = &c.tools[1];
+        assert_eq!(divide.terms.beneficiary, "acme");
+        assert_eq!(divide.terms.platform_share, Some(Fee::Fixed(Units(20_000))));
+
+        let e = error_for("price = \"1\"\nplatform_share = \"60%\"\ncommission_in = \"50%\"");
+        assert!(e.contains("p.toml:6: tools[0].name `echo`: the platform share and incoming commission add up to 110%"), "{e}");
+        let e = error_for("price = \"1\"\ncommission_out = \"0.001\"");
+        assert!(
+            e.starts_with("p.toml:8: tools[0].commission_out of `echo`"),
+            "{e}"
+        );
+        assert!(e.contains("minor unit"), "{e}");
+        let e = error_for("price = \"1\"\nbeneficiary = \"platform\"");
+        assert!(e.contains("also a fee account"), "{e}");
     }
 
     #[test]

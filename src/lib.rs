@@ -18,6 +18,8 @@ pub mod receipt;
 pub mod server;
 pub mod store;
 mod sync;
+pub mod tariff;
+pub mod terms;
 #[doc(hidden)]
 pub mod testing;
 pub mod tools;

@@ -14,7 +14,7 @@ use tollgate::{
     money::{Currency, Units, format_amount, format_signed},
     receipt::ReceiptSigner,
     server::TollgateServer,
-    store::{AccountRef, SessionStatus, Store, now_ms, rfc3339},
+    store::{AccountKind, AccountRef, SessionStatus, Store, now_ms, rfc3339},
 };
 
 #[derive(Parser)]
@@ -369,7 +369,7 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
         }
         WalletCommand::Balance { wallet } => print_balances(store, &wallet).await?,
         WalletCommand::Statement { wallet } => {
-            let lines = store.statement(&wallet).await?;
+            let lines = store.statement(AccountKind::Wallet, &wallet).await?;
             println!("statement for wallet {wallet}");
             println!(
                 "{:<20}  {:<16}  {:>14}  {:<8}  {:<12}  reference",

@@ -24,7 +24,7 @@ impl Gate {
         let covered = match self.store.balances(wallet).await {
             Ok(balances) => balances
                 .iter()
-                .any(|b| b.currency == call.price.currency && b.available >= call.price.amount),
+                .any(|b| b.currency == call.price.currency && b.available >= call.amount),
             Err(e) => return Some(super::reply::unavailable(e).into()),
         };
         if !covered {

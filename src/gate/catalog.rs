@@ -10,16 +10,28 @@ use serde_json::{Value, json};
 
 use crate::{
     config::{Config, ConfigError, Mode, Unpriced},
-    money::{Currency, Units, format_amount},
+    money::{Currency, Units},
+    tariff::{Measure, Tariff},
+    terms::Terms,
     tools::ToolBackend,
 };
 
-/// The price and mode of one priced tool.
+/// The price, terms and mode of one priced tool.
 #[derive(Debug, Clone)]
 pub struct Price {
-    pub amount: Units,
+    pub tariff: Tariff,
+    pub terms: Terms,
     pub currency: Currency,
     pub mode: Mode,
+}
+
+impl Price {
+    /// What the payer is asked for before a call with these arguments
+    /// runs: the most it can cost, plus the outgoing commission.
+    pub fn upfront(&self, args: &JsonObject) -> Units {
+        self.terms
+            .payer_pays(self.tariff.most(args), &self.currency)
+    }
 }
 
 pub struct Entry {
@@ -99,14 +111,34 @@ impl Catalog {
                     ),
                 ));
             }
-            if priced.price.is_zero() {
+            if priced.price.is_free() {
                 explicitly_free.insert(priced.name.as_str());
                 continue;
+            }
+            if let Tariff::Metered(metered) = &priced.price
+                && let Measure::Argument(argument) = &metered.measure
+            {
+                let (tool, _) = &described[&priced.name];
+                let declared = tool
+                    .input_schema
+                    .get("properties")
+                    .and_then(|p| p.get(argument))
+                    .is_some();
+                if !declared {
+                    return Err(config.tool_error(
+                        priced,
+                        format!(
+                            "tools.price: `{}` has no argument `{argument}` to meter",
+                            priced.name
+                        ),
+                    ));
+                }
             }
             prices.insert(
                 &priced.name,
                 Price {
-                    amount: priced.price,
+                    tariff: priced.price.clone(),
+                    terms: priced.terms.clone(),
                     currency: config.currency.clone(),
                     mode: priced.mode.unwrap_or(config.mode),
                 },
@@ -125,7 +157,8 @@ impl Catalog {
                     Unpriced::Free => None,
                     Unpriced::Hidden => continue,
                     Unpriced::Price(amount) => Some(Price {
-                        amount,
+                        tariff: Tariff::Flat(amount),
+                        terms: config.terms.clone(),
                         currency: config.currency.clone(),
                         mode: config.mode,
                     }),
@@ -181,16 +214,26 @@ impl Catalog {
     }
 }
 
+/// `_meta["tollgate/price"]`: the price (a metered one's formula), and the
+/// terms when there are fees, so a client can see what it will pay.
 pub fn price_json(price: &Price) -> Value {
-    json!({ "amount": format_amount(price.amount), "currency": price.currency.as_str() })
+    let mut published = price.tariff.to_json(&price.currency);
+    let terms = &price.terms;
+    if terms.commission_out.is_some()
+        || terms.platform_share.is_some()
+        || terms.commission_in.is_some()
+    {
+        published["terms"] = terms.to_json();
+    }
+    published
 }
 
 fn price_note(price: &Price) -> String {
-    format!(
-        "(price: {} {} per call)",
-        format_amount(price.amount),
-        price.currency
-    )
+    let out = match price.terms.commission_out {
+        Some(fee) => format!(" + a {fee} fee"),
+        None => String::new(),
+    };
+    format!("(price: {}{out})", price.tariff.describe(&price.currency))
 }
 
 /// Adds the price to a tool's description and `_meta`; in resubmit mode (and
@@ -243,9 +286,8 @@ fn confirm_tool(confirm: &str, tool: &str, price: &Price) -> Tool {
     Tool::new(
         confirm.to_owned(),
         format!(
-            "Runs `{tool}` once its payment of {} {} is made. Pass the payment_id that `{tool}` returned.",
-            format_amount(price.amount),
-            price.currency
+            "Runs `{tool}` once its payment ({}) is made. Pass the payment_id that `{tool}` returned.",
+            price.tariff.describe(&price.currency),
         ),
         Arc::new(schema.as_object().cloned().unwrap_or_default()),
     )

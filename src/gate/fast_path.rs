@@ -27,7 +27,7 @@ impl Gate {
         entry: &Entry,
     ) -> Option<CallToolResult> {
         let principal = scope.caller.principal.as_ref()?;
-        if call.price.amount > self.settings.approval_threshold {
+        if call.amount > self.settings.approval_threshold {
             return None;
         }
         let payment_id = new_payment_id();
@@ -35,7 +35,7 @@ impl Gate {
         let hold = HoldRequest {
             hold_id: payment_id.clone(),
             principal: principal.clone(),
-            amount: call.price.amount,
+            amount: call.amount,
             currency: call.price.currency.clone(),
             tool: call.tool.to_owned(),
             args_hash: call.args_hash.clone(),
@@ -69,7 +69,6 @@ impl Gate {
                 &scope.backend_context(self.settings.timeouts.elicitation),
             )
             .await;
-        let amount = format_amount(call.price.amount);
         let currency = call.price.currency.as_str();
 
         if result.is_error == Some(true) {
@@ -85,14 +84,18 @@ impl Gate {
             );
             return Some(reply::with_payment(
                 result,
-                json!({ "payment_id": payment_id, "status": "released", "amount": amount,
-                        "currency": currency, "charged": "0.00" }),
+                json!({ "payment_id": payment_id, "status": "released",
+                        "amount": format_amount(call.amount), "currency": currency,
+                        "charged": "0.00" }),
             ));
         }
 
-        let revenue = self.revenue_account(&call.price.currency);
+        // A metered call is charged what it used; the rest of the hold goes
+        // back to the wallet as the capture ends it.
+        let charge = Gate::charge_for(call.price, &call.args, &result);
+        let amount = format_amount(charge.total());
         let posted = recording::until_recorded("capture after a successful run", || {
-            self.store.capture(&payment_id, call.price.amount, &revenue)
+            self.store.capture(&payment_id, &charge)
         })
         .await;
         let posted = match posted {
@@ -126,10 +129,11 @@ impl Gate {
             currency,
             "charged (fast path)"
         );
-        Some(reply::with_payment(
-            result,
-            json!({ "payment_id": payment_id, "status": "paid", "amount": amount,
-                    "currency": currency, "receipt": receipt }),
-        ))
+        let mut payment = json!({ "payment_id": payment_id, "status": "paid", "amount": amount,
+                                  "currency": currency, "receipt": receipt });
+        if charge.total() != call.amount {
+            payment["held"] = json!(format_amount(call.amount));
+        }
+        Some(reply::with_payment(result, payment))
     }
 }

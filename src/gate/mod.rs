@@ -24,10 +24,10 @@ use serde_json::{Value, json};
 use crate::{
     canonical::args_hash,
     config::{Config, Mode, Timeouts},
-    money::{Currency, Units},
+    money::Units,
     provider::Provider,
     receipt::ReceiptSigner,
-    store::{AccountKind, AccountRef, Store},
+    store::{Charge, Store},
     tools::ToolBackend,
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
@@ -88,6 +88,8 @@ pub(crate) struct PricedCall<'a> {
     pub price: &'a Price,
     pub args: JsonObject,
     pub args_hash: String,
+    /// What the payer is asked for before the run (see [`Price::upfront`]).
+    pub amount: Units,
 }
 
 impl Gate {
@@ -203,9 +205,17 @@ impl Gate {
         &self.signer
     }
 
-    /// The account a tool's earnings go to.
-    pub(crate) fn revenue_account(&self, currency: &Currency) -> AccountRef {
-        AccountRef::new(AccountKind::Revenue, &self.settings.server_name, currency)
+    /// What a successful run is charged, split by the tool's terms: the
+    /// tariff's charge for these arguments and the usage the result reports.
+    pub(crate) fn charge_for(
+        price: &Price,
+        args: &JsonObject,
+        result: &rmcp::model::CallToolResult,
+    ) -> Charge {
+        let split = price
+            .terms
+            .split(price.tariff.charge(args, result), &price.currency);
+        Charge::of(&split, &price.terms.beneficiary, &price.currency)
     }
 
     /// Handles one `tools/call`. Only an unknown tool is a JSON-RPC error;
@@ -268,6 +278,7 @@ impl Gate {
             tool: name,
             price,
             args_hash: args_hash(&Value::Object(args.clone())),
+            amount: price.upfront(&args),
             args,
         };
         if let Some(state) = params.request_state.as_deref() {
@@ -284,7 +295,7 @@ impl Gate {
                 .into());
         }
         let mode = self.resolve_mode(price.mode, scope);
-        if call.price.amount > self.settings.approval_threshold {
+        if call.amount > self.settings.approval_threshold {
             if let Some(response) = self.ask_approval(scope, &call, mode).await {
                 return Ok(response);
             }

@@ -10,17 +10,18 @@ use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
 use super::{
-    CallScope, Caller, Gate,
+    CallScope, Caller, Gate, Price,
     progress::ProgressReporter,
     recording::{self, Unrecorded},
     reply,
     reply::code,
 };
 use crate::{
-    money::format_amount,
+    money::{Units, format_amount},
     receipt::ReceiptClaims,
     store::{
-        Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError, new_txn_id, now_ms, rfc3339,
+        AccountKind, AccountRef, Charge, Intent, IntentOutcome, IntentStatus, SessionStatus,
+        StoreError, new_txn_id, now_ms, rfc3339,
     },
 };
 
@@ -290,14 +291,19 @@ impl Gate {
             .backend
             .call(
                 &intent.tool,
-                args,
+                args.clone(),
                 &scope.backend_context(self.settings.timeouts.elicitation),
             )
             .await;
         let succeeded = result.is_error != Some(true);
+        let charge = self.intent_charge(&intent, entry.price.as_ref(), &args, &result);
         let txn_id = new_txn_id();
         let at = now_ms();
-        let amount = format_amount(intent.amount);
+        let amount = format_amount(if succeeded {
+            charge.total()
+        } else {
+            intent.amount
+        });
         let payment = if succeeded {
             let receipt = self.signer.sign(&ReceiptClaims {
                 payment_id: intent.id.clone(),
@@ -309,8 +315,14 @@ impl Gate {
                 ledger_txn: txn_id.clone(),
                 paid_at: rfc3339(at),
             });
-            json!({ "payment_id": intent.id, "status": "paid", "amount": amount,
-                    "currency": intent.currency.as_str(), "receipt": receipt })
+            let mut paid = json!({ "payment_id": intent.id, "status": "paid", "amount": amount,
+                                   "currency": intent.currency.as_str(), "receipt": receipt });
+            if charge.total() != intent.amount {
+                // A metered run: the rest of what was paid is refunded.
+                paid["paid"] = json!(format_amount(intent.amount));
+                paid["refunded"] = json!(format_amount(Units(intent.amount.0 - charge.total().0)));
+            }
+            paid
         } else {
             json!({ "payment_id": intent.id, "status": "refunded", "amount": amount,
                     "currency": intent.currency.as_str(), "charged": "0.00" })
@@ -320,7 +332,7 @@ impl Gate {
             intent_id: intent.id.clone(),
             succeeded,
             result_json: serde_json::to_string(&result).unwrap_or_default(),
-            beneficiary: self.revenue_account(&intent.currency),
+            charge,
             txn_id,
             at,
         };
@@ -350,6 +362,35 @@ impl Gate {
             }
         }
         result
+    }
+
+    /// What a paid intent's successful run is charged: its tool's tariff and
+    /// terms, never more than was paid. Pricing that changed since the
+    /// intent was paid cannot raise it: the run is then charged what was paid.
+    fn intent_charge(
+        &self,
+        intent: &Intent,
+        price: Option<&Price>,
+        args: &JsonObject,
+        result: &CallToolResult,
+    ) -> Charge {
+        let charge = price.map(|price| Gate::charge_for(price, args, result));
+        match charge {
+            Some(charge) if charge.total() <= intent.amount => charge,
+            _ => {
+                let beneficiary = price.map_or(self.settings.server_name.as_str(), |p| {
+                    p.terms.beneficiary.as_str()
+                });
+                tracing::warn!(
+                    payment_id = intent.id,
+                    "the tool's price changed since it was paid; charged what was paid"
+                );
+                Charge::whole(
+                    AccountRef::new(AccountKind::Revenue, beneficiary, &intent.currency),
+                    intent.amount,
+                )
+            }
+        }
     }
 
     /// A consumed payment id: the stored result, never a second run.

@@ -67,7 +67,7 @@ impl Gate {
         let now = now_ms();
         let payment_id = new_payment_id();
         let expires_at = now + self.settings.payment_ttl.as_millis() as i64;
-        let amount = format_amount(call.price.amount);
+        let amount = format_amount(call.amount);
         let currency = call.price.currency.as_str();
         let principal = scope.caller.principal.as_deref();
         let description = match (purpose, principal) {
@@ -82,7 +82,7 @@ impl Gate {
         };
         let request = SessionRequest {
             payment_id: payment_id.clone(),
-            amount: call.price.amount,
+            amount: call.amount,
             currency: call.price.currency.clone(),
             description,
             expires_at,
@@ -97,7 +97,7 @@ impl Gate {
             tool: call.tool.to_owned(),
             args_hash: call.args_hash.clone(),
             args_json: Value::Object(call.args.clone()).to_string(),
-            amount: call.price.amount,
+            amount: call.amount,
             currency: call.price.currency.clone(),
             principal: scope.caller.principal.clone(),
             session_id: Some(scope.session_id.to_owned()),

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use crate::{
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_amount},
+    terms::{Role, Split},
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -200,6 +201,47 @@ impl fmt::Display for AccountRef {
     }
 }
 
+/// Where a charge goes: what the payer pays, split into revenue accounts
+/// (see [`crate::terms`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    /// The tool author's account; it names the capture's beneficiary even
+    /// when fixed fees leave the author nothing.
+    pub beneficiary: AccountRef,
+    /// Non-zero legs; they sum to what the payer pays.
+    pub legs: Vec<(Role, AccountRef, Units)>,
+}
+
+impl Charge {
+    /// All of `amount` to `beneficiary`: a charge with no fees.
+    pub fn whole(beneficiary: AccountRef, amount: Units) -> Self {
+        let legs = if amount.is_zero() {
+            Vec::new()
+        } else {
+            vec![(Role::Author, beneficiary.clone(), amount)]
+        };
+        Self { beneficiary, legs }
+    }
+
+    /// A split's legs as revenue accounts in `currency`.
+    pub fn of(split: &Split, beneficiary: &str, currency: &Currency) -> Self {
+        let revenue = |name: &str| AccountRef::new(AccountKind::Revenue, name, currency);
+        Self {
+            beneficiary: revenue(beneficiary),
+            legs: split
+                .legs
+                .iter()
+                .map(|(role, account, amount)| (*role, revenue(account), *amount))
+                .collect(),
+        }
+    }
+
+    /// What the payer pays.
+    pub fn total(&self) -> Units {
+        Units(self.legs.iter().map(|(_, _, amount)| amount.0).sum())
+    }
+}
+
 /// The audit data every money movement carries.
 #[derive(Debug, Clone, Default)]
 pub struct Audit {
@@ -233,6 +275,11 @@ pub struct StatementLine {
     pub at: i64,
     /// Signed micro-units: positive is money in.
     pub amount: i64,
+    /// The entry's part in a split capture (`author`, `platform_share`, …).
+    pub role: Option<String>,
+    /// The capture's legs by role, when it was split: what the call was
+    /// charged, and who got what.
+    pub legs: Vec<(String, Units)>,
     pub currency: Currency,
     pub tool: Option<String>,
     pub payment_id: Option<String>,
@@ -385,8 +432,9 @@ pub struct IntentOutcome {
     pub intent_id: String,
     pub succeeded: bool,
     pub result_json: String,
-    /// Where a successful run's money goes.
-    pub beneficiary: AccountRef,
+    /// What a successful run is charged, and where it goes: at most what
+    /// the intent was paid. The rest goes back to the payer.
+    pub charge: Charge,
     /// Id and time of the ledger transaction to post, chosen by the caller so
     /// that the stored result can already carry its receipt.
     pub txn_id: String,
@@ -429,7 +477,12 @@ pub trait Store: Send + Sync + 'static {
         memo: Option<String>,
     ) -> Result<Posted, StoreError>;
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError>;
-    async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError>;
+    /// One account's entries, oldest first, in every currency.
+    async fn statement(
+        &self,
+        kind: AccountKind,
+        name: &str,
+    ) -> Result<Vec<StatementLine>, StoreError>;
     /// Reserves funds if, and only if, the wallet's available balance covers
     /// them; the check and the reservation are one step.
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError>;
@@ -437,12 +490,8 @@ pub trait Store: Send + Sync + 'static {
     /// The transaction's audit data (payer, tool, payment id) is the hold's.
     /// A hold already captured for the same amount and beneficiary answers
     /// with that capture, so a capture whose answer was lost may be retried.
-    async fn capture(
-        &self,
-        hold_id: &str,
-        amount: Units,
-        beneficiary: &AccountRef,
-    ) -> Result<Posted, StoreError>;
+    /// The charge's legs are posted in the capture's one transaction.
+    async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError>;
     async fn release(&self, hold_id: &str) -> Result<(), StoreError>;
     /// Expires open holds and awaiting intents past their time. Returns how
     /// many holds were expired.

@@ -9,9 +9,13 @@ use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Transaction, Type};
 use crate::money::Units;
 
 use super::{
-    AccountRef, ApiKey, Audit, Intent, IntentOutcome, LocalSession, Posted, StatementLine,
-    StoreError, StoreStats, StoredResult, VerifyReport, WalletBalance, new_txn_id, now_ms,
-    posting::{Settlement, TxnHeader, check_balanced, session_payment_audit, settled_capture},
+    AccountKind, AccountRef, ApiKey, Audit, Charge, Intent, IntentOutcome, LocalSession, Posted,
+    StatementLine, StoreError, StoreStats, StoredResult, VerifyReport, WalletBalance, new_txn_id,
+    now_ms,
+    posting::{
+        CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
+        settled_capture,
+    },
     rows,
     rows::{Changed, Columns},
     sql::{self, Param, Statement, query, statement},
@@ -81,6 +85,16 @@ where
         Ok(id)
     }
 
+    /// A charge with its accounts resolved (and created if new).
+    pub async fn capture_plan(&self, charge: &Charge) -> Result<CapturePlan, StoreError> {
+        let beneficiary_id = self.account_id(&charge.beneficiary).await?;
+        let mut ids = Vec::with_capacity(charge.legs.len());
+        for (_, account, _) in &charge.legs {
+            ids.push(self.account_id(account).await?);
+        }
+        CapturePlan::new(charge, beneficiary_id, &ids)
+    }
+
     /// Why a hold could not be ended: it is not open, or does not exist.
     pub async fn hold_not_open(&self, hold_id: &str) -> Result<StoreError, StoreError> {
         let hold = query(statement!(sql::HOLD, hold_id))
@@ -127,9 +141,16 @@ where
             .await
     }
 
-    pub async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError> {
-        self.all(statement!(sql::STATEMENT, wallet), rows::statement_line)
-            .await
+    pub async fn statement(
+        &self,
+        kind: AccountKind,
+        name: &str,
+    ) -> Result<Vec<StatementLine>, StoreError> {
+        self.all(
+            statement!(sql::STATEMENT, name, kind.as_str()),
+            rows::statement_line,
+        )
+        .await
     }
 
     pub async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
@@ -211,7 +232,7 @@ where
     async fn post(
         conn: &mut DB::Connection,
         header: TxnHeader<'_>,
-        entries: &[(i64, i64)],
+        entries: &[Entry],
     ) -> Result<Posted, StoreError> {
         check_balanced(header.kind, entries)?;
         let mut entries = entries.to_vec();
@@ -219,12 +240,10 @@ where
         query(Statement::insert_transaction(&header))
             .execute(&mut *conn)
             .await?;
-        for (account_id, amount) in entries {
-            query(Statement::insert_entry(
-                &header.id, account_id, amount, header.at,
-            ))
-            .execute(&mut *conn)
-            .await?;
+        for entry in entries {
+            query(Statement::insert_entry(&header.id, entry, header.at))
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(Posted {
             txn_id: header.id,
@@ -243,7 +262,7 @@ where
         let posted = Self::post(
             &mut tx,
             header,
-            &[(source_id, -amount), (wallet_id, amount)],
+            &[(source_id, -amount, None), (wallet_id, amount, None)],
         )
         .await?;
         tx.commit().await?;
@@ -274,13 +293,14 @@ where
             amount: intent.amount,
             audit,
             at: now,
+            legs: None,
         };
         Self::post(
             &mut tx,
             header,
             &[
-                (source_id, -intent.amount.0),
-                (clearing_id, intent.amount.0),
+                (source_id, -intent.amount.0, None),
+                (clearing_id, intent.amount.0, None),
             ],
         )
         .await?;
@@ -288,12 +308,13 @@ where
         Ok(true)
     }
 
-    /// Stores a run's result and settles its money, in `tx`, committed.
+    /// Stores a run's result and settles its money, in `tx`, committed:
+    /// `plan` is a successful run's charge.
     pub async fn finish(
         mut tx: Transaction<'_, DB>,
         outcome: &IntentOutcome,
         clearing_id: i64,
-        beneficiary_id: i64,
+        plan: Option<&CapturePlan>,
     ) -> Result<Option<Posted>, StoreError> {
         let row = query(Statement::finish_intent(outcome))
             .fetch_optional(&mut *tx)
@@ -304,23 +325,20 @@ where
         query(Statement::store_result(outcome))
             .execute(&mut *tx)
             .await?;
-        let settlement = Settlement::of(outcome, &row, beneficiary_id)?;
-        let posted = match settlement.destination {
-            Some((kind, to)) => Some(
+        let posted = match Settlement::of(outcome, &row, clearing_id, plan)? {
+            Some(settlement) => Some(
                 Self::post(
                     &mut tx,
                     TxnHeader {
                         id: outcome.txn_id.clone(),
-                        kind,
-                        currency: &outcome.beneficiary.currency,
+                        kind: settlement.kind,
+                        currency: &outcome.charge.beneficiary.currency,
                         amount: settlement.amount,
                         audit: &settlement.audit,
                         at: outcome.at,
+                        legs: settlement.legs,
                     },
-                    &[
-                        (clearing_id, -settlement.amount.0),
-                        (to, settlement.amount.0),
-                    ],
+                    &settlement.entries,
                 )
                 .await?,
             ),
@@ -377,10 +395,11 @@ where
                 amount: session.amount,
                 audit: &audit,
                 at: now,
+                legs: None,
             },
             &[
-                (source_id, -session.amount.0),
-                (clearing_id, session.amount.0),
+                (source_id, -session.amount.0, None),
+                (clearing_id, session.amount.0, None),
             ],
         )
         .await?;

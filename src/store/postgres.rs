@@ -180,6 +180,7 @@ impl Store for PgStore {
                 amount,
                 audit: &audit,
                 at,
+                legs: None,
             };
             async move { Portable::topup(self.tx().await?, wallet_id, source_id, header).await }
         })
@@ -190,8 +191,12 @@ impl Store for PgStore {
         self.db.balances(wallet).await
     }
 
-    async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError> {
-        self.db.statement(wallet).await
+    async fn statement(
+        &self,
+        kind: AccountKind,
+        name: &str,
+    ) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.statement(kind, name).await
     }
 
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError> {
@@ -229,28 +234,19 @@ impl Store for PgStore {
         })
     }
 
-    async fn capture(
-        &self,
-        hold_id: &str,
-        amount: Units,
-        beneficiary: &AccountRef,
-    ) -> Result<Posted, StoreError> {
-        if amount.is_zero() {
-            return Err(StoreError::Invalid(
-                "capture amount must be above zero; release instead".into(),
-            ));
-        }
-        let beneficiary_id = self.account_id(beneficiary).await?;
+    async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {
+        let plan = retrying(|| self.db.capture_plan(charge)).await?;
         let (at, txn_id) = (now_ms(), new_txn_id());
         // The `holds_capture` trigger gives the reservation back and posts
         // the ledger transaction, all in this one statement.
         let done = retrying(|| async {
             Ok(sqlx::query(CAPTURE)
                 .bind(hold_id)
-                .bind(amount.0)
+                .bind(plan.amount.0)
                 .bind(at)
                 .bind(&txn_id)
-                .bind(beneficiary_id)
+                .bind(plan.beneficiary_id)
+                .bind(&plan.legs)
                 .execute(&self.db.pool)
                 .await?)
         })
@@ -259,7 +255,7 @@ impl Store for PgStore {
             return Ok(Posted { txn_id, at });
         }
         self.db
-            .refused_capture(hold_id, amount, beneficiary_id)
+            .refused_capture(hold_id, plan.amount, plan.beneficiary_id)
             .await
     }
 
@@ -360,11 +356,14 @@ impl Store for PgStore {
 
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
         let clearing_id = self
-            .account_id(&clearing(&outcome.beneficiary.currency))
+            .account_id(&clearing(&outcome.charge.beneficiary.currency))
             .await?;
-        let beneficiary_id = self.account_id(&outcome.beneficiary).await?;
+        let plan = match outcome.succeeded {
+            true => Some(retrying(|| self.db.capture_plan(&outcome.charge)).await?),
+            false => None,
+        };
         retrying(|| async {
-            Portable::finish(self.tx().await?, outcome, clearing_id, beneficiary_id).await
+            Portable::finish(self.tx().await?, outcome, clearing_id, plan.as_ref()).await
         })
         .await
     }

@@ -2,11 +2,14 @@
 //! accounts, the transaction header, the audit data of each kind of money
 //! movement, and how a finished intent settles.
 
+use serde_json::json;
+
 use super::{
-    AccountKind, AccountRef, Audit, Intent, IntentOutcome, LocalSession, Posted, StoreError,
+    AccountKind, AccountRef, Audit, Charge, Intent, IntentOutcome, LocalSession, Posted,
+    StoreError,
     rows::{Columns, currency_of},
 };
-use crate::money::{Currency, Units};
+use crate::money::{Currency, Units, format_amount};
 
 /// The account that holds money paid through sessions until a run earns it.
 pub(super) fn clearing(currency: &Currency) -> AccountRef {
@@ -31,11 +34,17 @@ pub(super) struct TxnHeader<'a> {
     pub amount: Units,
     pub audit: &'a Audit,
     pub at: i64,
+    /// A split capture's legs (see [`CapturePlan::legs`]).
+    pub legs: Option<String>,
 }
 
-/// Entries `(account id, signed micro-units)` must sum to zero.
-pub(super) fn check_balanced(kind: &str, entries: &[(i64, i64)]) -> Result<(), StoreError> {
-    let sum: i64 = entries.iter().map(|(_, amount)| amount).sum();
+/// One ledger entry: account id, signed micro-units, and its role in a
+/// split capture.
+pub(super) type Entry = (i64, i64, Option<&'static str>);
+
+/// Entries must sum to zero.
+pub(super) fn check_balanced(kind: &str, entries: &[Entry]) -> Result<(), StoreError> {
+    let sum: i64 = entries.iter().map(|(_, amount, _)| amount).sum();
     if sum == 0 {
         Ok(())
     } else {
@@ -77,6 +86,71 @@ pub(super) fn external_payment_audit(intent: &Intent, account: &str) -> Audit {
     }
 }
 
+/// A charge with its accounts resolved to ids, as a capture posts it.
+pub(super) struct CapturePlan {
+    pub amount: Units,
+    pub beneficiary_id: i64,
+    /// `[[account_id, amount, role], ...]`: what the `holds_capture` trigger
+    /// posts, and what a statement shows of the split.
+    pub legs: String,
+    pub entries: Vec<Entry>,
+}
+
+impl CapturePlan {
+    /// `ids` are the account ids of the charge's legs, in order.
+    pub(super) fn new(
+        charge: &Charge,
+        beneficiary_id: i64,
+        ids: &[i64],
+    ) -> Result<Self, StoreError> {
+        let amount = charge.total();
+        if amount.is_zero() {
+            return Err(StoreError::Invalid(
+                "capture amount must be above zero; release instead".into(),
+            ));
+        }
+        if charge.legs.iter().any(|(_, account, leg)| {
+            leg.is_zero() || account.currency != charge.beneficiary.currency
+        }) {
+            return Err(StoreError::Invalid(format!(
+                "a charge's legs must be above zero and in {}",
+                charge.beneficiary.currency
+            )));
+        }
+        let entries: Vec<Entry> = charge
+            .legs
+            .iter()
+            .zip(ids)
+            .map(|((role, _, leg), id)| (*id, leg.0, Some(role.as_str())))
+            .collect();
+        let legs = json!(
+            entries
+                .iter()
+                .map(|(id, leg, role)| json!([id, leg, role]))
+                .collect::<Vec<_>>()
+        )
+        .to_string();
+        Ok(Self {
+            amount,
+            beneficiary_id,
+            legs,
+            entries,
+        })
+    }
+}
+
+/// The legs of a split capture, by role, from a transaction's `legs`.
+pub(super) fn legs_by_role(legs: Option<&str>) -> Vec<(String, Units)> {
+    let Some(legs) = legs else {
+        return Vec::new();
+    };
+    let parsed: Vec<(i64, i64, String)> = serde_json::from_str(legs).unwrap_or_default();
+    parsed
+        .into_iter()
+        .map(|(_, amount, role)| (role, Units(amount)))
+        .collect()
+}
+
 /// A capture that changed nothing, read from the hold's row (`HOLD`): the
 /// capture itself when the hold was already captured just so (a retried
 /// capture whose first answer was lost, say to a dropped connection), else
@@ -108,22 +182,28 @@ pub(super) fn settled_capture(
 
 /// How a finished intent's money moves out of clearing.
 pub(super) struct Settlement {
+    pub kind: &'static str,
+    /// What the transaction moves: the charge on success, the refund on
+    /// failure.
     pub amount: Units,
     pub audit: Audit,
-    /// Transaction kind and account: the beneficiary on success, the payer's
-    /// refund account on failure, nothing when there is nobody to refund.
-    pub destination: Option<(&'static str, i64)>,
+    pub entries: Vec<Entry>,
+    pub legs: Option<String>,
 }
 
 impl Settlement {
     /// From the row `FINISH_INTENT` returned. Charge on success: a
-    /// successful run earns the payment, a failed one gives it back.
+    /// successful run earns its charge (`plan`, at most what was paid) and
+    /// the rest goes back to the payer; a failed run (`plan` is `None`)
+    /// gives it all back. `None` when nothing moves: a failed run with
+    /// nobody to refund, whose money stays in clearing for an operator.
     pub(super) fn of(
         outcome: &IntentOutcome,
         row: &impl Columns,
-        beneficiary_id: i64,
-    ) -> Result<Self, StoreError> {
-        let currency = &outcome.beneficiary.currency;
+        clearing_id: i64,
+        plan: Option<&CapturePlan>,
+    ) -> Result<Option<Self>, StoreError> {
+        let currency = &outcome.charge.beneficiary.currency;
         let intent_currency = currency_of(row.text("currency")?)?;
         if &intent_currency != currency {
             return Err(StoreError::Invalid(format!(
@@ -131,6 +211,8 @@ impl Settlement {
                 outcome.intent_id
             )));
         }
+        let paid = row.int("amount")?;
+        let refund_to = row.opt_int("refund_account_id")?;
         let mut audit = Audit {
             payer: row.opt_text("principal")?,
             tool: row.opt_text("tool")?,
@@ -138,18 +220,51 @@ impl Settlement {
             payment_id: Some(outcome.intent_id.clone()),
             ..Audit::default()
         };
-        let destination = if outcome.succeeded {
-            audit.beneficiary = Some(outcome.beneficiary.name.clone());
-            Some(("capture", beneficiary_id))
-        } else {
+        let Some(plan) = plan else {
             audit.memo = Some("tool failed: payment refunded".into());
-            row.opt_int("refund_account_id")?
-                .map(|account| ("refund", account))
+            return Ok(refund_to.map(|refund_to| Self {
+                kind: "refund",
+                amount: Units(paid),
+                audit,
+                entries: vec![
+                    (clearing_id, -paid, None),
+                    (refund_to, paid, Some("refund")),
+                ],
+                legs: None,
+            }));
         };
-        Ok(Self {
-            amount: Units(row.int("amount")?),
+        let charged = plan.amount.0;
+        if charged > paid {
+            return Err(StoreError::Invalid(format!(
+                "intent {}: a charge of {} is above the {} paid",
+                outcome.intent_id,
+                format_amount(plan.amount),
+                format_amount(Units(paid)),
+            )));
+        }
+        audit.beneficiary = Some(outcome.charge.beneficiary.name.clone());
+        let mut entries = plan.entries.clone();
+        // A metered run charged less than was paid: the rest goes back.
+        let rest = paid - charged;
+        let out_of_clearing = match refund_to {
+            Some(refund_to) if rest > 0 => {
+                audit.memo = Some(format!(
+                    "charged {} of {} paid; the rest refunded",
+                    format_amount(plan.amount),
+                    format_amount(Units(paid))
+                ));
+                entries.push((refund_to, rest, Some("refund")));
+                paid
+            }
+            _ => charged,
+        };
+        entries.push((clearing_id, -out_of_clearing, None));
+        Ok(Some(Self {
+            kind: "capture",
+            amount: plan.amount,
             audit,
-            destination,
-        })
+            entries,
+            legs: Some(plan.legs.clone()),
+        }))
     }
 }

@@ -141,6 +141,8 @@ pub(super) fn statement_line(row: &impl Columns) -> Result<StatementLine, StoreE
         kind: row.text("kind")?,
         at: row.int("created_at")?,
         amount: row.int("amount")?,
+        role: row.opt_text("role")?,
+        legs: super::posting::legs_by_role(row.opt_text("legs")?.as_deref()),
         currency: currency_of(row.text("currency")?)?,
         tool: row.opt_text("tool")?,
         payment_id: row.opt_text("payment_id")?,

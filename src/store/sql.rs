@@ -6,21 +6,21 @@
 pub(super) const BALANCES: &str = "SELECT currency, balance, held FROM accounts
      WHERE kind = 'wallet' AND name = $1 ORDER BY currency";
 
-/// A principal's wallet entries with their transactions' audit data.
-pub(super) const STATEMENT: &str = "SELECT t.id, t.kind, t.created_at, e.amount, a.currency, t.tool, t.payment_id, t.beneficiary, t.memo
+/// One account's entries (`$1`: name, `$2`: kind) with their transactions'
+/// audit data.
+pub(super) const STATEMENT: &str = "SELECT t.id, t.kind, t.created_at, e.amount, e.role, t.legs, a.currency, t.tool, t.payment_id, t.beneficiary, t.memo
      FROM ledger_entries e
      JOIN accounts a ON a.id = e.account_id
      JOIN ledger_transactions t ON t.id = e.txn_id
-     WHERE a.kind = 'wallet' AND a.name = $1
+     WHERE a.kind = $2 AND a.name = $1
      ORDER BY e.id";
 
 pub(super) const INSERT_TRANSACTION: &str = "INSERT INTO ledger_transactions
-       (id, kind, currency, amount, payer, beneficiary, tool, intent_id, payment_id, memo, created_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+       (id, kind, currency, amount, payer, beneficiary, tool, intent_id, payment_id, memo, created_at, legs)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
 /// One entry; a trigger moves the account's balance.
-pub(super) const INSERT_ENTRY: &str =
-    "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at) VALUES ($1, $2, $3, $4)";
+pub(super) const INSERT_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at, role) VALUES ($1, $2, $3, $4, $5)";
 
 pub(super) const CREATE_ACCOUNT: &str =
     "INSERT INTO accounts (kind, name, currency, created_at) VALUES ($1, $2, $3, $4)
@@ -30,10 +30,11 @@ pub(super) const ACCOUNT_ID: &str =
     "SELECT id FROM accounts WHERE kind = $1 AND name = $2 AND currency = $3";
 
 /// End an open hold by charging at most its amount; the `holds_capture`
-/// trigger gives the reservation back and posts the ledger transaction.
+/// trigger gives the reservation back and posts the ledger transaction with
+/// one entry per leg (`$6`).
 pub(super) const CAPTURE: &str =
     "UPDATE holds SET status = 'captured', captured = $2, settled_at = $3, txn_id = $4,
-                      beneficiary_account_id = $5
+                      beneficiary_account_id = $5, legs = $6
      WHERE id = $1 AND status = 'open' AND amount >= $2";
 
 /// End an open hold without charging (`holds_end` gives the reservation back).
@@ -200,11 +201,23 @@ impl<'a> Statement<'a> {
             &a.payment_id,
             &a.memo,
             header.at,
+            &header.legs,
         )
     }
 
-    pub(super) fn insert_entry(txn_id: &'a str, account_id: i64, amount: i64, at: i64) -> Self {
-        statement!(INSERT_ENTRY, txn_id, account_id, amount, at)
+    pub(super) fn insert_entry(
+        txn_id: &'a str,
+        (account_id, amount, role): super::posting::Entry,
+        at: i64,
+    ) -> Self {
+        statement!(
+            INSERT_ENTRY,
+            txn_id,
+            account_id,
+            amount,
+            at,
+            Param::Text(role)
+        )
     }
 
     pub(super) fn create_account(account: &'a super::AccountRef, at: i64) -> Self {

@@ -62,6 +62,8 @@ pub(super) enum FastWrite {
         at: i64,
         txn_id: String,
         beneficiary_id: i64,
+        /// The charge's legs, posted by the trigger.
+        legs: String,
     },
     /// End an open hold without charging.
     Release { hold_id: String, at: i64 },
@@ -93,13 +95,14 @@ impl FastWrite {
                 at,
                 txn_id,
                 beneficiary_id,
+                legs,
             } => conn
                 .prepare_cached(
                     "UPDATE holds SET status = 'captured', captured = ?1, settled_at = ?2, txn_id = ?3,
-                                      beneficiary_account_id = ?4
+                                      beneficiary_account_id = ?4, legs = ?6
                      WHERE id = ?5 AND status = 'open' AND amount >= ?1",
                 )?
-                .execute(params![amount, at, txn_id, beneficiary_id, hold_id])?,
+                .execute(params![amount, at, txn_id, beneficiary_id, hold_id, legs])?,
             FastWrite::Release { hold_id, at } => conn
                 .prepare_cached(
                     "UPDATE holds SET status = 'released', settled_at = ?1 WHERE id = ?2 AND status = 'open'",
@@ -478,7 +481,10 @@ mod tests {
                             return 0;
                         }
                         store
-                            .capture(&request.hold_id, Units(1), &revenue)
+                            .capture(
+                                &request.hold_id,
+                                &crate::store::Charge::whole(revenue, Units(1)),
+                            )
                             .await
                             .unwrap();
                         1

@@ -137,6 +137,7 @@ impl Store for SqliteStore {
             amount,
             audit: &audit,
             at: now_ms(),
+            legs: None,
         };
         Portable::topup(self.write_tx().await?, wallet_id, source_id, header).await
     }
@@ -145,8 +146,12 @@ impl Store for SqliteStore {
         self.db.balances(wallet).await
     }
 
-    async fn statement(&self, wallet: &str) -> Result<Vec<StatementLine>, StoreError> {
-        self.db.statement(wallet).await
+    async fn statement(
+        &self,
+        kind: AccountKind,
+        name: &str,
+    ) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.statement(kind, name).await
     }
 
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError> {
@@ -175,18 +180,8 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn capture(
-        &self,
-        hold_id: &str,
-        amount: Units,
-        beneficiary: &AccountRef,
-    ) -> Result<Posted, StoreError> {
-        if amount.is_zero() {
-            return Err(StoreError::Invalid(
-                "capture amount must be above zero; release instead".into(),
-            ));
-        }
-        let beneficiary_id = self.db.account_id(beneficiary).await?;
+    async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {
+        let plan = self.db.capture_plan(charge).await?;
         let at = now_ms();
         let txn_id = new_txn_id();
         // One conditional UPDATE; the `holds_capture` trigger gives the
@@ -195,17 +190,18 @@ impl Store for SqliteStore {
             .fast_writes
             .write(FastWrite::Capture {
                 hold_id: hold_id.to_owned(),
-                amount: amount.0,
+                amount: plan.amount.0,
                 at,
                 txn_id: txn_id.clone(),
-                beneficiary_id,
+                beneficiary_id: plan.beneficiary_id,
+                legs: plan.legs,
             })
             .await?;
         if captured {
             return Ok(Posted { txn_id, at });
         }
         self.db
-            .refused_capture(hold_id, amount, beneficiary_id)
+            .refused_capture(hold_id, plan.amount, plan.beneficiary_id)
             .await
     }
 
@@ -322,10 +318,13 @@ impl Store for SqliteStore {
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
         let clearing_id = self
             .db
-            .account_id(&clearing(&outcome.beneficiary.currency))
+            .account_id(&clearing(&outcome.charge.beneficiary.currency))
             .await?;
-        let beneficiary_id = self.db.account_id(&outcome.beneficiary).await?;
-        Portable::finish(self.write_tx().await?, outcome, clearing_id, beneficiary_id).await
+        let plan = match outcome.succeeded {
+            true => Some(self.db.capture_plan(&outcome.charge).await?),
+            false => None,
+        };
+        Portable::finish(self.write_tx().await?, outcome, clearing_id, plan.as_ref()).await
     }
 
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
