@@ -16,6 +16,7 @@ pub mod money;
 pub mod provider;
 pub mod receipt;
 pub mod server;
+pub mod statement;
 pub mod store;
 mod sync;
 pub mod tariff;

@@ -11,9 +11,10 @@ use tollgate::{
     config::Config,
     gate::Caller,
     keys::{ApiKey, Scope},
-    money::{Currency, Units, format_amount, format_signed},
+    money::{Currency, Units, format_amount},
     receipt::ReceiptSigner,
     server::TollgateServer,
+    statement,
     store::{AccountKind, AccountRef, SessionStatus, Store, now_ms, rfc3339},
 };
 
@@ -134,6 +135,27 @@ enum KeysCommand {
 enum LedgerCommand {
     /// Checks every invariant; exits non-zero on any break.
     Verify,
+    /// One account's entries: a wallet, or a tool author's (beneficiary's)
+    /// revenue with each capture's split.
+    Statement {
+        #[arg(
+            long,
+            conflicts_with = "beneficiary",
+            required_unless_present = "beneficiary"
+        )]
+        wallet: Option<String>,
+        #[arg(long)]
+        beneficiary: Option<String>,
+        /// Only this tool's lines.
+        #[arg(long)]
+        tool: Option<String>,
+        /// From this date (2026-11-01) or RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to and including this date, or before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -208,6 +230,34 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Ledger {
             command: LedgerCommand::Verify,
         } => return ledger_verify(store.as_ref()).await,
+        Command::Ledger {
+            command:
+                LedgerCommand::Statement {
+                    wallet,
+                    beneficiary,
+                    tool,
+                    since,
+                    until,
+                },
+        } => {
+            let (kind, name) = match (wallet, beneficiary) {
+                (Some(wallet), _) => (AccountKind::Wallet, wallet),
+                (None, Some(beneficiary)) => (AccountKind::Revenue, beneficiary),
+                (None, None) => bail!("give --wallet or --beneficiary"),
+            };
+            let time = |text: Option<String>, end_of_day| {
+                text.map(|t| statement::parse_time(&t, end_of_day))
+                    .transpose()
+                    .map_err(anyhow::Error::msg)
+            };
+            let filter = statement::Filter {
+                tool,
+                since: time(since, false)?,
+                until: time(until, true)?,
+            };
+            let lines = store.statement(kind, &name).await?;
+            print!("{}", statement::render(kind, &name, &lines, &filter));
+        }
         Command::Receipt {
             command: ReceiptCommand::Verify { receipt },
         } => {
@@ -370,22 +420,11 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
         WalletCommand::Balance { wallet } => print_balances(store, &wallet).await?,
         WalletCommand::Statement { wallet } => {
             let lines = store.statement(AccountKind::Wallet, &wallet).await?;
-            println!("statement for wallet {wallet}");
-            println!(
-                "{:<20}  {:<16}  {:>14}  {:<8}  {:<12}  reference",
-                "time", "kind", "amount", "currency", "tool"
+            let all = statement::Filter::default();
+            print!(
+                "{}",
+                statement::render(AccountKind::Wallet, &wallet, &lines, &all)
             );
-            for line in lines {
-                println!(
-                    "{:<20}  {:<16}  {:>14}  {:<8}  {:<12}  {}",
-                    rfc3339(line.at),
-                    line.kind,
-                    format_signed(line.amount),
-                    line.currency.as_str(),
-                    line.tool.as_deref().unwrap_or("-"),
-                    line.payment_id.as_deref().unwrap_or(&line.txn_id),
-                );
-            }
             print_balances(store, &wallet).await?;
         }
     }

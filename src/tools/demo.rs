@@ -23,6 +23,62 @@ struct DivideArgs {
     b: f64,
 }
 
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SearchArgs {
+    /// What to look for (case-insensitive).
+    query: String,
+    /// The most results to return, 1 to 20.
+    #[schemars(range(min = 1, max = 20))]
+    limit: u32,
+}
+
+/// What `search` searches.
+const FRUIT: [&str; 20] = [
+    "apple",
+    "apricot",
+    "banana",
+    "blackberry",
+    "blueberry",
+    "cherry",
+    "coconut",
+    "fig",
+    "strawberry",
+    "grape",
+    "grapefruit",
+    "kiwi",
+    "lemon",
+    "lime",
+    "mango",
+    "melon",
+    "orange",
+    "papaya",
+    "peach",
+    "pear",
+];
+
+/// Reports the results it returned as its usage: a metered tool is charged
+/// per result, not per result it might have returned.
+fn search(args: SearchArgs) -> CallToolResult {
+    if !(1..=20).contains(&args.limit) {
+        return CallToolResult::error(vec![ContentBlock::text("limit must be from 1 to 20")]);
+    }
+    let query = args.query.to_lowercase();
+    let found: Vec<&str> = FRUIT
+        .iter()
+        .copied()
+        .filter(|fruit| fruit.contains(&query))
+        .take(args.limit as usize)
+        .collect();
+    let mut result = CallToolResult::success(vec![ContentBlock::text(found.join("\n"))]);
+    result.structured_content = Some(json!({ "results": found }));
+    let mut meta = rmcp::model::MetaObject::new();
+    meta.0
+        .insert(crate::tariff::USAGE_META.into(), json!(found.len()));
+    result.meta = Some(meta);
+    result
+}
+
 fn echo(args: TextArgs) -> CallToolResult {
     CallToolResult::success(vec![ContentBlock::text(args.text)])
 }
@@ -44,7 +100,7 @@ fn divide(args: DivideArgs) -> CallToolResult {
     result
 }
 
-/// `echo`, `word_count` and `divide`.
+/// `echo`, `word_count`, `divide` and `search`.
 pub fn demo_tools() -> FnTools {
     FnTools::new()
         .tool(
@@ -61,6 +117,11 @@ pub fn demo_tools() -> FnTools {
             "divide",
             "Divides a by b. Dividing by zero is a tool error.",
             |args: DivideArgs| async move { divide(args) },
+        )
+        .tool(
+            "search",
+            "Finds fruit whose name contains the query; reports the results returned as its usage.",
+            |args: SearchArgs| async move { search(args) },
         )
 }
 
@@ -121,6 +182,14 @@ mod tests {
             .into_iter()
             .map(|t| t.name.to_string())
             .collect();
-        assert_eq!(names, ["divide", "echo", "word_count"]);
+        assert_eq!(names, ["divide", "echo", "search", "word_count"]);
+        let r = demo
+            .call(
+                "search",
+                obj(json!({"query": "Berry", "limit": 10})),
+                &CallContext::default(),
+            )
+            .await;
+        assert_eq!(crate::tariff::reported_usage(&r), Some(3));
     }
 }

@@ -16,6 +16,7 @@ mod concurrency;
 mod fast_path;
 mod listing;
 mod modes;
+mod money_model;
 mod scale_out;
 mod shutdown;
 mod slow_path;

@@ -1,0 +1,199 @@
+//! Account statements for people: a wallet's spending, or what a tool author
+//! earned, with each split capture broken down (charge, platform share,
+//! commissions, net), so that payouts can be reconciled.
+
+use std::{collections::BTreeMap, fmt::Write};
+
+use crate::{
+    money::{Units, format_amount, format_signed},
+    store::{AccountKind, StatementLine, rfc3339},
+    terms::Role,
+};
+
+/// Which lines of an account's statement to show.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub tool: Option<String>,
+    /// Unix ms, inclusive.
+    pub since: Option<i64>,
+    /// Unix ms, exclusive.
+    pub until: Option<i64>,
+}
+
+impl Filter {
+    pub fn keeps(&self, line: &StatementLine) -> bool {
+        self.tool
+            .as_ref()
+            .is_none_or(|tool| line.tool.as_ref() == Some(tool))
+            && self.since.is_none_or(|since| line.at >= since)
+            && self.until.is_none_or(|until| line.at < until)
+    }
+}
+
+/// Parses `2026-11-21` (the start of that day, UTC) or an RFC 3339 time.
+/// `end_of_day` moves a bare date to the start of the next day, so that
+/// `--until 2026-11-21` includes the 21st.
+pub fn parse_time(text: &str, end_of_day: bool) -> Result<i64, String> {
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        let day = if end_of_day {
+            date.succ_opt().unwrap_or(date)
+        } else {
+            date
+        };
+        return Ok(day
+            .and_hms_opt(0, 0, 0)
+            .map_or(0, |t| t.and_utc().timestamp_millis()));
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| format!("`{text}` is neither a date (2026-11-21) nor an RFC 3339 time"))
+}
+
+/// The charge of a split capture (what the tool's price came to) and its
+/// breakdown, as "charge 1.00 = author 0.88 + platform_share 0.10 + …".
+fn breakdown(legs: &[(String, Units)]) -> Option<String> {
+    if legs.is_empty() {
+        return None;
+    }
+    let charged: i64 = legs
+        .iter()
+        .filter(|(role, _)| role != Role::CommissionOut.as_str())
+        .map(|(_, amount)| amount.0)
+        .sum();
+    let parts: Vec<String> = legs
+        .iter()
+        .filter(|(role, _)| role != Role::CommissionOut.as_str())
+        .map(|(role, amount)| format!("{role} {}", format_amount(*amount)))
+        .collect();
+    let mut text = format!(
+        "charge {} = {}",
+        format_amount(Units(charged)),
+        parts.join(" + ")
+    );
+    if let Some((_, fee)) = legs
+        .iter()
+        .find(|(role, _)| role == Role::CommissionOut.as_str())
+    {
+        let _ = write!(text, "; payer fee {}", format_amount(*fee));
+    }
+    Some(text)
+}
+
+/// The statement as a table, with totals per currency.
+pub fn render(kind: AccountKind, name: &str, lines: &[StatementLine], filter: &Filter) -> String {
+    let mut out = format!("statement for {}:{name}\n", kind.as_str());
+    let _ = writeln!(
+        out,
+        "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  split",
+        "time", "kind", "amount", "currency", "tool", "reference"
+    );
+    // Per currency: (net, charged, lines).
+    let mut totals: BTreeMap<&str, (i64, i64, usize)> = BTreeMap::new();
+    for line in lines.iter().filter(|l| filter.keeps(l)) {
+        let _ = writeln!(
+            out,
+            "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  {}",
+            rfc3339(line.at),
+            line.kind,
+            format_signed(line.amount),
+            line.currency.as_str(),
+            line.tool.as_deref().unwrap_or("-"),
+            line.payment_id.as_deref().unwrap_or(&line.txn_id),
+            breakdown(&line.legs).unwrap_or_default(),
+        );
+        let total = totals.entry(line.currency.as_str()).or_default();
+        total.0 += line.amount;
+        total.2 += 1;
+        total.1 += line
+            .legs
+            .iter()
+            .filter(|(role, _)| role != Role::CommissionOut.as_str())
+            .map(|(_, amount)| amount.0)
+            .sum::<i64>();
+    }
+    for (currency, (net, charged, count)) in totals {
+        let _ = write!(
+            out,
+            "total: {} {currency} over {count} line(s)",
+            format_signed(net)
+        );
+        if charged != 0 {
+            let _ = write!(
+                out,
+                "; captures charged {} {currency} in all",
+                format_signed(charged)
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Currency;
+
+    fn line(amount: i64, legs: &[(&str, i64)], at: i64, tool: &str) -> StatementLine {
+        StatementLine {
+            txn_id: "txn_1".into(),
+            kind: "capture".into(),
+            at,
+            amount,
+            role: Some("author".into()),
+            legs: legs
+                .iter()
+                .map(|(role, amount)| (role.to_string(), Units(*amount)))
+                .collect(),
+            currency: Currency::parse("USD").unwrap(),
+            tool: Some(tool.into()),
+            payment_id: Some("pay_1".into()),
+            beneficiary: Some("alice".into()),
+            memo: None,
+        }
+    }
+
+    #[test]
+    fn an_author_sees_the_charge_the_shares_and_the_net() {
+        let legs = [
+            ("author", 880_000),
+            ("platform_share", 100_000),
+            ("commission_in", 20_000),
+            ("commission_out", 10_000),
+        ];
+        let lines = [
+            line(880_000, &legs, 1_000, "echo"),
+            line(10_000, &[("author", 10_000)], 2_000, "divide"),
+        ];
+        let text = render(AccountKind::Revenue, "alice", &lines, &Filter::default());
+        assert!(
+            text.contains(
+                "charge 1.00 = author 0.88 + platform_share 0.10 + commission_in 0.02; payer fee 0.01"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("total: 0.89 USD over 2 line(s); captures charged 1.01 USD in all"),
+            "{text}"
+        );
+        let only_echo = Filter {
+            tool: Some("echo".into()),
+            ..Filter::default()
+        };
+        let text = render(AccountKind::Revenue, "alice", &lines, &only_echo);
+        assert!(text.contains("total: 0.88 USD over 1 line(s)"), "{text}");
+        let before = Filter {
+            until: Some(1_500),
+            ..Filter::default()
+        };
+        assert!(render(AccountKind::Revenue, "alice", &lines, &before).contains("over 1 line(s)"));
+    }
+
+    #[test]
+    fn dates_and_times() {
+        assert_eq!(parse_time("1970-01-02", false), Ok(86_400_000));
+        assert_eq!(parse_time("1970-01-01", true), Ok(86_400_000));
+        assert_eq!(parse_time("1970-01-01T00:00:01Z", false), Ok(1_000));
+        assert!(parse_time("yesterday", false).is_err());
+    }
+}

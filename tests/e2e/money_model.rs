@@ -1,0 +1,158 @@
+//! The money model end to end: metered prices charged their actual usage,
+//! and revenue split between the author, the platform and commissions.
+
+use serde_json::json;
+
+use crate::harness::*;
+
+/// Demo tools with a metered `search` (0.01 + 0.005 per result it returns,
+/// at most 0.10) and an `echo` metered by its argument (0.01 per started
+/// 10 characters, at most 0.05).
+fn metered_pricing(mode: &str) -> String {
+    format!(
+        r#"[server]
+name = "test-server"
+mode = "{mode}"
+currency = "USD"
+
+[store]
+synchronous = "normal"
+
+[[tools]]
+name = "search"
+price = {{ base = "0.01", per_unit = "0.005", usage = "reported", max = "0.10" }}
+
+[[tools]]
+name = "echo"
+price = {{ per_unit = "0.01", unit_size = 10, argument = "text", max = "0.05" }}
+"#
+    )
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_metered_tool_is_charged_its_actual_usage() {
+        let env = Env::with_pricing(&metered_pricing("resubmit"));
+        env.topup("alice", "1.00").await;
+        let client = env.client(Some("alice")).await;
+
+        let tools = client.list_all_tools().await.expect("tools/list");
+        let search = tools.iter().find(|t| t.name == "search").unwrap();
+        let price = &search.meta.as_ref().unwrap().0["tollgate/price"];
+        assert_eq!(price["amount"], "0.10");
+        assert_eq!(price["metered"]["per_unit"], "0.005");
+        assert_eq!(price["metered"]["units"], "reported");
+        assert!(search.description.as_deref().unwrap().contains("at most 0.10 USD"));
+
+        // The hold is the maximum; the charge is 3 results' worth.
+        let r = call(&client, "search", json!({"query": "berry", "limit": 10})).await;
+        assert_eq!(structured(&r)["results"].as_array().unwrap().len(), 3);
+        let payment = payment_meta(&r);
+        assert_eq!(payment["status"], "paid");
+        assert_eq!(payment["amount"], "0.025");
+        assert_eq!(payment["held"], "0.10");
+        assert_eq!(
+            env.balance("alice").await,
+            ("0.975".into(), "0.00".into(), "0.975".into())
+        );
+        let receipt = payment["receipt"].as_str().unwrap();
+        let verified = env.ok(&["receipt", "verify", receipt]).await;
+        assert!(verified.contains("\"amount\": \"0.025\""), "{verified}");
+
+        // Metered by an argument: 12 characters are two blocks of 10.
+        let r = call(&client, "echo", echo_args("hello world!")).await;
+        assert_eq!(payment_meta(&r)["amount"], "0.02");
+        assert_eq!(env.available("alice").await, "0.955");
+
+        // Paid through a session instead: the session is for the maximum,
+        // and what the run did not use is refunded to the wallet that paid.
+        let anonymous = env.client(None).await;
+        let r = call(&anonymous, "search", json!({"query": "grape", "limit": 1})).await;
+        assert_eq!(error_code(&r), "payment_required");
+        assert_eq!(structured(&r)["amount"], "0.10");
+        let id = payment_id_of(&r);
+        env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+        assert_eq!(env.available("alice").await, "0.855");
+        let r = call(
+            &anonymous,
+            "search",
+            json!({"query": "grape", "limit": 1, "payment_id": id}),
+        )
+        .await;
+        assert_eq!(structured(&r)["results"], json!(["grape"]));
+        let payment = payment_meta(&r);
+        assert_eq!(payment["amount"], "0.015");
+        assert_eq!(payment["paid"], "0.10");
+        assert_eq!(payment["refunded"], "0.085");
+        assert_eq!(env.available("alice").await, "0.94");
+
+        let earned = env.ok(&["ledger", "statement", "--beneficiary", "test-server"]).await;
+        // 0.025 + 0.02 + 0.015 charged: the author gets the whole cents,
+        // the rounding account the half cents.
+        assert!(earned.contains("charge 0.025 = author 0.02 + rounding 0.005"), "{earned}");
+        assert!(earned.contains("total: 0.05 USD over 3 line(s)"), "{earned}");
+        let rounding = env.ok(&["ledger", "statement", "--beneficiary", "rounding"]).await;
+        assert!(rounding.contains("total: 0.01 USD over 2 line(s)"), "{rounding}");
+        client.cancel().await.ok();
+        anonymous.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
+    async fn an_authors_statement_shows_the_net_after_commission_and_platform_share() {
+        let env = Env::with_pricing(&pricing(
+            "resubmit",
+            r#"
+[fees]
+platform_share = "10%"
+commission_out = "0.01"
+"#,
+        ).replace(
+            "name = \"echo\"\nprice = \"0.01\"",
+            "name = \"echo\"\nprice = \"1.00\"\nbeneficiary = \"alice-author\"\ncommission_in = \"2.5%\"",
+        ));
+        env.topup("bob", "5.00").await;
+        let client = env.client(Some("bob")).await;
+
+        let tools = client.list_all_tools().await.expect("tools/list");
+        let echo = tools.iter().find(|t| t.name == "echo").unwrap();
+        let terms = &echo.meta.as_ref().unwrap().0["tollgate/price"]["terms"];
+        assert_eq!(terms["beneficiary"], "alice-author");
+        assert_eq!(terms["commission_out"], "0.01");
+        assert!(echo.description.as_deref().unwrap().contains("+ a 0.01 fee"));
+
+        // The payer pays the price plus the outgoing commission.
+        for _ in 0..2 {
+            let r = call(&client, "echo", echo_args("hi")).await;
+            assert_eq!(payment_meta(&r)["amount"], "1.01");
+        }
+        assert_eq!(env.available("bob").await, "2.98");
+
+        let statement = env
+            .ok(&["ledger", "statement", "--beneficiary", "alice-author", "--tool", "echo"])
+            .await;
+        let captures: Vec<_> = statement.lines().filter(|l| l.contains(" capture ")).collect();
+        assert_eq!(captures.len(), 2, "{statement}");
+        assert!(captures[0].contains("0.88"), "{statement}");
+        assert!(
+            captures[0].contains(
+                "charge 1.00 = author 0.88 + platform_share 0.10 + commission_in 0.02; payer fee 0.01"
+            ),
+            "{statement}"
+        );
+        assert!(statement.contains("total: 1.76 USD over 2 line(s)"), "{statement}");
+        let platform = env.ok(&["ledger", "statement", "--beneficiary", "platform"]).await;
+        assert!(platform.contains("total: 0.20 USD"), "{platform}");
+        let fees = env.ok(&["ledger", "statement", "--beneficiary", "commissions"]).await;
+        assert!(fees.contains("total: 0.06 USD"), "{fees}");
+        // Nothing before today.
+        let none = env
+            .ok(&["ledger", "statement", "--beneficiary", "alice-author", "--until", "2000-01-01"])
+            .await;
+        assert!(!none.contains(" capture "), "{none}");
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
