@@ -120,7 +120,7 @@ pub fn render(kind: AccountKind, name: &str, lines: &[StatementLine], filter: &F
         if charged != 0 {
             let _ = write!(
                 out,
-                "; captures charged {} {currency} in all",
+                "; the split charges came to {} {currency}",
                 format_signed(charged)
             );
         }
@@ -173,7 +173,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("total: 0.89 USD over 2 line(s); captures charged 1.01 USD in all"),
+            text.contains("total: 0.89 USD over 2 line(s); the split charges came to 1.01 USD"),
             "{text}"
         );
         let only_echo = Filter {

@@ -16,6 +16,7 @@ on_both_backends! {
                 "confirm_echo_payment",
                 "divide",
                 "echo",
+                "search",
                 "word_count"
             ]
         );
