@@ -71,7 +71,9 @@ impl Gate {
             .await;
         let currency = call.price.currency.as_str();
 
-        if result.is_error == Some(true) {
+        // A metered call that used nothing costs nothing, like a failed one.
+        let charge = Gate::charge_for(call.price, &call.args, &result);
+        if result.is_error == Some(true) || charge.total().is_zero() {
             if let Err(e) = self.store.release(&payment_id).await {
                 // The hold stays open and expires on its own; nothing is charged.
                 tracing::error!(payment_id, "release after tool error failed: {e}");
@@ -80,7 +82,7 @@ impl Gate {
                 tool = call.tool,
                 principal,
                 payment_id,
-                "tool failed; hold released"
+                "tool failed or used nothing; hold released"
             );
             return Some(reply::with_payment(
                 result,
@@ -92,7 +94,6 @@ impl Gate {
 
         // A metered call is charged what it used; the rest of the hold goes
         // back to the wallet as the capture ends it.
-        let charge = Gate::charge_for(call.price, &call.args, &result);
         let amount = format_amount(charge.total());
         let posted = recording::until_recorded("capture after a successful run", || {
             self.store.capture(&payment_id, &charge)

@@ -294,6 +294,18 @@ impl Gate {
                 .await
                 .into());
         }
+        if call.amount.is_zero() {
+            // A metered price these arguments bring to nothing: a free call.
+            return Ok(entry
+                .backend
+                .call(
+                    name,
+                    call.args,
+                    &scope.backend_context(self.settings.timeouts.elicitation),
+                )
+                .await
+                .into());
+        }
         let mode = self.resolve_mode(price.mode, scope);
         if call.amount > self.settings.approval_threshold {
             if let Some(response) = self.ask_approval(scope, &call, mode).await {

@@ -297,14 +297,16 @@ impl Gate {
             .await;
         let succeeded = result.is_error != Some(true);
         let charge = self.intent_charge(&intent, entry.price.as_ref(), &args, &result);
+        // A failed run, or one a metered price charges nothing, is refunded.
+        let charged = succeeded && !charge.total().is_zero();
         let txn_id = new_txn_id();
         let at = now_ms();
-        let amount = format_amount(if succeeded {
+        let amount = format_amount(if charged {
             charge.total()
         } else {
             intent.amount
         });
-        let payment = if succeeded {
+        let payment = if charged {
             let receipt = self.signer.sign(&ReceiptClaims {
                 payment_id: intent.id.clone(),
                 tool: intent.tool.clone(),

@@ -358,7 +358,9 @@ impl Store for PgStore {
         let clearing_id = self
             .account_id(&clearing(&outcome.charge.beneficiary.currency))
             .await?;
-        let plan = match outcome.succeeded {
+        // A run charged nothing (a metered tool that used nothing) is
+        // settled like a failed one: all of it refunded.
+        let plan = match outcome.succeeded && !outcome.charge.total().is_zero() {
             true => Some(retrying(|| self.db.capture_plan(&outcome.charge)).await?),
             false => None,
         };

@@ -194,8 +194,8 @@ pub(super) struct Settlement {
 impl Settlement {
     /// From the row `FINISH_INTENT` returned. Charge on success: a
     /// successful run earns its charge (`plan`, at most what was paid) and
-    /// the rest goes back to the payer; a failed run (`plan` is `None`)
-    /// gives it all back. `None` when nothing moves: a failed run with
+    /// the rest goes back to the payer; a failed run, or one charged
+    /// nothing (`plan` is `None`), gives it all back. `None` when nothing moves: a failed run with
     /// nobody to refund, whose money stays in clearing for an operator.
     pub(super) fn of(
         outcome: &IntentOutcome,
@@ -221,7 +221,13 @@ impl Settlement {
             ..Audit::default()
         };
         let Some(plan) = plan else {
-            audit.memo = Some("tool failed: payment refunded".into());
+            audit.memo = Some(
+                match outcome.succeeded {
+                    true => "nothing used: payment refunded",
+                    false => "tool failed: payment refunded",
+                }
+                .into(),
+            );
             return Ok(refund_to.map(|refund_to| Self {
                 kind: "refund",
                 amount: Units(paid),

@@ -156,3 +156,49 @@ commission_out = "0.01"
         env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_metered_call_that_uses_nothing_costs_nothing() {
+        let env = Env::with_pricing(
+            &metered_pricing("resubmit")
+                .replace("base = \"0.01\", ", "")
+                .replace("per_unit = \"0.01\"", "base = \"0\", per_unit = \"0.01\""),
+        );
+        env.topup("alice", "1.00").await;
+        let client = env.client(Some("alice")).await;
+
+        // Held, run, used nothing: the hold is released.
+        let r = call(&client, "search", json!({"query": "zzz", "limit": 5})).await;
+        assert_eq!(r.is_error, Some(false));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        assert_eq!(payment_meta(&r)["charged"], "0.00");
+        // Arguments that make the price nothing: a free call, nothing held.
+        let r = call(&client, "echo", echo_args("")).await;
+        assert_eq!(r.is_error, Some(false));
+        assert!(payment_meta(&r).is_null());
+        assert_eq!(
+            env.balance("alice").await,
+            ("1.00".into(), "0.00".into(), "1.00".into())
+        );
+
+        // Paid through a session, used nothing: all of it refunded.
+        let anonymous = env.client(None).await;
+        let r = call(&anonymous, "search", json!({"query": "zzz", "limit": 5})).await;
+        let id = payment_id_of(&r);
+        env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+        assert_eq!(env.available("alice").await, "0.90");
+        let r = call(
+            &anonymous,
+            "search",
+            json!({"query": "zzz", "limit": 5, "payment_id": id}),
+        )
+        .await;
+        assert_eq!(r.is_error, Some(false));
+        assert_eq!(payment_meta(&r)["status"], "refunded");
+        assert_eq!(env.available("alice").await, "1.00");
+        client.cancel().await.ok();
+        anonymous.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}

@@ -320,7 +320,9 @@ impl Store for SqliteStore {
             .db
             .account_id(&clearing(&outcome.charge.beneficiary.currency))
             .await?;
-        let plan = match outcome.succeeded {
+        // A run charged nothing (a metered tool that used nothing) is
+        // settled like a failed one: all of it refunded.
+        let plan = match outcome.succeeded && !outcome.charge.total().is_zero() {
             true => Some(self.db.capture_plan(&outcome.charge).await?),
             false => None,
         };
