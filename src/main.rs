@@ -15,7 +15,7 @@ use tollgate::{
     receipt::ReceiptSigner,
     server::TollgateServer,
     statement,
-    store::{AccountKind, AccountRef, SessionStatus, Store, now_ms, rfc3339},
+    store::{AccountKind, AccountRef, RefundRequest, SessionStatus, Store, now_ms, rfc3339},
 };
 
 #[derive(Parser)]
@@ -62,6 +62,19 @@ enum Command {
     Sessions {
         #[command(subcommand)]
         command: SessionsCommand,
+    },
+    /// Gives back some or all of a captured payment to whoever paid it.
+    Refund {
+        payment_id: String,
+        /// How much; all that is left to refund when left out.
+        amount: Option<String>,
+        /// Why: kept with the refund and shown in statements.
+        #[arg(long)]
+        reason: String,
+        /// A refund is made once per key. Left out, the key is the payment
+        /// id and amount, so running the same command twice refunds once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// The double-entry ledger.
     Ledger {
@@ -230,6 +243,40 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Ledger {
             command: LedgerCommand::Verify,
         } => return ledger_verify(store.as_ref()).await,
+        Command::Refund {
+            payment_id,
+            amount,
+            reason,
+            idempotency_key,
+        } => {
+            let units = amount
+                .as_deref()
+                .map(|a| Units::parse(a).with_context(|| format!("amount `{a}`")))
+                .transpose()?;
+            let request = RefundRequest {
+                idempotency_key: idempotency_key.unwrap_or_else(|| {
+                    format!("{payment_id}:{}", amount.as_deref().unwrap_or("rest"))
+                }),
+                payment_id,
+                amount: units,
+                reason,
+            };
+            let refunded = store.refund(&request).await?;
+            println!(
+                "{} {} {} of payment {} ({}); {} of {} refunded in all",
+                if refunded.replayed {
+                    "already refunded"
+                } else {
+                    "refunded"
+                },
+                format_amount(refunded.amount),
+                refunded.currency,
+                request.payment_id,
+                refunded.txn_id,
+                format_amount(refunded.refunded),
+                format_amount(refunded.captured),
+            );
+        }
         Command::Ledger {
             command:
                 LedgerCommand::Statement {

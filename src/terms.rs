@@ -316,6 +316,32 @@ impl Terms {
     }
 }
 
+/// Splits `amount` in proportion to `weights`, exactly: each part is its
+/// share rounded down, and the units left go one at a time to the largest
+/// dropped fractions (ties: the earlier weight). A partial refund of a
+/// split capture takes back from each leg this way.
+pub fn pro_rata(amount: i64, weights: &[i64]) -> Vec<i64> {
+    let total: i128 = weights.iter().map(|w| i128::from((*w).max(0))).sum();
+    if total == 0 {
+        return vec![0; weights.len()];
+    }
+    let exact: Vec<(i64, i128)> = weights
+        .iter()
+        .map(|w| {
+            let product = i128::from(amount) * i128::from((*w).max(0));
+            ((product / total) as i64, product % total)
+        })
+        .collect();
+    let mut parts: Vec<i64> = exact.iter().map(|(part, _)| *part).collect();
+    let left = amount - parts.iter().sum::<i64>();
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|a, b| exact[*b].1.cmp(&exact[*a].1));
+    for i in order.into_iter().take(left.max(0) as usize) {
+        parts[i] += 1;
+    }
+    parts
+}
+
 /// Micro-units per minor unit of `currency` (10,000 for cents).
 pub fn minor_unit(currency: &Currency) -> i64 {
     10i64.pow(SCALE - currency.minor_unit_exponent().min(SCALE))
@@ -462,7 +488,29 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn pro_rata_is_exact() {
+        assert_eq!(pro_rata(100, &[1, 1, 1]), vec![34, 33, 33]);
+        assert_eq!(pro_rata(50, &[880, 100, 20]), vec![44, 5, 1]);
+        assert_eq!(pro_rata(0, &[1, 2]), vec![0, 0]);
+        assert_eq!(pro_rata(7, &[0, 0]), vec![0, 0]);
+    }
+
     proptest! {
+        #[test]
+        fn pro_rata_parts_sum_to_the_amount_and_never_exceed_their_weight(
+            weights in proptest::collection::vec(1i64..1_000_000_000, 1..6),
+            permille in 0i64..=1000,
+        ) {
+            let total: i64 = weights.iter().sum();
+            let amount = total / 1000 * permille;
+            let parts = pro_rata(amount, &weights);
+            prop_assert_eq!(parts.iter().sum::<i64>(), amount);
+            for (part, weight) in parts.iter().zip(&weights) {
+                prop_assert!(*part >= 0 && part <= weight);
+            }
+        }
+
         #[test]
         fn legs_sum_to_what_the_payer_pays(
             platform in any_fee(), cin in any_fee(), cout in any_fee(), charge in any_charge(),

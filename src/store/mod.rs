@@ -447,6 +447,29 @@ pub struct StoredResult {
     pub result_json: String,
 }
 
+/// `tollgate refund`: give back some or all of a captured payment.
+#[derive(Debug, Clone)]
+pub struct RefundRequest {
+    pub payment_id: String,
+    /// `None`: all that is left to refund.
+    pub amount: Option<Units>,
+    pub reason: String,
+    /// A refund is made at most once per key; asking again answers with it.
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refunded {
+    pub txn_id: String,
+    pub amount: Units,
+    pub currency: Currency,
+    /// What was captured, and what has been refunded of it, this included.
+    pub captured: Units,
+    pub refunded: Units,
+    /// An earlier refund with the same idempotency key.
+    pub replayed: bool,
+}
+
 /// What `/metrics` reports from the store.
 #[derive(Debug, Clone, Default)]
 pub struct StoreStats {
@@ -493,6 +516,10 @@ pub trait Store: Send + Sync + 'static {
     /// The charge's legs are posted in the capture's one transaction.
     async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError>;
     async fn release(&self, hold_id: &str) -> Result<(), StoreError>;
+    /// Refunds a captured payment (fast path or paid intent) to whoever
+    /// paid, taking back from each leg of the capture its share, in one
+    /// transaction. Never more in all than was captured.
+    async fn refund(&self, request: &RefundRequest) -> Result<Refunded, StoreError>;
     /// Expires open holds and awaiting intents past their time. Returns how
     /// many holds were expired.
     async fn sweep_expired(&self, now: i64) -> Result<u64, StoreError>;

@@ -6,12 +6,15 @@ use std::{collections::HashMap, sync::Mutex};
 
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Transaction, Type};
 
-use crate::money::Units;
+use crate::{
+    money::{Units, format_amount},
+    terms::{Role, pro_rata},
+};
 
 use super::{
     AccountKind, AccountRef, ApiKey, Audit, Charge, Intent, IntentOutcome, LocalSession, Posted,
-    StatementLine, StoreError, StoreStats, StoredResult, VerifyReport, WalletBalance, new_txn_id,
-    now_ms,
+    RefundRequest, Refunded, StatementLine, StoreError, StoreStats, StoredResult, VerifyReport,
+    WalletBalance, new_txn_id, now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
         settled_capture,
@@ -408,6 +411,151 @@ where
             .await?;
         tx.commit().await?;
         Ok(posted)
+    }
+
+    /// Refunds a captured payment, in `tx`, committed. `capture_lock` reads
+    /// the capture's transaction (`$1`: its id; `amount`, `currency`,
+    /// `payer`, `tool`) so that no other refund of it commits meanwhile.
+    pub async fn refund(
+        mut tx: Transaction<'_, DB>,
+        capture_lock: &'static str,
+        request: &RefundRequest,
+    ) -> Result<Refunded, StoreError> {
+        let payment_id = request.payment_id.as_str();
+        let not_found = || StoreError::NotFound(format!("captured payment {payment_id}"));
+        let Some(txn_id) = query(statement!(sql::CAPTURE_TXN_ID, payment_id))
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Err(not_found());
+        };
+        let capture_id = txn_id.text("id")?;
+        let capture = query(statement!(capture_lock, capture_id.as_str()))
+            .fetch_one(&mut *tx)
+            .await?;
+        let currency = rows::currency_of(capture.text("currency")?)?;
+        let captured = capture.int("amount")?;
+        let refunded = query(statement!(sql::REFUNDED_SO_FAR, payment_id))
+            .fetch_one(&mut *tx)
+            .await?
+            .int("total")?;
+        if let Some(earlier) = query(statement!(sql::REFUND_BY_KEY, &request.idempotency_key))
+            .fetch_optional(&mut *tx)
+            .await?
+        {
+            let amount = earlier.int("amount")?;
+            if earlier.text("payment_id")? != payment_id
+                || request.amount.is_some_and(|a| a.0 != amount)
+            {
+                return Err(StoreError::Invalid(format!(
+                    "idempotency key `{}` was used for another refund",
+                    request.idempotency_key
+                )));
+            }
+            return Ok(Refunded {
+                txn_id: earlier.text("txn_id")?,
+                amount: Units(amount),
+                currency,
+                captured: Units(captured),
+                refunded: Units(refunded),
+                replayed: true,
+            });
+        }
+        let left = captured - refunded;
+        let amount = request.amount.map_or(left, |a| a.0);
+        if amount <= 0 || amount > left {
+            return Err(StoreError::Invalid(format!(
+                "a refund of {} {currency} is not possible: {} of the {} captured is left to refund",
+                format_amount(Units(amount)),
+                format_amount(Units(left)),
+                format_amount(Units(captured)),
+            )));
+        }
+        let Some(destination) = query(statement!(sql::REFUND_DESTINATION, payment_id))
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Err(StoreError::Invalid(format!(
+                "payment {payment_id} has nobody to refund"
+            )));
+        };
+        // Every account the capture paid gives back its share of the refund,
+        // in proportion to what it still holds of it: the refund that
+        // empties a payment takes back exactly what each account got.
+        let mut legs: Vec<(i64, i64, Option<&'static str>)> = Vec::new();
+        for row in query(statement!(sql::CAPTURE_LEGS, capture_id.as_str()))
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let account = row.int("account_id")?;
+            let amount = row.int("amount")?;
+            match legs.iter_mut().find(|(a, _, _)| *a == account) {
+                Some(leg) => leg.1 += amount,
+                None => {
+                    let role = row.opt_text("role")?.and_then(|r| Role::parse(&r));
+                    legs.push((account, amount, role.map(Role::as_str)));
+                }
+            }
+        }
+        for row in query(statement!(sql::REFUNDED_BY_ACCOUNT, payment_id))
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            let account = row.int("account_id")?;
+            if let Some(leg) = legs.iter_mut().find(|(a, _, _)| *a == account) {
+                leg.1 -= row.int("taken")?;
+            }
+        }
+        let weights: Vec<i64> = legs.iter().map(|(_, left, _)| *left).collect();
+        let mut entries: Vec<Entry> =
+            vec![(destination.int("account_id")?, amount, Some("refund"))];
+        for ((account, _, role), part) in legs.iter().zip(pro_rata(amount, &weights)) {
+            if part > 0 {
+                entries.push((*account, -part, *role));
+            }
+        }
+        let audit = Audit {
+            payer: capture.opt_text("payer")?,
+            tool: capture.opt_text("tool")?,
+            payment_id: Some(payment_id.to_owned()),
+            memo: Some(request.reason.clone()),
+            ..Audit::default()
+        };
+        let at = now_ms();
+        let posted = Self::post(
+            &mut tx,
+            TxnHeader {
+                id: new_txn_id(),
+                kind: "refund",
+                currency: &currency,
+                amount: Units(amount),
+                audit: &audit,
+                at,
+                legs: None,
+            },
+            &entries,
+        )
+        .await?;
+        query(statement!(
+            sql::INSERT_REFUND,
+            &request.idempotency_key,
+            payment_id,
+            &posted.txn_id,
+            amount,
+            &request.reason,
+            at
+        ))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Refunded {
+            txn_id: posted.txn_id,
+            amount: Units(amount),
+            currency,
+            captured: Units(captured),
+            refunded: Units(refunded + amount),
+            replayed: false,
+        })
     }
 
     /// `ledger verify`'s checks, on a connection the backend holds in one

@@ -275,6 +275,19 @@ impl Store for PgStore {
         }
     }
 
+    async fn refund(&self, request: &RefundRequest) -> Result<Refunded, StoreError> {
+        // Refunds of one payment queue on its capture's row.
+        retrying(|| async {
+            Portable::refund(
+                self.tx().await?,
+                "SELECT amount, currency, payer, tool FROM ledger_transactions WHERE id = $1 FOR UPDATE",
+                request,
+            )
+            .await
+        })
+        .await
+    }
+
     async fn sweep_expired(&self, now: i64) -> Result<u64, StoreError> {
         retrying(|| self.sweep_once(now)).await
     }

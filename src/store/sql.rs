@@ -105,6 +105,35 @@ pub(super) const API_KEYS: &str = "SELECT * FROM api_keys ORDER BY created_at, i
 pub(super) const REVOKE_API_KEY: &str =
     "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL";
 
+/// A refund made with an idempotency key.
+pub(super) const REFUND_BY_KEY: &str =
+    "SELECT payment_id, txn_id, amount FROM refunds WHERE idempotency_key = $1";
+/// The capture of a payment: a fast-path hold names it; a paid intent's is
+/// found by its payment id (a scan: refunds are rare, and an index would
+/// cost every capture a write).
+pub(super) const CAPTURE_TXN_ID: &str =
+    "SELECT txn_id AS id FROM holds WHERE id = $1 AND status = 'captured'
+     UNION ALL
+     SELECT id FROM ledger_transactions WHERE payment_id = $1 AND kind = 'capture'";
+/// What a capture paid to whom: its positive entries, but not the rest of
+/// a metered payment it gave back.
+pub(super) const CAPTURE_LEGS: &str = "SELECT account_id, amount, role FROM ledger_entries
+     WHERE txn_id = $1 AND amount > 0 AND (role IS NULL OR role <> 'refund') ORDER BY id";
+/// Who paid for a payment: a hold's wallet, or an intent's refund account.
+pub(super) const REFUND_DESTINATION: &str = "SELECT account_id FROM holds WHERE id = $1
+     UNION ALL
+     SELECT refund_account_id AS account_id FROM intents WHERE id = $1 AND refund_account_id IS NOT NULL";
+/// What earlier refunds of a payment took back from each account.
+pub(super) const REFUNDED_BY_ACCOUNT: &str =
+    "SELECT e.account_id, CAST(SUM(-e.amount) AS BIGINT) AS taken
+     FROM refunds r JOIN ledger_entries e ON e.txn_id = r.txn_id
+     WHERE r.payment_id = $1 AND e.amount < 0 GROUP BY e.account_id";
+pub(super) const REFUNDED_SO_FAR: &str =
+    "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS total FROM refunds WHERE payment_id = $1";
+pub(super) const INSERT_REFUND: &str =
+    "INSERT INTO refunds (idempotency_key, payment_id, txn_id, amount, reason, created_at)
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
 pub(super) const STATS_OPEN_HOLDS: &str = "SELECT COUNT(*) AS n FROM holds WHERE status = 'open'";
 pub(super) const STATS_INTENTS: &str =
     "SELECT status, COUNT(*) AS n FROM intents GROUP BY status ORDER BY status";

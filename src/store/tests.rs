@@ -805,3 +805,71 @@ proptest::proptest! {
         proptest::prop_assert!(result.is_ok(), "{}", result.unwrap_err());
     }
 }
+
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn refunds_give_back_each_legs_share_never_more_than_was_captured() {
+        let (_dir, store) = store().await;
+        let usd = usd();
+        store
+            .topup(&AccountRef::wallet("w", &usd), units("10.00"), None)
+            .await
+            .unwrap();
+        store.hold(&hold_request("h1", "w", "1.01")).await.unwrap();
+        let split = fee_terms().split(units("1.00"), &usd);
+        store.capture("h1", &Charge::of(&split, "alice", &usd)).await.unwrap();
+        let refund = |amount: Option<&str>, key: &str| RefundRequest {
+            payment_id: "h1".into(),
+            amount: amount.map(units),
+            reason: "wrong answer".into(),
+            idempotency_key: key.into(),
+        };
+
+        let first = store.refund(&refund(Some("0.50"), "k1")).await.unwrap();
+        assert_eq!((first.amount, first.refunded, first.captured), (units("0.50"), units("0.50"), units("1.01")));
+        assert!(!first.replayed);
+        assert_eq!(available(&*store, "w").await, units("9.49"));
+        // Each leg gave back its share: 0.50 of 1.01, to the micro-unit.
+        assert_eq!(posted(&*store, AccountKind::Revenue, "alice").await, 880_000 - 435_644);
+        assert_eq!(posted(&*store, AccountKind::Revenue, "platform").await, 100_000 - 49_505);
+        assert_sound(&*store).await;
+
+        // The same key again: the same refund, nothing more.
+        let again = store.refund(&refund(Some("0.50"), "k1")).await.unwrap();
+        assert!(again.replayed);
+        assert_eq!(again.txn_id, first.txn_id);
+        assert!(matches!(
+            store.refund(&refund(Some("0.20"), "k1")).await,
+            Err(StoreError::Invalid(_))
+        ));
+        // Never more than is left.
+        let err = store.refund(&refund(Some("0.52"), "k2")).await.unwrap_err();
+        assert!(err.to_string().contains("0.51 of the 1.01 captured is left"), "{err}");
+        assert_eq!(available(&*store, "w").await, units("9.49"));
+
+        // The rest: every account is back where it started.
+        let rest = store.refund(&refund(None, "k3")).await.unwrap();
+        assert_eq!((rest.amount, rest.refunded), (units("0.51"), units("1.01")));
+        assert_eq!(available(&*store, "w").await, units("10.00"));
+        for account in ["alice", "platform", "commissions"] {
+            assert_eq!(posted(&*store, AccountKind::Revenue, account).await, 0, "{account}");
+        }
+        assert!(matches!(store.refund(&refund(None, "k4")).await, Err(StoreError::Invalid(_))));
+        // Only captured payments can be refunded.
+        store.hold(&hold_request("h2", "w", "0.10")).await.unwrap();
+        store.release("h2").await.unwrap();
+        let mut released = refund(None, "k5");
+        released.payment_id = "h2".into();
+        assert!(matches!(store.refund(&released).await, Err(StoreError::NotFound(_))));
+        let kinds: Vec<String> = store
+            .statement(AccountKind::Wallet, "w")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.kind == "refund")
+            .map(|l| l.memo.unwrap_or_default())
+            .collect();
+        assert_eq!(kinds, ["wrong answer", "wrong answer"]);
+        assert_sound(&*store).await;
+    }
+}

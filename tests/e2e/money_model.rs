@@ -202,3 +202,51 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    #[tokio::test]
+    async fn tollgate_refund_gives_a_payment_back_once() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        env.topup("carol", "1.00").await;
+        let client = env.client(Some("alice")).await;
+        let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
+        let fast = payment_meta(&r)["payment_id"].as_str().unwrap().to_owned();
+        assert_eq!(env.available("alice").await, "0.95");
+
+        let out = env.ok(&["refund", &fast, "0.02", "--reason", "slow answer"]).await;
+        assert!(out.contains("refunded 0.02 USD"), "{out}");
+        // The same command again refunds nothing more.
+        let out = env.ok(&["refund", &fast, "0.02", "--reason", "slow answer"]).await;
+        assert!(out.contains("already refunded 0.02 USD"), "{out}");
+        assert_eq!(env.available("alice").await, "0.97");
+        let too_much = env.cli(&["refund", &fast, "0.04", "--reason", "x"]).await;
+        assert!(!too_much.status.success());
+        assert!(
+            String::from_utf8_lossy(&too_much.stderr).contains("0.03 of the 0.05 captured is left"),
+            "{too_much:?}"
+        );
+        let out = env.ok(&["refund", &fast, "--reason", "all of it"]).await;
+        assert!(out.contains("refunded 0.03 USD") && out.contains("0.05 of 0.05"), "{out}");
+        assert_eq!(env.available("alice").await, "1.00");
+        let statement = env.ok(&["wallet", "statement", "alice"]).await;
+        assert_eq!(statement.lines().filter(|l| l.contains(" refund ")).count(), 2, "{statement}");
+
+        // A payment made through a session goes back to the wallet that paid it.
+        let anonymous = env.client(None).await;
+        let r = call(&anonymous, "echo", echo_args("hi")).await;
+        let id = payment_id_of(&r);
+        env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+        let mut paid_call = echo_args("hi");
+        paid_call["payment_id"] = json!(id);
+        assert_eq!(text(&call(&anonymous, "echo", paid_call).await), "hi");
+        assert_eq!(env.available("carol").await, "0.99");
+        env.ok(&["refund", &id, "--reason", "duplicate"]).await;
+        assert_eq!(env.available("carol").await, "1.00");
+        let unknown = env.cli(&["refund", "pay_nope", "--reason", "x"]).await;
+        assert!(!unknown.status.success());
+        client.cancel().await.ok();
+        anonymous.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}

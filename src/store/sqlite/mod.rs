@@ -221,6 +221,17 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn refund(&self, request: &RefundRequest) -> Result<Refunded, StoreError> {
+        // The IMMEDIATE transaction holds the write lock: no other refund
+        // of the payment commits meanwhile.
+        Portable::refund(
+            self.write_tx().await?,
+            "SELECT amount, currency, payer, tool FROM ledger_transactions WHERE id = $1",
+            request,
+        )
+        .await
+    }
+
     async fn sweep_expired(&self, now: i64) -> Result<u64, StoreError> {
         // The write lock is taken up front: one sweeper at a time.
         let mut tx = self.write_tx().await?;
