@@ -61,13 +61,8 @@ impl Gate {
             }
         }
 
-        let result = entry
-            .backend
-            .call(
-                call.tool,
-                call.args.clone(),
-                &scope.backend_context(self.settings.timeouts.elicitation),
-            )
+        let result = self
+            .run_tool(scope, entry, call.tool, call.args.clone())
             .await;
         let currency = call.price.currency.as_str();
 

@@ -205,6 +205,24 @@ impl Gate {
         &self.signer
     }
 
+    /// Runs a tool on its backend, for this call's client.
+    pub(crate) async fn run_tool(
+        &self,
+        scope: &CallScope<'_>,
+        entry: &catalog::Entry,
+        name: &str,
+        args: JsonObject,
+    ) -> rmcp::model::CallToolResult {
+        entry
+            .backend
+            .call(
+                name,
+                args,
+                &scope.backend_context(self.settings.timeouts.elicitation),
+            )
+            .await
+    }
+
     /// What a successful run is charged, split by the tool's terms: the
     /// tariff's charge for these arguments and the usage the result reports.
     pub(crate) fn charge_for(
@@ -238,15 +256,7 @@ impl Gate {
             .get(name)
             .ok_or_else(|| McpError::invalid_params(format!("unknown tool `{name}`"), None))?;
         let Some(price) = &entry.price else {
-            return Ok(entry
-                .backend
-                .call(
-                    name,
-                    args,
-                    &scope.backend_context(self.settings.timeouts.elicitation),
-                )
-                .await
-                .into());
+            return Ok(self.run_tool(scope, entry, name, args).await.into());
         };
         // The payment id rides along with the arguments in the modes that
         // resubmit; it is not part of what the tool is priced for.
@@ -296,15 +306,7 @@ impl Gate {
         }
         if call.amount.is_zero() {
             // A metered price these arguments bring to nothing: a free call.
-            return Ok(entry
-                .backend
-                .call(
-                    name,
-                    call.args,
-                    &scope.backend_context(self.settings.timeouts.elicitation),
-                )
-                .await
-                .into());
+            return Ok(self.run_tool(scope, entry, name, call.args).await.into());
         }
         let mode = self.resolve_mode(price.mode, scope);
         if call.amount > self.settings.approval_threshold {

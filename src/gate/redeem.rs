@@ -287,13 +287,8 @@ impl Gate {
             return reply::unavailable(format!("tool {} is no longer served", intent.tool));
         };
         let args: JsonObject = serde_json::from_str(&intent.args_json).unwrap_or_default();
-        let result = entry
-            .backend
-            .call(
-                &intent.tool,
-                args.clone(),
-                &scope.backend_context(self.settings.timeouts.elicitation),
-            )
+        let result = self
+            .run_tool(scope, entry, &intent.tool, args.clone())
             .await;
         let succeeded = result.is_error != Some(true);
         let charge = self.intent_charge(&intent, entry.price.as_ref(), &args, &result);
