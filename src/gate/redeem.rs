@@ -290,18 +290,22 @@ impl Gate {
         let result = self
             .run_tool(scope, entry, &intent.tool, args.clone())
             .await;
-        let succeeded = result.is_error != Some(true);
-        let charge = self.intent_charge(&intent, entry.price.as_ref(), &args, &result);
-        // A failed run, or one a metered price charges nothing, is refunded.
-        let charged = succeeded && !charge.total().is_zero();
-        let txn_id = new_txn_id();
-        let at = now_ms();
-        let amount = format_amount(if charged {
+        let mut outcome = IntentOutcome {
+            intent_id: intent.id.clone(),
+            succeeded: result.is_error != Some(true),
+            // Set below, once it carries the payment block.
+            result_json: String::new(),
+            charge: self.intent_charge(&intent, entry.price.as_ref(), &args, &result),
+            txn_id: new_txn_id(),
+            at: now_ms(),
+        };
+        let (charge, txn_id, at) = (&outcome.charge, &outcome.txn_id, outcome.at);
+        let amount = format_amount(if outcome.earns() {
             charge.total()
         } else {
             intent.amount
         });
-        let payment = if charged {
+        let payment = if outcome.earns() {
             let receipt = self.signer.sign(&ReceiptClaims {
                 payment_id: intent.id.clone(),
                 tool: intent.tool.clone(),
@@ -325,14 +329,7 @@ impl Gate {
                     "currency": intent.currency.as_str(), "charged": "0.00" })
         };
         let result = reply::with_payment(result, payment);
-        let outcome = IntentOutcome {
-            intent_id: intent.id.clone(),
-            succeeded,
-            result_json: serde_json::to_string(&result).unwrap_or_default(),
-            charge,
-            txn_id,
-            at,
-        };
+        outcome.result_json = serde_json::to_string(&result).unwrap_or_default();
         let finished = recording::until_recorded("storing a paid run's result", || {
             self.store.finish_intent(&outcome)
         })
@@ -345,7 +342,7 @@ impl Gate {
                     tool = intent.tool,
                     payment_id = intent.id,
                     amount,
-                    succeeded,
+                    succeeded = outcome.succeeded,
                     "paid intent ran"
                 );
             }

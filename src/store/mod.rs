@@ -441,6 +441,14 @@ pub struct IntentOutcome {
     pub at: i64,
 }
 
+impl IntentOutcome {
+    /// Whether the run earns its charge. A failed run, or one its metered
+    /// price charges nothing, is refunded whole.
+    pub fn earns(&self) -> bool {
+        self.succeeded && !self.charge.total().is_zero()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StoredResult {
     pub is_error: bool,

@@ -98,6 +98,18 @@ where
         CapturePlan::new(charge, beneficiary_id, &ids)
     }
 
+    /// What settling a finished run captures: its charge's plan when the
+    /// run earns it, else nothing (it is refunded).
+    pub async fn settlement_plan(
+        &self,
+        outcome: &IntentOutcome,
+    ) -> Result<Option<CapturePlan>, StoreError> {
+        if !outcome.earns() {
+            return Ok(None);
+        }
+        Ok(Some(self.capture_plan(&outcome.charge).await?))
+    }
+
     /// Why a hold could not be ended: it is not open, or does not exist.
     pub async fn hold_not_open(&self, hold_id: &str) -> Result<StoreError, StoreError> {
         let hold = query(statement!(sql::HOLD, hold_id))
@@ -312,7 +324,7 @@ where
     }
 
     /// Stores a run's result and settles its money, in `tx`, committed:
-    /// `plan` is a successful run's charge.
+    /// `plan` is what [`Self::settlement_plan`] found.
     pub async fn finish(
         mut tx: Transaction<'_, DB>,
         outcome: &IntentOutcome,

@@ -371,12 +371,7 @@ impl Store for PgStore {
         let clearing_id = self
             .account_id(&clearing(&outcome.charge.beneficiary.currency))
             .await?;
-        // A run charged nothing (a metered tool that used nothing) is
-        // settled like a failed one: all of it refunded.
-        let plan = match outcome.succeeded && !outcome.charge.total().is_zero() {
-            true => Some(retrying(|| self.db.capture_plan(&outcome.charge)).await?),
-            false => None,
-        };
+        let plan = retrying(|| self.db.settlement_plan(outcome)).await?;
         retrying(|| async {
             Portable::finish(self.tx().await?, outcome, clearing_id, plan.as_ref()).await
         })

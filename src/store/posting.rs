@@ -250,7 +250,8 @@ impl Settlement {
         }
         audit.beneficiary = Some(outcome.charge.beneficiary.name.clone());
         let mut entries = plan.entries.clone();
-        // A metered run charged less than was paid: the rest goes back.
+        // A metered run charged less than was paid: the rest goes back, or,
+        // with nobody to refund, stays in clearing like a failed run's.
         let rest = paid - charged;
         let out_of_clearing = match refund_to {
             Some(refund_to) if rest > 0 => {

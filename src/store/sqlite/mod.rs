@@ -331,12 +331,7 @@ impl Store for SqliteStore {
             .db
             .account_id(&clearing(&outcome.charge.beneficiary.currency))
             .await?;
-        // A run charged nothing (a metered tool that used nothing) is
-        // settled like a failed one: all of it refunded.
-        let plan = match outcome.succeeded && !outcome.charge.total().is_zero() {
-            true => Some(self.db.capture_plan(&outcome.charge).await?),
-            false => None,
-        };
+        let plan = self.db.settlement_plan(outcome).await?;
         Portable::finish(self.write_tx().await?, outcome, clearing_id, plan.as_ref()).await
     }
 
