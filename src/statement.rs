@@ -49,17 +49,21 @@ pub fn parse_time(text: &str, end_of_day: bool) -> Result<i64, String> {
         .map_err(|_| format!("`{text}` is neither a date (2026-11-21) nor an RFC 3339 time"))
 }
 
+/// What a split capture charged for the tool: every leg but the payer's
+/// fee on top (the outgoing commission).
+fn charged(legs: &[(String, Units)]) -> i64 {
+    legs.iter()
+        .filter(|(role, _)| role != Role::CommissionOut.as_str())
+        .map(|(_, amount)| amount.0)
+        .sum()
+}
+
 /// The charge of a split capture (what the tool's price came to) and its
 /// breakdown, as "charge 1.00 = author 0.88 + platform_share 0.10 + …".
 fn breakdown(legs: &[(String, Units)]) -> Option<String> {
     if legs.is_empty() {
         return None;
     }
-    let charged: i64 = legs
-        .iter()
-        .filter(|(role, _)| role != Role::CommissionOut.as_str())
-        .map(|(_, amount)| amount.0)
-        .sum();
     let parts: Vec<String> = legs
         .iter()
         .filter(|(role, _)| role != Role::CommissionOut.as_str())
@@ -67,7 +71,7 @@ fn breakdown(legs: &[(String, Units)]) -> Option<String> {
         .collect();
     let mut text = format!(
         "charge {} = {}",
-        format_amount(Units(charged)),
+        format_amount(Units(charged(legs))),
         parts.join(" + ")
     );
     if let Some((_, fee)) = legs
@@ -104,12 +108,7 @@ pub fn render(kind: AccountKind, name: &str, lines: &[StatementLine], filter: &F
         let total = totals.entry(line.currency.as_str()).or_default();
         total.0 += line.amount;
         total.2 += 1;
-        total.1 += line
-            .legs
-            .iter()
-            .filter(|(role, _)| role != Role::CommissionOut.as_str())
-            .map(|(_, amount)| amount.0)
-            .sum::<i64>();
+        total.1 += charged(&line.legs);
     }
     for (currency, (net, charged, count)) in totals {
         let _ = write!(
