@@ -863,33 +863,33 @@ fn server_terms(
             .map_err(|e| (Some(text.span()), format!("fees.{f}: {e}"))),
     };
     let defaults = FeeAccounts::default();
-    let name = |f: &str, given: &Option<String>, default: String| match given {
+    // `field` is the full name, `server.beneficiary` or `fees.…`.
+    let name = |field: &str, given: &Option<String>, default: String| match given {
         None => Ok(default),
-        Some(given) => account_name(given).map_err(|e| (None, format!("fees.{f}: {e}"))),
+        Some(given) => account_name(given).map_err(|e| (None, format!("{field}: {e}"))),
     };
     let terms = Terms {
         beneficiary: name(
-            "beneficiary",
+            "server.beneficiary",
             &raw.server.beneficiary,
             raw.server.name.clone(),
-        )
-        .map_err(|(span, e)| (span, e.replace("fees.beneficiary", "server.beneficiary")))?,
+        )?,
         platform_share: fee("platform_share", &fees.platform_share)?,
         commission_in: fee("commission_in", &fees.commission_in)?,
         commission_out: fee("commission_out", &fees.commission_out)?,
         accounts: FeeAccounts {
             platform: name(
-                "platform_account",
+                "fees.platform_account",
                 &fees.platform_account,
                 defaults.platform,
             )?,
             commissions: name(
-                "commission_account",
+                "fees.commission_account",
                 &fees.commission_account,
                 defaults.commissions,
             )?,
             rounding: name(
-                "rounding_account",
+                "fees.rounding_account",
                 &fees.rounding_account,
                 defaults.rounding,
             )?,
