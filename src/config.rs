@@ -13,6 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
+    approvals::{ApprovalRule, ApprovalRules},
     money::{Currency, Units},
     tariff::{Measure, Metered, Tariff},
     terms::{Fee, FeeAccounts, Terms},
@@ -216,6 +217,7 @@ pub struct ToolPrice {
     /// the tool's own overrides.
     pub terms: Terms,
     pub mode: Option<Mode>,
+    pub tags: Vec<String>,
     /// 1-based line of the entry's `name`, for later errors.
     pub line: Option<usize>,
 }
@@ -228,7 +230,8 @@ pub struct Config {
     pub mode: Mode,
     pub currency: Currency,
     pub payment_ttl: Duration,
-    pub approval_threshold: Units,
+    /// `[server] approval_threshold` and the `[[approvals]]` rules.
+    pub approvals: ApprovalRules,
     pub store_url: String,
     pub synchronous: Synchronous,
     /// Connection pool of a PostgreSQL store.
@@ -296,6 +299,20 @@ struct RawConfig {
     upstreams: Vec<RawUpstream>,
     #[serde(default)]
     tools: Vec<RawTool>,
+    #[serde(default)]
+    approvals: Vec<RawApproval>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApproval {
+    #[serde(default)]
+    principal: Option<String>,
+    #[serde(default)]
+    tool: Option<String>,
+    #[serde(default)]
+    tag: Option<Spanned<String>>,
+    threshold: Spanned<String>,
 }
 
 /// Fees on every tool's charges, unless the tool states its own.
@@ -440,6 +457,9 @@ struct RawTool {
     commission_in: Option<Spanned<String>>,
     #[serde(default)]
     commission_out: Option<Spanned<String>>,
+    /// Labels approval rules can match (`[[approvals]] tag = ...`).
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 pub const DEFAULT_STORE_URL: &str = "sqlite://tollgate.db";
@@ -754,9 +774,38 @@ impl Config {
                 price,
                 terms,
                 mode,
+                tags: t.tags.clone(),
                 line: Some(line),
             });
         }
+        let mut rules = Vec::new();
+        for (i, a) in raw.approvals.iter().enumerate() {
+            let name = format!("approvals[{i}]");
+            let threshold = Units::parse(a.threshold.get_ref())
+                .map_err(|e| err(Some(a.threshold.span()), format!("{name}.threshold: {e}")))?;
+            if let Some(tag) = &a.tag
+                && !tools.iter().any(|t| t.tags.contains(tag.get_ref()))
+            {
+                return Err(err(
+                    Some(tag.span()),
+                    format!(
+                        "{name}.tag: no tool in [[tools]] has the tag `{}`",
+                        tag.get_ref()
+                    ),
+                ));
+            }
+            rules.push(ApprovalRule {
+                principal: a.principal.clone(),
+                tool: a.tool.clone(),
+                tag: a.tag.as_ref().map(|t| t.get_ref().clone()),
+                threshold,
+                name,
+            });
+        }
+        let approvals = ApprovalRules {
+            default: approval_threshold,
+            rules,
+        };
 
         Ok(Config {
             source: file.to_owned(),
@@ -764,7 +813,7 @@ impl Config {
             mode,
             currency,
             payment_ttl,
-            approval_threshold,
+            approvals,
             store_url: raw
                 .store
                 .url

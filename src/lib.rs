@@ -5,7 +5,9 @@
 //! fast path) or walks the caller through a payment mode, backed by a
 //! durable [`store::Store`] with a double-entry ledger.
 
+pub mod allowance;
 pub mod app;
+pub mod approvals;
 pub mod canonical;
 pub mod config;
 pub mod embed;

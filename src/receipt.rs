@@ -39,6 +39,12 @@ pub struct ReceiptClaims {
     pub ledger_txn: String,
     /// RFC 3339 time of capture.
     pub paid_at: String,
+    /// The agent that made the call, and the caller's metadata (absent
+    /// from receipts that had none, and from older receipts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 #[derive(Clone)]
@@ -189,6 +195,8 @@ mod tests {
             payer: Some("alice".into()),
             ledger_txn: "txn_1".into(),
             paid_at: "2026-01-01T00:00:00Z".into(),
+            agent: None,
+            metadata: None,
         }
     }
 

@@ -149,6 +149,11 @@ mod tests {
             payment_id: Some("pay_1".into()),
             beneficiary: Some("alice".into()),
             memo: None,
+            account: None,
+            payer: Some("bob".into()),
+            intent_id: None,
+            origin: Default::default(),
+            approval: None,
         }
     }
 

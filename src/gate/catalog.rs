@@ -23,6 +23,8 @@ pub struct Price {
     pub terms: Terms,
     pub currency: Currency,
     pub mode: Mode,
+    /// Labels approval rules match.
+    pub tags: Vec<String>,
 }
 
 impl Price {
@@ -141,6 +143,7 @@ impl Catalog {
                     terms: priced.terms.clone(),
                     currency: config.currency.clone(),
                     mode: priced.mode.unwrap_or(config.mode),
+                    tags: priced.tags.clone(),
                 },
             );
         }
@@ -161,6 +164,7 @@ impl Catalog {
                         terms: config.terms.clone(),
                         currency: config.currency.clone(),
                         mode: config.mode,
+                        tags: Vec::new(),
                     }),
                 },
             };

@@ -29,7 +29,7 @@ use super::{
 use crate::{
     money::format_amount,
     provider::ProviderError,
-    store::{Intent, IntentStatus, StoreError},
+    store::{ApprovalStatus, Intent, IntentStatus, StoreError},
 };
 
 /// The key of our request in an `InputRequiredResult`.
@@ -153,6 +153,33 @@ impl Gate {
         } else {
             Purpose::Payment
         };
+        let said_no = match &answer {
+            Answer::Accepted(content) => {
+                purpose == Purpose::Approval
+                    && content.as_ref().and_then(|c| c.get("approve")) == Some(&Value::Bool(false))
+            }
+            Answer::Declined => true,
+            Answer::Cancelled | Answer::Unanswered(_) => false,
+        };
+        // Record the person's decision on the intent, for statements: an
+        // approval's yes, and any no.
+        if said_no || (purpose == Purpose::Approval && matches!(answer, Answer::Accepted(_))) {
+            let decision = if said_no {
+                ApprovalStatus::Declined
+            } else {
+                ApprovalStatus::Approved
+            };
+            let by = format!(
+                "{} via elicitation",
+                intent.principal.as_deref().unwrap_or("anonymous caller")
+            );
+            if let Err(e) = self.store.decide_approval(&intent.id, decision, &by).await {
+                tracing::warn!(
+                    payment_id = intent.id,
+                    "approval decision not recorded: {e}"
+                );
+            }
+        }
         match answer {
             Answer::Accepted(content) => {
                 if purpose == Purpose::Approval {
@@ -241,6 +268,9 @@ impl Gate {
             }
             // Already paid (a retry of the same answer): redeem replays it.
             Err(ProviderError::Store(StoreError::WrongState { .. })) => None,
+            Err(ProviderError::Store(StoreError::OverLimit(breach))) => {
+                Some(reply::limit_exceeded(&breach))
+            }
             Err(ProviderError::Store(e @ StoreError::InsufficientFunds { .. })) => {
                 let mut body = required_body(opened);
                 body["status"] = json!("pending");

@@ -27,7 +27,7 @@ impl Gate {
         entry: &Entry,
     ) -> Option<CallToolResult> {
         let principal = scope.caller.principal.as_ref()?;
-        if call.amount > self.settings.approval_threshold {
+        if call.amount > call.threshold.amount {
             return None;
         }
         let payment_id = new_payment_id();
@@ -40,6 +40,7 @@ impl Gate {
             tool: call.tool.to_owned(),
             args_hash: call.args_hash.clone(),
             expires_at: now_ms() + ttl.as_millis() as i64,
+            origin: call.origin.clone(),
         };
         match self.store.hold(&hold).await {
             Ok(HoldOutcome::Held) => {}
@@ -50,6 +51,15 @@ impl Gate {
                     "wallet cannot cover the price; slow path"
                 );
                 return None;
+            }
+            Ok(HoldOutcome::OverLimit(breach)) => {
+                tracing::info!(
+                    tool = call.tool,
+                    principal,
+                    limit = breach.limit.as_str(),
+                    "call refused by a spending limit"
+                );
+                return Some(reply::limit_exceeded(&breach));
             }
             Err(e) => {
                 // The hold may have landed with its answer lost: give it back
@@ -116,6 +126,8 @@ impl Gate {
             payer: Some(principal.clone()),
             ledger_txn: posted.txn_id.clone(),
             paid_at: rfc3339(posted.at),
+            agent: call.origin.agent.clone(),
+            metadata: call.origin.metadata_value(),
         });
         tracing::info!(
             tool = call.tool,

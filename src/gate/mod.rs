@@ -1,6 +1,7 @@
 //! The payment gate: stands in front of every priced call and decides
 //! between the fast path (charge a funded wallet) and a payment mode.
 
+mod allowance;
 mod approval;
 pub mod catalog;
 mod dynamic;
@@ -22,12 +23,13 @@ use rmcp::{
 use serde_json::{Value, json};
 
 use crate::{
+    approvals::{ApprovalRules, Threshold},
     canonical::args_hash,
     config::{Config, Mode, Timeouts},
     money::Units,
     provider::Provider,
     receipt::ReceiptSigner,
-    store::{Charge, Store},
+    store::{Charge, Origin, Store},
     tools::ToolBackend,
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
@@ -46,8 +48,9 @@ pub struct Caller {
 pub struct GateSettings {
     pub server_name: String,
     pub payment_ttl: Duration,
-    /// Charges above this need a person's yes, even from a funded wallet.
-    pub approval_threshold: Units,
+    /// Charges above their threshold need a person's yes, even from a
+    /// funded wallet.
+    pub approvals: ApprovalRules,
     /// How long a concurrent confirm waits for the run already under way.
     pub run_wait: Duration,
     pub timeouts: Timeouts,
@@ -58,7 +61,7 @@ impl GateSettings {
         Self {
             server_name: config.server_name.clone(),
             payment_ttl: config.payment_ttl,
-            approval_threshold: config.approval_threshold,
+            approvals: config.approvals.clone(),
             run_wait: Duration::from_secs(60),
             timeouts: config.timeouts.clone(),
         }
@@ -90,6 +93,9 @@ pub(crate) struct PricedCall<'a> {
     pub args_hash: String,
     /// What the payer is asked for before the run (see [`Price::upfront`]).
     pub amount: Units,
+    /// Above this, a person approves the charge.
+    pub threshold: Threshold,
+    pub origin: Origin,
 }
 
 impl Gate {
@@ -244,6 +250,7 @@ impl Gate {
         params: CallToolRequestParams,
     ) -> Result<CallToolResponse, McpError> {
         let name = params.name.as_ref();
+        let params_meta = params.meta.as_ref().map(|m| &m.0.0);
         let mut args = params.arguments.unwrap_or_default();
         let catalog = self.catalog();
         if let Some(tool) = catalog.confirmed_tool(name) {
@@ -284,11 +291,28 @@ impl Gate {
             )
             .into());
         }
+        let origin = match scope.origin(params_meta) {
+            Ok(origin) => origin,
+            Err(message) => {
+                return Ok(reply::error(
+                    reply::code::INVALID_ARGUMENTS,
+                    format!("{message}; nothing was charged"),
+                    reply::details(json!({ "field": "_meta" })),
+                )
+                .into());
+            }
+        };
         let call = PricedCall {
             tool: name,
             price,
             args_hash: args_hash(&Value::Object(args.clone())),
             amount: price.upfront(&args),
+            threshold: self.settings.approvals.threshold(
+                scope.caller.principal.as_deref(),
+                name,
+                &price.tags,
+            ),
+            origin,
             args,
         };
         if let Some(state) = params.request_state.as_deref() {
@@ -309,12 +333,17 @@ impl Gate {
             return Ok(self.run_tool(scope, entry, name, call.args).await.into());
         }
         let mode = self.resolve_mode(price.mode, scope);
-        if call.amount > self.settings.approval_threshold {
-            if let Some(response) = self.ask_approval(scope, &call, mode).await {
-                return Ok(response);
-            }
-        } else if let Some(result) = self.try_fast_path(scope, &call, entry).await {
+        let needs_approval = call.amount > call.threshold.amount;
+        if !needs_approval && let Some(result) = self.try_fast_path(scope, &call, entry).await {
             return Ok(result.into());
+        }
+        // The fast path's hold checks the wallet's limits itself; a payment
+        // any other way is checked here before it is asked for.
+        if let Some(refused) = self.over_limit(scope, &call).await {
+            return Ok(refused.into());
+        }
+        if needs_approval && let Some(response) = self.ask_approval(scope, &call, mode).await {
+            return Ok(response);
         }
         Ok(self
             .slow_path(scope, &call, mode, slow_path::Purpose::Payment)

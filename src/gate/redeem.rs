@@ -20,8 +20,8 @@ use crate::{
     money::{Units, format_amount},
     receipt::ReceiptClaims,
     store::{
-        AccountKind, AccountRef, Charge, Intent, IntentOutcome, IntentStatus, SessionStatus,
-        StoreError, new_txn_id, now_ms, rfc3339,
+        AccountKind, AccountRef, ApprovalStatus, Charge, Intent, IntentOutcome, IntentStatus,
+        SessionStatus, StoreError, new_txn_id, now_ms, rfc3339,
     },
 };
 
@@ -243,7 +243,17 @@ impl Gate {
             SessionStatus::Pending | SessionStatus::Expired => {
                 (IntentStatus::Expired, code::PAYMENT_EXPIRED, "expired")
             }
-            SessionStatus::Failed => (IntentStatus::Declined, code::PAYMENT_FAILED, "failed"),
+            SessionStatus::Failed => {
+                let by = format!("provider {}", intent.provider);
+                if let Err(e) = self
+                    .store
+                    .decide_approval(&intent.id, ApprovalStatus::Declined, &by)
+                    .await
+                {
+                    tracing::warn!(payment_id = intent.id, "decline not recorded: {e}");
+                }
+                (IntentStatus::Declined, code::PAYMENT_FAILED, "failed")
+            }
             SessionStatus::Cancelled => (
                 IntentStatus::Cancelled,
                 code::PAYMENT_CANCELLED,
@@ -315,6 +325,8 @@ impl Gate {
                 payer: intent.principal.clone(),
                 ledger_txn: txn_id.clone(),
                 paid_at: rfc3339(at),
+                agent: intent.origin.agent.clone(),
+                metadata: intent.origin.metadata_value(),
             });
             let mut paid = json!({ "payment_id": intent.id, "status": "paid", "amount": amount,
                                    "currency": intent.currency.as_str(), "receipt": receipt });

@@ -20,8 +20,9 @@ pub mod code {
     pub const PAYMENT_IN_PROGRESS: &str = "payment_in_progress";
     pub const INVALID_ARGUMENTS: &str = "invalid_arguments";
     pub const UNAVAILABLE: &str = "payment_system_unavailable";
+    pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
 
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         PAYMENT_REQUIRED,
         PAYMENT_PENDING,
         PAYMENT_FAILED,
@@ -34,6 +35,7 @@ pub mod code {
         PAYMENT_IN_PROGRESS,
         INVALID_ARGUMENTS,
         UNAVAILABLE,
+        LIMIT_EXCEEDED,
     ];
 }
 
@@ -99,4 +101,13 @@ pub fn with_payment(mut result: CallToolResult, payment: Value) -> CallToolResul
     meta.0.insert(PAYMENT_META.into(), payment);
     result.meta = Some(meta);
     result
+}
+
+/// A call a wallet's spending limit refuses: which limit, and when it resets.
+pub fn limit_exceeded(breach: &crate::allowance::Breach) -> CallToolResult {
+    error(
+        code::LIMIT_EXCEEDED,
+        format!("{breach}; nothing was charged"),
+        details(breach.details()),
+    )
 }

@@ -8,8 +8,21 @@ use rmcp::{
     service::RequestContext,
 };
 
+use rmcp::model::JsonObject;
+use serde_json::Value;
+
 use super::Caller;
-use crate::tools::CallContext;
+use crate::{store::Origin, tools::CallContext};
+
+/// `_meta` key of an explicit agent id on a `tools/call`.
+pub const AGENT_META: &str = "tollgate/agent";
+/// `_meta` key of the caller's metadata: a JSON object, kept with the
+/// payment and shown in statements and receipts.
+pub const METADATA_META: &str = "tollgate/metadata";
+/// The most bytes of metadata (as compact JSON) a call may carry.
+pub const METADATA_MAX_BYTES: usize = 2048;
+/// The longest agent id kept.
+const AGENT_MAX_CHARS: usize = 200;
 
 /// How a client can answer an elicitation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +87,41 @@ impl CallScope<'_> {
             // A bare `elicitation: {}` means forms, per the spec.
             (_, false) => Elicits::Form,
         }
+    }
+
+    /// Who is making this call besides the principal: an explicit agent id
+    /// (`_meta["tollgate/agent"]`) or else the client's `clientInfo`, and the
+    /// caller's metadata. `Err` names what is wrong with the metadata.
+    pub fn origin(&self, params_meta: Option<&JsonObject>) -> Result<Origin, String> {
+        let meta = |key: &str| {
+            params_meta
+                .and_then(|m| m.get(key))
+                .or_else(|| self.request.meta.get(key))
+        };
+        let agent = match meta(AGENT_META) {
+            Some(Value::String(agent)) if !agent.trim().is_empty() => Some(agent.trim().to_owned()),
+            Some(Value::String(_)) | None => self
+                .request
+                .client_info()
+                .map(|info| format!("{}/{}", info.name, info.version)),
+            Some(_) => return Err(format!("_meta[\"{AGENT_META}\"] must be a string")),
+        }
+        .map(|agent| agent.chars().take(AGENT_MAX_CHARS).collect());
+        let metadata = match meta(METADATA_META) {
+            None | Some(Value::Null) => None,
+            Some(value @ Value::Object(_)) => {
+                let text = value.to_string();
+                if text.len() > METADATA_MAX_BYTES {
+                    return Err(format!(
+                        "_meta[\"{METADATA_META}\"] is {} bytes; the limit is {METADATA_MAX_BYTES}",
+                        text.len()
+                    ));
+                }
+                Some(text)
+            }
+            Some(_) => return Err(format!("_meta[\"{METADATA_META}\"] must be a JSON object")),
+        };
+        Ok(Origin { agent, metadata })
     }
 
     pub fn progress_token(&self) -> Option<ProgressToken> {

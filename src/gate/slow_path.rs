@@ -9,7 +9,7 @@ use crate::{
     config::Mode,
     money::format_amount,
     provider::SessionRequest,
-    store::{Intent, IntentStatus, new_payment_id, now_ms, rfc3339},
+    store::{Approval, ApprovalStatus, Intent, IntentStatus, new_payment_id, now_ms, rfc3339},
 };
 
 /// Why a session is opened: to take a payment, or for a person to approve
@@ -111,6 +111,17 @@ impl Gate {
             payment_url: Some(session.url.clone()),
             created_at: now,
             expires_at,
+            origin: call.origin.clone(),
+            // Paying is approving: an intent above its threshold waits for
+            // whoever pays it (or the person asked) to say yes.
+            approval: Some(Approval::new(
+                if purpose == Purpose::Payment && call.amount <= call.threshold.amount {
+                    ApprovalStatus::AutoApproved
+                } else {
+                    ApprovalStatus::Waiting
+                },
+                call.threshold.rule.clone(),
+            )),
         };
         self.store
             .create_intent(&intent)

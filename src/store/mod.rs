@@ -16,6 +16,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::{
+    allowance::{Breach, Limits, Spent},
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_amount},
     terms::{Role, Split},
@@ -49,6 +50,9 @@ pub enum StoreError {
     },
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// A wallet's spending limit refused the payment.
+    #[error("limit exceeded: {0}")]
+    OverLimit(Breach),
     #[error("corrupt row: {0}")]
     Corrupt(String),
 }
@@ -242,6 +246,77 @@ impl Charge {
     }
 }
 
+/// Who made a call, besides the principal who pays: the agent (an explicit
+/// agent id, or the MCP client's `clientInfo`) and the caller's metadata
+/// (`_meta["tollgate/metadata"]`, a JSON object). Both travel from the call
+/// to its ledger transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub agent: Option<String>,
+    /// Compact JSON text.
+    pub metadata: Option<String>,
+}
+
+impl Origin {
+    /// The metadata as JSON, for receipts and replies.
+    pub fn metadata_value(&self) -> Option<serde_json::Value> {
+        self.metadata
+            .as_deref()
+            .and_then(|m| serde_json::from_str(m).ok())
+    }
+}
+
+/// Where a charge stands with the person who approves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalStatus {
+    /// At or under its approval threshold: nobody was asked.
+    AutoApproved,
+    Waiting,
+    Approved,
+    Declined,
+}
+
+impl ApprovalStatus {
+    pub const ALL: [ApprovalStatus; 4] = [
+        Self::AutoApproved,
+        Self::Waiting,
+        Self::Approved,
+        Self::Declined,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AutoApproved => "auto_approved",
+            Self::Waiting => "waiting",
+            Self::Approved => "approved",
+            Self::Declined => "declined",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// An intent's approval: its status, who decided and when, and the rule
+/// that set its threshold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    pub status: ApprovalStatus,
+    pub by: Option<String>,
+    pub at: Option<i64>,
+    pub rule: Option<String>,
+}
+
+impl Approval {
+    pub fn new(status: ApprovalStatus, rule: Option<String>) -> Self {
+        Self {
+            status,
+            by: None,
+            at: None,
+            rule,
+        }
+    }
+}
+
 /// The audit data every money movement carries.
 #[derive(Debug, Clone, Default)]
 pub struct Audit {
@@ -251,6 +326,8 @@ pub struct Audit {
     pub intent_id: Option<String>,
     pub payment_id: Option<String>,
     pub memo: Option<String>,
+    pub origin: Origin,
+    pub approval: Option<Approval>,
 }
 
 /// A posted ledger transaction.
@@ -285,6 +362,12 @@ pub struct StatementLine {
     pub payment_id: Option<String>,
     pub beneficiary: Option<String>,
     pub memo: Option<String>,
+    /// The account the line is on (export spans accounts).
+    pub account: Option<(AccountKind, String)>,
+    pub payer: Option<String>,
+    pub intent_id: Option<String>,
+    pub origin: Origin,
+    pub approval: Option<Approval>,
 }
 
 /// A fast-path reservation request.
@@ -297,6 +380,7 @@ pub struct HoldRequest {
     pub tool: String,
     pub args_hash: String,
     pub expires_at: i64,
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,6 +388,16 @@ pub enum HoldOutcome {
     Held,
     /// The wallet exists but cannot cover the amount, or does not exist.
     Insufficient,
+    /// A spending limit of the wallet refuses it.
+    OverLimit(Breach),
+}
+
+/// A wallet's limits in one currency, and what it has spent against them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalletLimits {
+    pub currency: Currency,
+    pub limits: Limits,
+    pub spent: Spent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,6 +460,9 @@ pub struct Intent {
     pub payment_url: Option<String>,
     pub created_at: i64,
     pub expires_at: i64,
+    pub origin: Origin,
+    /// `None` for intents made before approvals were recorded.
+    pub approval: Option<Approval>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,6 +521,19 @@ pub enum Funding {
     /// posts it from this external account into clearing, and a refund goes
     /// back there.
     External { account: String },
+}
+
+impl Funding {
+    /// Who approved a charge by paying it.
+    pub fn approver(&self) -> String {
+        match self {
+            Funding::InClearing {
+                refund_to: Some(account),
+            } => format!("{}:{}", account.kind.as_str(), account.name),
+            Funding::InClearing { refund_to: None } => "dev-settlement".into(),
+            Funding::External { account } => account.clone(),
+        }
+    }
 }
 
 /// How an intent's one run ended.
@@ -514,6 +624,19 @@ pub trait Store: Send + Sync + 'static {
         kind: AccountKind,
         name: &str,
     ) -> Result<Vec<StatementLine>, StoreError>;
+    /// One line per transaction of a tool that moved revenue: what the tool
+    /// earned (all revenue legs together), refunds negative.
+    async fn tool_statement(&self, tool: &str) -> Result<Vec<StatementLine>, StoreError>;
+    /// Every ledger entry with its transaction's audit data and its
+    /// account, oldest first, for export.
+    async fn entries(&self) -> Result<Vec<StatementLine>, StoreError>;
+    /// Intents of a principal that needed a person's approval (or were
+    /// auto-approved on the slow path), newest first.
+    async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError>;
+    /// Replaces a wallet's limits in the wallet's currency (creating the
+    /// wallet if new). Its spending counters are kept.
+    async fn set_limits(&self, wallet: &AccountRef, limits: &Limits) -> Result<(), StoreError>;
+    async fn limits(&self, wallet: &str) -> Result<Vec<WalletLimits>, StoreError>;
     /// Reserves funds if, and only if, the wallet's available balance covers
     /// them; the check and the reservation are one step.
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError>;
@@ -544,8 +667,17 @@ pub trait Store: Send + Sync + 'static {
         to: IntentStatus,
     ) -> Result<bool, StoreError>;
     /// awaiting_payment → paid, with the money's arrival in clearing when it
-    /// was paid outside the ledger, and where a refund would go.
+    /// was paid outside the ledger, and where a refund would go. A waiting
+    /// approval becomes approved by whoever paid, unless already decided.
     async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError>;
+    /// Records a person's decision on an intent whose approval is waiting;
+    /// false if it was not waiting.
+    async fn decide_approval(
+        &self,
+        id: &str,
+        decision: ApprovalStatus,
+        by: &str,
+    ) -> Result<bool, StoreError>;
     /// Stores the one run's result and settles its money in one transaction:
     /// clearing → beneficiary on success, clearing → payer on failure.
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError>;
@@ -601,5 +733,7 @@ pub(crate) fn parse_scopes(text: &str) -> Result<Vec<Scope>, StoreError> {
         .collect()
 }
 
+#[cfg(test)]
+mod allowance_tests;
 #[cfg(test)]
 mod tests;

@@ -7,14 +7,16 @@ use std::{collections::HashMap, sync::Mutex};
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Transaction, Type};
 
 use crate::{
+    allowance::{Limits, day_start, month_start},
     money::{Units, format_amount},
     terms::{Role, pro_rata},
 };
 
 use super::{
-    AccountKind, AccountRef, ApiKey, Audit, Charge, Intent, IntentOutcome, LocalSession, Posted,
-    RefundRequest, Refunded, StatementLine, StoreError, StoreStats, StoredResult, VerifyReport,
-    WalletBalance, new_txn_id, now_ms,
+    AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, HoldOutcome, HoldRequest,
+    Intent, IntentOutcome, LocalSession, Posted, RefundRequest, Refunded, StatementLine,
+    StoreError, StoreStats, StoredResult, VerifyReport, WalletBalance, WalletLimits, new_txn_id,
+    now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
         settled_capture,
@@ -168,6 +170,99 @@ where
         .await
     }
 
+    pub async fn tool_statement(&self, tool: &str) -> Result<Vec<StatementLine>, StoreError> {
+        self.all(statement!(sql::TOOL_STATEMENT, tool), rows::statement_line)
+            .await
+    }
+
+    pub async fn entries(&self) -> Result<Vec<StatementLine>, StoreError> {
+        self.all(statement!(sql::ENTRIES), rows::statement_line)
+            .await
+    }
+
+    pub async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
+        self.all(statement!(sql::APPROVALS, principal), rows::intent)
+            .await
+    }
+
+    pub async fn limits(&self, wallet: &str) -> Result<Vec<WalletLimits>, StoreError> {
+        self.all(statement!(sql::LIMITS, wallet), rows::limits)
+            .await
+    }
+
+    pub async fn set_limits(&self, wallet: &AccountRef, limits: &Limits) -> Result<(), StoreError> {
+        if wallet.kind != AccountKind::Wallet {
+            return Err(StoreError::Invalid(format!("{wallet} is not a wallet")));
+        }
+        let id = self.account_id(wallet).await?;
+        let tools = limits.tools_json();
+        self.execute(statement!(
+            sql::SET_LIMITS,
+            id,
+            limits.per_call.map(|u| u.0),
+            limits.daily.map(|u| u.0),
+            limits.monthly.map(|u| u.0),
+            &tools
+        ))
+        .await?;
+        Ok(())
+    }
+
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        decision: ApprovalStatus,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        if !matches!(
+            decision,
+            ApprovalStatus::Approved | ApprovalStatus::Declined
+        ) {
+            return Err(StoreError::Invalid(format!(
+                "an approval is decided as approved or declined, not {}",
+                decision.as_str()
+            )));
+        }
+        Ok(self
+            .execute(statement!(
+                sql::DECIDE_APPROVAL,
+                id,
+                decision.as_str(),
+                by,
+                now_ms()
+            ))
+            .await?
+            > 0)
+    }
+
+    /// Why a hold was refused: the limit it would break, else a wallet that
+    /// cannot cover it (or does not exist).
+    pub async fn refused_hold(
+        &self,
+        req: &HoldRequest,
+        at: i64,
+    ) -> Result<HoldOutcome, StoreError> {
+        let breach = self
+            .limits(&req.principal)
+            .await?
+            .into_iter()
+            .find_map(|w| {
+                (w.currency == req.currency)
+                    .then(|| {
+                        w.limits.breach(
+                            &req.principal,
+                            &w.currency,
+                            &w.spent,
+                            Some(&req.tool),
+                            req.amount,
+                            at,
+                        )
+                    })
+                    .flatten()
+            });
+        Ok(breach.map_or(HoldOutcome::Insufficient, HoldOutcome::OverLimit))
+    }
+
     pub async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
         self.execute(Statement::create_intent(intent)).await?;
         Ok(())
@@ -292,12 +387,19 @@ where
         source_id: i64,
         clearing_id: i64,
         audit: &Audit,
+        approver: &str,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
-        let marked = query(statement!(sql::MARK_PAID, &intent.id, source_id, now))
-            .execute(&mut *tx)
-            .await?
-            .changed();
+        let marked = query(statement!(
+            sql::MARK_PAID,
+            &intent.id,
+            source_id,
+            now,
+            approver
+        ))
+        .execute(&mut *tx)
+        .await?
+        .changed();
         if marked == 0 {
             return Ok(false);
         }
@@ -392,13 +494,34 @@ where
             return Err(StoreError::session_not_pending(id, status));
         }
         if let Some(wallet) = from_wallet {
-            let available = query(statement!(locks.wallet, source_id))
+            let row = query(statement!(locks.wallet, source_id))
                 .fetch_one(&mut *tx)
-                .await?
-                .int("available")?;
+                .await?;
+            // The wallet's limits, checked and counted on its locked row.
+            let limits = rows::limits(&row)?;
+            if let Some(breach) = limits.limits.breach(
+                wallet,
+                &session.currency,
+                &limits.spent,
+                None,
+                session.amount,
+                now,
+            ) {
+                return Err(StoreError::OverLimit(breach));
+            }
+            let available = row.int("available")?;
             if available < session.amount.0 {
                 return Err(StoreError::insufficient(wallet, session, available));
             }
+            query(statement!(
+                sql::COUNT_SPEND,
+                source_id,
+                session.amount.0,
+                day_start(now),
+                month_start(now)
+            ))
+            .execute(&mut *tx)
+            .await?;
         }
         let audit = session_payment_audit(session, from_wallet);
         let posted = Self::post(

@@ -30,7 +30,11 @@ use super::{
     sql::*,
     *,
 };
-use crate::{config::PoolSettings, keys::ApiKey};
+use crate::{
+    allowance::{Limits, day_start, month_start},
+    config::PoolSettings,
+    keys::ApiKey,
+};
 
 /// Attempts at a write that PostgreSQL rolled back as a serialization
 /// failure or deadlock.
@@ -150,9 +154,30 @@ impl PgStore {
 
 /// A session payment locks the session first (a concurrent payment of it
 /// waits, then sees it paid), then the paying wallet, until it commits.
+/// The hold (see [`PgStore::hold`]); `$9` and `$10` start the day and the
+/// month of its `created_at` (`$7`).
+const HOLD: &str = "WITH wallet AS (
+         UPDATE accounts SET held = held + $2,
+             spent_day = CASE WHEN spent_day_start >= $9 THEN spent_day ELSE 0 END + $2,
+             spent_day_start = GREATEST(spent_day_start, $9),
+             spent_month = CASE WHEN spent_month_start >= $10 THEN spent_month ELSE 0 END + $2,
+             spent_month_start = GREATEST(spent_month_start, $10)
+         WHERE kind = 'wallet' AND name = $3 AND currency = $4 AND balance - held >= $2
+           AND (per_call_max IS NULL OR $2 <= per_call_max)
+           AND (allowed_tools IS NULL OR allowed_tools::jsonb @> jsonb_build_array($5::text))
+           AND (daily_cap IS NULL OR daily_cap >= $2 +
+                CASE WHEN spent_day_start >= $9 THEN spent_day ELSE 0 END)
+           AND (monthly_cap IS NULL OR monthly_cap >= $2 +
+                CASE WHEN spent_month_start >= $10 THEN spent_month ELSE 0 END)
+         RETURNING id)
+     INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at,
+                        agent, metadata)
+     SELECT $1, wallet.id, $2, 'open', $3, $5, $6, $7, $8, $11, $12 FROM wallet";
+
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
     session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1 FOR UPDATE",
-    wallet: "SELECT balance - held AS available FROM accounts WHERE id = $1 FOR UPDATE",
+    wallet: "SELECT balance - held AS available, currency, per_call_max, daily_cap, monthly_cap, allowed_tools,
+                   spent_day_start, spent_day, spent_month_start, spent_month FROM accounts WHERE id = $1 FOR UPDATE",
 };
 
 #[async_trait]
@@ -199,39 +224,66 @@ impl Store for PgStore {
         self.db.statement(kind, name).await
     }
 
+    async fn tool_statement(&self, tool: &str) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.tool_statement(tool).await
+    }
+
+    async fn entries(&self) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.entries().await
+    }
+
+    async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
+        self.db.approvals(principal).await
+    }
+
+    async fn set_limits(&self, wallet: &AccountRef, limits: &Limits) -> Result<(), StoreError> {
+        self.db.set_limits(wallet, limits).await
+    }
+
+    async fn limits(&self, wallet: &str) -> Result<Vec<WalletLimits>, StoreError> {
+        self.db.limits(wallet).await
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &str,
+        decision: ApprovalStatus,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        self.db.decide_approval(id, decision, by).await
+    }
+
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError> {
         if req.amount.is_zero() {
             return Err(StoreError::Invalid("hold amount must be above zero".into()));
         }
         // One statement: the reservation is an UPDATE whose WHERE is the
-        // balance check (re-checked on the newest row after any wait), and
-        // the hold row is written only if it reserved.
+        // balance and limit check (re-checked on the newest row after any
+        // wait: the caps' counters are on that same row, and counted by it),
+        // and the hold row is written only if it reserved.
+        let created_at = now_ms();
         let done = retrying(|| async {
-                Ok(sqlx::query(
-                    "WITH wallet AS (
-                         UPDATE accounts SET held = held + $2
-                         WHERE kind = 'wallet' AND name = $3 AND currency = $4 AND balance - held >= $2
-                         RETURNING id)
-                     INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
-                     SELECT $1, wallet.id, $2, 'open', $3, $5, $6, $7, $8 FROM wallet",
-                )
+            Ok(sqlx::query(HOLD)
                 .bind(&req.hold_id)
                 .bind(req.amount.0)
                 .bind(&req.principal)
                 .bind(req.currency.as_str())
                 .bind(&req.tool)
                 .bind(&req.args_hash)
-                .bind(now_ms())
+                .bind(created_at)
                 .bind(req.expires_at)
+                .bind(day_start(created_at))
+                .bind(month_start(created_at))
+                .bind(&req.origin.agent)
+                .bind(&req.origin.metadata)
                 .execute(&self.db.pool)
                 .await?)
-            })
-            .await?;
-        Ok(if done.rows_affected() == 1 {
-            HoldOutcome::Held
-        } else {
-            HoldOutcome::Insufficient
         })
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(HoldOutcome::Held);
+        }
+        self.db.refused_hold(req, created_at).await
     }
 
     async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {
@@ -339,6 +391,7 @@ impl Store for PgStore {
                         .bind(id)
                         .bind(refund_id)
                         .bind(now_ms())
+                        .bind(funding.approver())
                         .execute(&self.db.pool)
                         .await?)
                 })
@@ -361,6 +414,7 @@ impl Store for PgStore {
                 source_id,
                 clearing_id,
                 &audit,
+                account,
             )
             .await
         })

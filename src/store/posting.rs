@@ -83,6 +83,8 @@ pub(super) fn external_payment_audit(intent: &Intent, account: &str) -> Audit {
         intent_id: Some(intent.id.clone()),
         payment_id: Some(intent.id.clone()),
         memo: Some(format!("paid through {account}")),
+        origin: intent.origin.clone(),
+        approval: None,
     }
 }
 
@@ -218,6 +220,8 @@ impl Settlement {
             tool: row.opt_text("tool")?,
             intent_id: Some(outcome.intent_id.clone()),
             payment_id: Some(outcome.intent_id.clone()),
+            origin: super::rows::origin(row)?,
+            approval: super::rows::approval(row)?,
             ..Audit::default()
         };
         let Some(plan) = plan else {

@@ -5,10 +5,12 @@
 use sqlx::Row;
 
 use super::{
-    AccountKind, AccountRef, Intent, IntentStatus, LocalSession, SessionStatus, StatementLine,
-    StoreError, StoreStats, StoredResult, WalletBalance, parse_scopes,
+    AccountKind, AccountRef, Approval, ApprovalStatus, Intent, IntentStatus, LocalSession, Origin,
+    SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, WalletBalance,
+    WalletLimits, parse_scopes,
 };
 use crate::{
+    allowance::{Limits, Spent},
     keys::ApiKey,
     money::{Currency, Units},
 };
@@ -84,6 +86,50 @@ pub(super) fn intent(row: &impl Columns) -> Result<Intent, StoreError> {
         payment_url: row.opt_text("payment_url")?,
         created_at: row.int("created_at")?,
         expires_at: row.int("expires_at")?,
+        origin: origin(row)?,
+        approval: approval(row)?,
+    })
+}
+
+/// The `agent` and `metadata` columns.
+pub(super) fn origin(row: &impl Columns) -> Result<Origin, StoreError> {
+    Ok(Origin {
+        agent: row.opt_text("agent")?,
+        metadata: row.opt_text("metadata")?,
+    })
+}
+
+/// The `approval`, `approved_by`, `approved_at` columns, and
+/// `approval_rule` where the row has it.
+pub(super) fn approval(row: &impl Columns) -> Result<Option<Approval>, StoreError> {
+    let Some(status) = row.opt_text("approval")? else {
+        return Ok(None);
+    };
+    Ok(Some(Approval {
+        status: ApprovalStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("approval status {status}")))?,
+        by: row.opt_text("approved_by")?,
+        at: row.opt_int("approved_at")?,
+        rule: row.opt_text("approval_rule").ok().flatten(),
+    }))
+}
+
+pub(super) fn limits(row: &impl Columns) -> Result<WalletLimits, StoreError> {
+    let amount = |column| Ok::<_, StoreError>(row.opt_int(column)?.map(Units));
+    Ok(WalletLimits {
+        currency: currency_of(row.text("currency")?)?,
+        limits: Limits {
+            per_call: amount("per_call_max")?,
+            daily: amount("daily_cap")?,
+            monthly: amount("monthly_cap")?,
+            tools: Limits::parse_tools_json(row.opt_text("allowed_tools")?.as_deref()),
+        },
+        spent: Spent {
+            day_start: row.int("spent_day_start")?,
+            day: Units(row.int("spent_day")?),
+            month_start: row.int("spent_month_start")?,
+            month: Units(row.int("spent_month")?),
+        },
     })
 }
 
@@ -148,6 +194,14 @@ pub(super) fn statement_line(row: &impl Columns) -> Result<StatementLine, StoreE
         payment_id: row.opt_text("payment_id")?,
         beneficiary: row.opt_text("beneficiary")?,
         memo: row.opt_text("memo")?,
+        account: match (row.opt_text("account_kind")?, row.opt_text("account_name")?) {
+            (Some(kind), Some(name)) => AccountKind::parse(&kind).map(|kind| (kind, name)),
+            _ => None,
+        },
+        payer: row.opt_text("payer")?,
+        intent_id: row.opt_text("intent_id")?,
+        origin: origin(row)?,
+        approval: approval(row)?,
     })
 }
 

@@ -6,18 +6,82 @@
 pub(super) const BALANCES: &str = "SELECT currency, balance, held FROM accounts
      WHERE kind = 'wallet' AND name = $1 ORDER BY currency";
 
+/// Ledger lines as `rows::statement_line` reads them: `$amount` and
+/// `$account` (kind and name) for each line, then `$tail`.
+macro_rules! ledger_lines {
+    ($amount:literal, $account:literal, $tail:literal) => {
+        concat!(
+            "SELECT t.id, t.kind, t.created_at, ",
+            $amount,
+            ", t.legs, t.currency, t.tool, t.payment_id, t.beneficiary, t.memo, t.payer, t.intent_id,
+                    t.agent, t.metadata, t.approval, t.approved_by, t.approved_at, ",
+            $account,
+            " FROM ledger_entries e
+             JOIN accounts a ON a.id = e.account_id
+             JOIN ledger_transactions t ON t.id = e.txn_id ",
+            $tail
+        )
+    };
+}
+
 /// One account's entries (`$1`: name, `$2`: kind) with their transactions'
 /// audit data.
-pub(super) const STATEMENT: &str = "SELECT t.id, t.kind, t.created_at, e.amount, e.role, t.legs, a.currency, t.tool, t.payment_id, t.beneficiary, t.memo
-     FROM ledger_entries e
-     JOIN accounts a ON a.id = e.account_id
-     JOIN ledger_transactions t ON t.id = e.txn_id
-     WHERE a.kind = $2 AND a.name = $1
-     ORDER BY e.id";
+pub(super) const STATEMENT: &str = ledger_lines!(
+    "e.amount, e.role",
+    "a.kind AS account_kind, a.name AS account_name",
+    "WHERE a.kind = $2 AND a.name = $1 ORDER BY e.id"
+);
+
+/// Every entry, for export.
+pub(super) const ENTRIES: &str = ledger_lines!(
+    "e.amount, e.role",
+    "a.kind AS account_kind, a.name AS account_name",
+    "ORDER BY e.id"
+);
+
+/// A tool's transactions that moved revenue (`$1`: the tool), one line
+/// each: the sum of their revenue legs.
+pub(super) const TOOL_STATEMENT: &str = ledger_lines!(
+    "CAST(SUM(e.amount) AS BIGINT) AS amount, CAST(NULL AS TEXT) AS role",
+    "CAST(NULL AS TEXT) AS account_kind, CAST(NULL AS TEXT) AS account_name",
+    "WHERE a.kind = 'revenue' AND t.tool = $1 GROUP BY t.id ORDER BY MIN(e.id)"
+);
 
 pub(super) const INSERT_TRANSACTION: &str = "INSERT INTO ledger_transactions
-       (id, kind, currency, amount, payer, beneficiary, tool, intent_id, payment_id, memo, created_at, legs)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+       (id, kind, currency, amount, payer, beneficiary, tool, intent_id, payment_id, memo, created_at, legs,
+        agent, metadata, approval, approved_by, approved_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+
+/// A wallet's limits and spending counters, per currency (`$1`: its name).
+pub(super) const LIMITS: &str =
+    "SELECT currency, per_call_max, daily_cap, monthly_cap, allowed_tools,
+            spent_day_start, spent_day, spent_month_start, spent_month
+     FROM accounts WHERE kind = 'wallet' AND name = $1 ORDER BY currency";
+
+/// Sets a wallet's limits (`$1`: its account id).
+pub(super) const SET_LIMITS: &str =
+    "UPDATE accounts SET per_call_max = $2, daily_cap = $3, monthly_cap = $4, allowed_tools = $5
+     WHERE id = $1";
+
+/// Counts `$2` as spent by wallet `$1` in the day starting at `$3` and the
+/// month starting at `$4` (a session paid from it; holds are counted by the
+/// statement that makes them).
+pub(super) const COUNT_SPEND: &str = "UPDATE accounts SET
+        spent_day = CASE WHEN spent_day_start >= $3 THEN spent_day ELSE 0 END + $2,
+        spent_day_start = CASE WHEN spent_day_start >= $3 THEN spent_day_start ELSE $3 END,
+        spent_month = CASE WHEN spent_month_start >= $4 THEN spent_month ELSE 0 END + $2,
+        spent_month_start = CASE WHEN spent_month_start >= $4 THEN spent_month_start ELSE $4 END
+     WHERE id = $1";
+
+/// Intents of a principal with an approval, newest first.
+pub(super) const APPROVALS: &str =
+    "SELECT * FROM intents WHERE principal = $1 AND approval IS NOT NULL
+     ORDER BY created_at DESC, id LIMIT 500";
+
+/// waiting → approved or declined.
+pub(super) const DECIDE_APPROVAL: &str =
+    "UPDATE intents SET approval = $2, approved_by = $3, approved_at = $4, updated_at = $4
+     WHERE id = $1 AND approval = 'waiting'";
 
 /// One entry; a trigger moves the account's balance.
 pub(super) const INSERT_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at, role) VALUES ($1, $2, $3, $4, $5)";
@@ -47,23 +111,28 @@ pub(super) const HOLD: &str =
 
 pub(super) const CREATE_INTENT: &str = "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
                           status, provider, provider_session_id, payment_url, created_at, expires_at,
-                          updated_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $14)";
+                          updated_at, agent, metadata, approval, approved_by, approved_at, approval_rule)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $14, $16, $17, $18, $19, $20, $21)";
 
 pub(super) const INTENT: &str = "SELECT * FROM intents WHERE id = $1";
 
 pub(super) const TRANSITION_INTENT: &str =
     "UPDATE intents SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2";
 
-/// awaiting_payment → paid, noting the account a refund goes back to.
+/// awaiting_payment → paid, noting the account a refund goes back to. A
+/// waiting approval is approved by whoever paid (`$4`).
 pub(super) const MARK_PAID: &str =
-    "UPDATE intents SET status = 'paid', refund_account_id = $2, updated_at = $3
+    "UPDATE intents SET status = 'paid', refund_account_id = $2, updated_at = $3,
+            approved_by = CASE WHEN approval = 'waiting' THEN $4 ELSE approved_by END,
+            approved_at = CASE WHEN approval = 'waiting' THEN $3 ELSE approved_at END,
+            approval = CASE WHEN approval = 'waiting' THEN 'approved' ELSE approval END
      WHERE id = $1 AND status = 'awaiting_payment'";
 
 /// running → succeeded or failed, with what settling it needs.
 pub(super) const FINISH_INTENT: &str =
     "UPDATE intents SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'running'
-     RETURNING amount, currency, principal, tool, refund_account_id";
+     RETURNING amount, currency, principal, tool, refund_account_id, agent, metadata, approval,
+               approved_by, approved_at, approval_rule";
 
 pub(super) const STORE_RESULT: &str = "INSERT INTO stored_results (intent_id, is_error, result_json, created_at) VALUES ($1, $2, $3, $4)";
 
@@ -231,6 +300,11 @@ impl<'a> Statement<'a> {
             &a.memo,
             header.at,
             &header.legs,
+            &a.origin.agent,
+            &a.origin.metadata,
+            Param::Text(a.approval.as_ref().map(|x| x.status.as_str())),
+            Param::Text(a.approval.as_ref().and_then(|x| x.by.as_deref())),
+            Param::Int(a.approval.as_ref().and_then(|x| x.at)),
         )
     }
 
@@ -286,6 +360,12 @@ impl<'a> Statement<'a> {
             &intent.payment_url,
             intent.created_at,
             intent.expires_at,
+            &intent.origin.agent,
+            &intent.origin.metadata,
+            Param::Text(intent.approval.as_ref().map(|x| x.status.as_str())),
+            Param::Text(intent.approval.as_ref().and_then(|x| x.by.as_deref())),
+            Param::Int(intent.approval.as_ref().and_then(|x| x.at)),
+            Param::Text(intent.approval.as_ref().and_then(|x| x.rule.as_deref())),
         )
     }
 

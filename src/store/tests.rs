@@ -10,12 +10,12 @@ use crate::{
 };
 
 /// Keeps a test's database (and its directory) alive.
-struct Place {
+pub(super) struct Place {
     db: TestDb,
     _dir: tempfile::TempDir,
 }
 
-async fn store() -> (Place, Arc<dyn Store>) {
+pub(super) async fn store() -> (Place, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = TestDb::fresh(dir.path());
     let store = open(&db.url).await.expect("connect");
@@ -32,19 +32,19 @@ async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     })
 }
 
-fn usd() -> Currency {
+pub(super) fn usd() -> Currency {
     Currency::parse("USD").expect("usd")
 }
 
-fn units(s: &str) -> Units {
+pub(super) fn units(s: &str) -> Units {
     Units::parse(s).expect("amount")
 }
 
-fn revenue() -> AccountRef {
+pub(super) fn revenue() -> AccountRef {
     AccountRef::new(AccountKind::Revenue, "author", &usd())
 }
 
-fn hold_request(id: &str, wallet: &str, amount: &str) -> HoldRequest {
+pub(super) fn hold_request(id: &str, wallet: &str, amount: &str) -> HoldRequest {
     HoldRequest {
         hold_id: id.into(),
         principal: wallet.into(),
@@ -53,10 +53,11 @@ fn hold_request(id: &str, wallet: &str, amount: &str) -> HoldRequest {
         tool: "echo".into(),
         args_hash: "h".into(),
         expires_at: now_ms() + 60_000,
+        origin: Origin::default(),
     }
 }
 
-async fn available(store: &dyn Store, wallet: &str) -> Units {
+pub(super) async fn available(store: &dyn Store, wallet: &str) -> Units {
     store
         .balances(wallet)
         .await
@@ -65,7 +66,7 @@ async fn available(store: &dyn Store, wallet: &str) -> Units {
         .map_or(Units(0), |b| b.available)
 }
 
-async fn assert_sound(store: &dyn Store) {
+pub(super) async fn assert_sound(store: &dyn Store) {
     let report = store.verify(now_ms()).await.expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
@@ -174,7 +175,7 @@ crate::on_both_backends! {
     }
 }
 
-fn intent(id: &str) -> Intent {
+pub(super) fn intent(id: &str) -> Intent {
     Intent {
         id: id.into(),
         tool: "echo".into(),
@@ -191,10 +192,12 @@ fn intent(id: &str) -> Intent {
         payment_url: None,
         created_at: now_ms(),
         expires_at: now_ms() + 60_000,
+        origin: Origin::default(),
+        approval: Some(Approval::new(ApprovalStatus::Waiting, None)),
     }
 }
 
-fn session(id: &str, expires_at: i64) -> LocalSession {
+pub(super) fn session(id: &str, expires_at: i64) -> LocalSession {
     LocalSession {
         id: id.into(),
         amount: units("0.05"),

@@ -43,7 +43,8 @@ pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 pub(super) enum FastWrite {
-    /// Reserve `amount` if the wallet's available balance covers it.
+    /// Reserve `amount` if the wallet's available balance covers it and
+    /// its limits allow it.
     Hold {
         id: String,
         principal: String,
@@ -53,6 +54,8 @@ pub(super) enum FastWrite {
         args_hash: String,
         created_at: i64,
         expires_at: i64,
+        agent: Option<String>,
+        metadata: Option<String>,
     },
     /// End an open hold by charging at most its amount (the
     /// `holds_capture` trigger posts the ledger transaction).
@@ -82,13 +85,14 @@ impl FastWrite {
                 args_hash,
                 created_at,
                 expires_at,
+                agent,
+                metadata,
             } => conn
-                .prepare_cached(
-                    "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
-                     SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, ?6, ?7 FROM accounts
-                     WHERE kind = 'wallet' AND name = ?3 AND currency = ?8 AND balance - held >= ?2",
-                )?
-                .execute(params![id, amount, principal, tool, args_hash, created_at, expires_at, currency])?,
+                .prepare_cached(HOLD)?
+                .execute(params![
+                    id, amount, principal, tool, args_hash, created_at, expires_at, currency, agent,
+                    metadata
+                ])?,
             FastWrite::Capture {
                 hold_id,
                 amount,
@@ -116,6 +120,21 @@ impl FastWrite {
 /// `Ok(true)` when the write took effect, `Ok(false)` when its condition
 /// did not hold (not enough funds, hold not open, capture above the hold).
 type Outcome = Result<bool, StoreError>;
+
+/// The hold: the balance check, the wallet's limits (in the periods of
+/// the hold's `created_at`, as the `holds_reserve` trigger counts them) and
+/// the reservation, in one statement.
+const HOLD: &str = "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at,
+                                       agent, metadata)
+     SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, ?6, ?7, ?9, ?10 FROM accounts
+     WHERE kind = 'wallet' AND name = ?3 AND currency = ?8 AND balance - held >= ?2
+       AND (per_call_max IS NULL OR ?2 <= per_call_max)
+       AND (allowed_tools IS NULL OR EXISTS (SELECT 1 FROM json_each(allowed_tools) WHERE value = ?4))
+       AND (daily_cap IS NULL OR daily_cap >= ?2 +
+            CASE WHEN spent_day_start >= ?6 - ?6 % 86400000 THEN spent_day ELSE 0 END)
+       AND (monthly_cap IS NULL OR monthly_cap >= ?2 +
+            CASE WHEN spent_month_start >= CAST(strftime('%s', ?6 / 1000, 'unixepoch', 'start of month') AS INTEGER) * 1000
+                 THEN spent_month ELSE 0 END)";
 
 type Queued = (FastWrite, oneshot::Sender<Outcome>);
 
@@ -338,6 +357,8 @@ mod tests {
             args_hash: "h".into(),
             created_at: now_ms(),
             expires_at: now_ms() + 60_000,
+            agent: None,
+            metadata: None,
         }
     }
 
@@ -476,6 +497,7 @@ mod tests {
                             tool: "echo".into(),
                             args_hash: "h".into(),
                             expires_at: now_ms() + 60_000,
+                            origin: Default::default(),
                         };
                         if store.hold(&request).await.unwrap() != HoldOutcome::Held {
                             return 0;

@@ -111,7 +111,8 @@ fn start_up_contention(e: &StoreError) -> bool {
 /// lock: plain reads see what nothing can change before it commits.
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
     session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1",
-    wallet: "SELECT balance - held AS available FROM accounts WHERE id = $1",
+    wallet: "SELECT balance - held AS available, currency, per_call_max, daily_cap, monthly_cap, allowed_tools,
+                   spent_day_start, spent_day, spent_month_start, spent_month FROM accounts WHERE id = $1",
 };
 
 #[async_trait]
@@ -154,12 +155,43 @@ impl Store for SqliteStore {
         self.db.statement(kind, name).await
     }
 
+    async fn tool_statement(&self, tool: &str) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.tool_statement(tool).await
+    }
+
+    async fn entries(&self) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.entries().await
+    }
+
+    async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
+        self.db.approvals(principal).await
+    }
+
+    async fn set_limits(&self, wallet: &AccountRef, limits: &Limits) -> Result<(), StoreError> {
+        self.db.set_limits(wallet, limits).await
+    }
+
+    async fn limits(&self, wallet: &str) -> Result<Vec<WalletLimits>, StoreError> {
+        self.db.limits(wallet).await
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &str,
+        decision: ApprovalStatus,
+        by: &str,
+    ) -> Result<bool, StoreError> {
+        self.db.decide_approval(id, decision, by).await
+    }
+
     async fn hold(&self, req: &HoldRequest) -> Result<HoldOutcome, StoreError> {
         if req.amount.is_zero() {
             return Err(StoreError::Invalid("hold amount must be above zero".into()));
         }
-        // One conditional INSERT: the balance check and the reservation (by
-        // the `holds_reserve` trigger) happen atomically under the write lock.
+        // One conditional INSERT: the balance and limit checks and the
+        // reservation (by the `holds_reserve` trigger, which also counts it
+        // against the caps) happen atomically under the write lock.
+        let created_at = now_ms();
         let held = self
             .fast_writes
             .write(FastWrite::Hold {
@@ -169,15 +201,16 @@ impl Store for SqliteStore {
                 amount: req.amount.0,
                 tool: req.tool.clone(),
                 args_hash: req.args_hash.clone(),
-                created_at: now_ms(),
+                created_at,
                 expires_at: req.expires_at,
+                agent: req.origin.agent.clone(),
+                metadata: req.origin.metadata.clone(),
             })
             .await?;
-        Ok(if held {
-            HoldOutcome::Held
-        } else {
-            HoldOutcome::Insufficient
-        })
+        if held {
+            return Ok(HoldOutcome::Held);
+        }
+        self.db.refused_hold(req, created_at).await
     }
 
     async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {
@@ -301,6 +334,7 @@ impl Store for SqliteStore {
                     .bind(id)
                     .bind(refund_id)
                     .bind(now_ms())
+                    .bind(funding.approver())
                     .execute(&self.db.pool)
                     .await?;
                 return Ok(done.rows_affected() > 0);
@@ -322,6 +356,7 @@ impl Store for SqliteStore {
             source_id,
             clearing_id,
             &audit,
+            account,
         )
         .await
     }
