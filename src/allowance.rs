@@ -207,6 +207,39 @@ impl Limits {
     }
 }
 
+/// Parses a cap as given on the command line: an amount, or `none`.
+pub fn parse_cap(text: &str) -> Result<Option<Units>, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    Units::parse(text)
+        .map(Some)
+        .map_err(|e| format!("`{text}`: {e} (or `none` for no limit)"))
+}
+
+/// A wallet's limits for people, with what it spent in the current
+/// periods and when they reset.
+pub fn describe(wallet: &str, w: &crate::store::WalletLimits, now: i64) -> String {
+    let (day, month) = w.spent.at(now);
+    let cap = |c: Option<Units>| c.map_or("none".to_owned(), format_amount);
+    let tools = w
+        .limits
+        .tools
+        .as_ref()
+        .map_or("any".to_owned(), |t| t.join(", "));
+    format!(
+        "limits of wallet {wallet} ({}):\n  per call: {}\n  daily:    {} ({} spent today; resets at {})\n  monthly:  {} ({} spent this month; resets at {})\n  tools:    {tools}\n",
+        w.currency,
+        cap(w.limits.per_call),
+        cap(w.limits.daily),
+        format_amount(day),
+        rfc3339(day_start(now) + DAY_MS),
+        cap(w.limits.monthly),
+        format_amount(month),
+        rfc3339(next_month_start(now)),
+    )
+}
+
 /// Start (Unix ms) of the UTC day containing `ms`.
 pub fn day_start(ms: i64) -> i64 {
     ms - ms.rem_euclid(DAY_MS)

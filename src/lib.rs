@@ -11,6 +11,7 @@ pub mod approvals;
 pub mod canonical;
 pub mod config;
 pub mod embed;
+pub mod export;
 pub mod gate;
 pub mod http;
 pub mod keys;

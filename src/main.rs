@@ -7,8 +7,10 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use rmcp::ServiceExt;
 use tollgate::{
+    allowance,
     app::{self, DEFAULT_PRICING},
     config::Config,
+    export,
     gate::Caller,
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_amount},
@@ -104,6 +106,24 @@ enum WalletCommand {
     Balance { wallet: String },
     /// Every entry on the wallet.
     Statement { wallet: String },
+    /// Shows a wallet's spending limits, or changes them: a per-call
+    /// maximum, daily and monthly caps (UTC days and months), and the tools
+    /// it may pay for. Amounts, or `none`; what is not given stays.
+    Limits {
+        wallet: String,
+        /// Defaults to the server's currency.
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long, value_name = "AMOUNT|none")]
+        per_call: Option<String>,
+        #[arg(long, value_name = "AMOUNT|none")]
+        daily: Option<String>,
+        #[arg(long, value_name = "AMOUNT|none")]
+        monthly: Option<String>,
+        /// Comma-separated tool names, or `any`.
+        #[arg(long, value_name = "TOOL,...|any")]
+        tools: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,13 +168,15 @@ enum KeysCommand {
 enum LedgerCommand {
     /// Checks every invariant; exits non-zero on any break.
     Verify,
-    /// One account's entries: a wallet, or a tool author's (beneficiary's)
-    /// revenue with each capture's split.
+    /// One account's entries: a wallet (with the charges it was asked to
+    /// approve), a tool author's (beneficiary's) revenue with each
+    /// capture's split, or, with --tool alone, what one tool earned across
+    /// accounts.
     Statement {
         #[arg(
             long,
             conflicts_with = "beneficiary",
-            required_unless_present = "beneficiary"
+            required_unless_present_any = ["beneficiary", "tool"]
         )]
         wallet: Option<String>,
         #[arg(long)]
@@ -166,6 +188,22 @@ enum LedgerCommand {
         #[arg(long)]
         since: Option<String>,
         /// Up to and including this date, or before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Every ledger entry with its audit data, to stdout, for reconciling
+    /// payouts: one account's with --wallet or --beneficiary.
+    Export {
+        #[arg(long, value_enum)]
+        format: export::Format,
+        #[arg(long, conflicts_with = "beneficiary")]
+        wallet: Option<String>,
+        #[arg(long)]
+        beneficiary: Option<String>,
+        #[arg(long)]
+        tool: Option<String>,
+        #[arg(long)]
+        since: Option<String>,
         #[arg(long)]
         until: Option<String>,
     },
@@ -287,23 +325,47 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     until,
                 },
         } => {
-            let (kind, name) = match (wallet, beneficiary) {
-                (Some(wallet), _) => (AccountKind::Wallet, wallet),
-                (None, Some(beneficiary)) => (AccountKind::Revenue, beneficiary),
-                (None, None) => bail!("give --wallet or --beneficiary"),
+            let filter = time_filter(tool, since, until)?;
+            match account_of(wallet, beneficiary) {
+                Some((kind, name)) => {
+                    let lines = store.statement(kind, &name).await?;
+                    let title = format!("{}:{name}", kind.as_str());
+                    print!("{}", statement::render(&title, &lines, &filter));
+                    if kind == AccountKind::Wallet {
+                        let intents = store.approvals(&name).await?;
+                        print!("{}", statement::render_approvals(&name, &intents, &filter));
+                    }
+                }
+                None => {
+                    let Some(tool) = filter.tool.clone() else {
+                        bail!("give --wallet, --beneficiary or --tool");
+                    };
+                    let lines = store.tool_statement(&tool).await?;
+                    print!(
+                        "{}",
+                        statement::render(&format!("tool {tool}"), &lines, &filter)
+                    );
+                }
+            }
+        }
+        Command::Ledger {
+            command:
+                LedgerCommand::Export {
+                    format,
+                    wallet,
+                    beneficiary,
+                    tool,
+                    since,
+                    until,
+                },
+        } => {
+            let selection = export::Selection {
+                account: account_of(wallet, beneficiary),
+                filter: time_filter(tool, since, until)?,
             };
-            let time = |text: Option<String>, end_of_day| {
-                text.map(|t| statement::parse_time(&t, end_of_day))
-                    .transpose()
-                    .map_err(anyhow::Error::msg)
-            };
-            let filter = statement::Filter {
-                tool,
-                since: time(since, false)?,
-                until: time(until, true)?,
-            };
-            let lines = store.statement(kind, &name).await?;
-            print!("{}", statement::render(kind, &name, &lines, &filter));
+            let lines = store.entries().await?;
+            let count = export::write(&lines, &selection, format, std::io::stdout().lock())?;
+            tracing::info!(entries = count, "ledger exported");
         }
         Command::Receipt {
             command: ReceiptCommand::Verify { receipt },
@@ -315,6 +377,36 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The account `--wallet` or `--beneficiary` names.
+fn account_of(
+    wallet: Option<String>,
+    beneficiary: Option<String>,
+) -> Option<(AccountKind, String)> {
+    match (wallet, beneficiary) {
+        (Some(wallet), _) => Some((AccountKind::Wallet, wallet)),
+        (None, Some(beneficiary)) => Some((AccountKind::Revenue, beneficiary)),
+        (None, None) => None,
+    }
+}
+
+/// `--tool`, `--since` and `--until`.
+fn time_filter(
+    tool: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+) -> anyhow::Result<statement::Filter> {
+    let time = |text: Option<String>, end_of_day| {
+        text.map(|t| statement::parse_time(&t, end_of_day))
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    Ok(statement::Filter {
+        tool,
+        since: time(since, false)?,
+        until: time(until, true)?,
+    })
 }
 
 async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> anyhow::Result<()> {
@@ -470,9 +562,63 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             let all = statement::Filter::default();
             print!(
                 "{}",
-                statement::render(AccountKind::Wallet, &wallet, &lines, &all)
+                statement::render(&format!("wallet:{wallet}"), &lines, &all)
             );
             print_balances(store, &wallet).await?;
+        }
+        WalletCommand::Limits {
+            wallet,
+            currency,
+            per_call,
+            daily,
+            monthly,
+            tools,
+        } => {
+            let currency = match currency {
+                Some(c) => Currency::parse(&c)?,
+                None => config.currency.clone(),
+            };
+            let current = store.limits(&wallet).await?;
+            let mut limits = current
+                .iter()
+                .find(|w| w.currency == currency)
+                .map(|w| w.limits.clone())
+                .unwrap_or_default();
+            let changing =
+                per_call.is_some() || daily.is_some() || monthly.is_some() || tools.is_some();
+            let cap = |flag: &str, text: Option<String>, now: Option<Units>| match text {
+                None => Ok(now),
+                Some(t) => allowance::parse_cap(&t).map_err(|e| anyhow::anyhow!("--{flag} {e}")),
+            };
+            limits.per_call = cap("per-call", per_call, limits.per_call)?;
+            limits.daily = cap("daily", daily, limits.daily)?;
+            limits.monthly = cap("monthly", monthly, limits.monthly)?;
+            if let Some(tools) = tools {
+                limits.tools = match tools.trim() {
+                    "any" => None,
+                    list => Some(
+                        list.split(',')
+                            .map(|t| t.trim().to_owned())
+                            .filter(|t| !t.is_empty())
+                            .collect(),
+                    ),
+                };
+            }
+            if changing {
+                store
+                    .set_limits(&AccountRef::wallet(&wallet, &currency), &limits)
+                    .await?;
+                tracing::info!(wallet, %currency, ?limits, "wallet limits set");
+            }
+            match store
+                .limits(&wallet)
+                .await?
+                .iter()
+                .find(|w| w.currency == currency)
+            {
+                Some(w) => print!("{}", allowance::describe(&wallet, w, now_ms())),
+                None => println!("wallet {wallet} has no {currency} account and no limits"),
+            }
         }
     }
     Ok(())

@@ -1,12 +1,14 @@
-//! Account statements for people: a wallet's spending, or what a tool author
-//! earned, with each split capture broken down (charge, platform share,
-//! commissions, net), so that payouts can be reconciled.
+//! Account statements for people: a wallet's spending, what a tool author
+//! earned, or what one tool earned across accounts, with each split capture
+//! broken down (charge, platform share, commissions, net) and who was behind
+//! it (agent, approval, the caller's metadata), so that payouts can be
+//! reconciled.
 
 use std::{collections::BTreeMap, fmt::Write};
 
 use crate::{
     money::{Units, format_amount, format_signed},
-    store::{AccountKind, StatementLine, rfc3339},
+    store::{ApprovalStatus, Intent, StatementLine, rfc3339},
     terms::Role,
 };
 
@@ -25,8 +27,11 @@ impl Filter {
         self.tool
             .as_ref()
             .is_none_or(|tool| line.tool.as_ref() == Some(tool))
-            && self.since.is_none_or(|since| line.at >= since)
-            && self.until.is_none_or(|until| line.at < until)
+            && self.keeps_time(line.at)
+    }
+
+    pub fn keeps_time(&self, at: i64) -> bool {
+        self.since.is_none_or(|since| at >= since) && self.until.is_none_or(|until| at < until)
     }
 }
 
@@ -83,17 +88,62 @@ fn breakdown(legs: &[(String, Units)]) -> Option<String> {
     Some(text)
 }
 
-/// The statement as a table, with totals per currency.
-pub fn render(kind: AccountKind, name: &str, lines: &[StatementLine], filter: &Filter) -> String {
-    let mut out = format!("statement for {}:{name}\n", kind.as_str());
+/// Who was behind a line: agent, approval, metadata and memo, as
+/// "agent claude-code/1.2; approved by wallet:alice at …; metadata {…}".
+fn details(line: &StatementLine) -> String {
+    let mut parts = Vec::new();
+    if let Some(agent) = &line.origin.agent {
+        parts.push(format!("agent {agent}"));
+    }
+    if let Some(approval) = &line.approval {
+        parts.push(describe_approval(
+            approval.status,
+            approval.by.as_deref(),
+            approval.at,
+        ));
+    }
+    if let Some(metadata) = &line.origin.metadata {
+        parts.push(format!("metadata {metadata}"));
+    }
+    if let Some(memo) = &line.memo {
+        parts.push(format!("memo: {memo}"));
+    }
+    parts.join("; ")
+}
+
+/// "approved by wallet:alice at 2026-11-21T10:00:00Z", "auto-approved".
+fn describe_approval(status: ApprovalStatus, by: Option<&str>, at: Option<i64>) -> String {
+    let mut text = match status {
+        ApprovalStatus::AutoApproved => return "auto-approved under its threshold".into(),
+        ApprovalStatus::Waiting => return "waiting for approval".into(),
+        ApprovalStatus::Approved => "approved".to_owned(),
+        ApprovalStatus::Declined => "declined".to_owned(),
+    };
+    if let Some(by) = by {
+        let _ = write!(text, " by {by}");
+    }
+    if let Some(at) = at {
+        let _ = write!(text, " at {}", rfc3339(at));
+    }
+    text
+}
+
+/// The statement as a table, with totals per currency. `title` names
+/// whose it is: "wallet:alice", "revenue:author", "tool echo".
+pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
+    let mut out = format!("statement for {title}\n");
     let _ = writeln!(
         out,
-        "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  split",
+        "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  split; details",
         "time", "kind", "amount", "currency", "tool", "reference"
     );
     // Per currency: (net, charged, lines).
     let mut totals: BTreeMap<&str, (i64, i64, usize)> = BTreeMap::new();
     for line in lines.iter().filter(|l| filter.keeps(l)) {
+        let notes: Vec<String> = [breakdown(&line.legs).unwrap_or_default(), details(line)]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
         let _ = writeln!(
             out,
             "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  {}",
@@ -103,7 +153,7 @@ pub fn render(kind: AccountKind, name: &str, lines: &[StatementLine], filter: &F
             line.currency.as_str(),
             line.tool.as_deref().unwrap_or("-"),
             line.payment_id.as_deref().unwrap_or(&line.txn_id),
-            breakdown(&line.legs).unwrap_or_default(),
+            notes.join("; "),
         );
         let total = totals.entry(line.currency.as_str()).or_default();
         total.0 += line.amount;
@@ -124,6 +174,44 @@ pub fn render(kind: AccountKind, name: &str, lines: &[StatementLine], filter: &F
             );
         }
         out.push('\n');
+    }
+    out
+}
+
+/// The charges a principal was asked to approve (or that went through a
+/// payment without needing it): what, how much, and who decided when.
+pub fn render_approvals(principal: &str, intents: &[Intent], filter: &Filter) -> String {
+    let shown: Vec<&Intent> = intents
+        .iter()
+        .filter(|i| {
+            filter.keeps_time(i.created_at)
+                && filter.tool.as_ref().is_none_or(|t| *t == i.tool)
+                && i.approval
+                    .as_ref()
+                    .is_some_and(|a| a.status != ApprovalStatus::AutoApproved)
+        })
+        .collect();
+    let mut out = format!("approvals for {principal}: {}\n", shown.len());
+    for intent in shown {
+        let Some(approval) = &intent.approval else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "{:<20}  {:<38}  {:<12}  {:>12} {:<4}  {:<16}  {}{}",
+            rfc3339(intent.created_at),
+            intent.id,
+            intent.tool,
+            format_amount(intent.amount),
+            intent.currency.as_str(),
+            intent.status.as_str(),
+            describe_approval(approval.status, approval.by.as_deref(), approval.at),
+            approval
+                .rule
+                .as_deref()
+                .map(|r| format!(" (rule {r})"))
+                .unwrap_or_default(),
+        );
     }
     out
 }
@@ -169,7 +257,7 @@ mod tests {
             line(880_000, &legs, 1_000, "echo"),
             line(10_000, &[("author", 10_000)], 2_000, "divide"),
         ];
-        let text = render(AccountKind::Revenue, "alice", &lines, &Filter::default());
+        let text = render("revenue:alice", &lines, &Filter::default());
         assert!(
             text.contains(
                 "charge 1.00 = author 0.88 + platform_share 0.10 + commission_in 0.02; payer fee 0.01"
@@ -184,13 +272,13 @@ mod tests {
             tool: Some("echo".into()),
             ..Filter::default()
         };
-        let text = render(AccountKind::Revenue, "alice", &lines, &only_echo);
+        let text = render("revenue:alice", &lines, &only_echo);
         assert!(text.contains("total: 0.88 USD over 1 line(s)"), "{text}");
         let before = Filter {
             until: Some(1_500),
             ..Filter::default()
         };
-        assert!(render(AccountKind::Revenue, "alice", &lines, &before).contains("over 1 line(s)"));
+        assert!(render("revenue:alice", &lines, &before).contains("over 1 line(s)"));
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub enum StoreError {
     Invalid(String),
     /// A wallet's spending limit refused the payment.
     #[error("limit exceeded: {0}")]
-    OverLimit(Breach),
+    OverLimit(Box<Breach>),
     #[error("corrupt row: {0}")]
     Corrupt(String),
 }

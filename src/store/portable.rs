@@ -507,7 +507,7 @@ where
                 session.amount,
                 now,
             ) {
-                return Err(StoreError::OverLimit(breach));
+                return Err(StoreError::OverLimit(Box::new(breach)));
             }
             let available = row.int("available")?;
             if available < session.amount.0 {

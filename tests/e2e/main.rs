@@ -11,6 +11,7 @@ mod http_service;
 mod inproc;
 mod library;
 
+mod allowances;
 mod cli_and_config;
 mod concurrency;
 mod fast_path;

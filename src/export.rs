@@ -1,0 +1,220 @@
+//! `tollgate ledger export`: every ledger entry with its transaction's
+//! audit data, as CSV or JSON lines, for tool authors and operators to
+//! reconcile payouts in their own tools. Amounts are exact decimal strings,
+//! signed (positive is money into the account).
+
+use std::io::Write;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{
+    money::format_signed,
+    statement::Filter,
+    store::{AccountKind, StatementLine, rfc3339},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Csv,
+    Jsonl,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("writing the export: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("writing the export: {0}")]
+    Csv(#[from] csv::Error),
+    #[error("writing the export: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Which entries to export.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only this account's entries.
+    pub account: Option<(AccountKind, String)>,
+    /// Tool and time range.
+    pub filter: Filter,
+}
+
+impl Selection {
+    fn keeps(&self, line: &StatementLine) -> bool {
+        self.filter.keeps(line)
+            && self.account.as_ref().is_none_or(|(kind, name)| {
+                line.account
+                    .as_ref()
+                    .is_some_and(|(k, n)| k == kind && n == name)
+            })
+    }
+}
+
+/// One exported row.
+#[derive(Debug, Serialize)]
+struct Row<'a> {
+    txn_id: &'a str,
+    time: String,
+    kind: &'a str,
+    account_kind: Option<&'static str>,
+    account: Option<&'a str>,
+    currency: &'a str,
+    amount: String,
+    role: Option<&'a str>,
+    tool: Option<&'a str>,
+    payment_id: Option<&'a str>,
+    intent_id: Option<&'a str>,
+    payer: Option<&'a str>,
+    beneficiary: Option<&'a str>,
+    agent: Option<&'a str>,
+    approval: Option<&'static str>,
+    approved_by: Option<&'a str>,
+    approved_at: Option<String>,
+    memo: Option<&'a str>,
+    /// JSON text; JSON lines carry it as an object.
+    metadata: Option<&'a str>,
+}
+
+impl<'a> Row<'a> {
+    fn of(line: &'a StatementLine) -> Self {
+        let approval = line.approval.as_ref();
+        Self {
+            txn_id: &line.txn_id,
+            time: rfc3339(line.at),
+            kind: &line.kind,
+            account_kind: line.account.as_ref().map(|(k, _)| k.as_str()),
+            account: line.account.as_ref().map(|(_, n)| n.as_str()),
+            currency: line.currency.as_str(),
+            amount: format_signed(line.amount),
+            role: line.role.as_deref(),
+            tool: line.tool.as_deref(),
+            payment_id: line.payment_id.as_deref(),
+            intent_id: line.intent_id.as_deref(),
+            payer: line.payer.as_deref(),
+            beneficiary: line.beneficiary.as_deref(),
+            agent: line.origin.agent.as_deref(),
+            approval: approval.map(|a| a.status.as_str()),
+            approved_by: approval.and_then(|a| a.by.as_deref()),
+            approved_at: approval.and_then(|a| a.at).map(rfc3339),
+            memo: line.memo.as_deref(),
+            metadata: line.origin.metadata.as_deref(),
+        }
+    }
+}
+
+/// Writes the selected entries; returns how many.
+pub fn write(
+    lines: &[StatementLine],
+    selection: &Selection,
+    format: Format,
+    out: impl Write,
+) -> Result<usize, ExportError> {
+    let kept = lines.iter().filter(|l| selection.keeps(l));
+    let mut count = 0;
+    match format {
+        Format::Csv => {
+            let mut csv = csv::Writer::from_writer(out);
+            for line in kept {
+                csv.serialize(Row::of(line))?;
+                count += 1;
+            }
+            csv.flush()?;
+        }
+        Format::Jsonl => {
+            let mut out = out;
+            for line in kept {
+                let mut row = serde_json::to_value(Row::of(line))?;
+                row["metadata"] = line.origin.metadata_value().unwrap_or(Value::Null);
+                serde_json::to_writer(&mut out, &row)?;
+                out.write_all(b"\n")?;
+                count += 1;
+            }
+            out.flush()?;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{money::Currency, store::Origin};
+
+    fn line(account: &str, amount: i64, metadata: Option<&str>) -> StatementLine {
+        StatementLine {
+            txn_id: "txn_1".into(),
+            kind: "capture".into(),
+            at: 0,
+            amount,
+            role: Some("author".into()),
+            legs: Vec::new(),
+            currency: Currency::parse("USD").unwrap(),
+            tool: Some("echo".into()),
+            payment_id: Some("pay_1".into()),
+            beneficiary: Some("alice".into()),
+            memo: Some("a, \"quoted\" memo".into()),
+            account: Some((AccountKind::Revenue, account.into())),
+            payer: Some("bob".into()),
+            intent_id: None,
+            origin: Origin {
+                agent: Some("claude-code/1.0".into()),
+                metadata: metadata.map(Into::into),
+            },
+            approval: None,
+        }
+    }
+
+    #[test]
+    fn csv_has_a_header_and_quotes_what_needs_it() {
+        let lines = [
+            line("alice", 880_000, Some(r#"{"order":"42"}"#)),
+            line("platform", 100_000, None),
+        ];
+        let only_alice = Selection {
+            account: Some((AccountKind::Revenue, "alice".into())),
+            ..Selection::default()
+        };
+        let mut out = Vec::new();
+        assert_eq!(
+            write(&lines, &only_alice, Format::Csv, &mut out).unwrap(),
+            1
+        );
+        let text = String::from_utf8(out).unwrap();
+        let mut rows = text.lines();
+        assert!(
+            rows.next()
+                .unwrap()
+                .starts_with("txn_id,time,kind,account_kind,account,currency,amount,role,")
+        );
+        let row = rows.next().unwrap();
+        assert!(
+            row.contains(",revenue,alice,USD,0.88,author,echo,pay_1,"),
+            "{row}"
+        );
+        assert!(row.contains(r#""a, ""quoted"" memo""#), "{row}");
+        assert!(row.ends_with(r#""{""order"":""42""}""#), "{row}");
+        assert_eq!(rows.next(), None);
+    }
+
+    #[test]
+    fn jsonl_is_one_object_per_entry_with_metadata_as_json() {
+        let lines = [
+            line("alice", 880_000, Some(r#"{"order":"42"}"#)),
+            line("platform", -100_000, None),
+        ];
+        let mut out = Vec::new();
+        assert_eq!(
+            write(&lines, &Selection::default(), Format::Jsonl, &mut out).unwrap(),
+            2
+        );
+        let rows: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows[0]["metadata"]["order"], "42");
+        assert_eq!(rows[0]["agent"], "claude-code/1.0");
+        assert_eq!(rows[1]["amount"], "-0.10");
+        assert_eq!(rows[1]["metadata"], Value::Null);
+    }
+}
