@@ -39,7 +39,7 @@ impl ApprovalRule {
         (self.principal.is_some(), target)
     }
 
-    /// "approvals[0] (principal alice, tag costly): above 0.02".
+    /// `approvals[0] (principal alice, tag costly): above 0.02`.
     pub fn describe(&self) -> String {
         let mut on = Vec::new();
         if let Some(p) = &self.principal {
