@@ -173,40 +173,62 @@ enum LedgerCommand {
     /// capture's split, or, with --tool alone, what one tool earned across
     /// accounts.
     Statement {
-        #[arg(
-            long,
-            conflicts_with = "beneficiary",
-            required_unless_present_any = ["beneficiary", "tool"]
-        )]
-        wallet: Option<String>,
-        #[arg(long)]
-        beneficiary: Option<String>,
-        /// Only this tool's lines.
-        #[arg(long)]
-        tool: Option<String>,
-        /// From this date (2026-11-01) or RFC 3339 time.
-        #[arg(long)]
-        since: Option<String>,
-        /// Up to and including this date, or before this RFC 3339 time.
-        #[arg(long)]
-        until: Option<String>,
+        #[command(flatten)]
+        selection: LedgerSelection,
     },
     /// Every ledger entry with its audit data, to stdout, for reconciling
     /// payouts: one account's with --wallet or --beneficiary.
     Export {
         #[arg(long, value_enum)]
         format: export::Format,
-        #[arg(long, conflicts_with = "beneficiary")]
-        wallet: Option<String>,
-        #[arg(long)]
-        beneficiary: Option<String>,
-        #[arg(long)]
-        tool: Option<String>,
-        #[arg(long)]
-        since: Option<String>,
-        #[arg(long)]
-        until: Option<String>,
+        #[command(flatten)]
+        selection: LedgerSelection,
     },
+}
+
+/// Which part of the ledger a statement or an export covers.
+#[derive(clap::Args)]
+struct LedgerSelection {
+    #[arg(long, conflicts_with = "beneficiary")]
+    wallet: Option<String>,
+    /// A tool author's revenue account (or platform, commissions, rounding).
+    #[arg(long)]
+    beneficiary: Option<String>,
+    /// Only this tool's lines.
+    #[arg(long)]
+    tool: Option<String>,
+    /// From this date (2026-11-01) or RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// Up to and including this date, or before this RFC 3339 time.
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl LedgerSelection {
+    /// The account `--wallet` or `--beneficiary` names.
+    fn account(&self) -> Option<(AccountKind, String)> {
+        match (&self.wallet, &self.beneficiary) {
+            (Some(wallet), _) => Some((AccountKind::Wallet, wallet.clone())),
+            (None, Some(beneficiary)) => Some((AccountKind::Revenue, beneficiary.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// `--tool`, `--since` and `--until`.
+    fn filter(&self) -> anyhow::Result<statement::Filter> {
+        let time = |text: &Option<String>, end_of_day| {
+            text.as_deref()
+                .map(|t| statement::parse_time(t, end_of_day))
+                .transpose()
+                .map_err(anyhow::Error::msg)
+        };
+        Ok(statement::Filter {
+            tool: self.tool.clone(),
+            since: time(&self.since, false)?,
+            until: time(&self.until, true)?,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -316,17 +338,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
         }
         Command::Ledger {
-            command:
-                LedgerCommand::Statement {
-                    wallet,
-                    beneficiary,
-                    tool,
-                    since,
-                    until,
-                },
+            command: LedgerCommand::Statement { selection },
         } => {
-            let filter = time_filter(tool, since, until)?;
-            match account_of(wallet, beneficiary) {
+            let filter = selection.filter()?;
+            match selection.account() {
                 Some((kind, name)) => {
                     let lines = store.statement(kind, &name).await?;
                     let title = format!("{}:{name}", kind.as_str());
@@ -349,19 +364,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Command::Ledger {
-            command:
-                LedgerCommand::Export {
-                    format,
-                    wallet,
-                    beneficiary,
-                    tool,
-                    since,
-                    until,
-                },
+            command: LedgerCommand::Export { format, selection },
         } => {
             let selection = export::Selection {
-                account: account_of(wallet, beneficiary),
-                filter: time_filter(tool, since, until)?,
+                account: selection.account(),
+                filter: selection.filter()?,
             };
             let lines = store.entries().await?;
             let count = export::write(&lines, &selection, format, std::io::stdout().lock())?;
@@ -377,36 +384,6 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// The account `--wallet` or `--beneficiary` names.
-fn account_of(
-    wallet: Option<String>,
-    beneficiary: Option<String>,
-) -> Option<(AccountKind, String)> {
-    match (wallet, beneficiary) {
-        (Some(wallet), _) => Some((AccountKind::Wallet, wallet)),
-        (None, Some(beneficiary)) => Some((AccountKind::Revenue, beneficiary)),
-        (None, None) => None,
-    }
-}
-
-/// `--tool`, `--since` and `--until`.
-fn time_filter(
-    tool: Option<String>,
-    since: Option<String>,
-    until: Option<String>,
-) -> anyhow::Result<statement::Filter> {
-    let time = |text: Option<String>, end_of_day| {
-        text.map(|t| statement::parse_time(&t, end_of_day))
-            .transpose()
-            .map_err(anyhow::Error::msg)
-    };
-    Ok(statement::Filter {
-        tool,
-        since: time(since, false)?,
-        until: time(until, true)?,
-    })
 }
 
 async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> anyhow::Result<()> {

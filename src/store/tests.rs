@@ -663,6 +663,11 @@ enum Op {
     Release {
         hold: usize,
     },
+    /// Set (or, with `None`, lift) a wallet's daily cap.
+    DailyCap {
+        wallet: usize,
+        cents: Option<i64>,
+    },
 }
 
 /// The ledger as a person would keep it by hand, in micro-units.
@@ -670,6 +675,9 @@ enum Op {
 struct Model {
     /// (balance, held) per wallet.
     wallets: [(i64, i64); 2],
+    /// (daily cap, spent today) per wallet: open holds in full, captures
+    /// at what they charged.
+    caps: [(Option<i64>, i64); 2],
     /// (wallet, amount, open) per hold made.
     holds: Vec<(usize, i64, bool)>,
     /// Revenue per account name.
@@ -685,6 +693,8 @@ fn any_op() -> impl proptest::strategy::Strategy<Value = Op> {
         (0..2usize, 1..300i64).prop_map(|(wallet, cents)| Op::Hold { wallet, cents }),
         (0..8usize, 1..=100i64).prop_map(|(hold, percent)| Op::Capture { hold, percent }),
         (0..8usize).prop_map(|hold| Op::Release { hold }),
+        (0..2usize, proptest::option::of(0..600i64))
+            .prop_map(|(wallet, cents)| Op::DailyCap { wallet, cents }),
     ]
 }
 
@@ -717,12 +727,20 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
                     .await
                     .map_err(|e| e.to_string())?;
                 let (balance, held) = model.wallets[wallet];
+                let (cap, spent) = model.caps[wallet];
+                let over_cap = cap.is_some_and(|cap| spent + amount.0 > cap);
                 let covered = balance - held >= amount.0;
-                if covered != (outcome == HoldOutcome::Held) {
+                let expected = match outcome {
+                    HoldOutcome::OverLimit(_) => over_cap,
+                    HoldOutcome::Insufficient => !over_cap && !covered,
+                    HoldOutcome::Held => !over_cap && covered,
+                };
+                if !expected {
                     return Err(format!("step {step} {op:?}: store said {outcome:?}"));
                 }
-                if covered {
+                if outcome == HoldOutcome::Held {
                     model.wallets[wallet].1 += amount.0;
+                    model.caps[wallet].1 += amount.0;
                     model.holds.push((wallet, amount.0, true));
                 }
             }
@@ -744,6 +762,7 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
                     model.holds[hold].2 = false;
                     model.wallets[wallet].1 -= amount;
                     model.wallets[wallet].0 -= split.payer_pays.0;
+                    model.caps[wallet].1 -= amount - split.payer_pays.0;
                     for (_, account, leg) in &split.legs {
                         *model.revenue.entry(account.clone()).or_default() += leg.0;
                     }
@@ -760,7 +779,29 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
                 if open {
                     model.holds[hold].2 = false;
                     model.wallets[wallet].1 -= amount;
+                    model.caps[wallet].1 -= amount;
                 }
+            }
+            Op::DailyCap { wallet, cents } => {
+                let limits = crate::allowance::Limits {
+                    daily: cents.map(|c| Units(c * 10_000)),
+                    ..Default::default()
+                };
+                store
+                    .set_limits(&AccountRef::wallet(WALLETS[wallet], &usd), &limits)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                model.caps[wallet].0 = limits.daily.map(|d| d.0);
+            }
+        }
+        for (i, wallet) in WALLETS.iter().enumerate() {
+            let limits = store.limits(wallet).await.map_err(|e| e.to_string())?;
+            let spent = limits.first().map_or(0, |w| w.spent.at(now_ms()).0.0);
+            if spent != model.caps[i].1 {
+                return Err(format!(
+                    "step {step} {op:?}: {wallet} spent {spent} today, model says {}",
+                    model.caps[i].1
+                ));
             }
         }
         for (i, wallet) in WALLETS.iter().enumerate() {
@@ -792,8 +833,8 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
-    /// Random sequences of top-ups, holds, split captures and releases
-    /// against an in-memory model (SQLite; proptest shrinks a failure to
+    /// Random sequences of top-ups, holds, split captures, releases and
+    /// daily caps against an in-memory model (SQLite; proptest shrinks a failure to
     /// its shortest sequence).
     #[test]
     fn the_ledger_agrees_with_a_model_after_every_step(
