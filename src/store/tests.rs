@@ -663,6 +663,12 @@ enum Op {
     Release {
         hold: usize,
     },
+    /// Refund `percent` of what is left of the `hold`-th hold's capture
+    /// (0: all of it).
+    Refund {
+        hold: usize,
+        percent: i64,
+    },
     /// Set (or, with `None`, lift) a wallet's daily cap.
     DailyCap {
         wallet: usize,
@@ -680,6 +686,9 @@ struct Model {
     caps: [(Option<i64>, i64); 2],
     /// (wallet, amount, open) per hold made.
     holds: Vec<(usize, i64, bool)>,
+    /// Per captured hold: what each account still holds of it, in the
+    /// order of the capture's legs (merged by account).
+    captured: std::collections::BTreeMap<usize, Vec<(String, i64)>>,
     /// Revenue per account name.
     revenue: std::collections::BTreeMap<String, i64>,
 }
@@ -695,6 +704,7 @@ fn any_op() -> impl proptest::strategy::Strategy<Value = Op> {
         (0..8usize).prop_map(|hold| Op::Release { hold }),
         (0..2usize, proptest::option::of(0..600i64))
             .prop_map(|(wallet, cents)| Op::DailyCap { wallet, cents }),
+        (0..8usize, 0..=100i64).prop_map(|(hold, percent)| Op::Refund { hold, percent }),
     ]
 }
 
@@ -763,9 +773,15 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
                     model.wallets[wallet].1 -= amount;
                     model.wallets[wallet].0 -= split.payer_pays.0;
                     model.caps[wallet].1 -= amount - split.payer_pays.0;
+                    let mut kept: Vec<(String, i64)> = Vec::new();
                     for (_, account, leg) in &split.legs {
                         *model.revenue.entry(account.clone()).or_default() += leg.0;
+                        match kept.iter_mut().find(|(a, _)| a == account) {
+                            Some(k) => k.1 += leg.0,
+                            None => kept.push((account.clone(), leg.0)),
+                        }
                     }
+                    model.captured.insert(hold, kept);
                 }
             }
             Op::Release { hold } => {
@@ -780,6 +796,41 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
                     model.holds[hold].2 = false;
                     model.wallets[wallet].1 -= amount;
                     model.caps[wallet].1 -= amount;
+                }
+            }
+            Op::Refund { hold, percent } => {
+                let left: i64 = model
+                    .captured
+                    .get(&hold)
+                    .map_or(0, |kept| kept.iter().map(|(_, k)| k).sum());
+                let amount = if percent == 0 {
+                    left
+                } else {
+                    left * percent / 100
+                };
+                let request = RefundRequest {
+                    payment_id: format!("h{hold}"),
+                    amount: (percent != 0).then_some(Units(amount)),
+                    reason: "model".into(),
+                    idempotency_key: format!("k{step}"),
+                };
+                let refunded = store.refund(&request).await;
+                let possible = model.captured.contains_key(&hold) && amount > 0;
+                if possible != refunded.is_ok() {
+                    return Err(format!("step {step} {op:?}: store said {refunded:?}"));
+                }
+                if possible {
+                    let kept = model.captured.get_mut(&hold).ok_or("no capture")?;
+                    let weights: Vec<i64> = kept.iter().map(|(_, k)| *k).collect();
+                    for ((account, k), part) in kept
+                        .iter_mut()
+                        .zip(crate::terms::pro_rata(amount, &weights))
+                    {
+                        *k -= part;
+                        *model.revenue.entry(account.clone()).or_default() -= part;
+                    }
+                    let wallet = model.holds[hold].0;
+                    model.wallets[wallet].0 += amount;
                 }
             }
             Op::DailyCap { wallet, cents } => {
@@ -833,8 +884,8 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
-    /// Random sequences of top-ups, holds, split captures, releases and
-    /// daily caps against an in-memory model (SQLite; proptest shrinks a failure to
+    /// Random sequences of top-ups, holds, split captures, releases,
+    /// refunds and daily caps against an in-memory model (SQLite; proptest shrinks a failure to
     /// its shortest sequence).
     #[test]
     fn the_ledger_agrees_with_a_model_after_every_step(
