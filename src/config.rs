@@ -232,6 +232,9 @@ pub struct Config {
     pub payment_ttl: Duration,
     /// `[server] approval_threshold` and the `[[approvals]]` rules.
     pub approvals: ApprovalRules,
+    /// The longest message a stdio client may send (`[server]
+    /// max_message_bytes`); longer ones are refused unread.
+    pub max_message_bytes: usize,
     pub store_url: String,
     pub synchronous: Synchronous,
     /// Connection pool of a PostgreSQL store.
@@ -366,6 +369,9 @@ struct RawServer {
     /// Whose revenue account tool charges go to (default: the server name).
     #[serde(default)]
     beneficiary: Option<String>,
+    /// The longest message a stdio client may send, in bytes.
+    #[serde(default)]
+    max_message_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -806,6 +812,16 @@ impl Config {
             default: approval_threshold,
             rules,
         };
+        let max_message_bytes = match raw.server.max_message_bytes {
+            None => 1024 * 1024,
+            Some(n) if n >= 1024 => n,
+            Some(n) => {
+                return Err(err(
+                    None,
+                    format!("server.max_message_bytes: {n} is below the least, 1024"),
+                ));
+            }
+        };
 
         Ok(Config {
             source: file.to_owned(),
@@ -814,6 +830,7 @@ impl Config {
             currency,
             payment_ttl,
             approvals,
+            max_message_bytes,
             store_url: raw
                 .store
                 .url

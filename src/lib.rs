@@ -20,6 +20,7 @@ pub mod provider;
 pub mod receipt;
 pub mod server;
 pub mod statement;
+pub mod stdio_guard;
 pub mod store;
 mod sync;
 pub mod tariff;

@@ -396,7 +396,12 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
         "serving MCP over stdio"
     );
     let server = TollgateServer::new(gate, Caller { principal: payer });
-    let running = server.serve(rmcp::transport::stdio()).await?;
+    let (input, output) = tollgate::stdio_guard::guard(
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+        config.max_message_bytes,
+    );
+    let running = server.serve((input, output)).await?;
     running.waiting().await?;
     sweeper.abort();
     Ok(())

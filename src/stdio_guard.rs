@@ -1,0 +1,266 @@
+//! What a stdio client sends is checked before rmcp reads it. rmcp drops a
+//! line it cannot parse without a word, so a client that sent one waits for
+//! an answer that never comes; and it would buffer a line of any length.
+//! Here every line is checked: at most `max_bytes` long, UTF-8, nested at
+//! most [`MAX_DEPTH`] deep, and JSON. A line that fails gets a JSON-RPC
+//! error (with the request's id when it can be read) and never reaches the
+//! server, so nothing is charged and no state changes. Good lines pass
+//! through unchanged.
+//!
+//! The guard sits between the process's stdin/stdout and two in-memory
+//! pipes that rmcp serves on: one task forwards checked lines in, another
+//! forwards rmcp's output out, and the guard's own error lines are written
+//! between rmcp's, never inside one.
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
+    sync::mpsc,
+};
+
+/// The deepest nesting of arrays and objects a message may have.
+pub const MAX_DEPTH: usize = 64;
+
+/// JSON-RPC's parse error and invalid request codes.
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+
+/// Serves rmcp on the returned pipe ends, guarding `input` and writing to
+/// `output`. The tasks end when the input ends and rmcp has finished.
+pub fn guard<R, W>(
+    input: R,
+    output: W,
+    max_bytes: usize,
+) -> (tokio::io::DuplexStream, tokio::io::DuplexStream)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (server_reads, mut checked_in) = tokio::io::duplex(64 * 1024);
+    let (server_writes, server_output) = tokio::io::duplex(64 * 1024);
+    let (errors, mut error_lines) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let mut input = BufReader::new(input);
+        loop {
+            let line = match read_line(&mut input, max_bytes).await {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("stdin: {e}");
+                    break;
+                }
+            };
+            match check(&line, max_bytes) {
+                Ok(()) => {
+                    if checked_in.write_all(&line).await.is_err()
+                        || checked_in.write_all(b"\n").await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(reply) => {
+                    tracing::info!("refused a message on stdin: {}", reply["error"]["message"]);
+                    let _ = errors.send(reply.to_string());
+                }
+            }
+        }
+        // Dropping `checked_in` tells rmcp the input has ended.
+    });
+    tokio::spawn(async move {
+        let mut output = output;
+        let mut lines = BufReader::new(server_output).lines();
+        let mut errors_open = true;
+        loop {
+            let line = tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(line)) => line,
+                    _ => break,
+                },
+                error = error_lines.recv(), if errors_open => match error {
+                    Some(line) => line,
+                    None => {
+                        errors_open = false;
+                        continue;
+                    }
+                },
+            };
+            if output.write_all(line.as_bytes()).await.is_err()
+                || output.write_all(b"\n").await.is_err()
+                || output.flush().await.is_err()
+            {
+                break;
+            }
+        }
+    });
+    (server_reads, server_writes)
+}
+
+/// One line without its newline (and a `\r` before it). A line longer than
+/// `max_bytes` is read to its end but kept only up to `max_bytes + 1`
+/// bytes, so that [`check`] refuses it without holding it all.
+async fn read_line<R: AsyncRead + Unpin>(
+    input: &mut BufReader<R>,
+    max_bytes: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let mut seen_any = false;
+    loop {
+        let buf = input.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(seen_any.then_some(line));
+        }
+        seen_any = true;
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = (max_bytes + 1).saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = done.unwrap_or(buf.len());
+        input.consume(used);
+        // An oversized line is read on to its end, keeping none of the rest.
+        if done.is_some() {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(Some(line));
+        }
+    }
+}
+
+/// `Err` is the JSON-RPC error to answer a bad line with.
+pub fn check(line: &[u8], max_bytes: usize) -> Result<(), Value> {
+    if line.len() > max_bytes {
+        // The id is near the start of a request: answer it if it is there.
+        return Err(error_reply(
+            id_of(&String::from_utf8_lossy(line)),
+            INVALID_REQUEST,
+            format!("message larger than {max_bytes} bytes; it was not read"),
+        ));
+    }
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Err(error_reply(
+            Value::Null,
+            PARSE_ERROR,
+            "message is not valid UTF-8".into(),
+        ));
+    };
+    if text.trim().is_empty() {
+        return Ok(());
+    }
+    if depth(text) > MAX_DEPTH {
+        return Err(error_reply(
+            id_of(text),
+            INVALID_REQUEST,
+            format!("message nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(_) | Value::Array(_)) => Ok(()),
+        Ok(_) => Err(error_reply(
+            Value::Null,
+            INVALID_REQUEST,
+            "a JSON-RPC message is an object".into(),
+        )),
+        Err(e) => Err(error_reply(
+            id_of(text),
+            PARSE_ERROR,
+            format!("message is not JSON: {e}"),
+        )),
+    }
+}
+
+fn error_reply(id: Value, code: i64, message: String) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message } })
+}
+
+/// The deepest nesting of `[` and `{` outside strings.
+fn depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// A request's id, read leniently from a message that is not valid as a
+/// whole (`"id": 7` or `"id": "abc"` at the top level), so that its sender
+/// gets its answer; else null.
+fn id_of(text: &str) -> Value {
+    let Some(at) = text.find("\"id\"") else {
+        return Value::Null;
+    };
+    let rest = text[at + 4..].trim_start();
+    let Some(rest) = rest.strip_prefix(':') else {
+        return Value::Null;
+    };
+    let mut stream = serde_json::Deserializer::from_str(rest.trim_start()).into_iter::<Value>();
+    match stream.next() {
+        Some(Ok(id @ (Value::Number(_) | Value::String(_)))) => id,
+        _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(line: &[u8]) -> Option<(i64, Value)> {
+        check(line, 100)
+            .err()
+            .map(|e| (e["error"]["code"].as_i64().unwrap(), e["id"].clone()))
+    }
+
+    #[test]
+    fn bad_lines_get_an_error_with_their_id_where_it_can_be_read() {
+        assert_eq!(code(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#), None);
+        assert_eq!(code(b"not json"), Some((PARSE_ERROR, Value::Null)));
+        assert_eq!(code(b"\xff\xfe"), Some((PARSE_ERROR, Value::Null)));
+        assert_eq!(
+            code(br#"{"id": 7, "method": "x", "#),
+            Some((PARSE_ERROR, json!(7)))
+        );
+        assert_eq!(
+            code(br#"{"id":"a","x":[[["#),
+            Some((PARSE_ERROR, json!("a")))
+        );
+        assert_eq!(code(b"42"), Some((INVALID_REQUEST, Value::Null)));
+        assert_eq!(code(&[b' '; 101]), Some((INVALID_REQUEST, Value::Null)));
+        let long = format!(r#"{{"id":12,"text":"{}"}}"#, "x".repeat(200));
+        assert_eq!(code(long.as_bytes()), Some((INVALID_REQUEST, json!(12))));
+        let deep = format!(r#"{{"id":3,"a":{}{}}}"#, "[".repeat(70), "]".repeat(70));
+        assert_eq!(check(deep.as_bytes(), 10_000).unwrap_err()["id"], json!(3));
+        // Brackets inside strings are not nesting.
+        let quoted = format!(r#"{{"id":4,"a":"{}"}}"#, "[".repeat(70));
+        assert!(check(quoted.as_bytes(), 10_000).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_line_is_refused_without_being_kept_and_the_next_is_read() {
+        let mut input = b"x".repeat(300_000);
+        input.extend_from_slice(b"\n{\"id\":1}\r\n");
+        let mut reader = BufReader::new(&input[..]);
+        let first = read_line(&mut reader, 1000).await.unwrap().unwrap();
+        assert_eq!(first.len(), 1001);
+        let second = read_line(&mut reader, 1000).await.unwrap().unwrap();
+        assert_eq!(second, b"{\"id\":1}");
+        assert_eq!(read_line(&mut reader, 1000).await.unwrap(), None);
+    }
+}
