@@ -235,6 +235,9 @@ pub struct Config {
     /// The longest message a stdio client may send (`[server]
     /// max_message_bytes`); longer ones are refused unread.
     pub max_message_bytes: usize,
+    /// The most payments a principal (or an anonymous MCP session) may have
+    /// waiting at once (`[server] max_open_intents`).
+    pub max_open_intents: u32,
     pub store_url: String,
     pub synchronous: Synchronous,
     /// Connection pool of a PostgreSQL store.
@@ -372,6 +375,9 @@ struct RawServer {
     /// The longest message a stdio client may send, in bytes.
     #[serde(default)]
     max_message_bytes: Option<usize>,
+    /// The most payments a principal may have waiting at once.
+    #[serde(default)]
+    max_open_intents: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -831,6 +837,16 @@ impl Config {
             payment_ttl,
             approvals,
             max_message_bytes,
+            max_open_intents: match raw.server.max_open_intents {
+                None => 100,
+                Some(0) => {
+                    return Err(err(
+                        None,
+                        "server.max_open_intents: must be at least 1".into(),
+                    ));
+                }
+                Some(n) => n,
+            },
             store_url: raw
                 .store
                 .url

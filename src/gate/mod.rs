@@ -51,6 +51,9 @@ pub struct GateSettings {
     /// Charges above their threshold need a person's yes, even from a
     /// funded wallet.
     pub approvals: ApprovalRules,
+    /// The most payments one principal (or anonymous MCP session) may have
+    /// waiting at once.
+    pub max_open_intents: u32,
     /// How long a concurrent confirm waits for the run already under way.
     pub run_wait: Duration,
     pub timeouts: Timeouts,
@@ -62,6 +65,7 @@ impl GateSettings {
             server_name: config.server_name.clone(),
             payment_ttl: config.payment_ttl,
             approvals: config.approvals.clone(),
+            max_open_intents: config.max_open_intents,
             run_wait: Duration::from_secs(60),
             timeouts: config.timeouts.clone(),
         }

@@ -21,8 +21,9 @@ pub mod code {
     pub const INVALID_ARGUMENTS: &str = "invalid_arguments";
     pub const UNAVAILABLE: &str = "payment_system_unavailable";
     pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
+    pub const TOO_MANY_OPEN_PAYMENTS: &str = "too_many_open_payments";
 
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         PAYMENT_REQUIRED,
         PAYMENT_PENDING,
         PAYMENT_FAILED,
@@ -36,6 +37,7 @@ pub mod code {
         INVALID_ARGUMENTS,
         UNAVAILABLE,
         LIMIT_EXCEEDED,
+        TOO_MANY_OPEN_PAYMENTS,
     ];
 }
 

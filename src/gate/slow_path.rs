@@ -65,11 +65,30 @@ impl Gate {
         purpose: Purpose,
     ) -> Result<Opened, CallToolResult> {
         let now = now_ms();
+        // A flood of unpaid calls cannot fill the store: each caller has at
+        // most so many payments waiting. (Checked before the intent opens;
+        // calls racing each other may pass it by their number.)
+        let principal = scope.caller.principal.as_deref();
+        let open = self
+            .store
+            .open_intents(principal, scope.session_id, now)
+            .await
+            .map_err(reply::unavailable)?;
+        if open >= self.settings.max_open_intents as i64 {
+            let who = principal.map_or("this session".to_owned(), |p| format!("principal {p}"));
+            tracing::warn!(who, open, "too many payments waiting; call refused");
+            return Err(reply::error(
+                reply::code::TOO_MANY_OPEN_PAYMENTS,
+                format!(
+                    "{who} has {open} payments waiting, the most allowed: pay one or let it expire, then call again; nothing was charged"
+                ),
+                reply::details(json!({ "open": open, "max": self.settings.max_open_intents })),
+            ));
+        }
         let payment_id = new_payment_id();
         let expires_at = now + self.settings.payment_ttl.as_millis() as i64;
         let amount = format_amount(call.amount);
         let currency = call.price.currency.as_str();
-        let principal = scope.caller.principal.as_deref();
         let description = match (purpose, principal) {
             (Purpose::Approval, Some(wallet)) => format!(
                 "Approve charging {amount} {currency} to wallet {wallet} for `{}` on {}",

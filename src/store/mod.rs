@@ -633,6 +633,14 @@ pub trait Store: Send + Sync + 'static {
     /// Intents of a principal that needed a person's approval (or were
     /// auto-approved on the slow path), newest first.
     async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError>;
+    /// How many intents are awaiting payment, unexpired, for a principal
+    /// (or, for anonymous callers, `principal` `None`, from one MCP session).
+    async fn open_intents(
+        &self,
+        principal: Option<&str>,
+        session_id: &str,
+        now: i64,
+    ) -> Result<i64, StoreError>;
     /// Replaces a wallet's limits in the wallet's currency (creating the
     /// wallet if new). Its spending counters are kept.
     async fn set_limits(&self, wallet: &AccountRef, limits: &Limits) -> Result<(), StoreError>;

@@ -180,6 +180,23 @@ where
             .await
     }
 
+    pub async fn open_intents(
+        &self,
+        principal: Option<&str>,
+        session_id: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        query(statement!(
+            sql::OPEN_INTENTS,
+            Param::Text(principal),
+            session_id,
+            now
+        ))
+        .fetch_one(&self.pool)
+        .await?
+        .int("n")
+    }
+
     pub async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
         self.all(statement!(sql::APPROVALS, principal), rows::intent)
             .await

@@ -232,6 +232,15 @@ impl Store for PgStore {
         self.db.entries().await
     }
 
+    async fn open_intents(
+        &self,
+        principal: Option<&str>,
+        session_id: &str,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        self.db.open_intents(principal, session_id, now).await
+    }
+
     async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
         self.db.approvals(principal).await
     }

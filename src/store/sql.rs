@@ -73,6 +73,12 @@ pub(super) const COUNT_SPEND: &str = "UPDATE accounts SET
         spent_month_start = CASE WHEN spent_month_start >= $4 THEN spent_month_start ELSE $4 END
      WHERE id = $1";
 
+/// Intents awaiting payment, unexpired, of principal `$1`, or, when `$1`
+/// is null, of anonymous callers on MCP session `$2`.
+pub(super) const OPEN_INTENTS: &str = "SELECT COUNT(*) AS n FROM intents
+     WHERE status = 'awaiting_payment' AND expires_at > $3
+       AND (principal = $1 OR ($1 IS NULL AND principal IS NULL AND session_id = $2))";
+
 /// Intents of a principal with an approval, newest first.
 pub(super) const APPROVALS: &str =
     "SELECT * FROM intents WHERE principal = $1 AND approval IS NOT NULL

@@ -308,3 +308,35 @@ on_both_backends! {
         }
     }
 }
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_flood_of_unpaid_calls_is_capped_per_principal() {
+        let env = Env::with_pricing(&pricing("resubmit", "max_open_intents = 3"));
+        let alice = env.client(Some("alice")).await;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let r = call(&alice, "echo", echo_args(&format!("call {i}"))).await;
+            assert_eq!(error_code(&r), "payment_required");
+            ids.push(payment_id_of(&r));
+        }
+        let r = call(&alice, "echo", echo_args("one more")).await;
+        assert_eq!(error_code(&r), "too_many_open_payments");
+        assert_eq!(structured(&r)["open"], 3);
+        assert!(text(&r).contains("principal alice has 3 payments waiting"), "{}", text(&r));
+
+        // Someone else is not held back by alice's flood.
+        let bob = env.client(Some("bob")).await;
+        assert_eq!(error_code(&call(&bob, "echo", echo_args("hi")).await), "payment_required");
+
+        // A payment redeemed makes room for one more.
+        env.ok(&["sessions", "pay", &ids[0]]).await;
+        let r = call(&alice, "echo", json!({"text": "call 0", "payment_id": ids[0]})).await;
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(error_code(&call(&alice, "echo", echo_args("again")).await), "payment_required");
+        assert_eq!(error_code(&call(&alice, "echo", echo_args("and again")).await), "too_many_open_payments");
+        alice.cancel().await.ok();
+        bob.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
