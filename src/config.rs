@@ -828,6 +828,16 @@ impl Config {
                 ));
             }
         };
+        let max_open_intents = match raw.server.max_open_intents {
+            None => 100,
+            Some(0) => {
+                return Err(err(
+                    None,
+                    "server.max_open_intents: must be at least 1".into(),
+                ));
+            }
+            Some(n) => n,
+        };
 
         Ok(Config {
             source: file.to_owned(),
@@ -837,16 +847,7 @@ impl Config {
             payment_ttl,
             approvals,
             max_message_bytes,
-            max_open_intents: match raw.server.max_open_intents {
-                None => 100,
-                Some(0) => {
-                    return Err(err(
-                        None,
-                        "server.max_open_intents: must be at least 1".into(),
-                    ));
-                }
-                Some(n) => n,
-            },
+            max_open_intents,
             store_url: raw
                 .store
                 .url

@@ -586,18 +586,16 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                     ),
                 };
             }
-            if changing {
+            let shown = if changing {
                 store
                     .set_limits(&AccountRef::wallet(&wallet, &currency), &limits)
                     .await?;
                 tracing::info!(wallet, %currency, ?limits, "wallet limits set");
-            }
-            match store
-                .limits(&wallet)
-                .await?
-                .iter()
-                .find(|w| w.currency == currency)
-            {
+                store.limits(&wallet).await?
+            } else {
+                current
+            };
+            match shown.iter().find(|w| w.currency == currency) {
                 Some(w) => print!("{}", allowance::describe(&wallet, w, now_ms())),
                 None => println!("wallet {wallet} has no {currency} account and no limits"),
             }

@@ -7,7 +7,7 @@
 use rmcp::model::CallToolResult;
 
 use super::{CallScope, Gate, PricedCall, reply};
-use crate::store::now_ms;
+use crate::{allowance::Breach, store::now_ms};
 
 impl Gate {
     /// `Some`: the refusal, when the caller's wallet limits refuse this call.
@@ -30,12 +30,18 @@ impl Gate {
             call.amount,
             now_ms(),
         )?;
+        Some(Self::refused_by_limit(call.tool, &breach))
+    }
+
+    /// The answer to a call a spending limit refused, wherever it was
+    /// checked (the fast path's hold, here, or a wallet paying a session).
+    pub(super) fn refused_by_limit(tool: &str, breach: &Breach) -> CallToolResult {
         tracing::info!(
-            tool = call.tool,
-            principal,
+            tool,
+            wallet = breach.wallet,
             limit = breach.limit.as_str(),
             "call refused by a spending limit"
         );
-        Some(reply::limit_exceeded(&breach))
+        reply::limit_exceeded(breach)
     }
 }

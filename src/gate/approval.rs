@@ -8,9 +8,29 @@
 use rmcp::model::CallToolResponse;
 
 use super::{CallScope, Gate, PricedCall, slow_path::Purpose};
-use crate::config::Mode;
+use crate::{
+    config::Mode,
+    store::{ApprovalStatus, Intent},
+};
 
 impl Gate {
+    /// Records who approved or declined an intent waiting for approval. A
+    /// failure to record is logged: the payment itself goes on as decided.
+    pub(super) async fn record_decision(
+        &self,
+        intent: &Intent,
+        decision: ApprovalStatus,
+        by: &str,
+    ) {
+        if let Err(e) = self.store.decide_approval(&intent.id, decision, by).await {
+            tracing::warn!(
+                payment_id = intent.id,
+                by,
+                "approval decision not recorded: {e}"
+            );
+        }
+    }
+
     /// `None` when there is nothing to approve (anonymous caller, or a
     /// wallet that cannot cover the price): the call is then an ordinary
     /// slow-path payment.

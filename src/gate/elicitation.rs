@@ -153,6 +153,7 @@ impl Gate {
         } else {
             Purpose::Payment
         };
+        // An approval form can be accepted with a no.
         let said_no = match &answer {
             Answer::Accepted(content) => {
                 purpose == Purpose::Approval
@@ -161,30 +162,24 @@ impl Gate {
             Answer::Declined => true,
             Answer::Cancelled | Answer::Unanswered(_) => false,
         };
-        // Record the person's decision on the intent, for statements: an
+        // The person's decision goes on the intent, for statements: an
         // approval's yes, and any no.
-        if said_no || (purpose == Purpose::Approval && matches!(answer, Answer::Accepted(_))) {
-            let decision = if said_no {
-                ApprovalStatus::Declined
-            } else {
-                ApprovalStatus::Approved
-            };
+        let decision = match &answer {
+            _ if said_no => Some(ApprovalStatus::Declined),
+            Answer::Accepted(_) if purpose == Purpose::Approval => Some(ApprovalStatus::Approved),
+            _ => None,
+        };
+        if let Some(decision) = decision {
             let by = format!(
                 "{} via elicitation",
                 intent.principal.as_deref().unwrap_or("anonymous caller")
             );
-            if let Err(e) = self.store.decide_approval(&intent.id, decision, &by).await {
-                tracing::warn!(
-                    payment_id = intent.id,
-                    "approval decision not recorded: {e}"
-                );
-            }
+            self.record_decision(intent, decision, &by).await;
         }
         match answer {
-            Answer::Accepted(content) => {
+            Answer::Accepted(_) => {
                 if purpose == Purpose::Approval {
-                    if content.as_ref().and_then(|c| c.get("approve")) == Some(&Value::Bool(false))
-                    {
+                    if said_no {
                         return self
                             .refuse(
                                 intent,
@@ -269,7 +264,7 @@ impl Gate {
             // Already paid (a retry of the same answer): redeem replays it.
             Err(ProviderError::Store(StoreError::WrongState { .. })) => None,
             Err(ProviderError::Store(StoreError::OverLimit(breach))) => {
-                Some(reply::limit_exceeded(&breach))
+                Some(Gate::refused_by_limit(&intent.tool, &breach))
             }
             Err(ProviderError::Store(e @ StoreError::InsufficientFunds { .. })) => {
                 let mut body = required_body(opened);

@@ -53,13 +53,7 @@ impl Gate {
                 return None;
             }
             Ok(HoldOutcome::OverLimit(breach)) => {
-                tracing::info!(
-                    tool = call.tool,
-                    principal,
-                    limit = breach.limit.as_str(),
-                    "call refused by a spending limit"
-                );
-                return Some(reply::limit_exceeded(&breach));
+                return Some(Gate::refused_by_limit(call.tool, &breach));
             }
             Err(e) => {
                 // The hold may have landed with its answer lost: give it back

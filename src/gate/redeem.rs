@@ -245,13 +245,8 @@ impl Gate {
             }
             SessionStatus::Failed => {
                 let by = format!("provider {}", intent.provider);
-                if let Err(e) = self
-                    .store
-                    .decide_approval(&intent.id, ApprovalStatus::Declined, &by)
-                    .await
-                {
-                    tracing::warn!(payment_id = intent.id, "decline not recorded: {e}");
-                }
+                self.record_decision(intent, ApprovalStatus::Declined, &by)
+                    .await;
                 (IntentStatus::Declined, code::PAYMENT_FAILED, "failed")
             }
             SessionStatus::Cancelled => (

@@ -4,11 +4,9 @@
 
 use rmcp::{
     RoleServer,
-    model::{ProgressToken, ProtocolVersion},
+    model::{JsonObject, ProgressToken, ProtocolVersion},
     service::RequestContext,
 };
-
-use rmcp::model::JsonObject;
 use serde_json::Value;
 
 use super::Caller;

@@ -29,7 +29,8 @@ use super::{
 
 /// How a backend reads what a session payment must keep unchanged until it
 /// commits: the session (`$1`: its id; columns `status`, `expires_at`) and
-/// the paying wallet (`$1`: its account id; column `available`).
+/// the paying wallet (`$1`: its account id; `sql::wallet_with_limits!`'s
+/// columns).
 pub(super) struct PaymentLocks {
     pub session: &'static str,
     pub wallet: &'static str,

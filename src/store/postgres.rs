@@ -152,8 +152,6 @@ impl PgStore {
     }
 }
 
-/// A session payment locks the session first (a concurrent payment of it
-/// waits, then sees it paid), then the paying wallet, until it commits.
 /// The hold (see [`PgStore::hold`]); `$9` and `$10` start the day and the
 /// month of its `created_at` (`$7`).
 const HOLD: &str = "WITH wallet AS (
@@ -174,10 +172,11 @@ const HOLD: &str = "WITH wallet AS (
                         agent, metadata)
      SELECT $1, wallet.id, $2, 'open', $3, $5, $6, $7, $8, $11, $12 FROM wallet";
 
+/// A session payment locks the session first (a concurrent payment of it
+/// waits, then sees it paid), then the paying wallet, until it commits.
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
     session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1 FOR UPDATE",
-    wallet: "SELECT balance - held AS available, currency, per_call_max, daily_cap, monthly_cap, allowed_tools,
-                   spent_day_start, spent_day, spent_month_start, spent_month FROM accounts WHERE id = $1 FOR UPDATE",
+    wallet: wallet_with_limits!("WHERE id = $1 FOR UPDATE"),
 };
 
 #[async_trait]

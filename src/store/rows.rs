@@ -99,8 +99,8 @@ pub(super) fn origin(row: &impl Columns) -> Result<Origin, StoreError> {
     })
 }
 
-/// The `approval`, `approved_by`, `approved_at` columns, and
-/// `approval_rule` where the row has it.
+/// The `approval`, `approved_by`, `approved_at` and `approval_rule`
+/// columns (a ledger transaction's rule is always null).
 pub(super) fn approval(row: &impl Columns) -> Result<Option<Approval>, StoreError> {
     let Some(status) = row.opt_text("approval")? else {
         return Ok(None);
@@ -110,7 +110,7 @@ pub(super) fn approval(row: &impl Columns) -> Result<Option<Approval>, StoreErro
             .ok_or_else(|| StoreError::Corrupt(format!("approval status {status}")))?,
         by: row.opt_text("approved_by")?,
         at: row.opt_int("approved_at")?,
-        rule: row.opt_text("approval_rule").ok().flatten(),
+        rule: row.opt_text("approval_rule")?,
     }))
 }
 

@@ -14,7 +14,8 @@ macro_rules! ledger_lines {
             "SELECT t.id, t.kind, t.created_at, ",
             $amount,
             ", t.legs, t.currency, t.tool, t.payment_id, t.beneficiary, t.memo, t.payer, t.intent_id,
-                    t.agent, t.metadata, t.approval, t.approved_by, t.approved_at, ",
+                    t.agent, t.metadata, t.approval, t.approved_by, t.approved_at,
+                    CAST(NULL AS TEXT) AS approval_rule, ",
             $account,
             " FROM ledger_entries e
              JOIN accounts a ON a.id = e.account_id
@@ -52,11 +53,23 @@ pub(super) const INSERT_TRANSACTION: &str = "INSERT INTO ledger_transactions
         agent, metadata, approval, approved_by, approved_at)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 
+/// Wallet rows with their available balance, limits and spending
+/// counters, as `rows::limits` reads them, followed by `$tail`.
+macro_rules! wallet_with_limits {
+    ($tail:literal) => {
+        concat!(
+            "SELECT balance - held AS available, currency, per_call_max, daily_cap, monthly_cap,
+                    allowed_tools, spent_day_start, spent_day, spent_month_start, spent_month
+             FROM accounts ",
+            $tail
+        )
+    };
+}
+pub(super) use wallet_with_limits;
+
 /// A wallet's limits and spending counters, per currency (`$1`: its name).
 pub(super) const LIMITS: &str =
-    "SELECT currency, per_call_max, daily_cap, monthly_cap, allowed_tools,
-            spent_day_start, spent_day, spent_month_start, spent_month
-     FROM accounts WHERE kind = 'wallet' AND name = $1 ORDER BY currency";
+    wallet_with_limits!("WHERE kind = 'wallet' AND name = $1 ORDER BY currency");
 
 /// Sets a wallet's limits (`$1`: its account id).
 pub(super) const SET_LIMITS: &str =

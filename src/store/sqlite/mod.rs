@@ -111,8 +111,7 @@ fn start_up_contention(e: &StoreError) -> bool {
 /// lock: plain reads see what nothing can change before it commits.
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
     session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1",
-    wallet: "SELECT balance - held AS available, currency, per_call_max, daily_cap, monthly_cap, allowed_tools,
-                   spent_day_start, spent_day, spent_month_start, spent_month FROM accounts WHERE id = $1",
+    wallet: wallet_with_limits!("WHERE id = $1"),
 };
 
 #[async_trait]
