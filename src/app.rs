@@ -69,6 +69,10 @@ pub fn receipt_key_path(config: &Config) -> PathBuf {
 pub fn provider_for(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Provider>, AppError> {
     Ok(match &config.provider {
         ProviderKind::Local => Arc::new(LocalProvider::new(store, config.checkout_base_url())),
+        ProviderKind::Mock => {
+            tracing::warn!("provider `mock`: every payment is settled as soon as it is asked for");
+            Arc::new(LocalProvider::new(store, config.checkout_base_url()).settling_at_once())
+        }
         ProviderKind::SessionsApi { url, api_key_env } => {
             let key = std::env::var(api_key_env)
                 .map_err(|_| AppError::MissingSecret(api_key_env.clone()))?;

@@ -124,6 +124,10 @@ impl Default for PoolSettings {
 pub enum ProviderKind {
     /// Sessions in our own store, paid at our own checkout page or CLI.
     Local,
+    /// The local provider, with every session settled (from the
+    /// `dev-settlement` account) the moment it opens: the analogue of
+    /// PayMCP's mock provider, for benchmarks and demos. Never in production.
+    Mock,
     /// Another payment authority speaking the sessions API (for example a
     /// remote tollgate): `POST /v1/sessions`, `GET /v1/sessions/{id}`.
     SessionsApi {
@@ -589,6 +593,7 @@ impl Config {
         let provider = match &raw.provider.kind {
             None => ProviderKind::Local,
             Some(k) if k.get_ref() == "local" => ProviderKind::Local,
+            Some(k) if k.get_ref() == "mock" => ProviderKind::Mock,
             Some(k) if k.get_ref() == "sessions_api" => ProviderKind::SessionsApi {
                 url: raw.provider.url.clone().ok_or_else(|| {
                     err(
@@ -606,7 +611,7 @@ impl Config {
                 return Err(err(
                     Some(k.span()),
                     format!(
-                        "provider.kind: unknown provider `{}` (expected: local, sessions_api)",
+                        "provider.kind: unknown provider `{}` (expected: local, mock, sessions_api)",
                         k.get_ref()
                     ),
                 ));

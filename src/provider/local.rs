@@ -12,6 +12,8 @@ use crate::store::{Funding, LocalSession, SessionStatus, Store, current_session,
 pub struct LocalProvider {
     store: Arc<dyn Store>,
     checkout_base_url: String,
+    /// `[provider] kind = "mock"`: settle each session as it opens.
+    settle_at_once: bool,
 }
 
 impl LocalProvider {
@@ -19,7 +21,15 @@ impl LocalProvider {
         Self {
             store,
             checkout_base_url: checkout_base_url.into(),
+            settle_at_once: false,
         }
+    }
+
+    /// The mock provider: every session is paid (a dev settlement, posted to
+    /// the ledger like any other) the moment it opens.
+    pub fn settling_at_once(mut self) -> Self {
+        self.settle_at_once = true;
+        self
     }
 
     pub fn checkout_url(&self, id: &str) -> String {
@@ -30,7 +40,7 @@ impl LocalProvider {
 #[async_trait]
 impl Provider for LocalProvider {
     fn name(&self) -> &'static str {
-        "local"
+        if self.settle_at_once { "mock" } else { "local" }
     }
 
     async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError> {
@@ -46,6 +56,9 @@ impl Provider for LocalProvider {
             owner: None,
         };
         self.store.create_session(&session).await?;
+        if self.settle_at_once {
+            self.store.pay_session(&session.id, None, now_ms()).await?;
+        }
         Ok(ProviderSession {
             url: self.checkout_url(&session.id),
             id: session.id,

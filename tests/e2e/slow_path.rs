@@ -340,3 +340,31 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    #[tokio::test]
+    async fn the_mock_provider_settles_each_payment_as_it_is_asked_for() {
+        for flow in FLOWS {
+            let env = Env::with_pricing(&format!(
+                "{}\n[provider]\nkind = \"mock\"\n",
+                pricing(flow.mode(), "")
+            ));
+            let client = env.client(Some("alice")).await;
+            let id = flow.start(&client, "echo", echo_args("mocked")).await;
+            let r = flow.redeem(&client, "echo", echo_args("mocked"), &id).await;
+            assert_eq!(text(&r), "mocked", "{flow:?}: {r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+            // Still bound to its call: other arguments are refused.
+            if let Flow::Resubmit = flow {
+                let id = flow.start(&client, "echo", echo_args("once")).await;
+                let r = flow.redeem(&client, "echo", echo_args("twice"), &id).await;
+                assert_eq!(error_code(&r), "payment_mismatch");
+            }
+            // The settlement went through the ledger like any other.
+            let listed = env.ok(&["sessions", "list"]).await;
+            assert!(listed.contains(&id) && listed.contains("paid"), "{listed}");
+            client.cancel().await.ok();
+            env.assert_ledger_ok().await;
+        }
+    }
+}
