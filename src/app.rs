@@ -5,10 +5,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
     config::{Config, ConfigError, ProviderKind},
-    gate::{Catalog, CatalogSources, Gate, GateSettings},
+    gate::{Catalog, CatalogSources, Gate, GateSettings, Recovered},
     provider::{Provider, ProviderError, local::LocalProvider, sessions_api::SessionsApiProvider},
     receipt::{ReceiptError, ReceiptSigner, default_key_path},
-    store::{PgStore, SqliteStore, Store, StoreError, now_ms},
+    store::{PgStore, Pruned, SqliteStore, Store, StoreError, now_ms},
     tools::{
         ToolBackend,
         demo::demo_tools,
@@ -96,11 +96,12 @@ pub async fn upstreams(config: &Config) -> Result<Vec<Arc<dyn ToolBackend>>, App
 pub async fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Arc<Gate>, AppError> {
     let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(demo_tools())];
     backends.extend(upstreams(config).await?);
-    build_gate_with(config, store, &backends)
+    build_gate_with(config, store, &backends).await
 }
 
-/// A gate over the given tool backends.
-pub fn build_gate_with(
+/// A gate over the given tool backends, with its upkeep running (see
+/// [`spawn_upkeep`]) as long as the gate lives.
+pub async fn build_gate_with(
     config: &Config,
     store: Arc<dyn Store>,
     backends: &[Arc<dyn ToolBackend>],
@@ -122,22 +123,101 @@ pub fn build_gate_with(
     let gate = Arc::new(gate);
     // Upstreams may change their tools while we run.
     gate.watch_backends();
+    spawn_upkeep(&gate, Upkeep::from_config(config)).await;
     Ok(gate)
 }
 
-/// Expires holds and intents past their time, and dynamic confirm tools
-/// past theirs, now and then every `every`. Safe on several processes at
-/// once: each expiry is a conditional update.
-pub fn spawn_sweeper(gate: Arc<Gate>, every: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            gate.dynamic_tools().prune_expired().await;
-            match gate.store().sweep_expired(now_ms()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!("expired {n} holds past their time"),
-                Err(e) => tracing::warn!("expiry sweep failed: {e}"),
-            }
-            tokio::time::sleep(every).await;
+/// How often a gate's upkeep runs, and what it keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Upkeep {
+    /// This instance's lease: renewed every third of it.
+    pub lease: Duration,
+    /// Stored results and unpaid ended intents older than this are pruned.
+    pub keep_results: Duration,
+}
+
+impl Upkeep {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            lease: config.instance_lease,
+            keep_results: config.keep_results,
         }
-    })
+    }
+
+    fn every(&self) -> Duration {
+        (self.lease / 3).min(Duration::from_secs(30))
+    }
+}
+
+/// Registers this instance (before any call can open a hold in its name)
+/// and then, until the gate is dropped, every third of the lease:
+/// renews the lease; expires holds, intents and dynamic confirm tools past
+/// their time; recovers what dead instances left (src/gate/recovery.rs,
+/// also the start-up recovery pass); and prunes what is kept only for a
+/// while. Safe on several processes at once: each step is a conditional
+/// update.
+pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) {
+    let registered = heartbeat(gate.store().as_ref(), upkeep.lease).await;
+    let weak = Arc::downgrade(gate);
+    tokio::spawn(async move {
+        let mut alive = registered;
+        while let Some(gate) = weak.upgrade() {
+            upkeep_pass(&gate, upkeep, alive).await;
+            drop(gate);
+            tokio::time::sleep(upkeep.every()).await;
+            let Some(gate) = weak.upgrade() else { break };
+            alive = heartbeat(gate.store().as_ref(), upkeep.lease).await;
+        }
+    });
+}
+
+/// Renews this instance's lease; false (logged) if it could not.
+async fn heartbeat(store: &dyn Store, lease: Duration) -> bool {
+    let now = now_ms();
+    match store.heartbeat(now, now + lease.as_millis() as i64).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("could not renew this instance's lease: {e}");
+            false
+        }
+    }
+}
+
+/// One round of upkeep. Recovery runs only while this instance's own lease
+/// was just renewed: otherwise it could take its own calls for a dead
+/// instance's.
+async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, alive: bool) {
+    gate.dynamic_tools().prune_expired().await;
+    let store = gate.store();
+    match store.sweep_expired(now_ms()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("expired {n} holds past their time"),
+        Err(e) => tracing::warn!("expiry sweep failed: {e}"),
+    }
+    if alive {
+        match gate.recover_interrupted().await {
+            Ok(Recovered {
+                holds_released: 0,
+                runs_refunded: 0,
+            }) => {}
+            Ok(r) => tracing::warn!(
+                holds_released = r.holds_released,
+                runs_refunded = r.runs_refunded,
+                "recovered what a dead instance left: its open holds released, its interrupted paid runs refunded"
+            ),
+            Err(e) => tracing::warn!("crash recovery failed: {e}"),
+        }
+    }
+    let before = now_ms() - upkeep.keep_results.as_millis() as i64;
+    match store.prune(before).await {
+        Ok(pruned) if pruned == Pruned::default() => {}
+        Ok(pruned) => tracing::info!(
+            results = pruned.results,
+            intents = pruned.intents,
+            sessions = pruned.sessions,
+            holds = pruned.holds,
+            "pruned what is kept only for a while"
+        ),
+        Err(e) => tracing::warn!("pruning failed: {e}"),
+    }
 }

@@ -242,6 +242,13 @@ pub struct Config {
     /// The most payments a principal (or an anonymous MCP session) may have
     /// waiting at once (`[server] max_open_intents`).
     pub max_open_intents: u32,
+    /// How long an instance counts as alive after its last heartbeat
+    /// (`[server] instance_lease`). Once it lapses, other instances release
+    /// its holds and refund its interrupted runs (src/gate/recovery.rs).
+    pub instance_lease: Duration,
+    /// How long stored results, and unpaid intents that ended, are kept
+    /// (`[server] keep_results`) before pruning.
+    pub keep_results: Duration,
     pub store_url: String,
     pub synchronous: Synchronous,
     /// Connection pool of a PostgreSQL store.
@@ -382,6 +389,10 @@ struct RawServer {
     /// The most payments a principal may have waiting at once.
     #[serde(default)]
     max_open_intents: Option<u32>,
+    #[serde(default)]
+    instance_lease: Option<Spanned<String>>,
+    #[serde(default)]
+    keep_results: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -544,6 +555,16 @@ impl Config {
             "server.payment_ttl",
             &raw.server.payment_ttl,
             Duration::from_secs(15 * 60),
+        )?;
+        let instance_lease = duration(
+            "server.instance_lease",
+            &raw.server.instance_lease,
+            Duration::from_secs(30),
+        )?;
+        let keep_results = duration(
+            "server.keep_results",
+            &raw.server.keep_results,
+            Duration::from_secs(7 * 24 * 3600),
         )?;
         let defaults = Timeouts::default();
         let t = &raw.timeouts;
@@ -853,6 +874,8 @@ impl Config {
             approvals,
             max_message_bytes,
             max_open_intents,
+            instance_lease,
+            keep_results,
             store_url: raw
                 .store
                 .url

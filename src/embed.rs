@@ -149,7 +149,7 @@ impl TollgateBuilder {
         let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(self.tools)];
         backends.extend(self.backends);
         backends.extend(app::upstreams(&self.config).await?);
-        let gate = app::build_gate_with(&self.config, store, &backends)?;
+        let gate = app::build_gate_with(&self.config, store, &backends).await?;
         Ok(Tollgate { gate })
     }
 }

@@ -1,7 +1,7 @@
 //! The `tollgate` command: serve over stdio, and manage wallets, payment
 //! sessions, the ledger and receipts.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -389,7 +389,6 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> anyhow::Result<()> {
     let payer = payer.map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
     let gate = app::build_gate(&config, store.clone()).await?;
-    let sweeper = app::spawn_sweeper(gate.clone(), Duration::from_secs(30));
     tracing::info!(
         server = config.server_name,
         payer = payer.as_deref().unwrap_or("anonymous"),
@@ -403,7 +402,6 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
     );
     let running = server.serve((input, output)).await?;
     running.waiting().await?;
-    sweeper.abort();
     Ok(())
 }
 
@@ -419,7 +417,6 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
     // becomes the real port).
     config.http.listen = local.to_string();
     let gate = app::build_gate(&config, store).await?;
-    let sweeper = app::spawn_sweeper(gate.clone(), Duration::from_secs(30));
     tracing::info!(
         server = config.server_name,
         "serving HTTP on http://{local} (/mcp, /checkout, /v1/sessions)"
@@ -435,7 +432,6 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
     });
     let state = Arc::new(tollgate::http::HttpState::new(&config, gate));
     tollgate::http::serve(listener, state, &config.http, shutdown).await?;
-    sweeper.abort();
     Ok(())
 }
 

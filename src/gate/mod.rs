@@ -9,6 +9,7 @@ mod elicitation;
 mod fast_path;
 mod progress;
 mod recording;
+mod recovery;
 mod redeem;
 pub mod reply;
 mod scope;
@@ -34,6 +35,7 @@ use crate::{
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
 pub use dynamic::{DynamicTools, dynamic_confirm_payment_id};
+pub use recovery::Recovered;
 pub use scope::{CallScope, Elicits};
 
 /// Who is calling: the principal pays. `None` is anonymous, which has no

@@ -332,8 +332,7 @@ impl Gate {
             }
             paid
         } else {
-            json!({ "payment_id": intent.id, "status": "refunded", "amount": amount,
-                    "currency": intent.currency.as_str(), "charged": "0.00" })
+            refunded(&intent)
         };
         let result = reply::with_payment(result, payment);
         outcome.result_json = serde_json::to_string(&result).unwrap_or_default();
@@ -341,6 +340,22 @@ impl Gate {
             self.store.finish_intent(&outcome)
         })
         .await;
+        if let Err(Unrecorded::Retried(StoreError::WrongState { .. }))
+        | Err(Unrecorded::Refused(StoreError::WrongState { .. })) = &finished
+        {
+            // Someone else ended the run: crash recovery, which took this
+            // instance for dead (its lease lapsed) and refunded the payment.
+            // What was stored is the truth, so that is the answer.
+            if let Ok(Some(stored)) = self.store.stored_result(&intent.id).await
+                && stored.result_json != outcome.result_json
+            {
+                tracing::warn!(
+                    payment_id = intent.id,
+                    "crash recovery settled this run while it ran; answering with what it stored"
+                );
+                return self.replay(&intent).await;
+            }
+        }
         match finished {
             // Only this call moved the intent to `running`, so a retry that
             // finds it moved on means an earlier attempt landed.
@@ -368,7 +383,7 @@ impl Gate {
     /// What a paid intent's successful run is charged: its tool's tariff and
     /// terms, never more than was paid. Pricing that changed since the
     /// intent was paid cannot raise it: the run is then charged what was paid.
-    fn intent_charge(
+    pub(super) fn intent_charge(
         &self,
         intent: &Intent,
         price: Option<&Price>,
@@ -412,10 +427,18 @@ impl Gate {
                     reply::unavailable(format!("stored result of {} is unreadable: {e}", intent.id))
                 }
             },
-            Ok(None) => reply::unavailable(format!(
-                "intent {} finished without a stored result",
-                intent.id
-            )),
+            // Pruned after `[server] keep_results`: the payment stays
+            // consumed, and its ledger lines and receipt stand.
+            Ok(None) => reply::error(
+                code::RESULT_NOT_KEPT,
+                format!(
+                    "payment `{}` was used already ({}); its result is no longer kept. Call `{}` again for a new payment.",
+                    intent.id,
+                    intent.status.as_str(),
+                    intent.tool
+                ),
+                reply::details(json!({ "payment_id": intent.id, "status": intent.status.as_str() })),
+            ),
             Err(e) => reply::unavailable(e),
         }
     }
@@ -453,6 +476,13 @@ fn mismatch(
         return Some("the arguments differ from the ones it was issued for");
     }
     None
+}
+
+/// The payment block of a paid intent whose run earned nothing: all of it
+/// went back to the payer.
+pub(super) fn refunded(intent: &Intent) -> Value {
+    json!({ "payment_id": intent.id, "status": "refunded", "amount": format_amount(intent.amount),
+            "currency": intent.currency.as_str(), "charged": "0.00" })
 }
 
 /// The answer for an intent that ended without running.

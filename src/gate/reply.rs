@@ -22,8 +22,12 @@ pub mod code {
     pub const UNAVAILABLE: &str = "payment_system_unavailable";
     pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
     pub const TOO_MANY_OPEN_PAYMENTS: &str = "too_many_open_payments";
+    /// A paid run the server died in the middle of: refunded, never rerun.
+    pub const RUN_INTERRUPTED: &str = "run_interrupted";
+    /// A consumed payment whose stored result has been pruned.
+    pub const RESULT_NOT_KEPT: &str = "result_not_kept";
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         PAYMENT_REQUIRED,
         PAYMENT_PENDING,
         PAYMENT_FAILED,
@@ -38,6 +42,8 @@ pub mod code {
         UNAVAILABLE,
         LIMIT_EXCEEDED,
         TOO_MANY_OPEN_PAYMENTS,
+        RUN_INTERRUPTED,
+        RESULT_NOT_KEPT,
     ];
 }
 

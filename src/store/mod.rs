@@ -588,6 +588,15 @@ pub struct Refunded {
     pub replayed: bool,
 }
 
+/// What one pruning pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub results: u64,
+    pub intents: u64,
+    pub sessions: u64,
+    pub holds: u64,
+}
+
 /// What `/metrics` reports from the store.
 #[derive(Debug, Clone, Default)]
 pub struct StoreStats {
@@ -705,6 +714,25 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Posted, StoreError>;
     /// pending → `to` (failed, expired or cancelled).
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError>;
+
+    // ---- crash recovery and upkeep ----
+    /// This process's instance id, stamped on the holds it opens and the
+    /// paid intents it runs.
+    fn instance(&self) -> &str;
+    /// Registers this instance as alive until `alive_until`, or renews it.
+    /// Once its lease lapses (the process died), any instance recovers what
+    /// it left: see the next two.
+    async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError>;
+    /// Releases the open holds of instances not alive at `now` (their
+    /// calls never finished, so nothing is charged). How many.
+    async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError>;
+    /// Paid intents left `running` by instances not alive at `now`. The
+    /// gate settles each as failed (refunded); it never runs again.
+    async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError>;
+    /// Deletes what is kept only for a while, older than `before`: stored
+    /// results, unpaid intents that ended and their sessions, and holds
+    /// that ended without moving money. Never the ledger.
+    async fn prune(&self, before: i64) -> Result<Pruned, StoreError>;
 
     // ---- API keys and health ----
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError>;

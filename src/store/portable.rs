@@ -14,7 +14,7 @@ use crate::{
 
 use super::{
     AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, HoldOutcome, HoldRequest,
-    Intent, IntentOutcome, LocalSession, Posted, RefundRequest, Refunded, StatementLine,
+    Intent, IntentOutcome, LocalSession, Posted, Pruned, RefundRequest, Refunded, StatementLine,
     StoreError, StoreStats, StoredResult, VerifyReport, WalletBalance, WalletLimits, new_txn_id,
     now_ms,
     posting::{
@@ -26,6 +26,16 @@ use super::{
     sql::{self, Param, Statement, query, statement},
     verify,
 };
+
+/// An instance whose lease lapsed this long ago is forgotten: whatever it
+/// left behind was recovered long before.
+const FORGET_AFTER_MS: i64 = 24 * 3600 * 1000;
+
+/// `inst_<pid>_<random>`: unique, and says which process it was.
+fn instance_id() -> String {
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("inst_{}_{}", std::process::id(), &random[..12])
+}
 
 /// How a backend reads what a session payment must keep unchanged until it
 /// commits: the session (`$1`: its id; columns `status`, `expires_at`) and
@@ -39,6 +49,9 @@ pub(super) struct PaymentLocks {
 /// A backend's pool, with the statements every backend runs the same way.
 pub(super) struct Portable<DB: Database> {
     pub pool: Pool<DB>,
+    /// This process's instance id: the owner stamped on the holds it opens
+    /// and the runs it starts (see `Store::heartbeat`).
+    pub instance: String,
     /// Account ids never change once created, so they are cached.
     account_ids: Mutex<HashMap<AccountRef, i64>>,
 }
@@ -47,6 +60,7 @@ impl<DB: Database> Portable<DB> {
     pub fn new(pool: Pool<DB>) -> Self {
         Self {
             pool,
+            instance: instance_id(),
             account_ids: Mutex::new(HashMap::new()),
         }
     }
@@ -289,6 +303,35 @@ where
     pub async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {
         self.optional(statement!(sql::INTENT, id), rows::intent)
             .await
+    }
+
+    pub async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError> {
+        self.execute(statement!(sql::HEARTBEAT, &self.instance, now, alive_until))
+            .await?;
+        self.execute(statement!(sql::FORGET_INSTANCES, now - FORGET_AFTER_MS))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError> {
+        self.execute(statement!(sql::RELEASE_ORPHANED_HOLDS, now))
+            .await
+    }
+
+    pub async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
+        self.all(statement!(sql::INTERRUPTED_RUNS, now), rows::intent)
+            .await
+    }
+
+    pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        Ok(Pruned {
+            results: self.execute(statement!(sql::PRUNE_RESULTS, before)).await?,
+            intents: self.execute(statement!(sql::PRUNE_INTENTS, before)).await?,
+            sessions: self
+                .execute(statement!(sql::PRUNE_SESSIONS, before))
+                .await?,
+            holds: self.execute(statement!(sql::PRUNE_HOLDS, before)).await?,
+        })
     }
 
     pub async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {

@@ -169,8 +169,8 @@ const HOLD: &str = "WITH wallet AS (
                 CASE WHEN spent_month_start >= $10 THEN spent_month ELSE 0 END)
          RETURNING id)
      INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at,
-                        agent, metadata)
-     SELECT $1, wallet.id, $2, 'open', $3, $5, $6, $7, $8, $11, $12 FROM wallet";
+                        agent, metadata, owner)
+     SELECT $1, wallet.id, $2, 'open', $3, $5, $6, $7, $8, $11, $12, $13 FROM wallet";
 
 /// A session payment locks the session first (a concurrent payment of it
 /// waits, then sees it paid), then the paying wallet, until it commits.
@@ -284,6 +284,7 @@ impl Store for PgStore {
                 .bind(month_start(created_at))
                 .bind(&req.origin.agent)
                 .bind(&req.origin.metadata)
+                .bind(&self.db.instance)
                 .execute(&self.db.pool)
                 .await?)
         })
@@ -379,7 +380,13 @@ impl Store for PgStore {
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
         let done = retrying(|| async {
-            Ok(query(Statement::transition_intent(id, from, to, now_ms()))
+            Ok(query(Statement::transition_intent(
+                id,
+                from,
+                to,
+                now_ms(),
+                &self.db.instance,
+            ))
                 .execute(&self.db.pool)
                 .await?)
         })
@@ -511,6 +518,26 @@ impl Store for PgStore {
 
     async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
         self.db.revoke_api_key(id, now).await
+    }
+
+    fn instance(&self) -> &str {
+        &self.db.instance
+    }
+
+    async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError> {
+        retrying(|| self.db.heartbeat(now, alive_until)).await
+    }
+
+    async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError> {
+        retrying(|| self.db.release_orphaned_holds(now)).await
+    }
+
+    async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
+        self.db.interrupted_runs(now).await
+    }
+
+    async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        retrying(|| self.db.prune(before)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -135,8 +135,57 @@ pub(super) const CREATE_INTENT: &str = "INSERT INTO intents (id, tool, args_hash
 
 pub(super) const INTENT: &str = "SELECT * FROM intents WHERE id = $1";
 
+/// Moves an intent (`$1`) from `$2` to `$3`. An intent set running is
+/// stamped with the instance running it (`$5`), for crash recovery.
 pub(super) const TRANSITION_INTENT: &str =
-    "UPDATE intents SET status = $3, updated_at = $4 WHERE id = $1 AND status = $2";
+    "UPDATE intents SET status = $3, updated_at = $4,
+                        runner = CASE WHEN $3 = 'running' THEN $5 ELSE runner END
+     WHERE id = $1 AND status = $2";
+
+/// Registers instance `$1` (started at `$2`) or renews its lease to `$3`;
+/// instances gone for a day (`$4`) are forgotten.
+pub(super) const HEARTBEAT: &str =
+    "INSERT INTO instances (id, started_at, alive_until) VALUES ($1, $2, $3)
+     ON CONFLICT (id) DO UPDATE SET alive_until = excluded.alive_until";
+pub(super) const FORGET_INSTANCES: &str = "DELETE FROM instances WHERE alive_until < $1";
+
+/// Whether `$owner` (a column) names no instance alive at `$1`.
+macro_rules! owner_gone {
+    ($owner:literal) => {
+        concat!(
+            $owner,
+            " IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = ",
+            $owner,
+            " AND i.alive_until >= $1)"
+        )
+    };
+}
+
+/// Releases (`holds_end` gives the reservation back) the open holds of
+/// instances no longer alive at `$1`: their calls never finished.
+pub(super) const RELEASE_ORPHANED_HOLDS: &str = concat!(
+    "UPDATE holds SET status = 'released', settled_at = $1 WHERE status = 'open' AND ",
+    owner_gone!("holds.owner")
+);
+
+/// Paid intents left running by instances no longer alive at `$1`.
+pub(super) const INTERRUPTED_RUNS: &str = concat!(
+    "SELECT * FROM intents WHERE status = 'running' AND ",
+    owner_gone!("intents.runner"),
+    " ORDER BY id"
+);
+
+/// What is kept only for a while, older than `$1`: stored results (a retry
+/// after that is told the result is gone), unpaid intents that ended and
+/// their sessions, and holds that ended without moving money. The ledger,
+/// captured holds and paid intents (refunds need them) are kept.
+pub(super) const PRUNE_RESULTS: &str = "DELETE FROM stored_results WHERE created_at < $1";
+pub(super) const PRUNE_INTENTS: &str =
+    "DELETE FROM intents WHERE status IN ('expired', 'cancelled') AND updated_at < $1";
+pub(super) const PRUNE_SESSIONS: &str =
+    "DELETE FROM payment_sessions WHERE status IN ('expired', 'cancelled') AND updated_at < $1";
+pub(super) const PRUNE_HOLDS: &str =
+    "DELETE FROM holds WHERE status IN ('released', 'expired') AND settled_at < $1";
 
 /// awaiting_payment → paid, noting the account a refund goes back to. A
 /// waiting approval is approved by whoever paid (`$4`).
@@ -393,8 +442,9 @@ impl<'a> Statement<'a> {
         from: IntentStatus,
         to: IntentStatus,
         at: i64,
+        instance: &'a str,
     ) -> Self {
-        statement!(TRANSITION_INTENT, id, from.as_str(), to.as_str(), at)
+        statement!(TRANSITION_INTENT, id, from.as_str(), to.as_str(), at, instance)
     }
 
     pub(super) fn finish_intent(outcome: &'a super::IntentOutcome) -> Self {

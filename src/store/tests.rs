@@ -968,3 +968,110 @@ crate::on_both_backends! {
         assert_sound(&*store).await;
     }
 }
+
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn a_dead_instances_holds_and_runs_are_recovered_and_no_one_elses() {
+        let (place, a) = store().await;
+        let b = open(&place.db.url).await.expect("second instance");
+        let now = now_ms();
+        for store in [&a, &b] {
+            store.heartbeat(now, now + 60_000).await.unwrap();
+        }
+        let payer = AccountRef::wallet("payer", &usd());
+        a.topup(&payer, units("1.00"), None).await.unwrap();
+        assert_eq!(a.hold(&hold_request("ha", "payer", "0.10")).await.unwrap(), HoldOutcome::Held);
+        assert_eq!(b.hold(&hold_request("hb", "payer", "0.20")).await.unwrap(), HoldOutcome::Held);
+        // One paid run on each instance.
+        for (id, store) in [("ia", &a), ("ib", &b)] {
+            store.create_session(&session(id, now + 60_000)).await.unwrap();
+            store.create_intent(&intent(id)).await.unwrap();
+            store.pay_session(id, Some("payer"), now).await.unwrap();
+            let funding = Funding::InClearing { refund_to: Some(payer.clone()) };
+            assert!(store.mark_intent_paid(id, &funding).await.unwrap());
+            assert!(store.transition_intent(id, IntentStatus::Paid, IntentStatus::Running).await.unwrap());
+        }
+        assert_eq!(available(&*a, "payer").await, units("0.60"));
+
+        // Both alive: nothing is anyone's to recover.
+        assert_eq!(b.release_orphaned_holds(now_ms()).await.unwrap(), 0);
+        assert!(b.interrupted_runs(now_ms()).await.unwrap().is_empty());
+
+        // `a` dies: its lease lapses.
+        a.heartbeat(now, now - 1).await.unwrap();
+        assert_eq!(b.release_orphaned_holds(now_ms()).await.unwrap(), 1);
+        assert_eq!(b.release_orphaned_holds(now_ms()).await.unwrap(), 0, "released once");
+        assert_eq!(available(&*b, "payer").await, units("0.70"), "only a's hold came back");
+        let interrupted: Vec<String> =
+            b.interrupted_runs(now_ms()).await.unwrap().into_iter().map(|i| i.id).collect();
+        assert_eq!(interrupted, ["ia"]);
+        // b's own hold and run are untouched and still end normally.
+        b.capture("hb", &Charge::whole(revenue(), units("0.20"))).await.unwrap();
+        b.finish_intent(&outcome("ib", true)).await.unwrap();
+        // The interrupted run, settled as failed, goes back to the payer once.
+        b.finish_intent(&outcome("ia", false)).await.unwrap();
+        assert!(b.finish_intent(&outcome("ia", false)).await.is_err(), "settled once");
+        assert!(b.interrupted_runs(now_ms()).await.unwrap().is_empty());
+        assert_eq!(available(&*b, "payer").await, units("0.75"));
+        assert_sound(&*b).await;
+
+        // A hold opened by a store that never registered counts as dead too:
+        // every serving instance registers before its first call.
+        let c = open(&place.db.url).await.expect("third instance");
+        assert_eq!(c.hold(&hold_request("hc", "payer", "0.05")).await.unwrap(), HoldOutcome::Held);
+        assert_eq!(b.release_orphaned_holds(now_ms()).await.unwrap(), 1);
+        assert_eq!(available(&*b, "payer").await, units("0.75"));
+    }
+
+    #[tokio::test]
+    async fn pruning_deletes_only_what_is_kept_for_a_while() {
+        let (_place, store) = store().await;
+        let payer = AccountRef::wallet("payer", &usd());
+        store.topup(&payer, units("1.00"), None).await.unwrap();
+        // An unpaid intent that expired, with its session.
+        store.create_session(&session("gone", now_ms() - 1)).await.unwrap();
+        let mut expired = intent("gone");
+        expired.expires_at = now_ms() - 1;
+        store.create_intent(&expired).await.unwrap();
+        store.sweep_expired(now_ms()).await.unwrap();
+        // A paid intent that ran (its result is stored).
+        store.create_session(&session("ran", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("ran")).await.unwrap();
+        store.pay_session("ran", Some("payer"), now_ms()).await.unwrap();
+        let funding = Funding::InClearing { refund_to: Some(payer.clone()) };
+        store.mark_intent_paid("ran", &funding).await.unwrap();
+        store.transition_intent("ran", IntentStatus::Paid, IntentStatus::Running).await.unwrap();
+        store.finish_intent(&outcome("ran", true)).await.unwrap();
+        // A released hold and a captured one.
+        store.hold(&hold_request("released", "payer", "0.10")).await.unwrap();
+        store.release("released").await.unwrap();
+        store.hold(&hold_request("captured", "payer", "0.10")).await.unwrap();
+        store.capture("captured", &Charge::whole(revenue(), units("0.10"))).await.unwrap();
+        let statement_before = store.statement(AccountKind::Wallet, "payer").await.unwrap().len();
+
+        // Nothing is old enough yet.
+        assert_eq!(store.prune(now_ms() - 60_000).await.unwrap(), Pruned::default());
+        let pruned = store.prune(now_ms() + 1).await.unwrap();
+        assert_eq!(
+            pruned,
+            Pruned { results: 1, intents: 1, sessions: 1, holds: 1 }
+        );
+        assert!(store.intent("gone").await.unwrap().is_none());
+        assert!(store.session("gone").await.unwrap().is_none());
+        assert!(store.stored_result("ran").await.unwrap().is_none());
+        // The paid intent stays (it is consumed, and refunds need it), so
+        // does the ledger, and the captured payment can still be refunded.
+        assert_eq!(store.intent("ran").await.unwrap().unwrap().status, IntentStatus::Succeeded);
+        assert_eq!(store.statement(AccountKind::Wallet, "payer").await.unwrap().len(), statement_before);
+        store
+            .refund(&RefundRequest {
+                payment_id: "captured".into(),
+                amount: None,
+                reason: "test".into(),
+                idempotency_key: "k".into(),
+            })
+            .await
+            .unwrap();
+        assert_sound(&*store).await;
+    }
+}

@@ -33,6 +33,17 @@ struct SearchArgs {
     limit: u32,
 }
 
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SleepArgs {
+    /// How long to take, in milliseconds: 0 to 10000.
+    #[schemars(range(min = 0, max = 10000))]
+    ms: u64,
+}
+
+/// The longest `sleep`.
+const MAX_SLEEP_MS: u64 = 10_000;
+
 /// What `search` searches.
 const FRUIT: [&str; 20] = [
     "apple",
@@ -100,7 +111,19 @@ fn divide(args: DivideArgs) -> CallToolResult {
     result
 }
 
-/// `echo`, `word_count`, `divide` and `search`.
+/// A slow tool: returns after `ms` milliseconds. For trying timeouts,
+/// progress, and what a crash in the middle of a paid run does.
+async fn sleep(args: SleepArgs) -> CallToolResult {
+    if args.ms > MAX_SLEEP_MS {
+        return CallToolResult::error(vec![ContentBlock::text(format!(
+            "ms must be from 0 to {MAX_SLEEP_MS}"
+        ))]);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(args.ms)).await;
+    CallToolResult::success(vec![ContentBlock::text(format!("slept {} ms", args.ms))])
+}
+
+/// `echo`, `word_count`, `divide`, `search` and `sleep`.
 pub fn demo_tools() -> FnTools {
     FnTools::new()
         .tool(
@@ -122,6 +145,11 @@ pub fn demo_tools() -> FnTools {
             "search",
             "Finds fruit whose name contains the query; reports the results returned as its usage.",
             |args: SearchArgs| async move { search(args) },
+        )
+        .tool(
+            "sleep",
+            "Returns after `ms` milliseconds (at most 10000): a slow tool.",
+            sleep,
         )
 }
 
@@ -182,7 +210,7 @@ mod tests {
             .into_iter()
             .map(|t| t.name.to_string())
             .collect();
-        assert_eq!(names, ["divide", "echo", "search", "word_count"]);
+        assert_eq!(names, ["divide", "echo", "search", "sleep", "word_count"]);
         let r = demo
             .call(
                 "search",

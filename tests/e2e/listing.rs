@@ -17,6 +17,7 @@ on_both_backends! {
                 "divide",
                 "echo",
                 "search",
+                "sleep",
                 "word_count"
             ]
         );
@@ -62,7 +63,7 @@ on_both_backends! {
         let client = env.client(None).await;
         let tools = client.list_all_tools().await.expect("tools/list");
         let names: Vec<_> = tools.iter().map(|t| t.name.to_string()).collect();
-        assert_eq!(names, ["divide", "echo", "search", "word_count"]);
+        assert_eq!(names, ["divide", "echo", "search", "sleep", "word_count"]);
         let echo = tools.iter().find(|t| t.name == "echo").unwrap();
         assert_eq!(
             echo.input_schema["properties"]["payment_id"]["type"],

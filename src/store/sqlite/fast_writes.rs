@@ -56,6 +56,8 @@ pub(super) enum FastWrite {
         expires_at: i64,
         agent: Option<String>,
         metadata: Option<String>,
+        /// The instance whose call it is (crash recovery).
+        owner: String,
     },
     /// End an open hold by charging at most its amount (the
     /// `holds_capture` trigger posts the ledger transaction).
@@ -87,11 +89,12 @@ impl FastWrite {
                 expires_at,
                 agent,
                 metadata,
+                owner,
             } => conn
                 .prepare_cached(HOLD)?
                 .execute(params![
                     id, amount, principal, tool, args_hash, created_at, expires_at, currency, agent,
-                    metadata
+                    metadata, owner
                 ])?,
             FastWrite::Capture {
                 hold_id,
@@ -125,8 +128,8 @@ type Outcome = Result<bool, StoreError>;
 /// the hold's `created_at`, as the `holds_reserve` trigger counts them) and
 /// the reservation, in one statement.
 const HOLD: &str = "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at,
-                                       agent, metadata)
-     SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, ?6, ?7, ?9, ?10 FROM accounts
+                                       agent, metadata, owner)
+     SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, ?6, ?7, ?9, ?10, ?11 FROM accounts
      WHERE kind = 'wallet' AND name = ?3 AND currency = ?8 AND balance - held >= ?2
        AND (per_call_max IS NULL OR ?2 <= per_call_max)
        AND (allowed_tools IS NULL OR EXISTS (SELECT 1 FROM json_each(allowed_tools) WHERE value = ?4))
@@ -359,6 +362,7 @@ mod tests {
             expires_at: now_ms() + 60_000,
             agent: None,
             metadata: None,
+            owner: "test".into(),
         }
     }
 

@@ -213,6 +213,7 @@ impl Store for SqliteStore {
                 expires_at: req.expires_at,
                 agent: req.origin.agent.clone(),
                 metadata: req.origin.metadata.clone(),
+                owner: self.db.instance.clone(),
             })
             .await?;
         if held {
@@ -325,7 +326,13 @@ impl Store for SqliteStore {
         from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
-        let done = query(Statement::transition_intent(id, from, to, now_ms()))
+        let done = query(Statement::transition_intent(
+                id,
+                from,
+                to,
+                now_ms(),
+                &self.db.instance,
+            ))
             .execute(&self.db.pool)
             .await?;
         Ok(done.rows_affected() > 0)
@@ -443,6 +450,26 @@ impl Store for SqliteStore {
 
     async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool, StoreError> {
         self.db.revoke_api_key(id, now).await
+    }
+
+    fn instance(&self) -> &str {
+        &self.db.instance
+    }
+
+    async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError> {
+        self.db.heartbeat(now, alive_until).await
+    }
+
+    async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError> {
+        self.db.release_orphaned_holds(now).await
+    }
+
+    async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
+        self.db.interrupted_runs(now).await
+    }
+
+    async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
+        self.db.prune(before).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
