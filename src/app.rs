@@ -194,21 +194,20 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, alive: bool) {
         Ok(n) => tracing::info!("expired {n} holds past their time"),
         Err(e) => tracing::warn!("expiry sweep failed: {e}"),
     }
+    let before = now_ms() - upkeep.keep_results.as_millis() as i64;
     if alive {
-        match gate.recover_interrupted().await {
-            Ok(Recovered {
-                holds_released: 0,
-                runs_refunded: 0,
-            }) => {}
+        match gate.recover_interrupted(before).await {
+            Ok(r) if r == Recovered::default() => {}
             Ok(r) => tracing::warn!(
                 holds_released = r.holds_released,
                 runs_refunded = r.runs_refunded,
-                "recovered what a dead instance left: its open holds released, its interrupted paid runs refunded"
+                unredeemed_refunded = r.unredeemed_refunded,
+                "recovered what dead instances left (open holds released, interrupted paid runs \
+                 refunded) and refunded payments never redeemed"
             ),
             Err(e) => tracing::warn!("crash recovery failed: {e}"),
         }
     }
-    let before = now_ms() - upkeep.keep_results.as_millis() as i64;
     match store.prune(before).await {
         Ok(pruned) if pruned == Pruned::default() => {}
         Ok(pruned) => tracing::info!(

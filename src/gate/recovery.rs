@@ -8,6 +8,10 @@
 //!   full, with a stored answer saying so. Whether the tool finished is not
 //!   known, so it is not charged; and it never runs again, since a retry of
 //!   the payment id replays that answer.
+//!
+//! Upkeep also refunds payments that were paid but never redeemed: once an
+//! intent's time has been over for `keep_results`, its caller is not coming
+//! back, and the money should not sit in clearing for ever.
 
 use rmcp::model::JsonObject;
 use serde_json::json;
@@ -17,27 +21,38 @@ use super::{
     redeem::refunded,
     reply::{self, code},
 };
-use crate::store::{Intent, IntentOutcome, StoreError, new_txn_id, now_ms};
+use crate::store::{
+    Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError, new_txn_id, now_ms,
+};
 
 /// What one recovery pass settled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recovered {
     pub holds_released: u64,
     pub runs_refunded: u64,
+    /// Paid but never redeemed in time.
+    pub unredeemed_refunded: u64,
 }
 
 impl Gate {
     /// Releases dead instances' holds and refunds their interrupted runs.
     /// Safe on several instances at once: each settlement is conditional
     /// on the hold being open, or the intent running.
-    pub async fn recover_interrupted(&self) -> Result<Recovered, StoreError> {
+    /// Payments paid but not redeemed by `before` are refunded too.
+    pub async fn recover_interrupted(&self, before: i64) -> Result<Recovered, StoreError> {
         let now = now_ms();
         let mut recovered = Recovered {
             holds_released: self.store.release_orphaned_holds(now).await?,
-            runs_refunded: 0,
+            ..Recovered::default()
         };
         for intent in self.store.interrupted_runs(now).await? {
-            match self.store.finish_intent(&self.interrupted(&intent)).await {
+            let message = format!(
+                "the server stopped while this paid call of `{}` was running, so it is not \
+                 known whether it finished. Nothing was charged: the payment was refunded.",
+                intent.tool
+            );
+            let outcome = self.unrun(&intent, code::RUN_INTERRUPTED, message);
+            match self.store.finish_intent(&outcome).await {
                 Ok(_) => {
                     tracing::warn!(
                         payment_id = intent.id,
@@ -51,21 +66,58 @@ impl Gate {
                 Err(e) => return Err(e),
             }
         }
+        for intent in self.store.unredeemed(before).await? {
+            if self.refund_unredeemed(&intent).await? {
+                recovered.unredeemed_refunded += 1;
+            }
+        }
         Ok(recovered)
     }
 
-    /// The outcome of a run cut off by its server's death: failed, so the
-    /// payer gets everything back.
-    fn interrupted(&self, intent: &Intent) -> IntentOutcome {
+    /// Takes a paid, never redeemed intent through `running` (so no late
+    /// redeem can run it) to failed, refunded.
+    async fn refund_unredeemed(&self, intent: &Intent) -> Result<bool, StoreError> {
+        if intent.status == IntentStatus::AwaitingPayment {
+            let Some(session) = intent.provider_session_id.as_deref() else {
+                return Ok(false);
+            };
+            let state = match self.provider.session_state(session).await {
+                Ok(state) if state.status == SessionStatus::Paid => state,
+                _ => return Ok(false),
+            };
+            self.store.mark_intent_paid(&intent.id, &state.funding).await?;
+        }
+        if !self
+            .store
+            .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
+            .await?
+        {
+            return Ok(false); // redeemed after all, or refunded elsewhere
+        }
         let message = format!(
-            "the server stopped while this paid call of `{}` was running, so it is not known \
-             whether it finished. Nothing was charged: the payment was refunded. Call `{}` again \
-             for a new payment.",
-            intent.tool, intent.tool
+            "payment `{}` was paid but not used in time, so it was refunded and `{}` was not run.",
+            intent.id, intent.tool
+        );
+        let outcome = self.unrun(intent, code::PAYMENT_UNREDEEMED, message);
+        self.store.finish_intent(&outcome).await?;
+        tracing::info!(
+            payment_id = intent.id,
+            tool = intent.tool,
+            "refunded a payment paid but never redeemed"
+        );
+        Ok(true)
+    }
+
+    /// The outcome of a paid intent whose run did not happen, or whose end
+    /// is not known: failed, so the payer gets everything back.
+    fn unrun(&self, intent: &Intent, code: &str, message: String) -> IntentOutcome {
+        let message = format!(
+            "{message} Call `{}` again for a new payment.",
+            intent.tool
         );
         let result = reply::with_payment(
             reply::error(
-                code::RUN_INTERRUPTED,
+                code,
                 message,
                 reply::details(json!({ "payment_id": intent.id, "status": "refunded" })),
             ),

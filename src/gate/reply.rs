@@ -26,8 +26,10 @@ pub mod code {
     pub const RUN_INTERRUPTED: &str = "run_interrupted";
     /// A consumed payment whose stored result has been pruned.
     pub const RESULT_NOT_KEPT: &str = "result_not_kept";
+    /// A payment paid but not redeemed in time: refunded, never run.
+    pub const PAYMENT_UNREDEEMED: &str = "payment_unredeemed";
 
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         PAYMENT_REQUIRED,
         PAYMENT_PENDING,
         PAYMENT_FAILED,
@@ -44,6 +46,7 @@ pub mod code {
         TOO_MANY_OPEN_PAYMENTS,
         RUN_INTERRUPTED,
         RESULT_NOT_KEPT,
+        PAYMENT_UNREDEEMED,
     ];
 }
 

@@ -61,6 +61,7 @@ pub async fn scrape(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> 
     match state.store.stats().await {
         Ok(stats) => {
             metrics::gauge!("tollgate_open_holds").set(stats.open_holds as f64);
+            metrics::gauge!("tollgate_stored_results").set(stats.stored_results as f64);
             for (status, n) in stats.intents {
                 metrics::gauge!("tollgate_intents", "status" => status).set(n as f64);
             }

@@ -601,6 +601,8 @@ pub struct Pruned {
 #[derive(Debug, Clone, Default)]
 pub struct StoreStats {
     pub open_holds: i64,
+    /// Results kept for replay (pruned after `[server] keep_results`).
+    pub stored_results: i64,
     /// Intents per status.
     pub intents: Vec<(String, i64)>,
     /// Captured revenue per tool and currency, in micro-units.
@@ -729,6 +731,9 @@ pub trait Store: Send + Sync + 'static {
     /// Paid intents left `running` by instances not alive at `now`. The
     /// gate settles each as failed (refunded); it never runs again.
     async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError>;
+    /// Intents paid but never redeemed whose time ended before `before`
+    /// (at most 500 at a time, oldest first). The gate refunds them.
+    async fn unredeemed(&self, before: i64) -> Result<Vec<Intent>, StoreError>;
     /// Deletes what is kept only for a while, older than `before`: stored
     /// results, unpaid intents that ended and their sessions, and holds
     /// that ended without moving money. Never the ledger.

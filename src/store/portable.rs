@@ -323,6 +323,11 @@ where
             .await
     }
 
+    pub async fn unredeemed(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
+        self.all(statement!(sql::UNREDEEMED, before), rows::intent)
+            .await
+    }
+
     pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
         Ok(Pruned {
             results: self.execute(statement!(sql::PRUNE_RESULTS, before)).await?,

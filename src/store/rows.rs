@@ -214,6 +214,7 @@ pub(super) fn stats<R: Columns>(
 ) -> Result<StoreStats, StoreError> {
     Ok(StoreStats {
         open_holds: open_holds.int("n")?,
+        stored_results: open_holds.int("stored_results")?,
         intents: intents
             .iter()
             .map(|row| Ok((row.text("status")?, row.int("n")?)))

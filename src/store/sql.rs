@@ -175,6 +175,16 @@ pub(super) const INTERRUPTED_RUNS: &str = concat!(
     " ORDER BY id"
 );
 
+/// Intents paid but never redeemed, whose time ended before `$1`: marked
+/// paid, or still awaiting payment though their local session was paid.
+pub(super) const UNREDEEMED: &str = "SELECT * FROM intents i
+     WHERE i.expires_at < $1
+       AND (i.status = 'paid'
+            OR (i.status = 'awaiting_payment'
+                AND EXISTS (SELECT 1 FROM payment_sessions s
+                            WHERE s.id = i.provider_session_id AND s.status = 'paid')))
+     ORDER BY i.expires_at LIMIT 500";
+
 /// What is kept only for a while, older than `$1`: stored results (a retry
 /// after that is told the result is gone), unpaid intents that ended and
 /// their sessions, and holds that ended without moving money. The ledger,
@@ -271,7 +281,9 @@ pub(super) const INSERT_REFUND: &str =
     "INSERT INTO refunds (idempotency_key, payment_id, txn_id, amount, reason, created_at)
      VALUES ($1, $2, $3, $4, $5, $6)";
 
-pub(super) const STATS_OPEN_HOLDS: &str = "SELECT COUNT(*) AS n FROM holds WHERE status = 'open'";
+pub(super) const STATS_OPEN_HOLDS: &str = "SELECT COUNT(*) AS n,
+       (SELECT COUNT(*) FROM stored_results) AS stored_results
+     FROM holds WHERE status = 'open'";
 pub(super) const STATS_INTENTS: &str =
     "SELECT status, COUNT(*) AS n FROM intents GROUP BY status ORDER BY status";
 pub(super) const STATS_REVENUE: &str = "SELECT COALESCE(tool, '-') AS tool, currency, CAST(SUM(amount) AS BIGINT) AS total

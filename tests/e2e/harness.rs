@@ -117,6 +117,11 @@ impl Env {
 
     /// Like [`Env::client`], with extra environment for the server process.
     pub async fn client_with_env(&self, payer: Option<&str>, vars: &[(&str, &str)]) -> Client {
+        self.client_and_pid(payer, vars).await.0
+    }
+
+    /// A client, and the process id of its `tollgate serve` (to kill it).
+    pub async fn client_and_pid(&self, payer: Option<&str>, vars: &[(&str, &str)]) -> (Client, u32) {
         let cmd = self.command().configure(|cmd| {
             cmd.arg("serve").envs(vars.iter().copied());
             if let Some(payer) = payer {
@@ -127,7 +132,8 @@ impl Env {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn tollgate serve");
-        ().serve(transport).await.expect("initialize")
+        let pid = transport.id().expect("a running child");
+        (().serve(transport).await.expect("initialize"), pid)
     }
 
     /// `tollgate serve --http` on a free loopback port, as a real process

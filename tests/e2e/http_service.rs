@@ -565,6 +565,7 @@ on_both_backends! {
             "latency histogram: {after}"
         );
         assert!(after.contains("tollgate_open_holds 0"), "{after}");
+        assert!(after.contains("tollgate_stored_results "), "{after}");
         assert!(
             after.contains("tollgate_revenue{tool=\"echo\",currency=\"USD\"}"),
             "{after}"

@@ -468,6 +468,10 @@ impl Store for SqliteStore {
         self.db.interrupted_runs(now).await
     }
 
+    async fn unredeemed(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
+        self.db.unredeemed(before).await
+    }
+
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
         self.db.prune(before).await
     }
