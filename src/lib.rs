@@ -12,6 +12,8 @@ pub mod canonical;
 pub mod config;
 pub mod embed;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod gate;
 pub mod http;
 pub mod keys;

@@ -15,6 +15,7 @@ mod allowances;
 mod cli_and_config;
 mod concurrency;
 mod crash;
+mod fuzz_gate;
 mod fast_path;
 mod listing;
 mod modes;

@@ -1,0 +1,4 @@
+//! Fuzz target: the property `tollgate::fuzz_checks::receipt` checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tollgate::fuzz_checks::receipt(data));
