@@ -1,7 +1,8 @@
 //! The HTTP service (`tollgate serve --http ADDR`), on axum:
 //!
 //! - `/mcp`: streamable HTTP (SSE), in session mode so elicitation and
-//!   progress work; the caller is the API key's principal;
+//!   progress work; the caller is the API key's principal; every message
+//!   is checked before rmcp reads it (`mcp_guard`);
 //! - `/checkout/<id>`: where a person pays, approves or declines;
 //! - `/v1/sessions`: the sessions API, rate limited per key;
 //! - `/metrics` (admin key) and `/healthz`.
@@ -9,6 +10,7 @@
 mod auth;
 mod checkout;
 mod limits;
+mod mcp_guard;
 pub mod metrics;
 mod sessions;
 
@@ -108,6 +110,10 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
             "/mcp",
             Router::new()
                 .fallback_service(mcp)
+                .layer(middleware::from_fn_with_state(
+                    mcp_guard::BodyLimit(http.max_body_bytes),
+                    mcp_guard::guard,
+                ))
                 .layer(middleware::from_fn_with_state(state.clone(), mcp_caller)),
         )
         .merge(plain)

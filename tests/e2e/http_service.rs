@@ -728,3 +728,123 @@ on_both_backends! {
         server.env.assert_ledger_ok().await;
     }
 }
+
+/// A raw MCP session over HTTP: initialized, then fed whatever bytes a
+/// test likes.
+struct RawSession {
+    url: String,
+    key: String,
+    session: String,
+}
+
+impl RawSession {
+    async fn open(server: &HttpServer, key: &str) -> Self {
+        let url = format!("{}/mcp", server.base);
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}});
+        let response = http()
+            .post(&url)
+            .bearer_auth(key)
+            .header("accept", "application/json, text/event-stream")
+            .json(&init)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        let session = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("a session id")
+            .to_owned();
+        let raw = Self { url, key: key.to_owned(), session };
+        raw.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec()).await;
+        raw
+    }
+
+    /// Posts a body; the status and the body as text.
+    async fn send(&self, body: Vec<u8>) -> (u16, String) {
+        let response = http()
+            .post(&self.url)
+            .bearer_auth(&self.key)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("mcp-session-id", &self.session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+}
+
+on_both_backends! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_requests_over_http_get_clear_errors_and_change_nothing() {
+        let server = HttpServer::start(&crate::harness::pricing("resubmit", "")).await;
+        server.env.topup("judy", "1.00").await;
+        let judy = server.key("judy", &["mcp"]).await;
+        let raw = RawSession::open(&server, &judy).await;
+
+        let deep = format!(
+            r#"{{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":{}1{}}}}}}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        let oversized = format!(
+            r#"{{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{}"}}}}}}"#,
+            "x".repeat(100_000)
+        );
+        // (body, HTTP status, JSON-RPC code, id)
+        let hostile: [(Vec<u8>, u16, i64, Value); 6] = [
+            (b"this is not json".to_vec(), 400, -32700, Value::Null),
+            (b"\xff\xfe{\"id\":1}".to_vec(), 400, -32700, Value::Null),
+            (b"42".to_vec(), 400, -32600, Value::Null),
+            (br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","#.to_vec(), 400, -32700, json!(7)),
+            (deep.into_bytes(), 400, -32600, json!(8)),
+            (oversized.into_bytes(), 413, -32600, Value::Null),
+        ];
+        for (body, status, code, id) in hostile {
+            let shown = String::from_utf8_lossy(&body[..body.len().min(60)]).into_owned();
+            let (got, text) = raw.send(body).await;
+            assert_eq!(got, status, "{shown}: {text}");
+            let reply: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{shown}: {e}: {text}"));
+            assert_eq!(reply["error"]["code"], code, "{shown}: {reply}");
+            assert_eq!(reply["id"], id, "{shown}: {reply}");
+            assert!(!reply["error"]["message"].as_str().unwrap_or_default().is_empty());
+        }
+
+        // Well-formed but wrong, through a real client: clear tool errors.
+        let client = server.mcp(Some(&judy), ()).await;
+        let r = call(&client, "echo", json!({"text": 5})).await;
+        assert_eq!(error_code(&r), "invalid_arguments");
+        let r = call(&client, "echo", json!({"text": "x".repeat(60_000)})).await;
+        assert_eq!(text(&r).len(), 60_000, "a long string within the limit is just a string");
+        for id in ["x' OR '1'='1", "../../../etc/passwd", "pay_%00%2e%2e", &"p".repeat(3000)] {
+            let r = call(&client, "echo", json!({"text": "hi", "payment_id": id})).await;
+            assert_eq!(error_code(&r), "payment_not_found", "{id}");
+        }
+        // Another principal's payment id is not judy's to use.
+        let kate = server.key("kate", &["mcp"]).await;
+        let kates = server.mcp(Some(&kate), ()).await;
+        let kates_id = crate::harness::payment_id_of(&call(&kates, "echo", echo_args("mine")).await);
+        let r = call(&client, "echo", json!({"text": "mine", "payment_id": kates_id})).await;
+        assert_eq!(error_code(&r), "payment_mismatch");
+        // A forged request state pays for nothing.
+        let forged = raw
+            .send(serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 20, "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": "hi"}, "requestState": kates_id}})).unwrap())
+            .await;
+        assert!(forged.1.contains("\"isError\":true"), "{forged:?}");
+
+        // Still answering, and nothing moved but what was asked: the one
+        // echo of the long string, paid from judy's wallet.
+        assert_eq!(call(&client, "word_count", json!({"text": "a b"})).await.is_error, Some(false));
+        assert_eq!(server.env.available("judy").await, "0.99");
+        client.cancel().await.ok();
+        kates.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
+}

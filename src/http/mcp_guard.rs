@@ -1,0 +1,39 @@
+//! The `/mcp` body guard: every message a client POSTs is checked the way
+//! stdio lines are (`stdio_guard::check`: at most `[http] max_body_bytes`,
+//! UTF-8, nested at most 64 deep, JSON) before rmcp reads it. A bad one
+//! gets a JSON-RPC error, with its id where it can be read, and a 400 (413
+//! when too large), instead of rmcp's 415, and never reaches the gate.
+
+use axum::{
+    Json,
+    body::{Body, to_bytes},
+    extract::{Request, State},
+    http::{Method, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::stdio_guard;
+
+/// The most a body may hold, from `[http] max_body_bytes`.
+#[derive(Clone, Copy)]
+pub(super) struct BodyLimit(pub usize);
+
+pub(super) async fn guard(State(limit): State<BodyLimit>, request: Request, next: Next) -> Response {
+    if request.method() != Method::POST {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = to_bytes(body, limit.0).await else {
+        let reply = json!({ "jsonrpc": "2.0", "id": null, "error": {
+            "code": -32600,
+            "message": format!("message larger than {} bytes; it was not read", limit.0) } });
+        return (StatusCode::PAYLOAD_TOO_LARGE, Json(reply)).into_response();
+    };
+    if let Err(reply) = stdio_guard::check(&bytes, limit.0) {
+        tracing::warn!("refused a bad /mcp message: {}", reply["error"]["message"]);
+        return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
