@@ -77,4 +77,19 @@ mod tests {
         assert_ne!(args_hash(&json!({"a": "1"})), args_hash(&json!({"a": 1})));
         assert_ne!(args_hash(&json!([1, 2])), args_hash(&json!([2, 1])));
     }
+
+    /// Found by fuzzing (fuzz/regressions/canonical_args): without exact
+    /// float parsing, `59e286` read as one ulp off, and its canonical form
+    /// read back as yet another number, so a stored intent's arguments were
+    /// not quite the ones the client sent.
+    #[test]
+    fn numbers_read_back_as_themselves() {
+        for text in ["59e286", "0.1", "1e-7", "123456789.123456789", "-0.0"] {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let canonical = canonical_json(&value);
+            let again: Value = serde_json::from_str(&canonical).unwrap();
+            assert_eq!(again, value, "{text}");
+            assert_eq!(canonical_json(&again), canonical, "{text}");
+        }
+    }
 }

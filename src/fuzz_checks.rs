@@ -38,7 +38,11 @@ pub fn canonical_args(data: &[u8]) {
     assert_eq!(args_hash(&reparsed), args_hash(&value));
     let pretty = serde_json::to_string_pretty(&value).unwrap_or_default();
     if let Ok(respaced) = serde_json::from_str::<Value>(&pretty) {
-        assert_eq!(args_hash(&respaced), args_hash(&value), "spacing changed the hash");
+        assert_eq!(
+            args_hash(&respaced),
+            args_hash(&value),
+            "spacing changed the hash"
+        );
     }
 }
 
@@ -75,7 +79,10 @@ pub fn receipt(data: &[u8]) {
     let mut altered: Vec<char> = receipt.chars().collect();
     altered[at] = if altered[at] == 'A' { 'B' } else { 'A' };
     let altered: String = altered.into_iter().collect();
-    assert!(signer.verify(&altered).is_err(), "altered at {at}: {altered}");
+    assert!(
+        signer.verify(&altered).is_err(),
+        "altered at {at}: {altered}"
+    );
 }
 
 /// The inputs kept for a target: its seeds and the crashes fuzzing found.

@@ -85,7 +85,9 @@ impl Gate {
                 Ok(state) if state.status == SessionStatus::Paid => state,
                 _ => return Ok(false),
             };
-            self.store.mark_intent_paid(&intent.id, &state.funding).await?;
+            self.store
+                .mark_intent_paid(&intent.id, &state.funding)
+                .await?;
         }
         if !self
             .store
@@ -111,10 +113,7 @@ impl Gate {
     /// The outcome of a paid intent whose run did not happen, or whose end
     /// is not known: failed, so the payer gets everything back.
     fn unrun(&self, intent: &Intent, code: &str, message: String) -> IntentOutcome {
-        let message = format!(
-            "{message} Call `{}` again for a new payment.",
-            intent.tool
-        );
+        let message = format!("{message} Call `{}` again for a new payment.", intent.tool);
         let result = reply::with_payment(
             reply::error(
                 code,

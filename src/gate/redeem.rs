@@ -437,7 +437,9 @@ impl Gate {
                     intent.status.as_str(),
                     intent.tool
                 ),
-                reply::details(json!({ "payment_id": intent.id, "status": intent.status.as_str() })),
+                reply::details(
+                    json!({ "payment_id": intent.id, "status": intent.status.as_str() }),
+                ),
             ),
             Err(e) => reply::unavailable(e),
         }

@@ -20,7 +20,11 @@ use crate::stdio_guard;
 #[derive(Clone, Copy)]
 pub(super) struct BodyLimit(pub usize);
 
-pub(super) async fn guard(State(limit): State<BodyLimit>, request: Request, next: Next) -> Response {
+pub(super) async fn guard(
+    State(limit): State<BodyLimit>,
+    request: Request,
+    next: Next,
+) -> Response {
     if request.method() != Method::POST {
         return next.run(request).await;
     }
@@ -35,5 +39,6 @@ pub(super) async fn guard(State(limit): State<BodyLimit>, request: Request, next
         tracing::warn!("refused a bad /mcp message: {}", reply["error"]["message"]);
         return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }

@@ -387,8 +387,8 @@ impl Store for PgStore {
                 now_ms(),
                 &self.db.instance,
             ))
-                .execute(&self.db.pool)
-                .await?)
+            .execute(&self.db.pool)
+            .await?)
         })
         .await?;
         Ok(done.rows_affected() > 0)

@@ -137,8 +137,7 @@ pub(super) const INTENT: &str = "SELECT * FROM intents WHERE id = $1";
 
 /// Moves an intent (`$1`) from `$2` to `$3`. An intent set running is
 /// stamped with the instance running it (`$5`), for crash recovery.
-pub(super) const TRANSITION_INTENT: &str =
-    "UPDATE intents SET status = $3, updated_at = $4,
+pub(super) const TRANSITION_INTENT: &str = "UPDATE intents SET status = $3, updated_at = $4,
                         runner = CASE WHEN $3 = 'running' THEN $5 ELSE runner END
      WHERE id = $1 AND status = $2";
 
@@ -456,7 +455,14 @@ impl<'a> Statement<'a> {
         at: i64,
         instance: &'a str,
     ) -> Self {
-        statement!(TRANSITION_INTENT, id, from.as_str(), to.as_str(), at, instance)
+        statement!(
+            TRANSITION_INTENT,
+            id,
+            from.as_str(),
+            to.as_str(),
+            at,
+            instance
+        )
     }
 
     pub(super) fn finish_intent(outcome: &'a super::IntentOutcome) -> Self {

@@ -106,7 +106,10 @@ async fn fast_load(client: Arc<Client>, told: Arc<Mutex<Told>>, seed: u64) {
         };
         let payment = payment_meta(&r);
         if payment["status"] == "paid" {
-            let id = payment["payment_id"].as_str().unwrap_or_default().to_owned();
+            let id = payment["payment_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             told.lock().unwrap().paid.insert(id);
         }
     }
@@ -119,14 +122,21 @@ async fn slow_load(client: Arc<Client>, told: Arc<Mutex<Told>>, seed: u64) {
     for n in 0.. {
         let (tool, arguments) = some_call(&mut rng, n);
         let call = |arguments: Value| {
-            client.call_tool(
-                CallToolRequestParams::new(tool).with_arguments(args(arguments)),
-            )
+            client.call_tool(CallToolRequestParams::new(tool).with_arguments(args(arguments)))
         };
         let Ok(first) = call(arguments.clone()).await else {
             return;
         };
-        assert_eq!(error_code(&first), "payment_required", "{first:?}");
+        // (Under a loaded machine the store may answer "unavailable": then
+        // there is no payment to follow.)
+        if structured(&first)["error"] != "payment_required" {
+            assert_eq!(
+                error_code(&first),
+                "payment_system_unavailable",
+                "{first:?}"
+            );
+            continue;
+        }
         let id = payment_id_of(&first);
         told.lock().unwrap().issued.insert(id.clone());
         let mut paid_call = arguments;
@@ -213,7 +223,11 @@ async fn no_second_runs(bob: &Client, store: &dyn Store, told: &Told) {
         }
         let once_more = call(bob, &intent.tool, arguments).await;
         if !payment_meta(&once_more).is_null() {
-            assert_eq!(payment_meta(&once_more)["replayed"], true, "{id}: {once_more:?}");
+            assert_eq!(
+                payment_meta(&once_more)["replayed"],
+                true,
+                "{id}: {once_more:?}"
+            );
         }
     }
 }

@@ -50,7 +50,14 @@ struct FuzzCall {
     meta: Option<Map<String, Value>>,
 }
 
-const TOOLS: [&str; 6] = ["echo", "divide", "search", "sleep", "word_count", "confirm_echo_payment"];
+const TOOLS: [&str; 6] = [
+    "echo",
+    "divide",
+    "search",
+    "sleep",
+    "word_count",
+    "confirm_echo_payment",
+];
 
 fn hostile_string() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -87,26 +94,28 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// Arguments near a tool's schema (so calls get past validation), or of
 /// any shape at all.
 fn arguments() -> impl Strategy<Value = Map<String, Value>> {
-    let near = || (
-        hostile_string(),
-        any::<i32>(),
-        -2i32..3,
-        0u64..20,
-        prop::option::of(("[a-z_]{1,10}", json_value())),
-    )
-        .prop_map(|(text, a, b, n, extra)| {
-            let mut m = Map::new();
-            m.insert("text".into(), json!(text));
-            m.insert("a".into(), json!(a));
-            m.insert("b".into(), json!(b));
-            m.insert("query".into(), json!("an"));
-            m.insert("limit".into(), json!(n));
-            m.insert("ms".into(), json!(n));
-            if let Some((k, v)) = extra {
-                m.insert(k, v);
-            }
-            m
-        });
+    let near = || {
+        (
+            hostile_string(),
+            any::<i32>(),
+            -2i32..3,
+            0u64..20,
+            prop::option::of(("[a-z_]{1,10}", json_value())),
+        )
+            .prop_map(|(text, a, b, n, extra)| {
+                let mut m = Map::new();
+                m.insert("text".into(), json!(text));
+                m.insert("a".into(), json!(a));
+                m.insert("b".into(), json!(b));
+                m.insert("query".into(), json!("an"));
+                m.insert("limit".into(), json!(n));
+                m.insert("ms".into(), json!(n));
+                if let Some((k, v)) = extra {
+                    m.insert(k, v);
+                }
+                m
+            })
+    };
     prop_oneof![
         3 => near(),
         1 => prop::collection::btree_map(hostile_string(), json_value(), 0..4)
@@ -136,16 +145,22 @@ fn fuzz_call() -> impl Strategy<Value = FuzzCall> {
             m
         }),
     ]);
-    (0usize..2, tool, arguments(), prop::bool::weighted(0.7), payment, meta).prop_map(
-        |(caller, tool, arguments, fit, payment, meta)| FuzzCall {
+    (
+        0usize..2,
+        tool,
+        arguments(),
+        prop::bool::weighted(0.7),
+        payment,
+        meta,
+    )
+        .prop_map(|(caller, tool, arguments, fit, payment, meta)| FuzzCall {
             caller,
             tool,
             arguments,
             fit,
             payment,
             meta,
-        },
-    )
+        })
 }
 
 /// echo in two_step (so `confirm_echo_payment` exists), the rest resubmit.
@@ -193,10 +208,18 @@ impl Fuzzer {
         let server = InProcess::new(&pricing()).await;
         server.env.topup("alice", "1000.00").await;
         let alice = server
-            .connect(Some("alice"), server.client(Person::Ignores, Elicitation::None), false)
+            .connect(
+                Some("alice"),
+                server.client(Person::Ignores, Elicitation::None),
+                false,
+            )
             .await;
         let bob = server
-            .connect(Some("bob"), server.client(Person::Ignores, Elicitation::None), false)
+            .connect(
+                Some("bob"),
+                server.client(Person::Ignores, Elicitation::None),
+                false,
+            )
             .await;
         Self {
             server,
@@ -228,7 +251,8 @@ impl Fuzzer {
                 arguments.insert("payment_id".into(), json!(id));
             }
         }
-        let mut params = CallToolRequestParams::new(call.tool.clone()).with_arguments(args(Value::Object(arguments)));
+        let mut params = CallToolRequestParams::new(call.tool.clone())
+            .with_arguments(args(Value::Object(arguments)));
         if let Some(meta) = &call.meta {
             params.meta = Some(RequestMetaObject(MetaObject(meta.clone())));
         }
@@ -255,7 +279,9 @@ impl Fuzzer {
             self.charged += amount.0;
         }
         if r.is_error == Some(true) {
-            let code_known = body["error"].as_str().is_some_and(|c| code::ALL.contains(&c));
+            let code_known = body["error"]
+                .as_str()
+                .is_some_and(|c| code::ALL.contains(&c));
             let tool_error = ["released", "refunded"].contains(&status) || payment.is_null();
             if !code_known && !tool_error {
                 return Err(format!("an error result with no known code: {r:?}"));
@@ -294,7 +320,10 @@ impl Fuzzer {
 }
 
 fn budget() -> (Option<Duration>, usize) {
-    match std::env::var("TOLLGATE_FUZZ_SECS").ok().and_then(|s| s.parse().ok()) {
+    match std::env::var("TOLLGATE_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         Some(secs) => (Some(Duration::from_secs(secs)), usize::MAX),
         None => (None, 32),
     }

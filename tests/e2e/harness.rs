@@ -121,7 +121,11 @@ impl Env {
     }
 
     /// A client, and the process id of its `tollgate serve` (to kill it).
-    pub async fn client_and_pid(&self, payer: Option<&str>, vars: &[(&str, &str)]) -> (Client, u32) {
+    pub async fn client_and_pid(
+        &self,
+        payer: Option<&str>,
+        vars: &[(&str, &str)],
+    ) -> (Client, u32) {
         let cmd = self.command().configure(|cmd| {
             cmd.arg("serve").envs(vars.iter().copied());
             if let Some(payer) = payer {

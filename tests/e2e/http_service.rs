@@ -757,8 +757,13 @@ impl RawSession {
             .and_then(|v| v.to_str().ok())
             .expect("a session id")
             .to_owned();
-        let raw = Self { url, key: key.to_owned(), session };
-        raw.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec()).await;
+        let raw = Self {
+            url,
+            key: key.to_owned(),
+            session,
+        };
+        raw.send(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec())
+            .await;
         raw
     }
 

@@ -121,7 +121,9 @@ async fn drive(client: &Client, rng: &mut fastrand::Rng, tool: &str, arguments: 
 fn settled(r: &CallToolResult) {
     let payment = payment_meta(r);
     assert!(
-        payment.is_null() || ["paid", "released", "refunded"].contains(&payment["status"].as_str().unwrap_or_default()),
+        payment.is_null()
+            || ["paid", "released", "refunded"]
+                .contains(&payment["status"].as_str().unwrap_or_default()),
         "{r:?}"
     );
     if payment.is_null() {
@@ -179,7 +181,8 @@ async fn mixed_traffic_for_minutes_keeps_memory_flat_and_prunes_on_schedule() {
     let every = Duration::from_secs((secs / 12).max(5));
     let mut rss = Vec::new();
     while started.elapsed() < Duration::from_secs(secs) {
-        tokio::time::sleep(every.min(Duration::from_secs(secs).saturating_sub(started.elapsed()))).await;
+        tokio::time::sleep(every.min(Duration::from_secs(secs).saturating_sub(started.elapsed())))
+            .await;
         let stats = store.stats().await.expect("stats");
         let kib = rss_kib(pid);
         rss.push(kib);
@@ -202,7 +205,11 @@ async fn mixed_traffic_for_minutes_keeps_memory_flat_and_prunes_on_schedule() {
                 "the server left things past their time unpruned"
             );
             let unredeemed = store.unredeemed(overdue).await.expect("unredeemed");
-            assert!(unredeemed.is_empty(), "paid payments left unrefunded: {}", unredeemed.len());
+            assert!(
+                unredeemed.is_empty(),
+                "paid payments left unrefunded: {}",
+                unredeemed.len()
+            );
         }
     }
     stop.store(true, Ordering::Relaxed);
