@@ -109,7 +109,8 @@ mod tests {
 
     #[test]
     fn every_kept_fuzz_input_still_passes() {
-        let targets: [(&str, fn(&[u8])); 3] = [
+        type Check = fn(&[u8]);
+        let targets: [(&str, Check); 3] = [
             ("pricing", pricing),
             ("canonical_args", canonical_args),
             ("receipt", receipt),

@@ -327,14 +327,14 @@ impl Store for SqliteStore {
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
         let done = query(Statement::transition_intent(
-                id,
-                from,
-                to,
-                now_ms(),
-                &self.db.instance,
-            ))
-            .execute(&self.db.pool)
-            .await?;
+            id,
+            from,
+            to,
+            now_ms(),
+            &self.db.instance,
+        ))
+        .execute(&self.db.pool)
+        .await?;
         Ok(done.rows_affected() > 0)
     }
 
