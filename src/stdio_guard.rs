@@ -132,11 +132,7 @@ async fn read_line<R: AsyncRead + Unpin>(
 pub fn check(line: &[u8], max_bytes: usize) -> Result<(), Value> {
     if line.len() > max_bytes {
         // The id is near the start of a request: answer it if it is there.
-        return Err(error_reply(
-            id_of(&String::from_utf8_lossy(line)),
-            INVALID_REQUEST,
-            format!("message larger than {max_bytes} bytes; it was not read"),
-        ));
+        return Err(too_large(id_of(&String::from_utf8_lossy(line)), max_bytes));
     }
     let Ok(text) = std::str::from_utf8(line) else {
         return Err(error_reply(
@@ -168,6 +164,15 @@ pub fn check(line: &[u8], max_bytes: usize) -> Result<(), Value> {
             format!("message is not JSON: {e}"),
         )),
     }
+}
+
+/// The answer to a message over the size limit (`id` `null` when unread).
+pub fn too_large(id: Value, max_bytes: usize) -> Value {
+    error_reply(
+        id,
+        INVALID_REQUEST,
+        format!("message larger than {max_bytes} bytes; it was not read"),
+    )
 }
 
 fn error_reply(id: Value, code: i64, message: String) -> Value {

@@ -12,7 +12,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use serde_json::json;
+use serde_json::Value;
 
 use crate::stdio_guard;
 
@@ -30,9 +30,7 @@ pub(super) async fn guard(
     }
     let (parts, body) = request.into_parts();
     let Ok(bytes) = to_bytes(body, limit.0).await else {
-        let reply = json!({ "jsonrpc": "2.0", "id": null, "error": {
-            "code": -32600,
-            "message": format!("message larger than {} bytes; it was not read", limit.0) } });
+        let reply = stdio_guard::too_large(Value::Null, limit.0);
         return (StatusCode::PAYLOAD_TOO_LARGE, Json(reply)).into_response();
     };
     if let Err(reply) = stdio_guard::check(&bytes, limit.0) {

@@ -718,10 +718,8 @@ pub trait Store: Send + Sync + 'static {
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError>;
 
     // ---- crash recovery and upkeep ----
-    /// This process's instance id, stamped on the holds it opens and the
-    /// paid intents it runs.
-    fn instance(&self) -> &str;
-    /// Registers this instance as alive until `alive_until`, or renews it.
+    /// Registers this process's instance (whose id the holds it opens and
+    /// the paid intents it runs carry) as alive until `alive_until`, or renews it.
     /// Once its lease lapses (the process died), any instance recovers what
     /// it left: see the next two.
     async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError>;

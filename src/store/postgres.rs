@@ -520,10 +520,6 @@ impl Store for PgStore {
         self.db.revoke_api_key(id, now).await
     }
 
-    fn instance(&self) -> &str {
-        &self.db.instance
-    }
-
     async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError> {
         retrying(|| self.db.heartbeat(now, alive_until)).await
     }

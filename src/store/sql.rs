@@ -141,11 +141,11 @@ pub(super) const TRANSITION_INTENT: &str = "UPDATE intents SET status = $3, upda
                         runner = CASE WHEN $3 = 'running' THEN $5 ELSE runner END
      WHERE id = $1 AND status = $2";
 
-/// Registers instance `$1` (started at `$2`) or renews its lease to `$3`;
-/// instances gone for a day (`$4`) are forgotten.
+/// Registers instance `$1` (started at `$2`) or renews its lease to `$3`.
 pub(super) const HEARTBEAT: &str =
     "INSERT INTO instances (id, started_at, alive_until) VALUES ($1, $2, $3)
      ON CONFLICT (id) DO UPDATE SET alive_until = excluded.alive_until";
+/// Forgets instances whose lease lapsed before `$1`.
 pub(super) const FORGET_INSTANCES: &str = "DELETE FROM instances WHERE alive_until < $1";
 
 /// Whether `$owner` (a column) names no instance alive at `$1`.
