@@ -46,6 +46,73 @@ pub(super) struct PaymentLocks {
     pub wallet: &'static str,
 }
 
+/// A write transaction the shared multi-statement writes (postings, session
+/// payments, settlements, refunds) run in: a sqlx transaction on either
+/// backend, or the SQLite store's in-thread connection
+/// (`sqlite::in_thread`), whose futures are ready at once.
+pub(super) trait Tx {
+    type Row: Columns;
+    /// Runs a statement; how many rows it changed.
+    fn execute(
+        &mut self,
+        statement: Statement<'_>,
+    ) -> impl Future<Output = Result<u64, StoreError>>;
+    fn fetch_optional(
+        &mut self,
+        statement: Statement<'_>,
+    ) -> impl Future<Output = Result<Option<Self::Row>, StoreError>>;
+    fn fetch_all(
+        &mut self,
+        statement: Statement<'_>,
+    ) -> impl Future<Output = Result<Vec<Self::Row>, StoreError>>;
+    fn commit(self) -> impl Future<Output = Result<(), StoreError>>;
+
+    /// The one row a statement must return.
+    fn fetch_one(
+        &mut self,
+        statement: Statement<'_>,
+    ) -> impl Future<Output = Result<Self::Row, StoreError>> {
+        async {
+            self.fetch_optional(statement)
+                .await?
+                .ok_or(StoreError::Unavailable(sqlx::Error::RowNotFound))
+        }
+    }
+}
+
+impl<DB> Tx for Transaction<'_, DB>
+where
+    DB: Database,
+    DB::Row: Columns,
+    DB::QueryResult: Changed,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> <DB as Database>::Arguments<'q>: IntoArguments<'q, DB>,
+    for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
+    for<'q> bool: Encode<'q, DB> + Type<DB>,
+{
+    type Row = DB::Row;
+
+    async fn execute(&mut self, statement: Statement<'_>) -> Result<u64, StoreError> {
+        Ok(query(statement).execute(&mut **self).await?.changed())
+    }
+
+    async fn fetch_optional(
+        &mut self,
+        statement: Statement<'_>,
+    ) -> Result<Option<DB::Row>, StoreError> {
+        Ok(query(statement).fetch_optional(&mut **self).await?)
+    }
+
+    async fn fetch_all(&mut self, statement: Statement<'_>) -> Result<Vec<DB::Row>, StoreError> {
+        Ok(query(statement).fetch_all(&mut **self).await?)
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        Ok(Transaction::commit(self).await?)
+    }
+}
+
 /// A backend's pool, with the statements every backend runs the same way.
 pub(super) struct Portable<DB: Database> {
     pub pool: Pool<DB>,
@@ -274,25 +341,7 @@ where
         req: &HoldRequest,
         at: i64,
     ) -> Result<HoldOutcome, StoreError> {
-        let breach = self
-            .limits(&req.principal)
-            .await?
-            .into_iter()
-            .find_map(|w| {
-                (w.currency == req.currency)
-                    .then(|| {
-                        w.limits.breach(
-                            &req.principal,
-                            &w.currency,
-                            &w.spent,
-                            Some(&req.tool),
-                            req.amount,
-                            at,
-                        )
-                    })
-                    .flatten()
-            });
-        Ok(breach.map_or(HoldOutcome::Insufficient, HoldOutcome::OverLimit))
+        Ok(refused_hold(req, self.limits(&req.principal).await?, at))
     }
 
     pub async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
@@ -406,19 +455,16 @@ where
     /// each wallet's balance). Entries are written in account order, so two
     /// transactions touching the same accounts lock them in the same order.
     async fn post(
-        conn: &mut DB::Connection,
+        tx: &mut impl Tx,
         header: TxnHeader<'_>,
         entries: &[Entry],
     ) -> Result<Posted, StoreError> {
         check_balanced(header.kind, entries)?;
         let mut entries = entries.to_vec();
         entries.sort_unstable();
-        query(Statement::insert_transaction(&header))
-            .execute(&mut *conn)
-            .await?;
+        tx.execute(Statement::insert_transaction(&header)).await?;
         for entry in entries {
-            query(Statement::insert_entry(&header.id, entry, header.at))
-                .execute(&mut *conn)
+            tx.execute(Statement::insert_entry(&header.id, entry, header.at))
                 .await?;
         }
         Ok(Posted {
@@ -429,7 +475,7 @@ where
 
     /// A top-up from `source_id` into `wallet_id`, in `tx`, committed.
     pub async fn topup(
-        mut tx: Transaction<'_, DB>,
+        mut tx: impl Tx,
         wallet_id: i64,
         source_id: i64,
         header: TxnHeader<'_>,
@@ -448,7 +494,7 @@ where
     /// awaiting_payment → paid for an intent paid outside the ledger, with
     /// the money's arrival in clearing, in `tx`; false if it was not awaiting.
     pub async fn mark_paid_externally(
-        mut tx: Transaction<'_, DB>,
+        mut tx: impl Tx,
         intent: &Intent,
         source_id: i64,
         clearing_id: i64,
@@ -456,16 +502,15 @@ where
         approver: &str,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
-        let marked = query(statement!(
-            sql::MARK_PAID,
-            &intent.id,
-            source_id,
-            now,
-            approver
-        ))
-        .execute(&mut *tx)
-        .await?
-        .changed();
+        let marked = tx
+            .execute(statement!(
+                sql::MARK_PAID,
+                &intent.id,
+                source_id,
+                now,
+                approver
+            ))
+            .await?;
         if marked == 0 {
             return Ok(false);
         }
@@ -494,20 +539,16 @@ where
     /// Stores a run's result and settles its money, in `tx`, committed:
     /// `plan` is what [`Self::settlement_plan`] found.
     pub async fn finish(
-        mut tx: Transaction<'_, DB>,
+        mut tx: impl Tx,
         outcome: &IntentOutcome,
         clearing_id: i64,
         plan: Option<&CapturePlan>,
     ) -> Result<Option<Posted>, StoreError> {
-        let row = query(Statement::finish_intent(outcome))
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row = tx.fetch_optional(Statement::finish_intent(outcome)).await?;
         let Some(row) = row else {
             return Err(StoreError::intent_not_running(&outcome.intent_id));
         };
-        query(Statement::store_result(outcome))
-            .execute(&mut *tx)
-            .await?;
+        tx.execute(Statement::store_result(outcome)).await?;
         let posted = match Settlement::of(outcome, &row, clearing_id, plan)? {
             Some(settlement) => Some(
                 Self::post(
@@ -536,7 +577,7 @@ where
     /// so that nothing changes them before the transaction commits.
     #[allow(clippy::too_many_arguments)]
     pub async fn pay_session(
-        mut tx: Transaction<'_, DB>,
+        mut tx: impl Tx,
         locks: &PaymentLocks,
         session: &LocalSession,
         from_wallet: Option<&str>,
@@ -545,14 +586,10 @@ where
         now: i64,
     ) -> Result<Posted, StoreError> {
         let id = session.id.as_str();
-        let row = query(statement!(locks.session, id))
-            .fetch_one(&mut *tx)
-            .await?;
+        let row = tx.fetch_one(statement!(locks.session, id)).await?;
         let status = row.text("status")?;
         if status == "pending" && now > row.int("expires_at")? {
-            query(statement!(sql::EXPIRE_SESSION, id, now))
-                .execute(&mut *tx)
-                .await?;
+            tx.execute(statement!(sql::EXPIRE_SESSION, id, now)).await?;
             tx.commit().await?;
             return Err(StoreError::session_not_pending(id, "expired".into()));
         }
@@ -560,9 +597,7 @@ where
             return Err(StoreError::session_not_pending(id, status));
         }
         if let Some(wallet) = from_wallet {
-            let row = query(statement!(locks.wallet, source_id))
-                .fetch_one(&mut *tx)
-                .await?;
+            let row = tx.fetch_one(statement!(locks.wallet, source_id)).await?;
             // The wallet's limits, checked and counted on its locked row.
             let limits = rows::limits(&row)?;
             if let Some(breach) = limits.limits.breach(
@@ -579,14 +614,13 @@ where
             if available < session.amount.0 {
                 return Err(StoreError::insufficient(wallet, session, available));
             }
-            query(statement!(
+            tx.execute(statement!(
                 sql::COUNT_SPEND,
                 source_id,
                 session.amount.0,
                 day_start(now),
                 month_start(now)
             ))
-            .execute(&mut *tx)
             .await?;
         }
         let audit = session_payment_audit(session, from_wallet);
@@ -607,8 +641,7 @@ where
             ],
         )
         .await?;
-        query(statement!(sql::MARK_SESSION_PAID, id, source_id, now))
-            .execute(&mut *tx)
+        tx.execute(statement!(sql::MARK_SESSION_PAID, id, source_id, now))
             .await?;
         tx.commit().await?;
         Ok(posted)
@@ -618,30 +651,30 @@ where
     /// the capture's transaction (`$1`: its id; `amount`, `currency`,
     /// `payer`, `tool`) so that no other refund of it commits meanwhile.
     pub async fn refund(
-        mut tx: Transaction<'_, DB>,
+        mut tx: impl Tx,
         capture_lock: &'static str,
         request: &RefundRequest,
     ) -> Result<Refunded, StoreError> {
         let payment_id = request.payment_id.as_str();
         let not_found = || StoreError::NotFound(format!("captured payment {payment_id}"));
-        let Some(txn_id) = query(statement!(sql::CAPTURE_TXN_ID, payment_id))
-            .fetch_optional(&mut *tx)
+        let Some(txn_id) = tx
+            .fetch_optional(statement!(sql::CAPTURE_TXN_ID, payment_id))
             .await?
         else {
             return Err(not_found());
         };
         let capture_id = txn_id.text("id")?;
-        let capture = query(statement!(capture_lock, capture_id.as_str()))
-            .fetch_one(&mut *tx)
+        let capture = tx
+            .fetch_one(statement!(capture_lock, capture_id.as_str()))
             .await?;
         let currency = rows::currency_of(capture.text("currency")?)?;
         let captured = capture.int("amount")?;
-        let refunded = query(statement!(sql::REFUNDED_SO_FAR, payment_id))
-            .fetch_one(&mut *tx)
+        let refunded = tx
+            .fetch_one(statement!(sql::REFUNDED_SO_FAR, payment_id))
             .await?
             .int("total")?;
-        if let Some(earlier) = query(statement!(sql::REFUND_BY_KEY, &request.idempotency_key))
-            .fetch_optional(&mut *tx)
+        if let Some(earlier) = tx
+            .fetch_optional(statement!(sql::REFUND_BY_KEY, &request.idempotency_key))
             .await?
         {
             let amount = earlier.int("amount")?;
@@ -672,8 +705,8 @@ where
                 format_amount(Units(captured)),
             )));
         }
-        let Some(destination) = query(statement!(sql::REFUND_DESTINATION, payment_id))
-            .fetch_optional(&mut *tx)
+        let Some(destination) = tx
+            .fetch_optional(statement!(sql::REFUND_DESTINATION, payment_id))
             .await?
         else {
             return Err(StoreError::Invalid(format!(
@@ -684,8 +717,8 @@ where
         // in proportion to what it still holds of it: the refund that
         // empties a payment takes back exactly what each account got.
         let mut legs: Vec<(i64, i64, Option<&'static str>)> = Vec::new();
-        for row in query(statement!(sql::CAPTURE_LEGS, capture_id.as_str()))
-            .fetch_all(&mut *tx)
+        for row in tx
+            .fetch_all(statement!(sql::CAPTURE_LEGS, capture_id.as_str()))
             .await?
         {
             let account = row.int("account_id")?;
@@ -698,8 +731,8 @@ where
                 }
             }
         }
-        for row in query(statement!(sql::REFUNDED_BY_ACCOUNT, payment_id))
-            .fetch_all(&mut *tx)
+        for row in tx
+            .fetch_all(statement!(sql::REFUNDED_BY_ACCOUNT, payment_id))
             .await?
         {
             let account = row.int("account_id")?;
@@ -737,7 +770,7 @@ where
             &entries,
         )
         .await?;
-        query(statement!(
+        tx.execute(statement!(
             sql::INSERT_REFUND,
             &request.idempotency_key,
             payment_id,
@@ -746,7 +779,6 @@ where
             &request.reason,
             at
         ))
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(Refunded {
@@ -784,4 +816,24 @@ where
         };
         found.report()
     }
+}
+
+/// Why a hold was refused (`at`: when it was asked for): a limit of the
+/// wallet's (`limits`: the principal's wallets), else not enough funds.
+pub(super) fn refused_hold(req: &HoldRequest, limits: Vec<WalletLimits>, at: i64) -> HoldOutcome {
+    let breach = limits.into_iter().find_map(|w| {
+        (w.currency == req.currency)
+            .then(|| {
+                w.limits.breach(
+                    &req.principal,
+                    &w.currency,
+                    &w.spent,
+                    Some(&req.tool),
+                    req.amount,
+                    at,
+                )
+            })
+            .flatten()
+    });
+    breach.map_or(HoldOutcome::Insufficient, HoldOutcome::OverLimit)
 }

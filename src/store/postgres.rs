@@ -206,7 +206,9 @@ impl Store for PgStore {
                 at,
                 legs: None,
             };
-            async move { Portable::topup(self.tx().await?, wallet_id, source_id, header).await }
+            async move {
+                Portable::<Postgres>::topup(self.tx().await?, wallet_id, source_id, header).await
+            }
         })
         .await
     }
@@ -339,7 +341,7 @@ impl Store for PgStore {
     async fn refund(&self, request: &RefundRequest) -> Result<Refunded, StoreError> {
         // Refunds of one payment queue on its capture's row.
         retrying(|| async {
-            Portable::refund(
+            Portable::<Postgres>::refund(
                 self.tx().await?,
                 "SELECT amount, currency, payer, tool FROM ledger_transactions WHERE id = $1 FOR UPDATE",
                 request,
@@ -423,7 +425,7 @@ impl Store for PgStore {
         let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
         let audit = external_payment_audit(&intent, account);
         retrying(|| async {
-            Portable::mark_paid_externally(
+            Portable::<Postgres>::mark_paid_externally(
                 self.tx().await?,
                 &intent,
                 source_id,
@@ -442,7 +444,8 @@ impl Store for PgStore {
             .await?;
         let plan = retrying(|| self.db.settlement_plan(outcome)).await?;
         retrying(|| async {
-            Portable::finish(self.tx().await?, outcome, clearing_id, plan.as_ref()).await
+            Portable::<Postgres>::finish(self.tx().await?, outcome, clearing_id, plan.as_ref())
+                .await
         })
         .await
     }
@@ -479,7 +482,7 @@ impl Store for PgStore {
         let source_id = self.account_id(&source).await?;
         let clearing_id = self.account_id(&clearing(&session.currency)).await?;
         retrying(|| async {
-            Portable::pay_session(
+            Portable::<Postgres>::pay_session(
                 self.tx().await?,
                 &PAYMENT_LOCKS,
                 &session,

@@ -1,6 +1,7 @@
-//! Group commit for the fast path's writes (hold, capture, release).
-//!
-//! Each is one conditional statement, atomic on its own. They all go through
+//! Group commit for the store's hot writes: the fast path's (hold, capture,
+//! release), each one conditional statement, atomic on its own, and the slow
+//! path's ([`FastWriter::transaction`]: intents, sessions, settlements),
+//! each in a savepoint of its own. They all go through
 //! one dedicated connection (rusqlite, not sqlx: sqlx runs every statement on
 //! a worker thread of its own, and those hand-offs, not SQLite, were most of
 //! a write's time). Writes are queued, and whoever runs the queue runs all
@@ -32,6 +33,7 @@ use std::{
 use rusqlite::{Connection, ErrorCode, OpenFlags, params};
 use tokio::sync::oneshot;
 
+use super::in_thread::{InlineTx, TxState};
 use crate::{config::Synchronous, store::StoreError, sync::lock};
 
 /// The most writes one commit carries.
@@ -41,7 +43,6 @@ const MAX_BATCH: usize = 64;
 /// the writer thread's (a caller running the queue does not wait).
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Debug)]
 pub(super) enum FastWrite {
     /// Reserve `amount` if the wallet's available balance covers it and
     /// its limits allow it.
@@ -72,7 +73,15 @@ pub(super) enum FastWrite {
     },
     /// End an open hold without charging.
     Release { hold_id: String, at: i64 },
+    /// Any other write (see [`FastWriter::transaction`]). It may run more
+    /// than once, when a batch is handed to the writer thread before it
+    /// committed: each run starts from what it saw first.
+    Op(Operation),
 }
+
+/// A write of [`FastWriter::transaction`]: `Ok(true)` once it ran (its own
+/// answer is in its slot), `Err` when it ended the batch's transaction.
+type Operation = Box<dyn Fn(&Connection) -> rusqlite::Result<bool> + Send>;
 
 impl FastWrite {
     /// Runs the write's statement; `Ok(true)` when it changed its row.
@@ -115,6 +124,7 @@ impl FastWrite {
                     "UPDATE holds SET status = 'released', settled_at = ?1 WHERE id = ?2 AND status = 'open'",
                 )?
                 .execute(params![at, hold_id])?,
+            FastWrite::Op(op) => return op(conn),
         };
         Ok(changed == 1)
     }
@@ -206,6 +216,43 @@ impl FastWriter {
         }
         outcome.await.map_err(|_| stopped())?
     }
+
+    /// Runs `op` in the next batch, in a savepoint of its own, and answers
+    /// with its result once the batch has committed. An `op` that fails
+    /// without committing (see [`InlineTx`]) has its writes undone, alone.
+    pub(super) async fn transaction<T: Send + 'static>(
+        &self,
+        op: impl Fn(InlineTx<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let answer = Arc::new(Mutex::new(None));
+        let slot = answer.clone();
+        let write = FastWrite::Op(Box::new(move |conn| {
+            conn.execute_batch("SAVEPOINT op")?;
+            let state = TxState::default();
+            let result = op(InlineTx {
+                conn,
+                state: &state,
+            });
+            if conn.is_autocommit() {
+                // The failure ended the batch's transaction: nothing is kept.
+                return Err(state
+                    .take_failure()
+                    .unwrap_or(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                        Some("the batch's transaction ended".into()),
+                    )));
+            }
+            if result.is_err() && !state.committed() {
+                conn.execute_batch("ROLLBACK TO op")?;
+            }
+            conn.execute_batch("RELEASE op")?;
+            *lock(&slot) = Some(result);
+            Ok(true)
+        }));
+        self.write(write).await?;
+        let result = lock(&answer).take();
+        result.unwrap_or_else(|| Err(StoreError::Corrupt("a write went unanswered".into())))
+    }
 }
 
 #[derive(PartialEq, Eq)]
@@ -281,12 +328,14 @@ fn open(path: &Path, synchronous: Synchronous) -> rusqlite::Result<Connection> {
         },
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The fast path's and the slow path's statements, all kept prepared.
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
 /// A failure of the database under the writer: the same answer the pool's
 /// failures give, so callers retry or refuse the call the same way.
-fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+pub(super) fn unavailable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
     StoreError::Unavailable(sqlx::Error::Io(std::io::Error::other(e)))
 }
 

@@ -2,8 +2,13 @@
 //! with `BEGIN IMMEDIATE` so that two writers never both read and then fail
 //! to upgrade (SQLITE_BUSY). A write that is one statement runs on its own:
 //! it is atomic, and takes the write lock when it starts, so it cannot fail
-//! to upgrade either, and it costs one round trip instead of three. Several
-//! processes may open the same file.
+//! to upgrade either. Several processes may open the same file.
+//!
+//! The calls' own reads and writes (the fast path's holds and captures; the
+//! slow path's intents, sessions and settlements) skip sqlx: they run on
+//! rusqlite connections in the calling thread (`in_thread`), the writes in
+//! the writer's group commits (`fast_writes`). What is left on the pool is
+//! the rest: top-ups, refunds, statements, sweeps, the CLI.
 
 use std::{str::FromStr, time::Duration};
 
@@ -16,12 +21,15 @@ use sqlx::{
 };
 
 mod fast_writes;
+mod in_thread;
 
 use fast_writes::{BUSY_TIMEOUT, FastWrite, FastWriter};
+use in_thread::{Readers, ready};
 
 use super::{
-    portable::{PaymentLocks, Portable},
+    portable::{PaymentLocks, Portable, Tx, refused_hold},
     posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
+    rows::Columns,
     sql::*,
     *,
 };
@@ -31,8 +39,11 @@ pub struct SqliteStore {
     db: Portable<Sqlite>,
     /// The fast path's writes (hold, capture, release) go through one
     /// connection of their own, with group commit
-    /// (see `fast_writes`). SQLite serialises writers anyway.
+    /// (see `fast_writes`). SQLite serialises writers anyway. So do the
+    /// slow path's, as operations of their own.
     fast_writes: FastWriter,
+    /// The slow path's reads, in the calling thread (see `in_thread`).
+    readers: Readers,
 }
 
 impl SqliteStore {
@@ -78,9 +89,11 @@ impl SqliteStore {
             .await?;
         let fast_writes = FastWriter::open(options.get_filename(), synchronous)?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        let readers = Readers::open(options.get_filename())?;
         Ok(Self {
             db: Portable::new(pool),
             fast_writes,
+            readers,
         })
     }
 
@@ -90,6 +103,17 @@ impl SqliteStore {
 
     async fn write_tx(&self) -> Result<Transaction<'_, Sqlite>, StoreError> {
         Ok(self.db.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// A read's answer: in-thread if it ran there, else through the pool.
+async fn read<T>(
+    in_thread: Option<Result<T, StoreError>>,
+    pool: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match in_thread {
+        Some(answer) => answer,
+        None => pool.await,
     }
 }
 
@@ -139,7 +163,7 @@ impl Store for SqliteStore {
             at: now_ms(),
             legs: None,
         };
-        Portable::topup(self.write_tx().await?, wallet_id, source_id, header).await
+        Portable::<Sqlite>::topup(self.write_tx().await?, wallet_id, source_id, header).await
     }
 
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
@@ -168,7 +192,15 @@ impl Store for SqliteStore {
         session_id: &str,
         now: i64,
     ) -> Result<i64, StoreError> {
-        self.db.open_intents(principal, session_id, now).await
+        let in_thread = self.readers.optional(
+            statement!(sql::OPEN_INTENTS, Param::Text(principal), session_id, now),
+            |row| row.int("n"),
+        );
+        read(
+            in_thread.map(|n| n.map(Option::unwrap_or_default)),
+            self.db.open_intents(principal, session_id, now),
+        )
+        .await
     }
 
     async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
@@ -180,7 +212,10 @@ impl Store for SqliteStore {
     }
 
     async fn limits(&self, wallet: &str) -> Result<Vec<WalletLimits>, StoreError> {
-        self.db.limits(wallet).await
+        let in_thread = self
+            .readers
+            .all(statement!(sql::LIMITS, wallet), rows::limits);
+        read(in_thread, self.db.limits(wallet)).await
     }
 
     async fn decide_approval(
@@ -219,7 +254,8 @@ impl Store for SqliteStore {
         if held {
             return Ok(HoldOutcome::Held);
         }
-        self.db.refused_hold(req, created_at).await
+        let limits = self.limits(&req.principal).await?;
+        Ok(refused_hold(req, limits, created_at))
     }
 
     async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {
@@ -266,7 +302,7 @@ impl Store for SqliteStore {
     async fn refund(&self, request: &RefundRequest) -> Result<Refunded, StoreError> {
         // The IMMEDIATE transaction holds the write lock: no other refund
         // of the payment commits meanwhile.
-        Portable::refund(
+        Portable::<Sqlite>::refund(
             self.write_tx().await?,
             "SELECT amount, currency, payer, tool FROM ledger_transactions WHERE id = $1",
             request,
@@ -313,11 +349,18 @@ impl Store for SqliteStore {
     }
 
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        self.db.create_intent(intent).await
+        let intent = intent.clone();
+        self.fast_writes
+            .transaction(move |mut tx| ready(tx.execute(Statement::create_intent(&intent))))
+            .await?;
+        Ok(())
     }
 
     async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {
-        self.db.intent(id).await
+        let in_thread = self
+            .readers
+            .optional(statement!(sql::INTENT, id), rows::intent);
+        read(in_thread, self.db.intent(id)).await
     }
 
     async fn transition_intent(
@@ -326,16 +369,14 @@ impl Store for SqliteStore {
         from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
-        let done = query(Statement::transition_intent(
-            id,
-            from,
-            to,
-            now_ms(),
-            &self.db.instance,
-        ))
-        .execute(&self.db.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        let (id, instance, now) = (id.to_owned(), self.db.instance.clone(), now_ms());
+        let changed = self
+            .fast_writes
+            .transaction(move |mut tx| {
+                ready(tx.execute(Statement::transition_intent(&id, from, to, now, &instance)))
+            })
+            .await?;
+        Ok(changed > 0)
     }
 
     async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
@@ -345,14 +386,14 @@ impl Store for SqliteStore {
                     Some(account) => Some(self.db.account_id(account).await?),
                     None => None,
                 };
-                let done = sqlx::query(MARK_PAID)
-                    .bind(id)
-                    .bind(refund_id)
-                    .bind(now_ms())
-                    .bind(funding.approver())
-                    .execute(&self.db.pool)
+                let (id, now, approver) = (id.to_owned(), now_ms(), funding.approver().to_owned());
+                let changed = self
+                    .fast_writes
+                    .transaction(move |mut tx| {
+                        ready(tx.execute(statement!(MARK_PAID, &id, refund_id, now, &approver)))
+                    })
                     .await?;
-                return Ok(done.rows_affected() > 0);
+                return Ok(changed > 0);
             }
             Funding::External { account } => account,
         };
@@ -365,7 +406,7 @@ impl Store for SqliteStore {
         let source_id = self.db.account_id(&source).await?;
         let clearing_id = self.db.account_id(&clearing(&intent.currency)).await?;
         let audit = external_payment_audit(&intent, account);
-        Portable::mark_paid_externally(
+        Portable::<Sqlite>::mark_paid_externally(
             self.write_tx().await?,
             &intent,
             source_id,
@@ -382,19 +423,40 @@ impl Store for SqliteStore {
             .account_id(&clearing(&outcome.charge.beneficiary.currency))
             .await?;
         let plan = self.db.settlement_plan(outcome).await?;
-        Portable::finish(self.write_tx().await?, outcome, clearing_id, plan.as_ref()).await
+        let outcome = outcome.clone();
+        self.fast_writes
+            .transaction(move |tx| {
+                ready(Portable::<Sqlite>::finish(
+                    tx,
+                    &outcome,
+                    clearing_id,
+                    plan.as_ref(),
+                ))
+            })
+            .await
     }
 
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {
-        self.db.stored_result(intent_id).await
+        let in_thread = self.readers.optional(
+            statement!(sql::STORED_RESULT, intent_id),
+            rows::stored_result,
+        );
+        read(in_thread, self.db.stored_result(intent_id)).await
     }
 
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
-        self.db.create_session(session).await
+        let session = session.clone();
+        self.fast_writes
+            .transaction(move |mut tx| ready(tx.execute(Statement::create_session(&session))))
+            .await?;
+        Ok(())
     }
 
     async fn session(&self, id: &str) -> Result<Option<LocalSession>, StoreError> {
-        self.db.session(id).await
+        let in_thread = self
+            .readers
+            .optional(statement!(sql::SESSION, id), rows::session);
+        read(in_thread, self.db.session(id)).await
     }
 
     async fn list_sessions(&self, limit: i64) -> Result<Vec<LocalSession>, StoreError> {
@@ -416,24 +478,30 @@ impl Store for SqliteStore {
         };
         let source_id = self.db.account_id(&source).await?;
         let clearing_id = self.db.account_id(&clearing(&session.currency)).await?;
-        Portable::pay_session(
-            self.write_tx().await?,
-            &PAYMENT_LOCKS,
-            &session,
-            from_wallet,
-            source_id,
-            clearing_id,
-            now,
-        )
-        .await
+        let from_wallet = from_wallet.map(str::to_owned);
+        self.fast_writes
+            .transaction(move |tx| {
+                ready(Portable::<Sqlite>::pay_session(
+                    tx,
+                    &PAYMENT_LOCKS,
+                    &session,
+                    from_wallet.as_deref(),
+                    source_id,
+                    clearing_id,
+                    now,
+                ))
+            })
+            .await
     }
 
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError> {
         check_session_ending(to)?;
-        let done = query(Statement::end_session(id, to, now_ms()))
-            .execute(&self.db.pool)
+        let (id, now) = (id.to_owned(), now_ms());
+        let changed = self
+            .fast_writes
+            .transaction(move |mut tx| ready(tx.execute(Statement::end_session(&id, to, now))))
             .await?;
-        Ok(done.rows_affected() > 0)
+        Ok(changed > 0)
     }
 
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
