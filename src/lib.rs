@@ -22,6 +22,7 @@ pub mod provider;
 pub mod receipt;
 pub mod server;
 pub mod statement;
+pub mod stdio;
 pub mod stdio_guard;
 pub mod store;
 mod sync;

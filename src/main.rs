@@ -396,8 +396,8 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
     );
     let server = TollgateServer::new(gate, Caller { principal: payer });
     let (input, output) = tollgate::stdio_guard::guard(
-        tokio::io::stdin(),
-        tokio::io::stdout(),
+        tollgate::stdio::stdin(),
+        tollgate::stdio::stdout(),
         config.max_message_bytes,
     );
     let running = server.serve((input, output)).await?;

@@ -84,9 +84,10 @@ where
                     }
                 },
             };
-            if output.write_all(line.as_bytes()).await.is_err()
-                || output.write_all(b"\n").await.is_err()
-                || output.flush().await.is_err()
+            // One write per message: each may be a system call.
+            let mut line = line;
+            line.push('\n');
+            if output.write_all(line.as_bytes()).await.is_err() || output.flush().await.is_err()
             {
                 break;
             }

@@ -209,3 +209,94 @@ on_both_backends! {
         drop(wire);
     }
 }
+
+/// The server's stdin and stdout are pipes when an MCP client starts it,
+/// and are then read and written on the runtime's event loop. Anything
+/// else (here, files) is served too, through tokio's blocking stdio.
+#[tokio::test]
+async fn a_server_whose_stdin_or_stdout_is_a_file_still_answers() {
+    let env = Env::new("two_step");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "wire", "version": "1"}}});
+    let command = || {
+        let mut command = tokio::process::Command::new(EXE);
+        command
+            .arg("serve")
+            .env("TOLLGATE_CONFIG", &env.config)
+            .env("TOLLGATE_DB", &env.db)
+            .env("TOLLGATE_RECEIPT_KEY", &env.key)
+            .env("TOLLGATE_LOG", "tollgate=warn")
+            .kill_on_drop(true);
+        command
+    };
+
+    // Stdout a file: every answer lands in it.
+    let out = dir.path().join("out.jsonl");
+    let mut child = command()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out).expect("out file"))
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let answer = |id: u64| {
+        let out = out.clone();
+        async move {
+            for _ in 0..200 {
+                let text = std::fs::read_to_string(&out).unwrap_or_default();
+                if let Some(found) = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find(|m| m["id"] == json!(id))
+                {
+                    return found;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("no answer {id} in {}", out.display());
+        }
+    };
+    for message in [
+        initialize.clone(),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    ] {
+        stdin
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .expect("write");
+        if message["id"] == 0 {
+            assert_eq!(answer(0).await["result"]["serverInfo"]["name"], "tollgate");
+        }
+    }
+    stdin
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\"}\n")
+        .await
+        .expect("write");
+    let tools = answer(1).await;
+    assert!(
+        tools["result"]["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "echo")),
+        "{tools}"
+    );
+    child.kill().await.ok();
+
+    // Stdin a file: its request is answered, and its end ends the server.
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, format!("{initialize}\n")).expect("in file");
+    let mut child = command()
+        .stdin(std::fs::File::open(&input).expect("in file"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = lines.next_line().await.expect("read").expect("an answer");
+    let message: Value = serde_json::from_str(&line).expect("JSON-RPC");
+    assert_eq!(message["result"]["serverInfo"]["name"], "tollgate");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .expect("the server ends with its input")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+}
