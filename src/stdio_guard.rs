@@ -87,8 +87,7 @@ where
             // One write per message: each may be a system call.
             let mut line = line;
             line.push('\n');
-            if output.write_all(line.as_bytes()).await.is_err() || output.flush().await.is_err()
-            {
+            if output.write_all(line.as_bytes()).await.is_err() || output.flush().await.is_err() {
                 break;
             }
         }
