@@ -14,24 +14,30 @@ pub type Output = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Stdin. Must be called inside the runtime.
 pub fn stdin() -> Input {
-    match evented::stdin() {
-        Ok(Some(input)) => input,
-        Ok(None) => Box::new(tokio::io::stdin()),
-        Err(e) => {
-            tracing::debug!("stdin read through tokio's blocking pool: {e}");
-            Box::new(tokio::io::stdin())
-        }
-    }
+    evented_or(evented::stdin(), "stdin", || Box::new(tokio::io::stdin()))
 }
 
 /// Stdout. Must be called inside the runtime.
 pub fn stdout() -> Output {
-    match evented::stdout() {
-        Ok(Some(output)) => output,
-        Ok(None) => Box::new(tokio::io::stdout()),
+    evented_or(
+        evented::stdout(),
+        "stdout",
+        || Box::new(tokio::io::stdout()),
+    )
+}
+
+/// The evented stream if there is one, else tokio's blocking one.
+fn evented_or<T>(
+    evented: std::io::Result<Option<T>>,
+    name: &str,
+    blocking: impl FnOnce() -> T,
+) -> T {
+    match evented {
+        Ok(Some(stream)) => stream,
+        Ok(None) => blocking(),
         Err(e) => {
-            tracing::debug!("stdout written through tokio's blocking pool: {e}");
-            Box::new(tokio::io::stdout())
+            tracing::debug!("{name} goes through tokio's blocking pool: {e}");
+            blocking()
         }
     }
 }

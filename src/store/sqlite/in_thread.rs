@@ -56,10 +56,13 @@ fn wrong_type(column: &str, value: &Value) -> StoreError {
     ))
 }
 
+fn not_null<T>(column: &str, value: Option<T>) -> Result<T, StoreError> {
+    value.ok_or_else(|| StoreError::Corrupt(format!("column `{column}` is null")))
+}
+
 impl Columns for OwnedRow {
     fn text(&self, column: &str) -> Result<String, StoreError> {
-        self.opt_text(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("column `{column}` is null")))
+        not_null(column, self.opt_text(column)?)
     }
     fn opt_text(&self, column: &str) -> Result<Option<String>, StoreError> {
         match self.value(column)? {
@@ -69,8 +72,7 @@ impl Columns for OwnedRow {
         }
     }
     fn int(&self, column: &str) -> Result<i64, StoreError> {
-        self.opt_int(column)?
-            .ok_or_else(|| StoreError::Corrupt(format!("column `{column}` is null")))
+        not_null(column, self.opt_int(column)?)
     }
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
         match self.value(column)? {
