@@ -336,14 +336,6 @@ where
 
     /// Why a hold was refused: the limit it would break, else a wallet that
     /// cannot cover it (or does not exist).
-    pub async fn refused_hold(
-        &self,
-        req: &HoldRequest,
-        at: i64,
-    ) -> Result<HoldOutcome, StoreError> {
-        Ok(refused_hold(req, self.limits(&req.principal).await?, at))
-    }
-
     pub async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
         self.execute(Statement::create_intent(intent)).await?;
         Ok(())

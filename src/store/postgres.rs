@@ -25,7 +25,7 @@ use sqlx::{
 };
 
 use super::{
-    portable::{PaymentLocks, Portable},
+    portable::{PaymentLocks, Portable, refused_hold},
     posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
     sql::*,
     *,
@@ -294,7 +294,8 @@ impl Store for PgStore {
         if done.rows_affected() == 1 {
             return Ok(HoldOutcome::Held);
         }
-        self.db.refused_hold(req, created_at).await
+        let limits = self.limits(&req.principal).await?;
+        Ok(refused_hold(req, limits, created_at))
     }
 
     async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {

@@ -74,8 +74,8 @@ pub(super) enum FastWrite {
     /// End an open hold without charging.
     Release { hold_id: String, at: i64 },
     /// Any other write (see [`FastWriter::transaction`]). It may run more
-    /// than once, when a batch is handed to the writer thread before it
-    /// committed: each run starts from what it saw first.
+    /// than once: a caller's batch that met SQLite busy is handed whole,
+    /// with nothing of it kept, to the writer thread, which runs it again.
     Op(Operation),
 }
 

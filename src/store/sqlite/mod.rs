@@ -104,6 +104,19 @@ impl SqliteStore {
     async fn write_tx(&self) -> Result<Transaction<'_, Sqlite>, StoreError> {
         Ok(self.db.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
+
+    /// One shared statement as an operation of the writer (see
+    /// `FastWriter::transaction`), built from `data`, which the operation
+    /// owns; how many rows it changed.
+    async fn write_statement<D: Send + 'static>(
+        &self,
+        data: D,
+        statement: impl for<'d> Fn(&'d D) -> Statement<'d> + Send + 'static,
+    ) -> Result<u64, StoreError> {
+        self.fast_writes
+            .transaction(move |mut tx| ready(tx.execute(statement(&data))))
+            .await
+    }
 }
 
 /// A read's answer: in-thread if it ran there, else through the pool.
@@ -349,9 +362,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        let intent = intent.clone();
-        self.fast_writes
-            .transaction(move |mut tx| ready(tx.execute(Statement::create_intent(&intent))))
+        self.write_statement(intent.clone(), |intent| Statement::create_intent(intent))
             .await?;
         Ok(())
     }
@@ -369,11 +380,10 @@ impl Store for SqliteStore {
         from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
-        let (id, instance, now) = (id.to_owned(), self.db.instance.clone(), now_ms());
+        let data = (id.to_owned(), self.db.instance.clone(), now_ms());
         let changed = self
-            .fast_writes
-            .transaction(move |mut tx| {
-                ready(tx.execute(Statement::transition_intent(&id, from, to, now, &instance)))
+            .write_statement(data, move |(id, instance, now)| {
+                Statement::transition_intent(id, from, to, *now, instance)
             })
             .await?;
         Ok(changed > 0)
@@ -386,11 +396,10 @@ impl Store for SqliteStore {
                     Some(account) => Some(self.db.account_id(account).await?),
                     None => None,
                 };
-                let (id, now, approver) = (id.to_owned(), now_ms(), funding.approver().to_owned());
+                let data = (id.to_owned(), now_ms(), funding.approver().to_owned());
                 let changed = self
-                    .fast_writes
-                    .transaction(move |mut tx| {
-                        ready(tx.execute(statement!(MARK_PAID, &id, refund_id, now, &approver)))
+                    .write_statement(data, move |(id, now, approver)| {
+                        statement!(MARK_PAID, id, refund_id, *now, approver)
                     })
                     .await?;
                 return Ok(changed > 0);
@@ -445,10 +454,10 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
-        let session = session.clone();
-        self.fast_writes
-            .transaction(move |mut tx| ready(tx.execute(Statement::create_session(&session))))
-            .await?;
+        self.write_statement(session.clone(), |session| {
+            Statement::create_session(session)
+        })
+        .await?;
         Ok(())
     }
 
@@ -496,10 +505,10 @@ impl Store for SqliteStore {
 
     async fn end_session(&self, id: &str, to: SessionStatus) -> Result<bool, StoreError> {
         check_session_ending(to)?;
-        let (id, now) = (id.to_owned(), now_ms());
         let changed = self
-            .fast_writes
-            .transaction(move |mut tx| ready(tx.execute(Statement::end_session(&id, to, now))))
+            .write_statement((id.to_owned(), now_ms()), move |(id, now)| {
+                Statement::end_session(id, to, *now)
+            })
             .await?;
         Ok(changed > 0)
     }
