@@ -13,6 +13,10 @@
 //! the flow's time less its unavoidable parts, the MCP round trips (timed as
 //! free calls in the same run) and the payment itself (timed in the client).
 //!
+//! Free and fast-path round trips are timed from calls made in turn (free,
+//! paid, free, …), so that load from elsewhere on the machine, which comes
+//! and goes, weighs on both alike and their ratio holds from run to run.
+//!
 //! `BENCH_CALLS` sets the number of calls per figure (default 3000).
 
 use std::{
@@ -257,6 +261,35 @@ async fn interactive_flows(n: usize) -> anyhow::Result<FlowFigures> {
     })
 }
 
+/// Mean round trips of a free and a paid tool, called in turn (free, paid,
+/// free, …) so that the machine's changing load weighs on both alike.
+async fn interleaved_round_trips(
+    client: &Client,
+    free: &str,
+    paid: &str,
+    n: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let params = |tool: &str| {
+        CallToolRequestParams::new(tool.to_owned())
+            .with_arguments(args(json!({"text": "hello world"})))
+    };
+    let (free, paid) = (params(free), params(paid));
+    for _ in 0..n / 10 {
+        client.call_tool(free.clone()).await?;
+        client.call_tool(paid.clone()).await?;
+    }
+    let mut took = [Duration::ZERO; 2];
+    for _ in 0..n {
+        for (params, took) in [&free, &paid].into_iter().zip(&mut took) {
+            let start = Instant::now();
+            let r = client.call_tool(params.clone()).await?;
+            *took += start.elapsed();
+            anyhow::ensure!(r.is_error != Some(true), "{} failed: {r:?}", params.name);
+        }
+    }
+    Ok((took[0] / n as u32, took[1] / n as u32))
+}
+
 async fn mean_round_trip(client: &Client, tool: &str, n: usize) -> anyhow::Result<Duration> {
     let params = CallToolRequestParams::new(tool.to_owned())
         .with_arguments(args(json!({"text": "hello world"})));
@@ -317,8 +350,7 @@ async fn run(sync: Synchronous, n: usize) -> anyhow::Result<Figures> {
         .await?;
 
     let payer = client(dir.path(), Some("bench")).await?;
-    let free = mean_round_trip(&payer, "word_count", n).await?;
-    let paid = mean_round_trip(&payer, "echo", n).await?;
+    let (free, paid) = interleaved_round_trips(&payer, "word_count", "echo", n).await?;
 
     let free_throughput = throughput(&payer, "word_count", n).await?;
     let throughput = throughput(&payer, "echo", n).await?;

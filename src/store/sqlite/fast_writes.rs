@@ -22,11 +22,18 @@
 //! the balances the ones before it left: the same result as running them one
 //! by one. A statement that fails is undone on its own (SQLite rolls back
 //! just that statement), so one bad write cannot fail its neighbours.
+//!
+//! A thread of its own copies the WAL back into the database (checkpoints),
+//! so that no call waits for that copy and its fsyncs.
 
 use std::{
     collections::VecDeque,
     path::Path,
-    sync::{Arc, Mutex, TryLockError, mpsc},
+    sync::{
+        Arc, Mutex, TryLockError,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -38,6 +45,17 @@ use crate::{config::Synchronous, store::StoreError, sync::lock};
 
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 64;
+
+/// Every this many writes (a fast-path call makes two, about ten WAL pages)
+/// the checkpointer is woken to copy the WAL back into the database.
+const CHECKPOINT_EVERY: usize = 256;
+
+/// The writer's own automatic checkpoint, in WAL pages: a backstop. The
+/// checkpointer does the copying off the calls' path; this one, run right
+/// after a commit, is what lets SQLite start the WAL over (a checkpoint
+/// that finishes while no commit has landed since), and by then little is
+/// left to copy.
+const WRITER_AUTOCHECKPOINT: u32 = 4000;
 
 /// How long a connection waits for another's write lock: the pool's, and
 /// the writer thread's (a caller running the queue does not wait).
@@ -162,6 +180,10 @@ pub(super) struct FastWriter {
 struct Queue {
     conn: Mutex<Connection>,
     writes: Mutex<VecDeque<Queued>>,
+    /// Writes committed since the checkpointer was last woken.
+    written: AtomicUsize,
+    /// Wakes the checkpointer thread.
+    checkpointer: mpsc::SyncSender<()>,
 }
 
 /// Who is running the queue.
@@ -176,9 +198,14 @@ impl FastWriter {
     /// Opens the writer's connection to the database file and starts the
     /// writer thread, which ends when the store is dropped.
     pub(super) fn open(path: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
+        let conn = open(path, synchronous).map_err(unavailable)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)
+            .map_err(unavailable)?;
         let queue = Arc::new(Queue {
-            conn: Mutex::new(open(path, synchronous).map_err(unavailable)?),
+            conn: Mutex::new(conn),
             writes: Mutex::new(VecDeque::new()),
+            written: AtomicUsize::new(0),
+            checkpointer: spawn_checkpointer(path, synchronous)?,
         });
         let (writer_thread, woken) = mpsc::channel::<()>();
         let thread_queue = queue.clone();
@@ -227,7 +254,7 @@ impl FastWriter {
         let answer = Arc::new(Mutex::new(None));
         let slot = answer.clone();
         let write = FastWrite::Op(Box::new(move |conn| {
-            conn.execute_batch("SAVEPOINT op")?;
+            control(conn, "SAVEPOINT op")?;
             let state = TxState::default();
             let result = op(InlineTx {
                 conn,
@@ -243,9 +270,9 @@ impl FastWriter {
                     )));
             }
             if result.is_err() && !state.committed() {
-                conn.execute_batch("ROLLBACK TO op")?;
+                control(conn, "ROLLBACK TO op")?;
             }
-            conn.execute_batch("RELEASE op")?;
+            control(conn, "RELEASE op")?;
             *lock(&slot) = Some(result);
             Ok(true)
         }));
@@ -299,6 +326,12 @@ impl Queue {
                     }
                     return Ran::Busy;
                 }
+                let written = self.written.fetch_add(cut, Ordering::Relaxed) + cut;
+                if written >= CHECKPOINT_EVERY {
+                    self.written.store(0, Ordering::Relaxed);
+                    // A wake already pending covers these writes too.
+                    let _ = self.checkpointer.try_send(());
+                }
             }
             drop(conn);
             if lock(&self.writes).is_empty() {
@@ -306,6 +339,32 @@ impl Queue {
             }
         }
     }
+}
+
+/// Starts the thread that copies the WAL back into the database (a passive
+/// checkpoint, on a connection of its own) whenever the writer wakes it.
+/// SQLite would otherwise do that inside a commit every 1000 pages, fsyncs
+/// included, on whichever call's thread committed. It ends when the queue,
+/// which holds the other end, is dropped.
+fn spawn_checkpointer(
+    path: &Path,
+    synchronous: Synchronous,
+) -> Result<mpsc::SyncSender<()>, StoreError> {
+    let conn = open(path, synchronous).map_err(unavailable)?;
+    let (wake, woken) = mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("tollgate-checkpointer".into())
+        .spawn(move || {
+            while woken.recv().is_ok() {
+                // (busy, WAL pages, pages copied); busy only means a
+                // reader still needs older pages: the next one copies them.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!("a background checkpoint failed: {e}");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+    Ok(wake)
 }
 
 /// The same settings as the store's pool: WAL (set when the pool opened the
@@ -363,6 +422,13 @@ fn run(conn: &Connection, batch: Vec<Queued>, runner: Runner) -> Result<(), Vec<
     Ok(())
 }
 
+/// Runs a transaction-control statement (`BEGIN`, `COMMIT`, savepoints),
+/// kept prepared: parsing it anew each time was a measurable share of a
+/// lone write.
+fn control(conn: &Connection, statement: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(statement)?.execute([]).map(drop)
+}
+
 /// One transaction for the batch. A write that fails is undone alone and
 /// answered with its error; the others commit. `Err` only when the
 /// transaction itself failed: nothing of it was kept.
@@ -370,7 +436,7 @@ fn run_batch<'a>(
     conn: &Connection,
     batch: impl Iterator<Item = &'a FastWrite>,
 ) -> rusqlite::Result<Vec<Outcome>> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
+    control(conn, "BEGIN IMMEDIATE")?;
     let mut outcomes = Vec::new();
     for write in batch {
         match write.run(conn) {
@@ -381,8 +447,8 @@ fn run_batch<'a>(
             outcome => outcomes.push(outcome.map_err(unavailable)),
         }
     }
-    if let Err(e) = conn.execute_batch("COMMIT") {
-        if !conn.is_autocommit() && conn.execute_batch("ROLLBACK").is_err() {
+    if let Err(e) = control(conn, "COMMIT") {
+        if !conn.is_autocommit() && control(conn, "ROLLBACK").is_err() {
             tracing::debug!("nothing to roll back");
         }
         return Err(e);
@@ -580,6 +646,49 @@ mod tests {
                 report.problems
             );
         }
+    }
+
+    /// The WAL is copied back into the database file by the writer's own
+    /// checkpointer, off the calls' path: here no other connection commits
+    /// (nor checkpoints), and the writes are fewer than the writer's own
+    /// automatic checkpoint waits for.
+    #[tokio::test]
+    async fn the_checkpointer_copies_the_wal_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = funded_store(&dir).await;
+        let usd = Currency::parse("USD").unwrap();
+        store
+            .topup(&AccountRef::wallet("w", &usd), Units(10_000), None)
+            .await
+            .unwrap();
+        let path = dir.path().join("t.db");
+        let writer = FastWriter::open(&path, Synchronous::Normal).unwrap();
+        let writes = 2 * CHECKPOINT_EVERY + 10;
+        for i in 0..writes {
+            assert!(writer.write(hold(&format!("h{i}"), 1)).await.unwrap());
+        }
+        // The database file alone, WAL ignored: what checkpoints copied
+        // (until the first, not even the tables).
+        let in_file = || {
+            let file = Connection::open_with_flags(
+                format!("file:{}?immutable=1", path.display()),
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .unwrap();
+            file.query_row("SELECT count(*) FROM holds", [], |row| {
+                row.get::<_, usize>(0)
+            })
+            .unwrap_or(0)
+        };
+        let started = std::time::Instant::now();
+        while in_file() < CHECKPOINT_EVERY && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            in_file() >= CHECKPOINT_EVERY,
+            "{} of {writes} holds in the database file",
+            in_file()
+        );
     }
 
     /// A write that waited the writer thread's whole busy timeout for
