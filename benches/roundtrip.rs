@@ -196,11 +196,11 @@ async fn proxy(n: usize) -> anyhow::Result<(Duration, Duration, Duration)> {
         )
         .await?;
     let direct = client(&back, None).await?;
-    let straight = mean_round_trip(&direct, "word_count", n).await?;
+    let [straight] = mean_round_trips(&direct, ["word_count"], n).await?;
     direct.cancel().await?;
     let proxied = client(&front, Some("bench")).await?;
-    let through = mean_round_trip(&proxied, "up_word_count", n).await?;
-    let paid = mean_round_trip(&proxied, "up_echo", n).await?;
+    let [through] = mean_round_trips(&proxied, ["up_word_count"], n).await?;
+    let [paid] = mean_round_trips(&proxied, ["up_echo"], n).await?;
     proxied.cancel().await?;
     Ok((straight, through, paid))
 }
@@ -261,47 +261,32 @@ async fn interactive_flows(n: usize) -> anyhow::Result<FlowFigures> {
     })
 }
 
-/// Mean round trips of a free and a paid tool, called in turn (free, paid,
-/// free, …) so that the machine's changing load weighs on both alike.
-async fn interleaved_round_trips(
+/// Mean round trip of each of `tools`, called in turn (with two: free,
+/// paid, free, …) so that the machine's changing load weighs on all alike.
+async fn mean_round_trips<const N: usize>(
     client: &Client,
-    free: &str,
-    paid: &str,
+    tools: [&str; N],
     n: usize,
-) -> anyhow::Result<(Duration, Duration)> {
-    let params = |tool: &str| {
+) -> anyhow::Result<[Duration; N]> {
+    let params = tools.map(|tool| {
         CallToolRequestParams::new(tool.to_owned())
             .with_arguments(args(json!({"text": "hello world"})))
-    };
-    let (free, paid) = (params(free), params(paid));
+    });
     for _ in 0..n / 10 {
-        client.call_tool(free.clone()).await?;
-        client.call_tool(paid.clone()).await?;
+        for params in &params {
+            client.call_tool(params.clone()).await?;
+        }
     }
-    let mut took = [Duration::ZERO; 2];
+    let mut took = [Duration::ZERO; N];
     for _ in 0..n {
-        for (params, took) in [&free, &paid].into_iter().zip(&mut took) {
+        for (params, took) in params.iter().zip(&mut took) {
             let start = Instant::now();
             let r = client.call_tool(params.clone()).await?;
             *took += start.elapsed();
             anyhow::ensure!(r.is_error != Some(true), "{} failed: {r:?}", params.name);
         }
     }
-    Ok((took[0] / n as u32, took[1] / n as u32))
-}
-
-async fn mean_round_trip(client: &Client, tool: &str, n: usize) -> anyhow::Result<Duration> {
-    let params = CallToolRequestParams::new(tool.to_owned())
-        .with_arguments(args(json!({"text": "hello world"})));
-    for _ in 0..n / 10 {
-        client.call_tool(params.clone()).await?;
-    }
-    let start = Instant::now();
-    for _ in 0..n {
-        let r = client.call_tool(params.clone()).await?;
-        anyhow::ensure!(r.is_error != Some(true), "{tool} failed: {r:?}");
-    }
-    Ok(start.elapsed() / n as u32)
+    Ok(took.map(|took| took / n as u32))
 }
 
 /// Calls per second from one client keeping 16 calls in flight.
@@ -350,7 +335,7 @@ async fn run(sync: Synchronous, n: usize) -> anyhow::Result<Figures> {
         .await?;
 
     let payer = client(dir.path(), Some("bench")).await?;
-    let (free, paid) = interleaved_round_trips(&payer, "word_count", "echo", n).await?;
+    let [free, paid] = mean_round_trips(&payer, ["word_count", "echo"], n).await?;
 
     let free_throughput = throughput(&payer, "word_count", n).await?;
     let throughput = throughput(&payer, "echo", n).await?;
