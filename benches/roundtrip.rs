@@ -16,6 +16,8 @@
 //! Free and fast-path round trips are timed from calls made in turn (free,
 //! paid, free, …), so that load from elsewhere on the machine, which comes
 //! and goes, weighs on both alike and their ratio holds from run to run.
+//! The server's own CPU time per free and per fast-path call (all its
+//! threads, from Linux' schedstat) is measured over as many calls again.
 //!
 //! `BENCH_CALLS` sets the number of calls per figure (default 3000).
 
@@ -128,6 +130,8 @@ struct FlowFigures {
 struct Figures {
     free: Duration,
     paid: Duration,
+    /// The server's CPU time per free and per fast-path call.
+    cpu: Option<(Duration, Duration)>,
     two_step: Duration,
     free_throughput: f64,
     throughput: f64,
@@ -138,14 +142,15 @@ fn args(v: serde_json::Value) -> JsonObject {
 }
 
 async fn client(dir: &std::path::Path, payer: Option<&str>) -> anyhow::Result<Client> {
-    connect(dir, payer, ()).await
+    Ok(connect(dir, payer, ()).await?.0)
 }
 
+/// A client of a new `tollgate serve` process, and the process's id.
 async fn connect<H: ClientHandler>(
     dir: &std::path::Path,
     payer: Option<&str>,
     handler: H,
-) -> anyhow::Result<RunningService<RoleClient, H>> {
+) -> anyhow::Result<(RunningService<RoleClient, H>, Option<u32>)> {
     let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).configure(|cmd| {
         cmd.arg("serve")
             .env("TOLLGATE_CONFIG", dir.join("pricing.toml"))
@@ -158,7 +163,37 @@ async fn connect<H: ClientHandler>(
     let (transport, _) = TokioChildProcess::builder(cmd)
         .stderr(Stdio::inherit())
         .spawn()?;
-    Ok(handler.serve(transport).await?)
+    let pid = transport.id();
+    Ok((handler.serve(transport).await?, pid))
+}
+
+/// CPU time the process `pid` has used, all its threads (Linux'
+/// schedstat, in nanoseconds); `None` where that cannot be read.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// The server's CPU time per call of `tool`, over `n` calls one at a time.
+async fn server_cpu_per_call(
+    client: &Client,
+    pid: u32,
+    tool: &str,
+    n: usize,
+) -> anyhow::Result<Option<Duration>> {
+    let params = CallToolRequestParams::new(tool.to_owned())
+        .with_arguments(args(json!({"text": "hello world"})));
+    let Some(before) = cpu_time(pid) else {
+        return Ok(None);
+    };
+    for _ in 0..n {
+        client.call_tool(params.clone()).await?;
+    }
+    Ok(cpu_time(pid).map(|after| after.saturating_sub(before) / n as u32))
 }
 
 /// The proxy: a tollgate whose upstream is another tollgate serving its demo
@@ -222,7 +257,7 @@ async fn interactive_flows(n: usize) -> anyhow::Result<FlowFigures> {
         paying: Default::default(),
         last_paid: Default::default(),
     };
-    let client = connect(dir.path(), None, handler.clone()).await?;
+    let (client, _) = connect(dir.path(), None, handler.clone()).await?;
     let flows = (n / 10).max(50);
     let free_params =
         CallToolRequestParams::new("word_count").with_arguments(args(json!({"text": "a b"})));
@@ -334,8 +369,14 @@ async fn run(sync: Synchronous, n: usize) -> anyhow::Result<Figures> {
         )
         .await?;
 
-    let payer = client(dir.path(), Some("bench")).await?;
+    let (payer, pid) = connect(dir.path(), Some("bench"), ()).await?;
     let [free, paid] = mean_round_trips(&payer, ["word_count", "echo"], n).await?;
+    let mut cpu = None;
+    if let Some(pid) = pid {
+        let free = server_cpu_per_call(&payer, pid, "word_count", n).await?;
+        let paid = server_cpu_per_call(&payer, pid, "echo", n).await?;
+        cpu = free.zip(paid);
+    }
 
     let free_throughput = throughput(&payer, "word_count", n).await?;
     let throughput = throughput(&payer, "echo", n).await?;
@@ -371,6 +412,7 @@ async fn run(sync: Synchronous, n: usize) -> anyhow::Result<Figures> {
     Ok(Figures {
         free,
         paid,
+        cpu,
         two_step,
         free_throughput,
         throughput,
@@ -389,7 +431,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(3000);
     println!("tollgate round trips over stdio, {n} calls per figure, one client");
     println!(
-        "{:<8} {:>10} {:>14} {:>10} {:>14} {:>13} {:>13}",
+        "{:<8} {:>10} {:>14} {:>10} {:>14} {:>13} {:>13}   server CPU per call: free, paid (ratio)",
         "sync",
         "free call",
         "fast-path call",
@@ -400,8 +442,16 @@ async fn main() -> anyhow::Result<()> {
     );
     for sync in [Synchronous::Normal, Synchronous::Full] {
         let f = run(sync, n).await?;
+        let cpu = f.cpu.map_or("-".into(), |(free, paid)| {
+            format!(
+                "{:.1}µs, {:.1}µs ({:.2}x)",
+                free.as_secs_f64() * 1e6,
+                paid.as_secs_f64() * 1e6,
+                paid.as_secs_f64() / free.as_secs_f64()
+            )
+        });
         println!(
-            "{:<8} {:>8.1}µs {:>12.1}µs {:>9.2}x {:>12.1}µs {:>13.0} {:>13.0}",
+            "{:<8} {:>8.1}µs {:>12.1}µs {:>9.2}x {:>12.1}µs {:>13.0} {:>13.0}   {cpu}",
             format!("{sync:?}").to_lowercase(),
             f.free.as_secs_f64() * 1e6,
             f.paid.as_secs_f64() * 1e6,

@@ -14,6 +14,13 @@
 //! on a 2-core machine more backends only contend). A first row times free
 //! calls the same way: the ceiling of the transport and client themselves.
 //! Compare figures as ratios within one run.
+//!
+//! The load comes from [`LightClient`]s: each an MCP session of its own on
+//! a connection of its own, posting JSON-RPC and reading the SSE reply,
+//! and nothing else. An rmcp client (a service loop, channels and typed
+//! messages per call) spent about as much CPU per call as the server did,
+//! on the same 2 cores; a second free-call row shows the rmcp clients'
+//! ceiling for comparison.
 
 use std::{
     io::Write,
@@ -29,6 +36,7 @@ use rmcp::{
         StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
     },
 };
+use serde_json::{Value, json};
 use tollgate::testing::{self, Backend, TestDb};
 
 const EXE: &str = env!("CARGO_BIN_EXE_tollgate");
@@ -37,6 +45,137 @@ const CLIENTS: usize = 64;
 const WALLETS: usize = 8;
 
 type Client = RunningService<RoleClient, ()>;
+
+/// Who makes the calls: one of the clients below, 64 times over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Light,
+    Rmcp,
+}
+
+/// A minimal MCP client over streamable HTTP: it opens a session
+/// (`initialize`, then `notifications/initialized`), then posts each
+/// `tools/call` and reads its reply, an SSE stream, whole.
+struct LightClient {
+    http: reqwest::Client,
+    url: String,
+    key: String,
+    session: String,
+    version: String,
+    next_id: u64,
+}
+
+impl LightClient {
+    async fn connect(url: String, key: String) -> anyhow::Result<Self> {
+        let mut client = Self {
+            http: reqwest::Client::builder().build()?,
+            url,
+            key,
+            session: String::new(),
+            version: String::new(),
+            next_id: 0,
+        };
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "scale-out-bench", "version": "0"}}});
+        let reply = client.post(&init).send().await?.error_for_status()?;
+        client.session = reply
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| anyhow::anyhow!("no session id"))?
+            .to_owned();
+        let result = reply_to(&reply.text().await?, 0)?;
+        client.version = result["protocolVersion"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no protocol version: {result}"))?
+            .to_owned();
+        let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        client.post(&initialized).send().await?.error_for_status()?;
+        Ok(client)
+    }
+
+    fn post(&self, message: &Value) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("accept", "application/json, text/event-stream")
+            .bearer_auth(&self.key)
+            .json(message);
+        if !self.session.is_empty() {
+            request = request
+                .header("mcp-session-id", &self.session)
+                .header("mcp-protocol-version", &self.version);
+        }
+        request
+    }
+
+    /// The result of one `tools/call`.
+    async fn call(&mut self, tool: &str, arguments: &Value) -> anyhow::Result<Value> {
+        self.next_id += 1;
+        let call = json!({"jsonrpc": "2.0", "id": self.next_id, "method": "tools/call",
+                          "params": {"name": tool, "arguments": arguments}});
+        let reply = self.post(&call).send().await?.error_for_status()?;
+        reply_to(&reply.text().await?, self.next_id)
+    }
+}
+
+/// The result of request `id` in an SSE (or plain JSON) reply body.
+fn reply_to(body: &str, id: u64) -> anyhow::Result<Value> {
+    let messages = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .chain(body.starts_with('{').then_some(body));
+    for message in messages {
+        let Ok(mut message) = serde_json::from_str::<Value>(message.trim()) else {
+            continue;
+        };
+        if message["id"] == id {
+            anyhow::ensure!(message["error"].is_null(), "error reply: {message}");
+            return Ok(message["result"].take());
+        }
+    }
+    anyhow::bail!("no reply to request {id} in {body:?}")
+}
+
+/// One of the 64 callers.
+enum Caller {
+    Light(LightClient),
+    Rmcp(Client),
+}
+
+impl Caller {
+    async fn connect(load: Load, url: String, key: String) -> anyhow::Result<Self> {
+        Ok(match load {
+            Load::Light => Caller::Light(LightClient::connect(url, key).await?),
+            Load::Rmcp => {
+                let transport = StreamableHttpClientTransport::from_config(
+                    StreamableHttpClientTransportConfig::with_uri(url).auth_header(key),
+                );
+                Caller::Rmcp(().serve(transport).await?)
+            }
+        })
+    }
+
+    /// Calls `tool`; whether the call came back charged (fast path).
+    async fn call(&mut self, tool: &'static str, arguments: &Value) -> anyhow::Result<bool> {
+        let meta = match self {
+            Caller::Light(client) => client.call(tool, arguments).await?["_meta"].take(),
+            Caller::Rmcp(client) => {
+                let params = CallToolRequestParams::new(tool)
+                    .with_arguments(arguments.as_object().cloned().unwrap_or_default());
+                json!(client.call_tool(params).await?.meta)
+            }
+        };
+        Ok(meta["tollgate/payment"]["status"] == "paid")
+    }
+
+    async fn close(self) {
+        if let Caller::Rmcp(client) = self {
+            client.cancel().await.ok();
+        }
+    }
+}
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -102,6 +241,7 @@ struct Figures {
 async fn measure(
     setup: &Setup,
     instances: usize,
+    load: Load,
     tool: &'static str,
     secs: u64,
 ) -> anyhow::Result<Figures> {
@@ -128,48 +268,34 @@ async fn measure(
     for _ in 0..instances {
         servers.push(setup.serve().await?);
     }
-    let mut clients: Vec<Client> = Vec::new();
+    let mut callers = Vec::new();
     for i in 0..CLIENTS {
-        let base = &servers[i % instances].1;
-        let transport = StreamableHttpClientTransport::from_config(
-            StreamableHttpClientTransportConfig::with_uri(format!("{base}/mcp"))
-                .auth_header(keys[i % WALLETS].clone()),
-        );
-        clients.push(().serve(transport).await?);
+        let url = format!("{}/mcp", servers[i % instances].1);
+        callers.push(Caller::connect(load, url, keys[i % WALLETS].clone()).await?);
     }
     let warm_up = Duration::from_secs(1);
     let started = Instant::now();
     let until = started + warm_up + Duration::from_secs(secs);
-    let runs = clients.iter().map(|client| async move {
+    let runs = callers.into_iter().map(|mut caller| async move {
         let mut latencies = Vec::new();
-        let mut args = serde_json::Map::new();
-        args.insert("text".into(), "bench".into());
+        let arguments = json!({"text": "bench"});
         while Instant::now() < until {
             let call = Instant::now();
-            let r = client
-                .call_tool(CallToolRequestParams::new(tool).with_arguments(args.clone()))
-                .await?;
-            let paid = r
-                .meta
-                .as_ref()
-                .and_then(|m| m.0.get("tollgate/payment"))
-                .is_some_and(|p| p["status"] == "paid");
+            let paid = caller.call(tool, &arguments).await?;
             anyhow::ensure!(
                 paid || tool == "word_count",
-                "not a fast-path charge: {r:?}"
+                "not a fast-path charge: {tool}"
             );
             if call >= started + warm_up {
                 latencies.push(call.elapsed());
             }
         }
+        caller.close().await;
         Ok::<_, anyhow::Error>(latencies)
     });
     let mut latencies = Vec::new();
     for result in futures::future::join_all(runs).await {
         latencies.extend(result?);
-    }
-    for client in clients {
-        client.cancel().await.ok();
     }
     let verify = setup.cli(&["ledger", "verify"]).await?;
     anyhow::ensure!(verify.contains("ledger ok"), "{verify}");
@@ -232,15 +358,19 @@ async fn main() -> anyhow::Result<()> {
     let (free, _db) = setup(Backend::Sqlite, "normal").await?;
     row(
         "free calls (no payment), 1 instance",
-        &measure(&free, 1, "word_count", secs).await?,
+        &measure(&free, 1, Load::Light, "word_count", secs).await?,
+    );
+    row(
+        "free calls, rmcp clients",
+        &measure(&free, 1, Load::Rmcp, "word_count", secs).await?,
     );
     let (normal, _db) = setup(Backend::Sqlite, "normal").await?;
     row(
         "SQLite normal, 1 instance",
-        &measure(&normal, 1, "echo", secs).await?,
+        &measure(&normal, 1, Load::Light, "echo", secs).await?,
     );
     let (full, _db) = setup(Backend::Sqlite, "full").await?;
-    let full_figures = measure(&full, 1, "echo", secs).await?;
+    let full_figures = measure(&full, 1, Load::Light, "echo", secs).await?;
     row("SQLite full, 1 instance", &full_figures);
     let fsyncs = fsync_rate(full.dir.path())?;
     // A paid call commits twice (the hold, then the capture): one fsync
@@ -256,12 +386,12 @@ async fn main() -> anyhow::Result<()> {
         let (one, _db) = setup(Backend::Postgres, "full").await?;
         row(
             "PostgreSQL, 1 instance",
-            &measure(&one, 1, "echo", secs).await?,
+            &measure(&one, 1, Load::Light, "echo", secs).await?,
         );
         let (two, _db) = setup(Backend::Postgres, "full").await?;
         row(
             "PostgreSQL, 2 instances",
-            &measure(&two, 2, "echo", secs).await?,
+            &measure(&two, 2, Load::Light, "echo", secs).await?,
         );
     } else {
         println!("PostgreSQL rows skipped: no server at TOLLGATE_TEST_POSTGRES");

@@ -23,6 +23,7 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
+    serve::ListenerExt,
 };
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
@@ -138,6 +139,15 @@ pub async fn serve(
         }
     });
     let app = router(state, http, shutdown.clone());
+    // A reply goes out as several small writes (an SSE stream's events, its
+    // last chunk); without TCP_NODELAY the last waits for the client's
+    // delayed ACK, about 40 ms, before the connection can carry the next
+    // request.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
