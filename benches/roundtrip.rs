@@ -185,13 +185,13 @@ async fn server_cpu_per_call(
     tool: &str,
     n: usize,
 ) -> anyhow::Result<Option<Duration>> {
-    let params = CallToolRequestParams::new(tool.to_owned())
-        .with_arguments(args(json!({"text": "hello world"})));
+    let params = hello(tool);
     let Some(before) = cpu_time(pid) else {
         return Ok(None);
     };
     for _ in 0..n {
-        client.call_tool(params.clone()).await?;
+        let r = client.call_tool(params.clone()).await?;
+        anyhow::ensure!(r.is_error != Some(true), "{tool} failed: {r:?}");
     }
     Ok(cpu_time(pid).map(|after| after.saturating_sub(before) / n as u32))
 }
@@ -296,6 +296,11 @@ async fn interactive_flows(n: usize) -> anyhow::Result<FlowFigures> {
     })
 }
 
+/// The call the round trips and CPU figures time: `tool` on a short text.
+fn hello(tool: &str) -> CallToolRequestParams {
+    CallToolRequestParams::new(tool.to_owned()).with_arguments(args(json!({"text": "hello world"})))
+}
+
 /// Mean round trip of each of `tools`, called in turn (with two: free,
 /// paid, free, …) so that the machine's changing load weighs on all alike.
 async fn mean_round_trips<const N: usize>(
@@ -303,10 +308,7 @@ async fn mean_round_trips<const N: usize>(
     tools: [&str; N],
     n: usize,
 ) -> anyhow::Result<[Duration; N]> {
-    let params = tools.map(|tool| {
-        CallToolRequestParams::new(tool.to_owned())
-            .with_arguments(args(json!({"text": "hello world"})))
-    });
+    let params = tools.map(hello);
     for _ in 0..n / 10 {
         for params in &params {
             client.call_tool(params.clone()).await?;

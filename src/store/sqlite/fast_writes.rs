@@ -472,11 +472,11 @@ fn control(conn: &Connection, statement: &str) -> rusqlite::Result<()> {
 /// transaction itself failed: nothing of it was kept.
 fn run_batch<'a>(
     conn: &Connection,
-    batch: impl Iterator<Item = &'a FastWrite>,
+    batch: impl ExactSizeIterator<Item = &'a FastWrite>,
 ) -> rusqlite::Result<Vec<Outcome>> {
-    let batch: Vec<&FastWrite> = batch.collect();
-    if let [write] = batch[..]
-        && !matches!(write, FastWrite::Op(_))
+    let mut batch = batch.peekable();
+    if batch.len() == 1
+        && let Some(write) = batch.next_if(|write| !matches!(write, FastWrite::Op(_)))
     {
         // One statement is a transaction of its own: it takes the write lock
         // as it starts, as `BEGIN IMMEDIATE` would, and SQLite keeps no
