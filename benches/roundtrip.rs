@@ -39,6 +39,10 @@ use rmcp::{
     transport::{ConfigureCommandExt, TokioChildProcess},
 };
 use serde_json::json;
+
+#[path = "support/cpu.rs"]
+mod cpu;
+use cpu::cpu_time;
 use tollgate::{
     config::Synchronous,
     money::{Currency, Units},
@@ -165,17 +169,6 @@ async fn connect<H: ClientHandler>(
         .spawn()?;
     let pid = transport.id();
     Ok((handler.serve(transport).await?, pid))
-}
-
-/// CPU time the process `pid` has used, all its threads (Linux'
-/// schedstat, in nanoseconds); `None` where that cannot be read.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(Duration::from_nanos(total))
 }
 
 /// The server's CPU time per call of `tool`, over `n` calls one at a time.
