@@ -52,12 +52,18 @@ enum Workload {
 
 impl Workload {
     fn parse(s: &str) -> anyhow::Result<Self> {
-        Ok(match s {
-            "two_step" => Self::TwoStep,
-            "resubmit" => Self::Resubmit,
-            "fast" => Self::Fast,
-            other => bail!("unknown workload {other:?}: two_step, resubmit or fast"),
-        })
+        [Self::TwoStep, Self::Resubmit, Self::Fast]
+            .into_iter()
+            .find(|workload| workload.name() == s)
+            .with_context(|| format!("unknown workload {s:?}: two_step, resubmit or fast"))
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::TwoStep => "two_step",
+            Self::Resubmit => "resubmit",
+            Self::Fast => "fast",
+        }
     }
 
     fn calls_per_flow(self) -> u32 {
@@ -70,7 +76,6 @@ impl Workload {
 
 struct Args {
     workload: Workload,
-    workload_name: String,
     flows: usize,
     warmup: usize,
     label: String,
@@ -101,10 +106,8 @@ fn args() -> anyhow::Result<Args> {
     }
     let server: Vec<String> = it.collect();
     ensure!(!server.is_empty(), "give the server command after --");
-    let workload_name = workload.context("--workload is required")?;
     Ok(Args {
-        workload: Workload::parse(&workload_name)?,
-        workload_name,
+        workload: Workload::parse(&workload.context("--workload is required")?)?,
         flows,
         warmup,
         label,
@@ -362,7 +365,7 @@ fn main() -> anyhow::Result<()> {
         "{} {}: {} paid flows in {elapsed:.3}s = {rate:.1} flows/s ({} tools/call per flow{}); \
          server CPU {server_us} µs/flow, this client's {client_us} µs/flow",
         args.label,
-        args.workload_name,
+        args.workload.name(),
         args.flows,
         args.workload.calls_per_flow(),
         if session.elicitations > 0 {
@@ -373,7 +376,9 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "RESULT {} {} {} {elapsed:.4} {rate:.1} {server_us}",
-        args.label, args.workload_name, args.flows
+        args.label,
+        args.workload.name(),
+        args.flows
     );
     Ok(())
 }
