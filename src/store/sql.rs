@@ -112,18 +112,6 @@ pub(super) const CREATE_ACCOUNT: &str =
 pub(super) const ACCOUNT_ID: &str =
     "SELECT id FROM accounts WHERE kind = $1 AND name = $2 AND currency = $3";
 
-/// End an open hold by charging at most its amount; the `holds_capture`
-/// trigger gives the reservation back and posts the ledger transaction with
-/// one entry per leg (`$6`).
-pub(super) const CAPTURE: &str =
-    "UPDATE holds SET status = 'captured', captured = $2, settled_at = $3, txn_id = $4,
-                      beneficiary_account_id = $5, legs = $6
-     WHERE id = $1 AND status = 'open' AND amount >= $2";
-
-/// End an open hold without charging (`holds_end` gives the reservation back).
-pub(super) const RELEASE: &str =
-    "UPDATE holds SET status = 'released', settled_at = $2 WHERE id = $1 AND status = 'open'";
-
 pub(super) const HOLD: &str =
     "SELECT status, amount, captured, txn_id, settled_at, beneficiary_account_id
      FROM holds WHERE id = $1";

@@ -16,7 +16,9 @@
 //! NOTHING` before anything locks it, so the first charge on a brand-new
 //! wallet has a row to lock like any other.
 
-use std::{future::Future, str::FromStr, time::Duration};
+mod batch;
+
+use std::{future::Future, str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -42,6 +44,8 @@ const ATTEMPTS: u32 = 8;
 
 pub struct PgStore {
     db: Portable<Postgres>,
+    /// Holds, captures and releases, batched under load.
+    fast_path: Arc<batch::Batches>,
 }
 
 /// PostgreSQL rolled the whole transaction back and says trying again may
@@ -94,9 +98,9 @@ impl PgStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self {
-            db: Portable::new(pool),
-        })
+        let db = Portable::new(pool);
+        let fast_path = batch::Batches::new(db.pool.clone(), db.instance.clone());
+        Ok(Self { db, fast_path })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -151,26 +155,6 @@ impl PgStore {
         Ok(expired)
     }
 }
-
-/// The hold (see [`PgStore::hold`]); `$9` and `$10` start the day and the
-/// month of its `created_at` (`$7`).
-const HOLD: &str = "WITH wallet AS (
-         UPDATE accounts SET held = held + $2,
-             spent_day = CASE WHEN spent_day_start >= $9 THEN spent_day ELSE 0 END + $2,
-             spent_day_start = GREATEST(spent_day_start, $9),
-             spent_month = CASE WHEN spent_month_start >= $10 THEN spent_month ELSE 0 END + $2,
-             spent_month_start = GREATEST(spent_month_start, $10)
-         WHERE kind = 'wallet' AND name = $3 AND currency = $4 AND balance - held >= $2
-           AND (per_call_max IS NULL OR $2 <= per_call_max)
-           AND (allowed_tools IS NULL OR allowed_tools::jsonb @> jsonb_build_array($5::text))
-           AND (daily_cap IS NULL OR daily_cap >= $2 +
-                CASE WHEN spent_day_start >= $9 THEN spent_day ELSE 0 END)
-           AND (monthly_cap IS NULL OR monthly_cap >= $2 +
-                CASE WHEN spent_month_start >= $10 THEN spent_month ELSE 0 END)
-         RETURNING id)
-     INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at,
-                        agent, metadata, owner)
-     SELECT $1, wallet.id, $2, 'open', $3, $5, $6, $7, $8, $11, $12, $13 FROM wallet";
 
 /// A session payment locks the session first (a concurrent payment of it
 /// waits, then sees it paid), then the paying wallet, until it commits.
@@ -267,31 +251,26 @@ impl Store for PgStore {
         if req.amount.is_zero() {
             return Err(StoreError::Invalid("hold amount must be above zero".into()));
         }
-        // One statement: the reservation is an UPDATE whose WHERE is the
-        // balance and limit check (re-checked on the newest row after any
-        // wait: the caps' counters are on that same row, and counted by it),
-        // and the hold row is written only if it reserved.
+        // The reservation is an UPDATE whose WHERE is the balance and limit
+        // check (re-checked on the newest row after any wait: the caps'
+        // counters are on that same row, and counted by it), and the hold
+        // row is written only if it reserved (see `batch`).
         let created_at = now_ms();
-        let done = retrying(|| async {
-            Ok(sqlx::query(HOLD)
-                .bind(&req.hold_id)
-                .bind(req.amount.0)
-                .bind(&req.principal)
-                .bind(req.currency.as_str())
-                .bind(&req.tool)
-                .bind(&req.args_hash)
-                .bind(created_at)
-                .bind(req.expires_at)
-                .bind(day_start(created_at))
-                .bind(month_start(created_at))
-                .bind(&req.origin.agent)
-                .bind(&req.origin.metadata)
-                .bind(&self.db.instance)
-                .execute(&self.db.pool)
-                .await?)
-        })
-        .await?;
-        if done.rows_affected() == 1 {
+        let hold = batch::Hold {
+            hold_id: req.hold_id.clone(),
+            amount: req.amount.0,
+            created_at,
+            principal: req.principal.clone(),
+            currency: req.currency.as_str().to_owned(),
+            tool: req.tool.clone(),
+            args_hash: req.args_hash.clone(),
+            expires_at: req.expires_at,
+            day_start: day_start(created_at),
+            month_start: month_start(created_at),
+            agent: req.origin.agent.clone(),
+            metadata: req.origin.metadata.clone(),
+        };
+        if self.fast_path.apply(batch::Write::Hold(hold)).await? {
             return Ok(HoldOutcome::Held);
         }
         let limits = self.limits(&req.principal).await?;
@@ -302,20 +281,16 @@ impl Store for PgStore {
         let plan = retrying(|| self.db.capture_plan(charge)).await?;
         let (at, txn_id) = (now_ms(), new_txn_id());
         // The `holds_capture` trigger gives the reservation back and posts
-        // the ledger transaction, all in this one statement.
-        let done = retrying(|| async {
-            Ok(sqlx::query(CAPTURE)
-                .bind(hold_id)
-                .bind(plan.amount.0)
-                .bind(at)
-                .bind(&txn_id)
-                .bind(plan.beneficiary_id)
-                .bind(&plan.legs)
-                .execute(&self.db.pool)
-                .await?)
-        })
-        .await?;
-        if done.rows_affected() == 1 {
+        // the ledger transaction, all in this one write.
+        let capture = batch::Write::Capture {
+            hold_id: hold_id.to_owned(),
+            amount: plan.amount.0,
+            at,
+            txn_id: txn_id.clone(),
+            beneficiary_id: plan.beneficiary_id,
+            legs: plan.legs.clone(),
+        };
+        if self.fast_path.apply(capture).await? {
             return Ok(Posted { txn_id, at });
         }
         self.db
@@ -324,15 +299,11 @@ impl Store for PgStore {
     }
 
     async fn release(&self, hold_id: &str) -> Result<(), StoreError> {
-        let done = retrying(|| async {
-            Ok(sqlx::query(RELEASE)
-                .bind(hold_id)
-                .bind(now_ms())
-                .execute(&self.db.pool)
-                .await?)
-        })
-        .await?;
-        if done.rows_affected() == 1 {
+        let release = batch::Write::Release {
+            hold_id: hold_id.to_owned(),
+            at: now_ms(),
+        };
+        if self.fast_path.apply(release).await? {
             Ok(())
         } else {
             Err(self.db.hold_not_open(hold_id).await?)

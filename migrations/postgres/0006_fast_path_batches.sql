@@ -1,0 +1,74 @@
+-- The fast path's writes (holds, captures, releases) in batches: one round
+-- trip and one commit for many calls' writes (see `store/postgres/batch.rs`).
+--
+-- Each op is still the one conditional statement it was on its own: a hold
+-- is the UPDATE whose WHERE is the balance and limit check, then the hold
+-- row; a capture or release is the UPDATE of an open hold, whose triggers
+-- give the reservation back and post the ledger. The ops run in order, so a
+-- later hold on a wallet sees the reservations of the earlier ones.
+--
+-- Every wallet the batch touches is locked first, in id order: two batches,
+-- of this instance or another, then never wait on each other in a cycle.
+-- `FOR NO KEY UPDATE` is the lock the UPDATEs take anyway, and it leaves
+-- the ledger's foreign-key checks (`FOR KEY SHARE`) free.
+--
+-- Returns, per op in order, whether it changed its row (the hold was made,
+-- the open hold was captured or released).
+CREATE FUNCTION fast_path_batch(
+    kinds text[], hold_ids text[], amounts bigint[], ats bigint[],
+    principals text[], currencies text[], tools text[], args_hashes text[],
+    expiries bigint[], day_starts bigint[], month_starts bigint[],
+    agents text[], metadatas text[], instance text,
+    txn_ids text[], beneficiaries bigint[], splits text[])
+RETURNS boolean[] LANGUAGE plpgsql AS $$
+DECLARE
+    done boolean[] := '{}';
+    changed integer;
+BEGIN
+    IF cardinality(kinds) > 1 THEN
+        PERFORM 1 FROM accounts WHERE id IN (
+            SELECT a.id
+            FROM unnest(kinds, principals, currencies) AS op(kind, principal, currency)
+            JOIN accounts a ON a.kind = 'wallet' AND a.name = op.principal AND a.currency = op.currency
+            WHERE op.kind = 'hold'
+            UNION
+            SELECT h.account_id FROM holds h WHERE h.id = ANY (hold_ids)
+        ) ORDER BY id FOR NO KEY UPDATE;
+    END IF;
+    FOR i IN 1 .. cardinality(kinds) LOOP
+        IF kinds[i] = 'hold' THEN
+            WITH wallet AS (
+                UPDATE accounts SET held = held + amounts[i],
+                    spent_day = CASE WHEN spent_day_start >= day_starts[i] THEN spent_day ELSE 0 END + amounts[i],
+                    spent_day_start = GREATEST(spent_day_start, day_starts[i]),
+                    spent_month = CASE WHEN spent_month_start >= month_starts[i] THEN spent_month ELSE 0 END + amounts[i],
+                    spent_month_start = GREATEST(spent_month_start, month_starts[i])
+                WHERE kind = 'wallet' AND name = principals[i] AND currency = currencies[i]
+                  AND balance - held >= amounts[i]
+                  AND (per_call_max IS NULL OR amounts[i] <= per_call_max)
+                  AND (allowed_tools IS NULL OR allowed_tools::jsonb @> jsonb_build_array(tools[i]))
+                  AND (daily_cap IS NULL OR daily_cap >= amounts[i] +
+                       CASE WHEN spent_day_start >= day_starts[i] THEN spent_day ELSE 0 END)
+                  AND (monthly_cap IS NULL OR monthly_cap >= amounts[i] +
+                       CASE WHEN spent_month_start >= month_starts[i] THEN spent_month ELSE 0 END)
+                RETURNING id)
+            INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at,
+                               expires_at, agent, metadata, owner)
+            SELECT hold_ids[i], wallet.id, amounts[i], 'open', principals[i], tools[i], args_hashes[i],
+                   ats[i], expiries[i], agents[i], metadatas[i], instance
+            FROM wallet;
+        ELSIF kinds[i] = 'capture' THEN
+            UPDATE holds SET status = 'captured', captured = amounts[i], settled_at = ats[i],
+                             txn_id = txn_ids[i], beneficiary_account_id = beneficiaries[i], legs = splits[i]
+            WHERE id = hold_ids[i] AND status = 'open' AND amount >= amounts[i];
+        ELSIF kinds[i] = 'release' THEN
+            UPDATE holds SET status = 'released', settled_at = ats[i]
+            WHERE id = hold_ids[i] AND status = 'open';
+        ELSE
+            RAISE EXCEPTION 'unknown fast-path op %', kinds[i];
+        END IF;
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        done := done || (changed = 1);
+    END LOOP;
+    RETURN done;
+END $$;

@@ -1,0 +1,523 @@
+//! The fast path's writes on PostgreSQL, in batches.
+//!
+//! Under load, most of what a hold or a capture costs PostgreSQL is not the
+//! statement but what comes with it: a round trip, a connection check, a
+//! transaction and its commit. Writes that arrive while a batch is under
+//! way wait for the next one, which runs them all through
+//! `fast_path_batch` (migration 0006): one round trip and one commit for the
+//! lot, each write still its own conditional statement, in arrival order.
+//! A lone write is a batch of one and goes at once.
+//!
+//! Batches run on tasks of their own: a caller that gives up (its client
+//! went away) never cuts short a batch that carries other callers' writes.
+
+use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use sqlx::PgPool;
+use tokio::sync::oneshot;
+
+use super::retrying;
+use crate::store::StoreError;
+
+/// Writes in one batch at most.
+const MAX_BATCH: usize = 64;
+/// Batches under way at once, each on a connection of its own: while one
+/// waits for its commit, the next is already sent.
+const MAX_RUNNING: usize = 2;
+
+const BATCH: &str = "SELECT fast_path_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                                           $13, $14, $15, $16, $17)";
+
+/// A reservation: the wallet's balance and limits are checked, and the
+/// amount held, by one conditional UPDATE.
+#[derive(Debug)]
+pub(super) struct Hold {
+    pub hold_id: String,
+    pub amount: i64,
+    pub created_at: i64,
+    pub principal: String,
+    pub currency: String,
+    pub tool: String,
+    pub args_hash: String,
+    pub expires_at: i64,
+    /// The day and the month `created_at` falls in (the caps' windows).
+    pub day_start: i64,
+    pub month_start: i64,
+    pub agent: Option<String>,
+    pub metadata: Option<String>,
+}
+
+/// One of the fast path's writes. Each applies only to an open hold (a hold
+/// only if the wallet covers it), and reports whether it did.
+#[derive(Debug)]
+pub(super) enum Write {
+    Hold(Hold),
+    /// Charge at most the held amount; triggers post the ledger transaction.
+    Capture {
+        hold_id: String,
+        amount: i64,
+        at: i64,
+        txn_id: String,
+        beneficiary_id: i64,
+        legs: String,
+    },
+    Release {
+        hold_id: String,
+        at: i64,
+    },
+}
+
+struct Pending {
+    write: Write,
+    applied: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<Pending>,
+    running: usize,
+}
+
+pub(super) struct Batches {
+    pool: PgPool,
+    /// Stamped on the holds this instance opens.
+    instance: String,
+    queue: Mutex<Queue>,
+    /// The most writes one batch has carried (for tests and debugging).
+    largest: AtomicUsize,
+}
+
+impl Batches {
+    pub fn new(pool: PgPool, instance: String) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            instance,
+            queue: Mutex::default(),
+            largest: AtomicUsize::new(0),
+        })
+    }
+
+    /// Applies `write` in the next batch; true if it changed its row.
+    pub async fn apply(self: &Arc<Self>, write: Write) -> Result<bool, StoreError> {
+        let (applied, outcome) = oneshot::channel();
+        let start = {
+            let mut queue = self.queue();
+            queue.waiting.push(Pending { write, applied });
+            let start = queue.running < MAX_RUNNING;
+            queue.running += usize::from(start);
+            start
+        };
+        if start {
+            tokio::spawn(self.clone().run());
+        }
+        outcome.await.map_err(|_| {
+            StoreError::Unavailable(sqlx::Error::Protocol(
+                "the fast-path batch carrying this write stopped".into(),
+            ))
+        })?
+    }
+
+    #[cfg(test)]
+    fn largest_batch(&self) -> usize {
+        self.largest.load(Ordering::Relaxed)
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding the lock; a poisoned queue is intact.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies batches until no write is waiting.
+    async fn run(self: Arc<Self>) {
+        loop {
+            let batch: Vec<Pending> = {
+                let mut queue = self.queue();
+                if queue.waiting.is_empty() {
+                    queue.running -= 1;
+                    return;
+                }
+                let n = queue.waiting.len().min(MAX_BATCH);
+                queue.waiting.drain(..n).collect()
+            };
+            self.largest.fetch_max(batch.len(), Ordering::Relaxed);
+            self.settle(batch).await;
+        }
+    }
+
+    async fn settle(&self, batch: Vec<Pending>) {
+        let writes: Vec<&Write> = batch.iter().map(|p| &p.write).collect();
+        match self.execute(&writes).await {
+            Ok(applied) => {
+                for (pending, applied) in batch.into_iter().zip(applied) {
+                    let _ = pending.applied.send(Ok(applied));
+                }
+            }
+            // A statement error (a violated constraint, say) rolls back the
+            // whole batch: apply each write alone, so that the error reaches
+            // only the caller whose write caused it.
+            Err(StoreError::Unavailable(sqlx::Error::Database(_))) if batch.len() > 1 => {
+                for pending in batch {
+                    let alone = self.execute(&[&pending.write]).await;
+                    let _ = pending.applied.send(alone.map(|applied| applied[0]));
+                }
+            }
+            // The database cannot be reached: every caller gets why.
+            Err(e) => {
+                let why = e.to_string();
+                let mut batch = batch.into_iter();
+                if let Some(first) = batch.next() {
+                    let _ = first.applied.send(Err(e));
+                }
+                for pending in batch {
+                    let _ = pending
+                        .applied
+                        .send(Err(StoreError::Unavailable(sqlx::Error::Io(
+                            std::io::Error::other(why.clone()),
+                        ))));
+                }
+            }
+        }
+    }
+
+    /// One round trip and one transaction for all of `writes`, retried when
+    /// PostgreSQL rolls it back for a conflict with another transaction.
+    /// The result has one flag per write, in order.
+    async fn execute(&self, writes: &[&Write]) -> Result<Vec<bool>, StoreError> {
+        let columns = Columns::of(writes);
+        let applied: Vec<bool> = retrying(|| async {
+            Ok(sqlx::query_scalar(BATCH)
+                .bind(&columns.kinds)
+                .bind(&columns.hold_ids)
+                .bind(&columns.amounts)
+                .bind(&columns.ats)
+                .bind(&columns.principals)
+                .bind(&columns.currencies)
+                .bind(&columns.tools)
+                .bind(&columns.args_hashes)
+                .bind(&columns.expiries)
+                .bind(&columns.day_starts)
+                .bind(&columns.month_starts)
+                .bind(&columns.agents)
+                .bind(&columns.metadatas)
+                .bind(&self.instance)
+                .bind(&columns.txn_ids)
+                .bind(&columns.beneficiaries)
+                .bind(&columns.legs)
+                .fetch_one(&self.pool)
+                .await?)
+        })
+        .await?;
+        if applied.len() != writes.len() {
+            return Err(StoreError::Corrupt(format!(
+                "fast_path_batch answered {} of {} writes",
+                applied.len(),
+                writes.len()
+            )));
+        }
+        Ok(applied)
+    }
+}
+
+/// A batch as `fast_path_batch` takes it: one array per field, one element
+/// per write (NULL where a field is not the write's).
+#[derive(Default)]
+struct Columns<'a> {
+    kinds: Vec<&'static str>,
+    hold_ids: Vec<&'a str>,
+    amounts: Vec<Option<i64>>,
+    ats: Vec<i64>,
+    principals: Vec<Option<&'a str>>,
+    currencies: Vec<Option<&'a str>>,
+    tools: Vec<Option<&'a str>>,
+    args_hashes: Vec<Option<&'a str>>,
+    expiries: Vec<Option<i64>>,
+    day_starts: Vec<Option<i64>>,
+    month_starts: Vec<Option<i64>>,
+    agents: Vec<Option<&'a str>>,
+    metadatas: Vec<Option<&'a str>>,
+    txn_ids: Vec<Option<&'a str>>,
+    beneficiaries: Vec<Option<i64>>,
+    legs: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(writes: &[&'a Write]) -> Self {
+        let mut columns = Self::default();
+        for write in writes {
+            columns.push(write);
+        }
+        columns
+    }
+
+    fn push(&mut self, write: &'a Write) {
+        let (kind, hold_id, amount, at) = match write {
+            Write::Hold(hold) => ("hold", &hold.hold_id, Some(hold.amount), hold.created_at),
+            Write::Capture {
+                hold_id,
+                amount,
+                at,
+                ..
+            } => ("capture", hold_id, Some(*amount), *at),
+            Write::Release { hold_id, at } => ("release", hold_id, None, *at),
+        };
+        self.kinds.push(kind);
+        self.hold_ids.push(hold_id);
+        self.amounts.push(amount);
+        self.ats.push(at);
+        let hold = match write {
+            Write::Hold(hold) => Some(hold),
+            _ => None,
+        };
+        self.principals.push(hold.map(|h| h.principal.as_str()));
+        self.currencies.push(hold.map(|h| h.currency.as_str()));
+        self.tools.push(hold.map(|h| h.tool.as_str()));
+        self.args_hashes.push(hold.map(|h| h.args_hash.as_str()));
+        self.expiries.push(hold.map(|h| h.expires_at));
+        self.day_starts.push(hold.map(|h| h.day_start));
+        self.month_starts.push(hold.map(|h| h.month_start));
+        self.agents.push(hold.and_then(|h| h.agent.as_deref()));
+        self.metadatas
+            .push(hold.and_then(|h| h.metadata.as_deref()));
+        let capture = match write {
+            Write::Capture {
+                txn_id,
+                beneficiary_id,
+                legs,
+                ..
+            } => Some((txn_id.as_str(), *beneficiary_id, legs.as_str())),
+            _ => None,
+        };
+        self.txn_ids.push(capture.map(|c| c.0));
+        self.beneficiaries.push(capture.map(|c| c.1));
+        self.legs.push(capture.map(|c| c.2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        allowance::{day_start, month_start},
+        config::PoolSettings,
+        store::{
+            AccountKind, AccountRef, Charge, Store, now_ms,
+            postgres::PgStore,
+            tests::{assert_sound, available, revenue, units, usd},
+        },
+        testing::{self, Backend, TestDb},
+    };
+
+    /// A fresh PostgreSQL database whose wallet `w` holds `funds`.
+    async fn funded(funds: &str) -> (TestDb, tempfile::TempDir, PgStore) {
+        testing::select(Backend::Postgres);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = TestDb::fresh(dir.path());
+        let store = PgStore::connect(&db.url, &PoolSettings::default())
+            .await
+            .expect("connect");
+        store
+            .topup(&AccountRef::wallet("w", &usd()), units(funds), None)
+            .await
+            .expect("topup");
+        (db, dir, store)
+    }
+
+    fn hold(id: &str, amount: &str) -> Write {
+        let created_at = now_ms();
+        Write::Hold(Hold {
+            hold_id: id.into(),
+            amount: units(amount).0,
+            created_at,
+            principal: "w".into(),
+            currency: "USD".into(),
+            tool: "echo".into(),
+            args_hash: "h".into(),
+            expires_at: created_at + 60_000,
+            day_start: day_start(created_at),
+            month_start: month_start(created_at),
+            agent: None,
+            metadata: None,
+        })
+    }
+
+    async fn capture(store: &PgStore, id: &str, amount: &str) -> Write {
+        let plan = store
+            .db
+            .capture_plan(&Charge::whole(revenue(), units(amount)))
+            .await
+            .expect("plan");
+        Write::Capture {
+            hold_id: id.into(),
+            amount: plan.amount.0,
+            at: now_ms(),
+            txn_id: format!("txn-{id}"),
+            beneficiary_id: plan.beneficiary_id,
+            legs: plan.legs,
+        }
+    }
+
+    fn release(id: &str) -> Write {
+        Write::Release {
+            hold_id: id.into(),
+            at: now_ms(),
+        }
+    }
+
+    /// Runs `writes` as one batch, as `run` would; each one's outcome.
+    async fn as_one_batch(store: &PgStore, writes: Vec<Write>) -> Vec<Result<bool, StoreError>> {
+        let (batch, outcomes): (Vec<_>, Vec<_>) = writes
+            .into_iter()
+            .map(|write| {
+                let (applied, outcome) = oneshot::channel();
+                (Pending { write, applied }, outcome)
+            })
+            .unzip();
+        store.fast_path.settle(batch).await;
+        let mut results = Vec::new();
+        for outcome in outcomes {
+            results.push(outcome.await.expect("every write is answered"));
+        }
+        results
+    }
+
+    fn flags(results: Vec<Result<bool, StoreError>>) -> Vec<bool> {
+        results
+            .into_iter()
+            .map(|r| r.expect("applied or refused, not failed"))
+            .collect()
+    }
+
+    #[tokio::test]
+    #[cfg_attr(
+        not(tollgate_pg),
+        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+    )]
+    async fn a_batch_applies_its_writes_in_order() {
+        let (_db, _dir, store) = funded("0.03").await;
+        // Five holds of 0.01 on 0.03: the first three reserve it all. Then
+        // h1 is captured, h2 released, and h1 cannot be released after its
+        // capture; the money h2 gave back lets h6 reserve.
+        let writes = vec![
+            hold("h1", "0.01"),
+            hold("h2", "0.01"),
+            hold("h3", "0.01"),
+            hold("h4", "0.01"),
+            hold("h5", "0.01"),
+            capture(&store, "h1", "0.01").await,
+            release("h2"),
+            release("h1"),
+            hold("h6", "0.01"),
+        ];
+        let applied = flags(as_one_batch(&store, writes).await);
+        assert_eq!(
+            applied,
+            [true, true, true, false, false, true, true, false, true]
+        );
+        assert_eq!(available(&store, "w").await, units("0.00"));
+        assert_eq!(
+            store
+                .statement(AccountKind::Wallet, "w")
+                .await
+                .expect("statement")
+                .len(),
+            2,
+            "the top-up and h1's capture"
+        );
+        assert_sound(&store).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(
+        not(tollgate_pg),
+        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+    )]
+    async fn a_failing_write_fails_alone_and_the_rest_of_its_batch_lands() {
+        let (_db, _dir, store) = funded("1.00").await;
+        assert!(flags(as_one_batch(&store, vec![hold("h1", "0.10")]).await)[0]);
+        // A capture naming a beneficiary account that does not exist breaks
+        // a foreign key, which rolls back the whole batch statement.
+        let Write::Capture {
+            hold_id,
+            amount,
+            at,
+            txn_id,
+            legs,
+            ..
+        } = capture(&store, "h1", "0.10").await
+        else {
+            unreachable!("capture() makes a capture")
+        };
+        let broken = Write::Capture {
+            hold_id,
+            amount,
+            at,
+            txn_id,
+            beneficiary_id: 987_654,
+            legs,
+        };
+        let results =
+            as_one_batch(&store, vec![hold("h2", "0.10"), broken, hold("h3", "0.10")]).await;
+        assert!(matches!(results[0], Ok(true)), "{:?}", results[0]);
+        assert!(
+            matches!(
+                &results[1],
+                Err(StoreError::Unavailable(sqlx::Error::Database(_)))
+            ),
+            "{:?}",
+            results[1]
+        );
+        assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
+        // h1 is still open, and h2 and h3 reserved: 0.30 held of 1.00.
+        assert_eq!(available(&store, "w").await, units("0.70"));
+        assert_sound(&store).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(
+        not(tollgate_pg),
+        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+    )]
+    async fn concurrent_holds_share_batches_and_reserve_exactly_what_the_wallet_covers() {
+        let (_db, _dir, store) = funded("0.20").await;
+        let store = Arc::new(store);
+        let holds: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(
+                    async move { store.fast_path.apply(hold(&format!("h{i}"), "0.01")).await },
+                )
+            })
+            .collect();
+        let mut reserved = 0;
+        for hold in holds {
+            reserved += usize::from(hold.await.expect("task").expect("applied or refused"));
+        }
+        assert_eq!(reserved, 20);
+        assert_eq!(available(&*store, "w").await, units("0.00"));
+        assert!(
+            store.fast_path.largest_batch() > 1,
+            "64 writes at once went one at a time"
+        );
+        assert_sound(&*store).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(
+        not(tollgate_pg),
+        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+    )]
+    async fn a_database_that_cannot_be_reached_fails_every_write_of_the_batch() {
+        let (_db, _dir, store) = funded("1.00").await;
+        store.db.pool.close().await;
+        let results = as_one_batch(&store, vec![hold("h1", "0.10"), hold("h2", "0.10")]).await;
+        for result in results {
+            assert!(
+                matches!(result, Err(StoreError::Unavailable(_))),
+                "{result:?}"
+            );
+        }
+    }
+}
