@@ -354,7 +354,25 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "fast-path paid calls, {CLIENTS} concurrent MCP clients over streamable HTTP, {secs} s each"
     );
+    if wanted("free") {
+        free_rows(secs).await?;
+    }
+    if wanted("sqlite") {
+        sqlite_rows(secs).await?;
+    }
+    if wanted("postgres") {
+        postgres_rows(secs).await?;
+    }
+    Ok(())
+}
 
+/// Whether `BENCH_ONLY` (rows to run: `free`, `sqlite`, `postgres`, comma
+/// separated; default all) names `rows`.
+fn wanted(rows: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|r| r.trim() == rows))
+}
+
+async fn free_rows(secs: u64) -> anyhow::Result<()> {
     let (free, _db) = setup(Backend::Sqlite, "normal").await?;
     row(
         "free calls (no payment), 1 instance",
@@ -364,6 +382,10 @@ async fn main() -> anyhow::Result<()> {
         "free calls, rmcp clients",
         &measure(&free, 1, Load::Rmcp, "word_count", secs).await?,
     );
+    Ok(())
+}
+
+async fn sqlite_rows(secs: u64) -> anyhow::Result<()> {
     let (normal, _db) = setup(Backend::Sqlite, "normal").await?;
     row(
         "SQLite normal, 1 instance",
@@ -381,7 +403,10 @@ async fn main() -> anyhow::Result<()> {
         2.0 * full_figures.per_second,
         2.0 * full_figures.per_second / fsyncs
     );
+    Ok(())
+}
 
+async fn postgres_rows(secs: u64) -> anyhow::Result<()> {
     if postgres_reachable().await {
         let (one, _db) = setup(Backend::Postgres, "full").await?;
         row(

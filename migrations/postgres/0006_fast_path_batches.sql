@@ -24,16 +24,27 @@ RETURNS boolean[] LANGUAGE plpgsql AS $$
 DECLARE
     done boolean[] := '{}';
     changed integer;
+    wallet_id bigint;
+    wallet_ids bigint[] := '{}';
 BEGIN
     IF cardinality(kinds) > 1 THEN
-        PERFORM 1 FROM accounts WHERE id IN (
-            SELECT a.id
-            FROM unnest(kinds, principals, currencies) AS op(kind, principal, currency)
-            JOIN accounts a ON a.kind = 'wallet' AND a.name = op.principal AND a.currency = op.currency
-            WHERE op.kind = 'hold'
-            UNION
-            SELECT h.account_id FROM holds h WHERE h.id = ANY (hold_ids)
-        ) ORDER BY id FOR NO KEY UPDATE;
+        -- One lookup per write, by a unique key: a plan cached while a table
+        -- was small stays an index scan as it grows (an `= ANY` over the
+        -- batch's ids was planned as a scan of the whole holds table).
+        FOR i IN 1 .. cardinality(kinds) LOOP
+            IF kinds[i] = 'hold' THEN
+                SELECT id INTO wallet_id FROM accounts
+                WHERE kind = 'wallet' AND name = principals[i] AND currency = currencies[i];
+            ELSE
+                SELECT account_id INTO wallet_id FROM holds WHERE id = hold_ids[i];
+            END IF;
+            IF wallet_id IS NOT NULL THEN
+                wallet_ids := wallet_ids || wallet_id;
+            END IF;
+        END LOOP;
+        FOREACH wallet_id IN ARRAY ARRAY(SELECT DISTINCT w FROM unnest(wallet_ids) AS w ORDER BY w) LOOP
+            PERFORM 1 FROM accounts WHERE id = wallet_id FOR NO KEY UPDATE;
+        END LOOP;
     END IF;
     FOR i IN 1 .. cardinality(kinds) LOOP
         IF kinds[i] = 'hold' THEN
