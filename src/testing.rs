@@ -57,6 +57,24 @@ macro_rules! on_both_backends {
     )*};
 }
 
+/// Tests that only make sense on PostgreSQL: each runs on a fresh database
+/// of its own from [`TestDb::fresh`], and shows as ignored, with the reason,
+/// without `TOLLGATE_TEST_POSTGRES`.
+#[macro_export]
+macro_rules! on_postgres {
+    ($( $(#[$attr:meta])* async fn $name:ident() $body:block )*) => {$(
+        $(#[$attr])*
+        #[cfg_attr(
+            not(tollgate_pg),
+            ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+        )]
+        async fn $name() {
+            $crate::testing::select($crate::testing::Backend::Postgres);
+            $body
+        }
+    )*};
+}
+
 /// A test's database. A PostgreSQL one is dropped when this is.
 pub struct TestDb {
     /// What `--db` / `TOLLGATE_DB` / `[store] url` take.

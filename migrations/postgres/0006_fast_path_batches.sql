@@ -18,7 +18,7 @@ CREATE FUNCTION fast_path_batch(
     kinds text[], hold_ids text[], amounts bigint[], ats bigint[],
     principals text[], currencies text[], tools text[], args_hashes text[],
     expiries bigint[], day_starts bigint[], month_starts bigint[],
-    agents text[], metadatas text[], instance text,
+    agents text[], metadatas text[], owners text[],
     txn_ids text[], beneficiaries bigint[], splits text[])
 RETURNS boolean[] LANGUAGE plpgsql AS $$
 DECLARE
@@ -66,7 +66,7 @@ BEGIN
             INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at,
                                expires_at, agent, metadata, owner)
             SELECT hold_ids[i], wallet.id, amounts[i], 'open', principals[i], tools[i], args_hashes[i],
-                   ats[i], expiries[i], agents[i], metadatas[i], instance
+                   ats[i], expiries[i], agents[i], metadatas[i], owners[i]
             FROM wallet;
         ELSIF kinds[i] = 'capture' THEN
             UPDATE holds SET status = 'captured', captured = amounts[i], settled_at = ats[i],

@@ -3,6 +3,7 @@
 //! (PostgreSQL) slots in behind the same trait. Every method is one
 //! transaction; several server processes may share one store.
 
+mod fast_path;
 mod portable;
 mod postgres;
 mod posting;

@@ -20,7 +20,13 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 
 use super::retrying;
-use crate::store::StoreError;
+use crate::{
+    allowance::{day_start, month_start},
+    store::{
+        StoreError,
+        fast_path::{Capture, Hold},
+    },
+};
 
 /// Writes in one batch at most.
 const MAX_BATCH: usize = 64;
@@ -31,39 +37,12 @@ const MAX_RUNNING: usize = 2;
 const BATCH: &str = "SELECT fast_path_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                                            $13, $14, $15, $16, $17)";
 
-/// A reservation: the wallet's balance and limits are checked, and the
-/// amount held, by one conditional UPDATE.
-#[derive(Debug)]
-pub(super) struct Hold {
-    pub hold_id: String,
-    pub amount: i64,
-    pub created_at: i64,
-    pub principal: String,
-    pub currency: String,
-    pub tool: String,
-    pub args_hash: String,
-    pub expires_at: i64,
-    /// The day and the month `created_at` falls in (the caps' windows).
-    pub day_start: i64,
-    pub month_start: i64,
-    pub agent: Option<String>,
-    pub metadata: Option<String>,
-}
-
-/// One of the fast path's writes. Each applies only to an open hold (a hold
-/// only if the wallet covers it), and reports whether it did.
+/// One of the fast path's writes: each reports whether it took effect.
 #[derive(Debug)]
 pub(super) enum Write {
     Hold(Hold),
-    /// Charge at most the held amount; triggers post the ledger transaction.
-    Capture {
-        hold_id: String,
-        amount: i64,
-        at: i64,
-        txn_id: String,
-        beneficiary_id: i64,
-        legs: String,
-    },
+    Capture(Capture),
+    /// End an open hold without charging.
     Release {
         hold_id: String,
         at: i64,
@@ -83,18 +62,15 @@ struct Queue {
 
 pub(super) struct Batches {
     pool: PgPool,
-    /// Stamped on the holds this instance opens.
-    instance: String,
     queue: Mutex<Queue>,
     /// The most writes one batch has carried (for tests and debugging).
     largest: AtomicUsize,
 }
 
 impl Batches {
-    pub fn new(pool: PgPool, instance: String) -> Arc<Self> {
+    pub fn new(pool: PgPool) -> Arc<Self> {
         Arc::new(Self {
             pool,
-            instance,
             queue: Mutex::default(),
             largest: AtomicUsize::new(0),
         })
@@ -202,7 +178,7 @@ impl Batches {
                 .bind(&columns.month_starts)
                 .bind(&columns.agents)
                 .bind(&columns.metadatas)
-                .bind(&self.instance)
+                .bind(&columns.owners)
                 .bind(&columns.txn_ids)
                 .bind(&columns.beneficiaries)
                 .bind(&columns.legs)
@@ -238,6 +214,7 @@ struct Columns<'a> {
     month_starts: Vec<Option<i64>>,
     agents: Vec<Option<&'a str>>,
     metadatas: Vec<Option<&'a str>>,
+    owners: Vec<Option<&'a str>>,
     txn_ids: Vec<Option<&'a str>>,
     beneficiaries: Vec<Option<i64>>,
     legs: Vec<Option<&'a str>>,
@@ -254,13 +231,13 @@ impl<'a> Columns<'a> {
 
     fn push(&mut self, write: &'a Write) {
         let (kind, hold_id, amount, at) = match write {
-            Write::Hold(hold) => ("hold", &hold.hold_id, Some(hold.amount), hold.created_at),
-            Write::Capture {
-                hold_id,
-                amount,
-                at,
-                ..
-            } => ("capture", hold_id, Some(*amount), *at),
+            Write::Hold(hold) => ("hold", &hold.id, Some(hold.amount), hold.created_at),
+            Write::Capture(capture) => (
+                "capture",
+                &capture.hold_id,
+                Some(capture.amount),
+                capture.at,
+            ),
             Write::Release { hold_id, at } => ("release", hold_id, None, *at),
         };
         self.kinds.push(kind);
@@ -276,23 +253,21 @@ impl<'a> Columns<'a> {
         self.tools.push(hold.map(|h| h.tool.as_str()));
         self.args_hashes.push(hold.map(|h| h.args_hash.as_str()));
         self.expiries.push(hold.map(|h| h.expires_at));
-        self.day_starts.push(hold.map(|h| h.day_start));
-        self.month_starts.push(hold.map(|h| h.month_start));
+        // The caps' windows: the day and the month the hold is made in.
+        self.day_starts.push(hold.map(|h| day_start(h.created_at)));
+        self.month_starts
+            .push(hold.map(|h| month_start(h.created_at)));
         self.agents.push(hold.and_then(|h| h.agent.as_deref()));
         self.metadatas
             .push(hold.and_then(|h| h.metadata.as_deref()));
+        self.owners.push(hold.map(|h| h.owner.as_str()));
         let capture = match write {
-            Write::Capture {
-                txn_id,
-                beneficiary_id,
-                legs,
-                ..
-            } => Some((txn_id.as_str(), *beneficiary_id, legs.as_str())),
+            Write::Capture(capture) => Some(capture),
             _ => None,
         };
-        self.txn_ids.push(capture.map(|c| c.0));
-        self.beneficiaries.push(capture.map(|c| c.1));
-        self.legs.push(capture.map(|c| c.2));
+        self.txn_ids.push(capture.map(|c| c.txn_id.as_str()));
+        self.beneficiaries.push(capture.map(|c| c.beneficiary_id));
+        self.legs.push(capture.map(|c| c.legs.as_str()));
     }
 }
 
@@ -300,19 +275,17 @@ impl<'a> Columns<'a> {
 mod tests {
     use super::*;
     use crate::{
-        allowance::{day_start, month_start},
         config::PoolSettings,
         store::{
             AccountKind, AccountRef, Charge, Store, now_ms,
             postgres::PgStore,
-            tests::{assert_sound, available, revenue, units, usd},
+            tests::{assert_sound, available, hold_request, revenue, units, usd},
         },
-        testing::{self, Backend, TestDb},
+        testing::TestDb,
     };
 
     /// A fresh PostgreSQL database whose wallet `w` holds `funds`.
     async fn funded(funds: &str) -> (TestDb, tempfile::TempDir, PgStore) {
-        testing::select(Backend::Postgres);
         let dir = tempfile::tempdir().expect("tempdir");
         let db = TestDb::fresh(dir.path());
         let store = PgStore::connect(&db.url, &PoolSettings::default())
@@ -326,37 +299,16 @@ mod tests {
     }
 
     fn hold(id: &str, amount: &str) -> Write {
-        let created_at = now_ms();
-        Write::Hold(Hold {
-            hold_id: id.into(),
-            amount: units(amount).0,
-            created_at,
-            principal: "w".into(),
-            currency: "USD".into(),
-            tool: "echo".into(),
-            args_hash: "h".into(),
-            expires_at: created_at + 60_000,
-            day_start: day_start(created_at),
-            month_start: month_start(created_at),
-            agent: None,
-            metadata: None,
-        })
+        Write::Hold(Hold::new(&hold_request(id, "w", amount), "test"))
     }
 
-    async fn capture(store: &PgStore, id: &str, amount: &str) -> Write {
+    async fn capture(store: &PgStore, id: &str, amount: &str) -> Capture {
         let plan = store
             .db
             .capture_plan(&Charge::whole(revenue(), units(amount)))
             .await
             .expect("plan");
-        Write::Capture {
-            hold_id: id.into(),
-            amount: plan.amount.0,
-            at: now_ms(),
-            txn_id: format!("txn-{id}"),
-            beneficiary_id: plan.beneficiary_id,
-            legs: plan.legs,
-        }
+        Capture::new(id, &plan)
     }
 
     fn release(id: &str) -> Write {
@@ -390,134 +342,110 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    #[cfg_attr(
-        not(tollgate_pg),
-        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
-    )]
-    async fn a_batch_applies_its_writes_in_order() {
-        let (_db, _dir, store) = funded("0.03").await;
-        // Five holds of 0.01 on 0.03: the first three reserve it all. Then
-        // h1 is captured, h2 released, and h1 cannot be released after its
-        // capture; the money h2 gave back lets h6 reserve.
-        let writes = vec![
-            hold("h1", "0.01"),
-            hold("h2", "0.01"),
-            hold("h3", "0.01"),
-            hold("h4", "0.01"),
-            hold("h5", "0.01"),
-            capture(&store, "h1", "0.01").await,
-            release("h2"),
-            release("h1"),
-            hold("h6", "0.01"),
-        ];
-        let applied = flags(as_one_batch(&store, writes).await);
-        assert_eq!(
-            applied,
-            [true, true, true, false, false, true, true, false, true]
-        );
-        assert_eq!(available(&store, "w").await, units("0.00"));
-        assert_eq!(
-            store
-                .statement(AccountKind::Wallet, "w")
-                .await
-                .expect("statement")
-                .len(),
-            2,
-            "the top-up and h1's capture"
-        );
-        assert_sound(&store).await;
-    }
-
-    #[tokio::test]
-    #[cfg_attr(
-        not(tollgate_pg),
-        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
-    )]
-    async fn a_failing_write_fails_alone_and_the_rest_of_its_batch_lands() {
-        let (_db, _dir, store) = funded("1.00").await;
-        assert!(flags(as_one_batch(&store, vec![hold("h1", "0.10")]).await)[0]);
-        // A capture naming a beneficiary account that does not exist breaks
-        // a foreign key, which rolls back the whole batch statement.
-        let Write::Capture {
-            hold_id,
-            amount,
-            at,
-            txn_id,
-            legs,
-            ..
-        } = capture(&store, "h1", "0.10").await
-        else {
-            unreachable!("capture() makes a capture")
-        };
-        let broken = Write::Capture {
-            hold_id,
-            amount,
-            at,
-            txn_id,
-            beneficiary_id: 987_654,
-            legs,
-        };
-        let results =
-            as_one_batch(&store, vec![hold("h2", "0.10"), broken, hold("h3", "0.10")]).await;
-        assert!(matches!(results[0], Ok(true)), "{:?}", results[0]);
-        assert!(
-            matches!(
-                &results[1],
-                Err(StoreError::Unavailable(sqlx::Error::Database(_)))
-            ),
-            "{:?}",
-            results[1]
-        );
-        assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
-        // h1 is still open, and h2 and h3 reserved: 0.30 held of 1.00.
-        assert_eq!(available(&store, "w").await, units("0.70"));
-        assert_sound(&store).await;
-    }
-
-    #[tokio::test]
-    #[cfg_attr(
-        not(tollgate_pg),
-        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
-    )]
-    async fn concurrent_holds_share_batches_and_reserve_exactly_what_the_wallet_covers() {
-        let (_db, _dir, store) = funded("0.20").await;
-        let store = Arc::new(store);
-        let holds: Vec<_> = (0..64)
-            .map(|i| {
-                let store = store.clone();
-                tokio::spawn(
-                    async move { store.fast_path.apply(hold(&format!("h{i}"), "0.01")).await },
-                )
-            })
-            .collect();
-        let mut reserved = 0;
-        for hold in holds {
-            reserved += usize::from(hold.await.expect("task").expect("applied or refused"));
-        }
-        assert_eq!(reserved, 20);
-        assert_eq!(available(&*store, "w").await, units("0.00"));
-        assert!(
-            store.fast_path.largest_batch() > 1,
-            "64 writes at once went one at a time"
-        );
-        assert_sound(&*store).await;
-    }
-
-    #[tokio::test]
-    #[cfg_attr(
-        not(tollgate_pg),
-        ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
-    )]
-    async fn a_database_that_cannot_be_reached_fails_every_write_of_the_batch() {
-        let (_db, _dir, store) = funded("1.00").await;
-        store.db.pool.close().await;
-        let results = as_one_batch(&store, vec![hold("h1", "0.10"), hold("h2", "0.10")]).await;
-        for result in results {
-            assert!(
-                matches!(result, Err(StoreError::Unavailable(_))),
-                "{result:?}"
+    crate::on_postgres! {
+        #[tokio::test]
+        async fn a_batch_applies_its_writes_in_order() {
+            let (_db, _dir, store) = funded("0.03").await;
+            // Five holds of 0.01 on 0.03: the first three reserve it all. Then
+            // h1 is captured, h2 released, and h1 cannot be released after its
+            // capture; the money h2 gave back lets h6 reserve.
+            let writes = vec![
+                hold("h1", "0.01"),
+                hold("h2", "0.01"),
+                hold("h3", "0.01"),
+                hold("h4", "0.01"),
+                hold("h5", "0.01"),
+                Write::Capture(capture(&store, "h1", "0.01").await),
+                release("h2"),
+                release("h1"),
+                hold("h6", "0.01"),
+            ];
+            let applied = flags(as_one_batch(&store, writes).await);
+            assert_eq!(
+                applied,
+                [true, true, true, false, false, true, true, false, true]
             );
+            assert_eq!(available(&store, "w").await, units("0.00"));
+            assert_eq!(
+                store
+                    .statement(AccountKind::Wallet, "w")
+                    .await
+                    .expect("statement")
+                    .len(),
+                2,
+                "the top-up and h1's capture"
+            );
+            assert_sound(&store).await;
+        }
+
+        #[tokio::test]
+        async fn a_failing_write_fails_alone_and_the_rest_of_its_batch_lands() {
+            let (_db, _dir, store) = funded("1.00").await;
+            assert!(flags(as_one_batch(&store, vec![hold("h1", "0.10")]).await)[0]);
+            // A capture naming a beneficiary account that does not exist breaks
+            // a foreign key, which rolls back the whole batch statement.
+            let mut broken = capture(&store, "h1", "0.10").await;
+            broken.beneficiary_id = 987_654;
+            let results = as_one_batch(
+                &store,
+                vec![
+                    hold("h2", "0.10"),
+                    Write::Capture(broken),
+                    hold("h3", "0.10"),
+                ],
+            )
+            .await;
+            assert!(matches!(results[0], Ok(true)), "{:?}", results[0]);
+            assert!(
+                matches!(
+                    &results[1],
+                    Err(StoreError::Unavailable(sqlx::Error::Database(_)))
+                ),
+                "{:?}",
+                results[1]
+            );
+            assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
+            // h1 is still open, and h2 and h3 reserved: 0.30 held of 1.00.
+            assert_eq!(available(&store, "w").await, units("0.70"));
+            assert_sound(&store).await;
+        }
+
+        #[tokio::test]
+        async fn concurrent_holds_share_batches_and_reserve_exactly_what_the_wallet_covers() {
+            let (_db, _dir, store) = funded("0.20").await;
+            let store = Arc::new(store);
+            let holds: Vec<_> = (0..64)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(
+                        async move { store.fast_path.apply(hold(&format!("h{i}"), "0.01")).await },
+                    )
+                })
+                .collect();
+            let mut reserved = 0;
+            for hold in holds {
+                reserved += usize::from(hold.await.expect("task").expect("applied or refused"));
+            }
+            assert_eq!(reserved, 20);
+            assert_eq!(available(&*store, "w").await, units("0.00"));
+            assert!(
+                store.fast_path.largest_batch() > 1,
+                "64 writes at once went one at a time"
+            );
+            assert_sound(&*store).await;
+        }
+
+        #[tokio::test]
+        async fn a_database_that_cannot_be_reached_fails_every_write_of_the_batch() {
+            let (_db, _dir, store) = funded("1.00").await;
+            store.db.pool.close().await;
+            let results = as_one_batch(&store, vec![hold("h1", "0.10"), hold("h2", "0.10")]).await;
+            for result in results {
+                assert!(
+                    matches!(result, Err(StoreError::Unavailable(_))),
+                    "{result:?}"
+                );
+            }
         }
     }
 }

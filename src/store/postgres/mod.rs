@@ -27,16 +27,13 @@ use sqlx::{
 };
 
 use super::{
+    fast_path::{Capture, Hold},
     portable::{PaymentLocks, Portable, refused_hold},
     posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
     sql::*,
     *,
 };
-use crate::{
-    allowance::{Limits, day_start, month_start},
-    config::PoolSettings,
-    keys::ApiKey,
-};
+use crate::{allowance::Limits, config::PoolSettings, keys::ApiKey};
 
 /// Attempts at a write that PostgreSQL rolled back as a serialization
 /// failure or deadlock.
@@ -99,7 +96,7 @@ impl PgStore {
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let db = Portable::new(pool);
-        let fast_path = batch::Batches::new(db.pool.clone(), db.instance.clone());
+        let fast_path = batch::Batches::new(db.pool.clone());
         Ok(Self { db, fast_path })
     }
 
@@ -255,21 +252,8 @@ impl Store for PgStore {
         // check (re-checked on the newest row after any wait: the caps'
         // counters are on that same row, and counted by it), and the hold
         // row is written only if it reserved (see `batch`).
-        let created_at = now_ms();
-        let hold = batch::Hold {
-            hold_id: req.hold_id.clone(),
-            amount: req.amount.0,
-            created_at,
-            principal: req.principal.clone(),
-            currency: req.currency.as_str().to_owned(),
-            tool: req.tool.clone(),
-            args_hash: req.args_hash.clone(),
-            expires_at: req.expires_at,
-            day_start: day_start(created_at),
-            month_start: month_start(created_at),
-            agent: req.origin.agent.clone(),
-            metadata: req.origin.metadata.clone(),
-        };
+        let hold = Hold::new(req, &self.db.instance);
+        let created_at = hold.created_at;
         if self.fast_path.apply(batch::Write::Hold(hold)).await? {
             return Ok(HoldOutcome::Held);
         }
@@ -279,18 +263,11 @@ impl Store for PgStore {
 
     async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {
         let plan = retrying(|| self.db.capture_plan(charge)).await?;
-        let (at, txn_id) = (now_ms(), new_txn_id());
         // The `holds_capture` trigger gives the reservation back and posts
         // the ledger transaction, all in this one write.
-        let capture = batch::Write::Capture {
-            hold_id: hold_id.to_owned(),
-            amount: plan.amount.0,
-            at,
-            txn_id: txn_id.clone(),
-            beneficiary_id: plan.beneficiary_id,
-            legs: plan.legs.clone(),
-        };
-        if self.fast_path.apply(capture).await? {
+        let capture = Capture::new(hold_id, &plan);
+        let (txn_id, at) = (capture.txn_id.clone(), capture.at);
+        if self.fast_path.apply(batch::Write::Capture(capture)).await? {
             return Ok(Posted { txn_id, at });
         }
         self.db

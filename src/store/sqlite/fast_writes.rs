@@ -47,7 +47,14 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, params};
 use tokio::sync::oneshot;
 
 use super::in_thread::{InlineTx, TxState};
-use crate::{config::Synchronous, store::StoreError, sync::lock};
+use crate::{
+    config::Synchronous,
+    store::{
+        StoreError,
+        fast_path::{Capture, Hold},
+    },
+    sync::lock,
+};
 
 /// The most writes one commit carries.
 const MAX_BATCH: usize = 64;
@@ -68,35 +75,13 @@ const WRITER_AUTOCHECKPOINT: u32 = 4000;
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) enum FastWrite {
-    /// Reserve `amount` if the wallet's available balance covers it and
-    /// its limits allow it.
-    Hold {
-        id: String,
-        principal: String,
-        currency: String,
-        amount: i64,
-        tool: String,
-        args_hash: String,
-        created_at: i64,
-        expires_at: i64,
-        agent: Option<String>,
-        metadata: Option<String>,
-        /// The instance whose call it is (crash recovery).
-        owner: String,
-    },
-    /// End an open hold by charging at most its amount (the
-    /// `holds_capture` trigger posts the ledger transaction).
-    Capture {
-        hold_id: String,
-        amount: i64,
-        at: i64,
-        txn_id: String,
-        beneficiary_id: i64,
-        /// The charge's legs, posted by the trigger.
-        legs: String,
-    },
+    Hold(Hold),
+    Capture(Capture),
     /// End an open hold without charging.
-    Release { hold_id: String, at: i64 },
+    Release {
+        hold_id: String,
+        at: i64,
+    },
     /// Any other write (see [`FastWriter::transaction`]). It may run more
     /// than once: a caller's batch that met SQLite busy is handed whole,
     /// with nothing of it kept, to the writer thread, which runs it again.
@@ -111,38 +96,33 @@ impl FastWrite {
     /// Runs the write's statement; `Ok(true)` when it changed its row.
     fn run(&self, conn: &Connection) -> rusqlite::Result<bool> {
         let changed = match self {
-            FastWrite::Hold {
-                id,
-                principal,
-                currency,
-                amount,
-                tool,
-                args_hash,
-                created_at,
-                expires_at,
-                agent,
-                metadata,
-                owner,
-            } => conn
-                .prepare_cached(HOLD)?
-                .execute(params![
-                    id, amount, principal, tool, args_hash, created_at, expires_at, currency, agent,
-                    metadata, owner
-                ])?,
-            FastWrite::Capture {
-                hold_id,
-                amount,
-                at,
-                txn_id,
-                beneficiary_id,
-                legs,
-            } => conn
+            FastWrite::Hold(hold) => conn.prepare_cached(HOLD)?.execute(params![
+                hold.id,
+                hold.amount,
+                hold.principal,
+                hold.tool,
+                hold.args_hash,
+                hold.created_at,
+                hold.expires_at,
+                hold.currency,
+                hold.agent,
+                hold.metadata,
+                hold.owner
+            ])?,
+            FastWrite::Capture(capture) => conn
                 .prepare_cached(
                     "UPDATE holds SET status = 'captured', captured = ?1, settled_at = ?2, txn_id = ?3,
                                       beneficiary_account_id = ?4, legs = ?6
                      WHERE id = ?5 AND status = 'open' AND amount >= ?1",
                 )?
-                .execute(params![amount, at, txn_id, beneficiary_id, hold_id, legs])?,
+                .execute(params![
+                    capture.amount,
+                    capture.at,
+                    capture.txn_id,
+                    capture.beneficiary_id,
+                    capture.hold_id,
+                    capture.legs
+                ])?,
             FastWrite::Release { hold_id, at } => conn
                 .prepare_cached(
                     "UPDATE holds SET status = 'released', settled_at = ?1 WHERE id = ?2 AND status = 'open'",
@@ -516,7 +496,7 @@ mod tests {
     };
 
     fn hold(id: &str, amount: i64) -> FastWrite {
-        FastWrite::Hold {
+        FastWrite::Hold(Hold {
             id: id.into(),
             principal: "w".into(),
             currency: "USD".into(),
@@ -528,7 +508,7 @@ mod tests {
             agent: None,
             metadata: None,
             owner: "test".into(),
-        }
+        })
     }
 
     /// A store whose wallet `w` holds 100 units.

@@ -27,6 +27,7 @@ use fast_writes::{BUSY_TIMEOUT, FastWrite, FastWriter};
 use in_thread::{Readers, ready};
 
 use super::{
+    fast_path::{Capture, Hold},
     portable::{PaymentLocks, Portable, Tx, refused_hold},
     posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
     rows::Columns,
@@ -247,23 +248,9 @@ impl Store for SqliteStore {
         // One conditional INSERT: the balance and limit checks and the
         // reservation (by the `holds_reserve` trigger, which also counts it
         // against the caps) happen atomically under the write lock.
-        let created_at = now_ms();
-        let held = self
-            .fast_writes
-            .write(FastWrite::Hold {
-                id: req.hold_id.clone(),
-                principal: req.principal.clone(),
-                currency: req.currency.as_str().to_owned(),
-                amount: req.amount.0,
-                tool: req.tool.clone(),
-                args_hash: req.args_hash.clone(),
-                created_at,
-                expires_at: req.expires_at,
-                agent: req.origin.agent.clone(),
-                metadata: req.origin.metadata.clone(),
-                owner: self.db.instance.clone(),
-            })
-            .await?;
+        let hold = Hold::new(req, &self.db.instance);
+        let created_at = hold.created_at;
+        let held = self.fast_writes.write(FastWrite::Hold(hold)).await?;
         if held {
             return Ok(HoldOutcome::Held);
         }
@@ -273,22 +260,11 @@ impl Store for SqliteStore {
 
     async fn capture(&self, hold_id: &str, charge: &Charge) -> Result<Posted, StoreError> {
         let plan = self.db.capture_plan(charge).await?;
-        let at = now_ms();
-        let txn_id = new_txn_id();
         // One conditional UPDATE; the `holds_capture` trigger gives the
         // reservation back and posts the ledger transaction, all or nothing.
-        let captured = self
-            .fast_writes
-            .write(FastWrite::Capture {
-                hold_id: hold_id.to_owned(),
-                amount: plan.amount.0,
-                at,
-                txn_id: txn_id.clone(),
-                beneficiary_id: plan.beneficiary_id,
-                legs: plan.legs,
-            })
-            .await?;
-        if captured {
+        let capture = Capture::new(hold_id, &plan);
+        let (txn_id, at) = (capture.txn_id.clone(), capture.at);
+        if self.fast_writes.write(FastWrite::Capture(capture)).await? {
             return Ok(Posted { txn_id, at });
         }
         self.db
