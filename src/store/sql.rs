@@ -147,6 +147,7 @@ macro_rules! owner_gone {
         )
     };
 }
+pub(super) use owner_gone;
 
 /// Releases (`holds_end` gives the reservation back) the open holds of
 /// instances no longer alive at `$1`: their calls never finished.

@@ -108,16 +108,26 @@ impl Batches {
 
     /// Applies batches until no write is waiting.
     async fn run(self: Arc<Self>) {
+        let mut running = Running {
+            batches: &self,
+            stopped: false,
+        };
         loop {
             let batch: Vec<Pending> = {
                 let mut queue = self.queue();
                 if queue.waiting.is_empty() {
+                    // Under the lock that `apply` queues under: a write
+                    // queued after this sees a free runner slot.
                     queue.running -= 1;
+                    running.stopped = true;
                     return;
                 }
                 let n = queue.waiting.len().min(MAX_BATCH);
-                queue.waiting.drain(..n).collect()
+                queue.waiting.drain(..n).filter(still_wanted).collect()
             };
+            if batch.is_empty() {
+                continue;
+            }
             self.largest.fetch_max(batch.len(), Ordering::Relaxed);
             self.settle(batch).await;
         }
@@ -131,16 +141,17 @@ impl Batches {
                     let _ = pending.applied.send(Ok(applied));
                 }
             }
-            // A statement error (a violated constraint, say) rolls back the
+            // A write's own fault (a violated constraint, say) rolls back the
             // whole batch: apply each write alone, so that the error reaches
             // only the caller whose write caused it.
-            Err(StoreError::Unavailable(sqlx::Error::Database(_))) if batch.len() > 1 => {
+            Err(e) if batch.len() > 1 && one_writes_fault(&e) => {
                 for pending in batch {
                     let alone = self.execute(&[&pending.write]).await;
                     let _ = pending.applied.send(alone.map(|applied| applied[0]));
                 }
             }
-            // The database cannot be reached: every caller gets why.
+            // The database cannot be reached, or gave up on the batch (a
+            // timeout, a conflict retried to the end): every caller gets why.
             Err(e) => {
                 let why = e.to_string();
                 let mut batch = batch.into_iter();
@@ -194,6 +205,46 @@ impl Batches {
             )));
         }
         Ok(applied)
+    }
+}
+
+/// Counts a runner in [`Queue::running`] until it stops: if it stops
+/// without saying so (its task panicked, or was dropped), the slot is freed
+/// all the same, and the next write starts a runner.
+struct Running<'a> {
+    batches: &'a Batches,
+    stopped: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if !self.stopped {
+            tracing::error!("a fast-path batch runner stopped mid-batch");
+            self.batches.queue().running -= 1;
+        }
+    }
+}
+
+/// A hold whose caller has given up (its client went away) is not made:
+/// nobody would run the tool, and the money would stay reserved until the
+/// hold expired. A capture or release always runs: it ends a hold.
+fn still_wanted(pending: &Pending) -> bool {
+    let gone = matches!(pending.write, Write::Hold(_)) && pending.applied.is_closed();
+    if gone {
+        tracing::debug!("a hold's caller left before its batch; not made");
+    }
+    !gone
+}
+
+/// Whether PostgreSQL refused `e` for what one write holds (bad data, a
+/// broken constraint, the function's own refusal), not for the batch as a
+/// whole (the connection, a timeout, a conflict with another transaction).
+fn one_writes_fault(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(sqlx::Error::Database(db)) => db
+            .code()
+            .is_some_and(|code| ["22", "23", "P0"].iter().any(|c| code.starts_with(c))),
+        _ => false,
     }
 }
 
@@ -276,8 +327,9 @@ mod tests {
     use super::*;
     use crate::{
         config::PoolSettings,
+        money::Units,
         store::{
-            AccountKind, AccountRef, Charge, Store, now_ms,
+            AccountKind, AccountRef, Charge, HoldOutcome, Store, now_ms,
             postgres::PgStore,
             tests::{assert_sound, available, hold_request, revenue, units, usd},
         },
@@ -340,6 +392,31 @@ mod tests {
             .into_iter()
             .map(|r| r.expect("applied or refused, not failed"))
             .collect()
+    }
+
+    #[test]
+    fn a_hold_whose_caller_left_is_not_made_but_a_capture_or_release_still_is() {
+        let pending = |write: Write| {
+            let (applied, outcome) = oneshot::channel();
+            drop(outcome);
+            Pending { write, applied }
+        };
+        assert!(!still_wanted(&pending(hold("h1", "0.01"))));
+        assert!(still_wanted(&pending(release("h1"))));
+        let capture = Capture {
+            hold_id: "h1".into(),
+            amount: 1,
+            at: now_ms(),
+            txn_id: "t1".into(),
+            beneficiary_id: 1,
+            legs: "[]".into(),
+        };
+        assert!(still_wanted(&pending(Write::Capture(capture))));
+        let (applied, _waiting) = oneshot::channel();
+        assert!(still_wanted(&Pending {
+            write: hold("h2", "0.01"),
+            applied
+        }));
     }
 
     crate::on_postgres! {
@@ -407,7 +484,83 @@ mod tests {
             assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
             // h1 is still open, and h2 and h3 reserved: 0.30 held of 1.00.
             assert_eq!(available(&store, "w").await, units("0.70"));
+            // h1 is still open: releasing it now gives its 0.10 back.
+            assert_eq!(flags(as_one_batch(&store, vec![release("h1")]).await), [true]);
+            assert_eq!(available(&store, "w").await, units("0.80"));
             assert_sound(&store).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn batches_on_many_wallets_and_the_sweeps_end_every_hold_once() {
+            let (_db, _dir, store) = funded("0.10").await;
+            let wallets = ["w", "x", "y", "z"];
+            for wallet in &wallets[1..] {
+                store
+                    .topup(&AccountRef::wallet(*wallet, &usd()), units("0.10"), None)
+                    .await
+                    .expect("topup");
+            }
+            // This instance is alive: the orphan sweep must leave its holds.
+            store
+                .heartbeat(now_ms(), now_ms() + 60_000)
+                .await
+                .expect("heartbeat");
+            let store = Arc::new(store);
+            // Holds already past their expiry, for the sweeps to end while
+            // the batches run.
+            for (i, wallet) in wallets.iter().enumerate() {
+                let mut request = hold_request(&format!("old{i}"), wallet, "0.02");
+                request.expires_at = now_ms() - 1;
+                assert_eq!(store.hold(&request).await.expect("hold"), HoldOutcome::Held);
+            }
+            // 64 calls on each wallet: a hold of 0.01, then a capture (even
+            // calls) or a release (odd ones). Each wallet covers 8 at a time.
+            let calls: Vec<_> = (0..256)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let id = format!("h{i}");
+                        let request = hold_request(&id, wallets[i % 4], "0.01");
+                        if store.hold(&request).await? != HoldOutcome::Held {
+                            return Ok::<_, StoreError>(0);
+                        }
+                        if i % 8 < 4 {
+                            store
+                                .capture(&id, &Charge::whole(revenue(), units("0.01")))
+                                .await?;
+                            Ok(1)
+                        } else {
+                            store.release(&id).await?;
+                            Ok(0)
+                        }
+                    })
+                })
+                .collect();
+            let sweeps = {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut expired = 0;
+                    for _ in 0..20 {
+                        expired += store.sweep_expired(now_ms()).await?;
+                        store.release_orphaned_holds(now_ms()).await?;
+                    }
+                    Ok::<_, StoreError>(expired)
+                })
+            };
+            let mut captured = [0; 4];
+            for (i, call) in calls.into_iter().enumerate() {
+                captured[i % 4] += call.await.expect("task").expect("call");
+            }
+            let expired = sweeps.await.expect("task").expect("sweeps")
+                + store.sweep_expired(now_ms()).await.expect("sweep");
+            assert_eq!(expired, 4, "each old hold expired once");
+            for (wallet, captured) in wallets.iter().zip(captured) {
+                assert!(captured > 0, "{wallet}: no call was charged");
+                let left = units("0.10").0 - captured * units("0.01").0;
+                assert_eq!(available(&*store, wallet).await, Units(left), "{wallet}");
+            }
+            assert!(store.fast_path.largest_batch() > 1);
+            assert_sound(&*store).await;
         }
 
         #[tokio::test]

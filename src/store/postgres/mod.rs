@@ -115,6 +115,10 @@ impl PgStore {
 
     async fn sweep_once(&self, now: i64) -> Result<u64, StoreError> {
         let mut tx = self.tx().await?;
+        sqlx::query(LOCK_WALLETS_OF_EXPIRED_HOLDS)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         // Rows another instance is sweeping (or capturing) right now are
         // skipped: it ends them, exactly once.
         let expired = sqlx::query(
@@ -152,6 +156,24 @@ impl PgStore {
         Ok(expired)
     }
 }
+
+/// Ending holds in bulk (the expiry sweep, releasing a dead instance's
+/// holds) locks their wallets first, in id order, as a fast-path batch does
+/// (see `batch`): ending a hold updates its wallet, and taking the hold rows
+/// first would wait on a batch that holds a wallet and wants one of them.
+macro_rules! lock_wallets_of_open_holds {
+    ($condition:expr) => {
+        concat!(
+            "SELECT 1 FROM accounts WHERE id IN (SELECT account_id FROM holds
+                                                  WHERE status = 'open' AND ",
+            $condition,
+            ") ORDER BY id FOR NO KEY UPDATE"
+        )
+    };
+}
+const LOCK_WALLETS_OF_EXPIRED_HOLDS: &str = lock_wallets_of_open_holds!("expires_at < $1");
+const LOCK_WALLETS_OF_ORPHANED_HOLDS: &str =
+    lock_wallets_of_open_holds!(owner_gone!("holds.owner"));
 
 /// A session payment locks the session first (a concurrent payment of it
 /// waits, then sees it paid), then the paying wallet, until it commits.
@@ -477,7 +499,21 @@ impl Store for PgStore {
     }
 
     async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError> {
-        retrying(|| self.db.release_orphaned_holds(now)).await
+        retrying(|| async {
+            let mut tx = self.tx().await?;
+            sqlx::query(LOCK_WALLETS_OF_ORPHANED_HOLDS)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            let released = sqlx::query(RELEASE_ORPHANED_HOLDS)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(released)
+        })
+        .await
     }
 
     async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
