@@ -494,7 +494,12 @@ impl Store for SqliteStore {
     }
 
     async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
-        self.db.api_key(id).await
+        // Every HTTP request reads its key: in-thread, it costs no hand-off
+        // to sqlx's worker thread.
+        let in_thread = self
+            .readers
+            .optional(statement!(sql::API_KEY, id), rows::api_key);
+        read(in_thread, self.db.api_key(id)).await
     }
 
     async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
