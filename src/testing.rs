@@ -44,14 +44,9 @@ macro_rules! on_both_backends {
                 $body
             }
 
-            $(#[$attr])*
-            #[cfg_attr(
-                not(tollgate_pg),
-                ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
-            )]
-            async fn postgres() {
-                $crate::testing::select($crate::testing::Backend::Postgres);
-                $body
+            $crate::on_postgres! {
+                $(#[$attr])*
+                async fn postgres() $body
             }
         }
     )*};

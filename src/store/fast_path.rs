@@ -3,7 +3,7 @@
 //! a capture (like a release) only of an open hold; the writer reports
 //! whether it took effect.
 
-use super::{HoldRequest, new_txn_id, now_ms, posting::CapturePlan};
+use super::{HoldRequest, Posted, new_txn_id, now_ms, posting::CapturePlan};
 
 /// Reserve `amount` if the wallet's available balance covers it and its
 /// limits allow it.
@@ -67,6 +67,14 @@ impl Capture {
             txn_id: new_txn_id(),
             beneficiary_id: plan.beneficiary_id,
             legs: plan.legs.clone(),
+        }
+    }
+
+    /// What the capture posts once it lands.
+    pub fn posted(&self) -> Posted {
+        Posted {
+            txn_id: self.txn_id.clone(),
+            at: self.at,
         }
     }
 }

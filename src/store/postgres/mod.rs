@@ -288,9 +288,9 @@ impl Store for PgStore {
         // The `holds_capture` trigger gives the reservation back and posts
         // the ledger transaction, all in this one write.
         let capture = Capture::new(hold_id, &plan);
-        let (txn_id, at) = (capture.txn_id.clone(), capture.at);
+        let posted = capture.posted();
         if self.fast_path.apply(batch::Write::Capture(capture)).await? {
-            return Ok(Posted { txn_id, at });
+            return Ok(posted);
         }
         self.db
             .refused_capture(hold_id, plan.amount, plan.beneficiary_id)

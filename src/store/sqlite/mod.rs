@@ -263,9 +263,9 @@ impl Store for SqliteStore {
         // One conditional UPDATE; the `holds_capture` trigger gives the
         // reservation back and posts the ledger transaction, all or nothing.
         let capture = Capture::new(hold_id, &plan);
-        let (txn_id, at) = (capture.txn_id.clone(), capture.at);
+        let posted = capture.posted();
         if self.fast_writes.write(FastWrite::Capture(capture)).await? {
-            return Ok(Posted { txn_id, at });
+            return Ok(posted);
         }
         self.db
             .refused_capture(hold_id, plan.amount, plan.beneficiary_id)
