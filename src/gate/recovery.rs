@@ -77,7 +77,7 @@ impl Gate {
     /// Takes a paid, never redeemed intent through `running` (so no late
     /// redeem can run it) to failed, refunded.
     async fn refund_unredeemed(&self, intent: &Intent) -> Result<bool, StoreError> {
-        if intent.status == IntentStatus::AwaitingPayment {
+        let claimed = if intent.status == IntentStatus::AwaitingPayment {
             let Some(session) = intent.provider_session_id.as_deref() else {
                 return Ok(false);
             };
@@ -86,14 +86,16 @@ impl Gate {
                 _ => return Ok(false),
             };
             self.store
-                .mark_intent_paid(&intent.id, &state.funding)
-                .await?;
-        }
-        if !self
-            .store
-            .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
-            .await?
-        {
+                .claim_paid_intent(&intent.id, &state.funding)
+                .await?
+        } else {
+            // Paid but not running: only a database from before claims
+            // were one write holds these.
+            self.store
+                .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
+                .await?
+        };
+        if !claimed {
             return Ok(false); // redeemed after all, or refunded elsewhere
         }
         let message = format!(

@@ -92,6 +92,8 @@ impl Gate {
                     return Settled::Final(self.replay(&intent).await);
                 }
                 IntentStatus::AwaitingPayment => self.check_payment(&intent).await,
+                // Only a database from before claims were one write holds
+                // intents paid but not yet running.
                 IntentStatus::Paid => match self
                     .store
                     .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
@@ -125,6 +127,7 @@ impl Gate {
             };
             match step {
                 Step::Answer(result) => return Settled::Final(result),
+                Step::Claimed => return Settled::Final(self.run_paid(scope, intent).await),
                 Step::Pending(result) => {
                     let Some(wait) = wait.as_mut() else {
                         return Settled::Pending(result);
@@ -198,8 +201,9 @@ impl Gate {
     }
 
     /// Asks the provider about an intent still awaiting payment, and moves
-    /// the intent along with what it says. Accepting the client's word is
-    /// never enough: only the provider's `paid` counts.
+    /// the intent along with what it says: paid, it is claimed for this
+    /// call to run. Accepting the client's word is never enough: only the
+    /// provider's `paid` counts.
     async fn check_payment(&self, intent: &Intent) -> Step {
         let Some(session_id) = intent.provider_session_id.as_deref() else {
             return Step::Answer(reply::unavailable(format!(
@@ -215,10 +219,12 @@ impl Gate {
             SessionStatus::Paid => {
                 return match self
                     .store
-                    .mark_intent_paid(&intent.id, &state.funding)
+                    .claim_paid_intent(&intent.id, &state.funding)
                     .await
                 {
-                    Ok(_) => Step::Reload,
+                    Ok(true) => Step::Claimed,
+                    // Another call claimed it first: look again.
+                    Ok(false) => Step::Reload,
                     Err(e) => Step::Answer(reply::unavailable(e)),
                 };
             }
@@ -448,6 +454,8 @@ impl Gate {
 
 enum Step {
     Answer(CallToolResult),
+    /// Paid, and this call claimed the one run.
+    Claimed,
     /// Not paid yet: the `payment_pending` answer, unless the caller waits.
     Pending(CallToolResult),
     Reload,

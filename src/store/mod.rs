@@ -404,6 +404,9 @@ pub struct WalletLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IntentStatus {
     AwaitingPayment,
+    /// Paid, not yet running. An intent passes through it inside the one
+    /// write that claims its run ([`Store::claim_paid_intent`]), so only
+    /// databases written before that keep intents here.
     Paid,
     Running,
     Succeeded,
@@ -686,10 +689,12 @@ pub trait Store: Send + Sync + 'static {
         from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError>;
-    /// awaiting_payment → paid, with the money's arrival in clearing when it
-    /// was paid outside the ledger, and where a refund would go. A waiting
-    /// approval becomes approved by whoever paid, unless already decided.
-    async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError>;
+    /// awaiting_payment → running, claimed by this instance: the intent is
+    /// paid and its one run is this caller's, in one transaction, with the
+    /// money's arrival in clearing when it was paid outside the ledger, and
+    /// where a refund would go. A waiting approval becomes approved by
+    /// whoever paid, unless already decided. False if it was not awaiting.
+    async fn claim_paid_intent(&self, id: &str, funding: &Funding) -> Result<bool, StoreError>;
     /// Records a person's decision on an intent whose approval is waiting;
     /// false if it was not waiting.
     async fn decide_approval(

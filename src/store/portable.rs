@@ -483,24 +483,27 @@ where
         Ok(posted)
     }
 
-    /// awaiting_payment → paid for an intent paid outside the ledger, with
-    /// the money's arrival in clearing, in `tx`; false if it was not awaiting.
-    pub async fn mark_paid_externally(
+    /// awaiting_payment → running, claimed by `runner`, for an intent paid
+    /// outside the ledger, with the money's arrival in clearing, in `tx`;
+    /// false if it was not awaiting.
+    pub async fn claim_paid_externally(
         mut tx: impl Tx,
         intent: &Intent,
         source_id: i64,
         clearing_id: i64,
         audit: &Audit,
         approver: &str,
+        runner: &str,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let marked = tx
             .execute(statement!(
-                sql::MARK_PAID,
+                sql::CLAIM_PAID,
                 &intent.id,
                 source_id,
                 now,
-                approver
+                approver,
+                runner
             ))
             .await?;
         if marked == 0 {

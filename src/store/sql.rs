@@ -185,10 +185,12 @@ pub(super) const PRUNE_SESSIONS: &str =
 pub(super) const PRUNE_HOLDS: &str =
     "DELETE FROM holds WHERE status IN ('released', 'expired') AND settled_at < $1";
 
-/// awaiting_payment → paid, noting the account a refund goes back to. A
-/// waiting approval is approved by whoever paid (`$4`).
-pub(super) const MARK_PAID: &str =
-    "UPDATE intents SET status = 'paid', refund_account_id = $2, updated_at = $3,
+/// awaiting_payment → running for instance `$5`: paid, and claimed for its
+/// one run, in one statement (it passes through `paid` without a commit of
+/// its own, which cost each slow-path flow a write). Notes the account a
+/// refund goes back to; a waiting approval is approved by whoever paid (`$4`).
+pub(super) const CLAIM_PAID: &str =
+    "UPDATE intents SET status = 'running', runner = $5, refund_account_id = $2, updated_at = $3,
             approved_by = CASE WHEN approval = 'waiting' THEN $4 ELSE approved_by END,
             approved_at = CASE WHEN approval = 'waiting' THEN $3 ELSE approved_at END,
             approval = CASE WHEN approval = 'waiting' THEN 'approved' ELSE approval END

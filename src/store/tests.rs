@@ -253,9 +253,10 @@ crate::on_both_backends! {
             .await
             .unwrap();
         assert_eq!(available(&*store, "payer").await, units("0.95"));
+        // Paid: claimed for its one run, in the one write.
         assert!(
             store
-                .mark_intent_paid(
+                .claim_paid_intent(
                     "a",
                     &Funding::InClearing {
                         refund_to: Some(refund_to.clone())
@@ -264,9 +265,13 @@ crate::on_both_backends! {
                 .await
                 .unwrap()
         );
+        assert_eq!(
+            store.intent("a").await.unwrap().unwrap().status,
+            IntentStatus::Running
+        );
         assert!(
             !store
-                .mark_intent_paid(
+                .claim_paid_intent(
                     "a",
                     &Funding::InClearing {
                         refund_to: Some(refund_to.clone())
@@ -274,13 +279,7 @@ crate::on_both_backends! {
                 )
                 .await
                 .unwrap(),
-            "paid once"
-        );
-        assert!(
-            store
-                .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
-                .await
-                .unwrap()
+            "claimed once"
         );
         assert!(
             !store
@@ -305,19 +304,17 @@ crate::on_both_backends! {
             .pay_session("b", Some("payer"), now_ms())
             .await
             .unwrap();
-        store
-            .mark_intent_paid(
-                "b",
-                &Funding::InClearing {
-                    refund_to: Some(refund_to.clone()),
-                },
-            )
-            .await
-            .unwrap();
-        store
-            .transition_intent("b", IntentStatus::Paid, IntentStatus::Running)
-            .await
-            .unwrap();
+        assert!(
+            store
+                .claim_paid_intent(
+                    "b",
+                    &Funding::InClearing {
+                        refund_to: Some(refund_to.clone()),
+                    },
+                )
+                .await
+                .unwrap()
+        );
         store.finish_intent(&outcome("b", false)).await.unwrap();
         assert_eq!(available(&*store, "payer").await, units("0.95"));
         let kinds: Vec<String> = store
@@ -620,14 +617,10 @@ crate::on_both_backends! {
         store.create_session(&session("m", now_ms() + 60_000)).await.unwrap();
         store.create_intent(&intent("m")).await.unwrap();
         store.pay_session("m", Some("payer"), now_ms()).await.unwrap();
-        store
-            .mark_intent_paid("m", &Funding::InClearing { refund_to: Some(payer) })
+        assert!(store
+            .claim_paid_intent("m", &Funding::InClearing { refund_to: Some(payer) })
             .await
-            .unwrap();
-        store
-            .transition_intent("m", IntentStatus::Paid, IntentStatus::Running)
-            .await
-            .unwrap();
+            .unwrap());
         // Above what was paid: refused, and the intent still awaits its result.
         let mut over = outcome("m", true);
         over.charge = Charge::whole(revenue(), units("0.06"));
@@ -994,8 +987,7 @@ crate::on_both_backends! {
             store.create_intent(&intent(id)).await.unwrap();
             store.pay_session(id, Some("payer"), now).await.unwrap();
             let funding = Funding::InClearing { refund_to: Some(payer.clone()) };
-            assert!(store.mark_intent_paid(id, &funding).await.unwrap());
-            assert!(store.transition_intent(id, IntentStatus::Paid, IntentStatus::Running).await.unwrap());
+            assert!(store.claim_paid_intent(id, &funding).await.unwrap());
         }
         assert_eq!(available(&*a, "payer").await, units("0.60"));
 
@@ -1045,8 +1037,7 @@ crate::on_both_backends! {
         store.create_intent(&intent("ran")).await.unwrap();
         store.pay_session("ran", Some("payer"), now_ms()).await.unwrap();
         let funding = Funding::InClearing { refund_to: Some(payer.clone()) };
-        store.mark_intent_paid("ran", &funding).await.unwrap();
-        store.transition_intent("ran", IntentStatus::Paid, IntentStatus::Running).await.unwrap();
+        assert!(store.claim_paid_intent("ran", &funding).await.unwrap());
         store.finish_intent(&outcome("ran", true)).await.unwrap();
         // A released hold and a captured one.
         store.hold(&hold_request("released", "payer", "0.10")).await.unwrap();

@@ -367,7 +367,7 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
+    async fn claim_paid_intent(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
         let account = match funding {
             Funding::InClearing { refund_to } => {
                 let refund_id = match refund_to {
@@ -375,11 +375,12 @@ impl Store for PgStore {
                     None => None,
                 };
                 let done = retrying(|| async {
-                    Ok(sqlx::query(MARK_PAID)
+                    Ok(sqlx::query(CLAIM_PAID)
                         .bind(id)
                         .bind(refund_id)
                         .bind(now_ms())
                         .bind(funding.approver())
+                        .bind(&self.db.instance)
                         .execute(&self.db.pool)
                         .await?)
                 })
@@ -396,13 +397,14 @@ impl Store for PgStore {
         let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
         let audit = external_payment_audit(&intent, account);
         retrying(|| async {
-            Portable::<Postgres>::mark_paid_externally(
+            Portable::<Postgres>::claim_paid_externally(
                 self.tx().await?,
                 &intent,
                 source_id,
                 clearing_id,
                 &audit,
                 account,
+                &self.db.instance,
             )
             .await
         })

@@ -365,17 +365,22 @@ impl Store for SqliteStore {
         Ok(changed > 0)
     }
 
-    async fn mark_intent_paid(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
+    async fn claim_paid_intent(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
         let account = match funding {
             Funding::InClearing { refund_to } => {
                 let refund_id = match refund_to {
                     Some(account) => Some(self.db.account_id(account).await?),
                     None => None,
                 };
-                let data = (id.to_owned(), now_ms(), funding.approver().to_owned());
+                let data = (
+                    id.to_owned(),
+                    now_ms(),
+                    funding.approver().to_owned(),
+                    self.db.instance.clone(),
+                );
                 let changed = self
-                    .write_statement(data, move |(id, now, approver)| {
-                        statement!(MARK_PAID, id, refund_id, *now, approver)
+                    .write_statement(data, move |(id, now, approver, instance)| {
+                        statement!(CLAIM_PAID, id, refund_id, *now, approver, instance)
                     })
                     .await?;
                 return Ok(changed > 0);
@@ -383,7 +388,7 @@ impl Store for SqliteStore {
             Funding::External { account } => account,
         };
         // Paid elsewhere: the money enters the ledger as the intent is
-        // marked paid, in one transaction.
+        // claimed, in one transaction.
         let Some(intent) = self.intent(id).await? else {
             return Err(StoreError::NotFound(format!("intent {id}")));
         };
@@ -391,13 +396,14 @@ impl Store for SqliteStore {
         let source_id = self.db.account_id(&source).await?;
         let clearing_id = self.db.account_id(&clearing(&intent.currency)).await?;
         let audit = external_payment_audit(&intent, account);
-        Portable::<Sqlite>::mark_paid_externally(
+        Portable::<Sqlite>::claim_paid_externally(
             self.write_tx().await?,
             &intent,
             source_id,
             clearing_id,
             &audit,
             account,
+            &self.db.instance,
         )
         .await
     }
