@@ -311,6 +311,36 @@ on_both_backends! {
 
 on_both_backends! {
     #[tokio::test]
+    async fn an_intent_an_earlier_version_left_paid_runs_once() {
+        // Before a claim was one write, an intent was marked `paid` and then
+        // moved to `running`; a server stopped in between left it `paid`.
+        for flow in FLOWS {
+            let env = Env::new(flow.mode());
+            env.topup("carol", "1.00").await;
+            let client = env.client(Some("alice")).await;
+            let id = flow.start(&client, "echo", echo_args("legacy")).await;
+            env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+            tollgate::testing::execute(
+                &env.db,
+                &format!("UPDATE intents SET status = 'paid' WHERE id = '{id}'"),
+            )
+            .await
+            .expect("leave the intent paid");
+
+            let r = flow.redeem(&client, "echo", echo_args("legacy"), &id).await;
+            assert_eq!(text(&r), "legacy", "{flow:?}: {r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+            let again = flow.redeem(&client, "echo", echo_args("legacy"), &id).await;
+            assert_eq!(payment_meta(&again)["replayed"], true, "{flow:?}: {again:?}");
+            assert_eq!(env.available("carol").await, "0.99");
+            client.cancel().await.ok();
+            env.assert_ledger_ok().await;
+        }
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
     async fn a_flood_of_unpaid_calls_is_capped_per_principal() {
         let env = Env::with_pricing(&pricing("resubmit", "max_open_intents = 3"));
         let alice = env.client(Some("alice")).await;
