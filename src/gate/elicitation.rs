@@ -29,7 +29,7 @@ use super::{
 use crate::{
     money::format_amount,
     provider::ProviderError,
-    store::{ApprovalStatus, Intent, IntentStatus, StoreError},
+    store::{ApprovalStatus, Intent, IntentStatus, StoreError, rfc3339},
 };
 
 /// The key of our request in an `InputRequiredResult`.
@@ -296,13 +296,30 @@ impl Gate {
                 ended(intent, code, status)
             }
             // Already paid or ended: say what it is now.
-            Ok(false) => self.redeem_state(intent).await,
+            Ok(false) => self.redeem_state(intent, status).await,
             Err(e) => reply::unavailable(e),
         }
     }
 
-    async fn redeem_state(&self, intent: &Intent) -> CallToolResult {
+    /// What became of an intent whose refusal (`refused`: declined or
+    /// cancelled) did not end it.
+    async fn redeem_state(&self, intent: &Intent, refused: &str) -> CallToolResult {
         match self.store.intent(&intent.id).await {
+            // Its session was paid before the refusal reached it: the
+            // payment stands, unused, and is refunded if it stays so.
+            Ok(Some(now)) if now.status == IntentStatus::AwaitingPayment => reply::error(
+                code::PAYMENT_IN_PROGRESS,
+                format!(
+                    "payment `{}` was paid before the prompt was {refused}, so nothing ran and the payment stands: \
+                     call `{}` again with the same arguments plus \"payment_id\": \"{}\" to use it. \
+                     Unused past its expiry ({}), it is refunded.",
+                    now.id,
+                    now.tool,
+                    now.id,
+                    rfc3339(now.expires_at)
+                ),
+                reply::details(json!({ "payment_id": now.id, "status": "paid" })),
+            ),
             Ok(Some(now)) if now.status == IntentStatus::Cancelled => {
                 ended(&now, code::PAYMENT_CANCELLED, "cancelled")
             }

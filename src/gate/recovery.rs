@@ -89,8 +89,8 @@ impl Gate {
                 .claim_paid_intent(&intent.id, &state.funding)
                 .await?
         } else {
-            // Paid but not running: only a database from before claims
-            // were one write holds these.
+            // Paid but not running: left by an older tollgate, which
+            // marked and claimed in two writes.
             self.store
                 .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
                 .await?

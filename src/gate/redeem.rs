@@ -92,8 +92,9 @@ impl Gate {
                     return Settled::Final(self.replay(&intent).await);
                 }
                 IntentStatus::AwaitingPayment => self.check_payment(&intent).await,
-                // Only a database from before claims were one write holds
-                // intents paid but not yet running.
+                // Paid but not running: left by an older tollgate (which
+                // marked and claimed in two writes), perhaps one still
+                // sharing this PostgreSQL database.
                 IntentStatus::Paid => match self
                     .store
                     .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
@@ -271,7 +272,9 @@ impl Gate {
 
     /// Ends an intent still awaiting payment as `to` (expired, declined,
     /// cancelled), cancelling its provider session first so that it can no
-    /// longer be paid. False if the intent had already moved on.
+    /// longer be paid. False if the intent had already moved on, or if its
+    /// session was paid before the cancel reached it: then the intent stays
+    /// payable, and is refunded if it is never used.
     pub(super) async fn end_unpaid(
         &self,
         intent: &Intent,
@@ -285,9 +288,7 @@ impl Gate {
                 "could not cancel the provider session: {e}"
             );
         }
-        self.store
-            .transition_intent(&intent.id, IntentStatus::AwaitingPayment, to)
-            .await
+        self.store.end_unpaid_intent(&intent.id, to).await
     }
 
     /// Runs a paid intent's tool, the one time it runs, and settles: the

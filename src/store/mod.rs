@@ -405,8 +405,9 @@ pub struct WalletLimits {
 pub enum IntentStatus {
     AwaitingPayment,
     /// Paid, not yet running. An intent passes through it inside the one
-    /// write that claims its run ([`Store::claim_paid_intent`]), so only
-    /// databases written before that keep intents here.
+    /// write that claims its run ([`Store::claim_paid_intent`]); only an
+    /// older tollgate, which marked and claimed in two writes, leaves
+    /// intents here.
     Paid,
     Running,
     Succeeded,
@@ -689,6 +690,10 @@ pub trait Store: Send + Sync + 'static {
         from: IntentStatus,
         to: IntentStatus,
     ) -> Result<bool, StoreError>;
+    /// awaiting_payment → `to` (expired, declined, cancelled); false if the
+    /// intent had moved on, or if its local payment session was paid (the
+    /// caller looks again, and finds it paid).
+    async fn end_unpaid_intent(&self, id: &str, to: IntentStatus) -> Result<bool, StoreError>;
     /// awaiting_payment → running, claimed by this instance: the intent is
     /// paid and its one run is this caller's, in one transaction, with the
     /// money's arrival in clearing when it was paid outside the ledger, and

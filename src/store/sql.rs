@@ -129,6 +129,15 @@ pub(super) const TRANSITION_INTENT: &str = "UPDATE intents SET status = $3, upda
                         runner = CASE WHEN $3 = 'running' THEN $5 ELSE runner END
      WHERE id = $1 AND status = $2";
 
+/// Ends intent `$1`, still awaiting payment, as `$2` (expired, declined,
+/// cancelled) at `$3`, unless its local payment session was paid: that money
+/// is in clearing, and only a claim (a run, or the refund of an unredeemed
+/// payment) may end such an intent. The expiry sweep has the same guard.
+pub(super) const END_UNPAID_INTENT: &str = "UPDATE intents SET status = $2, updated_at = $3
+     WHERE id = $1 AND status = 'awaiting_payment'
+       AND NOT EXISTS (SELECT 1 FROM payment_sessions s
+                       WHERE s.id = intents.provider_session_id AND s.status = 'paid')";
+
 /// Registers instance `$1` (started at `$2`) or renews its lease to `$3`.
 pub(super) const HEARTBEAT: &str =
     "INSERT INTO instances (id, started_at, alive_until) VALUES ($1, $2, $3)

@@ -281,13 +281,6 @@ crate::on_both_backends! {
                 .unwrap(),
             "claimed once"
         );
-        assert!(
-            !store
-                .transition_intent("a", IntentStatus::Paid, IntentStatus::Running)
-                .await
-                .unwrap(),
-            "runs once"
-        );
         store.finish_intent(&outcome("a", true)).await.unwrap();
         assert!(
             store.finish_intent(&outcome("a", true)).await.is_err(),
@@ -604,6 +597,37 @@ crate::on_both_backends! {
         assert!(store.capture("h3", &over).await.unwrap_err().to_string().contains("above the hold"));
         store.release("h3").await.unwrap();
         assert_eq!(available(&*store, "w").await, units("8.9677"));
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
+    #[tokio::test]
+    async fn an_intent_whose_session_was_paid_is_not_ended_unpaid() {
+        let (_dir, store) = store().await;
+        for id in ["unpaid", "paid"] {
+            store.create_session(&session(id, now_ms() + 60_000)).await.unwrap();
+            store.create_intent(&intent(id)).await.unwrap();
+        }
+        store.pay_session("paid", None, now_ms()).await.unwrap();
+        let status = async |id: &str| store.intent(id).await.unwrap().unwrap().status;
+
+        // A refusal or an expiry that comes after the payment does not end
+        // the intent: its money, in clearing, stays claimable.
+        for to in [IntentStatus::Declined, IntentStatus::Cancelled, IntentStatus::Expired] {
+            assert!(!store.end_unpaid_intent("paid", to).await.unwrap(), "{to:?}");
+        }
+        assert_eq!(status("paid").await, IntentStatus::AwaitingPayment);
+        let funding = Funding::InClearing { refund_to: None };
+        assert!(store.claim_paid_intent("paid", &funding).await.unwrap());
+        store.finish_intent(&outcome("paid", true)).await.unwrap();
+
+        assert!(store.end_unpaid_intent("unpaid", IntentStatus::Declined).await.unwrap());
+        assert_eq!(status("unpaid").await, IntentStatus::Declined);
+        assert!(
+            !store.end_unpaid_intent("unpaid", IntentStatus::Cancelled).await.unwrap(),
+            "an intent ends once"
+        );
         assert_sound(&*store).await;
     }
 }

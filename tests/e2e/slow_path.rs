@@ -320,12 +320,13 @@ on_both_backends! {
             let client = env.client(Some("alice")).await;
             let id = flow.start(&client, "echo", echo_args("legacy")).await;
             env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
-            tollgate::testing::execute(
+            let left_paid = tollgate::testing::execute(
                 &env.db,
-                &format!("UPDATE intents SET status = 'paid' WHERE id = '{id}'"),
+                &format!("UPDATE intents SET status = 'paid' WHERE id = '{id}' AND status = 'awaiting_payment'"),
             )
             .await
             .expect("leave the intent paid");
+            assert_eq!(left_paid, 1, "{flow:?}");
 
             let r = flow.redeem(&client, "echo", echo_args("legacy"), &id).await;
             assert_eq!(text(&r), "legacy", "{flow:?}: {r:?}");

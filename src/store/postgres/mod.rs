@@ -367,6 +367,19 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn end_unpaid_intent(&self, id: &str, to: IntentStatus) -> Result<bool, StoreError> {
+        let done = retrying(|| async {
+            Ok(sqlx::query(END_UNPAID_INTENT)
+                .bind(id)
+                .bind(to.as_str())
+                .bind(now_ms())
+                .execute(&self.db.pool)
+                .await?)
+        })
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn claim_paid_intent(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
         let account = match funding {
             Funding::InClearing { refund_to } => {

@@ -365,6 +365,16 @@ impl Store for SqliteStore {
         Ok(changed > 0)
     }
 
+    async fn end_unpaid_intent(&self, id: &str, to: IntentStatus) -> Result<bool, StoreError> {
+        let data = (id.to_owned(), now_ms());
+        let changed = self
+            .write_statement(data, move |(id, now)| {
+                statement!(END_UNPAID_INTENT, id, to.as_str(), *now)
+            })
+            .await?;
+        Ok(changed > 0)
+    }
+
     async fn claim_paid_intent(&self, id: &str, funding: &Funding) -> Result<bool, StoreError> {
         let account = match funding {
             Funding::InClearing { refund_to } => {
