@@ -37,6 +37,8 @@ pub enum Person {
     /// Accepts without paying.
     AcceptsUnpaid,
     Declines,
+    /// Pays the session (dev settlement), then declines all the same.
+    PaysAndDeclines,
     Cancels,
     /// Answers only after the server has stopped waiting.
     Dawdles,
@@ -189,6 +191,12 @@ impl ClientHandler for TestClient {
             }
             Person::Approves | Person::AcceptsUnpaid => accept(field),
             Person::Declines => Ok(ElicitResult::new(ElicitationAction::Decline)),
+            Person::PaysAndDeclines => {
+                if let Some(id) = &id {
+                    self.pay_now(id).await;
+                }
+                Ok(ElicitResult::new(ElicitationAction::Decline))
+            }
             Person::Cancels => Ok(ElicitResult::new(ElicitationAction::Cancel)),
             Person::Dawdles => {
                 tokio::time::sleep(Duration::from_millis(800)).await;

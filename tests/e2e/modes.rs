@@ -105,6 +105,29 @@ on_both_backends! {
 
 on_both_backends! {
     #[tokio::test]
+    async fn a_payment_made_before_a_decline_stands_and_can_be_used() {
+        let t = InProcess::new(&pricing("elicitation", "")).await;
+        let client = t
+            .connect(None, t.client(Person::PaysAndDeclines, Elicitation::Url), false)
+            .await;
+        let r = call(&client, "echo", echo_args("mine")).await;
+        assert_eq!(error_code(&r), "payment_in_progress", "{r:?}");
+        assert_eq!(structured(&r)["status"], "paid");
+        assert!(text(&r).contains("the payment stands"), "{}", text(&r));
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        assert_eq!(session_status(&t, &id).await, "paid", "the cancel came too late");
+        let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
+        assert_eq!(intent.status.as_str(), "awaiting_payment", "not ended unpaid");
+
+        let r = call(&client, "echo", json!({"text": "mine", "payment_id": id})).await;
+        assert_ran(&r, "mine");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
     async fn decline_and_cancel_end_the_payment_and_charge_nothing() {
         for (person, code, status) in [
             (Person::Declines, "payment_declined", "declined"),
