@@ -105,7 +105,7 @@ on_both_backends! {
 
 on_both_backends! {
     #[tokio::test]
-    async fn a_payment_made_before_a_decline_stands_and_can_be_used() {
+    async fn a_payment_made_before_a_decline_stands_and_is_used_or_refunded() {
         let t = InProcess::new(&pricing("elicitation", "")).await;
         let client = t
             .connect(None, t.client(Person::PaysAndDeclines, Elicitation::Url), false)
@@ -121,6 +121,19 @@ on_both_backends! {
 
         let r = call(&client, "echo", json!({"text": "mine", "payment_id": id})).await;
         assert_ran(&r, "mine");
+
+        // One never used is refunded once its time is up (recovery runs on
+        // a schedule; here it is asked to, as if 20 minutes had passed).
+        let r = call(&client, "echo", echo_args("unused")).await;
+        let unused = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let later = tollgate::store::now_ms() + 20 * 60 * 1000;
+        let recovered = t.gate.recover_interrupted(later).await.unwrap();
+        assert_eq!(recovered.unredeemed_refunded, 1);
+        let intent = t.gate.store().intent(&unused).await.unwrap().expect("intent");
+        assert_eq!(intent.status.as_str(), "failed", "refunded, never run");
+        let r = call(&client, "echo", json!({"text": "unused", "payment_id": unused})).await;
+        assert_eq!(error_code(&r), "payment_unredeemed", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "refunded");
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
