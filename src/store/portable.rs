@@ -14,9 +14,9 @@ use crate::{
 
 use super::{
     AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, HoldOutcome, HoldRequest,
-    Intent, IntentOutcome, LocalSession, Posted, Pruned, RefundRequest, Refunded, StatementLine,
-    StoreError, StoreStats, StoredResult, VerifyReport, WalletBalance, WalletLimits, new_txn_id,
-    now_ms,
+    Intent, IntentOutcome, IntentStatus, LocalSession, Posted, Pruned, RefundRequest, Refunded,
+    SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, VerifyReport,
+    WalletBalance, WalletLimits, new_txn_id, now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
         settled_capture,
@@ -43,6 +43,9 @@ fn instance_id() -> String {
 /// columns).
 pub(super) struct PaymentLocks {
     pub session: &'static str,
+    /// The intent a session pays for (`$1`: the session's id, which the
+    /// local provider takes from its intent), if there is one.
+    pub intent: &'static str,
     pub wallet: &'static str,
 }
 
@@ -590,6 +593,23 @@ where
         }
         if status != "pending" {
             return Err(StoreError::session_not_pending(id, status));
+        }
+        // A session whose intent has ended (expired, cancelled, declined)
+        // takes no money: nothing could redeem or refund it. On PostgreSQL
+        // the intent stays locked until this payment commits, so the expiry
+        // sweep, which skips locked intents, cannot end it meanwhile.
+        if let Some(intent) = tx.fetch_optional(statement!(locks.intent, id)).await? {
+            let ended = intent.text("status")?;
+            if ended != IntentStatus::AwaitingPayment.as_str() {
+                let to = if ended == IntentStatus::Expired.as_str() {
+                    SessionStatus::Expired
+                } else {
+                    SessionStatus::Cancelled
+                };
+                tx.execute(Statement::end_session(id, to, now)).await?;
+                tx.commit().await?;
+                return Err(StoreError::session_not_pending(id, to.as_str().into()));
+            }
         }
         if let Some(wallet) = from_wallet {
             let row = tx.fetch_one(statement!(locks.wallet, source_id)).await?;

@@ -634,6 +634,62 @@ crate::on_both_backends! {
 
 crate::on_both_backends! {
     #[tokio::test]
+    async fn a_session_whose_intent_has_ended_takes_no_payment() {
+        let (_dir, store) = store().await;
+        let payer = AccountRef::wallet("payer", &usd());
+        store.topup(&payer, units("1.00"), None).await.unwrap();
+        for (id, to) in [("cancelled", IntentStatus::Cancelled), ("expired", IntentStatus::Expired)] {
+            store.create_session(&session(id, now_ms() + 60_000)).await.unwrap();
+            store.create_intent(&intent(id)).await.unwrap();
+            // Ended while its session stayed pending (a cancel that failed).
+            assert!(store.end_unpaid_intent(id, to).await.unwrap());
+            let refused = store.pay_session(id, Some("payer"), now_ms()).await;
+            assert!(matches!(refused, Err(StoreError::WrongState { .. })), "{refused:?}");
+            let session = store.session(id).await.unwrap().unwrap();
+            assert_eq!(session.status.as_str(), id, "the session ends as its intent did");
+        }
+        assert_eq!(available(&*store, "payer").await, units("1.00"));
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_postgres! {
+    /// A payment that comes while the expiry sweep is ending its intent
+    /// (here: another transaction has expired it and not yet committed)
+    /// waits for it, and then takes nothing.
+    #[tokio::test]
+    async fn a_payment_racing_the_expiry_of_its_intent_takes_nothing() {
+        use sqlx::Connection;
+        let (place, store) = store().await;
+        let payer = AccountRef::wallet("payer", &usd());
+        store.topup(&payer, units("1.00"), None).await.unwrap();
+        store.create_session(&session("s", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("s")).await.unwrap();
+
+        let mut sweep = sqlx::PgConnection::connect(&place.db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut sweep).await.unwrap();
+        sqlx::query("UPDATE intents SET status = 'expired' WHERE id = 's'")
+            .execute(&mut sweep)
+            .await
+            .unwrap();
+        let paying = {
+            let store = store.clone();
+            tokio::spawn(async move { store.pay_session("s", Some("payer"), now_ms()).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!paying.is_finished(), "the payment waits for the intent");
+        sqlx::query("COMMIT").execute(&mut sweep).await.unwrap();
+
+        let refused = paying.await.unwrap();
+        assert!(matches!(refused, Err(StoreError::WrongState { .. })), "{refused:?}");
+        assert_eq!(store.session("s").await.unwrap().unwrap().status.as_str(), "expired");
+        assert_eq!(available(&*store, "payer").await, units("1.00"));
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
+    #[tokio::test]
     async fn a_metered_intent_is_charged_its_usage_and_refunds_the_rest() {
         let (_dir, store) = store().await;
         let payer = AccountRef::wallet("payer", &usd());
