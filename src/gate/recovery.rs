@@ -114,7 +114,7 @@ impl Gate {
 
     /// The outcome of a paid intent whose run did not happen, or whose end
     /// is not known: failed, so the payer gets everything back.
-    fn unrun(&self, intent: &Intent, code: &str, message: String) -> IntentOutcome {
+    pub(super) fn unrun(&self, intent: &Intent, code: &str, message: String) -> IntentOutcome {
         let message = format!("{message} Call `{}` again for a new payment.", intent.tool);
         let result = reply::with_payment(
             reply::error(

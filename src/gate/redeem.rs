@@ -296,7 +296,24 @@ impl Gate {
     async fn run_paid(&self, scope: &CallScope<'_>, intent: Intent) -> CallToolResult {
         let catalog = self.catalog();
         let Some(entry) = catalog.get(&intent.tool) else {
-            return reply::unavailable(format!("tool {} is no longer served", intent.tool));
+            // Its upstream dropped it since the payment: refund it now,
+            // rather than leave it running, claimed, until this process ends.
+            let message = format!(
+                "`{}` is no longer served, so this paid call did not run; the payment was refunded.",
+                intent.tool
+            );
+            let outcome = self.unrun(&intent, code::TOOL_GONE, message);
+            return match self.store.finish_intent(&outcome).await {
+                Ok(_) => {
+                    tracing::warn!(
+                        payment_id = intent.id,
+                        tool = intent.tool,
+                        "tool gone; paid call refunded"
+                    );
+                    serde_json::from_str(&outcome.result_json).unwrap_or_else(reply::unavailable)
+                }
+                Err(e) => reply::unavailable(e),
+            };
         };
         let args: JsonObject = serde_json::from_str(&intent.args_json).unwrap_or_default();
         let result = self

@@ -28,8 +28,10 @@ pub mod code {
     pub const RESULT_NOT_KEPT: &str = "result_not_kept";
     /// A payment paid but not redeemed in time: refunded, never run.
     pub const PAYMENT_UNREDEEMED: &str = "payment_unredeemed";
+    /// A paid call whose tool is no longer served: refunded, never run.
+    pub const TOOL_GONE: &str = "tool_gone";
 
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         PAYMENT_REQUIRED,
         PAYMENT_PENDING,
         PAYMENT_FAILED,
@@ -47,6 +49,7 @@ pub mod code {
         RUN_INTERRUPTED,
         RESULT_NOT_KEPT,
         PAYMENT_UNREDEEMED,
+        TOOL_GONE,
     ];
 }
 
