@@ -63,12 +63,28 @@ impl Gate {
                 }
                 // Another instance settled it first.
                 Err(StoreError::WrongState { .. }) => {}
+                // This one cannot be settled as it stands: say so, and go
+                // on with the others rather than stop every later refund.
+                Err(StoreError::Invalid(why)) => {
+                    tracing::error!(
+                        payment_id = intent.id,
+                        "cannot refund an interrupted run: {why}"
+                    );
+                }
                 Err(e) => return Err(e),
             }
         }
         for intent in self.store.unredeemed(before).await? {
-            if self.refund_unredeemed(&intent).await? {
-                recovered.unredeemed_refunded += 1;
+            match self.refund_unredeemed(&intent).await {
+                Ok(true) => recovered.unredeemed_refunded += 1,
+                Ok(false) => {}
+                Err(StoreError::Invalid(why)) => {
+                    tracing::error!(
+                        payment_id = intent.id,
+                        "cannot refund an unredeemed payment: {why}"
+                    );
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(recovered)

@@ -405,8 +405,9 @@ impl Gate {
     }
 
     /// What a paid intent's successful run is charged: its tool's tariff and
-    /// terms, never more than was paid. Pricing that changed since the
-    /// intent was paid cannot raise it: the run is then charged what was paid.
+    /// terms, never more than was paid, in the currency paid. Pricing that
+    /// changed since the intent was paid (its amount or its currency) cannot
+    /// raise it or move it: the run is then charged what was paid.
     pub(super) fn intent_charge(
         &self,
         intent: &Intent,
@@ -416,7 +417,12 @@ impl Gate {
     ) -> Charge {
         let charge = price.map(|price| Gate::charge_for(price, args, result));
         match charge {
-            Some(charge) if charge.total() <= intent.amount => charge,
+            Some(charge)
+                if charge.total() <= intent.amount
+                    && charge.beneficiary.currency == intent.currency =>
+            {
+                charge
+            }
             _ => {
                 let beneficiary = price.map_or(self.settings.server_name.as_str(), |p| {
                     p.terms.beneficiary.as_str()

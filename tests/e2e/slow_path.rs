@@ -342,6 +342,37 @@ on_both_backends! {
 
 on_both_backends! {
     #[tokio::test]
+    async fn a_run_after_the_currency_changed_is_charged_what_was_paid() {
+        let env = Env::new("resubmit");
+        env.topup("carol", "1.00").await;
+        let first = env.client(Some("alice")).await;
+        let id = Flow::Resubmit.start(&first, "echo", echo_args("usd")).await;
+        first.cancel().await.ok();
+        env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+
+        // The operator moves the server to euros before the call is redeemed.
+        let pricing = std::fs::read_to_string(&env.config).unwrap();
+        std::fs::write(&env.config, pricing.replace("currency = \"USD\"", "currency = \"EUR\"")).unwrap();
+        let second = env.client(Some("alice")).await;
+        let r = Flow::Resubmit.redeem(&second, "echo", echo_args("usd"), &id).await;
+        assert_eq!(text(&r), "usd", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(payment_meta(&r)["currency"], "USD");
+        assert_eq!(payment_meta(&r)["amount"], "0.01");
+        // Settled and stored, not left running: a retry gets the stored result.
+        let again = Flow::Resubmit.redeem(&second, "echo", echo_args("usd"), &id).await;
+        assert_eq!(payment_meta(&again)["replayed"], true, "{again:?}");
+        second.cancel().await.ok();
+        assert_eq!(env.available("carol").await, "0.99");
+        // Settled in dollars, from the dollars in clearing: nothing in euros.
+        let ledger = env.ok(&["ledger", "export", "--format", "csv"]).await;
+        assert!(!ledger.contains(",EUR,"), "{ledger}");
+        env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    #[tokio::test]
     async fn a_flood_of_unpaid_calls_is_capped_per_principal() {
         let env = Env::with_pricing(&pricing("resubmit", "max_open_intents = 3"));
         let alice = env.client(Some("alice")).await;
