@@ -129,14 +129,28 @@ pub(super) const TRANSITION_INTENT: &str = "UPDATE intents SET status = $3, upda
                         runner = CASE WHEN $3 = 'running' THEN $5 ELSE runner END
      WHERE id = $1 AND status = $2";
 
+/// Whether the local payment session of `$intent` (a row of `intents`)
+/// was paid. Its money is then in clearing, and only a claim (a run, or the
+/// refund of an unredeemed payment) may end the intent: nothing that ends
+/// an unpaid intent touches one for which this holds.
+macro_rules! session_paid {
+    ($intent:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM payment_sessions s WHERE s.id = ",
+            $intent,
+            ".provider_session_id AND s.status = 'paid')"
+        )
+    };
+}
+pub(super) use session_paid;
+
 /// Ends intent `$1`, still awaiting payment, as `$2` (expired, declined,
-/// cancelled) at `$3`, unless its local payment session was paid: that money
-/// is in clearing, and only a claim (a run, or the refund of an unredeemed
-/// payment) may end such an intent. The expiry sweep has the same guard.
-pub(super) const END_UNPAID_INTENT: &str = "UPDATE intents SET status = $2, updated_at = $3
-     WHERE id = $1 AND status = 'awaiting_payment'
-       AND NOT EXISTS (SELECT 1 FROM payment_sessions s
-                       WHERE s.id = intents.provider_session_id AND s.status = 'paid')";
+/// cancelled) at `$3`, unless its local payment session was paid.
+pub(super) const END_UNPAID_INTENT: &str = concat!(
+    "UPDATE intents SET status = $2, updated_at = $3
+     WHERE id = $1 AND status = 'awaiting_payment' AND NOT ",
+    session_paid!("intents")
+);
 
 /// Registers instance `$1` (started at `$2`) or renews its lease to `$3`.
 pub(super) const HEARTBEAT: &str =
@@ -174,13 +188,14 @@ pub(super) const INTERRUPTED_RUNS: &str = concat!(
 
 /// Intents paid but never redeemed, whose time ended before `$1`: marked
 /// paid, or still awaiting payment though their local session was paid.
-pub(super) const UNREDEEMED: &str = "SELECT * FROM intents i
+pub(super) const UNREDEEMED: &str = concat!(
+    "SELECT * FROM intents i
      WHERE i.expires_at < $1
-       AND (i.status = 'paid'
-            OR (i.status = 'awaiting_payment'
-                AND EXISTS (SELECT 1 FROM payment_sessions s
-                            WHERE s.id = i.provider_session_id AND s.status = 'paid')))
-     ORDER BY i.expires_at LIMIT 500";
+       AND (i.status = 'paid' OR (i.status = 'awaiting_payment' AND ",
+    session_paid!("i"),
+    "))
+     ORDER BY i.expires_at LIMIT 500"
+);
 
 /// What is kept only for a while, older than `$1`: stored results (a retry
 /// after that is told the result is gone), unpaid intents that ended and

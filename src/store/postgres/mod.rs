@@ -131,15 +131,14 @@ impl PgStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query(
+        sqlx::query(concat!(
             "UPDATE intents SET status = 'expired', updated_at = $1
              WHERE id IN (SELECT i.id FROM intents i
-                          WHERE i.status = 'awaiting_payment' AND i.expires_at < $1
-                            AND NOT EXISTS (SELECT 1 FROM payment_sessions s
-                                            WHERE s.id = i.provider_session_id AND s.status = 'paid')
-                          FOR UPDATE SKIP LOCKED)
-               AND status = 'awaiting_payment'",
-        )
+                          WHERE i.status = 'awaiting_payment' AND i.expires_at < $1 AND NOT ",
+            session_paid!("i"),
+            " FOR UPDATE SKIP LOCKED)
+               AND status = 'awaiting_payment'"
+        ))
         .bind(now)
         .execute(&mut *tx)
         .await?;

@@ -311,12 +311,11 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query(
+        sqlx::query(concat!(
             "UPDATE intents SET status = 'expired', updated_at = $1
-             WHERE status = 'awaiting_payment' AND expires_at < $1
-               AND NOT EXISTS (SELECT 1 FROM payment_sessions s
-                               WHERE s.id = intents.provider_session_id AND s.status = 'paid')",
-        )
+             WHERE status = 'awaiting_payment' AND expires_at < $1 AND NOT ",
+            session_paid!("intents")
+        ))
         .bind(now)
         .execute(&mut *tx)
         .await?;
