@@ -22,7 +22,8 @@ use super::{
     reply::{self, code},
 };
 use crate::store::{
-    Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError, new_txn_id, now_ms,
+    Cursor, Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError, UNREDEEMED_PAGE,
+    new_txn_id, now_ms,
 };
 
 /// What one recovery pass settled.
@@ -74,20 +75,30 @@ impl Gate {
                 Err(e) => return Err(e),
             }
         }
-        for intent in self.store.unredeemed(before).await? {
-            match self.refund_unredeemed(&intent).await {
-                Ok(true) => recovered.unredeemed_refunded += 1,
-                Ok(false) => {}
-                Err(StoreError::Invalid(why)) => {
-                    tracing::error!(
-                        payment_id = intent.id,
-                        "cannot refund an unredeemed payment: {why}"
-                    );
+        // Page by page, so that intents left as they were (redeemed
+        // meanwhile, a provider that did not answer, one that cannot be
+        // settled) do not hide those after them.
+        let mut after = Cursor::start();
+        loop {
+            let page = self.store.unredeemed(before, &after).await?;
+            for intent in &page {
+                match self.refund_unredeemed(intent).await {
+                    Ok(true) => recovered.unredeemed_refunded += 1,
+                    Ok(false) => {}
+                    Err(StoreError::Invalid(why)) => {
+                        tracing::error!(
+                            payment_id = intent.id,
+                            "cannot refund an unredeemed payment: {why}"
+                        );
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
+            }
+            match page.last() {
+                Some(last) if page.len() == UNREDEEMED_PAGE => after = Cursor::after(last),
+                _ => return Ok(recovered),
             }
         }
-        Ok(recovered)
     }
 
     /// Takes a paid, never redeemed intent through `running` (so no late

@@ -593,6 +593,35 @@ pub struct Refunded {
     pub replayed: bool,
 }
 
+/// How many unredeemed intents [`Store::unredeemed`] returns at a time.
+pub const UNREDEEMED_PAGE: usize = 500;
+
+/// Where a page of intents, in (expires_at, id) order, ended: the next
+/// page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub expires_at: i64,
+    pub id: String,
+}
+
+impl Cursor {
+    /// Before every intent.
+    pub fn start() -> Self {
+        Self {
+            expires_at: i64::MIN,
+            id: String::new(),
+        }
+    }
+
+    /// Just after `intent`.
+    pub fn after(intent: &Intent) -> Self {
+        Self {
+            expires_at: intent.expires_at,
+            id: intent.id.clone(),
+        }
+    }
+}
+
 /// What one pruning pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pruned {
@@ -740,9 +769,10 @@ pub trait Store: Send + Sync + 'static {
     /// Paid intents left `running` by instances not alive at `now`. The
     /// gate settles each as failed (refunded); it never runs again.
     async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError>;
-    /// Intents paid but never redeemed whose time ended before `before`
-    /// (at most 500 at a time, oldest first). The gate refunds them.
-    async fn unredeemed(&self, before: i64) -> Result<Vec<Intent>, StoreError>;
+    /// Intents paid but never redeemed whose time ended before `before`,
+    /// oldest first, a page at a time: those after `after` (at most
+    /// [`UNREDEEMED_PAGE`]; a shorter page is the last). The gate refunds them.
+    async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError>;
     /// Deletes what is kept only for a while, older than `before`: stored
     /// results, unpaid intents that ended and their sessions, and holds
     /// that ended without moving money. Never the ledger.

@@ -13,9 +13,9 @@ use crate::{
 };
 
 use super::{
-    AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, HoldOutcome, HoldRequest,
-    Intent, IntentOutcome, IntentStatus, LocalSession, Posted, Pruned, RefundRequest, Refunded,
-    SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, VerifyReport,
+    AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, Cursor, HoldOutcome,
+    HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession, Posted, Pruned, RefundRequest,
+    Refunded, SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, VerifyReport,
     WalletBalance, WalletLimits, new_txn_id, now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
@@ -367,9 +367,12 @@ where
             .await
     }
 
-    pub async fn unredeemed(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
-        self.all(statement!(sql::UNREDEEMED, before), rows::intent)
-            .await
+    pub async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
+        self.all(
+            statement!(sql::UNREDEEMED, before, after.expires_at, after.id.as_str()),
+            rows::intent,
+        )
+        .await
     }
 
     pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {

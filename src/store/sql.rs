@@ -188,13 +188,15 @@ pub(super) const INTERRUPTED_RUNS: &str = concat!(
 
 /// Intents paid but never redeemed, whose time ended before `$1`: marked
 /// paid, or still awaiting payment though their local session was paid.
+/// One page, in (expires_at, id) order, after the one ending at (`$2`, `$3`).
 pub(super) const UNREDEEMED: &str = concat!(
     "SELECT * FROM intents i
      WHERE i.expires_at < $1
+       AND (i.expires_at > $2 OR (i.expires_at = $2 AND i.id > $3))
        AND (i.status = 'paid' OR (i.status = 'awaiting_payment' AND ",
     session_paid!("i"),
     "))
-     ORDER BY i.expires_at LIMIT 500"
+     ORDER BY i.expires_at, i.id LIMIT 500" // UNREDEEMED_PAGE
 );
 
 /// What is kept only for a while, older than `$1`: stored results (a retry

@@ -633,6 +633,42 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// Paid, never redeemed intents come a page at a time, oldest first,
+    /// each page starting after the last one's end: every one once,
+    /// including two whose time ended at the same moment.
+    #[tokio::test]
+    async fn unredeemed_intents_come_page_after_page_each_once() {
+        let (_dir, store) = store().await;
+        let ended = now_ms() - 1_000;
+        // (id, expires_at, paid): two share an end, one was never paid,
+        // one ends after `before`.
+        let intents = [
+            ("b", ended - 30, true),
+            ("a", ended - 20, true),
+            ("d", ended - 10, true),
+            ("c", ended - 10, true),
+            ("unpaid", ended - 5, false),
+            ("later", now_ms() + 60_000, true),
+        ];
+        for (id, expires_at, paid) in intents {
+            store.create_session(&session(id, now_ms() + 60_000)).await.unwrap();
+            store.create_intent(&Intent { expires_at, ..intent(id) }).await.unwrap();
+            if paid {
+                store.pay_session(id, None, now_ms()).await.unwrap();
+            }
+        }
+        let ids = |page: &[Intent]| page.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+        let all = store.unredeemed(ended, &Cursor::start()).await.unwrap();
+        assert_eq!(ids(&all), ["b", "a", "c", "d"]);
+        let rest = store.unredeemed(ended, &Cursor::after(&all[2])).await.unwrap();
+        assert_eq!(ids(&rest), ["d"], "after c, its twin d");
+        let rest = store.unredeemed(ended, &Cursor::after(&all[0])).await.unwrap();
+        assert_eq!(ids(&rest), ["a", "c", "d"]);
+        assert!(store.unredeemed(ended, &Cursor::after(&all[3])).await.unwrap().is_empty());
+    }
+}
+
+crate::on_both_backends! {
     #[tokio::test]
     async fn a_session_whose_intent_has_ended_takes_no_payment() {
         let (_dir, store) = store().await;

@@ -140,6 +140,69 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// Recovery reads unredeemed payments a page at a time: one pass refunds
+    /// them all, not only the first page.
+    #[tokio::test]
+    async fn one_recovery_pass_refunds_more_unredeemed_payments_than_a_page() {
+        use tollgate::{
+            money::{Currency, Units},
+            store::{Intent, IntentStatus, LocalSession, Origin, SessionStatus, UNREDEEMED_PAGE, now_ms},
+        };
+        let t = InProcess::new(&pricing("two_step", "")).await;
+        let store = t.gate.store();
+        let usd = Currency::parse("USD").unwrap();
+        let ended = now_ms() - 1_000;
+        let count = UNREDEEMED_PAGE + 3;
+        for n in 0..count {
+            let id = format!("pay_unredeemed_{n:04}");
+            store
+                .create_session(&LocalSession {
+                    id: id.clone(),
+                    amount: Units(1),
+                    currency: usd.clone(),
+                    description: "echo".into(),
+                    status: SessionStatus::Pending,
+                    created_at: ended - 60_000,
+                    expires_at: now_ms() + 60_000,
+                    paid_from: None,
+                    owner: None,
+                })
+                .await
+                .unwrap();
+            store
+                .create_intent(&Intent {
+                    id: id.clone(),
+                    tool: "echo".into(),
+                    args_hash: "h".into(),
+                    args_json: r#"{"text":"x"}"#.into(),
+                    amount: Units(1),
+                    currency: usd.clone(),
+                    principal: Some("alice".into()),
+                    session_id: None,
+                    mode: "two_step".into(),
+                    status: IntentStatus::AwaitingPayment,
+                    provider: "local".into(),
+                    provider_session_id: Some(id.clone()),
+                    payment_url: None,
+                    created_at: ended - 60_000,
+                    // Ten at a time share an end: the pages cut between twins.
+                    expires_at: ended - (n - n % 10) as i64,
+                    origin: Origin::default(),
+                    approval: None,
+                })
+                .await
+                .unwrap();
+            store.pay_session(&id, None, now_ms()).await.unwrap();
+        }
+        let recovered = t.gate.recover_interrupted(now_ms()).await.unwrap();
+        assert_eq!(recovered.unredeemed_refunded, count as u64);
+        let again = t.gate.recover_interrupted(now_ms()).await.unwrap();
+        assert_eq!(again.unredeemed_refunded, 0, "each refunded once");
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     #[tokio::test]
     async fn decline_and_cancel_end_the_payment_and_charge_nothing() {
         for (person, code, status) in [

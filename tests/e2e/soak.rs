@@ -23,7 +23,7 @@ use rmcp::model::CallToolResult;
 use serde_json::{Value, json};
 use tollgate::{
     app,
-    store::{Pruned, now_ms},
+    store::{Cursor, Pruned, now_ms},
 };
 
 use crate::{harness::*, inproc::config_for};
@@ -204,7 +204,10 @@ async fn mixed_traffic_for_minutes_keeps_memory_flat_and_prunes_on_schedule() {
                 Pruned::default(),
                 "the server left things past their time unpruned"
             );
-            let unredeemed = store.unredeemed(overdue).await.expect("unredeemed");
+            let unredeemed = store
+                .unredeemed(overdue, &Cursor::start())
+                .await
+                .expect("unredeemed");
             assert!(
                 unredeemed.is_empty(),
                 "paid payments left unrefunded: {}",

@@ -535,8 +535,8 @@ impl Store for PgStore {
         self.db.interrupted_runs(now).await
     }
 
-    async fn unredeemed(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
-        self.db.unredeemed(before).await
+    async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
+        self.db.unredeemed(before, after).await
     }
 
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {

@@ -538,8 +538,8 @@ impl Store for SqliteStore {
         self.db.interrupted_runs(now).await
     }
 
-    async fn unredeemed(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
-        self.db.unredeemed(before).await
+    async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
+        self.db.unredeemed(before, after).await
     }
 
     async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
