@@ -127,7 +127,7 @@ impl ServerHandler for TollgateServer {
         let tool = request.name.to_string();
         let response = self.gate.call(&scope, request).await;
         crate::http::metrics::record_call(
-            &tool,
+            &self.gate.tool_label(&tool),
             self.gate.mode_label(&tool),
             outcome(&response),
             started.elapsed().as_secs_f64(),

@@ -200,6 +200,22 @@ impl Gate {
 
     /// The configured payment mode of a tool, for metrics: `free` for
     /// unpriced tools, the mode of the tool a confirm tool confirms.
+    /// The name a call's metrics carry: a tool the catalog serves, else one
+    /// label for every dynamic confirm tool and one for every unknown name,
+    /// so that what a client sends cannot add series without end.
+    pub fn tool_label(&self, tool: &str) -> String {
+        if dynamic_confirm_payment_id(tool).is_some() {
+            return "confirm_pay".into();
+        }
+        let catalog = self.catalog();
+        let known = catalog.get(tool).is_some() || catalog.confirmed_tool(tool).is_some();
+        if known {
+            tool.to_owned()
+        } else {
+            "unknown".into()
+        }
+    }
+
     pub fn mode_label(&self, tool: &str) -> &'static str {
         if dynamic_confirm_payment_id(tool).is_some() {
             return Mode::DynamicTools.as_str();

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use super::{HttpState, auth::authenticate_key};
 use crate::{
+    keys::Scope,
     money::format_amount,
     store::{LocalSession, SessionStatus, StoreError, current_session, now_ms, rfc3339},
 };
@@ -68,7 +69,18 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
          .err{{background:#fee}}</style></head><body><h1>{title}</h1>{body}</body></html>",
         title = escape(title)
     );
-    (status, [(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
+    // Never framed: a page that takes a wallet's key must not sit under
+    // another site's overlay (clickjacking).
+    (
+        status,
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        ],
+        Html(html),
+    )
+        .into_response()
 }
 
 /// What the session is for, from its intent when the gate opened it.
@@ -272,8 +284,22 @@ pub async fn act(
     }
     let outcome = match form.action.as_str() {
         "pay" => {
+            // Only a key that may spend its wallet (scope `mcp`, or admin)
+            // pays: a `sessions:create` or `sessions:read` key never moves
+            // money.
             let key = match authenticate_key(state.store.as_ref(), form.api_key.trim()).await {
-                Ok(key) => key,
+                Ok(key) if key.allows(Scope::Mcp) => key,
+                Ok(_) => {
+                    return render(
+                        &state,
+                        &loaded,
+                        Some((
+                            "That API key may not spend its wallet (it needs the mcp scope).",
+                            true,
+                        )),
+                        StatusCode::FORBIDDEN,
+                    );
+                }
                 Err(_) => {
                     return render(
                         &state,

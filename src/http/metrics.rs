@@ -40,6 +40,15 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Folds the latency samples taken since the last time into the
+/// histograms. Without it they pile up until a scrape; the HTTP service runs
+/// it every few seconds.
+pub fn upkeep() {
+    if let Some(handle) = recorder() {
+        handle.run_upkeep();
+    }
+}
+
 /// One `tools/call`: what it was, how it ended, how long the gate took.
 pub fn record_call(tool: &str, mode: &str, outcome: &str, seconds: f64) {
     metrics::counter!("tollgate_calls_total", "tool" => tool.to_owned(), "mode" => mode.to_owned(), "outcome" => outcome.to_owned())

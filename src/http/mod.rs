@@ -131,10 +131,16 @@ pub async fn serve(
     let limits = state.clone();
     let idle = shutdown.clone();
     tokio::spawn(async move {
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(60)) => limits.limits.forget_idle(),
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
                 () = idle.cancelled() => break,
+            }
+            metrics::upkeep();
+            ticks += 1;
+            if ticks % 12 == 0 {
+                limits.limits.forget_idle();
             }
         }
     });

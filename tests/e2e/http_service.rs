@@ -415,7 +415,9 @@ on_both_backends! {
             .await
             .unwrap();
         assert_eq!(forged.status(), 403);
-        let page = http().get(&url).send().await.unwrap().text().await.unwrap();
+        let shown = http().get(&url).send().await.unwrap();
+        assert_eq!(shown.headers()["x-frame-options"], "DENY", "never framed");
+        let page = shown.text().await.unwrap();
         let cross_site = http()
             .post(&url)
             .header("origin", "https://evil.example")
@@ -442,6 +444,11 @@ on_both_backends! {
         .await;
         assert_eq!(response.status(), 402);
         assert_eq!(server.env.available("poor").await, "0.01");
+        // A key of erin's that may only read or create sessions spends nothing.
+        let reader = server.key("erin", &["sessions:read", "sessions:create"]).await;
+        let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &reader)]).await;
+        assert_eq!(response.status(), 403);
+        assert_eq!(server.env.available("erin").await, "1.00");
         let response = checkout_post(
             &server.base,
             &id,
@@ -551,7 +558,15 @@ on_both_backends! {
             call(&client, "echo", echo_args("m")).await;
         }
         call(&client, "divide", json!({"a": 1, "b": 0})).await;
+        // A name the server does not serve is counted, but not by that name:
+        // clients cannot add series without end.
+        let made_up = format!("no_such_tool_{}", uuid::Uuid::new_v4().simple());
+        let _ = client
+            .call_tool(rmcp::model::CallToolRequestParams::new(made_up.clone()))
+            .await;
         let after = scrape().await;
+        assert!(!after.contains(&made_up), "{after}");
+        assert!(after.contains("tool=\"unknown\""), "{after}");
         // The recorder is process-wide: other tests' calls count too, so look
         // at this test's own line and at how much it grew.
         let paid = "tool=\"echo\",mode=\"two_step\",outcome=\"paid\"";
