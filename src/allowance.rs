@@ -150,8 +150,8 @@ impl Limits {
 
     /// The limit a charge of `amount` for `tool` would break at `now`, if
     /// any; the same conditions the store's statements check. `tool` is
-    /// `None` where the store does not know it (a session paid from the
-    /// wallet): the allow-list is then the gate's to check.
+    /// `None` for a payment that is for no tool (a session made through the
+    /// sessions API): the allow-list does not apply to it.
     pub fn breach(
         &self,
         wallet: &str,

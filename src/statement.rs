@@ -4,7 +4,10 @@
 //! it (agent, approval, the caller's metadata), so that payouts can be
 //! reconciled.
 
-use std::{collections::BTreeMap, fmt::Write};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write,
+};
 
 use crate::{
     money::{Units, format_amount, format_signed},
@@ -139,6 +142,9 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
     );
     // Per currency: (net, charged, lines).
     let mut totals: BTreeMap<&str, (i64, i64, usize)> = BTreeMap::new();
+    // An account that takes two legs of one capture (both commissions, say)
+    // has a line for each; the charge counts once.
+    let mut counted: BTreeSet<&str> = BTreeSet::new();
     for line in lines.iter().filter(|l| filter.keeps(l)) {
         let notes: Vec<String> = [breakdown(&line.legs).unwrap_or_default(), details(line)]
             .into_iter()
@@ -158,7 +164,9 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
         let total = totals.entry(line.currency.as_str()).or_default();
         total.0 += line.amount;
         total.2 += 1;
-        total.1 += charged(&line.legs);
+        if counted.insert(&line.txn_id) {
+            total.1 += charged(&line.legs);
+        }
     }
     for (currency, (net, charged, count)) in totals {
         let _ = write!(
@@ -255,7 +263,10 @@ mod tests {
         ];
         let lines = [
             line(880_000, &legs, 1_000, "echo"),
-            line(10_000, &[("author", 10_000)], 2_000, "divide"),
+            StatementLine {
+                txn_id: "txn_2".into(),
+                ..line(10_000, &[("author", 10_000)], 2_000, "divide")
+            },
         ];
         let text = render("revenue:alice", &lines, &Filter::default());
         assert!(
@@ -279,6 +290,30 @@ mod tests {
             ..Filter::default()
         };
         assert!(render("revenue:alice", &lines, &before).contains("over 1 line(s)"));
+    }
+
+    #[test]
+    fn an_account_with_two_legs_of_one_capture_counts_its_charge_once() {
+        let legs = [
+            ("author", 970_000),
+            ("commission_in", 30_000),
+            ("commission_out", 50_000),
+        ];
+        let lines = [
+            StatementLine {
+                role: Some("commission_in".into()),
+                ..line(30_000, &legs, 1_000, "echo")
+            },
+            StatementLine {
+                role: Some("commission_out".into()),
+                ..line(50_000, &legs, 1_000, "echo")
+            },
+        ];
+        let text = render("revenue:commissions", &lines, &Filter::default());
+        assert!(
+            text.contains("total: 0.08 USD over 2 line(s); the split charges came to 1.00 USD"),
+            "{text}"
+        );
     }
 
     #[test]

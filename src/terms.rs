@@ -221,10 +221,13 @@ impl Terms {
     }
 
     /// The outgoing commission on a charge: added to what the payer pays.
+    /// Nothing on nothing: a metered call that used nothing costs nothing,
+    /// fixed fee included.
     pub fn commission_out(&self, charge: Units, currency: &Currency) -> Units {
         let minor = minor_unit(currency);
         match self.commission_out {
             None => Units(0),
+            Some(Fee::Fixed(_)) if charge.0 <= 0 => Units(0),
             Some(Fee::Fixed(amount)) => amount,
             Some(Fee::Percent(p)) => {
                 let whole = charge.0 / minor;
@@ -458,6 +461,14 @@ mod tests {
         assert_eq!(split.leg(Role::Platform), units("0.05"));
         assert_eq!(split.leg(Role::CommissionIn), units("0.01"));
         assert_eq!(split.leg(Role::Author), units("0"));
+    }
+
+    #[test]
+    fn a_fixed_outgoing_commission_is_not_charged_on_nothing() {
+        let t = terms(None, None, Some("0.01"));
+        assert_eq!(t.payer_pays(units("0"), &usd()), units("0"));
+        assert!(t.split(units("0"), &usd()).legs.is_empty());
+        assert_eq!(t.payer_pays(units("0.0001"), &usd()), units("0.0101"));
     }
 
     #[test]

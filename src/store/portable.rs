@@ -601,7 +601,9 @@ where
         // takes no money: nothing could redeem or refund it. On PostgreSQL
         // the intent stays locked until this payment commits, so the expiry
         // sweep, which skips locked intents, cannot end it meanwhile.
-        if let Some(intent) = tx.fetch_optional(statement!(locks.intent, id)).await? {
+        let intent = tx.fetch_optional(statement!(locks.intent, id)).await?;
+        let tool = intent.as_ref().map(|i| i.text("tool")).transpose()?;
+        if let Some(intent) = intent {
             let ended = intent.text("status")?;
             if ended != IntentStatus::AwaitingPayment.as_str() {
                 let to = if ended == IntentStatus::Expired.as_str() {
@@ -618,11 +620,14 @@ where
             let row = tx.fetch_one(statement!(locks.wallet, source_id)).await?;
             // The wallet's limits, checked and counted on its locked row.
             let limits = rows::limits(&row)?;
+            // A session opened for a call checks the tool against the
+            // wallet's allow-list too; one made through the sessions API
+            // pays for no tool of this server.
             if let Some(breach) = limits.limits.breach(
                 wallet,
                 &session.currency,
                 &limits.spent,
-                None,
+                tool.as_deref(),
                 session.amount,
                 now,
             ) {

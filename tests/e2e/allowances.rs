@@ -62,6 +62,16 @@ on_both_backends! {
         assert_eq!(structured(&r)["limit"], "allow_list");
         assert_eq!(payment_meta(&call(&client, "divide", json!({"a": 1, "b": 2})).await)["status"], "paid");
         assert_eq!(env.available("alice").await, "0.93");
+        // Paying someone else's call from her wallet keeps to it too.
+        let carol = env.client(Some("carol")).await;
+        let r = call(&carol, "echo", echo_args("for carol")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let refused = env.cli(&["sessions", "pay", &id, "--from", "alice"]).await;
+        assert!(!refused.status.success());
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains("allow-list"), "{said}");
+        assert_eq!(env.available("alice").await, "0.93");
+        carol.cancel().await.ok();
 
         // A wallet that cannot pay at once is checked before it is asked to
         // pay another way.

@@ -178,7 +178,7 @@ const LOCK_WALLETS_OF_ORPHANED_HOLDS: &str =
 /// waits, then sees it paid), then the paying wallet, until it commits.
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
     session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1 FOR UPDATE",
-    intent: "SELECT status FROM intents WHERE id = $1 FOR UPDATE",
+    intent: "SELECT status, tool FROM intents WHERE id = $1 FOR UPDATE",
     wallet: wallet_with_limits!("WHERE id = $1 FOR UPDATE"),
 };
 
