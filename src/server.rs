@@ -1,6 +1,6 @@
 //! The rmcp `ServerHandler`: lists the catalog and hands every call to the gate.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -12,9 +12,12 @@ use rmcp::{
 };
 
 use crate::{
-    gate::{CallScope, Caller, Gate},
+    gate::{CallScope, Caller, Gate, stateless_session},
     store::new_id,
 };
+
+/// The header that names a legacy HTTP session (rmcp's).
+const SESSION_ID_HEADER: &str = "mcp-session-id";
 
 /// One MCP session's handler. The gate (store, catalog, provider) is shared;
 /// the session id is this session's, and so is the caller on stdio. Over
@@ -78,6 +81,24 @@ impl TollgateServer {
         }
     }
 
+    /// The session a request belongs to. A request rmcp serves statelessly
+    /// over HTTP (2026-07-28 clients; no `Mcp-Session-Id`) gets a server of
+    /// its own, whose session id is new each time: such requests share one
+    /// session per principal, so that a dynamic confirm tool opened by one
+    /// is listed to and callable by the next, and anonymous callers' open
+    /// payments are capped between them.
+    fn session_of(&self, context: &RequestContext<RoleServer>, caller: &Caller) -> Cow<'_, str> {
+        let stateless = context
+            .extensions
+            .get::<http::request::Parts>()
+            .is_some_and(|parts| !parts.headers.contains_key(SESSION_ID_HEADER));
+        if stateless {
+            Cow::Owned(stateless_session(caller.principal.as_deref()))
+        } else {
+            Cow::Borrowed(&self.session_id)
+        }
+    }
+
     pub fn gate(&self) -> &Arc<Gate> {
         &self.gate
     }
@@ -101,10 +122,11 @@ impl ServerHandler for TollgateServer {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
+        let caller = self.caller_of(&context);
         Ok(ListToolsResult::with_all_items(
-            self.gate.tools_for(&self.session_id),
+            self.gate.tools_for(&self.session_of(&context, &caller)),
         ))
     }
 
@@ -119,9 +141,10 @@ impl ServerHandler for TollgateServer {
     ) -> Result<CallToolResponse, McpError> {
         let started = std::time::Instant::now();
         let caller = self.caller_of(&context);
+        let session_id = self.session_of(&context, &caller);
         let scope = CallScope {
             caller: &caller,
-            session_id: &self.session_id,
+            session_id: &session_id,
             request: &context,
         };
         let tool = request.name.to_string();
@@ -156,9 +179,13 @@ impl ServerHandler for TollgateServer {
         let dynamic = self.gate.dynamic_tools();
         let sink = context.sink().clone();
         let id = sink.id().clone();
-        dynamic.attach_listener(&self.session_id, sink);
+        let caller = self.caller_of(context.request_context());
+        let session_id = self
+            .session_of(context.request_context(), &caller)
+            .into_owned();
+        dynamic.attach_listener(&session_id, sink);
         context.cancelled().await;
-        dynamic.detach_listener(&self.session_id, &id);
+        dynamic.detach_listener(&session_id, &id);
         Ok(())
     }
 }

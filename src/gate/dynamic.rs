@@ -4,7 +4,9 @@
 //! sessions, through their `subscriptions/listen` stream). It is removed once
 //! used or expired, so the list does not grow without bound. Calling it from
 //! another session, even in another process, gets `payment_mismatch`: the
-//! session is recorded on the intent.
+//! session is recorded on the intent. HTTP requests served without a
+//! session (2026-07-28 clients) share one per principal
+//! ([`super::stateless_session`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,7 +21,7 @@ use rmcp::{
 use serde_json::json;
 
 use super::{
-    CallScope, Gate, PricedCall,
+    ANONYMOUS_STATELESS, CallScope, Gate, PricedCall,
     redeem::mismatch_reply,
     reply::{self, code},
     slow_path::{Opened, Purpose},
@@ -68,6 +70,9 @@ impl DynamicTools {
 
     /// The confirm tools a session sees now (expired ones dropped).
     pub fn listed(&self, session: &str) -> Vec<Tool> {
+        if session == ANONYMOUS_STATELESS {
+            return Vec::new();
+        }
         let now = now_ms();
         self.with(session, |s| {
             s.prune(now);
@@ -123,6 +128,9 @@ impl DynamicTools {
     }
 
     async fn offer(&self, session: &str, peer: Peer<RoleServer>, name: String, offered: Offered) {
+        if session == ANONYMOUS_STATELESS {
+            return; // listed to no one, so nothing to keep or announce
+        }
         self.with(session, |s| {
             s.peer = Some(peer);
             s.offered.insert(name, offered);

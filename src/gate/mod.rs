@@ -36,7 +36,7 @@ use crate::{
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
 pub use dynamic::{DynamicTools, dynamic_confirm_payment_id};
 pub use recovery::Recovered;
-pub use scope::{CallScope, Elicits};
+pub use scope::{ANONYMOUS_STATELESS, CallScope, Elicits, stateless_session};
 
 /// Who is calling: the principal pays. `None` is anonymous, which has no
 /// wallet and can only pay through payment sessions.

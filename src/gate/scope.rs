@@ -42,10 +42,24 @@ impl Elicits {
     }
 }
 
+/// The session of the requests an HTTP client makes without one (served
+/// statelessly): one per principal, one for anonymous callers between them.
+pub fn stateless_session(principal: Option<&str>) -> String {
+    match principal {
+        Some(principal) => format!("stateless:{principal}"),
+        None => ANONYMOUS_STATELESS.to_owned(),
+    }
+}
+
+/// Anonymous callers without a session: their dynamic confirm tools are
+/// listed to no one (every such caller would see them), though the name
+/// each is told still works.
+pub const ANONYMOUS_STATELESS: &str = "stateless:";
+
 pub struct CallScope<'a> {
     pub caller: &'a Caller,
     /// Identifies the MCP session (one per stdio process, one per HTTP
-    /// session).
+    /// session; see [`stateless_session`] for HTTP requests without one).
     pub session_id: &'a str,
     pub request: &'a RequestContext<RoleServer>,
 }

@@ -179,10 +179,15 @@ impl Gate {
                 let mut body = body;
                 body["status"] = json!(reply::code::PAYMENT_REQUIRED);
                 body["next_step"] = json!(next);
-                let text = format!(
-                    "{how}, then call `{next}` with payment_id \"{}\".",
-                    intent.id
-                );
+                // A dynamic confirm tool is the payment's own: no arguments.
+                let text = if super::dynamic_confirm_payment_id(&next).is_some() {
+                    format!("{how}, then call `{next}` (it takes no arguments).")
+                } else {
+                    format!(
+                        "{how}, then call `{next}` with payment_id \"{}\".",
+                        intent.id
+                    )
+                };
                 let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
                 result.structured_content = Some(body);
                 result

@@ -26,7 +26,8 @@ use axum::{
     serve::ListenerExt,
 };
 use rmcp::transport::streamable_http_server::{
-    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    StreamableHttpServerConfig, StreamableHttpService,
+    session::local::{LocalSessionManager, SessionConfig},
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -79,9 +80,15 @@ impl HttpState {
 pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationToken) -> Router {
     let _ = metrics::recorder();
     let gate = state.gate.clone();
+    // A session outlives its payments: a client waiting quietly while a
+    // person pays must still have it to confirm (its dynamic tools are
+    // the session's). rmcp's default closes it after 5 idle minutes.
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive =
+        Some(SessionConfig::DEFAULT_KEEP_ALIVE.max(state.session_ttl + Duration::from_secs(60)));
     let mcp = StreamableHttpService::new(
         move || Ok(TollgateServer::for_http(gate.clone())),
-        LocalSessionManager::default().into(),
+        sessions.into(),
         StreamableHttpServerConfig::default()
             .with_legacy_session_mode(true)
             .with_allowed_hosts(http.allowed_hosts.clone())

@@ -5,8 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use rmcp::{
     ClientHandler, RoleClient, ServiceExt,
-    model::{CallToolRequestParams, CallToolResult},
-    service::RunningService,
+    model::{CallToolRequestParams, CallToolResult, ProtocolVersion},
+    service::{ClientLifecycleMode, ClientServiceExt, RunningService},
     transport::{
         StreamableHttpClientTransport, streamable_http_client::StreamableHttpClientTransportConfig,
     },
@@ -75,6 +75,23 @@ impl HttpServer {
             .serve(StreamableHttpClientTransport::from_config(config))
             .await
             .expect("MCP over HTTP")
+    }
+
+    /// A 2026-07-28 client: rmcp serves each of its requests statelessly.
+    pub async fn mcp_modern(&self, key: Option<&str>) -> RunningService<RoleClient, ()> {
+        let mut config =
+            StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", self.base));
+        if let Some(key) = key {
+            config = config.auth_header(key);
+        }
+        ().serve_with_lifecycle(
+            StreamableHttpClientTransport::from_config(config),
+            ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            },
+        )
+        .await
+        .expect("MCP over HTTP, 2026-07-28")
     }
 
     pub fn client(&self, person: Person, elicitation: Elicitation) -> TestClient {
@@ -865,6 +882,54 @@ on_both_backends! {
         assert_eq!(server.env.available("judy").await, "0.99");
         client.cancel().await.ok();
         kates.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// A 2026-07-28 client has no session over HTTP (each request is served
+    /// by a server of its own): its requests share one per principal, so a
+    /// dynamic confirm tool opened by one call is listed to, and runs for,
+    /// the next; anonymous callers' open payments are capped between them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_2026_client_over_http_confirms_its_dynamic_tool_and_anonymous_ones_are_capped() {
+        let pricing = crate::harness::pricing("dynamic_tools", "max_open_intents = 2")
+            .replace("[store]", "[http]\nanonymous_mcp = true\n\n[store]");
+        let server = HttpServer::start(&pricing).await;
+        let key = server.key("hana", &["mcp"]).await;
+        let client = server.mcp_modern(Some(&key)).await;
+        let r = call(&client, "echo", echo_args("stateless")).await;
+        assert_eq!(structured(&r)["status"], "payment_required", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let confirm = format!("confirm_{id}");
+        assert_eq!(structured(&r)["next_step"], confirm.as_str());
+        assert!(text(&r).ends_with("(it takes no arguments)."), "{}", text(&r));
+        let listed = |tools: Vec<rmcp::model::Tool>| tools.iter().any(|t| t.name == confirm);
+        assert!(listed(client.list_all_tools().await.unwrap()), "listed to her next request");
+        let other_key = server.key("ivan", &["mcp"]).await;
+        let ivan = server.mcp_modern(Some(&other_key)).await;
+        assert!(!listed(ivan.list_all_tools().await.unwrap()), "not to another principal");
+
+        server.env.ok(&["sessions", "pay", &id]).await;
+        let r = call(&ivan, &confirm, json!({})).await;
+        assert_eq!(error_code(&r), "payment_mismatch", "{r:?}");
+        let r = call(&client, &confirm, json!({})).await;
+        assert_eq!(text(&r), "stateless", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert!(!listed(client.list_all_tools().await.unwrap()), "used, so withdrawn");
+
+        // Anonymous: two open payments between them all, then refused.
+        let anonymous = server.mcp_modern(None).await;
+        let mut codes = Vec::new();
+        for n in 0..3 {
+            let r = call(&anonymous, "echo", echo_args(&format!("anon {n}"))).await;
+            let s = structured(&r);
+            codes.push(s["status"].as_str().or(s["error"].as_str()).unwrap_or_default().to_owned());
+        }
+        assert_eq!(codes, ["payment_required", "payment_required", "too_many_open_payments"]);
+        for c in [client, ivan, anonymous] {
+            c.cancel().await.ok();
+        }
         server.env.assert_ledger_ok().await;
     }
 }
