@@ -281,6 +281,10 @@ pub struct Timeouts {
     pub progress: Duration,
     /// How often a waiting progress-mode call reports.
     pub progress_heartbeat: Duration,
+    /// How long a write after a tool has run (the charge, a paid run's
+    /// result) keeps trying while the store is unreachable, before the call
+    /// is answered without its result.
+    pub record: Duration,
 }
 
 impl Default for Timeouts {
@@ -290,6 +294,7 @@ impl Default for Timeouts {
             payment_check: Duration::from_secs(10),
             progress: Duration::from_secs(600),
             progress_heartbeat: Duration::from_secs(5),
+            record: Duration::from_secs(20),
         }
     }
 }
@@ -367,6 +372,7 @@ struct RawTimeouts {
     payment_check: Option<Spanned<String>>,
     progress: Option<Spanned<String>>,
     progress_heartbeat: Option<Spanned<String>>,
+    record: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -581,6 +587,7 @@ impl Config {
                 &t.progress_heartbeat,
                 defaults.progress_heartbeat,
             )?,
+            record: duration("timeouts.record", &t.record, defaults.record)?,
         };
         let pool_defaults = PoolSettings::default();
         let s = &raw.store;

@@ -5,9 +5,14 @@
 //! ends). Without that variable the PostgreSQL runs show as ignored, with
 //! the reason (the build script sets `cfg(tollgate_pg)` when it is set).
 
-use std::{cell::Cell, path::Path};
+use std::{cell::Cell, path::Path, sync::Arc};
 
 use sqlx::Connection;
+
+use crate::{
+    config::{PoolSettings, Synchronous},
+    store::{PgStore, SqliteStore, Store, StoreError},
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -103,6 +108,17 @@ impl Drop for TestDb {
             admin(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
         }
     }
+}
+
+/// A store on the database at `url` (a [`TestDb`]'s), on the current
+/// backend; another call gives another instance's store on the same one.
+pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match current() {
+        Backend::Sqlite => {
+            Arc::new(SqliteStore::connect(&format!("sqlite://{url}"), Synchronous::Normal).await?)
+        }
+        Backend::Postgres => Arc::new(PgStore::connect(url, &PoolSettings::default()).await?),
+    })
 }
 
 /// The PostgreSQL server the tests use (`TOLLGATE_TEST_POSTGRES`).

@@ -1,7 +1,7 @@
 //! Fast path: a funded wallet pays at once. Hold, run, then capture on
 //! success or release on a tool error: no extra round trip for the client.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use rmcp::model::CallToolResult;
 use serde_json::json;
@@ -10,7 +10,9 @@ use super::{CallScope, Gate, PricedCall, catalog::Entry, recording, reply};
 use crate::{
     money::format_amount,
     receipt::ReceiptClaims,
-    store::{HoldOutcome, HoldRequest, new_payment_id, now_ms, rfc3339},
+    store::{
+        HoldOutcome, HoldRequest, RefundRequest, Store, StoreError, new_payment_id, now_ms, rfc3339,
+    },
 };
 
 /// A hold outlives any sane tool run; past this a crashed server's hold is
@@ -94,20 +96,26 @@ impl Gate {
         // A metered call is charged what it used; the rest of the hold goes
         // back to the wallet as the capture ends it.
         let amount = format_amount(charge.total());
-        let posted = recording::until_recorded("capture after a successful run", || {
-            self.store.capture(&payment_id, &charge)
-        })
+        let posted = recording::until_recorded(
+            "capture after a successful run",
+            self.settings.timeouts.record,
+            || self.store.capture(&payment_id, &charge),
+        )
         .await;
         let posted = match posted {
             Ok(posted) => posted,
             Err(e) => {
                 // The charge could not be recorded: the result is not handed
-                // over unpaid. The hold is given back (or expires), so nothing
-                // is charged.
+                // over unpaid, and the hold is given back, now or once the
+                // store is back.
                 tracing::error!(payment_id, "capture failed after a successful run: {e}");
-                if self.store.release(&payment_id).await.is_err() {
-                    tracing::warn!(payment_id, "hold left to expire");
-                }
+                let store = self.store.clone();
+                let hold_id = payment_id.clone();
+                recording::in_background(
+                    "giving back a withheld call's hold",
+                    payment_id.clone(),
+                    move || give_back(store.clone(), hold_id.clone()),
+                );
                 return Some(reply::unrecorded(&payment_id, e));
             }
         };
@@ -137,5 +145,74 @@ impl Gate {
             payment["held"] = json!(format_amount(call.amount));
         }
         Some(reply::with_payment(result, payment))
+    }
+}
+
+/// Ends the hold of a call answered without its result: released if still
+/// open; refunded in full if its capture landed after all (its answer was
+/// lost), since the caller was told nothing was charged.
+async fn give_back(store: Arc<dyn Store>, hold_id: String) -> Result<(), StoreError> {
+    match store.release(&hold_id).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::WrongState { status, .. }) if status == "captured" => {
+            let refund = RefundRequest {
+                payment_id: hold_id.clone(),
+                amount: None,
+                reason: "the call's result was withheld: its charge could not be confirmed".into(),
+                idempotency_key: format!("withheld_{hold_id}"),
+            };
+            store.refund(&refund).await.map(|_| ())
+        }
+        // Released or expired: nothing was charged.
+        Err(StoreError::WrongState { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        money::{Currency, Units},
+        store::{AccountKind, AccountRef, Charge},
+        testing::{TestDb, open_store},
+    };
+
+    crate::on_both_backends! {
+        /// What is left of a call answered without its result: an open hold
+        /// is released; a capture that landed unseen is refunded in full.
+        #[tokio::test]
+        async fn a_withheld_calls_hold_is_released_or_its_landed_capture_refunded() {
+            let dir = tempfile::tempdir().unwrap();
+            let db = TestDb::fresh(dir.path());
+            let store = open_store(&db.url).await.unwrap();
+            let usd = Currency::parse("USD").unwrap();
+            store.topup(&AccountRef::wallet("w", &usd), Units(100), None).await.unwrap();
+            let hold = |id: &str| HoldRequest {
+                hold_id: id.into(),
+                principal: "w".into(),
+                amount: Units(30),
+                currency: usd.clone(),
+                tool: "echo".into(),
+                args_hash: "h".into(),
+                expires_at: now_ms() + 60_000,
+                origin: Default::default(),
+            };
+            let available = async || store.balances("w").await.unwrap()[0].available;
+            for id in ["open", "captured"] {
+                assert_eq!(store.hold(&hold(id)).await.unwrap(), HoldOutcome::Held);
+            }
+            let revenue = AccountRef::new(AccountKind::Revenue, "author", &usd);
+            store.capture("captured", &Charge::whole(revenue, Units(30))).await.unwrap();
+            assert_eq!(available().await, Units(40));
+
+            give_back(store.clone(), "open".into()).await.unwrap();
+            give_back(store.clone(), "captured".into()).await.unwrap();
+            assert_eq!(available().await, Units(100), "both given back");
+            give_back(store.clone(), "captured".into()).await.unwrap();
+            assert_eq!(available().await, Units(100), "once");
+            let report = store.verify(now_ms()).await.unwrap();
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
+        }
     }
 }

@@ -6,24 +6,34 @@
 //! already captured the same way answers with that capture, and an intent
 //! leaves `running` once only.
 
+//!
+//! A call answered without its result, because such a write did not land
+//! in time (`[timeouts] record`), leaves the rest to [`in_background`]: the
+//! paid run's result is stored once the store is back (a retry of the
+//! payment id then gets it), or the fast path's hold is given back.
+
 use std::{future::Future, time::Duration};
 
 use crate::store::StoreError;
 
-/// How long a write after a run keeps trying.
-const PATIENCE: Duration = Duration::from_secs(20);
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+/// How long a write left to the background keeps trying.
+const BACKGROUND_PATIENCE: Duration = Duration::from_secs(3600);
 
 /// Runs `write` until it lands, fails for a reason other than the payment
-/// system being unreachable, or [`PATIENCE`] runs out. `Retried(e)` says a
+/// system being unreachable, or `patience` runs out. `Retried(e)` says a
 /// later attempt failed after an earlier one may have landed unseen.
-pub(super) async fn until_recorded<T, F, Fut>(what: &str, mut write: F) -> Result<T, Unrecorded>
+pub(super) async fn until_recorded<T, F, Fut>(
+    what: &str,
+    patience: Duration,
+    mut write: F,
+) -> Result<T, Unrecorded>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let deadline = tokio::time::Instant::now() + patience;
     let mut pause = FIRST_PAUSE;
     let mut attempt = 1;
     loop {
@@ -41,6 +51,21 @@ where
             Err(e) => return Err(Unrecorded::Refused(e)),
         }
     }
+}
+
+/// Keeps trying `write` off the call's path, for up to an hour, once the
+/// call has been answered without it.
+pub(super) fn in_background<F, Fut>(what: &'static str, payment_id: String, write: F)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), StoreError>> + Send,
+{
+    tokio::spawn(async move {
+        match until_recorded(what, BACKGROUND_PATIENCE, write).await {
+            Ok(()) => tracing::warn!(payment_id, "{what}: done, after the call was answered"),
+            Err(e) => tracing::error!(payment_id, "{what}: gave up: {e}"),
+        }
+    });
 }
 
 #[derive(Debug)]

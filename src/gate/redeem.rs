@@ -360,9 +360,11 @@ impl Gate {
         };
         let result = reply::with_payment(result, payment);
         outcome.result_json = serde_json::to_string(&result).unwrap_or_default();
-        let finished = recording::until_recorded("storing a paid run's result", || {
-            self.store.finish_intent(&outcome)
-        })
+        let finished = recording::until_recorded(
+            "storing a paid run's result",
+            self.settings.timeouts.record,
+            || self.store.finish_intent(&outcome),
+        )
         .await;
         if let Err(Unrecorded::Retried(StoreError::WrongState { .. }))
         | Err(Unrecorded::Refused(StoreError::WrongState { .. })) = &finished
@@ -393,12 +395,31 @@ impl Gate {
                 );
             }
             Err(e) => {
-                // The intent stays `running`, so it can never run again; the
-                // money stays in clearing for an operator to settle.
+                // Not handed over before its charge is recorded. The intent
+                // stays `running` (it never runs again) while the result and
+                // the charge are stored in the background; a retry of the
+                // payment id then gets them. Should this process die first,
+                // crash recovery refunds the payment.
                 tracing::error!(
                     payment_id = intent.id,
                     "could not store the result of a paid run: {e}"
                 );
+                let store = self.store.clone();
+                recording::in_background(
+                    "storing a paid run's result",
+                    intent.id.clone(),
+                    move || {
+                        let (store, outcome) = (store.clone(), outcome.clone());
+                        async move {
+                            match store.finish_intent(&outcome).await {
+                                // Landed unseen before, or settled by recovery.
+                                Ok(_) | Err(StoreError::WrongState { .. }) => Ok(()),
+                                Err(e) => Err(e),
+                            }
+                        }
+                    },
+                );
+                return reply::run_unrecorded(&intent.id);
             }
         }
         result

@@ -93,6 +93,21 @@ pub fn unrecorded(payment_id: &str, cause: impl std::fmt::Display) -> CallToolRe
     )
 }
 
+/// A paid run whose result could not be stored in time: withheld until it
+/// is (in the background), then a retry of the payment id gets it.
+pub fn run_unrecorded(payment_id: &str) -> CallToolResult {
+    error(
+        code::UNAVAILABLE,
+        format!(
+            "payment system unavailable: the tool ran, but its result and charge could not be \
+             recorded yet, so the result is withheld. It is kept as soon as the payment system is \
+             back: redeem payment `{payment_id}` again, as you did now, to get it. Nothing more is \
+             charged, and it does not run again."
+        ),
+        details(json!({ "payment_id": payment_id })),
+    )
+}
+
 /// No intent has this payment id.
 pub fn payment_not_found(payment_id: &str) -> CallToolResult {
     error(

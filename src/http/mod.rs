@@ -146,7 +146,7 @@ pub async fn serve(
             }
             metrics::upkeep();
             ticks += 1;
-            if ticks % 12 == 0 {
+            if ticks.is_multiple_of(12) {
                 limits.limits.forget_idle();
             }
         }

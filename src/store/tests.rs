@@ -4,10 +4,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::{
-    config::{PoolSettings, Synchronous},
-    testing::{Backend, TestDb},
-};
+use crate::testing::TestDb;
 
 /// Keeps a test's database (and its directory) alive.
 pub(super) struct Place {
@@ -24,12 +21,7 @@ pub(super) async fn store() -> (Place, Arc<dyn Store>) {
 
 /// Another store on the same database, as another server instance has.
 async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(match crate::testing::current() {
-        Backend::Sqlite => {
-            Arc::new(SqliteStore::connect(&format!("sqlite://{url}"), Synchronous::Normal).await?)
-        }
-        Backend::Postgres => Arc::new(PgStore::connect(url, &PoolSettings::default()).await?),
-    })
+    crate::testing::open_store(url).await
 }
 
 pub(super) fn usd() -> Currency {

@@ -268,3 +268,141 @@ async fn postgres_going_away_under_load_loses_no_charge_and_runs_nothing_unpaid(
     let report = store.verify(now_ms()).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// Takes the test database away (no one may connect, every connection is
+/// killed) and brings it back `after` that long.
+async fn take_the_database_away(db_url: &str, after: Duration) {
+    let name = testing::database_name(db_url).to_owned();
+    let admin = testing::server_url();
+    let allow = move |yes: bool| format!("ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {yes}");
+    testing::execute(&admin, &allow(false)).await.unwrap();
+    kill_connections(db_url).await;
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        testing::execute(&admin, &allow(true)).await.unwrap();
+    });
+}
+
+/// A tool whose run takes the database away for two seconds, so that what
+/// the gate writes after the run cannot land in `[timeouts] record`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tollgate_pg),
+    ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+)]
+async fn a_charge_that_cannot_be_recorded_withholds_the_result_until_it_is() {
+    testing::select(Backend::Postgres);
+    let pricing = "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
+                   [store]\nconnect_timeout = \"1s\"\n\n[timeouts]\nrecord = \"300ms\"\n\n\
+                   [[tools]]\nname = \"jam\"\nprice = \"0.01\"\n";
+    let env = Env::with_pricing(pricing);
+    let runs = Arc::new(AtomicU64::new(0));
+    let (counted, db) = (runs.clone(), env.db.clone());
+    let tollgate = Tollgate::from_pricing(&format!(
+        "{pricing}\n[receipts]\nkey_file = \"{}\"\n",
+        env.key.display()
+    ))
+    .expect("pricing")
+    .tool("jam", "Takes the database away.", move |_: Nothing| {
+        let (runs, db) = (counted.clone(), db.clone());
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            take_the_database_away(&db, Duration::from_secs(2)).await;
+            "jammed"
+        }
+    })
+    .store_url(env.db.clone())
+    .build()
+    .await
+    .expect("build");
+    let store = tollgate.gate().store().clone();
+    let usd = Currency::parse("USD").unwrap();
+    let wallet = AccountRef::wallet("pat", &usd);
+    store
+        .topup(&wallet, Units::parse("1.00").unwrap(), None)
+        .await
+        .unwrap();
+    let connect = async |principal: &str| {
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let server = tollgate.server(Caller {
+            principal: Some(principal.into()),
+        });
+        tokio::spawn(async move {
+            if let Ok(running) = server.serve(server_io).await {
+                let _ = running.waiting().await;
+            }
+        });
+        ().serve(client_io).await.expect("connect")
+    };
+    // The database comes back 2 s after it went; what is left to the
+    // background lands within a few more.
+    let until = || tokio::time::Instant::now() + Duration::from_secs(20);
+    // Fast path: the capture cannot land, so the result is withheld and the
+    // hold is given back once the database is back.
+    let pat = connect("pat").await;
+    let r = call(&pat, "jam", json!({})).await;
+    assert_eq!(error_code(&r), "payment_system_unavailable", "{r:?}");
+    assert!(
+        text(&r).contains("the result is withheld and nothing was charged"),
+        "{}",
+        text(&r)
+    );
+    assert!(
+        !format!("{r:?}").contains("jammed"),
+        "the result was handed over"
+    );
+    let deadline = until();
+    loop {
+        if let Ok([b]) = store.balances("pat").await.as_deref()
+            && (b.available.0, b.held.0) == (1_000_000, 0)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the withheld call's hold was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Slow path: the paid run's result cannot be stored, so it is withheld;
+    // once the database is back it is stored, and a retry gets it, charged
+    // once, the tool run once.
+    while store.ping().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let quinn = connect("quinn").await;
+    let r = call(&quinn, "jam", json!({})).await;
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    store.pay_session(&id, None, now_ms()).await.unwrap();
+    let redeem = json!({ "payment_id": id });
+    let r = call(&quinn, "jam", redeem.clone()).await;
+    assert_eq!(error_code(&r), "payment_system_unavailable", "{r:?}");
+    assert!(text(&r).contains("redeem payment"), "{}", text(&r));
+    assert!(
+        !format!("{r:?}").contains("jammed"),
+        "the result was handed over"
+    );
+    let mut answer = None;
+    let deadline = until();
+    while answer.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the withheld result was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = call(&quinn, "jam", redeem.clone()).await;
+        if payment_meta(&r)["status"] == "paid" {
+            answer = Some(r);
+        }
+    }
+    let r = answer.unwrap();
+    assert_eq!(text(&r), "jammed");
+    assert_eq!(payment_meta(&r)["replayed"], true);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each call's tool ran once");
+    for client in [pat, quinn] {
+        client.cancel().await.ok();
+    }
+    let report = store.verify(now_ms()).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
