@@ -70,9 +70,9 @@ struct Relay {
     routes: Arc<Mutex<Routes>>,
     /// Woken by the upstream's `notifications/tools/list_changed`.
     list_changed: Arc<tokio::sync::Notify>,
-    /// Calls in flight whose client can answer an elicitation: upstream
-    /// request id → the client and how long it may take.
-    askers: Arc<Mutex<Vec<(RequestId, Asker)>>>,
+    /// Calls in flight: upstream request id → the client and how long it
+    /// may take to answer an elicitation, if it can answer one.
+    in_flight: Arc<Mutex<Vec<(RequestId, Option<Asker>)>>>,
 }
 
 /// A client that can answer elicitations, and the time it is given.
@@ -115,8 +115,8 @@ impl Relay {
         routes.early.remove(upstream);
     }
 
-    fn askers(&self) -> std::sync::MutexGuard<'_, Vec<(RequestId, Asker)>> {
-        lock(&self.askers)
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<(RequestId, Option<Asker>)>> {
+        lock(&self.in_flight)
     }
 }
 
@@ -176,19 +176,19 @@ impl ClientHandler for Relay {
     }
 
     /// An upstream asks the person something during a call: relayed to the
-    /// client when exactly one call in flight has a client that can answer
-    /// (so there is no doubt whose question it is), declined otherwise.
+    /// client when exactly one call is in flight to this upstream and its
+    /// client can answer (so there is no doubt whose question it is: the
+    /// upstream does not say which call asks), declined otherwise. Counting
+    /// only the calls that can answer would hand one principal's question to
+    /// another's client.
     async fn create_elicitation(
         &self,
         request: ElicitRequestParams,
         _context: RequestContext<RoleClient>,
     ) -> Result<ElicitResult, McpError> {
-        let asker = {
-            let askers = self.askers();
-            match askers.as_slice() {
-                [(_, asker)] => Some(asker.clone()),
-                _ => None,
-            }
+        let asker = match self.in_flight().as_slice() {
+            [(_, asker)] => asker.clone(),
+            _ => None,
         };
         let Some((client, timeout)) = asker else {
             tracing::debug!("upstream elicitation declined: no single client can answer it");
@@ -467,15 +467,15 @@ impl ToolBackend for Upstream {
                 .open_route(upstream_token.clone(), (client.clone(), token.clone()))
                 .await;
         }
-        if let Some(asker) = &context.elicitation {
-            self.relay.askers().push((id.clone(), asker.clone()));
-        }
+        self.relay
+            .in_flight()
+            .push((id.clone(), context.elicitation.clone()));
         let outcome = tokio::select! {
             outcome = handle.await_response() => Some(outcome),
             () = context.cancelled.cancelled() => None,
         };
         self.relay.close_route_soon(upstream_token).await;
-        self.relay.askers().retain(|(asker, _)| asker != &id);
+        self.relay.in_flight().retain(|(call, _)| call != &id);
         match outcome {
             None => {
                 // The client cancelled: tell the upstream too.

@@ -554,7 +554,9 @@ on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_upstreams_elicitation_is_relayed_or_declined_cleanly() {
         let (url, _upstream) = spawn_upstream().await;
-        let t = InProcess::new(&upstream_pricing(&url, "free")).await;
+        let pricing = upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"3s\"");
+        let t = InProcess::new(&pricing).await;
+        t.env.topup("bob", "1.00").await;
 
         // A client that can answer: the question reaches it, and its answer
         // goes back to the upstream.
@@ -572,6 +574,25 @@ on_both_backends! {
         assert_eq!(text(&r), "Decline", "{r:?}");
         assert_eq!(plain.prompt_count(), 0);
         client.cancel().await.ok();
+
+        // The upstream does not say which call asks: while another call is in
+        // flight, a question is declined, never handed to the other call's
+        // client (here bob's, which could answer it, for carol's call). Bob's
+        // call hangs until the upstream's timeout.
+        let bystander = t.client(Person::Approves, Elicitation::Form);
+        let bob = t.connect(Some("bob"), bystander.clone(), false).await;
+        let peer = bob.peer().clone();
+        let hanging = tokio::spawn(async move {
+            peer.call_tool(rmcp::model::CallToolRequestParams::new("test_hang")).await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let carol = t.connect(Some("carol"), t.client(Person::Approves, Elicitation::None), false).await;
+        let r = call(&carol, "test_ask", json!({})).await;
+        assert_eq!(text(&r), "Decline", "{r:?}");
+        assert_eq!(bystander.prompt_count(), 0, "carol's question reached bob's client");
+        assert!(!hanging.is_finished(), "bob's call was still in flight");
+        bob.cancel().await.ok();
+        carol.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
 }
