@@ -153,20 +153,21 @@ impl Gate {
         } else {
             Purpose::Payment
         };
-        // An approval form can be accepted with a no.
-        let said_no = match &answer {
-            Answer::Accepted(content) => {
-                purpose == Purpose::Approval
-                    && content.as_ref().and_then(|c| c.get("approve")) == Some(&Value::Bool(false))
+        // An approval form is answered yes or no. An accepted URL prompt
+        // says only that the person will open the page, where the approval
+        // is given with the wallet's key: no yes, so nothing is charged here.
+        let approve = match &answer {
+            Answer::Accepted(Some(content)) if purpose == Purpose::Approval => {
+                content.get("approve").and_then(Value::as_bool)
             }
-            Answer::Declined => true,
-            Answer::Cancelled | Answer::Unanswered(_) => false,
+            _ => None,
         };
+        let said_no = approve == Some(false) || matches!(answer, Answer::Declined);
         // The person's decision goes on the intent, for statements: an
         // approval's yes, and any no.
-        let decision = match &answer {
+        let decision = match approve {
             _ if said_no => Some(ApprovalStatus::Declined),
-            Answer::Accepted(_) if purpose == Purpose::Approval => Some(ApprovalStatus::Approved),
+            Some(true) => Some(ApprovalStatus::Approved),
             _ => None,
         };
         if let Some(decision) = decision {
@@ -189,7 +190,9 @@ impl Gate {
                             )
                             .await;
                     }
-                    if let Some(refused) = self.charge_approved(opened).await {
+                    if approve == Some(true)
+                        && let Some(refused) = self.charge_approved(opened).await
+                    {
                         return refused;
                     }
                 }

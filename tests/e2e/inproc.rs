@@ -52,7 +52,10 @@ pub enum Person {
 pub enum Elicitation {
     None,
     Form,
+    /// URL mode, and forms.
     Url,
+    /// URL mode alone.
+    UrlOnly,
 }
 
 #[derive(Clone)]
@@ -143,6 +146,11 @@ impl ClientHandler for TestClient {
                     ElicitationCapability::new()
                         .with_form(FormElicitationCapability::new())
                         .with_url(UrlElicitationCapability::new()),
+                )
+                .build(),
+            Elicitation::UrlOnly => capabilities
+                .enable_elicitation_with(
+                    ElicitationCapability::new().with_url(UrlElicitationCapability::new()),
                 )
                 .build(),
         };

@@ -789,6 +789,33 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// Accepting a URL prompt means "I will open the page", not "yes": the
+    /// approval is given at the checkout page, with the wallet's key.
+    #[tokio::test]
+    async fn accepting_an_approvals_url_prompt_is_not_a_yes() {
+        for modern in [false, true] {
+            let t = InProcess::new(&approval_pricing()).await;
+            t.env.topup("alice", "1.00").await;
+            let handler = t.client(Person::Approves, Elicitation::UrlOnly);
+            let client = t.connect(Some("alice"), handler.clone(), modern).await;
+            let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
+            assert_eq!(error_code(&r), "payment_pending", "{modern}: {r:?}");
+            assert!(matches!(handler.prompts.lock().unwrap()[0],
+                             ElicitRequestParams::UrlElicitationParams { .. }), "a URL prompt");
+            assert_eq!(handler.prompt_count(), 1);
+            assert_eq!(t.env.available("alice").await, "1.00", "nothing charged on an accept");
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            t.env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+            let r = call(&client, "divide", json!({"a": 1, "b": 2, "payment_id": id})).await;
+            assert_eq!(payment_meta(&r)["status"], "paid", "{modern}: {r:?}");
+            assert_eq!(t.env.available("alice").await, "0.95");
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
+    }
+}
+
+on_both_backends! {
     #[tokio::test]
     async fn without_elicitation_an_approval_goes_through_the_checkout_session() {
         let t = InProcess::new(&approval_pricing()).await;
