@@ -1,6 +1,6 @@
 //! Per-key rate limits on `/v1`, with `X-RateLimit-Limit`,
 //! `X-RateLimit-Remaining` and `X-RateLimit-Reset` on every response and a
-//! 429 past the limit. Requests without a key are limited by address.
+//! 429 past the limit. Requests without a valid key are limited by address.
 //! Creating sessions and reading them have separate limits, as in the seed
 //! payment API.
 
@@ -21,8 +21,10 @@ use governor::{
 };
 use serde_json::json;
 
-use super::{HttpState, auth::presented_key};
-use crate::keys::key_id;
+use super::{
+    HttpState,
+    auth::{authenticate_key, presented_key},
+};
 
 type Limiter =
     RateLimiter<String, DashMapStateStore<String>, DefaultClock, StateInformationMiddleware>;
@@ -87,9 +89,17 @@ pub async fn rate_limit(
     request: Request,
     next: Next,
 ) -> Response {
-    let who = presented_key(request.headers())
-        .and_then(key_id)
-        .map_or_else(|| format!("addr:{}", peer.ip()), |id| format!("key:{id}"));
+    // Counted against a key only once it verifies: an id anyone can write
+    // down would let a client dodge its address's limit (and fill the
+    // limiter with made-up ids), or use up another key's.
+    let key = match presented_key(request.headers()) {
+        Some(presented) => authenticate_key(state.store.as_ref(), presented).await.ok(),
+        None => None,
+    };
+    let who = key.map_or_else(
+        || format!("addr:{}", peer.ip()),
+        |key| format!("key:{}", key.id),
+    );
     let limit = if request.method() == Method::POST {
         &state.limits.create
     } else {

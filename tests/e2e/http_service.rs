@@ -332,6 +332,15 @@ on_both_backends! {
             403
         );
 
+        // Forged keys naming the creator's id count against the address, not
+        // against the creator's key.
+        let creator_id = tollgate::keys::key_id(&creator).unwrap().to_owned();
+        for _ in 0..3 {
+            let forged = format!("tg_{creator_id}_notthesecret");
+            let status = post(Some(forged), good.clone()).await.unwrap().status();
+            assert!(status == 401 || status == 429, "{status}");
+        }
+
         // Good input.
         let response = post(Some(creator.clone()), good.clone()).await.unwrap();
         assert_eq!(response.status(), 201);
