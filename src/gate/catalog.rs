@@ -25,9 +25,53 @@ pub struct Price {
     pub mode: Mode,
     /// Labels approval rules match.
     pub tags: Vec<String>,
+    /// The JSON type(s) the tool's schema declares for the argument a
+    /// metered price counts, if it declares any.
+    pub metered_type: Option<Value>,
 }
 
 impl Price {
+    /// A metered argument must be there, of the type the tool declares, and
+    /// not negative: the price is counted from the JSON as sent, and a tool
+    /// (an upstream, say) that filled in a default or read `"100000"` as a
+    /// number would do more than was paid for.
+    pub fn check_metered_argument(&self, args: &JsonObject) -> Result<(), (String, String)> {
+        let Tariff::Metered(metered) = &self.tariff else {
+            return Ok(());
+        };
+        let Measure::Argument(name) = &metered.measure else {
+            return Ok(());
+        };
+        let refuse = |why: String| Err((name.clone(), format!("invalid argument `{name}`: {why}")));
+        let value = match args.get(name) {
+            None | Some(Value::Null) => {
+                return refuse("the price is counted from it, so it must be given".into());
+            }
+            Some(value) => value,
+        };
+        if value.as_f64().is_some_and(|n| n < 0.0) {
+            return refuse("the price is counted from it, so it may not be negative".into());
+        }
+        let declared: Vec<&str> = match &self.metered_type {
+            Some(Value::String(one)) => vec![one.as_str()],
+            Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
+            _ => return Ok(()),
+        };
+        let is = |kind: &str| match kind {
+            "string" => value.is_string(),
+            "array" => value.is_array(),
+            "object" => value.is_object(),
+            "number" => value.is_number(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "boolean" => value.is_boolean(),
+            _ => false,
+        };
+        if declared.iter().any(|kind| is(kind)) {
+            Ok(())
+        } else {
+            refuse(format!("expected {}", declared.join(" or ")))
+        }
+    }
     /// What the payer is asked for before a call with these arguments
     /// runs: the most it can cost, plus the outgoing commission.
     pub fn upfront(&self, args: &JsonObject) -> Units {
@@ -117,6 +161,7 @@ impl Catalog {
                 explicitly_free.insert(priced.name.as_str());
                 continue;
             }
+            let mut metered_type = None;
             if let Tariff::Metered(metered) = &priced.price
                 && let Measure::Argument(argument) = &metered.measure
             {
@@ -124,9 +169,9 @@ impl Catalog {
                 let declared = tool
                     .input_schema
                     .get("properties")
-                    .and_then(|p| p.get(argument))
-                    .is_some();
-                if !declared {
+                    .and_then(|p| p.get(argument));
+                metered_type = declared.and_then(|d| d.get("type")).cloned();
+                if declared.is_none() {
                     return Err(config.tool_error(
                         priced,
                         format!(
@@ -144,6 +189,7 @@ impl Catalog {
                     currency: config.currency.clone(),
                     mode: priced.mode.unwrap_or(config.mode),
                     tags: priced.tags.clone(),
+                    metered_type,
                 },
             );
         }
@@ -165,6 +211,7 @@ impl Catalog {
                         currency: config.currency.clone(),
                         mode: config.mode,
                         tags: Vec::new(),
+                        metered_type: None,
                     }),
                 },
             };

@@ -313,6 +313,14 @@ impl Gate {
             )
             .into());
         }
+        if let Err((field, message)) = price.check_metered_argument(&args) {
+            return Ok(reply::error(
+                reply::code::INVALID_ARGUMENTS,
+                format!("{message}; nothing was charged"),
+                reply::details(json!({ "field": field })),
+            )
+            .into());
+        }
         let origin = match scope.origin(params_meta) {
             Ok(origin) => origin,
             Err(message) => {

@@ -15,7 +15,7 @@ use rmcp::{
         StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
     },
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -71,6 +71,11 @@ impl ServerHandler for TestUpstream {
                 Tool::new("extra", "Not priced in pricing.toml.", schema(json!({}))),
                 Tool::new("grow", "Adds a tool and says so.", schema(json!({}))),
                 Tool::new("ask", "Asks the person a question.", schema(json!({}))),
+                Tool::new(
+                    "count",
+                    "Counts to n (n defaults to 50, and a numeric string will do).",
+                    schema(json!({"n": {"type": "integer"}})),
+                ),
             ])
             .collect(),
         ))
@@ -135,6 +140,15 @@ impl ServerHandler for TestUpstream {
                 self.grown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = context.peer.notify_tool_list_changed().await;
                 CallToolResult::success(vec![ContentBlock::text("grown")])
+            }
+            "count" => {
+                // Lax, as many servers are: what a metered price must not trust.
+                let n = match args.get("n") {
+                    None => 50,
+                    Some(Value::String(s)) => s.parse().unwrap_or(0),
+                    Some(v) => v.as_i64().unwrap_or(0),
+                };
+                CallToolResult::success(vec![ContentBlock::text(format!("counted to {n}"))])
             }
             _ => CallToolResult::success(vec![ContentBlock::text("extra")]),
         };
@@ -593,6 +607,41 @@ on_both_backends! {
         assert!(!hanging.is_finished(), "bob's call was still in flight");
         bob.cancel().await.ok();
         carol.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// A price metered by an argument is counted from the JSON as sent, so
+    /// the argument must be there, of the declared type, and not negative:
+    /// an upstream that fills in a default or reads "1000" as a number would
+    /// otherwise do more than was paid for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_metered_argument_must_be_given_typed_and_not_negative() {
+        let (url, _upstream) = spawn_upstream().await;
+        let pricing = upstream_pricing(&url, "free")
+            + "\n[[tools]]\nname = \"test_count\"\nprice = { per_unit = \"0.01\", argument = \"n\", max = \"1.00\" }\n";
+        let t = InProcess::new(&pricing).await;
+        t.env.topup("alice", "1.00").await;
+        let client = t.connect(Some("alice"), t.client(Person::Approves, Elicitation::None), false).await;
+        for (args, why) in [
+            (json!({}), "must be given"),
+            (json!({"n": null}), "must be given"),
+            (json!({"n": "1000"}), "expected integer"),
+            (json!({"n": 2.5}), "expected integer"),
+            (json!({"n": -3}), "may not be negative"),
+        ] {
+            let r = call(&client, "test_count", args.clone()).await;
+            assert_eq!(error_code(&r), "invalid_arguments", "{args}: {r:?}");
+            assert!(text(&r).contains(why) && text(&r).contains("nothing was charged"), "{args}: {}", text(&r));
+            assert_eq!(structured(&r)["field"], "n");
+        }
+        assert_eq!(t.env.available("alice").await, "1.00");
+        let r = call(&client, "test_count", json!({"n": 5})).await;
+        assert_eq!(text(&r), "counted to 5");
+        assert_eq!(payment_meta(&r)["amount"], "0.05");
+        assert_eq!(t.env.available("alice").await, "0.95");
+        client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
 }
