@@ -72,11 +72,14 @@ struct Relay {
     list_changed: Arc<tokio::sync::Notify>,
     /// Calls in flight: upstream request id → the client and how long it
     /// may take to answer an elicitation, if it can answer one.
-    in_flight: Arc<Mutex<Vec<(RequestId, Option<Asker>)>>>,
+    in_flight: Arc<Mutex<Vec<InFlight>>>,
 }
 
 /// A client that can answer elicitations, and the time it is given.
 type Asker = (Peer<RoleServer>, Duration);
+
+/// A call in flight to the upstream, and its client if it can answer.
+type InFlight = (RequestId, Option<Asker>);
 
 impl Relay {
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
@@ -115,7 +118,7 @@ impl Relay {
         routes.early.remove(upstream);
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<(RequestId, Option<Asker>)>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<InFlight>> {
         lock(&self.in_flight)
     }
 }
