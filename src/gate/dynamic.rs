@@ -227,12 +227,19 @@ impl Gate {
             );
         }
         let result = self.redeem(scope, payment_id, &intent.tool, None).await;
-        let pending = result
-            .structured_content
-            .as_ref()
-            .is_some_and(|s| s["error"] == code::PAYMENT_PENDING);
-        if !pending {
-            // Used, or ended for good: the tool goes away.
+        // Used, or ended for good: the tool goes away. An answer that says
+        // to try again (not paid yet, the payment system or the run busy),
+        // or that the caller is not its payer, leaves it listed.
+        let try_again = result.structured_content.as_ref().is_some_and(|s| {
+            [
+                code::PAYMENT_PENDING,
+                code::UNAVAILABLE,
+                code::PAYMENT_IN_PROGRESS,
+                code::PAYMENT_MISMATCH,
+            ]
+            .contains(&s["error"].as_str().unwrap_or_default())
+        });
+        if !try_again {
             self.dynamic.withdraw(scope.session_id, name).await;
         }
         result

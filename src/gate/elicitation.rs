@@ -24,7 +24,7 @@ use super::{
     CallScope, Elicits, Gate, PricedCall,
     redeem::{Settled, Wait, ended},
     reply::{self, code},
-    slow_path::{Opened, Purpose, how_to_pay, required_body, stopped_waiting},
+    slow_path::{Opened, Purpose, how_to_pay, required_body},
 };
 use crate::{
     money::format_amount,
@@ -237,7 +237,7 @@ impl Gate {
                     payment_id = intent.id,
                     "no answer to the payment prompt: {why}"
                 );
-                stopped_waiting(opened, purpose, &why)
+                self.stopped_waiting(opened, purpose, &why)
             }
         }
     }
@@ -275,8 +275,9 @@ impl Gate {
                 Some(reply::error(
                     code::PAYMENT_REQUIRED,
                     format!(
-                        "approved, but {e}. Pay at {} instead, or top up and call again with \"payment_id\": \"{}\".",
-                        opened.url, intent.id
+                        "approved, but {e}. Pay at {} instead, or top up; then {}.",
+                        opened.url,
+                        self.redeem_hint(intent)
                     ),
                     reply::details(body),
                 ))
@@ -314,11 +315,9 @@ impl Gate {
                 code::PAYMENT_IN_PROGRESS,
                 format!(
                     "payment `{}` was paid before the prompt was {refused}, so nothing ran and the payment stands: \
-                     call `{}` again with the same arguments plus \"payment_id\": \"{}\" to use it. \
-                     Unused past its expiry ({}), it is refunded.",
+                     {} to use it. Unused past its expiry ({}), it is refunded.",
                     now.id,
-                    now.tool,
-                    now.id,
+                    self.redeem_hint(&now),
                     rfc3339(now.expires_at)
                 ),
                 reply::details(json!({ "payment_id": now.id, "status": "paid" })),

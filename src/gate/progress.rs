@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use super::{
     CallScope, Gate,
     redeem::{Settled, Wait},
-    slow_path::{Opened, Purpose, how_to_pay, stopped_waiting},
+    slow_path::{Opened, Purpose, how_to_pay},
 };
 
 /// Sends the progress notifications of one waiting call: one at once, then
@@ -88,7 +88,7 @@ impl Gate {
             .await
         {
             Settled::Final(result) => result,
-            Settled::Pending(_) => stopped_waiting(
+            Settled::Pending(_) => self.stopped_waiting(
                 opened,
                 purpose,
                 &format!("Stopped waiting after {}s", timeouts.progress.as_secs()),

@@ -215,23 +215,54 @@ pub(super) fn required_body(opened: &Opened) -> Value {
     })
 }
 
-/// The answer when the gate stops waiting for a payment (no answer to a
-/// prompt, a progress timeout, a cancelled call): `payment_timeout`, with
-/// the payment id, which stays payable by resubmit.
-pub(super) fn stopped_waiting(opened: &Opened, purpose: Purpose, why: &str) -> CallToolResult {
-    let intent = &opened.intent;
-    let mut body = required_body(opened);
-    body["status"] = json!("pending");
-    reply::error(
-        reply::code::PAYMENT_TIMEOUT,
-        format!(
-            "{why}. {}, then call `{}` again with the same arguments plus \"payment_id\": \"{}\".",
-            how_to_pay(opened, purpose),
-            intent.tool,
-            intent.id
-        ),
-        reply::details(body),
-    )
+impl Gate {
+    /// The answer when the gate stops waiting for a payment (no answer to a
+    /// prompt, a progress timeout, a cancelled call): `payment_timeout`,
+    /// with the payment id, which stays payable.
+    pub(super) fn stopped_waiting(
+        &self,
+        opened: &Opened,
+        purpose: Purpose,
+        why: &str,
+    ) -> CallToolResult {
+        let mut body = required_body(opened);
+        body["status"] = json!("pending");
+        reply::error(
+            reply::code::PAYMENT_TIMEOUT,
+            format!(
+                "{why}. {}, then {}.",
+                how_to_pay(opened, purpose),
+                self.redeem_hint(&opened.intent)
+            ),
+            reply::details(body),
+        )
+    }
+
+    /// How a caller uses a payment once it is made, in its tool's mode:
+    /// two_step's confirm tool, the payment's own dynamic confirm tool (it
+    /// works for the session that opened it, listed or not), or the tool
+    /// again with `payment_id` (the modes that resubmit).
+    pub(super) fn redeem_hint(&self, intent: &Intent) -> String {
+        let catalog = self.catalog();
+        let mode = catalog
+            .get(&intent.tool)
+            .and_then(|entry| entry.price.as_ref())
+            .map(|price| price.mode);
+        match mode {
+            Some(Mode::TwoStep) => format!(
+                "call `{}` with payment_id \"{}\"",
+                confirm_tool_name(&intent.tool),
+                intent.id
+            ),
+            Some(Mode::DynamicTools) => {
+                format!("call `confirm_{}` (it takes no arguments)", intent.id)
+            }
+            _ => format!(
+                "call `{}` again with the same arguments plus \"payment_id\": \"{}\"",
+                intent.tool, intent.id
+            ),
+        }
+    }
 }
 
 /// One sentence a person can follow to pay (or approve).

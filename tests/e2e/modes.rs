@@ -816,6 +816,41 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// An approval prompt left unanswered tells the caller how to use the
+    /// payment in its tool's own mode, and that way works.
+    #[tokio::test]
+    async fn an_unanswered_approval_says_how_to_confirm_in_the_tools_mode() {
+        for mode in ["two_step", "dynamic_tools"] {
+            let t = InProcess::new(&pricing(mode, "").replace(
+                "approval_threshold = \"5.00\"",
+                "approval_threshold = \"0.02\"",
+            ))
+            .await;
+            t.env.topup("alice", "1.00").await;
+            let client = t
+                .connect(Some("alice"), t.client(Person::Ignores, Elicitation::Form), false)
+                .await;
+            let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
+            assert_eq!(error_code(&r), "payment_timeout", "{mode}: {r:?}");
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            t.env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+            let r = if mode == "two_step" {
+                assert!(text(&r).contains(&format!("call `confirm_divide_payment` with payment_id \"{id}\"")), "{}", text(&r));
+                call(&client, "confirm_divide_payment", json!({"payment_id": id})).await
+            } else {
+                assert!(text(&r).contains(&format!("call `confirm_{id}` (it takes no arguments)")), "{}", text(&r));
+                call(&client, &format!("confirm_{id}"), json!({})).await
+            };
+            assert_eq!(structured(&r), json!({"quotient": 0.5}), "{mode}: {r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+            assert_eq!(t.env.available("alice").await, "0.95");
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
+    }
+}
+
+on_both_backends! {
     #[tokio::test]
     async fn without_elicitation_an_approval_goes_through_the_checkout_session() {
         let t = InProcess::new(&approval_pricing()).await;
