@@ -269,6 +269,23 @@ impl Gate {
             Err(ProviderError::Store(StoreError::OverLimit(breach))) => {
                 Some(Gate::refused_by_limit(&intent.tool, &breach))
             }
+            // A provider that takes payments elsewhere (another tollgate's
+            // sessions API) cannot charge a wallet here: the approved
+            // payment is made at its checkout page instead.
+            Err(ProviderError::Unsupported(_)) => {
+                let mut body = required_body(opened);
+                body["status"] = json!("pending");
+                Some(reply::error(
+                    code::PAYMENT_REQUIRED,
+                    format!(
+                        "approved; payments here are taken by {}, not from wallets: pay at {}, then {}.",
+                        self.provider.name(),
+                        opened.url,
+                        self.redeem_hint(intent)
+                    ),
+                    reply::details(body),
+                ))
+            }
             Err(ProviderError::Store(e @ StoreError::InsufficientFunds { .. })) => {
                 let mut body = required_body(opened);
                 body["status"] = json!("pending");

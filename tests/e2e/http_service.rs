@@ -942,3 +942,51 @@ on_both_backends! {
         server.env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    /// A yes to an approval cannot charge a wallet here when payments are
+    /// taken by another tollgate: the approved payment is made at that
+    /// one's checkout page, and the call then runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_approval_with_a_remote_provider_is_paid_at_its_checkout() {
+        use tollgate::{
+            gate::{Catalog, GateSettings},
+            provider::sessions_api::SessionsApiProvider,
+            receipt::ReceiptSigner,
+            tools::demo::demo_tools,
+        };
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let key_for_a = b.key("tollgate-a", &["sessions:create", "sessions:read"]).await;
+        let pricing = crate::inproc::pricing("resubmit", "")
+            .replace("approval_threshold = \"5.00\"", "approval_threshold = \"0.02\"");
+        let env = Env::with_pricing(&pricing);
+        let config = config_for(&env, &pricing);
+        let store = app::open_store(&config.store_url, &config).await.expect("store");
+        let gate = Gate::new(
+            store,
+            Arc::new(SessionsApiProvider::new(&b.base, key_for_a).expect("provider")),
+            Catalog::build(&config, &[Arc::new(demo_tools())]).expect("catalog"),
+            ReceiptSigner::load_or_create(&app::receipt_key_path(&config)).expect("key"),
+            GateSettings::from_config(&config),
+        );
+        let a = crate::inproc::InProcess { env, gate: Arc::new(gate) };
+        a.env.topup("alice", "1.00").await;
+        let client = a.connect(Some("alice"), a.client(Person::Approves, Elicitation::Form), false).await;
+
+        let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;
+        assert_eq!(error_code(&r), "payment_required", "{r:?}");
+        assert!(text(&r).contains("approved; payments here are taken by sessions_api"), "{}", text(&r));
+        assert_eq!(a.env.available("alice").await, "1.00");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+        assert!(url.starts_with(&format!("{}/checkout/cs_", b.base)), "{url}");
+        let session = url.rsplit('/').next().unwrap();
+        assert_eq!(checkout_post(&b.base, session, &[("action", "settle")]).await.status(), 303);
+        let r = call(&client, "divide", json!({"a": 1, "b": 2, "payment_id": id})).await;
+        assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
