@@ -281,9 +281,23 @@ impl Gate {
         if let Some(payment_id) = dynamic_confirm_payment_id(name) {
             return Ok(self.dynamic_confirm(scope, name, payment_id).await.into());
         }
-        let entry = catalog
-            .get(name)
-            .ok_or_else(|| McpError::invalid_params(format!("unknown tool `{name}`"), None))?;
+        let Some(entry) = catalog.get(name) else {
+            // A tool no longer served (an upstream dropped it) may have been
+            // paid for: its payment id, redeemed, is refunded (`tool_gone`).
+            if let Some((tool, payment_id, args_hash)) = gone_tool_payment(name, &args)
+                && let Ok(Some(intent)) = self.store.intent(&payment_id).await
+                && intent.tool == tool
+            {
+                return Ok(self
+                    .redeem(scope, &payment_id, &tool, args_hash.as_deref())
+                    .await
+                    .into());
+            }
+            return Err(McpError::invalid_params(
+                format!("unknown tool `{name}`"),
+                None,
+            ));
+        };
         let Some(price) = &entry.price else {
             return Ok(self.run_tool(scope, entry, name, args).await.into());
         };
@@ -411,6 +425,29 @@ impl Gate {
                 "invalid argument `payment_id`: pass exactly {\"payment_id\": \"...\"}",
                 reply::details(json!({ "field": PAYMENT_ID_ARG })),
             ),
+        }
+    }
+}
+
+/// A call naming a tool the catalog no longer has, with a payment id: the
+/// tool, the id and (for a resubmit) the hash of the other arguments. Both
+/// ways of redeeming count: `confirm_<tool>_payment {payment_id}`, and the
+/// tool again with `payment_id`.
+fn gone_tool_payment(name: &str, args: &JsonObject) -> Option<(String, String, Option<String>)> {
+    let Some(Value::String(payment_id)) = args.get(PAYMENT_ID_ARG) else {
+        return None;
+    };
+    let confirmed = name
+        .strip_prefix("confirm_")
+        .and_then(|rest| rest.strip_suffix("_payment"))
+        .filter(|tool| !tool.is_empty() && args.len() == 1);
+    match confirmed {
+        Some(tool) => Some((tool.to_owned(), payment_id.clone(), None)),
+        None => {
+            let mut rest = args.clone();
+            rest.remove(PAYMENT_ID_ARG);
+            let hash = args_hash(&Value::Object(rest));
+            Some((name.to_owned(), payment_id.clone(), Some(hash)))
         }
     }
 }

@@ -642,32 +642,44 @@ on_both_backends! {
 on_both_backends! {
     #[tokio::test]
     async fn a_paid_call_whose_tool_is_gone_is_refunded_not_left_running() {
-        let t = InProcess::new(&pricing("dynamic_tools", "")).await;
-        t.env.topup("carol", "1.00").await;
-        let a = t
-            .connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false)
-            .await;
-        let r = call(&a, "echo", echo_args("gone")).await;
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-        t.env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
-        assert_eq!(t.env.available("carol").await, "0.99");
-        // As if an upstream had dropped the tool since the payment.
-        let renamed = tollgate::testing::execute(
-            &t.env.db,
-            &format!("UPDATE intents SET tool = 'vanished' WHERE id = '{id}'"),
-        )
-        .await
-        .unwrap();
-        assert_eq!(renamed, 1);
+        // Each mode's way of redeeming, with the tool gone from the catalog.
+        for mode in ["dynamic_tools", "two_step", "resubmit"] {
+            let t = InProcess::new(&pricing(mode, "")).await;
+            t.env.topup("carol", "1.00").await;
+            let a = t
+                .connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false)
+                .await;
+            let r = call(&a, "echo", echo_args("gone")).await;
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            t.env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+            assert_eq!(t.env.available("carol").await, "0.99");
+            // As if an upstream had dropped the tool since the payment.
+            let renamed = tollgate::testing::execute(
+                &t.env.db,
+                &format!("UPDATE intents SET tool = 'vanished' WHERE id = '{id}'"),
+            )
+            .await
+            .unwrap();
+            assert_eq!(renamed, 1);
 
-        let r = call(&a, &format!("confirm_{id}"), json!({})).await;
-        assert_eq!(error_code(&r), "tool_gone", "{r:?}");
-        assert_eq!(payment_meta(&r)["status"], "refunded");
-        let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
-        assert_eq!(intent.status.as_str(), "failed", "refunded, not left running");
-        assert_eq!(t.env.available("carol").await, "1.00");
-        a.cancel().await.ok();
-        t.env.assert_ledger_ok().await;
+            let r = match mode {
+                "dynamic_tools" => call(&a, &format!("confirm_{id}"), json!({})).await,
+                "two_step" => call(&a, "confirm_vanished_payment", json!({"payment_id": id})).await,
+                _ => call(&a, "vanished", json!({"text": "gone", "payment_id": id})).await,
+            };
+            assert_eq!(error_code(&r), "tool_gone", "{mode}: {r:?}");
+            assert_eq!(payment_meta(&r)["status"], "refunded");
+            let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
+            assert_eq!(intent.status.as_str(), "failed", "refunded, not left running");
+            assert_eq!(t.env.available("carol").await, "1.00");
+            // A name nobody serves, without a payment of it, is still unknown.
+            let unknown = a
+                .call_tool(rmcp::model::CallToolRequestParams::new("vanished"))
+                .await;
+            assert!(unknown.is_err(), "{unknown:?}");
+            a.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
     }
 }
 
