@@ -911,6 +911,15 @@ impl Config {
             .unwrap_or_else(|| format!("http://{}", self.http.listen))
     }
 
+    /// An error about the whole configuration (the tools it serves).
+    pub fn error(&self, message: String) -> ConfigError {
+        ConfigError {
+            file: self.source.clone(),
+            location: String::new(),
+            message,
+        }
+    }
+
     /// An error about one priced tool, pointing at its entry.
     pub fn tool_error(&self, tool: &ToolPrice, message: String) -> ConfigError {
         ConfigError {

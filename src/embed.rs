@@ -56,6 +56,8 @@ use crate::{
 /// [`Tollgate::from_pricing`].
 pub struct Tollgate {
     gate: Arc<Gate>,
+    /// `[server] max_message_bytes`: stdio's longest line.
+    max_message_bytes: usize,
 }
 
 /// Collects tools and settings for a [`Tollgate`].
@@ -96,11 +98,18 @@ impl Tollgate {
         TollgateServer::new(self.gate.clone(), caller)
     }
 
-    /// Serves MCP over stdio until the client goes away.
+    /// Serves MCP over stdio until the client goes away, behind the same
+    /// guard as `tollgate serve`: oversized, malformed and too deeply nested
+    /// lines get a JSON-RPC error and never reach the gate.
     pub async fn serve_stdio(&self, caller: Caller) -> Result<(), ServeError> {
+        let transport = crate::stdio_guard::guard(
+            crate::stdio::stdin(),
+            crate::stdio::stdout(),
+            self.max_message_bytes,
+        );
         let running = self
             .server(caller)
-            .serve(rmcp::transport::stdio())
+            .serve(transport)
             .await
             .map_err(|e| ServeError::Session(e.to_string()))?;
         running
@@ -150,6 +159,9 @@ impl TollgateBuilder {
         backends.extend(self.backends);
         backends.extend(app::upstreams(&self.config).await?);
         let gate = app::build_gate_with(&self.config, store, &backends).await?;
-        Ok(Tollgate { gate })
+        Ok(Tollgate {
+            gate,
+            max_message_bytes: self.config.max_message_bytes,
+        })
     }
 }

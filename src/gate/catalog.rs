@@ -215,6 +215,26 @@ impl Catalog {
                     }),
                 },
             };
+            if super::dynamic_confirm_payment_id(&name).is_some() {
+                return Err(config.error(format!(
+                    "tool `{name}` is named like the confirm tools dynamic_tools mode adds \
+                     (`confirm_pay_…`), so it could never be called: rename it"
+                )));
+            }
+            if let Some(price) = &price
+                && price.mode.resubmits()
+                && tool
+                    .input_schema
+                    .get("properties")
+                    .and_then(|p| p.get(PAYMENT_ID_ARG))
+                    .is_some()
+            {
+                return Err(config.error(format!(
+                    "tool `{name}` has its own `{PAYMENT_ID_ARG}` argument, which mode `{}` uses \
+                     for the payment: give it mode two_step or dynamic_tools",
+                    price.mode.as_str()
+                )));
+            }
             match &price {
                 None => listed.push(tool),
                 Some(price) => {
@@ -230,13 +250,9 @@ impl Catalog {
         }
         for confirm in confirms.keys() {
             if entries.contains_key(confirm) {
-                return Err(ConfigError {
-                    file: config.source.clone(),
-                    location: String::new(),
-                    message: format!(
-                        "tool `{confirm}` collides with the confirm tool tollgate adds"
-                    ),
-                });
+                return Err(config.error(format!(
+                    "tool `{confirm}` collides with the confirm tool tollgate adds"
+                )));
             }
         }
         listed.sort_by(|a, b| a.name.cmp(&b.name));

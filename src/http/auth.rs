@@ -41,11 +41,16 @@ impl IntoResponse for AuthError {
                 "forbidden",
                 format!("this API key lacks the `{scope}` scope"),
             ),
-            AuthError::Store(e) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("payment system unavailable: {e}"),
-            ),
+            // The store's own words stay in the log: they can name hosts,
+            // files and databases, and this answer goes to anyone.
+            AuthError::Store(e) => {
+                tracing::warn!("API key check: store unavailable: {e}");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "payment system unavailable; try again later".to_owned(),
+                )
+            }
         };
         let mut response =
             (status, Json(json!({ "error": error, "message": message }))).into_response();

@@ -193,10 +193,14 @@ async fn mcp_caller(
 async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
     match state.store.ping().await {
         Ok(()) => Json(json!({ "status": "ok" })).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable", "error": e.to_string() })),
-        )
-            .into_response(),
+        Err(e) => {
+            // Unauthenticated: the details go to the log only.
+            tracing::warn!("health check: store unavailable: {e}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "unavailable" })),
+            )
+                .into_response()
+        }
     }
 }

@@ -83,3 +83,52 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct WithPaymentId {
+    #[allow(dead_code)]
+    payment_id: String,
+}
+
+/// A tool the gate could never route to (named like a dynamic confirm
+/// tool), or whose own `payment_id` argument a resubmitting mode would take
+/// for the payment, is refused at start, naming it.
+#[tokio::test]
+async fn tools_that_clash_with_the_gates_names_are_refused_at_start() {
+    let build = async |pricing: &str, name: &'static str| {
+        let env = Env::with_pricing(pricing);
+        let text = format!(
+            "{pricing}\n[receipts]\nkey_file = \"{}\"\n",
+            env.key.display()
+        );
+        tollgate::Tollgate::from_pricing(&text)
+            .expect("pricing")
+            .tool(name, "A tool.", |_: WithPaymentId| async { "ok" })
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let error = build(
+        "[server]\nname = \"t\"\ncurrency = \"USD\"\n",
+        "confirm_pay_0123456789",
+    )
+    .await;
+    assert!(
+        error.contains("`confirm_pay_0123456789` is named like the confirm tools"),
+        "{error}"
+    );
+    let priced = "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n[[tools]]\nname = \"lookup\"\nprice = \"0.01\"\n";
+    let error = build(priced, "lookup").await;
+    assert!(
+        error.contains("`lookup` has its own `payment_id` argument"),
+        "{error}"
+    );
+    let error = build(&priced.replace("resubmit", "two_step"), "lookup").await;
+    assert!(
+        error.is_empty(),
+        "two_step takes no payment_id from the tool's arguments: {error}"
+    );
+}

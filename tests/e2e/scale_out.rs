@@ -241,6 +241,11 @@ async fn postgres_going_away_under_load_loses_no_charge_and_runs_nothing_unpaid(
     let (health, _stop) = serve_gate(config, tollgate.gate().clone()).await;
     let response = reqwest::get(format!("{health}/healthz")).await.unwrap();
     assert_eq!(response.status(), 503);
+    let said = response.text().await.unwrap();
+    assert!(
+        !said.contains(&name),
+        "the store's details stay in the log: {said}"
+    );
     let before = runs.load(Ordering::SeqCst);
     let r = crate::harness::call(&clients[0], "count", json!({})).await;
     assert_eq!(error_code(&r), "payment_system_unavailable");
