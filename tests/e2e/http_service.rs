@@ -884,6 +884,17 @@ on_both_backends! {
                 "params": {"name": "echo", "arguments": {"text": "hi"}, "requestState": kates_id}})).unwrap())
             .await;
         assert!(forged.1.contains("\"isError\":true"), "{forged:?}");
+        // judy's session is judy's: kate's key with its id is refused.
+        let hijack = RawSession { key: kate.clone(), ..raw };
+        for request in [
+            json!({"jsonrpc": "2.0", "id": 21, "method": "tools/list"}),
+            json!({"jsonrpc": "2.0", "id": 22, "method": "tools/call",
+                   "params": {"name": "echo", "arguments": {"text": "hi"}}}),
+        ] {
+            let (_, text) = hijack.send(serde_json::to_vec(&request).unwrap()).await;
+            assert!(text.contains("opened with another API key"), "{text}");
+            assert!(!text.contains("\"tools\"") && !text.contains("\"result\""), "{text}");
+        }
 
         // Still answering, and nothing moved but what was asked: the one
         // echo of the long string, paid from judy's wallet.
