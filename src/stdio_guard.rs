@@ -206,21 +206,43 @@ fn depth(text: &str) -> usize {
 }
 
 /// A request's id, read leniently from a message that is not valid as a
-/// whole (`"id": 7` or `"id": "abc"` at the top level), so that its sender
-/// gets its answer; else null.
+/// whole (`"id": 7` or `"id": "abc"` as a key of the top-level object, not
+/// one inside its params or a string), so that its sender gets its answer;
+/// else null.
 fn id_of(text: &str) -> Value {
-    let Some(at) = text.find("\"id\"") else {
-        return Value::Null;
-    };
-    let rest = text[at + 4..].trim_start();
-    let Some(rest) = rest.strip_prefix(':') else {
-        return Value::Null;
-    };
-    let mut stream = serde_json::Deserializer::from_str(rest.trim_start()).into_iter::<Value>();
-    match stream.next() {
-        Some(Ok(id @ (Value::Number(_) | Value::String(_)))) => id,
-        _ => Value::Null,
+    let bytes = text.as_bytes();
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (at, &b) in bytes.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' if depth == 1 && bytes[at..].starts_with(b"\"id\"") => {
+                let rest = text[at + 4..].trim_start();
+                if let Some(value) = rest.strip_prefix(':') {
+                    return match serde_json::Deserializer::from_str(value.trim_start())
+                        .into_iter::<Value>()
+                        .next()
+                    {
+                        Some(Ok(id @ (Value::Number(_) | Value::String(_)))) => id,
+                        _ => Value::Null,
+                    };
+                }
+                in_string = true;
+            }
+            b'"' => in_string = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
+    Value::Null
 }
 
 #[cfg(test)]
@@ -245,6 +267,15 @@ mod tests {
         assert_eq!(
             code(br#"{"id":"a","x":[[["#),
             Some((PARSE_ERROR, json!("a")))
+        );
+        // The request's own id, not one in its arguments or in a string.
+        assert_eq!(
+            code(br#"{"params":{"id":"theirs","x":"\"id\": 9"},"id":5,"#),
+            Some((PARSE_ERROR, json!(5)))
+        );
+        assert_eq!(
+            code(br#"{"params":{"id":"theirs"},"#),
+            Some((PARSE_ERROR, Value::Null))
         );
         assert_eq!(code(b"42"), Some((INVALID_REQUEST, Value::Null)));
         assert_eq!(code(&[b' '; 101]), Some((INVALID_REQUEST, Value::Null)));
