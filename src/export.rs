@@ -3,7 +3,7 @@
 //! reconcile payouts in their own tools. Amounts are exact decimal strings,
 //! signed (positive is money into the account).
 
-use std::io::Write;
+use std::{borrow::Cow, io::Write};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -57,46 +57,60 @@ struct Row<'a> {
     time: String,
     kind: &'a str,
     account_kind: Option<&'static str>,
-    account: Option<&'a str>,
+    account: Option<Cow<'a, str>>,
     currency: &'a str,
     amount: String,
     role: Option<&'a str>,
-    tool: Option<&'a str>,
+    tool: Option<Cow<'a, str>>,
     payment_id: Option<&'a str>,
     intent_id: Option<&'a str>,
-    payer: Option<&'a str>,
-    beneficiary: Option<&'a str>,
-    agent: Option<&'a str>,
+    payer: Option<Cow<'a, str>>,
+    beneficiary: Option<Cow<'a, str>>,
+    agent: Option<Cow<'a, str>>,
     approval: Option<&'static str>,
-    approved_by: Option<&'a str>,
+    approved_by: Option<Cow<'a, str>>,
     approved_at: Option<String>,
-    memo: Option<&'a str>,
+    memo: Option<Cow<'a, str>>,
     /// JSON text; JSON lines carry it as an object.
     metadata: Option<&'a str>,
 }
 
+/// A text a caller (or an operator) chose, as a CSV cell: one that a
+/// spreadsheet would take for a formula (`=`, `+`, `-`, `@`, a tab or a
+/// carriage return first) is written after a `'`, so opening an export
+/// runs nothing. JSON lines carry the text as it is.
+fn cell(text: Option<&str>, csv: bool) -> Option<Cow<'_, str>> {
+    text.map(|text| {
+        if csv && text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            Cow::Owned(format!("'{text}"))
+        } else {
+            Cow::Borrowed(text)
+        }
+    })
+}
+
 impl<'a> Row<'a> {
-    fn of(line: &'a StatementLine) -> Self {
+    fn of(line: &'a StatementLine, csv: bool) -> Self {
         let approval = line.approval.as_ref();
         Self {
             txn_id: &line.txn_id,
             time: rfc3339(line.at),
             kind: &line.kind,
             account_kind: line.account.as_ref().map(|(k, _)| k.as_str()),
-            account: line.account.as_ref().map(|(_, n)| n.as_str()),
+            account: cell(line.account.as_ref().map(|(_, n)| n.as_str()), csv),
             currency: line.currency.as_str(),
             amount: format_signed(line.amount),
             role: line.role.as_deref(),
-            tool: line.tool.as_deref(),
+            tool: cell(line.tool.as_deref(), csv),
             payment_id: line.payment_id.as_deref(),
             intent_id: line.intent_id.as_deref(),
-            payer: line.payer.as_deref(),
-            beneficiary: line.beneficiary.as_deref(),
-            agent: line.origin.agent.as_deref(),
+            payer: cell(line.payer.as_deref(), csv),
+            beneficiary: cell(line.beneficiary.as_deref(), csv),
+            agent: cell(line.origin.agent.as_deref(), csv),
             approval: approval.map(|a| a.status.as_str()),
-            approved_by: approval.and_then(|a| a.by.as_deref()),
+            approved_by: cell(approval.and_then(|a| a.by.as_deref()), csv),
             approved_at: approval.and_then(|a| a.at).map(rfc3339),
-            memo: line.memo.as_deref(),
+            memo: cell(line.memo.as_deref(), csv),
             metadata: line.origin.metadata.as_deref(),
         }
     }
@@ -115,7 +129,7 @@ pub fn write(
         Format::Csv => {
             let mut csv = csv::Writer::from_writer(out);
             for line in kept {
-                csv.serialize(Row::of(line))?;
+                csv.serialize(Row::of(line, true))?;
                 count += 1;
             }
             csv.flush()?;
@@ -123,7 +137,7 @@ pub fn write(
         Format::Jsonl => {
             let mut out = out;
             for line in kept {
-                let mut row = serde_json::to_value(Row::of(line))?;
+                let mut row = serde_json::to_value(Row::of(line, false))?;
                 row["metadata"] = line.origin.metadata_value().unwrap_or(Value::Null);
                 serde_json::to_writer(&mut out, &row)?;
                 out.write_all(b"\n")?;
@@ -216,5 +230,33 @@ mod tests {
         assert_eq!(rows[0]["agent"], "claude-code/1.0");
         assert_eq!(rows[1]["amount"], "-0.10");
         assert_eq!(rows[1]["metadata"], Value::Null);
+    }
+
+    /// A caller's text that a spreadsheet would run as a formula is written
+    /// as text in CSV (after a `'`), and as it is in JSON lines; amounts,
+    /// negative ones too, stay numbers.
+    #[test]
+    fn csv_cells_that_look_like_formulas_are_written_as_text() {
+        let mut hostile = line("platform", -100_000, None);
+        hostile.origin.agent = Some("=HYPERLINK(\"http://x\")".into());
+        hostile.memo = Some("@SUM(A1)".into());
+        let mut out = Vec::new();
+        write(
+            &[hostile.clone()],
+            &Selection::default(),
+            Format::Csv,
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let row = text.lines().nth(1).unwrap();
+        assert!(row.contains(",-0.10,"), "{row}");
+        assert!(row.contains(r#""'=HYPERLINK(""http://x"")""#), "{row}");
+        assert!(row.contains(",'@SUM(A1),"), "{row}");
+        let mut out = Vec::new();
+        write(&[hostile], &Selection::default(), Format::Jsonl, &mut out).unwrap();
+        let row: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(row["agent"], "=HYPERLINK(\"http://x\")");
+        assert_eq!(row["memo"], "@SUM(A1)");
     }
 }

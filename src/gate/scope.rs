@@ -118,7 +118,15 @@ impl CallScope<'_> {
                 .map(|info| format!("{}/{}", info.name, info.version)),
             Some(_) => return Err(format!("_meta[\"{AGENT_META}\"] must be a string")),
         }
-        .map(|agent| agent.chars().take(AGENT_MAX_CHARS).collect());
+        // Control characters dropped: the id is shown in statements and
+        // exports, where an escape or a line break would forge output.
+        .map(|agent| {
+            agent
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(AGENT_MAX_CHARS)
+                .collect()
+        });
         let metadata = match meta(METADATA_META) {
             None | Some(Value::Null) => None,
             Some(value @ Value::Object(_)) => {

@@ -202,6 +202,13 @@ on_both_backends! {
         let r = call_with_meta(&client, "echo", echo_args("odd"), json!({ "tollgate/metadata": "order 42" })).await;
         assert_eq!(error_code(&r), "invalid_arguments");
         assert_eq!(env.available("alice").await, "0.98");
+        // Control characters in an agent id (a terminal escape, a line
+        // break) are dropped: a statement shows it as text, on its line.
+        let sneaky = json!({ "tollgate/agent": "bot\u{1b}[2J\nfake line" });
+        assert_eq!(payment_meta(&call_with_meta(&client, "echo", echo_args("s"), sneaky).await)["status"], "paid");
+        let statement = env.ok(&["ledger", "statement", "--wallet", "alice"]).await;
+        assert!(statement.contains("agent bot[2Jfake line; auto-approved"), "{statement}");
+        assert!(!statement.contains('\u{1b}'), "{statement}");
         client.cancel().await.ok();
         env.assert_ledger_ok().await;
     }
