@@ -19,6 +19,9 @@ use crate::{
     terms::{Fee, FeeAccounts, Terms},
 };
 
+/// The longest duration a setting may take (ten years).
+const LONGEST_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 #[derive(Debug, thiserror::Error)]
 #[error("{file}{location}: {message}")]
 pub struct ConfigError {
@@ -331,7 +334,7 @@ struct RawApproval {
     #[serde(default)]
     principal: Option<String>,
     #[serde(default)]
-    tool: Option<String>,
+    tool: Option<Spanned<String>>,
     #[serde(default)]
     tag: Option<Spanned<String>>,
     threshold: Spanned<String>,
@@ -546,8 +549,16 @@ impl Config {
         {
             None => Ok(default),
             Some(s) => match humantime::parse_duration(s.get_ref()) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                Ok(_) => Err(err(Some(s.span()), format!("{field}: must be above zero"))),
+                Ok(d) if d.is_zero() => {
+                    Err(err(Some(s.span()), format!("{field}: must be above zero")))
+                }
+                // Times are kept as milliseconds in an i64: far beyond
+                // this, a deadline would wrap into the past.
+                Ok(d) if d > LONGEST_DURATION => Err(err(
+                    Some(s.span()),
+                    format!("{field}: must be at most 3650 days"),
+                )),
+                Ok(d) => Ok(d),
                 Err(e) => Err(err(
                     Some(s.span()),
                     format!(
@@ -567,6 +578,14 @@ impl Config {
             &raw.server.instance_lease,
             Duration::from_secs(30),
         )?;
+        if instance_lease < Duration::from_secs(1) {
+            // Renewed every third of it: much shorter and one slow write
+            // lets it lapse, and other instances release its live holds.
+            return Err(err(
+                raw.server.instance_lease.as_ref().map(|s| s.span()),
+                "server.instance_lease: must be at least 1s".into(),
+            ));
+        }
         let keep_results = duration(
             "server.keep_results",
             &raw.server.keep_results,
@@ -657,7 +676,16 @@ impl Config {
             allowed_hosts: h.allowed_hosts.clone().unwrap_or(defaults.allowed_hosts),
             allowed_origins: h.allowed_origins.clone().unwrap_or_default(),
             anonymous_mcp: h.anonymous_mcp,
-            max_body_bytes: h.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            max_body_bytes: match h.max_body_bytes {
+                None => defaults.max_body_bytes,
+                Some(n) if n >= 1024 => n,
+                Some(n) => {
+                    return Err(err(
+                        None,
+                        format!("http.max_body_bytes: {n} is below the least, 1024"),
+                    ));
+                }
+            },
             request_timeout: duration(
                 "http.request_timeout",
                 &h.request_timeout,
@@ -839,9 +867,20 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(tool) = &a.tool
+                && !tools.iter().any(|t| &t.name == tool.get_ref())
+            {
+                return Err(err(
+                    Some(tool.span()),
+                    format!(
+                        "{name}.tool: `{}` is not a priced tool in [[tools]]",
+                        tool.get_ref()
+                    ),
+                ));
+            }
             rules.push(ApprovalRule {
                 principal: a.principal.clone(),
-                tool: a.tool.clone(),
+                tool: a.tool.as_ref().map(|t| t.get_ref().clone()),
                 tag: a.tag.as_ref().map(|t| t.get_ref().clone()),
                 threshold,
                 name,
@@ -1141,6 +1180,47 @@ mode = "resubmit"
                 .starts_with("p.toml:7: tools[0].price of `echo`: per_unit: `x` is not a decimal")
         );
         assert!(error_for("price = \"0.0000001\"").contains("decimal places"));
+    }
+
+    /// Settings that would misbehave at run time are refused at start: a
+    /// duration whose deadline would wrap past i64 milliseconds, a lease
+    /// too short to be renewed in time, an approval rule for a tool that
+    /// is not priced (it would never apply).
+    #[test]
+    fn durations_leases_and_approval_tools_are_bounded() {
+        let with = |server: &str, rest: &str| {
+            let text = format!(
+                "[server]\nname = \"t\"\ncurrency = \"USD\"\n{server}\n\n\
+                 [[tools]]\nname = \"echo\"\nprice = \"0.01\"\n{rest}"
+            );
+            Config::parse(&text, "p.toml")
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        let e = with("payment_ttl = \"300000000000h\"", "").unwrap_err();
+        assert!(
+            e.starts_with("p.toml:4: server.payment_ttl: must be at most 3650 days"),
+            "{e}"
+        );
+        assert!(with("payment_ttl = \"3650days\"", "").is_ok());
+        let e = with("instance_lease = \"200ms\"", "").unwrap_err();
+        assert!(
+            e.starts_with("p.toml:4: server.instance_lease: must be at least 1s"),
+            "{e}"
+        );
+        assert!(with("instance_lease = \"1s\"", "").is_ok());
+        let rule = |tool: &str| format!("\n[[approvals]]\ntool = \"{tool}\"\nthreshold = \"1\"\n");
+        let e = with("", &rule("eccho")).unwrap_err();
+        assert!(
+            e.contains("approvals[0].tool: `eccho` is not a priced tool in [[tools]]"),
+            "{e}"
+        );
+        assert!(with("", &rule("echo")).is_ok());
+        let e = with("", "\n[http]\nmax_body_bytes = 0\n").unwrap_err();
+        assert!(
+            e.contains("http.max_body_bytes: 0 is below the least, 1024"),
+            "{e}"
+        );
     }
 
     #[test]
