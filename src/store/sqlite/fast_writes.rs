@@ -454,6 +454,13 @@ fn run_batch<'a>(
     conn: &Connection,
     batch: impl ExactSizeIterator<Item = &'a FastWrite>,
 ) -> rusqlite::Result<Vec<Outcome>> {
+    if !conn.is_autocommit() {
+        // A transaction left open (a write that panicked, a COMMIT and a
+        // ROLLBACK that both failed) would swallow every later write: a lone
+        // write would be answered as done inside it and never committed.
+        tracing::warn!("the writer's connection had a transaction left open: rolled back");
+        control(conn, "ROLLBACK")?;
+    }
     let mut batch = batch.peekable();
     if batch.len() == 1
         && let Some(write) = batch.next_if(|write| !matches!(write, FastWrite::Op(_)))
@@ -612,6 +619,37 @@ mod tests {
         );
         let wallet = &store.balances("w").await.unwrap()[0];
         assert_eq!((wallet.held, wallet.available), (Units(60), Units(40)));
+    }
+
+    /// A transaction left open on the writer's connection (here by hand, as
+    /// a write that panicked would leave it) is rolled back before the next
+    /// batch: the lone write after it is committed, not answered as done
+    /// inside a transaction nobody ends, and later batches can begin.
+    #[tokio::test]
+    async fn a_transaction_left_open_is_rolled_back_before_the_next_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = funded_store(&dir).await;
+        let conn = open(&dir.path().join("t.db"), Synchronous::Normal).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(
+            run_batch(&conn, std::iter::once(&hold("h1", 10))).unwrap()[0]
+                .as_ref()
+                .is_ok_and(|held| *held)
+        );
+        assert!(conn.is_autocommit(), "no transaction left open");
+        assert_eq!(
+            store.balances("w").await.unwrap()[0].held,
+            Units(10),
+            "committed and visible to other connections"
+        );
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let writes = [hold("h2", 10), hold("h3", 10)];
+        let outcomes = run_batch(&conn, writes.iter()).unwrap();
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Ok(true))),
+            "{outcomes:?}"
+        );
+        assert_eq!(store.balances("w").await.unwrap()[0].held, Units(30));
     }
 
     /// A call dropped while its write waits leaves the write to the next
