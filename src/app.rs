@@ -1,7 +1,14 @@
 //! Assembling a running tollgate from a config: store, provider, catalog,
 //! receipt signer and gate. Shared by the binary, the tests and the bench.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use crate::{
     config::{Config, ConfigError, ProviderKind},
@@ -44,6 +51,15 @@ pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, Ap
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Ok(Arc::new(PgStore::connect(url, &config.pool).await?));
     }
+    let url = sqlite_url(url)?;
+    Ok(Arc::new(
+        SqliteStore::connect(&url, config.synchronous).await?,
+    ))
+}
+
+/// The `sqlite:` URL a store URL that is not PostgreSQL's names (a bare
+/// path is a file).
+fn sqlite_url(url: &str) -> Result<String, AppError> {
     let url = if url.contains("://") || url.starts_with("sqlite:") {
         url.to_owned()
     } else {
@@ -52,9 +68,18 @@ pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, Ap
     if !url.starts_with("sqlite:") {
         return Err(AppError::UnsupportedStore(url));
     }
-    Ok(Arc::new(
-        SqliteStore::connect(&url, config.synchronous).await?,
-    ))
+    Ok(url)
+}
+
+/// The file a SQLite store URL names, if it names one (not PostgreSQL, not
+/// an in-memory database).
+pub fn sqlite_file(url: &str) -> Option<PathBuf> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") || url.contains("memory")
+    {
+        return None;
+    }
+    let options: sqlx::sqlite::SqliteConnectOptions = sqlite_url(url).ok()?.parse().ok()?;
+    Some(options.get_filename().to_owned())
 }
 
 /// Where the receipt key lives: `TOLLGATE_RECEIPT_KEY`, the config, or the
@@ -150,42 +175,72 @@ impl Upkeep {
 }
 
 /// Registers this instance (before any call can open a hold in its name)
-/// and then, until the gate is dropped, every third of the lease:
-/// renews the lease; expires holds, intents and dynamic confirm tools past
-/// their time; recovers what dead instances left (src/gate/recovery.rs,
-/// also the start-up recovery pass); and prunes what is kept only for a
-/// while. Safe on several processes at once: each step is a conditional
-/// update.
+/// and keeps its lease renewed, every third of it, on a timer of its own:
+/// a long upkeep pass (a large backlog to refund, a slow store) must not
+/// let it lapse, or other instances would take this one's live holds for a
+/// dead one's and release them. Until the gate is dropped, every third of
+/// the lease, upkeep also expires holds, intents and dynamic confirm tools
+/// past their time; recovers what dead instances left
+/// (src/gate/recovery.rs, also the start-up recovery pass); and prunes
+/// what is kept only for a while. Safe on several processes at once: each
+/// step is a conditional update.
 pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) {
-    let registered = heartbeat(gate.store().as_ref(), upkeep.lease).await;
+    let lease = Lease::default();
+    lease.renew(gate.store().as_ref(), upkeep.lease).await;
     let weak = Arc::downgrade(gate);
+    tokio::spawn({
+        let (weak, lease) = (weak.clone(), lease.clone());
+        async move {
+            loop {
+                // A failed renewal is tried again soon: until it lands,
+                // this instance's holds are not covered by a lease.
+                let wait = if lease.held() {
+                    upkeep.every()
+                } else {
+                    RENEW_RETRY.min(upkeep.every())
+                };
+                tokio::time::sleep(wait).await;
+                let Some(gate) = weak.upgrade() else { break };
+                lease.renew(gate.store().as_ref(), upkeep.lease).await;
+            }
+        }
+    });
     tokio::spawn(async move {
-        let mut alive = registered;
         while let Some(gate) = weak.upgrade() {
-            upkeep_pass(&gate, upkeep, alive).await;
+            upkeep_pass(&gate, upkeep, lease.held()).await;
             drop(gate);
             tokio::time::sleep(upkeep.every()).await;
-            let Some(gate) = weak.upgrade() else { break };
-            alive = heartbeat(gate.store().as_ref(), upkeep.lease).await;
         }
     });
 }
 
-/// Renews this instance's lease; false (logged) if it could not.
-async fn heartbeat(store: &dyn Store, lease: Duration) -> bool {
-    let now = now_ms();
-    match store.heartbeat(now, now + lease.as_millis() as i64).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!("could not renew this instance's lease: {e}");
-            false
+/// How soon a lease renewal that failed is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+
+/// Until when this instance's lease was last renewed (ms since the epoch;
+/// 0 before the first renewal lands).
+#[derive(Clone, Default)]
+struct Lease(Arc<AtomicI64>);
+
+impl Lease {
+    /// Renews this instance's lease; logged if it could not.
+    async fn renew(&self, store: &dyn Store, lease: Duration) {
+        let now = now_ms();
+        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        match store.heartbeat(now, until).await {
+            Ok(()) => self.0.store(until, Ordering::Release),
+            Err(e) => tracing::warn!("could not renew this instance's lease: {e}"),
         }
+    }
+
+    /// Whether the lease runs now.
+    fn held(&self) -> bool {
+        self.0.load(Ordering::Acquire) > now_ms()
     }
 }
 
 /// One round of upkeep. Recovery runs only while this instance's own lease
-/// was just renewed: otherwise it could take its own calls for a dead
-/// instance's.
+/// runs: otherwise it could take its own calls for a dead instance's.
 async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, alive: bool) {
     gate.dynamic_tools().prune_expired().await;
     let store = gate.store();

@@ -94,6 +94,7 @@ enum Command {
 enum WalletCommand {
     /// Adds prepaid credit.
     Topup {
+        #[arg(value_parser = wallet_name)]
         wallet: String,
         amount: String,
         /// Defaults to the server's currency.
@@ -101,15 +102,27 @@ enum WalletCommand {
         currency: Option<String>,
         #[arg(long)]
         memo: Option<String>,
+        /// A top-up is made once per key: the same command again (say,
+        /// after a lost connection) credits nothing more. Left out, every
+        /// run credits.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Balance, held and available amounts.
-    Balance { wallet: String },
+    Balance {
+        #[arg(value_parser = wallet_name)]
+        wallet: String,
+    },
     /// Every entry on the wallet.
-    Statement { wallet: String },
+    Statement {
+        #[arg(value_parser = wallet_name)]
+        wallet: String,
+    },
     /// Shows a wallet's spending limits, or changes them: a per-call
     /// maximum, daily and monthly caps (UTC days and months), and the tools
     /// it may pay for. Amounts, or `none`; what is not given stays.
     Limits {
+        #[arg(value_parser = wallet_name)]
         wallet: String,
         /// Defaults to the server's currency.
         #[arg(long)]
@@ -126,6 +139,15 @@ enum WalletCommand {
     },
 }
 
+/// A wallet is named as the server names its principal: trimmed, and not
+/// empty (` alice` is alice, not a wallet of its own).
+fn wallet_name(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" => Err("a wallet name cannot be empty".into()),
+        name => Ok(name.to_owned()),
+    }
+}
+
 #[derive(Subcommand)]
 enum SessionsCommand {
     /// The most recent sessions.
@@ -136,7 +158,7 @@ enum SessionsCommand {
     /// Pays a pending session: from a wallet with --from, else settles it in dev mode.
     Pay {
         id: String,
-        #[arg(long)]
+        #[arg(long, value_parser = wallet_name)]
         from: Option<String>,
     },
     /// Cancels a pending session.
@@ -189,7 +211,7 @@ enum LedgerCommand {
 /// Which part of the ledger a statement or an export covers.
 #[derive(clap::Args)]
 struct LedgerSelection {
-    #[arg(long, conflicts_with = "beneficiary")]
+    #[arg(long, conflicts_with = "beneficiary", value_parser = wallet_name)]
     wallet: Option<String>,
     /// A tool author's revenue account (or platform, commissions, rounding).
     #[arg(long)]
@@ -286,9 +308,45 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+impl Command {
+    /// Whether the command only reads the store.
+    fn reads_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Wallet {
+                command: WalletCommand::Balance { .. } | WalletCommand::Statement { .. }
+            } | Command::Sessions {
+                command: SessionsCommand::List { .. }
+            } | Command::Keys {
+                command: KeysCommand::List
+            } | Command::Ledger { .. }
+        )
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let config = load_config(cli.config.as_ref())?;
+    if let Command::Receipt {
+        command: ReceiptCommand::Verify { receipt },
+    } = &cli.command
+    {
+        // The key only: the store is not opened (or created).
+        verify_receipt(&config, receipt)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let db = cli.db.clone().unwrap_or_else(|| config.store_url.clone());
+    if cli.command.reads_only()
+        && let Some(file) = app::sqlite_file(&db)
+        && !file.exists()
+    {
+        // Opening it would create it: a mistyped --db would show empty
+        // wallets and a sound ledger.
+        bail!(
+            "no database at {}: nothing was ever recorded there (check --db, TOLLGATE_DB or \
+             [store] url)",
+            file.display()
+        );
+    }
     let store = app::open_store(&db, &config)
         .await
         .with_context(|| format!("opening store {db}"))?;
@@ -314,8 +372,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .map(|a| Units::parse(a).with_context(|| format!("amount `{a}`")))
                 .transpose()?;
             let request = RefundRequest {
+                // On the amount as parsed: `0.5` and `0.50` are one refund.
                 idempotency_key: idempotency_key.unwrap_or_else(|| {
-                    format!("{payment_id}:{}", amount.as_deref().unwrap_or("rest"))
+                    let amount = units.map_or_else(|| "rest".into(), format_amount);
+                    format!("{payment_id}:{amount}")
                 }),
                 payment_id,
                 amount: units,
@@ -376,14 +436,18 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Receipt {
             command: ReceiptCommand::Verify { receipt },
-        } => {
-            let signer = ReceiptSigner::load_or_create(&app::receipt_key_path(&config))?;
-            let claims = signer.verify(&receipt)?;
-            println!("valid receipt");
-            println!("{}", serde_json::to_string_pretty(&claims)?);
-        }
+        } => verify_receipt(&config, &receipt)?,
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Checks a receipt with the server's key, which must exist.
+fn verify_receipt(config: &Config, receipt: &str) -> anyhow::Result<()> {
+    let signer = ReceiptSigner::load(&app::receipt_key_path(config))?;
+    let claims = signer.verify(receipt)?;
+    println!("valid receipt");
+    println!("{}", serde_json::to_string_pretty(&claims)?);
+    Ok(())
 }
 
 async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> anyhow::Result<()> {
@@ -515,6 +579,7 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             amount,
             currency,
             memo,
+            idempotency_key,
         } => {
             let currency = match currency {
                 Some(c) => Currency::parse(&c)?,
@@ -524,13 +589,21 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             if units.is_zero() {
                 bail!("amount must be above zero");
             }
-            let posted = store
-                .topup(&AccountRef::wallet(&wallet, &currency), units, memo)
-                .await?;
+            let key = idempotency_key.as_deref().map(str::trim);
+            if key == Some("") {
+                bail!("an idempotency key cannot be empty");
+            }
+            let wallet_ref = AccountRef::wallet(&wallet, &currency);
+            let topped = store.topup_with_key(&wallet_ref, units, memo, key).await?;
             println!(
-                "topped up {wallet} with {} {currency} ({})",
+                "{} {wallet} with {} {currency} ({})",
+                if topped.replayed {
+                    "already topped up"
+                } else {
+                    "topped up"
+                },
                 format_amount(units),
-                posted.txn_id
+                topped.posted.txn_id
             );
             print_balances(store, &wallet).await?;
         }

@@ -21,6 +21,11 @@ pub enum ReceiptError {
     },
     #[error("receipt key file {0} is not 64 hex characters")]
     BadKey(PathBuf),
+    #[error(
+        "no receipt key at {0}: a receipt is checked with the key that signed it (set \
+         TOLLGATE_RECEIPT_KEY or [receipts] key_file to the server's)"
+    )]
+    NoKey(PathBuf),
     #[error("malformed receipt: {0}")]
     Malformed(&'static str),
     #[error("receipt signature does not match: it was altered or signed with another key")]
@@ -55,6 +60,21 @@ pub struct ReceiptSigner {
 impl ReceiptSigner {
     pub fn from_key(key: [u8; 32]) -> Self {
         Self { key }
+    }
+
+    /// Loads an existing key; checking a receipt with a key made up for the
+    /// occasion could only ever say "does not match".
+    pub fn load(path: &Path) -> Result<Self, ReceiptError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_hex(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(ReceiptError::NoKey(path.to_owned()))
+            }
+            Err(source) => Err(ReceiptError::KeyFile {
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     /// Loads the key, creating it (mode 0600) on first run.

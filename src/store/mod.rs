@@ -338,6 +338,21 @@ pub struct Posted {
     pub at: i64,
 }
 
+/// A top-up's transaction, and whether an earlier one with its key made it.
+#[derive(Debug, Clone)]
+pub struct ToppedUp {
+    pub posted: Posted,
+    pub replayed: bool,
+}
+
+/// The transaction id of the top-up made with an idempotency key: the key
+/// itself (hashed) is what makes it once, through the id's uniqueness.
+pub fn topup_txn_id(idempotency_key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(idempotency_key.as_bytes());
+    format!("txn_topup_{}", hex::encode(&digest[..16]))
+}
+
 #[derive(Debug, Clone)]
 pub struct WalletBalance {
     pub currency: Currency,
@@ -661,7 +676,23 @@ pub trait Store: Send + Sync + 'static {
         wallet: &AccountRef,
         amount: Units,
         memo: Option<String>,
-    ) -> Result<Posted, StoreError>;
+    ) -> Result<Posted, StoreError> {
+        Ok(self
+            .topup_with_key(wallet, amount, memo, None)
+            .await?
+            .posted)
+    }
+    /// Credits a wallet, at most once per idempotency key when one is
+    /// given: the same key again (a retry after a lost answer) for the same
+    /// wallet and amount posts nothing and answers with the first top-up,
+    /// `replayed`; for another wallet or amount it is refused.
+    async fn topup_with_key(
+        &self,
+        wallet: &AccountRef,
+        amount: Units,
+        memo: Option<String>,
+        idempotency_key: Option<&str>,
+    ) -> Result<ToppedUp, StoreError>;
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError>;
     /// One account's entries, oldest first, in every currency.
     async fn statement(

@@ -15,8 +15,8 @@ use crate::{
 use super::{
     AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, Cursor, HoldOutcome,
     HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession, Posted, Pruned, RefundRequest,
-    Refunded, SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, VerifyReport,
-    WalletBalance, WalletLimits, new_txn_id, now_ms,
+    Refunded, SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, ToppedUp,
+    VerifyReport, WalletBalance, WalletLimits, new_txn_id, now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
         settled_capture,
@@ -472,13 +472,39 @@ where
     }
 
     /// A top-up from `source_id` into `wallet_id`, in `tx`, committed.
+    /// A top-up; `once`: its id was made from an idempotency key, and a
+    /// transaction with that id already there is the same top-up again.
     pub async fn topup(
         mut tx: impl Tx,
         wallet_id: i64,
         source_id: i64,
         header: TxnHeader<'_>,
-    ) -> Result<Posted, StoreError> {
+        once: bool,
+    ) -> Result<ToppedUp, StoreError> {
         let amount = header.amount.0;
+        if once {
+            let id = header.id.as_str();
+            if let Some(earlier) = tx
+                .fetch_optional(statement!(sql::TOPUP, id, wallet_id))
+                .await?
+            {
+                if earlier.opt_int("credited")? != Some(amount) {
+                    return Err(StoreError::Invalid(
+                        "this idempotency key was used for another top-up (another wallet or \
+                         amount)"
+                            .into(),
+                    ));
+                }
+                let posted = Posted {
+                    txn_id: header.id,
+                    at: earlier.int("created_at")?,
+                };
+                return Ok(ToppedUp {
+                    posted,
+                    replayed: true,
+                });
+            }
+        }
         let posted = Self::post(
             &mut tx,
             header,
@@ -486,7 +512,10 @@ where
         )
         .await?;
         tx.commit().await?;
-        Ok(posted)
+        Ok(ToppedUp {
+            posted,
+            replayed: false,
+        })
     }
 
     /// awaiting_payment → running, claimed by `runner`, for an intent paid

@@ -268,6 +268,12 @@ pub(super) const API_KEYS: &str = "SELECT * FROM api_keys ORDER BY created_at, i
 pub(super) const REVOKE_API_KEY: &str =
     "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL";
 
+/// Transaction `$1` (a top-up made with an idempotency key) and what it
+/// credited account `$2`, if anything.
+pub(super) const TOPUP: &str = "SELECT t.created_at, (SELECT e.amount FROM ledger_entries e
+                                 WHERE e.txn_id = t.id AND e.account_id = $2) AS credited
+     FROM ledger_transactions t WHERE t.id = $1 AND t.kind = 'topup'";
+
 /// A refund made with an idempotency key.
 pub(super) const REFUND_BY_KEY: &str =
     "SELECT payment_id, txn_id, amount FROM refunds WHERE idempotency_key = $1";

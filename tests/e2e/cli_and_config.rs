@@ -90,6 +90,14 @@ on_both_backends! {
             out.contains("alice: balance 2.50 USD, held 0.00 USD, available 2.50 USD"),
             "{out}"
         );
+        // With an idempotency key, running the command again credits nothing.
+        let keyed = ["wallet", "topup", "alice", "1", "--idempotency-key", "order-77"];
+        assert!(env.ok(&keyed).await.starts_with("topped up alice with 1.00 USD"));
+        assert!(env.ok(&keyed).await.starts_with("already topped up alice with 1.00 USD"));
+        let other = env.cli(&["wallet", "topup", "alice", "2", "--idempotency-key", "order-77"]).await;
+        assert!(!other.status.success());
+        assert!(String::from_utf8_lossy(&other.stderr).contains("used for another top-up"));
+        assert_eq!(env.available("alice").await, "3.50");
         env.assert_ledger_ok().await;
     }
 }
@@ -148,4 +156,53 @@ on_both_backends! {
             "{report}"
         );
     }
+}
+
+/// A command that only reads refuses a database that is not there (a
+/// mistyped `--db` would otherwise be created empty and shown as empty
+/// wallets and a sound ledger); `receipt verify` checks with the key that
+/// signed and makes none up; a wallet's name is trimmed, as a principal's is.
+#[tokio::test]
+async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
+    let env = Env::new("resubmit");
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo.db");
+    let typo = typo.to_str().unwrap();
+    for args in [
+        &["wallet", "balance", "alice"][..],
+        &["wallet", "statement", "alice"],
+        &["sessions", "list"],
+        &["keys", "list"],
+        &["ledger", "verify"],
+        &["ledger", "statement", "--wallet", "alice"],
+    ] {
+        let out = env.cli(&[&["--db", typo][..], args].concat()).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains("no database at"), "{args:?}: {stderr}");
+    }
+    assert!(
+        !std::path::Path::new(typo).exists(),
+        "a database was created"
+    );
+
+    let no_key = dir.path().join("receipt.key");
+    let out = env
+        .command()
+        .env("TOLLGATE_RECEIPT_KEY", &no_key)
+        .args(["receipt", "verify", "tgr1.e30.AAAA"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no receipt key at"), "{stderr}");
+    assert!(!no_key.exists(), "a key was made up");
+
+    env.ok(&["wallet", "topup", " alice ", "1"]).await;
+    assert_eq!(env.available("alice").await, "1.00");
+    let out = env.cli(&["wallet", "topup", "  ", "1"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a wallet name cannot be empty"));
+    env.assert_ledger_ok().await;
 }

@@ -78,7 +78,7 @@ impl Env {
         }
     }
 
-    fn command(&self) -> tokio::process::Command {
+    pub fn command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(EXE);
         cmd.env("TOLLGATE_CONFIG", &self.config)
             .env("TOLLGATE_DB", &self.db)

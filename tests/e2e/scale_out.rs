@@ -411,3 +411,92 @@ async fn a_charge_that_cannot_be_recorded_withholds_the_result_until_it_is() {
     let report = store.verify(now_ms()).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// The lease is renewed on a timer of its own: an upkeep pass held up (here
+/// the expiry sweep waits for a wallet another transaction has locked, to
+/// end that wallet's expired hold) does not let it lapse, so other
+/// instances do not take this instance's live holds for a dead one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tollgate_pg),
+    ignore = "PostgreSQL: set TOLLGATE_TEST_POSTGRES to a server URL to run it"
+)]
+async fn a_held_up_upkeep_pass_does_not_let_the_lease_lapse() {
+    use sqlx::Connection;
+    testing::select(Backend::Postgres);
+    let env = Env::new("resubmit");
+    let store = testing::open_store(&env.db).await.unwrap();
+    let usd = Currency::parse("USD").unwrap();
+    store
+        .topup(
+            &AccountRef::wallet("alice", &usd),
+            Units::parse("1.00").unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    let expired = tollgate::store::HoldRequest {
+        hold_id: "old".into(),
+        principal: "alice".into(),
+        amount: Units::parse("0.10").unwrap(),
+        currency: usd,
+        tool: "echo".into(),
+        args_hash: "h".into(),
+        expires_at: now_ms() - 1,
+        origin: Default::default(),
+    };
+    store.hold(&expired).await.unwrap();
+
+    let mut other = sqlx::PgConnection::connect(&env.db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE kind = 'wallet' AND name = 'alice' FOR UPDATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    // Its first upkeep pass starts at once, and waits.
+    let tollgate = Tollgate::from_pricing(&format!(
+        "[server]\nname = \"t\"\ncurrency = \"USD\"\ninstance_lease = \"1s\"\n\n\
+         [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"ping\"\nprice = \"0.01\"\n",
+        env.key.display()
+    ))
+    .expect("pricing")
+    .tool("ping", "Answers pong.", |_: Nothing| async { "pong" })
+    .store_url(env.db.clone())
+    .build()
+    .await
+    .expect("build");
+    // Three leases' time, with the sweep stuck all along.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let hold_status = "SELECT status FROM holds WHERE id = 'old'";
+    let (status,): (String,) = sqlx::query_as(hold_status)
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(status, "open", "the sweep was held up");
+    let (leases, lapsed): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE alive_until < $1) FROM instances")
+            .bind(now_ms())
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+    assert_eq!(
+        (leases, lapsed),
+        (1, 0),
+        "the running instance's lease lapsed"
+    );
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    // Let go, the sweep ends the hold.
+    for _ in 0..50 {
+        let (status,): (String,) = sqlx::query_as(hold_status)
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        if status == "expired" {
+            drop(tollgate);
+            env.assert_ledger_ok().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the held-up sweep never ended the expired hold");
+}

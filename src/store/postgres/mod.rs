@@ -131,17 +131,33 @@ impl PgStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        sqlx::query(concat!(
-            "UPDATE intents SET status = 'expired', updated_at = $1
-             WHERE id IN (SELECT i.id FROM intents i
-                          WHERE i.status = 'awaiting_payment' AND i.expires_at < $1 AND NOT ",
-            session_paid!("i"),
-            " FOR UPDATE SKIP LOCKED)
-               AND status = 'awaiting_payment'"
-        ))
+        // Intents in two statements. The first locks those past their time
+        // (skipping any a payment of their session has locked). The
+        // second, with a snapshot taken after those locks, sees every
+        // payment that committed before it and ends only the unpaid: in
+        // one statement, a payment committing between the statement's
+        // snapshot and its lock on the intent was not seen (a lock does
+        // not make PostgreSQL look again), and its money was left in
+        // clearing under an expired intent. A payment that comes later
+        // waits for this transaction and finds its intent ended.
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM intents WHERE status = 'awaiting_payment' AND expires_at < $1
+             ORDER BY id FOR UPDATE SKIP LOCKED",
+        )
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        if !due.is_empty() {
+            sqlx::query(concat!(
+                "UPDATE intents i SET status = 'expired', updated_at = $1
+                 WHERE i.id = ANY($2) AND i.status = 'awaiting_payment' AND NOT ",
+                session_paid!("i")
+            ))
+            .bind(now)
+            .bind(&due)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
             "UPDATE payment_sessions SET status = 'expired', updated_at = $1
              WHERE id IN (SELECT id FROM payment_sessions WHERE status = 'pending' AND expires_at < $1
@@ -184,12 +200,13 @@ const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
 
 #[async_trait]
 impl Store for PgStore {
-    async fn topup(
+    async fn topup_with_key(
         &self,
         wallet: &AccountRef,
         amount: Units,
         memo: Option<String>,
-    ) -> Result<Posted, StoreError> {
+        idempotency_key: Option<&str>,
+    ) -> Result<ToppedUp, StoreError> {
         if amount.is_zero() {
             return Err(StoreError::Invalid(
                 "top-up amount must be above zero".into(),
@@ -198,7 +215,8 @@ impl Store for PgStore {
         let wallet_id = self.account_id(wallet).await?;
         let source_id = self.account_id(&topups(&wallet.currency)).await?;
         let audit = topup_audit(wallet, memo);
-        let (txn_id, at) = (new_txn_id(), now_ms());
+        let txn_id = idempotency_key.map_or_else(new_txn_id, topup_txn_id);
+        let (once, at) = (idempotency_key.is_some(), now_ms());
         retrying(|| {
             let header = TxnHeader {
                 id: txn_id.clone(),
@@ -210,7 +228,8 @@ impl Store for PgStore {
                 legs: None,
             };
             async move {
-                Portable::<Postgres>::topup(self.tx().await?, wallet_id, source_id, header).await
+                let tx = self.tx().await?;
+                Portable::<Postgres>::topup(tx, wallet_id, source_id, header, once).await
             }
         })
         .await

@@ -155,12 +155,13 @@ const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn topup(
+    async fn topup_with_key(
         &self,
         wallet: &AccountRef,
         amount: Units,
         memo: Option<String>,
-    ) -> Result<Posted, StoreError> {
+        idempotency_key: Option<&str>,
+    ) -> Result<ToppedUp, StoreError> {
         if amount.is_zero() {
             return Err(StoreError::Invalid(
                 "top-up amount must be above zero".into(),
@@ -170,7 +171,7 @@ impl Store for SqliteStore {
         let source_id = self.db.account_id(&topups(&wallet.currency)).await?;
         let audit = topup_audit(wallet, memo);
         let header = TxnHeader {
-            id: new_txn_id(),
+            id: idempotency_key.map_or_else(new_txn_id, topup_txn_id),
             kind: "topup",
             currency: &wallet.currency,
             amount,
@@ -178,7 +179,8 @@ impl Store for SqliteStore {
             at: now_ms(),
             legs: None,
         };
-        Portable::<Sqlite>::topup(self.write_tx().await?, wallet_id, source_id, header).await
+        let once = idempotency_key.is_some();
+        Portable::<Sqlite>::topup(self.write_tx().await?, wallet_id, source_id, header, once).await
     }
 
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
