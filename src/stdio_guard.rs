@@ -179,10 +179,11 @@ fn error_reply(id: Value, code: i64, message: String) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message } })
 }
 
-/// The deepest nesting of `[` and `{` outside strings.
-fn depth(text: &str) -> usize {
-    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for b in text.bytes() {
+/// The bytes of `text` outside strings (and each string's opening quote),
+/// with their offset and how deep in `[` and `{` they are.
+fn outside_strings(text: &str) -> impl Iterator<Item = (usize, u8, usize)> + '_ {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    text.bytes().enumerate().filter_map(move |(at, b)| {
         if in_string {
             match b {
                 _ if escaped => escaped = false,
@@ -190,19 +191,26 @@ fn depth(text: &str) -> usize {
                 b'"' => in_string = false,
                 _ => {}
             }
-            continue;
+            return None;
         }
+        let here = depth;
         match b {
             b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
+            b'[' | b'{' => depth += 1,
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
-    }
-    deepest
+        Some((at, b, here))
+    })
+}
+
+/// The deepest nesting of `[` and `{` outside strings.
+fn depth(text: &str) -> usize {
+    outside_strings(text)
+        .filter(|(_, b, _)| matches!(b, b'[' | b'{'))
+        .map(|(_, _, depth)| depth + 1)
+        .max()
+        .unwrap_or(0)
 }
 
 /// A request's id, read leniently from a message that is not valid as a
@@ -210,39 +218,25 @@ fn depth(text: &str) -> usize {
 /// one inside its params or a string), so that its sender gets its answer;
 /// else null.
 fn id_of(text: &str) -> Value {
-    let bytes = text.as_bytes();
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for (at, &b) in bytes.iter().enumerate() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' if depth == 1 && bytes[at..].starts_with(b"\"id\"") => {
-                let rest = text[at + 4..].trim_start();
-                if let Some(value) = rest.strip_prefix(':') {
-                    return match serde_json::Deserializer::from_str(value.trim_start())
-                        .into_iter::<Value>()
-                        .next()
-                    {
-                        Some(Ok(id @ (Value::Number(_) | Value::String(_)))) => id,
-                        _ => Value::Null,
-                    };
-                }
-                in_string = true;
-            }
-            b'"' => in_string = true,
-            b'[' | b'{' => depth += 1,
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
+    // (A quote is one byte: `at` is a char boundary there, and only there.)
+    let key = outside_strings(text)
+        .filter(|&(_, b, depth)| b == b'"' && depth == 1)
+        .find_map(|(at, _, _)| {
+            text[at..]
+                .strip_prefix("\"id\"")?
+                .trim_start()
+                .strip_prefix(':')
+        });
+    let Some(value) = key else {
+        return Value::Null;
+    };
+    match serde_json::Deserializer::from_str(value.trim_start())
+        .into_iter::<Value>()
+        .next()
+    {
+        Some(Ok(id @ (Value::Number(_) | Value::String(_)))) => id,
+        _ => Value::Null,
     }
-    Value::Null
 }
 
 #[cfg(test)]
@@ -267,6 +261,15 @@ mod tests {
         assert_eq!(
             code(br#"{"id":"a","x":[[["#),
             Some((PARSE_ERROR, json!("a")))
+        );
+        // Not UTF-8 boundaries outside strings: no panic, no id.
+        assert_eq!(
+            code("{é\"id\":".as_bytes()),
+            Some((PARSE_ERROR, Value::Null))
+        );
+        assert_eq!(
+            code("{\"é\":1,\"id\":3,".as_bytes()),
+            Some((PARSE_ERROR, json!(3)))
         );
         // The request's own id, not one in its arguments or in a string.
         assert_eq!(
