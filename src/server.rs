@@ -164,6 +164,7 @@ impl ServerHandler for TollgateServer {
             caller: &caller,
             session_id: &session_id,
             request: &context,
+            progress_sent: Default::default(),
         };
         let tool = request.name.to_string();
         let response = self.gate.call(&scope, request).await;

@@ -2,6 +2,8 @@
 //! where to pay through `notifications/progress`, and answers with the
 //! tool's result once paid.
 
+use std::sync::atomic::Ordering;
+
 use rmcp::model::{CallToolResult, ProgressNotificationParam, ProgressToken};
 use tokio::time::Instant;
 
@@ -43,6 +45,7 @@ impl ProgressReporter {
             return;
         }
         self.sent += 1;
+        scope.progress_sent.store(self.sent, Ordering::Release);
         self.next = now + self.every;
         let waited = now.duration_since(self.started).as_secs();
         let param = ProgressNotificationParam::new(self.token.clone(), f64::from(self.sent))

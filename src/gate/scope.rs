@@ -2,6 +2,8 @@
 //! session, and the request itself (for elicitation, progress and
 //! cancellation).
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use rmcp::{
     RoleServer,
     model::{JsonObject, ProgressToken, ProtocolVersion},
@@ -62,6 +64,9 @@ pub struct CallScope<'a> {
     /// session; see [`stateless_session`] for HTTP requests without one).
     pub session_id: &'a str,
     pub request: &'a RequestContext<RoleServer>,
+    /// The progress notifications the gate has sent for this call (while
+    /// it waited for the payment in progress mode).
+    pub progress_sent: AtomicU32,
 }
 
 impl CallScope<'_> {
@@ -72,6 +77,7 @@ impl CallScope<'_> {
             progress: self
                 .progress_token()
                 .map(|token| (self.request.peer.clone(), token)),
+            progress_heard: f64::from(self.progress_sent.load(Ordering::Acquire)),
             elicitation: (self.elicits().any() && !self.is_modern())
                 .then(|| (self.request.peer.clone(), elicitation_timeout)),
             cancelled: self.request.ct.clone(),

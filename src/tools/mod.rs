@@ -19,6 +19,10 @@ use crate::config::Unpriced;
 pub struct CallContext {
     /// The client's peer and progress token, when it asked for progress.
     pub progress: Option<(Peer<RoleServer>, ProgressToken)>,
+    /// The progress value the client has already heard on that token (the
+    /// gate's own notifications while the call waited for its payment): a
+    /// backend's progress must go on from it, as MCP requires it to grow.
+    pub progress_heard: f64,
     /// The client's peer, when it can answer an elicitation in this call,
     /// and how long such a request may wait.
     pub elicitation: Option<(Peer<RoleServer>, std::time::Duration)>,

@@ -46,6 +46,36 @@ pub struct UpstreamError {
 /// Where an upstream call's progress goes: the client's peer and token.
 type Route = (Peer<RoleServer>, ProgressToken);
 
+/// An open route, and the progress the client has heard on its token: the
+/// gate's own notifications (a call that waited for its payment in
+/// progress mode) and what was relayed. MCP requires progress to increase,
+/// so the upstream's values go on from the gate's, and one that arrives
+/// after a higher one (rmcp hands each notification to a task of its own)
+/// is dropped.
+#[derive(Clone)]
+struct OpenRoute {
+    route: Route,
+    /// Added to the upstream's values (and totals).
+    base: f64,
+    /// The highest value relayed.
+    heard: f64,
+}
+
+impl OpenRoute {
+    /// The notification as the client should hear it, if it goes on from
+    /// what it heard.
+    fn next(&mut self, mut params: ProgressNotificationParam) -> Option<ProgressNotificationParam> {
+        params.progress += self.base;
+        params.total = params.total.map(|total| total + self.base);
+        if params.progress <= self.heard {
+            return None;
+        }
+        self.heard = params.progress;
+        params.progress_token = self.route.1.clone();
+        Some(params)
+    }
+}
+
 /// How long a progress notification that arrived before its call's route
 /// was known is kept for it: the upstream may report progress before rmcp
 /// hands back the request it sent (the token is only known then).
@@ -58,7 +88,7 @@ const LATE_PROGRESS_RELAYED: Duration = Duration::from_secs(1);
 /// The routes of calls in flight, and notifications that beat their route.
 #[derive(Default)]
 struct Routes {
-    routes: HashMap<ProgressToken, Route>,
+    routes: HashMap<ProgressToken, OpenRoute>,
     early: HashMap<ProgressToken, Vec<(std::time::Instant, ProgressNotificationParam)>>,
 }
 
@@ -86,16 +116,28 @@ impl Relay {
         lock(&self.routes)
     }
 
-    /// Routes an upstream token's progress to a client from now on, and
-    /// relays what arrived for it before.
-    async fn open_route(&self, upstream: ProgressToken, route: Route) {
-        let early = {
+    /// Routes an upstream token's progress to a client from now on (after
+    /// the `heard` values the client has had on its token), and relays
+    /// what arrived for it before.
+    async fn open_route(&self, upstream: ProgressToken, route: Route, heard: f64) {
+        let peer = route.0.clone();
+        let relayed: Vec<_> = {
             let mut routes = self.routes();
-            routes.routes.insert(upstream.clone(), route.clone());
-            routes.early.remove(&upstream).unwrap_or_default()
+            let mut open = OpenRoute {
+                route,
+                base: heard,
+                heard,
+            };
+            let early = routes.early.remove(&upstream).unwrap_or_default();
+            let relayed = early
+                .into_iter()
+                .filter_map(|(_, p)| open.next(p))
+                .collect();
+            routes.routes.insert(upstream, open);
+            relayed
         };
-        for (_, params) in early {
-            relay_progress(&route, params).await;
+        for params in relayed {
+            relay_progress(&peer, params).await;
         }
     }
 
@@ -123,8 +165,7 @@ impl Relay {
     }
 }
 
-async fn relay_progress((peer, token): &Route, mut params: ProgressNotificationParam) {
-    params.progress_token = token.clone();
+async fn relay_progress(peer: &Peer<RoleServer>, params: ProgressNotificationParam) {
     if let Err(e) = peer.notify_progress(params).await {
         tracing::debug!("progress not relayed: {e}");
     }
@@ -136,10 +177,11 @@ impl ClientHandler for Relay {
         params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let route = {
+        let relayed = {
             let mut routes = self.routes();
-            let route = routes.routes.get(&params.progress_token).cloned();
-            if route.is_none() {
+            let open = routes.routes.get_mut(&params.progress_token);
+            let relayed = open.map(|open| (open.route.0.clone(), open.next(params.clone())));
+            if relayed.is_none() {
                 // Possibly a call whose route is about to open: keep it a while.
                 let now = std::time::Instant::now();
                 routes.early.retain(|_, notes| {
@@ -154,10 +196,10 @@ impl ClientHandler for Relay {
                     notes.push((now, params.clone()));
                 }
             }
-            route
+            relayed
         };
-        if let Some(route) = route {
-            relay_progress(&route, params).await;
+        if let Some((peer, Some(params))) = relayed {
+            relay_progress(&peer, params).await;
         }
     }
 
@@ -466,8 +508,9 @@ impl ToolBackend for Upstream {
         };
         let (id, upstream_token) = (handle.id.clone(), handle.progress_token.clone());
         if let Some((client, token)) = &context.progress {
+            let route = (client.clone(), token.clone());
             self.relay
-                .open_route(upstream_token.clone(), (client.clone(), token.clone()))
+                .open_route(upstream_token.clone(), route, context.progress_heard)
                 .await;
         }
         self.relay

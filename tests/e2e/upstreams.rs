@@ -440,6 +440,40 @@ async fn the_reference_server_everything_behind_tollgate() {
 }
 
 on_both_backends! {
+    /// In progress mode the client first hears the gate (where to pay);
+    /// once paid, the upstream's own progress is relayed going on from
+    /// there: the values only grow, as MCP requires. (They went 1, then
+    /// the upstream's 1, 2, 3.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstreams_progress_goes_on_from_the_gates_own() {
+        let (url, _upstream) = spawn_upstream().await;
+        let steps = "name = \"test_steps\"\nprice = \"0.10\"\n";
+        let pricing = upstream_pricing(&url, "free")
+            .replace(steps, &format!("{steps}mode = \"progress\"\n"));
+        let t = InProcess::new(&pricing).await;
+        let handler = t.client(Person::PaysAfterProgress(1), Elicitation::None);
+        let client = t.connect(None, handler.clone(), false).await;
+        let r = call(&client, "test_steps", json!({})).await;
+        assert_eq!(text(&r), "three steps");
+        let heard = || handler.progress.lock().unwrap().clone();
+        for _ in 0..50 {
+            if heard().last().and_then(|p| p.message.clone()).as_deref() == Some("step 3") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let heard = heard();
+        assert!(heard[0].message.as_deref().is_some_and(|m| m.contains("/checkout/")), "{heard:?}");
+        assert_eq!(heard.last().and_then(|p| p.message.clone()).as_deref(), Some("step 3"), "{heard:?}");
+        assert!(heard.windows(2).all(|w| w[1].progress > w[0].progress), "{heard:?}");
+        let last = heard.last().unwrap();
+        assert_eq!((last.progress, last.total), (4.0, Some(4.0)), "3 of 3, after the gate's 1");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn progress_and_cancellation_pass_through_and_a_lost_upstream_comes_back() {
         let upstream = TestUpstream::default();
