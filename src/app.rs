@@ -207,7 +207,7 @@ pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) {
     });
     tokio::spawn(async move {
         while let Some(gate) = weak.upgrade() {
-            upkeep_pass(&gate, upkeep, lease.held()).await;
+            upkeep_pass(&gate, upkeep, &lease).await;
             drop(gate);
             tokio::time::sleep(upkeep.every()).await;
         }
@@ -223,13 +223,16 @@ const RENEW_RETRY: Duration = Duration::from_secs(1);
 struct Lease(Arc<AtomicI64>);
 
 impl Lease {
-    /// Renews this instance's lease; logged if it could not.
+    /// Renews this instance's lease; logged if it could not. A renewal
+    /// that takes a third of the lease (a pool with no free connection) is
+    /// given up and tried again.
     async fn renew(&self, store: &dyn Store, lease: Duration) {
         let now = now_ms();
         let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
-        match store.heartbeat(now, until).await {
-            Ok(()) => self.0.store(until, Ordering::Release),
-            Err(e) => tracing::warn!("could not renew this instance's lease: {e}"),
+        match tokio::time::timeout(lease / 3, store.heartbeat(now, until)).await {
+            Ok(Ok(())) => self.0.store(until, Ordering::Release),
+            Ok(Err(e)) => tracing::warn!("could not renew this instance's lease: {e}"),
+            Err(_) => tracing::warn!("renewing this instance's lease took too long"),
         }
     }
 
@@ -240,8 +243,9 @@ impl Lease {
 }
 
 /// One round of upkeep. Recovery runs only while this instance's own lease
-/// runs: otherwise it could take its own calls for a dead instance's.
-async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, alive: bool) {
+/// runs (looked at just before): otherwise it could not tell which
+/// instances are really gone.
+async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
     gate.dynamic_tools().prune_expired().await;
     let store = gate.store();
     match store.sweep_expired(now_ms()).await {
@@ -250,7 +254,7 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, alive: bool) {
         Err(e) => tracing::warn!("expiry sweep failed: {e}"),
     }
     let before = now_ms() - upkeep.keep_results.as_millis() as i64;
-    if alive {
+    if lease.held() {
         match gate.recover_interrupted(before).await {
             Ok(r) if r == Recovered::default() => {}
             Ok(r) => tracing::warn!(

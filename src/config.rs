@@ -867,7 +867,13 @@ impl Config {
                     ),
                 ));
             }
+            // An upstream that prices the tools [[tools]] leaves out may
+            // serve the tool named: only the catalog would know.
+            let priced_by_default = upstreams
+                .iter()
+                .any(|u: &UpstreamConfig| matches!(u.unpriced, Unpriced::Price(_)));
             if let Some(tool) = &a.tool
+                && !priced_by_default
                 && !tools.iter().any(|t| &t.name == tool.get_ref())
             {
                 return Err(err(
@@ -1216,6 +1222,9 @@ mode = "resubmit"
             "{e}"
         );
         assert!(with("", &rule("echo")).is_ok());
+        // An upstream that prices its unlisted tools may serve the one named.
+        let upstream = "\n[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1/mcp\"\nunpriced = \"0.02\"\n";
+        assert!(with("", &format!("{}{upstream}", rule("u_search"))).is_ok());
         let e = with("", "\n[http]\nmax_body_bytes = 0\n").unwrap_err();
         assert!(
             e.contains("http.max_body_bytes: 0 is below the least, 1024"),

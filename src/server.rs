@@ -1,9 +1,6 @@
 //! The rmcp `ServerHandler`: lists the catalog and hands every call to the gate.
 
-use std::{
-    borrow::Cow,
-    sync::{Arc, OnceLock},
-};
+use std::{borrow::Cow, sync::Arc};
 
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -31,8 +28,6 @@ pub struct TollgateServer {
     /// `None`: read it from each HTTP request.
     caller: Option<Caller>,
     session_id: String,
-    /// Over HTTP, the principal the session belongs to: its first caller.
-    owner: Arc<OnceLock<Option<String>>>,
     /// Shared by the session's clones; the last one to go forgets the
     /// session's registry entry, so ended sessions take no memory.
     _session: Arc<SessionGuard>,
@@ -69,34 +64,21 @@ impl TollgateServer {
             gate,
             caller,
             session_id,
-            owner: Arc::default(),
         }
     }
 
-    /// Who makes a request. Over HTTP, a session is its first caller's: a
-    /// request of another principal (another key that learnt the session
-    /// id) is refused, so it neither sees nor confirms the session's
-    /// dynamic tools, nor answers its prompts.
-    fn caller_of(&self, context: &RequestContext<RoleServer>) -> Result<Caller, McpError> {
-        if let Some(caller) = &self.caller {
-            return Ok(caller.clone());
+    fn caller_of(&self, context: &RequestContext<RoleServer>) -> Caller {
+        match &self.caller {
+            Some(caller) => caller.clone(),
+            // Put there by the HTTP service's authentication; rmcp hands the
+            // request's parts (and so their extensions) to the handler.
+            None => context
+                .extensions
+                .get::<http::request::Parts>()
+                .and_then(|parts| parts.extensions.get::<Caller>())
+                .cloned()
+                .unwrap_or_default(),
         }
-        // Put there by the HTTP service's authentication; rmcp hands the
-        // request's parts (and so their extensions) to the handler.
-        let parts = context.extensions.get::<http::request::Parts>();
-        let caller = parts
-            .and_then(|parts| parts.extensions.get::<Caller>())
-            .cloned()
-            .unwrap_or_default();
-        // (A request without a session id is served by a server of its own.)
-        let in_session = parts.is_some_and(|parts| parts.headers.contains_key(SESSION_ID_HEADER));
-        if in_session && *self.owner.get_or_init(|| caller.principal.clone()) != caller.principal {
-            return Err(McpError::invalid_request(
-                "this MCP session was opened with another API key: open a session of your own",
-                None,
-            ));
-        }
-        Ok(caller)
     }
 
     /// The session a request belongs to. A request rmcp serves statelessly
@@ -142,7 +124,7 @@ impl ServerHandler for TollgateServer {
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        let caller = self.caller_of(&context)?;
+        let caller = self.caller_of(&context);
         Ok(ListToolsResult::with_all_items(
             self.gate.tools_for(&self.session_of(&context, &caller)),
         ))
@@ -158,7 +140,7 @@ impl ServerHandler for TollgateServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let started = std::time::Instant::now();
-        let caller = self.caller_of(&context)?;
+        let caller = self.caller_of(&context);
         let session_id = self.session_of(&context, &caller);
         let scope = CallScope {
             caller: &caller,
@@ -198,7 +180,7 @@ impl ServerHandler for TollgateServer {
         let dynamic = self.gate.dynamic_tools();
         let sink = context.sink().clone();
         let id = sink.id().clone();
-        let caller = self.caller_of(context.request_context())?;
+        let caller = self.caller_of(context.request_context());
         let session_id = self
             .session_of(context.request_context(), &caller)
             .into_owned();

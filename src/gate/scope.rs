@@ -124,12 +124,13 @@ impl CallScope<'_> {
                 .map(|info| format!("{}/{}", info.name, info.version)),
             Some(_) => return Err(format!("_meta[\"{AGENT_META}\"] must be a string")),
         }
-        // Control characters dropped: the id is shown in statements and
-        // exports, where an escape or a line break would forge output.
+        // Control and direction characters dropped: the id is shown in
+        // statements and exports, where an escape, a line break or a
+        // right-to-left override would forge what is read.
         .map(|agent| {
             agent
                 .chars()
-                .filter(|c| !c.is_control())
+                .filter(|&c| !c.is_control() && !invisible(c))
                 .take(AGENT_MAX_CHARS)
                 .collect()
         });
@@ -153,4 +154,10 @@ impl CallScope<'_> {
     pub fn progress_token(&self) -> Option<ProgressToken> {
         self.request.meta.get_progress_token()
     }
+}
+
+/// Format characters that change how text around them reads: zero-width
+/// marks, line and paragraph separators, direction overrides and isolates.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }

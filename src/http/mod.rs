@@ -12,6 +12,7 @@ mod checkout;
 mod limits;
 mod mcp_guard;
 pub mod metrics;
+mod session_owners;
 mod sessions;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -19,7 +20,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use axum::{
     Json, Router,
     extract::{Request, State},
-    http::StatusCode,
+    http::{Method, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -54,6 +55,7 @@ pub struct HttpState {
     pub(crate) allowed_origins: Vec<String>,
     pub(crate) anonymous_mcp: bool,
     pub(crate) limits: limits::RateLimits,
+    session_owners: session_owners::SessionOwners,
 }
 
 impl HttpState {
@@ -72,7 +74,16 @@ impl HttpState {
                 http.sessions_create_per_minute,
                 http.sessions_read_per_minute,
             ),
+            session_owners: Default::default(),
         }
+    }
+
+    /// How long an MCP session may sit idle before it is closed. It
+    /// outlives its payments: a client waiting quietly while a person pays
+    /// must still have it to confirm (its dynamic tools are the session's).
+    /// rmcp's default closes it after 5 idle minutes.
+    fn session_keep_alive(&self) -> Duration {
+        SessionConfig::DEFAULT_KEEP_ALIVE.max(self.session_ttl + Duration::from_secs(60))
     }
 }
 
@@ -80,12 +91,8 @@ impl HttpState {
 pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationToken) -> Router {
     let _ = metrics::recorder();
     let gate = state.gate.clone();
-    // A session outlives its payments: a client waiting quietly while a
-    // person pays must still have it to confirm (its dynamic tools are
-    // the session's). rmcp's default closes it after 5 idle minutes.
     let mut sessions = LocalSessionManager::default();
-    sessions.session_config.keep_alive =
-        Some(SessionConfig::DEFAULT_KEEP_ALIVE.max(state.session_ttl + Duration::from_secs(60)));
+    sessions.session_config.keep_alive = Some(state.session_keep_alive());
     let mcp = StreamableHttpService::new(
         move || Ok(TollgateServer::for_http(gate.clone())),
         sessions.into(),
@@ -148,6 +155,9 @@ pub async fn serve(
             ticks += 1;
             if ticks.is_multiple_of(12) {
                 limits.limits.forget_idle();
+                limits
+                    .session_owners
+                    .forget_idle(limits.session_keep_alive());
             }
         }
     });
@@ -186,9 +196,43 @@ async fn mcp_caller(
             Err(e) => return e.into_response(),
         }
     };
+    // An MCP session is the principal's that opened it (session_owners).
+    let session = request
+        .headers()
+        .get(SESSION_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(session) = &session
+        && !state.session_owners.allows(session, &caller.principal)
+    {
+        tracing::warn!("refused a request for an MCP session another key opened");
+        let reply = json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32600,
+            "message": "this MCP session was opened with another API key: open a session of your own"}});
+        return (StatusCode::FORBIDDEN, Json(reply)).into_response();
+    }
+    let (principal, ending) = (caller.principal.clone(), request.method() == Method::DELETE);
     request.extensions_mut().insert(caller);
-    next.run(request).await
+    let response = next.run(request).await;
+    match session {
+        None => {
+            if let Some(opened) = response
+                .headers()
+                .get(SESSION_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                state.session_owners.opened(opened, principal);
+            }
+        }
+        Some(session) if ending && response.status().is_success() => {
+            state.session_owners.closed(&session);
+        }
+        Some(_) => {}
+    }
+    response
 }
+
+/// The header that names an MCP session over HTTP.
+const SESSION_ID_HEADER: &str = "mcp-session-id";
 
 async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
     match state.store.ping().await {

@@ -358,13 +358,16 @@ where
     }
 
     pub async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError> {
-        self.execute(statement!(sql::RELEASE_ORPHANED_HOLDS, now))
+        self.execute(statement!(sql::RELEASE_ORPHANED_HOLDS, now, &self.instance))
             .await
     }
 
     pub async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
-        self.all(statement!(sql::INTERRUPTED_RUNS, now), rows::intent)
-            .await
+        self.all(
+            statement!(sql::INTERRUPTED_RUNS, now, &self.instance),
+            rows::intent,
+        )
+        .await
     }
 
     pub async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {

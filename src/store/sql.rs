@@ -159,12 +159,16 @@ pub(super) const HEARTBEAT: &str =
 /// Forgets instances whose lease lapsed before `$1`.
 pub(super) const FORGET_INSTANCES: &str = "DELETE FROM instances WHERE alive_until < $1";
 
-/// Whether `$owner` (a column) names no instance alive at `$1`.
+/// Whether `$owner` (a column) names no instance alive at `$1`, and not
+/// this one (`$2`): an instance never takes its own calls for a dead one's,
+/// even when its lease lapsed because renewals failed.
 macro_rules! owner_gone {
     ($owner:literal) => {
         concat!(
             $owner,
-            " IS NOT NULL AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = ",
+            " IS NOT NULL AND ",
+            $owner,
+            " <> $2 AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = ",
             $owner,
             " AND i.alive_until >= $1)"
         )
@@ -173,13 +177,15 @@ macro_rules! owner_gone {
 pub(super) use owner_gone;
 
 /// Releases (`holds_end` gives the reservation back) the open holds of
-/// instances no longer alive at `$1`: their calls never finished.
+/// other instances (than `$2`) no longer alive at `$1`: their calls never
+/// finished.
 pub(super) const RELEASE_ORPHANED_HOLDS: &str = concat!(
     "UPDATE holds SET status = 'released', settled_at = $1 WHERE status = 'open' AND ",
     owner_gone!("holds.owner")
 );
 
-/// Paid intents left running by instances no longer alive at `$1`.
+/// Paid intents left running by other instances (than `$2`) no longer
+/// alive at `$1`.
 pub(super) const INTERRUPTED_RUNS: &str = concat!(
     "SELECT * FROM intents WHERE status = 'running' AND ",
     owner_gone!("intents.runner"),

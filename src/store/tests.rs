@@ -720,7 +720,7 @@ crate::on_both_backends! {
     /// A top-up with an idempotency key is made once: the same key again
     /// credits nothing and answers with the first one's transaction; for
     /// another wallet or amount it is refused. Without a key, each credits.
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_topup_with_a_key_is_made_once() {
         let (_dir, store) = store().await;
         let alice = AccountRef::wallet("alice", &usd());
@@ -738,7 +738,23 @@ crate::on_both_backends! {
             let refused = store.topup_with_key(wallet, units(amount), None, Some("k1")).await;
             assert!(matches!(refused, Err(StoreError::Invalid(_))), "{refused:?}");
         }
-        store.topup_with_key(&alice, units("0.50"), None, Some("k2")).await.unwrap();
+        // Sixteen at once with one key, five times over: each key credits
+        // once, and the others replay it (none fails on the key's clash).
+        for key in ["k2", "k3", "k4", "k5", "k6"] {
+            let at_once: Vec<_> = (0..16)
+                .map(|_| {
+                    let (store, alice) = (store.clone(), alice.clone());
+                    tokio::spawn(async move {
+                        store.topup_with_key(&alice, units("0.10"), None, Some(key)).await
+                    })
+                })
+                .collect();
+            let mut credited = 0;
+            for topup in at_once {
+                credited += usize::from(!topup.await.unwrap().unwrap().replayed);
+            }
+            assert_eq!(credited, 1, "{key}");
+        }
         store.topup(&alice, units("0.25"), None).await.unwrap();
         store.topup(&alice, units("0.25"), None).await.unwrap();
         assert_eq!(available(&*store, "alice").await, units("2.00"));
@@ -1229,6 +1245,14 @@ crate::on_both_backends! {
         assert_eq!(c.hold(&hold_request("hc", "payer", "0.05")).await.unwrap(), HoldOutcome::Held);
         assert_eq!(b.release_orphaned_holds(now_ms()).await.unwrap(), 1);
         assert_eq!(available(&*b, "payer").await, units("0.75"));
+
+        // An instance never takes its own calls for a dead one's, even with
+        // its own lease lapsed (its renewals failing): only another may.
+        assert_eq!(b.hold(&hold_request("hb2", "payer", "0.05")).await.unwrap(), HoldOutcome::Held);
+        b.heartbeat(now, now - 1).await.unwrap();
+        assert_eq!(b.release_orphaned_holds(now_ms()).await.unwrap(), 0, "b's own");
+        assert_eq!(c.release_orphaned_holds(now_ms()).await.unwrap(), 1, "b's, by c");
+        assert_sound(&*b).await;
     }
 
     #[tokio::test]

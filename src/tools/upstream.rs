@@ -51,28 +51,35 @@ type Route = (Peer<RoleServer>, ProgressToken);
 /// progress mode) and what was relayed. MCP requires progress to increase,
 /// so the upstream's values go on from the gate's, and one that arrives
 /// after a higher one (rmcp hands each notification to a task of its own)
-/// is dropped.
+/// is dropped. A route relays one notification at a time, so the client
+/// hears them in the order decided.
 #[derive(Clone)]
 struct OpenRoute {
     route: Route,
     /// Added to the upstream's values (and totals).
     base: f64,
-    /// The highest value relayed.
-    heard: f64,
+    /// The highest value the client has heard.
+    heard: Arc<tokio::sync::Mutex<f64>>,
 }
 
 impl OpenRoute {
-    /// The notification as the client should hear it, if it goes on from
-    /// what it heard.
-    fn next(&mut self, mut params: ProgressNotificationParam) -> Option<ProgressNotificationParam> {
+    async fn relay(&self, params: ProgressNotificationParam) {
+        let mut heard = self.heard.lock().await;
+        self.relay_after(&mut heard, params).await;
+    }
+
+    /// Relays `params` if it goes on from `heard` (this route's, locked).
+    async fn relay_after(&self, heard: &mut f64, mut params: ProgressNotificationParam) {
         params.progress += self.base;
         params.total = params.total.map(|total| total + self.base);
-        if params.progress <= self.heard {
-            return None;
+        if params.progress <= *heard {
+            return;
         }
-        self.heard = params.progress;
+        *heard = params.progress;
         params.progress_token = self.route.1.clone();
-        Some(params)
+        if let Err(e) = self.route.0.notify_progress(params).await {
+            tracing::debug!("progress not relayed: {e}");
+        }
     }
 }
 
@@ -118,26 +125,21 @@ impl Relay {
 
     /// Routes an upstream token's progress to a client from now on (after
     /// the `heard` values the client has had on its token), and relays
-    /// what arrived for it before.
+    /// what arrived for it before, ahead of anything that comes meanwhile.
     async fn open_route(&self, upstream: ProgressToken, route: Route, heard: f64) {
-        let peer = route.0.clone();
-        let relayed: Vec<_> = {
-            let mut routes = self.routes();
-            let mut open = OpenRoute {
-                route,
-                base: heard,
-                heard,
-            };
-            let early = routes.early.remove(&upstream).unwrap_or_default();
-            let relayed = early
-                .into_iter()
-                .filter_map(|(_, p)| open.next(p))
-                .collect();
-            routes.routes.insert(upstream, open);
-            relayed
+        let open = OpenRoute {
+            route,
+            base: heard,
+            heard: Arc::new(tokio::sync::Mutex::new(heard)),
         };
-        for params in relayed {
-            relay_progress(&peer, params).await;
+        let mut heard = open.heard.clone().lock_owned().await;
+        let early = {
+            let mut routes = self.routes();
+            routes.routes.insert(upstream.clone(), open.clone());
+            routes.early.remove(&upstream).unwrap_or_default()
+        };
+        for (_, params) in early {
+            open.relay_after(&mut heard, params).await;
         }
     }
 
@@ -165,23 +167,16 @@ impl Relay {
     }
 }
 
-async fn relay_progress(peer: &Peer<RoleServer>, params: ProgressNotificationParam) {
-    if let Err(e) = peer.notify_progress(params).await {
-        tracing::debug!("progress not relayed: {e}");
-    }
-}
-
 impl ClientHandler for Relay {
     async fn on_progress(
         &self,
         params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        let relayed = {
+        let open = {
             let mut routes = self.routes();
-            let open = routes.routes.get_mut(&params.progress_token);
-            let relayed = open.map(|open| (open.route.0.clone(), open.next(params.clone())));
-            if relayed.is_none() {
+            let open = routes.routes.get(&params.progress_token).cloned();
+            if open.is_none() {
                 // Possibly a call whose route is about to open: keep it a while.
                 let now = std::time::Instant::now();
                 routes.early.retain(|_, notes| {
@@ -196,10 +191,10 @@ impl ClientHandler for Relay {
                     notes.push((now, params.clone()));
                 }
             }
-            relayed
+            open
         };
-        if let Some((peer, Some(params))) = relayed {
-            relay_progress(&peer, params).await;
+        if let Some(open) = open {
+            open.relay(params).await;
         }
     }
 

@@ -204,7 +204,7 @@ on_both_backends! {
         assert_eq!(env.available("alice").await, "0.98");
         // Control characters in an agent id (a terminal escape, a line
         // break) are dropped: a statement shows it as text, on its line.
-        let sneaky = json!({ "tollgate/agent": "bot\u{1b}[2J\nfake line" });
+        let sneaky = json!({ "tollgate/agent": "bot\u{1b}[2J\nfake\u{202e} line\u{2028}" });
         assert_eq!(payment_meta(&call_with_meta(&client, "echo", echo_args("s"), sneaky).await)["status"], "paid");
         let statement = env.ok(&["ledger", "statement", "--wallet", "alice"]).await;
         assert!(statement.contains("agent bot[2Jfake line; auto-approved"), "{statement}");

@@ -884,17 +884,33 @@ on_both_backends! {
                 "params": {"name": "echo", "arguments": {"text": "hi"}, "requestState": kates_id}})).unwrap())
             .await;
         assert!(forged.1.contains("\"isError\":true"), "{forged:?}");
-        // judy's session is judy's: kate's key with its id is refused.
+        // judy's session is judy's: kate's key with its id is refused,
+        // whatever it asks (a call, an answer to a prompt, ending it).
         let hijack = RawSession { key: kate.clone(), ..raw };
         for request in [
             json!({"jsonrpc": "2.0", "id": 21, "method": "tools/list"}),
             json!({"jsonrpc": "2.0", "id": 22, "method": "tools/call",
                    "params": {"name": "echo", "arguments": {"text": "hi"}}}),
+            json!({"jsonrpc": "2.0", "id": 0, "result": {"action": "accept", "content": {"approve": true}}}),
         ] {
-            let (_, text) = hijack.send(serde_json::to_vec(&request).unwrap()).await;
+            let (status, text) = hijack.send(serde_json::to_vec(&request).unwrap()).await;
+            assert_eq!(status, 403, "{text}");
             assert!(text.contains("opened with another API key"), "{text}");
-            assert!(!text.contains("\"tools\"") && !text.contains("\"result\""), "{text}");
         }
+        let ended = http()
+            .delete(&hijack.url)
+            .bearer_auth(&kate)
+            .header("mcp-session-id", &hijack.session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ended.status(), 403);
+        let judys = RawSession { key: judy.clone(), ..hijack };
+        let (status, text) = judys
+            .send(br#"{"jsonrpc":"2.0","id":23,"method":"tools/list"}"#.to_vec())
+            .await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("\"echo\""), "still judy's, and open: {text}");
 
         // Still answering, and nothing moved but what was asked: the one
         // echo of the long string, paid from judy's wallet.

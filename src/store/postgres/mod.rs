@@ -56,6 +56,11 @@ fn retryable(e: &StoreError) -> bool {
     }
 }
 
+/// Whether PostgreSQL refused a row whose key is already there.
+fn duplicate(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505"))
+}
+
 /// Runs `op` again while PostgreSQL reports it rolled it back for a
 /// conflict with a concurrent transaction, at most [`ATTEMPTS`] times.
 async fn retrying<T, F, Fut>(mut op: F) -> Result<T, StoreError>
@@ -217,22 +222,29 @@ impl Store for PgStore {
         let audit = topup_audit(wallet, memo);
         let txn_id = idempotency_key.map_or_else(new_txn_id, topup_txn_id);
         let (once, at) = (idempotency_key.is_some(), now_ms());
-        retrying(|| {
-            let header = TxnHeader {
-                id: txn_id.clone(),
-                kind: "topup",
-                currency: &wallet.currency,
-                amount,
-                audit: &audit,
-                at,
-                legs: None,
-            };
-            async move {
-                let tx = self.tx().await?;
-                Portable::<Postgres>::topup(tx, wallet_id, source_id, header, once).await
-            }
-        })
-        .await
+        let attempt = || {
+            retrying(|| {
+                let header = TxnHeader {
+                    id: txn_id.clone(),
+                    kind: "topup",
+                    currency: &wallet.currency,
+                    amount,
+                    audit: &audit,
+                    at,
+                    legs: None,
+                };
+                async move {
+                    let tx = self.tx().await?;
+                    Portable::<Postgres>::topup(tx, wallet_id, source_id, header, once).await
+                }
+            })
+        };
+        match attempt().await {
+            // The same key's top-up committed while this one was under way:
+            // looked at again, it is replayed.
+            Err(e) if once && duplicate(&e) => attempt().await,
+            done => done,
+        }
     }
 
     async fn balances(&self, wallet: &str) -> Result<Vec<WalletBalance>, StoreError> {
@@ -535,12 +547,15 @@ impl Store for PgStore {
     async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError> {
         retrying(|| async {
             let mut tx = self.tx().await?;
+            let instance = self.db.instance.as_str();
             sqlx::query(LOCK_WALLETS_OF_ORPHANED_HOLDS)
                 .bind(now)
+                .bind(instance)
                 .execute(&mut *tx)
                 .await?;
             let released = sqlx::query(RELEASE_ORPHANED_HOLDS)
                 .bind(now)
+                .bind(instance)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
