@@ -425,21 +425,13 @@ async fn a_held_up_upkeep_pass_does_not_let_the_lease_lapse() {
     use sqlx::Connection;
     testing::select(Backend::Postgres);
     let env = Env::new("resubmit");
+    env.topup("alice", "1.00").await;
     let store = testing::open_store(&env.db).await.unwrap();
-    let usd = Currency::parse("USD").unwrap();
-    store
-        .topup(
-            &AccountRef::wallet("alice", &usd),
-            Units::parse("1.00").unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
     let expired = tollgate::store::HoldRequest {
         hold_id: "old".into(),
         principal: "alice".into(),
         amount: Units::parse("0.10").unwrap(),
-        currency: usd,
+        currency: Currency::parse("USD").unwrap(),
         tool: "echo".into(),
         args_hash: "h".into(),
         expires_at: now_ms() - 1,
