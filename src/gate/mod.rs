@@ -12,6 +12,7 @@ mod recording;
 mod recovery;
 mod redeem;
 pub mod reply;
+mod runs;
 mod scope;
 mod slow_path;
 
@@ -89,6 +90,7 @@ pub struct Gate {
     pub(crate) signer: ReceiptSigner,
     pub(crate) settings: GateSettings,
     pub(crate) dynamic: DynamicTools,
+    runs: runs::RunsUnderWay,
 }
 
 /// A priced call that passed validation.
@@ -120,6 +122,7 @@ impl Gate {
             signer,
             settings,
             dynamic: DynamicTools::default(),
+            runs: Default::default(),
         }
     }
 
@@ -285,6 +288,7 @@ impl Gate {
             // A tool no longer served (an upstream dropped it) may have been
             // paid for: its payment id, redeemed, is refunded (`tool_gone`).
             if let Some((tool, payment_id, args_hash)) = gone_tool_payment(name, &args)
+                && catalog.get(&tool).is_none()
                 && let Ok(Some(intent)) = self.store.intent(&payment_id).await
                 && intent.tool == tool
             {

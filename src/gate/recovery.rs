@@ -26,6 +26,11 @@ use crate::store::{
     new_txn_id, now_ms,
 };
 
+/// How long one of this instance's runs may sit `running` with nothing
+/// under way for it before it is taken for dropped: the claim is counted
+/// before it lands, so this is only a margin.
+const ABANDONED_AFTER_MS: i64 = 60_000;
+
 /// What one recovery pass settled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recovered {
@@ -46,12 +51,31 @@ impl Gate {
             holds_released: self.store.release_orphaned_holds(now).await?,
             ..Recovered::default()
         };
-        for intent in self.store.interrupted_runs(now).await? {
-            let message = format!(
+        let stopped = |intent: &Intent| {
+            format!(
                 "the server stopped while this paid call of `{}` was running, so it is not \
                  known whether it finished. Nothing was charged: the payment was refunded.",
                 intent.tool
-            );
+            )
+        };
+        let dropped = |intent: &Intent| {
+            format!(
+                "this paid call of `{}` was claimed but its run was never recorded (the store \
+                 was unreachable), so it is not known whether it finished. Nothing was \
+                 charged: the payment was refunded.",
+                intent.tool
+            )
+        };
+        let mut interrupted: Vec<_> = (self.store.interrupted_runs(now).await?.into_iter())
+            .map(|intent| (stopped(&intent), intent))
+            .collect();
+        // This instance's own runs that nobody here is running or recording.
+        for intent in self.store.own_stale_runs(now - ABANDONED_AFTER_MS).await? {
+            if !self.runs.contains(&intent.id) {
+                interrupted.push((dropped(&intent), intent));
+            }
+        }
+        for (message, intent) in interrupted {
             let outcome = self.unrun(&intent, code::RUN_INTERRUPTED, message);
             match self.store.finish_intent(&outcome).await {
                 Ok(_) => {
@@ -104,6 +128,7 @@ impl Gate {
     /// Takes a paid, never redeemed intent through `running` (so no late
     /// redeem can run it) to failed, refunded.
     async fn refund_unredeemed(&self, intent: &Intent) -> Result<bool, StoreError> {
+        let _under_way = self.runs.enter(&intent.id);
         let claimed = if intent.status == IntentStatus::AwaitingPayment {
             let Some(session) = intent.provider_session_id.as_deref() else {
                 return Ok(false);

@@ -15,6 +15,7 @@ use super::{
     recording::{self, Unrecorded},
     reply,
     reply::code,
+    runs::UnderWay,
 };
 use crate::{
     money::{Units, format_amount},
@@ -87,6 +88,8 @@ impl Gate {
         let run_deadline = Instant::now() + self.settings.run_wait;
         let mut poll = FIRST_POLL;
         loop {
+            // Counted before a claim can land (see `runs`).
+            let under_way = self.runs.enter(&intent.id);
             let step = match intent.status {
                 IntentStatus::Succeeded | IntentStatus::Failed => {
                     return Settled::Final(self.replay(&intent).await);
@@ -100,7 +103,9 @@ impl Gate {
                     .transition_intent(&intent.id, IntentStatus::Paid, IntentStatus::Running)
                     .await
                 {
-                    Ok(true) => return Settled::Final(self.run_paid(scope, intent).await),
+                    Ok(true) => {
+                        return Settled::Final(self.run_paid(scope, intent, under_way).await);
+                    }
                     Ok(false) => Step::Reload,
                     Err(e) => return Settled::Final(reply::unavailable(e)),
                 },
@@ -128,7 +133,9 @@ impl Gate {
             };
             match step {
                 Step::Answer(result) => return Settled::Final(result),
-                Step::Claimed => return Settled::Final(self.run_paid(scope, intent).await),
+                Step::Claimed => {
+                    return Settled::Final(self.run_paid(scope, intent, under_way).await);
+                }
                 Step::Pending(result) => {
                     let Some(wait) = wait.as_mut() else {
                         return Settled::Pending(result);
@@ -149,6 +156,7 @@ impl Gate {
                 }
                 Step::Reload => {}
             }
+            drop(under_way);
             intent = match self.store.intent(&intent.id).await {
                 Ok(Some(fresh)) => fresh,
                 Ok(None) => {
@@ -293,7 +301,12 @@ impl Gate {
 
     /// Runs a paid intent's tool, the one time it runs, and settles: the
     /// result and the ledger posting are stored in one transaction.
-    async fn run_paid(&self, scope: &CallScope<'_>, intent: Intent) -> CallToolResult {
+    async fn run_paid(
+        &self,
+        scope: &CallScope<'_>,
+        intent: Intent,
+        under_way: UnderWay,
+    ) -> CallToolResult {
         let catalog = self.catalog();
         let Some(entry) = catalog.get(&intent.tool) else {
             // Its upstream dropped it since the payment: refund it now,
@@ -409,6 +422,8 @@ impl Gate {
                     "storing a paid run's result",
                     intent.id.clone(),
                     move || {
+                        // Under way until this gives up or lands.
+                        let _under_way = &under_way;
                         let (store, outcome) = (store.clone(), outcome.clone());
                         async move {
                             match store.finish_intent(&outcome).await {

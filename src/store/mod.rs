@@ -800,6 +800,10 @@ pub trait Store: Send + Sync + 'static {
     /// Paid intents left `running` by instances not alive at `now`. The
     /// gate settles each as failed (refunded); it never runs again.
     async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError>;
+    /// This instance's paid intents left `running` since before `before`:
+    /// the gate settles those it has no run under way for (see
+    /// `gate::runs`).
+    async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError>;
     /// Intents paid but never redeemed whose time ended before `before`,
     /// oldest first, a page at a time: those after `after` (at most
     /// [`UNREDEEMED_PAGE`]; a shorter page is the last). The gate refunds them.

@@ -370,6 +370,14 @@ where
         .await
     }
 
+    pub async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
+        self.all(
+            statement!(sql::OWN_STALE_RUNS, before, &self.instance),
+            rows::intent,
+        )
+        .await
+    }
+
     pub async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
         self.all(
             statement!(sql::UNREDEEMED, before, after.expires_at, after.id.as_str()),

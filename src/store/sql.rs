@@ -192,6 +192,9 @@ pub(super) const INTERRUPTED_RUNS: &str = concat!(
     " ORDER BY id"
 );
 
+/// This instance's (`$2`) paid intents left running since before `$1`.
+pub(super) const OWN_STALE_RUNS: &str = "SELECT * FROM intents WHERE status = 'running' AND runner = $2 AND updated_at < $1 ORDER BY id";
+
 /// Intents paid but never redeemed, whose time ended before `$1`: marked
 /// paid, or still awaiting payment though their local session was paid.
 /// One page, in (expires_at, id) order, after the one ending at (`$2`, `$3`).

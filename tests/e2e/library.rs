@@ -132,3 +132,76 @@ async fn tools_that_clash_with_the_gates_names_are_refused_at_start() {
         "two_step takes no payment_id from the tool's arguments: {error}"
     );
 }
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct NoArguments {}
+
+on_both_backends! {
+    /// A paid run under way for longer than recovery's margin for dropped
+    /// claims is still its runner's: recovery leaves it alone, and it ends
+    /// charged as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery_leaves_a_long_paid_run_under_way_alone() {
+        use std::{sync::Arc, time::Duration};
+        let env = Env::new("resubmit");
+        env.topup("carol", "1.00").await;
+        let pricing = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
+             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"slow\"\nprice = \"0.10\"\n",
+            env.key.display()
+        );
+        let go = Arc::new(tokio::sync::Notify::new());
+        let waiting = go.clone();
+        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
+            .expect("pricing")
+            .tool("slow", "Runs until let go.", move |_: NoArguments| {
+                let go = waiting.clone();
+                async move {
+                    go.notified().await;
+                    "done"
+                }
+            })
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+        let server = tollgate.server(Caller {
+            principal: Some("alice".into()),
+        });
+        tokio::spawn(async move {
+            if let Ok(running) = server.serve(server_io).await {
+                let _ = running.waiting().await;
+            }
+        });
+        let client = ().serve(client_io).await.expect("connect");
+        let r = crate::harness::call(&client, "slow", json!({})).await;
+        let id = crate::harness::payment_id_of(&r);
+        env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+        let peer = client.peer().clone();
+        let params = rmcp::model::CallToolRequestParams::new("slow")
+            .with_arguments(json!({"payment_id": id}).as_object().unwrap().clone());
+        let run = tokio::spawn(async move { peer.call_tool(params).await });
+
+        let store = tollgate.gate().store().clone();
+        for _ in 0..100 {
+            if store.intent(&id).await.unwrap().unwrap().status.as_str() == "running" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Running, as if for two minutes.
+        let aged = format!("UPDATE intents SET updated_at = updated_at - 120000 WHERE id = '{id}'");
+        tollgate::testing::execute(&env.db, &aged).await.unwrap();
+        let now = tollgate::store::now_ms();
+        let recovered = tollgate.gate().recover_interrupted(now).await.unwrap();
+        assert_eq!(recovered.runs_refunded, 0, "a run under way is its runner's");
+        go.notify_one();
+        let r = run.await.unwrap().unwrap();
+        assert_eq!(text(&r), "done");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(env.available("carol").await, "0.90");
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}

@@ -655,6 +655,21 @@ on_both_backends! {
             let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
             t.env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
             assert_eq!(t.env.available("carol").await, "0.99");
+            if mode != "two_step" {
+                // While echo is served, there is no `confirm_echo_payment`
+                // in this mode: it redeems nothing (and so bypasses no
+                // session binding of a dynamic confirm tool).
+                let other = t
+                    .connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false)
+                    .await;
+                let confirm = rmcp::model::CallToolRequestParams::new("confirm_echo_payment")
+                    .with_arguments(json!({"payment_id": id}).as_object().unwrap().clone());
+                let r = other.call_tool(confirm).await;
+                assert!(r.is_err(), "{mode}: {r:?}");
+                let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
+                assert_eq!(intent.status.as_str(), "awaiting_payment", "{mode}: not run");
+                other.cancel().await.ok();
+            }
             // As if an upstream had dropped the tool since the payment.
             let renamed = tollgate::testing::execute(
                 &t.env.db,
@@ -682,6 +697,48 @@ on_both_backends! {
             a.cancel().await.ok();
             t.env.assert_ledger_ok().await;
         }
+    }
+}
+
+on_both_backends! {
+    /// A paid intent this instance claimed and then dropped (the claim's
+    /// answer lost, a settlement that failed, a background write that gave
+    /// up) is refunded by recovery once it has sat a minute with no run
+    /// under way here. It stayed `running`, its money in clearing and every
+    /// retry told "in progress", until the process ended.
+    #[tokio::test]
+    async fn a_claimed_run_nobody_finishes_is_refunded_by_recovery() {
+        use tollgate::store::{AccountRef, Funding, now_ms};
+        let t = InProcess::new(&pricing("resubmit", "")).await;
+        t.env.topup("carol", "1.00").await;
+        let a = t
+            .connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false)
+            .await;
+        let r = call(&a, "echo", echo_args("dropped")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        t.env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+        // Claimed in this instance's name, as a redeem does, then dropped.
+        let usd = tollgate::money::Currency::parse("USD").unwrap();
+        let funding = Funding::InClearing { refund_to: Some(AccountRef::wallet("carol", &usd)) };
+        assert!(t.gate.store().claim_paid_intent(&id, &funding).await.unwrap());
+        let recovered = t.gate.recover_interrupted(now_ms()).await.unwrap();
+        assert_eq!(recovered.runs_refunded, 0, "just claimed: perhaps still starting");
+        tollgate::testing::execute(
+            &t.env.db,
+            &format!("UPDATE intents SET updated_at = updated_at - 120000 WHERE id = '{id}'"),
+        )
+        .await
+        .unwrap();
+        let recovered = t.gate.recover_interrupted(now_ms()).await.unwrap();
+        assert_eq!(recovered.runs_refunded, 1);
+        let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
+        assert_eq!(intent.status.as_str(), "failed", "refunded, never run");
+        assert_eq!(t.env.available("carol").await, "1.00");
+        let r = call(&a, "echo", json!({"text": "dropped", "payment_id": id})).await;
+        assert_eq!(error_code(&r), "run_interrupted", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "refunded");
+        a.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
     }
 }
 

@@ -569,6 +569,10 @@ impl Store for PgStore {
         self.db.interrupted_runs(now).await
     }
 
+    async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
+        self.db.own_stale_runs(before).await
+    }
+
     async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
         self.db.unredeemed(before, after).await
     }
