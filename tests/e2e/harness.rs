@@ -271,3 +271,18 @@ pub fn payment_id_of(r: &CallToolResult) -> String {
 pub fn echo_args(text: &str) -> Value {
     json!({ "text": text })
 }
+
+/// An rmcp client on an in-process pipe to an embedded tollgate's server,
+/// calling as `principal`.
+pub async fn embedded_client(tollgate: &tollgate::Tollgate, principal: &str) -> Client {
+    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+    let server = tollgate.server(tollgate::Caller {
+        principal: Some(principal.into()),
+    });
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(server_io).await {
+            let _ = running.waiting().await;
+        }
+    });
+    ().serve(client_io).await.expect("connect")
+}

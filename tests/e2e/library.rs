@@ -5,10 +5,8 @@
 #[path = "../../examples/weather.rs"]
 mod weather;
 
-use rmcp::ServiceExt;
 use serde_json::json;
 use tollgate::{
-    Caller,
     money::{Currency, Units},
     store::AccountRef,
 };
@@ -42,16 +40,7 @@ on_both_backends! {
             .await
             .unwrap();
 
-        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let server = tollgate.server(Caller {
-            principal: Some("alice".into()),
-        });
-        tokio::spawn(async move {
-            if let Ok(running) = server.serve(server_io).await {
-                let _ = running.waiting().await;
-            }
-        });
-        let client = ().serve(client_io).await.expect("connect");
+        let client = crate::harness::embedded_client(&tollgate, "alice").await;
 
         let tools = client.list_all_tools().await.unwrap();
         let forecast = tools.iter().find(|t| t.name == "forecast").unwrap();
@@ -165,16 +154,7 @@ on_both_backends! {
             .build()
             .await
             .expect("build");
-        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let server = tollgate.server(Caller {
-            principal: Some("alice".into()),
-        });
-        tokio::spawn(async move {
-            if let Ok(running) = server.serve(server_io).await {
-                let _ = running.waiting().await;
-            }
-        });
-        let client = ().serve(client_io).await.expect("connect");
+        let client = crate::harness::embedded_client(&tollgate, "alice").await;
         let r = crate::harness::call(&client, "slow", json!({})).await;
         let id = crate::harness::payment_id_of(&r);
         env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;

@@ -10,19 +10,18 @@ use std::{
     time::Duration,
 };
 
-use rmcp::ServiceExt;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 use tollgate::{
-    Caller, Tollgate,
+    Tollgate,
     money::{Currency, Units},
     store::{AccountRef, now_ms},
     testing::{self, Backend},
 };
 
 use crate::{
-    harness::{Env, call, echo_args, error_code, payment_meta, structured, text},
+    harness::{Env, call, echo_args, embedded_client, error_code, payment_meta, structured, text},
     http_service::{checkout_post, serve_gate},
 };
 
@@ -173,16 +172,7 @@ async fn postgres_going_away_under_load_loses_no_charge_and_runs_nothing_unpaid(
 
     let mut clients = Vec::new();
     for _ in 0..16 {
-        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let server = tollgate.server(Caller {
-            principal: Some("pat".into()),
-        });
-        tokio::spawn(async move {
-            if let Ok(running) = server.serve(server_io).await {
-                let _ = running.waiting().await;
-            }
-        });
-        clients.push(().serve(client_io).await.expect("connect"));
+        clients.push(embedded_client(&tollgate, "pat").await);
     }
 
     // Load for a few seconds while every connection is killed again and again.
@@ -327,18 +317,7 @@ async fn a_charge_that_cannot_be_recorded_withholds_the_result_until_it_is() {
         .topup(&wallet, Units::parse("1.00").unwrap(), None)
         .await
         .unwrap();
-    let connect = async |principal: &str| {
-        let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-        let server = tollgate.server(Caller {
-            principal: Some(principal.into()),
-        });
-        tokio::spawn(async move {
-            if let Ok(running) = server.serve(server_io).await {
-                let _ = running.waiting().await;
-            }
-        });
-        ().serve(client_io).await.expect("connect")
-    };
+    let connect = async |principal: &str| embedded_client(&tollgate, principal).await;
     // The database comes back 2 s after it went; what is left to the
     // background lands within a few more.
     let until = || tokio::time::Instant::now() + Duration::from_secs(20);
