@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::{
     Gate,
-    redeem::refunded,
+    redeem::{pays_for, refunded},
     reply::{self, code},
 };
 use crate::store::{
@@ -134,7 +134,9 @@ impl Gate {
                 return Ok(false);
             };
             let state = match self.provider.session_state(session).await {
-                Ok(state) if state.status == SessionStatus::Paid => state,
+                Ok(state) if state.status == SessionStatus::Paid && pays_for(&state, intent) => {
+                    state
+                }
                 _ => return Ok(false),
             };
             self.store

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::{
     money::{Units, format_amount},
+    provider::SessionState,
     receipt::ReceiptClaims,
     store::{
         AccountKind, AccountRef, ApprovalStatus, Charge, Intent, IntentOutcome, IntentStatus,
@@ -225,6 +226,9 @@ impl Gate {
             Err(e) => return Step::Answer(reply::unavailable(e)),
         };
         let (to, code, status) = match state.status {
+            SessionStatus::Paid if !pays_for(&state, intent) => {
+                return Step::Answer(charged_otherwise(&state, intent));
+            }
             SessionStatus::Paid => {
                 return match self
                     .store
@@ -567,5 +571,43 @@ pub(super) fn ended(intent: &Intent, code: &str, status: &str) -> CallToolResult
             intent.id, intent.tool
         ),
         details,
+    )
+}
+
+/// Whether a provider's session, paid, pays for `intent`: a remote
+/// provider's word on what it charged must match the intent's amount and
+/// currency (another session's payment, or another reading of minor
+/// units, is not this payment).
+pub(super) fn pays_for(state: &SessionState, intent: &Intent) -> bool {
+    state
+        .charged
+        .as_ref()
+        .is_none_or(|(amount, currency)| *amount == intent.amount && *currency == intent.currency)
+}
+
+/// The answer to a payment its provider reports charged for something else.
+fn charged_otherwise(state: &SessionState, intent: &Intent) -> CallToolResult {
+    let reported = state
+        .charged
+        .as_ref()
+        .map_or_else(String::new, |(amount, currency)| {
+            format!("{} {currency}", format_amount(*amount))
+        });
+    tracing::error!(
+        payment_id = intent.id,
+        reported,
+        "the provider reports the session paid for another amount or currency: not taken"
+    );
+    reply::error(
+        code::PAYMENT_FAILED,
+        format!(
+            "the payment provider reports payment `{}` paid as {reported}, not the {} {} it is \
+             for, so it is not taken as this payment and `{}` does not run",
+            intent.id,
+            format_amount(intent.amount),
+            intent.currency,
+            intent.tool
+        ),
+        reply::details(json!({ "payment_id": intent.id, "status": "failed" })),
     )
 }

@@ -195,21 +195,35 @@ pub async fn show(
 ) -> Response {
     match load(&state, &id).await {
         Ok(Some(loaded)) => {
+            // The banner after a form says what happened only if the
+            // session agrees: `?done=` is part of a URL anyone can write.
+            let status = loaded.session.status;
             let message = match shown.done.as_deref() {
-                Some("paid") => Some(("Paid. Thank you.", false)),
-                Some("approved") => Some(("Approved and paid from the wallet.", false)),
-                Some("declined") => Some(("Declined. Nothing was taken.", false)),
+                Some("paid") if status == SessionStatus::Paid => Some(("Paid. Thank you.", false)),
+                Some("approved") if status == SessionStatus::Paid => {
+                    Some(("Approved and paid from the wallet.", false))
+                }
+                Some("declined") if status == SessionStatus::Cancelled => {
+                    Some(("Declined. Nothing was taken.", false))
+                }
                 _ => None,
             };
             render(&state, &loaded, message, StatusCode::OK)
         }
         Ok(None) => not_found(&id),
-        Err(e) => page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Unavailable",
-            &format!("<p>{}</p>", escape(&e.to_string())),
-        ),
+        Err(e) => unavailable(&id, &e),
     }
+}
+
+/// The store failed: the details go to the log, not to the page (they can
+/// name hosts and databases).
+fn unavailable(id: &str, e: &StoreError) -> Response {
+    tracing::warn!(session = id, "checkout: payment system unavailable: {e}");
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        "<p>The payment system is unavailable. Nothing was changed; try again shortly.</p>",
+    )
 }
 
 /// Whether a POST comes from this site (or one allowed), judged by its
@@ -262,13 +276,7 @@ pub async fn act(
     let loaded = match load(&state, &id).await {
         Ok(Some(loaded)) => loaded,
         Ok(None) => return not_found(&id),
-        Err(e) => {
-            return page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Unavailable",
-                &escape(&e.to_string()),
-            );
-        }
+        Err(e) => return unavailable(&id, &e),
     };
     if loaded.session.status != SessionStatus::Pending {
         let message = format!(
@@ -336,11 +344,16 @@ pub async fn act(
             .pay_session(&id, None, now_ms())
             .await
             .map(|_| "paid"),
-        "decline" => state
-            .store
-            .end_session(&id, SessionStatus::Cancelled)
-            .await
-            .map(|_| "declined"),
+        "decline" => match state.store.end_session(&id, SessionStatus::Cancelled).await {
+            Ok(true) => Ok("declined"),
+            // Paid (or ended) since the page was loaded: say so below.
+            Ok(false) => Err(StoreError::WrongState {
+                what: "this payment".into(),
+                status: "no longer pending".into(),
+                expected: "pending",
+            }),
+            Err(e) => Err(e),
+        },
         _ => {
             return render(
                 &state,
@@ -356,10 +369,15 @@ pub async fn act(
             Redirect::to(&format!("/checkout/{id}?done={done}")).into_response()
         }
         Err(e) => {
+            // What the person can act on is shown; a failing store is not
+            // described (see `unavailable`).
             let status = match e {
                 StoreError::InsufficientFunds { .. } => StatusCode::PAYMENT_REQUIRED,
+                StoreError::OverLimit(_) => StatusCode::FORBIDDEN,
                 StoreError::WrongState { .. } => StatusCode::CONFLICT,
-                _ => StatusCode::SERVICE_UNAVAILABLE,
+                StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+                StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+                _ => return unavailable(&id, &e),
             };
             let loaded = load(&state, &id).await.ok().flatten().unwrap_or(loaded);
             render(&state, &loaded, Some((&e.to_string(), true)), status)

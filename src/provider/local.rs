@@ -74,6 +74,7 @@ impl Provider for LocalProvider {
             funding: Funding::InClearing {
                 refund_to: session.paid_from,
             },
+            charged: None,
         })
     }
 

@@ -52,6 +52,10 @@ pub struct SessionState {
     pub status: SessionStatus,
     /// For a paid session: where its money is in (or enters) the ledger.
     pub funding: Funding,
+    /// What a remote provider says the session is for. A payment is taken
+    /// for an intent only if this matches it (a local session is made for
+    /// its intent, in this ledger: `None`).
+    pub charged: Option<(Units, Currency)>,
 }
 
 #[async_trait]

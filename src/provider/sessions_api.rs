@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{Provider, ProviderError, ProviderSession, SessionRequest, SessionState};
 use crate::{
-    money::to_minor_units,
+    money::{Currency, from_minor_units, to_minor_units},
     store::{Funding, SessionStatus},
 };
 
@@ -33,8 +33,13 @@ struct Created {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Status {
+    session_id: String,
     status: String,
+    /// Minor units.
+    amount: i64,
+    currency: String,
 }
 
 impl SessionsApiProvider {
@@ -141,15 +146,30 @@ impl Provider for SessionsApiProvider {
             .json()
             .await
             .map_err(|e| ProviderError::Unavailable(format!("unreadable answer: {e}")))?;
+        let unreadable = |what: String| ProviderError::Unavailable(format!("the provider {what}"));
+        if status.session_id != id {
+            return Err(unreadable(format!(
+                "answered for session `{}` when asked about `{id}`",
+                status.session_id
+            )));
+        }
+        let currency = Currency::parse(&status.currency)
+            .map_err(|e| unreadable(format!("reported a session in {e}")))?;
+        let amount = from_minor_units(status.amount, &currency)
+            .map_err(|e| unreadable(format!("reported an amount it cannot mean: {e}")))?;
         let status =
             SessionStatus::parse(&status.status.to_ascii_lowercase()).ok_or_else(|| {
-                ProviderError::Unavailable(format!("unknown session status `{}`", status.status))
+                unreadable(format!(
+                    "reported an unknown session status `{}`",
+                    status.status
+                ))
             })?;
         Ok(SessionState {
             status,
             funding: Funding::External {
                 account: self.name().to_owned(),
             },
+            charged: Some((amount, currency)),
         })
     }
 
@@ -188,13 +208,19 @@ mod tests {
         let app = Router::new()
             .route(
                 "/v1/sessions/{id}",
-                get(move |State(calls): State<Arc<AtomicUsize>>| async move {
-                    if calls.fetch_add(1, Ordering::SeqCst) < failures {
-                        Err(StatusCode::SERVICE_UNAVAILABLE)
-                    } else {
-                        Ok(Json(json!({"status": "PAID"})))
-                    }
-                }),
+                get(
+                    move |State(calls): State<Arc<AtomicUsize>>,
+                          axum::extract::Path(id): axum::extract::Path<String>| async move {
+                        if calls.fetch_add(1, Ordering::SeqCst) < failures {
+                            Err(StatusCode::SERVICE_UNAVAILABLE)
+                        } else {
+                            // Session `cs_other` answers as another one.
+                            let id = if id == "cs_other" { "cs_1".into() } else { id };
+                            Ok(Json(json!({"sessionId": id, "status": "PAID",
+                                           "amount": 500, "currency": "usd"})))
+                        }
+                    },
+                ),
             )
             .route(
                 "/v1/sessions",
@@ -226,6 +252,8 @@ mod tests {
         let provider = SessionsApiProvider::new(&base, "key".into()).unwrap();
         let state = provider.session_state("cs_1").await.unwrap();
         assert_eq!(state.status, SessionStatus::Paid);
+        let usd = Currency::parse("USD").unwrap();
+        assert_eq!(state.charged, Some((Units::parse("5.00").unwrap(), usd)));
         assert_eq!(
             calls.load(Ordering::SeqCst),
             3,
@@ -236,6 +264,14 @@ mod tests {
             Funding::External {
                 account: "sessions_api".into()
             }
+        );
+        // An answer about another session than the one asked about is not
+        // taken for it.
+        let other = provider.session_state("cs_other").await;
+        assert!(
+            matches!(&other, Err(ProviderError::Unavailable(m)) if m.contains("answered for session `cs_1`")),
+            "{:?}",
+            other.map(|s| s.status)
         );
 
         let (base, calls) = flaky(10).await;

@@ -682,6 +682,44 @@ crate::on_both_backends! {
 }
 
 crate::on_postgres! {
+    /// A refusal (decline, cancel) that waits on a payment of its intent's
+    /// session (here another transaction has locked the intent and marked
+    /// the session paid, and not yet committed) sees that payment once it
+    /// commits, and leaves the intent payable. In one statement it judged
+    /// the session by its snapshot from before the wait, and ended the
+    /// intent with its money in clearing.
+    #[tokio::test]
+    async fn a_refusal_waiting_on_a_payment_leaves_the_intent_payable() {
+        use sqlx::Connection;
+        let (place, store) = store().await;
+        store.create_session(&session("s", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("s")).await.unwrap();
+
+        let mut payment = sqlx::PgConnection::connect(&place.db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut payment).await.unwrap();
+        sqlx::query("SELECT 1 FROM intents WHERE id = 's' FOR UPDATE")
+            .execute(&mut payment)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE payment_sessions SET status = 'paid' WHERE id = 's'")
+            .execute(&mut payment)
+            .await
+            .unwrap();
+        let refusing = {
+            let store = store.clone();
+            tokio::spawn(async move { store.end_unpaid_intent("s", IntentStatus::Declined).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!refusing.is_finished(), "the refusal waits for the payment");
+        sqlx::query("COMMIT").execute(&mut payment).await.unwrap();
+
+        assert!(!refusing.await.unwrap().unwrap(), "nothing ended");
+        let intent = store.intent("s").await.unwrap().unwrap();
+        assert_eq!(intent.status, IntentStatus::AwaitingPayment, "still payable");
+    }
+}
+
+crate::on_postgres! {
     /// A payment that comes while the expiry sweep is ending its intent
     /// (here: another transaction has expired it and not yet committed)
     /// waits for it, and then takes nothing.

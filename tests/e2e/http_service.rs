@@ -454,6 +454,13 @@ on_both_backends! {
         assert_eq!(cross_site.status(), 403);
 
         let pending_csrf = csrf_of(&page);
+        // A written link cannot put "Paid" over a pending payment.
+        for done in ["paid", "approved", "declined"] {
+            let link = format!("{url}?done={done}");
+            let page = http().get(&link).send().await.unwrap().text().await.unwrap();
+            assert!(page.contains("<td id=\"status\">pending</td>"), "{page}");
+            assert!(!page.contains("Thank you") && !page.contains("Nothing was taken"), "{page}");
+        }
         // Paying from a wallet needs that wallet's key; too little money is said so.
         let response = checkout_post(
             &server.base,
@@ -498,6 +505,8 @@ on_both_backends! {
         assert_eq!(again.status(), 409);
         assert!(again.text().await.unwrap().contains("already paid"));
         assert_eq!(server.env.available("erin").await, "0.95");
+        let thanked = http().get(format!("{url}?done=paid")).send().await.unwrap();
+        assert!(thanked.text().await.unwrap().contains("Paid. Thank you."));
 
         // Decline.
         let declined = open().await;
@@ -665,6 +674,21 @@ on_both_backends! {
             crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": id})).await;
         assert_eq!(text(&r), "remote", "{r:?}");
         assert_eq!(payment_meta(&r)["status"], "paid");
+
+        // B says a session is paid, but for another amount than A's intent
+        // (here B's record was changed by hand): A does not take it.
+        let r = crate::harness::call(&client, "echo", echo_args("other")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+        let session = url.rsplit('/').next().unwrap();
+        let changed = format!("UPDATE payment_sessions SET amount = amount * 100 WHERE id = '{session}'");
+        assert_eq!(tollgate::testing::execute(&b.env.db, &changed).await.unwrap(), 1);
+        let response = checkout_post(&b.base, session, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 303);
+        let again = json!({"text": "other", "payment_id": id});
+        let r = crate::harness::call(&client, "echo", again).await;
+        assert_eq!(error_code(&r), "payment_failed", "{r:?}");
+        assert!(text(&r).contains("paid as 1.00 USD, not the 0.01 USD"), "{}", text(&r));
         client.cancel().await.ok();
         // A's ledger took the money in from outside and earned it; B's took it at checkout.
         a.assert_ledger_ok().await;

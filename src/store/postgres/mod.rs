@@ -399,13 +399,24 @@ impl Store for PgStore {
     }
 
     async fn end_unpaid_intent(&self, id: &str, to: IntentStatus) -> Result<bool, StoreError> {
+        // As in the sweep: the intent is locked first, and its session
+        // looked at by a second statement, which sees a payment that
+        // committed while this waited for the lock (one statement would
+        // judge it by its snapshot from before the wait).
         let done = retrying(|| async {
-            Ok(sqlx::query(END_UNPAID_INTENT)
+            let mut tx = self.tx().await?;
+            sqlx::query("SELECT 1 FROM intents WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            let done = sqlx::query(END_UNPAID_INTENT)
                 .bind(id)
                 .bind(to.as_str())
                 .bind(now_ms())
-                .execute(&self.db.pool)
-                .await?)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(done)
         })
         .await?;
         Ok(done.rows_affected() > 0)
