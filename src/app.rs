@@ -261,8 +261,11 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
                 holds_released = r.holds_released,
                 runs_refunded = r.runs_refunded,
                 unredeemed_refunded = r.unredeemed_refunded,
+                remote_paid_kept = r.remote_paid_kept,
+                remote_expired = r.remote_expired,
                 "recovered what dead instances left (open holds released, interrupted paid runs \
-                 refunded) and refunded payments never redeemed"
+                 refunded), refunded payments never redeemed, and settled remote payments past \
+                 their time"
             ),
             Err(e) => tracing::warn!("crash recovery failed: {e}"),
         }

@@ -21,9 +21,12 @@ use super::{
     redeem::{pays_for, refunded},
     reply::{self, code},
 };
-use crate::store::{
-    Cursor, Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError, UNREDEEMED_PAGE,
-    new_txn_id, now_ms,
+use crate::{
+    provider::ProviderError,
+    store::{
+        Cursor, Funding, Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError,
+        UNREDEEMED_PAGE, new_txn_id, now_ms,
+    },
 };
 
 /// How long one of this instance's runs may sit `running` with nothing
@@ -38,6 +41,11 @@ pub struct Recovered {
     pub runs_refunded: u64,
     /// Paid but never redeemed in time.
     pub unredeemed_refunded: u64,
+    /// Remote payments made in time and found after the intent's time ran
+    /// out: kept, paid, for their caller to redeem.
+    pub remote_paid_kept: u64,
+    /// Intents of a remote provider that were not paid in time: expired.
+    pub remote_expired: u64,
 }
 
 impl Gate {
@@ -99,6 +107,7 @@ impl Gate {
                 Err(e) => return Err(e),
             }
         }
+        self.settle_remote_due(now, &mut recovered).await;
         // Page by page, so that intents left as they were (redeemed
         // meanwhile, a provider that did not answer, one that cannot be
         // settled) do not hide those after them.
@@ -121,6 +130,60 @@ impl Gate {
             match page.last() {
                 Some(last) if page.len() == UNREDEEMED_PAGE => after = Cursor::after(last),
                 _ => return Ok(recovered),
+            }
+        }
+    }
+
+    /// Intents awaiting a remote provider's payment whose time ran out
+    /// (the expiry sweep cannot see such a payment, so it leaves them
+    /// here): paid in time, the money enters clearing and the intent stays
+    /// redeemable (refunded if never used); otherwise it expires. One the
+    /// provider cannot answer about now is asked again next time.
+    async fn settle_remote_due(&self, now: i64, recovered: &mut Recovered) {
+        let due = match self.store.remote_due(now).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!("cannot list remote payments past their time: {e}");
+                return;
+            }
+        };
+        for intent in due {
+            let Some(session) = intent.provider_session_id.as_deref() else {
+                continue;
+            };
+            let state = match self.provider.session_state(session).await {
+                Ok(state) => Some(state),
+                // Not the provider's (it was changed since): not paid there.
+                Err(ProviderError::NotFound(_)) => None,
+                Err(e) => {
+                    tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
+                    continue;
+                }
+            };
+            let paid_in_time = match &state {
+                Some(state) if state.status == SessionStatus::Paid && pays_for(state, &intent) => {
+                    match &state.funding {
+                        Funding::External { account } => Some(account.as_str()),
+                        Funding::InClearing { .. } => None,
+                    }
+                }
+                _ => None,
+            };
+            let settled = match paid_in_time {
+                Some(account) => self
+                    .store
+                    .mark_paid_externally(&intent.id, account)
+                    .await
+                    .map(|kept| (kept, &mut recovered.remote_paid_kept)),
+                None => self
+                    .end_unpaid(&intent, IntentStatus::Expired)
+                    .await
+                    .map(|ended| (ended, &mut recovered.remote_expired)),
+            };
+            match settled {
+                Ok((true, count)) => *count += 1,
+                Ok((false, _)) => {} // redeemed meanwhile
+                Err(e) => tracing::warn!(payment_id = intent.id, "cannot settle a payment: {e}"),
             }
         }
     }

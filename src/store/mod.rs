@@ -804,6 +804,15 @@ pub trait Store: Send + Sync + 'static {
     /// the gate settles those it has no run under way for (see
     /// `gate::runs`).
     async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError>;
+    /// Intents awaiting a remote provider's payment (one this ledger does
+    /// not see) whose time ended before `now`, a hundred at most: the expiry
+    /// sweep leaves them to the gate, which asks the provider.
+    async fn remote_due(&self, now: i64) -> Result<Vec<Intent>, StoreError>;
+    /// awaiting_payment → paid, for a payment made to a remote provider
+    /// (`account`) in time but found after the intent's time ran out: the
+    /// money enters clearing, and the intent is run when redeemed, or
+    /// refunded if never used. False if it was not awaiting payment.
+    async fn mark_paid_externally(&self, id: &str, account: &str) -> Result<bool, StoreError>;
     /// Intents paid but never redeemed whose time ended before `before`,
     /// oldest first, a page at a time: those after `after` (at most
     /// [`UNREDEEMED_PAGE`]; a shorter page is the last). The gate refunds them.

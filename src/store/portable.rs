@@ -378,6 +378,11 @@ where
         .await
     }
 
+    pub async fn remote_due(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
+        self.all(statement!(sql::REMOTE_DUE, now), rows::intent)
+            .await
+    }
+
     pub async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
         self.all(
             statement!(sql::UNREDEEMED, before, after.expires_at, after.id.as_str()),
@@ -539,7 +544,7 @@ where
         clearing_id: i64,
         audit: &Audit,
         approver: &str,
-        runner: &str,
+        runner: Option<&str>,
     ) -> Result<bool, StoreError> {
         let now = now_ms();
         let marked = tx

@@ -195,6 +195,30 @@ pub(super) const INTERRUPTED_RUNS: &str = concat!(
 /// This instance's (`$2`) paid intents left running since before `$1`.
 pub(super) const OWN_STALE_RUNS: &str = "SELECT * FROM intents WHERE status = 'running' AND runner = $2 AND updated_at < $1 ORDER BY id";
 
+/// Whether `$intent`'s payment is seen in this ledger: it has no provider
+/// session, or a local one. A remote provider's (`sessions_api`) is only
+/// known by asking it.
+macro_rules! paid_here {
+    ($intent:literal) => {
+        concat!(
+            "(",
+            $intent,
+            ".provider_session_id IS NULL OR EXISTS (SELECT 1 FROM payment_sessions s WHERE s.id = ",
+            $intent,
+            ".provider_session_id))"
+        )
+    };
+}
+pub(super) use paid_here;
+
+/// Intents awaiting a remote provider's payment whose time ended before
+/// `$1`, oldest first, at most 100: the gate asks the provider about each.
+pub(super) const REMOTE_DUE: &str = concat!(
+    "SELECT * FROM intents i WHERE i.status = 'awaiting_payment' AND i.expires_at < $1 AND NOT ",
+    paid_here!("i"),
+    " ORDER BY i.expires_at, i.id LIMIT 100"
+);
+
 /// Intents paid but never redeemed, whose time ended before `$1`: marked
 /// paid, or still awaiting payment though their local session was paid.
 /// One page, in (expires_at, id) order, after the one ending at (`$2`, `$3`).
@@ -222,10 +246,13 @@ pub(super) const PRUNE_HOLDS: &str =
 
 /// awaiting_payment → running for instance `$5`: paid, and claimed for its
 /// one run, in one statement (it passes through `paid` without a commit of
-/// its own, which cost each slow-path flow a write). Notes the account a
-/// refund goes back to; a waiting approval is approved by whoever paid (`$4`).
+/// its own, which cost each slow-path flow a write). With no `$5`, → paid
+/// only (a remote payment found after the intent's time: redeemable, or
+/// refunded if never used). Notes the account a refund goes back to; a
+/// waiting approval is approved by whoever paid (`$4`).
 pub(super) const CLAIM_PAID: &str =
-    "UPDATE intents SET status = 'running', runner = $5, refund_account_id = $2, updated_at = $3,
+    "UPDATE intents SET status = CASE WHEN $5 IS NULL THEN 'paid' ELSE 'running' END,
+            runner = $5, refund_account_id = $2, updated_at = $3,
             approved_by = CASE WHEN approval = 'waiting' THEN $4 ELSE approved_by END,
             approved_at = CASE WHEN approval = 'waiting' THEN $3 ELSE approved_at END,
             approval = CASE WHEN approval = 'waiting' THEN 'approved' ELSE approval END
@@ -340,6 +367,11 @@ impl<'a> From<&'a String> for Param<'a> {
 impl<'a> From<&'a Option<String>> for Param<'a> {
     fn from(text: &'a Option<String>) -> Self {
         Param::Text(text.as_deref())
+    }
+}
+impl<'a> From<Option<&'a str>> for Param<'a> {
+    fn from(text: Option<&'a str>) -> Self {
+        Param::Text(text)
     }
 }
 impl From<i64> for Param<'_> {

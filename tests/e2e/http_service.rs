@@ -697,6 +697,64 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A payment made at the remote tollgate in time, whose caller comes
+    /// back only after the intent's time ran out, is not lost: A's upkeep
+    /// asks B, keeps the intent paid, and the call runs when redeemed. One
+    /// not paid in time expires. (The expiry sweep cannot see a remote
+    /// payment, and used to expire both.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_payment_made_in_time_is_kept_past_the_intents_time() {
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let key_for_a = b.key("tollgate-a", &["sessions:create", "sessions:read"]).await;
+        let a_pricing = crate::harness::pricing("resubmit", "instance_lease = \"1s\"\n")
+            .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"")
+            .replace(
+                "[store]",
+                &format!(
+                    "[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"TOLLGATE_PROVIDER_KEY\"\n\n[store]",
+                    b.base
+                ),
+            );
+        let a = Env::with_pricing(&a_pricing);
+        let client = a
+            .client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key_for_a.as_str())])
+            .await;
+        let open = async |text: &str| {
+            let r = crate::harness::call(&client, "echo", echo_args(text)).await;
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+            (id, url.rsplit('/').next().unwrap().to_owned())
+        };
+        let (paid, session) = open("late").await;
+        let (unpaid, _) = open("never").await;
+        let response = checkout_post(&b.base, &session, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 303);
+
+        // Past both intents' time, and a few of A's upkeep passes.
+        let store = tollgate::testing::open_store(&a.db).await.unwrap();
+        let status = async |id: &str| store.intent(id).await.unwrap().unwrap().status;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while status(&unpaid).await.as_str() == "awaiting_payment"
+            || status(&paid).await.as_str() == "awaiting_payment"
+        {
+            assert!(tokio::time::Instant::now() < deadline, "A's upkeep never settled them");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(status(&paid).await.as_str(), "paid");
+        assert_eq!(status(&unpaid).await.as_str(), "expired");
+
+        let r = crate::harness::call(&client, "echo", json!({"text": "late", "payment_id": paid})).await;
+        assert_eq!(text(&r), "late", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        let r = crate::harness::call(&client, "echo", json!({"text": "never", "payment_id": unpaid})).await;
+        assert_eq!(error_code(&r), "payment_expired");
+        client.cancel().await.ok();
+        a.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hosts_bodies_and_anonymous_access_are_guarded() {
         let server = HttpServer::start(&two_step_pricing()).await;

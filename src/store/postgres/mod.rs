@@ -113,6 +113,37 @@ impl PgStore {
         Ok(self.db.pool.begin().await?)
     }
 
+    /// An intent paid to a remote provider (`account`): the money enters
+    /// the ledger as the intent is claimed for `runner`, or only marked
+    /// paid (no runner), in one transaction.
+    async fn claim_externally(
+        &self,
+        id: &str,
+        account: &str,
+        runner: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let Some(intent) = self.intent(id).await? else {
+            return Err(StoreError::NotFound(format!("intent {id}")));
+        };
+        let source = AccountRef::new(AccountKind::External, account, &intent.currency);
+        let source_id = self.account_id(&source).await?;
+        let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
+        let audit = external_payment_audit(&intent, account);
+        retrying(|| async {
+            Portable::<Postgres>::claim_paid_externally(
+                self.tx().await?,
+                &intent,
+                source_id,
+                clearing_id,
+                &audit,
+                account,
+                runner,
+            )
+            .await
+        })
+        .await
+    }
+
     /// The id of an account, creating the (empty) account if needed.
     async fn account_id(&self, account: &AccountRef) -> Result<i64, StoreError> {
         retrying(|| self.db.account_id(account)).await
@@ -156,7 +187,9 @@ impl PgStore {
             sqlx::query(concat!(
                 "UPDATE intents i SET status = 'expired', updated_at = $1
                  WHERE i.id = ANY($2) AND i.status = 'awaiting_payment' AND NOT ",
-                session_paid!("i")
+                session_paid!("i"),
+                " AND ",
+                paid_here!("i")
             ))
             .bind(now)
             .bind(&due)
@@ -444,26 +477,12 @@ impl Store for PgStore {
             }
             Funding::External { account } => account,
         };
-        let Some(intent) = self.intent(id).await? else {
-            return Err(StoreError::NotFound(format!("intent {id}")));
-        };
-        let source = AccountRef::new(AccountKind::External, account.as_str(), &intent.currency);
-        let source_id = self.account_id(&source).await?;
-        let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
-        let audit = external_payment_audit(&intent, account);
-        retrying(|| async {
-            Portable::<Postgres>::claim_paid_externally(
-                self.tx().await?,
-                &intent,
-                source_id,
-                clearing_id,
-                &audit,
-                account,
-                &self.db.instance,
-            )
+        self.claim_externally(id, account, Some(&self.db.instance))
             .await
-        })
-        .await
+    }
+
+    async fn mark_paid_externally(&self, id: &str, account: &str) -> Result<bool, StoreError> {
+        self.claim_externally(id, account, None).await
     }
 
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
@@ -582,6 +601,10 @@ impl Store for PgStore {
 
     async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
         self.db.own_stale_runs(before).await
+    }
+
+    async fn remote_due(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
+        self.db.remote_due(now).await
     }
 
     async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {

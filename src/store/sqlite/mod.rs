@@ -106,6 +106,34 @@ impl SqliteStore {
         Ok(self.db.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// An intent paid to a remote provider (`account`): the money enters
+    /// the ledger as the intent is claimed for `runner`, or only marked
+    /// paid (no runner), in one transaction.
+    async fn claim_externally(
+        &self,
+        id: &str,
+        account: &str,
+        runner: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let Some(intent) = self.intent(id).await? else {
+            return Err(StoreError::NotFound(format!("intent {id}")));
+        };
+        let source = AccountRef::new(AccountKind::External, account, &intent.currency);
+        let source_id = self.db.account_id(&source).await?;
+        let clearing_id = self.db.account_id(&clearing(&intent.currency)).await?;
+        let audit = external_payment_audit(&intent, account);
+        Portable::<Sqlite>::claim_paid_externally(
+            self.write_tx().await?,
+            &intent,
+            source_id,
+            clearing_id,
+            &audit,
+            account,
+            runner,
+        )
+        .await
+    }
+
     /// One shared statement as an operation of the writer (see
     /// `FastWriter::transaction`), built from `data`, which the operation
     /// owns; how many rows it changed.
@@ -316,7 +344,9 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "UPDATE intents SET status = 'expired', updated_at = $1
              WHERE status = 'awaiting_payment' AND expires_at < $1 AND NOT ",
-            session_paid!("intents")
+            session_paid!("intents"),
+            " AND ",
+            paid_here!("intents")
         ))
         .bind(now)
         .execute(&mut *tx)
@@ -399,25 +429,12 @@ impl Store for SqliteStore {
             }
             Funding::External { account } => account,
         };
-        // Paid elsewhere: the money enters the ledger as the intent is
-        // claimed, in one transaction.
-        let Some(intent) = self.intent(id).await? else {
-            return Err(StoreError::NotFound(format!("intent {id}")));
-        };
-        let source = AccountRef::new(AccountKind::External, account.as_str(), &intent.currency);
-        let source_id = self.db.account_id(&source).await?;
-        let clearing_id = self.db.account_id(&clearing(&intent.currency)).await?;
-        let audit = external_payment_audit(&intent, account);
-        Portable::<Sqlite>::claim_paid_externally(
-            self.write_tx().await?,
-            &intent,
-            source_id,
-            clearing_id,
-            &audit,
-            account,
-            &self.db.instance,
-        )
-        .await
+        self.claim_externally(id, account, Some(&self.db.instance))
+            .await
+    }
+
+    async fn mark_paid_externally(&self, id: &str, account: &str) -> Result<bool, StoreError> {
+        self.claim_externally(id, account, None).await
     }
 
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError> {
@@ -542,6 +559,10 @@ impl Store for SqliteStore {
 
     async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
         self.db.own_stale_runs(before).await
+    }
+
+    async fn remote_due(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
+        self.db.remote_due(now).await
     }
 
     async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
