@@ -633,26 +633,30 @@ on_both_backends! {
     }
 }
 
+/// Tollgate A (the real binary, over stdio) with `pricing`, taking its
+/// payments through B's sessions API, with a key of B's in its own
+/// environment only; and an anonymous client of A's.
+async fn paying_through(b: &HttpServer, pricing: &str) -> (Env, crate::harness::Client) {
+    let key_for_a = b
+        .key("tollgate-a", &["sessions:create", "sessions:read"])
+        .await;
+    let provider = format!(
+        "[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"TOLLGATE_PROVIDER_KEY\"\n\n[store]",
+        b.base
+    );
+    let a = Env::with_pricing(&pricing.replace("[store]", &provider));
+    let client = a
+        .client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key_for_a.as_str())])
+        .await;
+    (a, client)
+}
+
 on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
         // B is the payment authority; A is a tollgate whose provider is B.
         let b = HttpServer::start(&two_step_pricing()).await;
-        let key_for_a = b
-            .key("tollgate-a", &["sessions:create", "sessions:read"])
-            .await;
-        let a_pricing = crate::harness::pricing("resubmit", "").replace(
-            "[store]",
-            &format!(
-                "[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"TOLLGATE_PROVIDER_KEY\"\n\n[store]",
-                b.base
-            ),
-        );
-        // A is the real binary, with the key in its own environment only.
-        let a = Env::with_pricing(&a_pricing);
-        let client = a
-            .client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key_for_a.as_str())])
-            .await;
+        let (a, client) = paying_through(&b, &crate::harness::pricing("resubmit", "")).await;
 
         let r = crate::harness::call(&client, "echo", echo_args("remote")).await;
         assert_eq!(error_code(&r), "payment_required");
@@ -705,20 +709,9 @@ on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remote_payment_made_in_time_is_kept_past_the_intents_time() {
         let b = HttpServer::start(&two_step_pricing()).await;
-        let key_for_a = b.key("tollgate-a", &["sessions:create", "sessions:read"]).await;
         let a_pricing = crate::harness::pricing("resubmit", "instance_lease = \"1s\"\n")
-            .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"")
-            .replace(
-                "[store]",
-                &format!(
-                    "[provider]\nkind = \"sessions_api\"\nurl = \"{}\"\napi_key_env = \"TOLLGATE_PROVIDER_KEY\"\n\n[store]",
-                    b.base
-                ),
-            );
-        let a = Env::with_pricing(&a_pricing);
-        let client = a
-            .client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key_for_a.as_str())])
-            .await;
+            .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
+        let (a, client) = paying_through(&b, &a_pricing).await;
         let open = async |text: &str| {
             let r = crate::harness::call(&client, "echo", echo_args(text)).await;
             let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
