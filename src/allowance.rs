@@ -117,11 +117,16 @@ impl std::fmt::Display for Breach {
         let cap = self.cap.map(format_amount).unwrap_or_default();
         let needed = format_amount(self.needed);
         match self.limit {
-            Limit::AllowList => write!(
-                f,
-                "wallet `{wallet}` may not pay for tool `{}`: it is not on the wallet's allow-list",
-                self.tool.as_deref().unwrap_or("?")
-            ),
+            Limit::AllowList => match &self.tool {
+                Some(tool) => write!(
+                    f,
+                    "wallet `{wallet}` may not pay for tool `{tool}`: it is not on the wallet's allow-list"
+                ),
+                None => write!(
+                    f,
+                    "wallet `{wallet}` pays only for the tools on its allow-list, and this payment is for no tool"
+                ),
+            },
             Limit::PerCall => write!(
                 f,
                 "this call costs {needed} {currency}, above wallet `{wallet}`'s per-call limit of {cap} {currency}"
@@ -151,7 +156,8 @@ impl Limits {
     /// The limit a charge of `amount` for `tool` would break at `now`, if
     /// any; the same conditions the store's statements check. `tool` is
     /// `None` for a payment that is for no tool (a session made through the
-    /// sessions API): the allow-list does not apply to it.
+    /// sessions API): a wallet with an allow-list pays only for the tools
+    /// on it, so not for that.
     pub fn breach(
         &self,
         wallet: &str,
@@ -172,8 +178,8 @@ impl Limits {
             tool: tool.map(str::to_owned),
             resets_at,
         };
-        if let (Some(allowed), Some(tool)) = (&self.tools, tool)
-            && !allowed.iter().any(|t| t == tool)
+        if let Some(allowed) = &self.tools
+            && !tool.is_some_and(|tool| allowed.iter().any(|t| t == tool))
         {
             return Some(breach(Limit::AllowList, None, Units(0), None));
         }
@@ -311,7 +317,23 @@ mod tests {
         assert_eq!(rfc3339(daily.resets_at.unwrap()), "2026-11-22T00:00:00Z");
         assert!(daily.to_string().contains("0.90 spent"), "{daily}");
         assert!(check(Some("echo"), 50_000).is_none());
-        assert_eq!(check(None, 60_000).unwrap().limit, Limit::Monthly);
+        assert_eq!(check(Some("echo"), 60_000).unwrap().limit, Limit::Monthly);
+        // A payment for no tool (a sessions-API session) is not on the list.
+        let untooled = check(None, 1).unwrap();
+        assert_eq!(untooled.limit, Limit::AllowList);
+        assert!(
+            untooled.to_string().contains("this payment is for no tool"),
+            "{untooled}"
+        );
+        let anything = Limits {
+            tools: None,
+            ..limits.clone()
+        };
+        assert!(
+            anything
+                .breach("alice", &usd(), &spent, None, Units(1), NOW)
+                .is_none()
+        );
         // Yesterday's counter is today's zero.
         let stale = Spent {
             day_start: day_start(NOW) - DAY_MS,

@@ -667,7 +667,8 @@ where
             let limits = rows::limits(&row)?;
             // A session opened for a call checks the tool against the
             // wallet's allow-list too; one made through the sessions API
-            // pays for no tool of this server.
+            // is for no tool of this server, and a wallet with an
+            // allow-list does not pay it.
             if let Some(breach) = limits.limits.breach(
                 wallet,
                 &session.currency,

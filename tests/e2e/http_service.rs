@@ -376,6 +376,18 @@ on_both_backends! {
             "another principal's session is not visible"
         );
         assert_eq!(get(&reader, "cs_unknown").await.unwrap().status(), 404);
+        // A wallet that may pay only for some tools does not pay a session
+        // that is for no tool; one without an allow-list does.
+        server.env.topup("ann", "5.00").await;
+        server.env.topup("ben", "5.00").await;
+        server.env.ok(&["wallet", "limits", "ann", "--tools", "echo"]).await;
+        let refused = server.env.cli(&["sessions", "pay", &id, "--from", "ann"]).await;
+        assert!(!refused.status.success());
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains("this payment is for no tool"), "{said}");
+        assert_eq!(server.env.available("ann").await, "5.00");
+        server.env.ok(&["sessions", "pay", &id, "--from", "ben"]).await;
+        assert_eq!(server.env.available("ben").await, "2.50");
 
         // Bad input: 400 naming the field; the two good ones above used 1 of 3.
         let response = post(
