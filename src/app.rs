@@ -48,13 +48,17 @@ pub enum AppError {
 /// PostgreSQL database shared by several instances, `sqlite://PATH` or a
 /// bare path for a SQLite file.
 pub async fn open_store(url: &str, config: &Config) -> Result<Arc<dyn Store>, AppError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres(url) {
         return Ok(Arc::new(PgStore::connect(url, &config.pool).await?));
     }
     let url = sqlite_url(url)?;
     Ok(Arc::new(
         SqliteStore::connect(&url, config.synchronous).await?,
     ))
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// The `sqlite:` URL a store URL that is not PostgreSQL's names (a bare
@@ -74,8 +78,7 @@ fn sqlite_url(url: &str) -> Result<String, AppError> {
 /// The file a SQLite store URL names, if it names one (not PostgreSQL, not
 /// an in-memory database).
 pub fn sqlite_file(url: &str) -> Option<PathBuf> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") || url.contains("memory")
-    {
+    if is_postgres(url) || url.contains("memory") {
         return None;
     }
     let options: sqlx::sqlite::SqliteConnectOptions = sqlite_url(url).ok()?.parse().ok()?;

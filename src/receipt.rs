@@ -83,9 +83,8 @@ impl ReceiptSigner {
             path: path.to_owned(),
             source,
         };
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::from_hex(&text, path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        match Self::load(path) {
+            Err(ReceiptError::NoKey(_)) => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(io)?;
                 }
@@ -97,7 +96,7 @@ impl ReceiptSigner {
                 // so read back what is on disk.
                 Self::from_hex(&std::fs::read_to_string(path).map_err(io)?, path)
             }
-            Err(e) => Err(io(e)),
+            loaded => loaded,
         }
     }
 

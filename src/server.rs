@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// The header that names a legacy HTTP session (rmcp's).
-const SESSION_ID_HEADER: &str = "mcp-session-id";
+pub(crate) const SESSION_ID_HEADER: &str = "mcp-session-id";
 
 /// One MCP session's handler. The gate (store, catalog, provider) is shared;
 /// the session id is this session's, and so is the caller on stdio. Over

@@ -39,7 +39,7 @@ use crate::{
     gate::{Caller, Gate},
     keys::Scope,
     receipt::ReceiptSigner,
-    server::TollgateServer,
+    server::{SESSION_ID_HEADER, TollgateServer},
     store::Store,
 };
 pub use auth::presented_key;
@@ -197,11 +197,7 @@ async fn mcp_caller(
         }
     };
     // An MCP session is the principal's that opened it (session_owners).
-    let session = request
-        .headers()
-        .get(SESSION_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let session = session_id(request.headers()).map(str::to_owned);
     if let Some(session) = &session
         && !state.session_owners.allows(session, &caller.principal)
     {
@@ -215,11 +211,7 @@ async fn mcp_caller(
     let response = next.run(request).await;
     match session {
         None => {
-            if let Some(opened) = response
-                .headers()
-                .get(SESSION_ID_HEADER)
-                .and_then(|v| v.to_str().ok())
-            {
+            if let Some(opened) = session_id(response.headers()) {
                 state.session_owners.opened(opened, principal);
             }
         }
@@ -231,8 +223,10 @@ async fn mcp_caller(
     response
 }
 
-/// The header that names an MCP session over HTTP.
-const SESSION_ID_HEADER: &str = "mcp-session-id";
+/// The MCP session (rmcp's `Mcp-Session-Id`) a request or response names.
+fn session_id(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(SESSION_ID_HEADER).and_then(|v| v.to_str().ok())
+}
 
 async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
     match state.store.ping().await {

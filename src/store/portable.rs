@@ -488,8 +488,8 @@ where
     }
 
     /// A top-up from `source_id` into `wallet_id`, in `tx`, committed.
-    /// A top-up; `once`: its id was made from an idempotency key, and a
-    /// transaction with that id already there is the same top-up again.
+    /// `once`: its id was made from an idempotency key, and a transaction
+    /// with that id already there is the same top-up again.
     pub async fn topup(
         mut tx: impl Tx,
         wallet_id: i64,
