@@ -249,7 +249,7 @@ impl Lease {
 /// runs (looked at just before): otherwise it could not tell which
 /// instances are really gone.
 async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
-    gate.dynamic_tools().prune_expired().await;
+    gate.end_due_confirm_tools(None).await;
     let store = gate.store();
     match store.sweep_expired(now_ms()).await {
         Ok(0) => {}

@@ -125,8 +125,9 @@ impl ServerHandler for TollgateServer {
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
         let caller = self.caller_of(&context);
+        let session = self.session_of(&context, &caller);
         Ok(ListToolsResult::with_all_items(
-            self.gate.tools_for(&self.session_of(&context, &caller)),
+            self.gate.tools_for(&session).await,
         ))
     }
 

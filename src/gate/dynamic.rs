@@ -2,7 +2,9 @@
 //! `confirm_<payment id>`, listed only to the MCP session that opened it and
 //! announced with `notifications/tools/list_changed` (on 2026-07-28
 //! sessions, through their `subscriptions/listen` stream). It is removed once
-//! used or expired, so the list does not grow without bound. Calling it from
+//! used, or once its intent's time is over, so the list does not grow
+//! without bound; a paid intent's stays while the payment can be redeemed
+//! (`[server] keep_results` longer, until recovery refunds it). Calling it from
 //! another session, even in another process, gets `payment_mismatch`: the
 //! session is recorded on the intent. HTTP requests served without a
 //! session (2026-07-28 clients) share one per principal
@@ -22,11 +24,15 @@ use serde_json::json;
 
 use super::{
     ANONYMOUS_STATELESS, CallScope, Gate, PricedCall,
-    redeem::mismatch_reply,
+    redeem::{mismatch_reply, pays_for},
     reply::{self, code},
     slow_path::{Opened, Purpose},
 };
-use crate::{money::format_amount, store::now_ms, sync::lock};
+use crate::{
+    money::format_amount,
+    store::{IntentStatus, SessionStatus, now_ms},
+    sync::lock,
+};
 
 const PREFIX: &str = "confirm_pay_";
 
@@ -38,7 +44,21 @@ pub fn dynamic_confirm_payment_id(tool: &str) -> Option<&str> {
 
 struct Offered {
     tool: Tool,
+    /// Until when it is listed without asking: the intent's expiry, then,
+    /// for a paid intent, the end of its redeem window.
     expires_at: i64,
+    /// Its intent was found paid after its time: listed until
+    /// `expires_at`, then removed without asking again.
+    paid: bool,
+}
+
+/// What became of an offer whose time is over.
+pub(super) enum Outcome {
+    /// Paid: listed until then.
+    KeepUntil(i64),
+    Remove,
+    /// The payment system could not say: asked again next time.
+    Unknown,
 }
 
 /// One session's dynamic tools and the ways to tell it they changed.
@@ -47,14 +67,6 @@ struct SessionTools {
     offered: BTreeMap<String, Offered>,
     peer: Option<Peer<RoleServer>>,
     sinks: Vec<SubscriptionSink>,
-}
-
-impl SessionTools {
-    fn prune(&mut self, now: i64) -> bool {
-        let before = self.offered.len();
-        self.offered.retain(|_, o| o.expires_at > now);
-        self.offered.len() != before
-    }
 }
 
 #[derive(Default, Clone)]
@@ -68,15 +80,53 @@ impl DynamicTools {
         f(sessions.entry(session.to_owned()).or_default())
     }
 
-    /// The confirm tools a session sees now (expired ones dropped).
+    /// The confirm tools a session is offered. Those past their time are
+    /// ended by [`Gate::end_due_confirm_tools`], which runs before a list.
     pub fn listed(&self, session: &str) -> Vec<Tool> {
         if session == ANONYMOUS_STATELESS {
             return Vec::new();
         }
-        let now = now_ms();
         self.with(session, |s| {
-            s.prune(now);
             s.offered.values().map(|o| o.tool.clone()).collect()
+        })
+    }
+
+    /// Offers past their time whose intent must be looked at, as
+    /// (session, tool name), in one session or all. Those already kept
+    /// for a paid intent are simply removed.
+    fn due(&self, only: Option<&str>, now: i64) -> (Vec<(String, String)>, Vec<String>) {
+        let mut sessions = lock(&self.sessions);
+        let (mut due, mut changed) = (Vec::new(), Vec::new());
+        for (id, s) in sessions.iter_mut() {
+            if only.is_some_and(|only| only != id) {
+                continue;
+            }
+            let before = s.offered.len();
+            s.offered.retain(|_, o| !(o.paid && o.expires_at <= now));
+            if s.offered.len() != before {
+                changed.push(id.clone());
+            }
+            due.extend(
+                s.offered
+                    .iter()
+                    .filter(|(_, o)| o.expires_at <= now)
+                    .map(|(name, _)| (id.clone(), name.clone())),
+            );
+        }
+        (due, changed)
+    }
+
+    /// Applies what became of due offers; true if the list changed.
+    fn settle(&self, session: &str, name: &str, outcome: Outcome) -> bool {
+        self.with(session, |s| match outcome {
+            Outcome::Remove => s.offered.remove(name).is_some(),
+            Outcome::KeepUntil(until) => {
+                if let Some(o) = s.offered.get_mut(name) {
+                    (o.expires_at, o.paid) = (until, true);
+                }
+                false
+            }
+            Outcome::Unknown => false,
         })
     }
 
@@ -110,21 +160,6 @@ impl DynamicTools {
     pub fn forget(&self, session: &str) {
         let mut sessions = lock(&self.sessions);
         sessions.remove(session);
-    }
-
-    /// Drops expired tools everywhere and tells the sessions that lost some.
-    pub async fn prune_expired(&self) {
-        let now = now_ms();
-        let changed: Vec<String> = {
-            let mut sessions = lock(&self.sessions);
-            sessions
-                .iter_mut()
-                .filter_map(|(id, s)| s.prune(now).then(|| id.clone()))
-                .collect()
-        };
-        for session in changed {
-            self.announce(&session).await;
-        }
     }
 
     async fn offer(&self, session: &str, peer: Peer<RoleServer>, name: String, offered: Offered) {
@@ -163,6 +198,56 @@ impl DynamicTools {
 }
 
 impl Gate {
+    /// Ends the confirm tools whose intent's time is over, in one session
+    /// or (upkeep) all, and tells the sessions whose list changed. A paid
+    /// intent's stays listed while it can be redeemed: a payment made in
+    /// time is not lost to a client that lists its tools before calling.
+    pub async fn end_due_confirm_tools(&self, only: Option<&str>) {
+        let (due, mut changed) = self.dynamic.due(only, now_ms());
+        for (session, name) in due {
+            let Some(payment_id) = dynamic_confirm_payment_id(&name) else {
+                continue;
+            };
+            let outcome = self.offer_outcome(payment_id).await;
+            if self.dynamic.settle(&session, &name, outcome) && !changed.contains(&session) {
+                changed.push(session);
+            }
+        }
+        for session in changed {
+            self.dynamic.announce(&session).await;
+        }
+    }
+
+    /// What becomes of a confirm tool whose intent's time is over.
+    async fn offer_outcome(&self, payment_id: &str) -> Outcome {
+        let intent = match self.store.intent(payment_id).await {
+            Ok(Some(intent)) => intent,
+            Ok(None) => return Outcome::Remove,
+            Err(_) => return Outcome::Unknown,
+        };
+        let paid = match intent.status {
+            IntentStatus::Paid | IntentStatus::Running => true,
+            IntentStatus::AwaitingPayment => {
+                let Some(session) = intent.provider_session_id.as_deref() else {
+                    return Outcome::Remove;
+                };
+                match self.provider.session_state(session).await {
+                    Ok(state) => state.status == SessionStatus::Paid && pays_for(&state, &intent),
+                    Err(_) => return Outcome::Unknown,
+                }
+            }
+            _ => false,
+        };
+        let redeemable_until = intent.expires_at.saturating_add(
+            i64::try_from(self.settings.keep_results.as_millis()).unwrap_or(i64::MAX),
+        );
+        if paid && redeemable_until > now_ms() {
+            Outcome::KeepUntil(redeemable_until)
+        } else {
+            Outcome::Remove
+        }
+    }
+
     /// Opens the confirm tool for a new intent and answers like two_step.
     pub(super) async fn offer_dynamic_confirm(
         &self,
@@ -199,6 +284,7 @@ impl Gate {
                 Offered {
                     tool,
                     expires_at: intent.expires_at,
+                    paid: false,
                 },
             )
             .await;

@@ -60,6 +60,9 @@ pub struct GateSettings {
     /// How long a concurrent confirm waits for the run already under way.
     pub run_wait: Duration,
     pub timeouts: Timeouts,
+    /// How long a paid intent stays redeemable after its time (then
+    /// recovery refunds it).
+    pub keep_results: Duration,
 }
 
 impl GateSettings {
@@ -71,6 +74,7 @@ impl GateSettings {
             max_open_intents: config.max_open_intents,
             run_wait: Duration::from_secs(60),
             timeouts: config.timeouts.clone(),
+            keep_results: config.keep_results,
         }
     }
 }
@@ -186,7 +190,8 @@ impl Gate {
 
     /// The tools one MCP session sees: the catalog plus its own dynamic
     /// confirm tools.
-    pub fn tools_for(&self, session_id: &str) -> Vec<Tool> {
+    pub async fn tools_for(&self, session_id: &str) -> Vec<Tool> {
+        self.end_due_confirm_tools(Some(session_id)).await;
         let mut tools = self.catalog().listed().to_vec();
         tools.extend(self.dynamic.listed(session_id));
         tools

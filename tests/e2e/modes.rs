@@ -753,16 +753,31 @@ on_both_backends! {
             .connect(None, t.client(Person::Ignores, Elicitation::None), false)
             .await;
         let before = a.list_all_tools().await.unwrap().len();
+        let mut ids = Vec::new();
         for _ in 0..3 {
-            call(&a, "echo", echo_args("x")).await;
+            let r = call(&a, "echo", echo_args("x")).await;
+            ids.push(structured(&r)["payment_id"].as_str().unwrap().to_owned());
         }
         assert_eq!(a.list_all_tools().await.unwrap().len(), before + 3);
+        // One is paid in time, and its caller comes back after the time.
+        t.env.ok(&["sessions", "pay", &ids[0]]).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
+        let listed: Vec<String> = a
+            .list_all_tools()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        let paid = format!("confirm_{}", ids[0]);
         assert_eq!(
-            a.list_all_tools().await.unwrap().len(),
-            before,
-            "expired tools are gone"
+            listed.len(),
+            before + 1,
+            "the unpaid expired tools are gone: {listed:?}"
         );
+        assert!(listed.contains(&paid), "the paid one stays: {listed:?}");
+        assert_ran(&call(&a, &paid, json!({})).await, "x");
+        assert_eq!(a.list_all_tools().await.unwrap().len(), before, "used");
         a.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
