@@ -189,22 +189,23 @@ impl Upkeep {
 /// step is a conditional update.
 pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) {
     let lease = Lease::default();
-    lease.renew(gate.store().as_ref(), upkeep.lease).await;
+    let mut renewed = lease.renew(gate.store().as_ref(), upkeep.lease).await;
     let weak = Arc::downgrade(gate);
     tokio::spawn({
         let (weak, lease) = (weak.clone(), lease.clone());
         async move {
             loop {
-                // A failed renewal is tried again soon: until it lands,
-                // this instance's holds are not covered by a lease.
-                let wait = if lease.held() {
+                // A failed renewal is tried again soon, not at the next
+                // turn: by then the lease it failed to extend may have run
+                // out, and other instances would take this one's holds.
+                let wait = if renewed {
                     upkeep.every()
                 } else {
                     RENEW_RETRY.min(upkeep.every())
                 };
                 tokio::time::sleep(wait).await;
                 let Some(gate) = weak.upgrade() else { break };
-                lease.renew(gate.store().as_ref(), upkeep.lease).await;
+                renewed = lease.renew(gate.store().as_ref(), upkeep.lease).await;
             }
         }
     });
@@ -229,14 +230,19 @@ impl Lease {
     /// Renews this instance's lease; logged if it could not. A renewal
     /// that takes a third of the lease (a pool with no free connection) is
     /// given up and tried again.
-    async fn renew(&self, store: &dyn Store, lease: Duration) {
+    /// Whether it was renewed.
+    async fn renew(&self, store: &dyn Store, lease: Duration) -> bool {
         let now = now_ms();
         let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         match tokio::time::timeout(lease / 3, store.heartbeat(now, until)).await {
-            Ok(Ok(())) => self.0.store(until, Ordering::Release),
+            Ok(Ok(())) => {
+                self.0.store(until, Ordering::Release);
+                return true;
+            }
             Ok(Err(e)) => tracing::warn!("could not renew this instance's lease: {e}"),
             Err(_) => tracing::warn!("renewing this instance's lease took too long"),
         }
+        false
     }
 
     /// Whether the lease runs now.

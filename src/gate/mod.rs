@@ -249,14 +249,21 @@ impl Gate {
         name: &str,
         args: JsonObject,
     ) -> rmcp::model::CallToolResult {
-        entry
-            .backend
-            .call(
-                name,
-                args,
-                &scope.backend_context(self.settings.timeouts.elicitation),
-            )
-            .await
+        use futures::FutureExt;
+        let context = scope.backend_context(self.settings.timeouts.elicitation);
+        let run = entry.backend.call(name, args, &context);
+        // A tool that panics (an embedded handler's `unwrap` on its input)
+        // is a failed run: answered, its hold released or its payment
+        // refunded, rather than a call left hanging with its money held.
+        match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::error!(tool = name, "the tool panicked; its run counts as failed");
+                rmcp::model::CallToolResult::error(vec![rmcp::model::ContentBlock::text(format!(
+                    "`{name}` failed unexpectedly; nothing was charged"
+                ))])
+            }
+        }
     }
 
     /// What a successful run is charged, split by the tool's terms: the

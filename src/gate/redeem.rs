@@ -90,7 +90,7 @@ impl Gate {
         let mut poll = FIRST_POLL;
         loop {
             // Counted before a claim can land (see `runs`).
-            let under_way = self.runs.enter(&intent.id);
+            let mut under_way = Some(self.runs.enter(&intent.id));
             let step = match intent.status {
                 IntentStatus::Succeeded | IntentStatus::Failed => {
                     return Settled::Final(self.replay(&intent).await);
@@ -105,7 +105,8 @@ impl Gate {
                     .await
                 {
                     Ok(true) => {
-                        return Settled::Final(self.run_paid(scope, intent, under_way).await);
+                        let claimed = under_way.unwrap_or_else(|| self.runs.enter(&intent.id));
+                        return Settled::Final(self.run_paid(scope, intent, claimed).await);
                     }
                     Ok(false) => Step::Reload,
                     Err(e) => return Settled::Final(reply::unavailable(e)),
@@ -121,6 +122,10 @@ impl Gate {
                             reply::details(json!({ "payment_id": intent.id, "status": "running" })),
                         ));
                     }
+                    // Not under way here while it waits: if the run was
+                    // dropped, recovery must not take this caller's retries
+                    // for it (it would never be refunded).
+                    under_way = None;
                     tokio::time::sleep(RUN_POLL).await;
                     Step::Reload
                 }
@@ -135,7 +140,9 @@ impl Gate {
             match step {
                 Step::Answer(result) => return Settled::Final(result),
                 Step::Claimed => {
-                    return Settled::Final(self.run_paid(scope, intent, under_way).await);
+                    // Taken before the claim (only a wait on a run lets it go).
+                    let claimed = under_way.unwrap_or_else(|| self.runs.enter(&intent.id));
+                    return Settled::Final(self.run_paid(scope, intent, claimed).await);
                 }
                 Step::Pending(result) => {
                     let Some(wait) = wait.as_mut() else {
@@ -157,7 +164,6 @@ impl Gate {
                 }
                 Step::Reload => {}
             }
-            drop(under_way);
             intent = match self.store.intent(&intent.id).await {
                 Ok(Some(fresh)) => fresh,
                 Ok(None) => {

@@ -185,3 +185,56 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct Index {
+    at: usize,
+}
+
+on_both_backends! {
+    /// A handler that panics on its input is a failed run: the caller is
+    /// answered, and nothing is charged, on the fast path (the hold is
+    /// released) and on a paid slow-path call (refunded). Before, the call
+    /// was never answered and the hold stayed open until it expired.
+    #[tokio::test]
+    async fn a_panicking_tool_is_a_failed_run_and_costs_nothing() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        env.topup("carol", "1.00").await;
+        let pricing = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
+             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"pick\"\nprice = \"0.10\"\n",
+            env.key.display()
+        );
+        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
+            .expect("pricing")
+            .tool("pick", "Picks a letter.", |i: Index| async move {
+                ["a", "b"][i.at].to_owned()
+            })
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let alice = crate::harness::embedded_client(&tollgate, "alice").await;
+        let r = crate::harness::call(&alice, "pick", json!({"at": 1})).await;
+        assert_eq!(text(&r), "b");
+        let r = crate::harness::call(&alice, "pick", json!({"at": 7})).await;
+        assert_eq!(r.is_error, Some(true), "{r:?}");
+        assert!(text(&r).contains("failed unexpectedly"), "{}", text(&r));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        assert_eq!(env.available("alice").await, "0.90");
+
+        let bob = crate::harness::embedded_client(&tollgate, "bob").await;
+        let r = crate::harness::call(&bob, "pick", json!({"at": 7})).await;
+        let id = crate::harness::payment_id_of(&r);
+        env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+        let r = crate::harness::call(&bob, "pick", json!({"at": 7, "payment_id": id})).await;
+        assert_eq!(r.is_error, Some(true), "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "refunded", "{r:?}");
+        assert_eq!(env.available("carol").await, "1.00");
+        for client in [alice, bob] {
+            client.cancel().await.ok();
+        }
+        env.assert_ledger_ok().await;
+    }
+}

@@ -729,12 +729,18 @@ on_both_backends! {
         )
         .await
         .unwrap();
-        let recovered = t.gate.recover_interrupted(now_ms()).await.unwrap();
+        // A retry waiting on the run (told "in progress" for as long as it
+        // keeps retrying) does not keep the dropped run from recovery.
+        let retry = call(&a, "echo", json!({"text": "dropped", "payment_id": id}));
+        let recover = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            t.gate.recover_interrupted(now_ms()).await.unwrap()
+        };
+        let (r, recovered) = tokio::join!(retry, recover);
         assert_eq!(recovered.runs_refunded, 1);
         let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
         assert_eq!(intent.status.as_str(), "failed", "refunded, never run");
         assert_eq!(t.env.available("carol").await, "1.00");
-        let r = call(&a, "echo", json!({"text": "dropped", "payment_id": id})).await;
         assert_eq!(error_code(&r), "run_interrupted", "{r:?}");
         assert_eq!(payment_meta(&r)["status"], "refunded");
         a.cancel().await.ok();
