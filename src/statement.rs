@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     money::{Units, format_amount, format_signed},
-    store::{ApprovalStatus, Intent, StatementLine, rfc3339},
+    store::{APPROVALS_LISTED, ApprovalStatus, Intent, StatementLine, rfc3339},
     terms::Role,
 };
 
@@ -200,6 +200,12 @@ pub fn render_approvals(principal: &str, intents: &[Intent], filter: &Filter) ->
         })
         .collect();
     let mut out = format!("approvals for {principal}: {}\n", shown.len());
+    if intents.len() >= APPROVALS_LISTED {
+        let _ = writeln!(
+            out,
+            "(from the newest {APPROVALS_LISTED} decisions only; older ones are not shown)"
+        );
+    }
     for intent in shown {
         let Some(approval) = &intent.approval else {
             continue;

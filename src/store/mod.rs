@@ -611,6 +611,9 @@ pub struct Refunded {
 /// How many unredeemed intents [`Store::unredeemed`] returns at a time.
 pub const UNREDEEMED_PAGE: usize = 500;
 
+/// The most approval decisions [`Store::approvals`] returns (the newest).
+pub const APPROVALS_LISTED: usize = 500;
+
 /// Where a page of intents, in (expires_at, id) order, ended: the next
 /// page starts after it.
 #[derive(Debug, Clone, PartialEq, Eq)]

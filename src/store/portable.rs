@@ -692,7 +692,7 @@ where
             ))
             .await?;
         }
-        let audit = session_payment_audit(session, from_wallet);
+        let audit = session_payment_audit(session, from_wallet, tool);
         let posted = Self::post(
             &mut tx,
             TxnHeader {

@@ -62,11 +62,18 @@ pub(super) fn topup_audit(wallet: &AccountRef, memo: Option<String>) -> Audit {
     }
 }
 
-/// A local session paid from a wallet, or by dev settlement (`None`).
-pub(super) fn session_payment_audit(session: &LocalSession, from_wallet: Option<&str>) -> Audit {
+/// A local session paid from a wallet, or by dev settlement (`None`),
+/// for a call of `tool` (none for a session made through the sessions
+/// API): a statement filtered by tool shows the payment beside its refund.
+pub(super) fn session_payment_audit(
+    session: &LocalSession,
+    from_wallet: Option<&str>,
+    tool: Option<String>,
+) -> Audit {
     Audit {
         payer: Some(from_wallet.unwrap_or("dev-settlement").to_owned()),
         beneficiary: Some("clearing:payments".into()),
+        tool,
         intent_id: Some(session.id.clone()),
         payment_id: Some(session.id.clone()),
         memo: Some(session.description.clone()),

@@ -92,9 +92,13 @@ pub(super) const OPEN_INTENTS: &str = "SELECT COUNT(*) AS n FROM intents
      WHERE status = 'awaiting_payment' AND expires_at > $3
        AND (principal = $1 OR ($1 IS NULL AND principal IS NULL AND session_id = $2))";
 
-/// Intents of a principal with an approval, newest first.
+/// Intents of a principal that needed a person's decision, newest first,
+/// at most [`super::APPROVALS_LISTED`]. Auto-approved ones (every payment
+/// under its threshold) are left out here, or they would crowd out the
+/// decisions.
 pub(super) const APPROVALS: &str =
     "SELECT * FROM intents WHERE principal = $1 AND approval IS NOT NULL
+       AND approval <> 'auto_approved'
      ORDER BY created_at DESC, id LIMIT 500";
 
 /// waiting → approved or declined.

@@ -625,6 +625,32 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// A principal's approvals are the decisions asked of a person: the
+    /// payments that went through under their threshold are not among
+    /// them, so they cannot crowd the decisions out of the newest 500.
+    #[tokio::test]
+    async fn approvals_are_the_decisions_not_the_auto_approved_payments() {
+        let (_dir, store) = store().await;
+        for (id, status) in [
+            ("asked", ApprovalStatus::Waiting),
+            ("under", ApprovalStatus::AutoApproved),
+        ] {
+            let mut i = intent(id);
+            i.approval = Some(Approval::new(status, None));
+            store.create_intent(&i).await.unwrap();
+        }
+        let ids: Vec<String> = store
+            .approvals("alice")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids, ["asked"]);
+    }
+}
+
+crate::on_both_backends! {
     /// Paid, never redeemed intents come a page at a time, oldest first,
     /// each page starting after the last one's end: every one once,
     /// including two whose time ended at the same moment.

@@ -253,3 +253,37 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    /// A wallet's statement filtered by tool shows a slow-path payment for
+    /// that tool beside what came back: a failed run's refund nets to
+    /// nothing. Before, the payment carried no tool and was left out, so the
+    /// refund alone made the tool look like it paid the wallet.
+    #[tokio::test]
+    async fn a_statement_by_tool_shows_a_slow_path_payment_beside_its_refund() {
+        let env = Env::new("resubmit");
+        env.topup("carol", "1.00").await;
+        let client = env.client(None).await;
+        let args = json!({"a": 1, "b": 0});
+        let id = payment_id_of(&call(&client, "divide", args.clone()).await);
+        env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+        let mut redeem = args.clone();
+        redeem["payment_id"] = json!(id);
+        let r = call(&client, "divide", redeem).await;
+        assert_eq!(payment_meta(&r)["status"], "refunded", "{r:?}");
+        let by_tool = env
+            .ok(&["ledger", "statement", "--wallet", "carol", "--tool", "divide"])
+            .await;
+        assert!(by_tool.contains("total: 0.00 USD over 2 line(s)"), "{by_tool}");
+        let jsonl = env
+            .ok(&["ledger", "export", "--format", "jsonl", "--wallet", "carol", "--tool", "divide"])
+            .await;
+        let amounts: Vec<String> = jsonl
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["amount"].to_string())
+            .collect();
+        assert_eq!(amounts, ["\"-0.05\"", "\"0.05\""], "{jsonl}");
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
