@@ -19,6 +19,10 @@ use crate::{
 /// expired by the sweeper and the wallet gets its funds back.
 const HOLD_TTL: Duration = Duration::from_secs(15 * 60);
 
+/// What a hold keeps past the longest run its backend allows: the time to
+/// record the run's charge.
+const HOLD_MARGIN: Duration = Duration::from_secs(5 * 60);
+
 impl Gate {
     /// `None` when the fast path does not apply: anonymous caller, a price
     /// above the approval threshold, or a wallet that cannot cover it.
@@ -33,7 +37,12 @@ impl Gate {
             return None;
         }
         let payment_id = new_payment_id();
-        let ttl = HOLD_TTL.max(self.settings.payment_ttl);
+        // Longer than the run may take (an upstream's timeout), so that
+        // the expiry sweep cannot end the hold under a run still going.
+        let run_limit = entry.backend.run_limit().map(|limit| limit + HOLD_MARGIN);
+        let ttl = HOLD_TTL
+            .max(self.settings.payment_ttl)
+            .max(run_limit.unwrap_or_default());
         let hold = HoldRequest {
             hold_id: payment_id.clone(),
             principal: principal.clone(),

@@ -59,4 +59,10 @@ pub trait ToolBackend: Send + Sync {
     fn unpriced(&self) -> Unpriced {
         Unpriced::Free
     }
+
+    /// The longest a run may take, if the backend bounds it: a fast-path
+    /// hold outlives it, so a long run is not left without its funds.
+    fn run_limit(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

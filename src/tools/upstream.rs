@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -23,7 +23,10 @@ use rmcp::{
         JsonObject, ProgressNotificationParam, ProgressToken, Request, RequestId, ServerResult,
         Tool, UrlElicitationCapability,
     },
-    service::{NotificationContext, PeerRequestOptions, RequestContext, RunningService},
+    service::{
+        InboundStreamOrigin, NotificationContext, PeerRequestOptions, RequestContext,
+        RunningService,
+    },
     transport::{
         ConfigureCommandExt, StreamableHttpClientTransport, TokioChildProcess,
         streamable_http_client::StreamableHttpClientTransportConfig,
@@ -107,16 +110,88 @@ struct Relay {
     routes: Arc<Mutex<Routes>>,
     /// Woken by the upstream's `notifications/tools/list_changed`.
     list_changed: Arc<tokio::sync::Notify>,
-    /// Calls in flight: upstream request id → the client and how long it
-    /// may take to answer an elicitation, if it can answer one.
-    in_flight: Arc<Mutex<Vec<InFlight>>>,
+    /// Calls in flight to the upstream, and calls that ended without its
+    /// answer (it may still be running them).
+    in_flight: Arc<Mutex<InFlightCalls>>,
 }
 
 /// A client that can answer elicitations, and the time it is given.
 type Asker = (Peer<RoleServer>, Duration);
 
-/// A call in flight to the upstream, and its client if it can answer.
-type InFlight = (RequestId, Option<Asker>);
+/// How long a call that ended without the upstream's answer (timed out,
+/// cancelled, its connection lost) still counts as in flight: the upstream
+/// may go on running it and ask a question meant for its caller, which must
+/// not reach another call's client meanwhile.
+const UNANSWERED_CALL_LINGERS: Duration = Duration::from_secs(60);
+
+/// One call to the upstream: counted from before it is sent, since the
+/// upstream may ask its question before the request's id is handed back.
+struct InFlight {
+    key: u64,
+    /// The upstream request's id, once sent.
+    request: Option<RequestId>,
+    /// Its client, if it can answer; none once the call has ended.
+    asker: Option<Asker>,
+    /// Set when the call ended without the upstream's answer.
+    lingers_until: Option<std::time::Instant>,
+}
+
+#[derive(Default)]
+struct InFlightCalls {
+    next_key: u64,
+    calls: Vec<InFlight>,
+}
+
+impl InFlightCalls {
+    fn enter(&mut self, asker: Option<Asker>) -> u64 {
+        self.next_key += 1;
+        self.calls.push(InFlight {
+            key: self.next_key,
+            request: None,
+            asker,
+            lingers_until: None,
+        });
+        self.next_key
+    }
+
+    fn sent(&mut self, key: u64, request: RequestId) {
+        if let Some(call) = self.calls.iter_mut().find(|c| c.key == key) {
+            call.request = Some(request);
+        }
+    }
+
+    /// The call ended: forgotten if the upstream answered it, else kept a
+    /// while with no one to answer for it.
+    fn leave(&mut self, key: u64, answered: bool) {
+        if answered {
+            self.calls.retain(|c| c.key != key);
+        } else if let Some(call) = self.calls.iter_mut().find(|c| c.key == key) {
+            call.asker = None;
+            call.lingers_until = Some(std::time::Instant::now() + UNANSWERED_CALL_LINGERS);
+        }
+    }
+
+    /// Whose question this is. On a stream tied to a request (streamable
+    /// HTTP), that request's caller. Otherwise (stdio, or a stream of no
+    /// request) the caller of the only call in flight, if it is the only
+    /// one: the upstream does not say which call asks.
+    fn asker(&mut self, origin: Option<&InboundStreamOrigin>) -> Option<Asker> {
+        let now = std::time::Instant::now();
+        self.calls
+            .retain(|c| c.lingers_until.is_none_or(|until| until > now));
+        match origin {
+            Some(InboundStreamOrigin::OutboundRequest(id)) => self
+                .calls
+                .iter()
+                .find(|c| c.request.as_ref() == Some(id))
+                .and_then(|c| c.asker.clone()),
+            _ => match self.calls.as_slice() {
+                [only] => only.asker.clone(),
+                _ => None,
+            },
+        }
+    }
+}
 
 impl Relay {
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
@@ -162,8 +237,16 @@ impl Relay {
         routes.early.remove(upstream);
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<InFlight>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlightCalls> {
         lock(&self.in_flight)
+    }
+
+    /// Forgets the routes of a connection that is gone: the next one
+    /// numbers its progress tokens from the start again.
+    fn forget_routes(&self) {
+        let mut routes = self.routes();
+        routes.routes.clear();
+        routes.early.clear();
     }
 }
 
@@ -216,20 +299,17 @@ impl ClientHandler for Relay {
     }
 
     /// An upstream asks the person something during a call: relayed to the
-    /// client when exactly one call is in flight to this upstream and its
-    /// client can answer (so there is no doubt whose question it is: the
-    /// upstream does not say which call asks), declined otherwise. Counting
-    /// only the calls that can answer would hand one principal's question to
-    /// another's client.
+    /// client of the call it is known to belong to ([`InFlightCalls::asker`])
+    /// if that client can answer, declined otherwise. Counting only the
+    /// calls that can answer, or forgetting calls that ended unanswered,
+    /// would hand one principal's question to another's client.
     async fn create_elicitation(
         &self,
         request: ElicitRequestParams,
-        _context: RequestContext<RoleClient>,
+        context: RequestContext<RoleClient>,
     ) -> Result<ElicitResult, McpError> {
-        let asker = match self.in_flight().as_slice() {
-            [(_, asker)] => asker.clone(),
-            _ => None,
-        };
+        let origin = context.extensions.get::<InboundStreamOrigin>();
+        let asker = self.in_flight().asker(origin);
         let Some((client, timeout)) = asker else {
             tracing::debug!("upstream elicitation declined: no single client can answer it");
             return Ok(ElicitResult::new(ElicitationAction::Decline));
@@ -260,6 +340,8 @@ pub struct Upstream {
     /// The upstream's tools as served here (names prefixed).
     tools: RwLock<Vec<Tool>>,
     reconnecting: AtomicBool,
+    /// Counts connections made: which one a failure came from.
+    generation: AtomicU64,
     /// Ticks when `tools` changes.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -275,6 +357,7 @@ impl Upstream {
             client: tokio::sync::RwLock::new(None),
             tools: RwLock::new(Vec::new()),
             reconnecting: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             changes: tokio::sync::watch::Sender::new(0),
         });
         upstream.open().await.map_err(|message| UpstreamError {
@@ -308,10 +391,8 @@ impl Upstream {
                     .stderr(std::process::Stdio::inherit())
                     .spawn()
                     .map_err(|e| format!("cannot start {program}: {e}"))?;
-                self.relay
-                    .clone()
-                    .serve(transport)
-                    .await
+                self.within_timeout("the handshake", self.relay.clone().serve(transport))
+                    .await?
                     .map_err(|e| format!("handshake failed: {e}"))?
             }
             UpstreamTransport::Http { url, headers } => {
@@ -332,24 +413,44 @@ impl Upstream {
                     custom.insert(name, value);
                 }
                 config = config.custom_headers(custom);
-                self.relay
-                    .clone()
-                    .serve(StreamableHttpClientTransport::from_config(config))
-                    .await
+                let transport = StreamableHttpClientTransport::from_config(config);
+                self.within_timeout("the handshake", self.relay.clone().serve(transport))
+                    .await?
                     .map_err(|e| format!("cannot connect to {url}: {e}"))?
             }
         };
-        self.refresh_tools(&client).await?;
+        self.refresh_tools(client.peer()).await?;
         tracing::info!(upstream = self.config.name, "connected to upstream");
         *self.client.write().await = Some(client);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Re-reads the upstream's tools and tells the gate if they changed.
-    async fn refresh_tools(&self, client: &Client) -> Result<(), String> {
-        let listed = client
-            .list_all_tools()
+    /// `step`, unless it takes longer than a call may: an upstream that
+    /// accepts a connection and then never answers must not hold up its
+    /// (re)connection, or the calls waiting on it, for good.
+    async fn within_timeout<T>(
+        &self,
+        step: &str,
+        future: impl Future<Output = T>,
+    ) -> Result<T, String> {
+        tokio::time::timeout(self.config.timeout, future)
             .await
+            .map_err(|_| format!("{step} took longer than {:?}", self.config.timeout))
+    }
+
+    /// The current connection's peer, and which connection it is.
+    async fn current(&self) -> Option<(Peer<RoleClient>, u64)> {
+        let client = self.client.read().await;
+        let peer = client.as_ref()?.peer().clone();
+        Some((peer, self.generation.load(Ordering::SeqCst)))
+    }
+
+    /// Re-reads the upstream's tools and tells the gate if they changed.
+    async fn refresh_tools(&self, peer: &Peer<RoleClient>) -> Result<(), String> {
+        let listed = self
+            .within_timeout("tools/list", peer.list_all_tools())
+            .await?
             .map_err(|e| format!("tools/list failed: {e}"))?;
         let tools: Vec<Tool> = listed
             .into_iter()
@@ -379,9 +480,10 @@ impl Upstream {
                 let Some(me) = me.upgrade() else {
                     break;
                 };
-                let client = me.client.read().await;
-                if let Some(client) = client.as_ref()
-                    && let Err(e) = me.refresh_tools(client).await
+                // The peer is copied out: a reconnection must not wait for
+                // this list to come back.
+                if let Some((peer, _)) = me.current().await
+                    && let Err(e) = me.refresh_tools(&peer).await
                 {
                     tracing::warn!(upstream = me.config.name, "tool list refresh failed: {e}");
                 }
@@ -389,19 +491,25 @@ impl Upstream {
         });
     }
 
-    /// The connection is gone (the process crashed, the server went away):
-    /// answer "unavailable" meanwhile and reconnect with backoff, once.
-    fn reconnect(&self) {
-        if self.reconnecting.swap(true, Ordering::SeqCst) {
+    /// The connection `generation` is gone (the process crashed, the server
+    /// went away): answer "unavailable" meanwhile and reconnect with
+    /// backoff, once. A late failure of an older connection is not a reason
+    /// to drop the current one.
+    fn reconnect(&self, generation: u64) {
+        if generation != self.generation.load(Ordering::SeqCst)
+            || self.reconnecting.swap(true, Ordering::SeqCst)
+        {
             return;
         }
         let Some(me) = self.me.upgrade() else {
             return;
         };
         tokio::spawn(async move {
-            if let Some(old) = me.client.write().await.take() {
+            let old = me.client.write().await.take();
+            if let Some(old) = old {
                 let _ = old.cancel().await;
             }
+            me.relay.forget_routes();
             let mut backoff = FIRST_RECONNECT;
             loop {
                 match me.open().await {
@@ -418,6 +526,16 @@ impl Upstream {
             }
             me.reconnecting.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// Reconnects if `error` came from a connection that is closed. One
+    /// request's failure on a live connection (an HTTP error for that POST)
+    /// is that call's alone: reconnecting would end every caller's call in
+    /// flight, and anyone could set it off.
+    fn reconnect_if_gone(&self, peer: &Peer<RoleClient>, error: &ServiceError, generation: u64) {
+        if peer.is_transport_closed() || matches!(error, ServiceError::TransportClosed) {
+            self.reconnect(generation);
+        }
     }
 
     fn failure(&self, message: String) -> CallToolResult {
@@ -471,6 +589,10 @@ impl ToolBackend for Upstream {
         self.config.unpriced
     }
 
+    fn run_limit(&self) -> Option<Duration> {
+        Some(self.config.timeout)
+    }
+
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.changes.subscribe())
     }
@@ -480,13 +602,14 @@ impl ToolBackend for Upstream {
             .strip_prefix(self.config.prefix.as_deref().unwrap_or(""))
             .unwrap_or(tool)
             .to_owned();
-        let Some(peer) = self.client.read().await.as_ref().map(|c| c.peer().clone()) else {
-            self.reconnect();
+        let Some((peer, generation)) = self.current().await else {
+            self.reconnect(self.generation.load(Ordering::SeqCst));
             return self.failure("not connected; reconnecting".into());
         };
         let request = ClientRequest::CallToolRequest(Request::new(
             CallToolRequestParams::new(name).with_arguments(args),
         ));
+        let key = self.relay.in_flight().enter(context.elicitation.clone());
         // rmcp cancels the upstream request itself when the timeout passes.
         let handle = match peer
             .send_request_with_option(
@@ -497,26 +620,27 @@ impl ToolBackend for Upstream {
         {
             Ok(handle) => handle,
             Err(e) => {
-                self.reconnect();
-                return self.failure(format!("cannot send the call: {e}"));
+                self.relay.in_flight().leave(key, false);
+                self.reconnect_if_gone(&peer, &e, generation);
+                tracing::warn!(upstream = self.config.name, "cannot send the call: {e}");
+                return self.failure("the call could not be sent".into());
             }
         };
         let (id, upstream_token) = (handle.id.clone(), handle.progress_token.clone());
+        self.relay.in_flight().sent(key, id.clone());
         if let Some((client, token)) = &context.progress {
             let route = (client.clone(), token.clone());
             self.relay
                 .open_route(upstream_token.clone(), route, context.progress_heard)
                 .await;
         }
-        self.relay
-            .in_flight()
-            .push((id.clone(), context.elicitation.clone()));
         let outcome = tokio::select! {
             outcome = handle.await_response() => Some(outcome),
             () = context.cancelled.cancelled() => None,
         };
         self.relay.close_route_soon(upstream_token).await;
-        self.relay.in_flight().retain(|(call, _)| call != &id);
+        let answered = matches!(outcome, Some(Ok(_) | Err(ServiceError::McpError(_))));
+        self.relay.in_flight().leave(key, answered);
         match outcome {
             None => {
                 // The client cancelled: tell the upstream too.
@@ -543,8 +667,11 @@ impl ToolBackend for Upstream {
                 ))])
             }
             Some(Err(e)) => {
-                self.reconnect();
-                self.failure(format!("call failed: {e}"))
+                self.reconnect_if_gone(&peer, &e, generation);
+                // The detail (addresses, the upstream's own words) goes to
+                // the log, not to the caller.
+                tracing::warn!(upstream = self.config.name, "call failed: {e}");
+                self.failure("the call failed".into())
             }
         }
     }

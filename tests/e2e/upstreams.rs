@@ -72,6 +72,11 @@ impl ServerHandler for TestUpstream {
                 Tool::new("grow", "Adds a tool and says so.", schema(json!({}))),
                 Tool::new("ask", "Asks the person a question.", schema(json!({}))),
                 Tool::new(
+                    "late_ask",
+                    "Works 900ms whatever happens, then asks.",
+                    schema(json!({})),
+                ),
+                Tool::new(
                     "count",
                     "Counts to n (n defaults to 50, and a numeric string will do).",
                     schema(json!({"n": {"type": "integer"}})),
@@ -116,6 +121,31 @@ impl ServerHandler for TestUpstream {
                     }
                 }
                 CallToolResult::success(vec![ContentBlock::text("three steps")])
+            }
+            "late_ask" => {
+                // From a task of its own, as a server that goes on working
+                // after a cancel would: the question comes on the session's
+                // own stream, tied to no request.
+                let peer = context.peer.clone();
+                let asked = tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    let question = rmcp::model::ElicitRequestParams::FormElicitationParams {
+                        meta: None,
+                        message: "Proceed?".into(),
+                        requested_schema: rmcp::model::ElicitationSchema::builder()
+                            .required_bool("proceed")
+                            .build()
+                            .expect("schema"),
+                    };
+                    peer.create_elicitation(question).await
+                });
+                match asked.await {
+                    Ok(Ok(answer)) => CallToolResult::success(vec![ContentBlock::text(format!(
+                        "{:?}",
+                        answer.action
+                    ))]),
+                    _ => CallToolResult::error(vec![ContentBlock::text("no answer")]),
+                }
             }
             "ask" => {
                 let question = rmcp::model::ElicitRequestParams::FormElicitationParams {
@@ -326,6 +356,29 @@ on_both_backends! {
         let out = env.cli(&["serve"]).await;
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("upstream `gone`"));
+
+        // One that takes the connection and never answers: an error within
+        // its timeout, not a start that hangs.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                open.push(socket);
+            }
+        });
+        let text = crate::harness::pricing("resubmit", "")
+            + &format!(
+                "\n[[upstreams]]\nname = \"mute\"\nurl = \"http://{addr}/mcp\"\ntimeout = \"500ms\"\n"
+            );
+        let env = crate::harness::Env::with_pricing(&text);
+        let out = tokio::time::timeout(Duration::from_secs(20), env.cli(&["serve"]))
+            .await
+            .expect("the start hung on a silent upstream");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("upstream `mute`") && err.contains("took longer than"), "{err}");
+        held.abort();
     }
 }
 
@@ -479,7 +532,7 @@ on_both_backends! {
         let upstream = TestUpstream::default();
         let (url, stop, upstream) = spawn_upstream_at("127.0.0.1:0", upstream).await;
         let t = InProcess::new(
-            &upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"30s\""),
+            &upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"30m\""),
         )
         .await;
         t.env.topup("alice", "1.00").await;
@@ -517,6 +570,10 @@ on_both_backends! {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
+        // Its hold outlives the upstream's timeout (30 minutes here), not
+        // only the usual 15: the sweep does not end it under the run.
+        let later = tollgate::store::now_ms() + 20 * 60_000;
+        assert_eq!(t.gate.store().sweep_expired(later).await.unwrap(), 0);
         handle.cancel(Some("gave up".into())).await.unwrap();
         for _ in 0..50 {
             if upstream.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 1 {
@@ -623,10 +680,10 @@ on_both_backends! {
         assert_eq!(plain.prompt_count(), 0);
         client.cancel().await.ok();
 
-        // The upstream does not say which call asks: while another call is in
-        // flight, a question is declined, never handed to the other call's
-        // client (here bob's, which could answer it, for carol's call). Bob's
-        // call hangs until the upstream's timeout.
+        // While another call is in flight, a question goes to the client of
+        // the call it comes from (over HTTP it comes on that call's stream),
+        // never to the other call's client (here bob's, which could answer
+        // it, for carol's call). Bob's call hangs until the upstream's timeout.
         let bystander = t.client(Person::Approves, Elicitation::Form);
         let bob = t.connect(Some("bob"), bystander.clone(), false).await;
         let peer = bob.peer().clone();
@@ -634,15 +691,50 @@ on_both_backends! {
             peer.call_tool(rmcp::model::CallToolRequestParams::new("test_hang")).await
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let carol = t.connect(Some("carol"), t.client(Person::Approves, Elicitation::None), false).await;
+        let carols = t.client(Person::Approves, Elicitation::Form);
+        let carol = t.connect(Some("carol"), carols.clone(), false).await;
         let r = call(&carol, "test_ask", json!({})).await;
-        assert_eq!(text(&r), "Decline", "{r:?}");
+        assert_eq!(text(&r), "Accept", "{r:?}");
+        assert_eq!(carols.prompt_count(), 1);
         assert_eq!(bystander.prompt_count(), 0, "carol's question reached bob's client");
         assert!(!hanging.is_finished(), "bob's call was still in flight");
         bob.cancel().await.ok();
         carol.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
+}
+
+/// A call that ended without the upstream's answer (here it timed out) may
+/// still be running there and ask its question later: that question is
+/// declined, never handed to whichever other call is in flight by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_from_a_call_that_timed_out_reaches_no_other_client() {
+    let (url, _upstream) = spawn_upstream().await;
+    let pricing =
+        upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"600ms\"");
+    let t = InProcess::new(&pricing).await;
+    t.env.topup("carol", "1.00").await;
+    let bobs = t.client(Person::Approves, Elicitation::Form);
+    let bob = t.connect(Some("bob"), bobs.clone(), false).await;
+    // Bob's call times out at 600ms; the upstream asks at 900ms.
+    let r = call(&bob, "test_late_ask", json!({})).await;
+    assert_eq!(r.is_error, Some(true), "{r:?}");
+    assert!(text(&r).contains("no answer within"), "{}", text(&r));
+    // Carol's call is the only one in flight when bob's question comes,
+    // and her client could answer it.
+    let carols = t.client(Person::Approves, Elicitation::Form);
+    let carol = t.connect(Some("carol"), carols.clone(), false).await;
+    let r = call(&carol, "test_hang", json!({})).await;
+    assert_eq!(r.is_error, Some(true), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        carols.prompt_count(),
+        0,
+        "bob's question reached carol's client"
+    );
+    assert_eq!(bobs.prompt_count(), 0, "bob's call had ended");
+    bob.cancel().await.ok();
+    carol.cancel().await.ok();
 }
 
 on_both_backends! {
