@@ -18,14 +18,14 @@ use serde_json::json;
 
 use super::{
     Gate,
-    redeem::{pays_for, refunded},
+    redeem::{pays_for, refunded, remote_grace_ends},
     reply::{self, code},
 };
 use crate::{
     provider::ProviderError,
     store::{
-        Cursor, Funding, Intent, IntentOutcome, IntentStatus, SessionStatus, StoreError,
-        UNREDEEMED_PAGE, new_txn_id, now_ms,
+        Cursor, Funding, Intent, IntentOutcome, IntentStatus, REMOTE_DUE_PAGE, SessionStatus,
+        StoreError, UNREDEEMED_PAGE, new_txn_id, now_ms,
     },
 };
 
@@ -140,52 +140,80 @@ impl Gate {
     /// redeemable (refunded if never used); otherwise it expires. One the
     /// provider cannot answer about now is asked again next time.
     async fn settle_remote_due(&self, now: i64, recovered: &mut Recovered) {
-        let due = match self.store.remote_due(now).await {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::warn!("cannot list remote payments past their time: {e}");
-                return;
-            }
-        };
-        for intent in due {
-            let Some(session) = intent.provider_session_id.as_deref() else {
-                continue;
-            };
-            let state = match self.provider.session_state(session).await {
-                Ok(state) => Some(state),
-                // Not the provider's (it was changed since): not paid there.
-                Err(ProviderError::NotFound(_)) => None,
+        let mut after = Cursor::start();
+        loop {
+            let page = match self.store.remote_due(now, &after).await {
+                Ok(page) => page,
                 Err(e) => {
-                    tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
-                    continue;
+                    tracing::warn!("cannot list remote payments past their time: {e}");
+                    return;
                 }
             };
-            let paid_in_time = match &state {
-                Some(state) if state.status == SessionStatus::Paid && pays_for(state, &intent) => {
-                    match &state.funding {
-                        Funding::External { account } => Some(account.as_str()),
-                        Funding::InClearing { .. } => None,
-                    }
+            for intent in &page {
+                if !self.settle_remote(intent, now, recovered).await {
+                    return; // the provider is down: all of it, next pass
                 }
-                _ => None,
-            };
-            let settled = match paid_in_time {
-                Some(account) => self
-                    .store
-                    .mark_paid_externally(&intent.id, account)
-                    .await
-                    .map(|kept| (kept, &mut recovered.remote_paid_kept)),
-                None => self
-                    .end_unpaid(&intent, IntentStatus::Expired)
-                    .await
-                    .map(|ended| (ended, &mut recovered.remote_expired)),
-            };
-            match settled {
-                Ok((true, count)) => *count += 1,
-                Ok((false, _)) => {} // redeemed meanwhile
-                Err(e) => tracing::warn!(payment_id = intent.id, "cannot settle a payment: {e}"),
+            }
+            match page.last() {
+                Some(last) if page.len() == REMOTE_DUE_PAGE => after = Cursor::after(last),
+                _ => return,
             }
         }
+    }
+
+    /// One intent of [`Gate::settle_remote_due`]. False if the provider
+    /// could not be reached.
+    async fn settle_remote(&self, intent: &Intent, now: i64, recovered: &mut Recovered) -> bool {
+        let Some(session) = intent.provider_session_id.as_deref() else {
+            return true;
+        };
+        let state = match self.provider.session_state(session).await {
+            Ok(state) => Some(state),
+            // Not the provider's (it was changed since): not paid there.
+            Err(ProviderError::NotFound(_)) => None,
+            Err(e @ ProviderError::Unavailable(_)) => {
+                tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
+                return true;
+            }
+        };
+        // The remote session runs on the remote's clock and time, and may
+        // still take the payment: asked again until the grace is over.
+        if let Some(state) = &state
+            && state.status == SessionStatus::Pending
+            && now < remote_grace_ends(intent)
+        {
+            return true;
+        }
+        let paid_remotely = match &state {
+            Some(state) if state.status == SessionStatus::Paid && pays_for(state, intent) => {
+                match &state.funding {
+                    Funding::External { account } => Some(account.as_str()),
+                    Funding::InClearing { .. } => None,
+                }
+            }
+            _ => None,
+        };
+        let settled = match paid_remotely {
+            Some(account) => self
+                .store
+                .mark_paid_externally(&intent.id, account)
+                .await
+                .map(|kept| (kept, &mut recovered.remote_paid_kept)),
+            None => self
+                .end_unpaid(intent, IntentStatus::Expired)
+                .await
+                .map(|ended| (ended, &mut recovered.remote_expired)),
+        };
+        match settled {
+            Ok((true, count)) => *count += 1,
+            Ok((false, _)) => {} // redeemed meanwhile
+            Err(e) => tracing::warn!(payment_id = intent.id, "cannot settle a payment: {e}"),
+        }
+        true
     }
 
     /// Takes a paid, never redeemed intent through `running` (so no late

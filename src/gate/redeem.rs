@@ -265,6 +265,14 @@ impl Gate {
                     })),
                 ));
             }
+            // Its time is over, but its session is still open at the
+            // provider (a remote one, on the remote's clock and time): the
+            // caller is told it expired, and the intent is left to upkeep,
+            // which keeps a payment made there after all (redeemable, or
+            // refunded if never used).
+            SessionStatus::Pending if now_ms() < remote_grace_ends(intent) => {
+                return Step::Answer(ended(intent, code::PAYMENT_EXPIRED, "expired"));
+            }
             SessionStatus::Pending | SessionStatus::Expired => {
                 (IntentStatus::Expired, code::PAYMENT_EXPIRED, "expired")
             }
@@ -566,6 +574,18 @@ pub(super) fn refunded(intent: &Intent) -> Value {
 }
 
 /// The answer for an intent that ended without running.
+/// How long past its time an intent whose session is still pending at its
+/// provider stays open. A local session ends with its intent; a remote one
+/// runs on the remote's clock and time, and may take the payment a little
+/// later: ended at once, that payment would be lost to both sides.
+const REMOTE_PENDING_GRACE_MS: i64 = 10 * 60_000;
+
+/// Until when an intent whose provider session is still pending is left
+/// open (see [`REMOTE_PENDING_GRACE_MS`]).
+pub(super) fn remote_grace_ends(intent: &Intent) -> i64 {
+    intent.expires_at.saturating_add(REMOTE_PENDING_GRACE_MS)
+}
+
 pub(super) fn ended(intent: &Intent, code: &str, status: &str) -> CallToolResult {
     let mut details = Map::new();
     details.insert("payment_id".into(), json!(intent.id));

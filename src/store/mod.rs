@@ -611,6 +611,9 @@ pub struct Refunded {
 /// How many unredeemed intents [`Store::unredeemed`] returns at a time.
 pub const UNREDEEMED_PAGE: usize = 500;
 
+/// Intents in a page of [`Store::remote_due`].
+pub const REMOTE_DUE_PAGE: usize = 100;
+
 /// The most approval decisions [`Store::approvals`] returns (the newest).
 pub const APPROVALS_LISTED: usize = 500;
 
@@ -808,9 +811,10 @@ pub trait Store: Send + Sync + 'static {
     /// `gate::runs`).
     async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError>;
     /// Intents awaiting a remote provider's payment (one this ledger does
-    /// not see) whose time ended before `now`, a hundred at most: the expiry
-    /// sweep leaves them to the gate, which asks the provider.
-    async fn remote_due(&self, now: i64) -> Result<Vec<Intent>, StoreError>;
+    /// not see) whose time ended before `now`, oldest first, a page of at
+    /// most [`REMOTE_DUE_PAGE`] after `after`: the expiry sweep leaves them
+    /// to the gate, which asks the provider.
+    async fn remote_due(&self, now: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError>;
     /// awaiting_payment → paid, for a payment made to a remote provider
     /// (`account`) in time but found after the intent's time ran out: the
     /// money enters clearing, and the intent is run when redeemed, or

@@ -378,9 +378,12 @@ where
         .await
     }
 
-    pub async fn remote_due(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
-        self.all(statement!(sql::REMOTE_DUE, now), rows::intent)
-            .await
+    pub async fn remote_due(&self, now: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
+        self.all(
+            statement!(sql::REMOTE_DUE, now, after.expires_at, after.id.as_str()),
+            rows::intent,
+        )
+        .await
     }
 
     pub async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {

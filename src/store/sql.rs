@@ -216,11 +216,13 @@ macro_rules! paid_here {
 pub(super) use paid_here;
 
 /// Intents awaiting a remote provider's payment whose time ended before
-/// `$1`, oldest first, at most 100: the gate asks the provider about each.
+/// `$1`, oldest first, a page after the one ending at (`$2`, `$3`): the gate
+/// asks the provider about each.
 pub(super) const REMOTE_DUE: &str = concat!(
-    "SELECT * FROM intents i WHERE i.status = 'awaiting_payment' AND i.expires_at < $1 AND NOT ",
+    "SELECT * FROM intents i WHERE i.status = 'awaiting_payment' AND i.expires_at < $1
+       AND (i.expires_at > $2 OR (i.expires_at = $2 AND i.id > $3)) AND NOT ",
     paid_here!("i"),
-    " ORDER BY i.expires_at, i.id LIMIT 100"
+    " ORDER BY i.expires_at, i.id LIMIT 100" // REMOTE_DUE_PAGE
 );
 
 /// Intents paid but never redeemed, whose time ended before `$1`: marked

@@ -687,6 +687,36 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// Intents awaiting a remote payment past their time come a page at a
+    /// time too: those the provider leaves open (a remote session still
+    /// pending) do not hide the ones after them.
+    #[tokio::test]
+    async fn remote_intents_past_their_time_come_page_after_page() {
+        let (_dir, store) = store().await;
+        let ended = now_ms() - 1_000;
+        for (id, expires_at) in [("r2", ended - 10), ("r1", ended - 20), ("r3", ended - 10)] {
+            // A session of another payment system: none in this ledger.
+            let remote = Intent {
+                expires_at,
+                provider: "sessions_api".into(),
+                provider_session_id: Some(format!("cs_{id}")),
+                ..intent(id)
+            };
+            store.create_intent(&remote).await.unwrap();
+        }
+        // A local one is the sweep's, not upkeep's.
+        store.create_session(&session("local", ended)).await.unwrap();
+        store.create_intent(&Intent { expires_at: ended - 30, ..intent("local") }).await.unwrap();
+        let ids = |page: &[Intent]| page.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+        let all = store.remote_due(now_ms(), &Cursor::start()).await.unwrap();
+        assert_eq!(ids(&all), ["r1", "r2", "r3"]);
+        let rest = store.remote_due(now_ms(), &Cursor::after(&all[1])).await.unwrap();
+        assert_eq!(ids(&rest), ["r3"], "after r2, its twin r3");
+        assert_eq!(store.remote_due(ended - 15, &Cursor::start()).await.unwrap().len(), 1);
+    }
+}
+
+crate::on_both_backends! {
     #[tokio::test]
     async fn a_session_whose_intent_has_ended_takes_no_payment() {
         let (_dir, store) = store().await;

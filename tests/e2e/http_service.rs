@@ -713,14 +713,20 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    /// A payment made at the remote tollgate in time, whose caller comes
-    /// back only after the intent's time ran out, is not lost: A's upkeep
-    /// asks B, keeps the intent paid, and the call runs when redeemed. One
-    /// not paid in time expires. (The expiry sweep cannot see a remote
-    /// payment, and used to expire both.)
+    /// A payment made at the remote tollgate, whose caller comes back only
+    /// after the intent's time ran out, is not lost: A's upkeep asks B,
+    /// keeps the intent paid, and the call runs when redeemed. That holds
+    /// for a payment made after A's time too, while B's session was still
+    /// open (B's time is its own): A tells the caller it expired, but leaves
+    /// the intent open while B's session is. One never paid expires once B
+    /// says its session did. (The expiry sweep cannot see a remote payment,
+    /// and used to expire them all; then upkeep expired the late one.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_remote_payment_made_in_time_is_kept_past_the_intents_time() {
-        let b = HttpServer::start(&two_step_pricing()).await;
+    async fn a_remote_payment_made_while_its_session_is_open_is_kept_past_the_intents_time() {
+        let b = HttpServer::start(
+            &two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"5s\""),
+        )
+        .await;
         let a_pricing = crate::harness::pricing("resubmit", "instance_lease = \"1s\"\n")
             .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
         let (a, client) = paying_through(&b, &a_pricing).await;
@@ -730,28 +736,40 @@ on_both_backends! {
             let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
             (id, url.rsplit('/').next().unwrap().to_owned())
         };
-        let (paid, session) = open("late").await;
-        let (unpaid, _) = open("never").await;
+        let (in_time, session) = open("in time").await;
+        let (late, late_session) = open("late").await;
+        let (never, _) = open("never").await;
         let response = checkout_post(&b.base, &session, &[("action", "settle")]).await;
         assert_eq!(response.status(), 303);
 
-        // Past both intents' time, and a few of A's upkeep passes.
+        // Past A's time: the caller is told it expired, but B's session is
+        // open, and paid there now.
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        let r = crate::harness::call(&client, "echo", json!({"text": "late", "payment_id": late})).await;
+        assert_eq!(error_code(&r), "payment_expired", "{r:?}");
+        let response = checkout_post(&b.base, &late_session, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 303, "B's session was still open");
+
+        // Then past B's time too, and a few of A's upkeep passes.
         let store = tollgate::testing::open_store(&a.db).await.unwrap();
         let status = async |id: &str| store.intent(id).await.unwrap().unwrap().status;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while status(&unpaid).await.as_str() == "awaiting_payment"
-            || status(&paid).await.as_str() == "awaiting_payment"
-        {
-            assert!(tokio::time::Instant::now() < deadline, "A's upkeep never settled them");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        for id in [&in_time, &late, &never] {
+            while status(id).await.as_str() == "awaiting_payment" {
+                assert!(tokio::time::Instant::now() < deadline, "A's upkeep never settled {id}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
-        assert_eq!(status(&paid).await.as_str(), "paid");
-        assert_eq!(status(&unpaid).await.as_str(), "expired");
+        assert_eq!(status(&in_time).await.as_str(), "paid");
+        assert_eq!(status(&late).await.as_str(), "paid");
+        assert_eq!(status(&never).await.as_str(), "expired");
 
-        let r = crate::harness::call(&client, "echo", json!({"text": "late", "payment_id": paid})).await;
-        assert_eq!(text(&r), "late", "{r:?}");
-        assert_eq!(payment_meta(&r)["status"], "paid");
-        let r = crate::harness::call(&client, "echo", json!({"text": "never", "payment_id": unpaid})).await;
+        for (text, id) in [("in time", &in_time), ("late", &late)] {
+            let r = crate::harness::call(&client, "echo", json!({"text": text, "payment_id": id})).await;
+            assert_eq!(crate::harness::text(&r), text, "{r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+        }
+        let r = crate::harness::call(&client, "echo", json!({"text": "never", "payment_id": never})).await;
         assert_eq!(error_code(&r), "payment_expired");
         client.cancel().await.ok();
         a.assert_ledger_ok().await;

@@ -561,8 +561,8 @@ impl Store for SqliteStore {
         self.db.own_stale_runs(before).await
     }
 
-    async fn remote_due(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
-        self.db.remote_due(now).await
+    async fn remote_due(&self, now: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
+        self.db.remote_due(now, after).await
     }
 
     async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
