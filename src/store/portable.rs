@@ -599,7 +599,11 @@ where
         };
         tx.execute(Statement::store_result(outcome)).await?;
         let posted = match Settlement::of(outcome, &row, clearing_id, plan)? {
-            Some(settlement) => Some(
+            Some(settlement) => Some({
+                if let Some((account, amount, since)) = settlement.given_back {
+                    tx.execute(statement!(sql::GIVE_BACK_SPEND, account, amount, since))
+                        .await?;
+                }
                 Self::post(
                     &mut tx,
                     TxnHeader {
@@ -613,8 +617,8 @@ where
                     },
                     &settlement.entries,
                 )
-                .await?,
-            ),
+                .await?
+            }),
             None => None,
         };
         tx.commit().await?;

@@ -198,6 +198,10 @@ pub(super) struct Settlement {
     pub audit: Audit,
     pub entries: Vec<Entry>,
     pub legs: Option<String>,
+    /// What goes back to the payer, which gives back that much of a
+    /// wallet's spending allowance: (account, amount, the intent's
+    /// creation time).
+    pub given_back: Option<(i64, i64, i64)>,
 }
 
 impl Settlement {
@@ -222,6 +226,7 @@ impl Settlement {
         }
         let paid = row.int("amount")?;
         let refund_to = row.opt_int("refund_account_id")?;
+        let created_at = row.int("created_at")?;
         let mut audit = Audit {
             payer: row.opt_text("principal")?,
             tool: row.opt_text("tool")?,
@@ -248,6 +253,7 @@ impl Settlement {
                     (refund_to, paid, Some("refund")),
                 ],
                 legs: None,
+                given_back: Some((refund_to, paid, created_at)),
             }));
         };
         let charged = plan.amount.0;
@@ -264,6 +270,7 @@ impl Settlement {
         // A metered run charged less than was paid: the rest goes back, or,
         // with nobody to refund, stays in clearing like a failed run's.
         let rest = paid - charged;
+        let mut given_back = None;
         let out_of_clearing = match refund_to {
             Some(refund_to) if rest > 0 => {
                 audit.memo = Some(format!(
@@ -272,6 +279,7 @@ impl Settlement {
                     format_amount(Units(paid))
                 ));
                 entries.push((refund_to, rest, Some("refund")));
+                given_back = Some((refund_to, rest, created_at));
                 paid
             }
             _ => charged,
@@ -283,6 +291,7 @@ impl Settlement {
             audit,
             entries,
             legs: Some(plan.legs.clone()),
+            given_back,
         }))
     }
 }

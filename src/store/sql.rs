@@ -86,6 +86,20 @@ pub(super) const COUNT_SPEND: &str = "UPDATE accounts SET
         spent_month_start = CASE WHEN spent_month_start >= $4 THEN spent_month_start ELSE $4 END
      WHERE id = $1";
 
+/// A wallet `$1` given back `$2` of what it paid for an intent created at
+/// `$3` (refunded: the run failed, used less, or was never redeemed): its
+/// spending counters come down by that much, as a released hold's do, if
+/// their day or month began before the intent (so the payment was counted
+/// in them); else they are left as they are.
+pub(super) const GIVE_BACK_SPEND: &str = "UPDATE accounts SET
+        spent_day = CASE WHEN spent_day_start <= $3
+                         THEN CASE WHEN spent_day > $2 THEN spent_day - $2 ELSE 0 END
+                         ELSE spent_day END,
+        spent_month = CASE WHEN spent_month_start <= $3
+                           THEN CASE WHEN spent_month > $2 THEN spent_month - $2 ELSE 0 END
+                           ELSE spent_month END
+     WHERE id = $1 AND kind = 'wallet'";
+
 /// Intents awaiting payment, unexpired, of principal `$1`, or, when `$1`
 /// is null, of anonymous callers on MCP session `$2`.
 pub(super) const OPEN_INTENTS: &str = "SELECT COUNT(*) AS n FROM intents
@@ -268,7 +282,7 @@ pub(super) const CLAIM_PAID: &str =
 pub(super) const FINISH_INTENT: &str =
     "UPDATE intents SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'running'
      RETURNING amount, currency, principal, tool, refund_account_id, agent, metadata, approval,
-               approved_by, approved_at, approval_rule";
+               approved_by, approved_at, approval_rule, created_at";
 
 pub(super) const STORE_RESULT: &str = "INSERT INTO stored_results (intent_id, is_error, result_json, created_at) VALUES ($1, $2, $3, $4)";
 

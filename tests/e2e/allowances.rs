@@ -88,6 +88,33 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A wallet paying another's call gives back its allowance when the call
+    /// fails and the payment is refunded, as a released hold does on the
+    /// fast path: a failed call costs nothing, allowance included.
+    #[tokio::test]
+    async fn a_refunded_slow_path_payment_gives_back_the_allowance() {
+        let env = Env::new("resubmit");
+        env.topup("carol", "1.00").await;
+        env.ok(&["wallet", "limits", "carol", "--daily", "0.05"]).await;
+        let client = env.client(None).await;
+        for _ in 0..2 {
+            let args = json!({"a": 1, "b": 0});
+            let id = payment_id_of(&call(&client, "divide", args.clone()).await);
+            env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+            let shown = env.ok(&["wallet", "limits", "carol"]).await;
+            assert!(shown.contains("0.05 spent today"), "{shown}");
+            let r = call(&client, "divide", json!({"a": 1, "b": 0, "payment_id": id})).await;
+            assert_eq!(payment_meta(&r)["status"], "refunded", "{r:?}");
+            let shown = env.ok(&["wallet", "limits", "carol"]).await;
+            assert!(shown.contains("0.00 spent today"), "{shown}");
+        }
+        assert_eq!(env.available("carol").await, "1.00");
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
+
 /// Approval rules, through an in-process client that answers prompts.
 mod approval_rules {
     use crate::harness::{echo_args, error_code, payment_meta};
