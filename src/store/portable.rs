@@ -83,6 +83,9 @@ pub(super) trait Tx {
     }
 }
 
+/// Rows a pruning statement deletes at most (the `LIMIT` in `sql::PRUNE_*`).
+const PRUNE_BATCH: u64 = 1000;
+
 impl<DB> Tx for Transaction<'_, DB>
 where
     DB: Database,
@@ -396,13 +399,23 @@ where
 
     pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
         Ok(Pruned {
-            results: self.execute(statement!(sql::PRUNE_RESULTS, before)).await?,
-            intents: self.execute(statement!(sql::PRUNE_INTENTS, before)).await?,
-            sessions: self
-                .execute(statement!(sql::PRUNE_SESSIONS, before))
-                .await?,
-            holds: self.execute(statement!(sql::PRUNE_HOLDS, before)).await?,
+            results: self.prune_batches(sql::PRUNE_RESULTS, before).await?,
+            intents: self.prune_batches(sql::PRUNE_INTENTS, before).await?,
+            sessions: self.prune_batches(sql::PRUNE_SESSIONS, before).await?,
+            holds: self.prune_batches(sql::PRUNE_HOLDS, before).await?,
         })
+    }
+
+    /// Runs a pruning statement until a batch comes back short.
+    async fn prune_batches(&self, delete: &'static str, before: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let batch = self.execute(statement!(delete, before)).await?;
+            deleted += batch;
+            if batch < PRUNE_BATCH {
+                return Ok(deleted);
+            }
+        }
     }
 
     pub async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError> {

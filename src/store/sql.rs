@@ -256,13 +256,21 @@ pub(super) const UNREDEEMED: &str = concat!(
 /// after that is told the result is gone), unpaid intents that ended and
 /// their sessions, and holds that ended without moving money. The ledger,
 /// captured holds and paid intents (refunds need them) are kept.
-pub(super) const PRUNE_RESULTS: &str = "DELETE FROM stored_results WHERE created_at < $1";
-pub(super) const PRUNE_INTENTS: &str =
-    "DELETE FROM intents WHERE status IN ('expired', 'cancelled') AND updated_at < $1";
-pub(super) const PRUNE_SESSIONS: &str =
-    "DELETE FROM payment_sessions WHERE status IN ('expired', 'cancelled') AND updated_at < $1";
-pub(super) const PRUNE_HOLDS: &str =
-    "DELETE FROM holds WHERE status IN ('released', 'expired') AND settled_at < $1";
+// Pruning deletes at most 1,000 rows a statement (`PRUNE_BATCH`): a large
+// backlog (the first pass after an upgrade or a long stop) must not hold
+// SQLite's write lock, or run into PostgreSQL's statement timeout and fail
+// the same way every pass.
+pub(super) const PRUNE_RESULTS: &str = "DELETE FROM stored_results WHERE intent_id IN (
+     SELECT intent_id FROM stored_results WHERE created_at < $1 LIMIT 1000)";
+pub(super) const PRUNE_INTENTS: &str = "DELETE FROM intents WHERE id IN (
+     SELECT id FROM intents WHERE status IN ('expired', 'cancelled') AND updated_at < $1
+     LIMIT 1000)";
+pub(super) const PRUNE_SESSIONS: &str = "DELETE FROM payment_sessions WHERE id IN (
+     SELECT id FROM payment_sessions WHERE status IN ('expired', 'cancelled') AND updated_at < $1
+     LIMIT 1000)";
+pub(super) const PRUNE_HOLDS: &str = "DELETE FROM holds WHERE id IN (
+     SELECT id FROM holds WHERE status IN ('released', 'expired') AND settled_at < $1
+     LIMIT 1000)";
 
 /// awaiting_payment → running for instance `$5`: paid, and claimed for its
 /// one run, in one statement (it passes through `paid` without a commit of

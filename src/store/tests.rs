@@ -1351,7 +1351,7 @@ crate::on_both_backends! {
 
     #[tokio::test]
     async fn pruning_deletes_only_what_is_kept_for_a_while() {
-        let (_place, store) = store().await;
+        let (place, store) = store().await;
         let payer = AccountRef::wallet("payer", &usd());
         store.topup(&payer, units("1.00"), None).await.unwrap();
         // An unpaid intent that expired, with its session.
@@ -1398,5 +1398,15 @@ crate::on_both_backends! {
             .await
             .unwrap();
         assert_sound(&*store).await;
+
+        // A backlog larger than one batch goes in one pass, batch by batch.
+        let backlog = 2_345;
+        let sql = "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, mode,
+                       status, provider, created_at, expires_at, updated_at)
+                   WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2345)
+                   SELECT 'old_' || i, 'echo', 'h', '{}', 1, 'USD', 'two_step', 'expired',
+                          'local', 1, 1, 1 FROM n";
+        crate::testing::execute(&place.db.url, sql).await.unwrap();
+        assert_eq!(store.prune(now_ms()).await.unwrap().intents, backlog);
     }
 }
