@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     config::{Config, ConfigError, ProviderKind},
-    gate::{Catalog, CatalogSources, Gate, GateSettings, Recovered},
+    gate::{Catalog, CatalogSources, Gate, GateSettings, Recovered, WithheldNotes},
     provider::{Provider, ProviderError, local::LocalProvider, sessions_api::SessionsApiProvider},
     receipt::{ReceiptError, ReceiptSigner, default_key_path},
     store::{PgStore, Pruned, SqliteStore, Store, StoreError, now_ms},
@@ -135,8 +135,9 @@ pub async fn build_gate_with(
     backends: &[Arc<dyn ToolBackend>],
 ) -> Result<Arc<Gate>, AppError> {
     let catalog = Catalog::build(config, backends)?;
-    let signer = ReceiptSigner::load_or_create(&receipt_key_path(config))?;
     let provider = provider_for(config, store.clone())?;
+    let key_path = receipt_key_path(config);
+    let signer = ReceiptSigner::load_or_create(&key_path)?;
     let gate = Gate::new(
         store,
         provider,
@@ -147,8 +148,10 @@ pub async fn build_gate_with(
     .with_sources(CatalogSources {
         config: config.clone(),
         backends: backends.to_vec(),
-    });
+    })
+    .noting_withheld_in(WithheldNotes::beside(&key_path));
     let gate = Arc::new(gate);
+    gate.resume_withheld();
     // Upstreams may change their tools while we run.
     gate.watch_backends();
     spawn_upkeep(&gate, Upkeep::from_config(config)).await;

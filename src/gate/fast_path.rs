@@ -118,13 +118,7 @@ impl Gate {
                 // over unpaid, and the hold is given back, now or once the
                 // store is back.
                 tracing::error!(payment_id, "capture failed after a successful run: {e}");
-                let store = self.store.clone();
-                let hold_id = payment_id.clone();
-                recording::in_background(
-                    "giving back a withheld call's hold",
-                    payment_id.clone(),
-                    move || give_back(store.clone(), hold_id.clone()),
-                );
+                self.withhold(&payment_id);
                 return Some(reply::unrecorded(&payment_id, e));
             }
         };
@@ -160,7 +154,7 @@ impl Gate {
 /// Ends the hold of a call answered without its result: released if still
 /// open; refunded in full if its capture landed after all (its answer was
 /// lost), since the caller was told nothing was charged.
-async fn give_back(store: Arc<dyn Store>, hold_id: String) -> Result<(), StoreError> {
+pub(super) async fn give_back(store: Arc<dyn Store>, hold_id: String) -> Result<(), StoreError> {
     match store.release(&hold_id).await {
         Ok(()) => Ok(()),
         Err(StoreError::WrongState { status, .. }) if status == "captured" => {

@@ -15,6 +15,9 @@ pub mod reply;
 mod runs;
 mod scope;
 mod slow_path;
+mod withheld;
+
+pub use withheld::WithheldNotes;
 
 use std::{sync::Arc, time::Duration};
 
@@ -95,6 +98,8 @@ pub struct Gate {
     pub(crate) settings: GateSettings,
     pub(crate) dynamic: DynamicTools,
     runs: runs::RunsUnderWay,
+    /// Where withheld fast-path calls are noted; none: not noted.
+    withheld: Option<WithheldNotes>,
 }
 
 /// A priced call that passed validation.
@@ -127,7 +132,15 @@ impl Gate {
             settings,
             dynamic: DynamicTools::default(),
             runs: Default::default(),
+            withheld: None,
         }
+    }
+
+    /// Notes fast-path calls answered without their result in `notes`
+    /// until their holds are given back (see `withheld`).
+    pub fn noting_withheld_in(mut self, notes: WithheldNotes) -> Self {
+        self.withheld = Some(notes);
+        self
     }
 
     /// Keeps what the catalog was built from, so that it can be rebuilt.

@@ -238,3 +238,60 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    /// A fast-path call answered without its result ("nothing was
+    /// charged") whose hold was not given back before the server stopped
+    /// is given back when it starts again, from the note left beside the
+    /// receipt key: here its capture had landed unseen, and is refunded.
+    #[tokio::test]
+    async fn a_call_withheld_before_a_restart_is_given_back_at_start() {
+        use std::time::Duration;
+        use tollgate::{
+            gate::WithheldNotes,
+            store::{AccountKind, Charge, HoldOutcome, HoldRequest, now_ms},
+        };
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let store = tollgate::testing::open_store(&env.db).await.unwrap();
+        let usd = Currency::parse("USD").unwrap();
+        let id = "pay_0123456789abcdef";
+        let hold = HoldRequest {
+            hold_id: id.into(),
+            principal: "alice".into(),
+            amount: Units::parse("0.10").unwrap(),
+            currency: usd.clone(),
+            tool: "echo".into(),
+            args_hash: "h".into(),
+            expires_at: now_ms() + 60_000,
+            origin: Default::default(),
+        };
+        assert_eq!(store.hold(&hold).await.unwrap(), HoldOutcome::Held);
+        let author = AccountRef::new(AccountKind::Revenue, "author", &usd);
+        store.capture(id, &Charge::whole(author, Units::parse("0.10").unwrap())).await.unwrap();
+        let notes = WithheldNotes::beside(&env.key);
+        notes.note(id).unwrap();
+        assert_eq!(env.available("alice").await, "0.90");
+
+        let pricing = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[receipts]\nkey_file = \"{}\"\n",
+            env.key.display()
+        );
+        let _tollgate = tollgate::Tollgate::from_pricing(&pricing)
+            .expect("pricing")
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while env.available("alice").await != "1.00" {
+            assert!(tokio::time::Instant::now() < deadline, "not given back at start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        while !notes.pending().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "the note was kept");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        env.assert_ledger_ok().await;
+    }
+}

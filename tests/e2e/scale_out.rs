@@ -335,6 +335,10 @@ async fn a_charge_that_cannot_be_recorded_withholds_the_result_until_it_is() {
         !format!("{r:?}").contains("jammed"),
         "the result was handed over"
     );
+    // Noted beside the receipt key until given back, in case the server
+    // stops first (a restart gives it back then).
+    let notes = tollgate::gate::WithheldNotes::beside(&env.key);
+    assert_eq!(notes.pending().len(), 1, "the withheld call was not noted");
     let deadline = until();
     loop {
         if let Ok([b]) = store.balances("pat").await.as_deref()
@@ -347,6 +351,13 @@ async fn a_charge_that_cannot_be_recorded_withholds_the_result_until_it_is() {
             "the withheld call's hold was not given back"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    while !notes.pending().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the note outlived the give-back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // Slow path: the paid run's result cannot be stored, so it is withheld;
