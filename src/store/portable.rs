@@ -83,6 +83,10 @@ pub(super) trait Tx {
     }
 }
 
+/// The most a wallet holds: a trillion (10^18 micro-units, a ninth of what
+/// a balance can count).
+pub const MAX_WALLET_BALANCE: Units = Units(1_000_000_000_000_000_000);
+
 /// Rows a pruning statement deletes at most (the `LIMIT` in `sql::PRUNE_*`).
 const PRUNE_BATCH: u64 = 1000;
 
@@ -536,6 +540,21 @@ where
                     replayed: true,
                 });
             }
+        }
+        // Balances are 64-bit micro-units: far more than any wallet needs,
+        // but SQLite would turn an overflowing sum into an inexact REAL.
+        let balance = tx
+            .fetch_one(statement!(sql::WALLET_BALANCE, wallet_id))
+            .await?
+            .int("balance")?;
+        if balance
+            .checked_add(amount)
+            .is_none_or(|after| after > MAX_WALLET_BALANCE.0)
+        {
+            return Err(StoreError::Invalid(format!(
+                "a wallet holds at most {}: this top-up would take it past that",
+                crate::money::format_amount(MAX_WALLET_BALANCE)
+            )));
         }
         let posted = Self::post(
             &mut tx,

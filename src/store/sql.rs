@@ -338,6 +338,9 @@ pub(super) const TOPUP: &str = "SELECT t.created_at, (SELECT e.amount FROM ledge
                                  WHERE e.txn_id = t.id AND e.account_id = $2) AS credited
      FROM ledger_transactions t WHERE t.id = $1 AND t.kind = 'topup'";
 
+/// A wallet's balance (`$1`: its account id).
+pub(super) const WALLET_BALANCE: &str = "SELECT balance FROM accounts WHERE id = $1";
+
 /// A refund made with an idempotency key.
 pub(super) const REFUND_BY_KEY: &str =
     "SELECT payment_id, txn_id, amount FROM refunds WHERE idempotency_key = $1";

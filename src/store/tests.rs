@@ -651,6 +651,28 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// A wallet holds at most a trillion: a top-up past that is refused and
+    /// changes nothing (SQLite would have turned the overflowing balance
+    /// into an inexact number, PostgreSQL refused it with an opaque error).
+    #[tokio::test]
+    async fn a_topup_past_the_largest_balance_is_refused() {
+        let (_dir, store) = store().await;
+        let wallet = AccountRef::wallet("rich", &usd());
+        store.topup(&wallet, units("999999999999.99"), None).await.unwrap();
+        for more in ["0.02", "999999999999"] {
+            let refused = store.topup(&wallet, units(more), None).await;
+            assert!(
+                matches!(&refused, Err(StoreError::Invalid(why)) if why.contains("at most 1000000000000")),
+                "{refused:?}"
+            );
+        }
+        store.topup(&wallet, units("0.01"), None).await.unwrap();
+        assert_eq!(available(&*store, "rich").await, units("1000000000000"));
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
     /// Paid, never redeemed intents come a page at a time, oldest first,
     /// each page starting after the last one's end: every one once,
     /// including two whose time ended at the same moment.
