@@ -87,6 +87,14 @@ pub(super) trait Tx {
 /// a balance can count).
 pub const MAX_WALLET_BALANCE: Units = Units(1_000_000_000_000_000_000);
 
+/// An account a capture paid, as a refund of it sees it: what it still
+/// holds of the payment, and what it earned in each role.
+struct RefundLeg {
+    account: i64,
+    left: i64,
+    roles: Vec<(Option<&'static str>, i64)>,
+}
+
 /// Rows a pruning statement deletes at most (the `LIMIT` in `sql::PRUNE_*`).
 const PRUNE_BATCH: u64 = 1000;
 
@@ -823,20 +831,34 @@ where
         };
         // Every account the capture paid gives back its share of the refund,
         // in proportion to what it still holds of it: the refund that
-        // empties a payment takes back exactly what each account got.
-        let mut legs: Vec<(i64, i64, Option<&'static str>)> = Vec::new();
+        // empties a payment takes back exactly what each account got. An
+        // account paid in two roles (both commissions to one account) gives
+        // its share back under each role, in proportion to what each earned.
+        let mut legs: Vec<RefundLeg> = Vec::new();
         for row in tx
             .fetch_all(statement!(sql::CAPTURE_LEGS, capture_id.as_str()))
             .await?
         {
             let account = row.int("account_id")?;
             let amount = row.int("amount")?;
-            match legs.iter_mut().find(|(a, _, _)| *a == account) {
-                Some(leg) => leg.1 += amount,
+            let role = row.opt_text("role")?.and_then(|r| Role::parse(&r));
+            let role = role.map(Role::as_str);
+            let at = match legs.iter().position(|leg| leg.account == account) {
+                Some(at) => at,
                 None => {
-                    let role = row.opt_text("role")?.and_then(|r| Role::parse(&r));
-                    legs.push((account, amount, role.map(Role::as_str)));
+                    legs.push(RefundLeg {
+                        account,
+                        left: 0,
+                        roles: Vec::new(),
+                    });
+                    legs.len() - 1
                 }
+            };
+            let leg = &mut legs[at];
+            leg.left += amount;
+            match leg.roles.iter_mut().find(|(r, _)| *r == role) {
+                Some(earned) => earned.1 += amount,
+                None => leg.roles.push((role, amount)),
             }
         }
         for row in tx
@@ -844,16 +866,19 @@ where
             .await?
         {
             let account = row.int("account_id")?;
-            if let Some(leg) = legs.iter_mut().find(|(a, _, _)| *a == account) {
-                leg.1 -= row.int("taken")?;
+            if let Some(leg) = legs.iter_mut().find(|leg| leg.account == account) {
+                leg.left -= row.int("taken")?;
             }
         }
-        let weights: Vec<i64> = legs.iter().map(|(_, left, _)| *left).collect();
+        let weights: Vec<i64> = legs.iter().map(|leg| leg.left).collect();
         let mut entries: Vec<Entry> =
             vec![(destination.int("account_id")?, amount, Some("refund"))];
-        for ((account, _, role), part) in legs.iter().zip(pro_rata(amount, &weights)) {
-            if part > 0 {
-                entries.push((*account, -part, *role));
+        for (leg, part) in legs.iter().zip(pro_rata(amount, &weights)) {
+            let earned: Vec<i64> = leg.roles.iter().map(|(_, earned)| *earned).collect();
+            for ((role, _), share) in leg.roles.iter().zip(pro_rata(part, &earned)) {
+                if share > 0 {
+                    entries.push((leg.account, -share, *role));
+                }
             }
         }
         let audit = Audit {

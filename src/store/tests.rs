@@ -589,6 +589,29 @@ crate::on_both_backends! {
         assert!(store.capture("h3", &over).await.unwrap_err().to_string().contains("above the hold"));
         store.release("h3").await.unwrap();
         assert_eq!(available(&*store, "w").await, units("8.9677"));
+
+        // Refunded, each commission comes back under its own role, though
+        // both went to one account.
+        let refund = RefundRequest {
+            payment_id: "h1".into(),
+            amount: None,
+            reason: "test".into(),
+            idempotency_key: "r1".into(),
+        };
+        store.refund(&refund).await.unwrap();
+        let mut taken: Vec<(Option<String>, i64)> = store
+            .statement(AccountKind::Revenue, "commissions")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|line| line.amount < 0)
+            .map(|line| (line.role, line.amount))
+            .collect();
+        taken.sort();
+        assert_eq!(
+            taken,
+            [(Some("commission_in".to_owned()), -20_000), (Some("commission_out".to_owned()), -10_000)]
+        );
         assert_sound(&*store).await;
     }
 }
