@@ -1334,6 +1334,32 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// A paid run left `running` by a tollgate from before instance leases
+    /// (no runner recorded) is taken for a dead instance's once the
+    /// migration runs, and so recovered, rather than left running for good.
+    #[tokio::test]
+    async fn a_run_from_before_leases_is_recovered_after_the_upgrade() {
+        let (place, store) = store().await;
+        store.create_session(&session("old", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("old")).await.unwrap();
+        store.pay_session("old", None, now_ms()).await.unwrap();
+        let funding = Funding::InClearing { refund_to: None };
+        assert!(store.claim_paid_intent("old", &funding).await.unwrap());
+        // As an older tollgate left it, and before this upgrade's migration.
+        let url = &place.db.url;
+        crate::testing::execute(url, "UPDATE intents SET runner = NULL WHERE id = 'old'")
+            .await
+            .unwrap();
+        assert!(store.interrupted_runs(now_ms()).await.unwrap().is_empty());
+        let forget = "DELETE FROM _sqlx_migrations WHERE description = 'runs from before leases'";
+        assert_eq!(crate::testing::execute(url, forget).await.unwrap(), 1);
+        let upgraded = open(url).await.unwrap();
+        let interrupted = upgraded.interrupted_runs(now_ms()).await.unwrap();
+        assert_eq!(interrupted.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["old"]);
+    }
+}
+
+crate::on_both_backends! {
     #[tokio::test]
     async fn a_dead_instances_holds_and_runs_are_recovered_and_no_one_elses() {
         let (place, a) = store().await;
