@@ -380,6 +380,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 payment_id,
                 amount: units,
                 reason,
+                restores_allowance: false,
             };
             let refunded = store.refund(&request).await?;
             println!(

@@ -163,6 +163,7 @@ pub(super) async fn give_back(store: Arc<dyn Store>, hold_id: String) -> Result<
                 amount: None,
                 reason: "the call's result was withheld: its charge could not be confirmed".into(),
                 idempotency_key: format!("withheld_{hold_id}"),
+                restores_allowance: true,
             };
             store.refund(&refund).await.map(|_| ())
         }
@@ -191,6 +192,9 @@ mod tests {
             let store = open_store(&db.url).await.unwrap();
             let usd = Currency::parse("USD").unwrap();
             store.topup(&AccountRef::wallet("w", &usd), Units(100), None).await.unwrap();
+            let daily = crate::allowance::Limits { daily: Some(Units(1_000)), ..Default::default() };
+            store.set_limits(&AccountRef::wallet("w", &usd), &daily).await.unwrap();
+            let spent_today = async || store.limits("w").await.unwrap()[0].spent.day;
             let hold = |id: &str| HoldRequest {
                 hold_id: id.into(),
                 principal: "w".into(),
@@ -208,10 +212,12 @@ mod tests {
             let revenue = AccountRef::new(AccountKind::Revenue, "author", &usd);
             store.capture("captured", &Charge::whole(revenue, Units(30))).await.unwrap();
             assert_eq!(available().await, Units(40));
+            assert_eq!(spent_today().await, Units(60));
 
             give_back(store.clone(), "open".into()).await.unwrap();
             give_back(store.clone(), "captured".into()).await.unwrap();
             assert_eq!(available().await, Units(100), "both given back");
+            assert_eq!(spent_today().await, Units(0), "and the allowance they counted");
             give_back(store.clone(), "captured".into()).await.unwrap();
             assert_eq!(available().await, Units(100), "once");
             let report = store.verify(now_ms()).await.unwrap();

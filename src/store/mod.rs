@@ -594,6 +594,11 @@ pub struct RefundRequest {
     pub reason: String,
     /// A refund is made at most once per key; asking again answers with it.
     pub idempotency_key: String,
+    /// The charge is taken back as if it was never made (a fast-path call
+    /// answered without its result): the wallet's spending allowance comes
+    /// back with the money, as a released hold's does. An operator's refund
+    /// of a call that was delivered leaves the allowance used.
+    pub restores_allowance: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -640,8 +640,14 @@ where
         tx.execute(Statement::store_result(outcome)).await?;
         let posted = match Settlement::of(outcome, &row, clearing_id, plan)? {
             Some(settlement) => Some({
-                if let Some((account, amount, since)) = settlement.given_back {
-                    tx.execute(statement!(sql::GIVE_BACK_SPEND, account, amount, since))
+                if let Some((account, amount)) = settlement.given_back
+                    && let Some(session) = row.opt_text("provider_session_id")?
+                    && let Some(paid) = tx
+                        .fetch_optional(statement!(sql::SESSION_PAID_AT, session.as_str()))
+                        .await?
+                {
+                    let paid_at = paid.int("updated_at")?;
+                    tx.execute(statement!(sql::GIVE_BACK_SPEND, account, amount, paid_at))
                         .await?;
                 }
                 Self::post(
@@ -903,6 +909,18 @@ where
             &entries,
         )
         .await?;
+        // A charge taken back as if never made (a withheld fast-path call)
+        // gives back the allowance its hold counted.
+        if request.restores_allowance
+            && let Some(hold) = tx
+                .fetch_optional(statement!(sql::HOLD_MADE_AT, payment_id))
+                .await?
+        {
+            let made_at = hold.int("created_at")?;
+            let wallet = destination.int("account_id")?;
+            tx.execute(statement!(sql::GIVE_BACK_SPEND, wallet, amount, made_at))
+                .await?;
+        }
         tx.execute(statement!(
             sql::INSERT_REFUND,
             &request.idempotency_key,

@@ -199,9 +199,8 @@ pub(super) struct Settlement {
     pub entries: Vec<Entry>,
     pub legs: Option<String>,
     /// What goes back to the payer, which gives back that much of a
-    /// wallet's spending allowance: (account, amount, the intent's
-    /// creation time).
-    pub given_back: Option<(i64, i64, i64)>,
+    /// wallet's spending allowance: (account, amount).
+    pub given_back: Option<(i64, i64)>,
 }
 
 impl Settlement {
@@ -226,7 +225,6 @@ impl Settlement {
         }
         let paid = row.int("amount")?;
         let refund_to = row.opt_int("refund_account_id")?;
-        let created_at = row.int("created_at")?;
         let mut audit = Audit {
             payer: row.opt_text("principal")?,
             tool: row.opt_text("tool")?,
@@ -253,7 +251,7 @@ impl Settlement {
                     (refund_to, paid, Some("refund")),
                 ],
                 legs: None,
-                given_back: Some((refund_to, paid, created_at)),
+                given_back: Some((refund_to, paid)),
             }));
         };
         let charged = plan.amount.0;
@@ -279,7 +277,7 @@ impl Settlement {
                     format_amount(Units(paid))
                 ));
                 entries.push((refund_to, rest, Some("refund")));
-                given_back = Some((refund_to, rest, created_at));
+                given_back = Some((refund_to, rest));
                 paid
             }
             _ => charged,

@@ -86,11 +86,11 @@ pub(super) const COUNT_SPEND: &str = "UPDATE accounts SET
         spent_month_start = CASE WHEN spent_month_start >= $4 THEN spent_month_start ELSE $4 END
      WHERE id = $1";
 
-/// A wallet `$1` given back `$2` of what it paid for an intent created at
-/// `$3` (refunded: the run failed, used less, or was never redeemed): its
-/// spending counters come down by that much, as a released hold's do, if
-/// their day or month began before the intent (so the payment was counted
-/// in them); else they are left as they are.
+/// A wallet `$1` given back `$2` of what it paid at `$3` (a session's
+/// payment, refunded because the run failed, used less, or was never
+/// redeemed; or a withheld call's hold): its spending counters come down by
+/// that much, as a released hold's do, if their day or month began by then
+/// (so the payment was counted in them); else they are left as they are.
 pub(super) const GIVE_BACK_SPEND: &str = "UPDATE accounts SET
         spent_day = CASE WHEN spent_day_start <= $3
                          THEN CASE WHEN spent_day > $2 THEN spent_day - $2 ELSE 0 END
@@ -290,7 +290,7 @@ pub(super) const CLAIM_PAID: &str =
 pub(super) const FINISH_INTENT: &str =
     "UPDATE intents SET status = $2, updated_at = $3 WHERE id = $1 AND status = 'running'
      RETURNING amount, currency, principal, tool, refund_account_id, agent, metadata, approval,
-               approved_by, approved_at, approval_rule, created_at";
+               approved_by, approved_at, approval_rule, provider_session_id";
 
 pub(super) const STORE_RESULT: &str = "INSERT INTO stored_results (intent_id, is_error, result_json, created_at) VALUES ($1, $2, $3, $4)";
 
@@ -337,6 +337,13 @@ pub(super) const REVOKE_API_KEY: &str =
 pub(super) const TOPUP: &str = "SELECT t.created_at, (SELECT e.amount FROM ledger_entries e
                                  WHERE e.txn_id = t.id AND e.account_id = $2) AS credited
      FROM ledger_transactions t WHERE t.id = $1 AND t.kind = 'topup'";
+
+/// When a local session was paid (its spending was counted then).
+pub(super) const SESSION_PAID_AT: &str =
+    "SELECT updated_at FROM payment_sessions WHERE id = $1 AND status = 'paid'";
+
+/// When a hold was made (its spending was counted then).
+pub(super) const HOLD_MADE_AT: &str = "SELECT created_at FROM holds WHERE id = $1";
 
 /// A wallet's balance (`$1`: its account id).
 pub(super) const WALLET_BALANCE: &str = "SELECT balance FROM accounts WHERE id = $1";

@@ -597,6 +597,7 @@ crate::on_both_backends! {
             amount: None,
             reason: "test".into(),
             idempotency_key: "r1".into(),
+            restores_allowance: false,
         };
         store.refund(&refund).await.unwrap();
         let mut taken: Vec<(Option<String>, i64)> = store
@@ -1177,6 +1178,7 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
                     amount: (percent != 0).then_some(Units(amount)),
                     reason: "model".into(),
                     idempotency_key: format!("k{step}"),
+                    restores_allowance: false,
                 };
                 let refunded = store.refund(&request).await;
                 let possible = model.captured.contains_key(&hold) && amount > 0;
@@ -1282,6 +1284,7 @@ crate::on_both_backends! {
             amount: amount.map(units),
             reason: "wrong answer".into(),
             idempotency_key: key.into(),
+            restores_allowance: false,
         };
 
         let first = store.refund(&refund(Some("0.50"), "k1")).await.unwrap();
@@ -1465,6 +1468,7 @@ crate::on_both_backends! {
                 amount: None,
                 reason: "test".into(),
                 idempotency_key: "k".into(),
+                restores_allowance: false,
             })
             .await
             .unwrap();

@@ -98,9 +98,16 @@ on_both_backends! {
         env.topup("carol", "1.00").await;
         env.ok(&["wallet", "limits", "carol", "--daily", "0.05"]).await;
         let client = env.client(None).await;
-        for _ in 0..2 {
+        for days_ago in [0, 2] {
             let args = json!({"a": 1, "b": 0});
             let id = payment_id_of(&call(&client, "divide", args.clone()).await);
+            // The second was asked for two days ago (a payment waiting on a
+            // person), and is paid, so counted, today.
+            let asked = format!(
+                "UPDATE intents SET created_at = created_at - {} WHERE id = '{id}'",
+                days_ago * 86_400_000
+            );
+            tollgate::testing::execute(&env.db, &asked).await.unwrap();
             env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
             let shown = env.ok(&["wallet", "limits", "carol"]).await;
             assert!(shown.contains("0.05 spent today"), "{shown}");
