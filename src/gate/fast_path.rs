@@ -67,11 +67,12 @@ impl Gate {
                 return Some(Gate::refused_by_limit(call.tool, &breach));
             }
             Err(e) => {
-                // The hold may have landed with its answer lost: give it back
-                // now if the store is reachable again, else it expires.
-                if self.store.release(&payment_id).await.is_ok() {
-                    tracing::info!(payment_id, "released a hold whose answer was lost");
-                }
+                // The hold may have landed with its answer lost, or land
+                // later still: given back in the background.
+                let (store, id) = (self.store.clone(), payment_id.clone());
+                tokio::spawn(async move {
+                    release_lost_hold(store, &id, LOST_HOLD_MAY_LAND, Duration::from_secs(1)).await
+                });
                 return Some(reply::unavailable(e));
             }
         }
@@ -151,6 +152,57 @@ impl Gate {
     }
 }
 
+/// How long a hold whose answer was lost may still land: PostgreSQL goes on
+/// with a statement whose connection broke until it ends (its statement
+/// timeout) or tries to answer.
+const LOST_HOLD_MAY_LAND: Duration = Duration::from_secs(60);
+
+/// What became of a hold whose answer was lost.
+#[derive(Debug, PartialEq, Eq)]
+enum LostHold {
+    Released,
+    /// It landed and was ended otherwise (expired, or by recovery).
+    Ended,
+    /// It never landed in `may_land`: nothing was held.
+    NeverLanded,
+    /// The store could not be reached in `may_land`: it expires on its own.
+    Unknown,
+}
+
+/// Releases a hold whose answer was lost (the caller was told the payment
+/// system was unavailable), trying every `pause` for `may_land`: without
+/// that, a hold landing after one look would keep its funds and allowance
+/// until it expires.
+async fn release_lost_hold(
+    store: Arc<dyn Store>,
+    payment_id: &str,
+    may_land: Duration,
+    pause: Duration,
+) -> LostHold {
+    let deadline = tokio::time::Instant::now() + may_land;
+    loop {
+        let outcome = match store.release(payment_id).await {
+            Ok(()) => {
+                tracing::info!(payment_id, "released a hold whose answer was lost");
+                return LostHold::Released;
+            }
+            Err(StoreError::WrongState { .. }) => return LostHold::Ended,
+            Err(StoreError::NotFound(_)) => LostHold::NeverLanded,
+            Err(e) => {
+                tracing::warn!(
+                    payment_id,
+                    "cannot release a hold whose answer was lost: {e}"
+                );
+                LostHold::Unknown
+            }
+        };
+        if tokio::time::Instant::now() + pause > deadline {
+            return outcome;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Ends the hold of a call answered without its result: released if still
 /// open; refunded in full if its capture landed after all (its answer was
 /// lost), since the caller was told nothing was charged.
@@ -222,6 +274,40 @@ mod tests {
             assert_eq!(available().await, Units(100), "once");
             let report = store.verify(now_ms()).await.unwrap();
             assert!(report.problems.is_empty(), "{:?}", report.problems);
+        }
+    }
+
+    crate::on_both_backends! {
+        /// A hold whose answer was lost is released when it lands, even
+        /// after the call was answered; one that never lands holds nothing.
+        #[tokio::test]
+        async fn a_hold_that_lands_after_its_answer_was_lost_is_released() {
+            let dir = tempfile::tempdir().unwrap();
+            let db = TestDb::fresh(dir.path());
+            let store = open_store(&db.url).await.unwrap();
+            let usd = Currency::parse("USD").unwrap();
+            store.topup(&AccountRef::wallet("w", &usd), Units(100), None).await.unwrap();
+            let late = HoldRequest {
+                hold_id: "late".into(),
+                principal: "w".into(),
+                amount: Units(30),
+                currency: usd.clone(),
+                tool: "echo".into(),
+                args_hash: "h".into(),
+                expires_at: now_ms() + 60_000,
+                origin: Default::default(),
+            };
+            let landing = store.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                landing.hold(&late).await.unwrap();
+            });
+            let pause = Duration::from_millis(50);
+            let outcome = release_lost_hold(store.clone(), "late", Duration::from_secs(10), pause);
+            assert_eq!(outcome.await, LostHold::Released);
+            assert_eq!(store.balances("w").await.unwrap()[0].available, Units(100));
+            let never = release_lost_hold(store.clone(), "never", Duration::from_millis(200), pause);
+            assert_eq!(never.await, LostHold::NeverLanded);
         }
     }
 }

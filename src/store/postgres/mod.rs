@@ -230,6 +230,17 @@ const LOCK_WALLETS_OF_EXPIRED_HOLDS: &str = lock_wallets_of_open_holds!("expires
 const LOCK_WALLETS_OF_ORPHANED_HOLDS: &str =
     lock_wallets_of_open_holds!(owner_gone!("holds.owner"));
 
+/// A dead instance's open holds, skipping any a write has locked: a lone
+/// capture or release locks its hold before its wallet, while this has
+/// locked the wallets first, so waiting here could close a cycle. A hold
+/// skipped is ended by that write, or released by the next pass.
+const RELEASE_ORPHANED_HOLDS_NOT_LOCKED: &str = concat!(
+    "UPDATE holds SET status = 'released', settled_at = $1
+     WHERE status = 'open' AND id IN (SELECT id FROM holds WHERE status = 'open' AND ",
+    owner_gone!("holds.owner"),
+    " FOR UPDATE SKIP LOCKED)"
+);
+
 /// A session payment locks the session first (a concurrent payment of it
 /// waits, then sees it paid), then the paying wallet, until it commits.
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
@@ -585,7 +596,7 @@ impl Store for PgStore {
                 .bind(instance)
                 .execute(&mut *tx)
                 .await?;
-            let released = sqlx::query(RELEASE_ORPHANED_HOLDS)
+            let released = sqlx::query(RELEASE_ORPHANED_HOLDS_NOT_LOCKED)
                 .bind(now)
                 .bind(instance)
                 .execute(&mut *tx)
