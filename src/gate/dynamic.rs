@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::{
     ANONYMOUS_STATELESS, CallScope, Gate, PricedCall,
-    redeem::{mismatch_reply, pays_for},
+    redeem::{mismatch_reply, pays_for, remote_grace_ends},
     reply::{self, code},
     slow_path::{Opened, Purpose},
 };
@@ -199,16 +199,19 @@ impl DynamicTools {
 
 impl Gate {
     /// Ends the confirm tools whose intent's time is over, in one session
-    /// or (upkeep) all, and tells the sessions whose list changed. A paid
-    /// intent's stays listed while it can be redeemed: a payment made in
-    /// time is not lost to a client that lists its tools before calling.
+    /// (before it lists its tools) or, in upkeep, all, and tells the
+    /// sessions whose list changed. A paid intent's stays listed while it
+    /// can be redeemed: a payment made in time is not lost to a client that
+    /// lists its tools before calling. A list does not wait on a remote
+    /// provider: what only it can say is left to upkeep.
     pub async fn end_due_confirm_tools(&self, only: Option<&str>) {
+        let ask_remote = only.is_none();
         let (due, mut changed) = self.dynamic.due(only, now_ms());
         for (session, name) in due {
             let Some(payment_id) = dynamic_confirm_payment_id(&name) else {
                 continue;
             };
-            let outcome = self.offer_outcome(payment_id).await;
+            let outcome = self.offer_outcome(payment_id, ask_remote).await;
             if self.dynamic.settle(&session, &name, outcome) && !changed.contains(&session) {
                 changed.push(session);
             }
@@ -219,7 +222,7 @@ impl Gate {
     }
 
     /// What becomes of a confirm tool whose intent's time is over.
-    async fn offer_outcome(&self, payment_id: &str) -> Outcome {
+    async fn offer_outcome(&self, payment_id: &str, ask_remote: bool) -> Outcome {
         let intent = match self.store.intent(payment_id).await {
             Ok(Some(intent)) => intent,
             Ok(None) => return Outcome::Remove,
@@ -231,7 +234,19 @@ impl Gate {
                 let Some(session) = intent.provider_session_id.as_deref() else {
                     return Outcome::Remove;
                 };
+                if !ask_remote && !self.provider.is_local() {
+                    return Outcome::Unknown;
+                }
                 match self.provider.session_state(session).await {
+                    // A remote session may still take the payment (see
+                    // `remote_grace_ends`): listed meanwhile.
+                    Ok(state) if state.status == SessionStatus::Pending => {
+                        return if now_ms() < remote_grace_ends(&intent) {
+                            Outcome::Unknown
+                        } else {
+                            Outcome::Remove
+                        };
+                    }
                     Ok(state) => state.status == SessionStatus::Paid && pays_for(&state, &intent),
                     Err(_) => return Outcome::Unknown,
                 }

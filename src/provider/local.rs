@@ -43,6 +43,10 @@ impl Provider for LocalProvider {
         if self.settle_at_once { "mock" } else { "local" }
     }
 
+    fn is_local(&self) -> bool {
+        true
+    }
+
     async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError> {
         let session = LocalSession {
             id: req.payment_id.clone(),

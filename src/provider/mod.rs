@@ -62,6 +62,11 @@ pub struct SessionState {
 pub trait Provider: Send + Sync {
     /// Short name recorded on intents (`local`).
     fn name(&self) -> &'static str;
+    /// Whether its sessions are in this store: asking about one is a read,
+    /// not a call to another system.
+    fn is_local(&self) -> bool {
+        false
+    }
     async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError>;
     async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError>;
     /// Cancels a pending session; a session already ended is left as it is.
