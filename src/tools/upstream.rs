@@ -126,24 +126,35 @@ const UNANSWERED_CALL_LINGERS: Duration = Duration::from_secs(60);
 
 /// One call to the upstream: counted from before it is sent, since the
 /// upstream may ask its question before the request's id is handed back.
-struct InFlight {
+struct InFlight<A> {
     key: u64,
     /// The upstream request's id, once sent.
     request: Option<RequestId>,
     /// Its client, if it can answer; none once the call has ended.
-    asker: Option<Asker>,
+    asker: Option<A>,
     /// Set when the call ended without the upstream's answer.
     lingers_until: Option<std::time::Instant>,
 }
 
-#[derive(Default)]
-struct InFlightCalls {
+/// The calls in flight to one upstream; `A` is whoever can answer a
+/// question for a call (its client's peer).
+struct InFlightCalls<A = Asker> {
     next_key: u64,
-    calls: Vec<InFlight>,
+    calls: Vec<InFlight<A>>,
 }
 
-impl InFlightCalls {
-    fn enter(&mut self, asker: Option<Asker>) -> u64 {
+impl<A> Default for InFlightCalls<A> {
+    fn default() -> Self {
+        Self {
+            next_key: 0,
+            calls: Vec::new(),
+        }
+    }
+}
+
+impl<A: Clone> InFlightCalls<A> {
+    fn enter(&mut self, asker: Option<A>) -> u64 {
+        self.forget_lingering(std::time::Instant::now());
         self.next_key += 1;
         self.calls.push(InFlight {
             key: self.next_key,
@@ -175,10 +186,8 @@ impl InFlightCalls {
     /// HTTP), that request's caller. Otherwise (stdio, or a stream of no
     /// request) the caller of the only call in flight, if it is the only
     /// one: the upstream does not say which call asks.
-    fn asker(&mut self, origin: Option<&InboundStreamOrigin>) -> Option<Asker> {
-        let now = std::time::Instant::now();
-        self.calls
-            .retain(|c| c.lingers_until.is_none_or(|until| until > now));
+    fn asker(&mut self, origin: Option<&InboundStreamOrigin>) -> Option<A> {
+        self.forget_lingering(std::time::Instant::now());
         match origin {
             Some(InboundStreamOrigin::OutboundRequest(id)) => self
                 .calls
@@ -191,6 +200,13 @@ impl InFlightCalls {
             },
         }
     }
+
+    /// Forgets the ended calls that linger past `until` (all of them when
+    /// their connection is gone: nothing more can come from it).
+    fn forget_lingering(&mut self, until: std::time::Instant) {
+        self.calls
+            .retain(|c| c.lingers_until.is_none_or(|lingers| lingers > until));
+    }
 }
 
 impl Relay {
@@ -201,7 +217,8 @@ impl Relay {
     /// Routes an upstream token's progress to a client from now on (after
     /// the `heard` values the client has had on its token), and relays
     /// what arrived for it before, ahead of anything that comes meanwhile.
-    async fn open_route(&self, upstream: ProgressToken, route: Route, heard: f64) {
+    /// Returns the route, to close it by.
+    async fn open_route(&self, upstream: ProgressToken, route: Route, heard: f64) -> OpenRoute {
         let open = OpenRoute {
             route,
             base: heard,
@@ -216,24 +233,35 @@ impl Relay {
         for (_, params) in early {
             open.relay_after(&mut heard, params).await;
         }
+        open
     }
 
     /// Closes a finished call's route. rmcp hands each notification to a
     /// task of its own, so progress the upstream sent before its answer may
     /// be handled after the answer is: give those tasks a turn, and keep the
     /// route open a while for any that are later still.
-    async fn close_route_soon(&self, upstream: ProgressToken) {
+    async fn close_route_soon(&self, upstream: ProgressToken, opened: Option<OpenRoute>) {
         tokio::task::yield_now().await;
         let relay = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(LATE_PROGRESS_RELAYED).await;
-            relay.close_route(&upstream);
+            relay.close_route(&upstream, opened.as_ref());
         });
     }
 
-    fn close_route(&self, upstream: &ProgressToken) {
+    /// Closes the route `opened` (if it is still the token's: after a
+    /// reconnect, another call's may have taken the token), and forgets
+    /// what arrived early for the token.
+    fn close_route(&self, upstream: &ProgressToken, opened: Option<&OpenRoute>) {
         let mut routes = self.routes();
-        routes.routes.remove(upstream);
+        if let Some(opened) = opened
+            && routes
+                .routes
+                .get(upstream)
+                .is_some_and(|open| Arc::ptr_eq(&open.heard, &opened.heard))
+        {
+            routes.routes.remove(upstream);
+        }
         routes.early.remove(upstream);
     }
 
@@ -241,12 +269,16 @@ impl Relay {
         lock(&self.in_flight)
     }
 
-    /// Forgets the routes of a connection that is gone: the next one
-    /// numbers its progress tokens from the start again.
-    fn forget_routes(&self) {
+    /// Forgets what belonged to a connection that is gone: its routes (the
+    /// next one numbers its progress tokens from the start again) and its
+    /// calls that ended unanswered (their request ids are reused too).
+    fn forget_connection(&self) {
         let mut routes = self.routes();
         routes.routes.clear();
         routes.early.clear();
+        drop(routes);
+        self.in_flight()
+            .forget_lingering(std::time::Instant::now() + UNANSWERED_CALL_LINGERS);
     }
 }
 
@@ -421,8 +453,11 @@ impl Upstream {
         };
         self.refresh_tools(client.peer()).await?;
         tracing::info!(upstream = self.config.name, "connected to upstream");
-        *self.client.write().await = Some(client);
+        // Counted under the lock that publishes it: a call that sees the
+        // new peer also sees its generation.
+        let mut current = self.client.write().await;
         self.generation.fetch_add(1, Ordering::SeqCst);
+        *current = Some(client);
         Ok(())
     }
 
@@ -509,7 +544,7 @@ impl Upstream {
             if let Some(old) = old {
                 let _ = old.cancel().await;
             }
-            me.relay.forget_routes();
+            me.relay.forget_connection();
             let mut backoff = FIRST_RECONNECT;
             loop {
                 match me.open().await {
@@ -628,17 +663,23 @@ impl ToolBackend for Upstream {
         };
         let (id, upstream_token) = (handle.id.clone(), handle.progress_token.clone());
         self.relay.in_flight().sent(key, id.clone());
-        if let Some((client, token)) = &context.progress {
-            let route = (client.clone(), token.clone());
-            self.relay
-                .open_route(upstream_token.clone(), route, context.progress_heard)
-                .await;
-        }
+        let opened = match &context.progress {
+            Some((client, token)) => {
+                let route = (client.clone(), token.clone());
+                let heard = context.progress_heard;
+                Some(
+                    self.relay
+                        .open_route(upstream_token.clone(), route, heard)
+                        .await,
+                )
+            }
+            None => None,
+        };
         let outcome = tokio::select! {
             outcome = handle.await_response() => Some(outcome),
             () = context.cancelled.cancelled() => None,
         };
-        self.relay.close_route_soon(upstream_token).await;
+        self.relay.close_route_soon(upstream_token, opened).await;
         let answered = matches!(outcome, Some(Ok(_) | Err(ServiceError::McpError(_))));
         self.relay.in_flight().leave(key, answered);
         match outcome {
@@ -674,5 +715,45 @@ impl ToolBackend for Upstream {
                 self.failure("the call failed".into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whose question it is: on a request's stream, that request's caller
+    /// while its call is under way; otherwise the only call's, with calls
+    /// that ended unanswered still counted (so nobody's) until they have
+    /// lingered, or their connection is gone.
+    #[test]
+    fn a_question_goes_to_its_own_call_or_to_no_one() {
+        let mut calls = InFlightCalls::<&str>::default();
+        let on = |id: i64| InboundStreamOrigin::OutboundRequest(RequestId::Number(id));
+        let bob = calls.enter(Some("bob"));
+        assert_eq!(calls.asker(None), Some("bob"), "counted before it is sent");
+        calls.sent(bob, RequestId::Number(1));
+        let carol = calls.enter(Some("carol"));
+        calls.sent(carol, RequestId::Number(2));
+        assert_eq!(calls.asker(Some(&on(2))), Some("carol"));
+        assert_eq!(calls.asker(Some(&on(1))), Some("bob"));
+        assert_eq!(calls.asker(None), None, "two in flight, not said whose");
+        assert_eq!(calls.asker(Some(&on(9))), None);
+
+        calls.leave(bob, false);
+        assert_eq!(calls.asker(Some(&on(1))), None, "bob's call ended");
+        assert_eq!(
+            calls.asker(None),
+            None,
+            "bob's may still be running upstream"
+        );
+        calls.leave(carol, true);
+        assert_eq!(calls.asker(None), None, "bob's lingers");
+        calls.forget_lingering(std::time::Instant::now() + UNANSWERED_CALL_LINGERS);
+        assert!(calls.calls.is_empty());
+        let dave = calls.enter(Some("dave"));
+        assert_eq!(calls.asker(None), Some("dave"));
+        calls.leave(dave, true);
+        assert!(calls.calls.is_empty(), "an answered call is forgotten");
     }
 }

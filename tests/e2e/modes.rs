@@ -733,7 +733,7 @@ on_both_backends! {
         // keeps retrying) does not keep the dropped run from recovery.
         let retry = call(&a, "echo", json!({"text": "dropped", "payment_id": id}));
         let recover = async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
             t.gate.recover_interrupted(now_ms()).await.unwrap()
         };
         let (r, recovered) = tokio::join!(retry, recover);

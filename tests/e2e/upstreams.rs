@@ -73,7 +73,7 @@ impl ServerHandler for TestUpstream {
                 Tool::new("ask", "Asks the person a question.", schema(json!({}))),
                 Tool::new(
                     "late_ask",
-                    "Works 900ms whatever happens, then asks.",
+                    "Works 1.5s whatever happens, then asks.",
                     schema(json!({})),
                 ),
                 Tool::new(
@@ -128,7 +128,7 @@ impl ServerHandler for TestUpstream {
                 // own stream, tied to no request.
                 let peer = context.peer.clone();
                 let asked = tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
                     let question = rmcp::model::ElicitRequestParams::FormElicitationParams {
                         meta: None,
                         message: "Proceed?".into(),
@@ -710,13 +710,13 @@ on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_question_from_a_call_that_timed_out_reaches_no_other_client() {
     let (url, _upstream) = spawn_upstream().await;
-    let pricing =
-        upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"600ms\"");
+    let pricing = upstream_pricing(&url, "free").replace("timeout = \"300ms\"", "timeout = \"1s\"");
     let t = InProcess::new(&pricing).await;
     t.env.topup("carol", "1.00").await;
     let bobs = t.client(Person::Approves, Elicitation::Form);
     let bob = t.connect(Some("bob"), bobs.clone(), false).await;
-    // Bob's call times out at 600ms; the upstream asks at 900ms.
+    // Bob's call times out at 1s; the upstream asks at 1.5s, while carol's
+    // call (from about 1s to 2s) is in flight.
     let r = call(&bob, "test_late_ask", json!({})).await;
     assert_eq!(r.is_error, Some(true), "{r:?}");
     assert!(text(&r).contains("no answer within"), "{}", text(&r));
