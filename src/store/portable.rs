@@ -83,12 +83,14 @@ pub(super) trait Tx {
     }
 }
 
-/// The most a wallet holds: a trillion (10^18 micro-units, a ninth of what
-/// a balance can count).
+/// The most a top-up takes a wallet to: a trillion (10^18 micro-units, a
+/// ninth of what a balance can count). On PostgreSQL the balance is read
+/// unlocked, so top-ups made at the same moment may together pass it, by
+/// far less than the room left; refunds are not checked against it.
 pub const MAX_WALLET_BALANCE: Units = Units(1_000_000_000_000_000_000);
 
 /// An account a capture paid, as a refund of it sees it: what it still
-/// holds of the payment, and what it earned in each role.
+/// holds of the payment, in all and in each role it earned in.
 struct RefundLeg {
     account: i64,
     left: i64,
@@ -839,7 +841,8 @@ where
         // in proportion to what it still holds of it: the refund that
         // empties a payment takes back exactly what each account got. An
         // account paid in two roles (both commissions to one account) gives
-        // its share back under each role, in proportion to what each earned.
+        // its share back under each role, in proportion to what each still
+        // holds.
         let mut legs: Vec<RefundLeg> = Vec::new();
         for row in tx
             .fetch_all(statement!(sql::CAPTURE_LEGS, capture_id.as_str()))
@@ -872,16 +875,30 @@ where
             .await?
         {
             let account = row.int("account_id")?;
+            let taken = row.int("taken")?;
+            let role = row.opt_text("role")?.and_then(|r| Role::parse(&r));
             if let Some(leg) = legs.iter_mut().find(|leg| leg.account == account) {
-                leg.left -= row.int("taken")?;
+                leg.left -= taken;
+                if let Some(held) = leg
+                    .roles
+                    .iter_mut()
+                    .find(|(r, _)| *r == role.map(Role::as_str))
+                {
+                    held.1 -= taken;
+                }
             }
         }
         let weights: Vec<i64> = legs.iter().map(|leg| leg.left).collect();
         let mut entries: Vec<Entry> =
             vec![(destination.int("account_id")?, amount, Some("refund"))];
         for (leg, part) in legs.iter().zip(pro_rata(amount, &weights)) {
-            let earned: Vec<i64> = leg.roles.iter().map(|(_, earned)| *earned).collect();
-            for ((role, _), share) in leg.roles.iter().zip(pro_rata(part, &earned)) {
+            let mut held: Vec<i64> = leg.roles.iter().map(|(_, held)| (*held).max(0)).collect();
+            if held.iter().all(|h| *h == 0) {
+                // Refunds made before roles were kept apart took all under
+                // one: spread the rest evenly rather than lose it.
+                held = vec![1; held.len()];
+            }
+            for ((role, _), share) in leg.roles.iter().zip(pro_rata(part, &held)) {
                 if share > 0 {
                     entries.push((leg.account, -share, *role));
                 }

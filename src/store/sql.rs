@@ -366,11 +366,11 @@ pub(super) const CAPTURE_LEGS: &str = "SELECT account_id, amount, role FROM ledg
 pub(super) const REFUND_DESTINATION: &str = "SELECT account_id FROM holds WHERE id = $1
      UNION ALL
      SELECT refund_account_id AS account_id FROM intents WHERE id = $1 AND refund_account_id IS NOT NULL";
-/// What earlier refunds of a payment took back from each account.
+/// What earlier refunds of a payment took back from each account, by role.
 pub(super) const REFUNDED_BY_ACCOUNT: &str =
-    "SELECT e.account_id, CAST(SUM(-e.amount) AS BIGINT) AS taken
+    "SELECT e.account_id, e.role, CAST(SUM(-e.amount) AS BIGINT) AS taken
      FROM refunds r JOIN ledger_entries e ON e.txn_id = r.txn_id
-     WHERE r.payment_id = $1 AND e.amount < 0 GROUP BY e.account_id";
+     WHERE r.payment_id = $1 AND e.amount < 0 GROUP BY e.account_id, e.role";
 pub(super) const REFUNDED_SO_FAR: &str =
     "SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS total FROM refunds WHERE payment_id = $1";
 pub(super) const INSERT_REFUND: &str =
