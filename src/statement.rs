@@ -186,8 +186,8 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
     out
 }
 
-/// The charges a principal was asked to approve (or that went through a
-/// payment without needing it): what, how much, and who decided when.
+/// The charges a principal was asked to approve: what, how much, and who
+/// decided when.
 pub fn render_approvals(principal: &str, intents: &[Intent], filter: &Filter) -> String {
     let shown: Vec<&Intent> = intents
         .iter()

@@ -13,10 +13,11 @@ use crate::{
 };
 
 use super::{
-    AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, Cursor, HoldOutcome,
-    HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession, Posted, Pruned, RefundRequest,
-    Refunded, SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, ToppedUp,
-    VerifyReport, WalletBalance, WalletLimits, new_txn_id, now_ms,
+    APPROVALS_LISTED, AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, Cursor,
+    HoldOutcome, HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession, Posted, Pruned,
+    REMOTE_DUE_PAGE, RefundRequest, Refunded, SessionStatus, StatementLine, StoreError, StoreStats,
+    StoredResult, ToppedUp, UNREDEEMED_PAGE, VerifyReport, WalletBalance, WalletLimits, new_txn_id,
+    now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
         settled_capture,
@@ -97,7 +98,7 @@ struct RefundLeg {
     roles: Vec<(Option<&'static str>, i64)>,
 }
 
-/// Rows a pruning statement deletes at most (the `LIMIT` in `sql::PRUNE_*`).
+/// Rows a pruning statement (`sql::PRUNE_*`) deletes at most.
 const PRUNE_BATCH: u64 = 1000;
 
 impl<DB> Tx for Transaction<'_, DB>
@@ -300,7 +301,8 @@ where
     }
 
     pub async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
-        self.all(statement!(sql::APPROVALS, principal), rows::intent)
+        let listed = APPROVALS_LISTED as i64;
+        self.all(statement!(sql::APPROVALS, principal, listed), rows::intent)
             .await
     }
 
@@ -397,7 +399,13 @@ where
 
     pub async fn remote_due(&self, now: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
         self.all(
-            statement!(sql::REMOTE_DUE, now, after.expires_at, after.id.as_str()),
+            statement!(
+                sql::REMOTE_DUE,
+                now,
+                after.expires_at,
+                after.id.as_str(),
+                REMOTE_DUE_PAGE as i64
+            ),
             rows::intent,
         )
         .await
@@ -405,7 +413,13 @@ where
 
     pub async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
         self.all(
-            statement!(sql::UNREDEEMED, before, after.expires_at, after.id.as_str()),
+            statement!(
+                sql::UNREDEEMED,
+                before,
+                after.expires_at,
+                after.id.as_str(),
+                UNREDEEMED_PAGE as i64
+            ),
             rows::intent,
         )
         .await
@@ -424,7 +438,9 @@ where
     async fn prune_batches(&self, delete: &'static str, before: i64) -> Result<u64, StoreError> {
         let mut deleted = 0;
         loop {
-            let batch = self.execute(statement!(delete, before)).await?;
+            let batch = self
+                .execute(statement!(delete, before, PRUNE_BATCH as i64))
+                .await?;
             deleted += batch;
             if batch < PRUNE_BATCH {
                 return Ok(deleted);

@@ -113,7 +113,7 @@ pub(super) const OPEN_INTENTS: &str = "SELECT COUNT(*) AS n FROM intents
 pub(super) const APPROVALS: &str =
     "SELECT * FROM intents WHERE principal = $1 AND approval IS NOT NULL
        AND approval <> 'auto_approved'
-     ORDER BY created_at DESC, id LIMIT 500";
+     ORDER BY created_at DESC, id LIMIT $2";
 
 /// waiting → approved or declined.
 pub(super) const DECIDE_APPROVAL: &str =
@@ -236,7 +236,7 @@ pub(super) const REMOTE_DUE: &str = concat!(
     "SELECT * FROM intents i WHERE i.status = 'awaiting_payment' AND i.expires_at < $1
        AND (i.expires_at > $2 OR (i.expires_at = $2 AND i.id > $3)) AND NOT ",
     paid_here!("i"),
-    " ORDER BY i.expires_at, i.id LIMIT 100" // REMOTE_DUE_PAGE
+    " ORDER BY i.expires_at, i.id LIMIT $4"
 );
 
 /// Intents paid but never redeemed, whose time ended before `$1`: marked
@@ -249,28 +249,28 @@ pub(super) const UNREDEEMED: &str = concat!(
        AND (i.status = 'paid' OR (i.status = 'awaiting_payment' AND ",
     session_paid!("i"),
     "))
-     ORDER BY i.expires_at, i.id LIMIT 500" // UNREDEEMED_PAGE
+     ORDER BY i.expires_at, i.id LIMIT $4"
 );
 
 /// What is kept only for a while, older than `$1`: stored results (a retry
 /// after that is told the result is gone), unpaid intents that ended and
 /// their sessions, and holds that ended without moving money. The ledger,
 /// captured holds and paid intents (refunds need them) are kept.
-// Pruning deletes at most 1,000 rows a statement (`PRUNE_BATCH`): a large
+// Pruning deletes at most `$2` rows a statement (`PRUNE_BATCH`): a large
 // backlog (the first pass after an upgrade or a long stop) must not hold
 // SQLite's write lock, or run into PostgreSQL's statement timeout and fail
 // the same way every pass.
 pub(super) const PRUNE_RESULTS: &str = "DELETE FROM stored_results WHERE intent_id IN (
-     SELECT intent_id FROM stored_results WHERE created_at < $1 LIMIT 1000)";
+     SELECT intent_id FROM stored_results WHERE created_at < $1 LIMIT $2)";
 pub(super) const PRUNE_INTENTS: &str = "DELETE FROM intents WHERE id IN (
      SELECT id FROM intents WHERE status IN ('expired', 'cancelled') AND updated_at < $1
-     LIMIT 1000)";
+     LIMIT $2)";
 pub(super) const PRUNE_SESSIONS: &str = "DELETE FROM payment_sessions WHERE id IN (
      SELECT id FROM payment_sessions WHERE status IN ('expired', 'cancelled') AND updated_at < $1
-     LIMIT 1000)";
+     LIMIT $2)";
 pub(super) const PRUNE_HOLDS: &str = "DELETE FROM holds WHERE id IN (
      SELECT id FROM holds WHERE status IN ('released', 'expired') AND settled_at < $1
-     LIMIT 1000)";
+     LIMIT $2)";
 
 /// awaiting_payment → running for instance `$5`: paid, and claimed for its
 /// one run, in one statement (it passes through `paid` without a commit of
