@@ -234,32 +234,47 @@ mod tests {
         testing::{TestDb, open_store},
     };
 
+    /// A store with wallet `w` holding 100 micro-units (and what keeps its
+    /// database until dropped).
+    async fn funded_wallet() -> ((tempfile::TempDir, TestDb), Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::fresh(dir.path());
+        let store = open_store(&db.url).await.unwrap();
+        let usd = Currency::parse("USD").unwrap();
+        store
+            .topup(&AccountRef::wallet("w", &usd), Units(100), None)
+            .await
+            .unwrap();
+        ((dir, db), store)
+    }
+
+    /// A hold of 30 on `w`.
+    fn hold_of_30(id: &str) -> HoldRequest {
+        HoldRequest {
+            hold_id: id.into(),
+            principal: "w".into(),
+            amount: Units(30),
+            currency: Currency::parse("USD").unwrap(),
+            tool: "echo".into(),
+            args_hash: "h".into(),
+            expires_at: now_ms() + 60_000,
+            origin: Default::default(),
+        }
+    }
+
     crate::on_both_backends! {
         /// What is left of a call answered without its result: an open hold
         /// is released; a capture that landed unseen is refunded in full.
         #[tokio::test]
         async fn a_withheld_calls_hold_is_released_or_its_landed_capture_refunded() {
-            let dir = tempfile::tempdir().unwrap();
-            let db = TestDb::fresh(dir.path());
-            let store = open_store(&db.url).await.unwrap();
+            let (_db, store) = funded_wallet().await;
             let usd = Currency::parse("USD").unwrap();
-            store.topup(&AccountRef::wallet("w", &usd), Units(100), None).await.unwrap();
             let daily = crate::allowance::Limits { daily: Some(Units(1_000)), ..Default::default() };
             store.set_limits(&AccountRef::wallet("w", &usd), &daily).await.unwrap();
             let spent_today = async || store.limits("w").await.unwrap()[0].spent.day;
-            let hold = |id: &str| HoldRequest {
-                hold_id: id.into(),
-                principal: "w".into(),
-                amount: Units(30),
-                currency: usd.clone(),
-                tool: "echo".into(),
-                args_hash: "h".into(),
-                expires_at: now_ms() + 60_000,
-                origin: Default::default(),
-            };
             let available = async || store.balances("w").await.unwrap()[0].available;
             for id in ["open", "captured"] {
-                assert_eq!(store.hold(&hold(id)).await.unwrap(), HoldOutcome::Held);
+                assert_eq!(store.hold(&hold_of_30(id)).await.unwrap(), HoldOutcome::Held);
             }
             let revenue = AccountRef::new(AccountKind::Revenue, "author", &usd);
             store.capture("captured", &Charge::whole(revenue, Units(30))).await.unwrap();
@@ -282,21 +297,8 @@ mod tests {
         /// after the call was answered; one that never lands holds nothing.
         #[tokio::test]
         async fn a_hold_that_lands_after_its_answer_was_lost_is_released() {
-            let dir = tempfile::tempdir().unwrap();
-            let db = TestDb::fresh(dir.path());
-            let store = open_store(&db.url).await.unwrap();
-            let usd = Currency::parse("USD").unwrap();
-            store.topup(&AccountRef::wallet("w", &usd), Units(100), None).await.unwrap();
-            let late = HoldRequest {
-                hold_id: "late".into(),
-                principal: "w".into(),
-                amount: Units(30),
-                currency: usd.clone(),
-                tool: "echo".into(),
-                args_hash: "h".into(),
-                expires_at: now_ms() + 60_000,
-                origin: Default::default(),
-            };
+            let (_db, store) = funded_wallet().await;
+            let late = hold_of_30("late");
             let landing = store.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(300)).await;

@@ -129,15 +129,7 @@ impl ServerHandler for TestUpstream {
                 let peer = context.peer.clone();
                 let asked = tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(1500)).await;
-                    let question = rmcp::model::ElicitRequestParams::FormElicitationParams {
-                        meta: None,
-                        message: "Proceed?".into(),
-                        requested_schema: rmcp::model::ElicitationSchema::builder()
-                            .required_bool("proceed")
-                            .build()
-                            .expect("schema"),
-                    };
-                    peer.create_elicitation(question).await
+                    peer.create_elicitation(proceed_question()).await
                 });
                 match asked.await {
                     Ok(Ok(answer)) => CallToolResult::success(vec![ContentBlock::text(format!(
@@ -147,25 +139,15 @@ impl ServerHandler for TestUpstream {
                     _ => CallToolResult::error(vec![ContentBlock::text("no answer")]),
                 }
             }
-            "ask" => {
-                let question = rmcp::model::ElicitRequestParams::FormElicitationParams {
-                    meta: None,
-                    message: "Proceed?".into(),
-                    requested_schema: rmcp::model::ElicitationSchema::builder()
-                        .required_bool("proceed")
-                        .build()
-                        .map_err(|e| McpError::internal_error(e, None))?,
-                };
-                match context.peer.create_elicitation(question).await {
-                    Ok(answer) => CallToolResult::success(vec![ContentBlock::text(format!(
-                        "{:?}",
-                        answer.action
-                    ))]),
-                    Err(e) => {
-                        CallToolResult::error(vec![ContentBlock::text(format!("no answer: {e}"))])
-                    }
+            "ask" => match context.peer.create_elicitation(proceed_question()).await {
+                Ok(answer) => CallToolResult::success(vec![ContentBlock::text(format!(
+                    "{:?}",
+                    answer.action
+                ))]),
+                Err(e) => {
+                    CallToolResult::error(vec![ContentBlock::text(format!("no answer: {e}"))])
                 }
-            }
+            },
             "grow" => {
                 self.grown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = context.peer.notify_tool_list_changed().await;
@@ -183,6 +165,18 @@ impl ServerHandler for TestUpstream {
             _ => CallToolResult::success(vec![ContentBlock::text("extra")]),
         };
         Ok(result.into())
+    }
+}
+
+/// The question the test upstream asks.
+fn proceed_question() -> rmcp::model::ElicitRequestParams {
+    rmcp::model::ElicitRequestParams::FormElicitationParams {
+        meta: None,
+        message: "Proceed?".into(),
+        requested_schema: rmcp::model::ElicitationSchema::builder()
+            .required_bool("proceed")
+            .build()
+            .expect("schema"),
     }
 }
 
