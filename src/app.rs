@@ -258,7 +258,6 @@ impl Lease {
 /// runs (looked at just before): otherwise it could not tell which
 /// instances are really gone.
 async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
-    gate.end_due_confirm_tools(None).await;
     let store = gate.store();
     match store.sweep_expired(now_ms()).await {
         Ok(0) => {}
@@ -293,4 +292,6 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
         ),
         Err(e) => tracing::warn!("pruning failed: {e}"),
     }
+    // Last: it may wait on a remote provider.
+    gate.end_due_confirm_tools(None).await;
 }

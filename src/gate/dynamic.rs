@@ -57,8 +57,11 @@ pub(super) enum Outcome {
     /// Paid: listed until then.
     KeepUntil(i64),
     Remove,
-    /// The payment system could not say: asked again next time.
+    /// Not known yet (a remote session still pending, or a remote provider
+    /// a list does not wait on): asked again next time.
     Unknown,
+    /// The store or the provider did not answer: asked again next time.
+    Unanswered,
 }
 
 /// One session's dynamic tools and the ways to tell it they changed.
@@ -126,7 +129,7 @@ impl DynamicTools {
                 }
                 false
             }
-            Outcome::Unknown => false,
+            Outcome::Unknown | Outcome::Unanswered => false,
         })
     }
 
@@ -205,13 +208,17 @@ impl Gate {
     /// lists its tools before calling. A list does not wait on a remote
     /// provider: what only it can say is left to upkeep.
     pub async fn end_due_confirm_tools(&self, only: Option<&str>) {
-        let ask_remote = only.is_none();
+        // Upkeep asks a remote provider, until it fails to answer once.
+        let mut ask_remote = only.is_none();
         let (due, mut changed) = self.dynamic.due(only, now_ms());
         for (session, name) in due {
             let Some(payment_id) = dynamic_confirm_payment_id(&name) else {
                 continue;
             };
             let outcome = self.offer_outcome(payment_id, ask_remote).await;
+            if matches!(outcome, Outcome::Unanswered) && !self.provider.is_local() {
+                ask_remote = false;
+            }
             if self.dynamic.settle(&session, &name, outcome) && !changed.contains(&session) {
                 changed.push(session);
             }
@@ -226,7 +233,7 @@ impl Gate {
         let intent = match self.store.intent(payment_id).await {
             Ok(Some(intent)) => intent,
             Ok(None) => return Outcome::Remove,
-            Err(_) => return Outcome::Unknown,
+            Err(_) => return Outcome::Unanswered,
         };
         let paid = match intent.status {
             IntentStatus::Paid | IntentStatus::Running => true,
@@ -248,7 +255,7 @@ impl Gate {
                         };
                     }
                     Ok(state) => state.status == SessionStatus::Paid && pays_for(&state, &intent),
-                    Err(_) => return Outcome::Unknown,
+                    Err(_) => return Outcome::Unanswered,
                 }
             }
             _ => false,

@@ -69,10 +69,7 @@ impl Gate {
             Err(e) => {
                 // The hold may have landed with its answer lost, or land
                 // later still: given back in the background.
-                let (store, id) = (self.store.clone(), payment_id.clone());
-                tokio::spawn(async move {
-                    release_lost_hold(store, &id, LOST_HOLD_MAY_LAND, Duration::from_secs(1)).await
-                });
+                self.lost_holds.add(&self.store, payment_id.clone());
                 return Some(reply::unavailable(e));
             }
         }
@@ -149,57 +146,6 @@ impl Gate {
             payment["held"] = json!(format_amount(call.amount));
         }
         Some(reply::with_payment(result, payment))
-    }
-}
-
-/// How long a hold whose answer was lost may still land: PostgreSQL goes on
-/// with a statement whose connection broke until it ends (its statement
-/// timeout) or tries to answer.
-const LOST_HOLD_MAY_LAND: Duration = Duration::from_secs(60);
-
-/// What became of a hold whose answer was lost.
-#[derive(Debug, PartialEq, Eq)]
-enum LostHold {
-    Released,
-    /// It landed and was ended otherwise (expired, or by recovery).
-    Ended,
-    /// It never landed in `may_land`: nothing was held.
-    NeverLanded,
-    /// The store could not be reached in `may_land`: it expires on its own.
-    Unknown,
-}
-
-/// Releases a hold whose answer was lost (the caller was told the payment
-/// system was unavailable), trying every `pause` for `may_land`: without
-/// that, a hold landing after one look would keep its funds and allowance
-/// until it expires.
-async fn release_lost_hold(
-    store: Arc<dyn Store>,
-    payment_id: &str,
-    may_land: Duration,
-    pause: Duration,
-) -> LostHold {
-    let deadline = tokio::time::Instant::now() + may_land;
-    loop {
-        let outcome = match store.release(payment_id).await {
-            Ok(()) => {
-                tracing::info!(payment_id, "released a hold whose answer was lost");
-                return LostHold::Released;
-            }
-            Err(StoreError::WrongState { .. }) => return LostHold::Ended,
-            Err(StoreError::NotFound(_)) => LostHold::NeverLanded,
-            Err(e) => {
-                tracing::warn!(
-                    payment_id,
-                    "cannot release a hold whose answer was lost: {e}"
-                );
-                LostHold::Unknown
-            }
-        };
-        if tokio::time::Instant::now() + pause > deadline {
-            return outcome;
-        }
-        tokio::time::sleep(pause).await;
     }
 }
 
@@ -294,22 +240,27 @@ mod tests {
 
     crate::on_both_backends! {
         /// A hold whose answer was lost is released when it lands, even
-        /// after the call was answered; one that never lands holds nothing.
+        /// after the call was answered; one that never lands is forgotten
+        /// once it could no longer land.
         #[tokio::test]
         async fn a_hold_that_lands_after_its_answer_was_lost_is_released() {
+            use crate::gate::lost_holds::LostHolds;
             let (_db, store) = funded_wallet().await;
-            let late = hold_of_30("late");
-            let landing = store.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                landing.hold(&late).await.unwrap();
-            });
-            let pause = Duration::from_millis(50);
-            let outcome = release_lost_hold(store.clone(), "late", Duration::from_secs(10), pause);
-            assert_eq!(outcome.await, LostHold::Released);
-            assert_eq!(store.balances("w").await.unwrap()[0].available, Units(100));
-            let never = release_lost_hold(store.clone(), "never", Duration::from_millis(200), pause);
-            assert_eq!(never.await, LostHold::NeverLanded);
+            let lost = LostHolds::new(Duration::from_secs(2), Duration::from_millis(50));
+            lost.add(&store, "late".into());
+            lost.add(&store, "never".into());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(store.hold(&hold_of_30("late")).await.unwrap(), HoldOutcome::Held);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while store.balances("w").await.unwrap()[0].available != Units(100) {
+                assert!(tokio::time::Instant::now() < deadline, "the late hold was kept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(lost.followed(), 1, "`never` is still looked for");
+            while lost.followed() > 0 {
+                assert!(tokio::time::Instant::now() < deadline, "`never` was followed for good");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }

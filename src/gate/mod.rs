@@ -7,6 +7,7 @@ pub mod catalog;
 mod dynamic;
 mod elicitation;
 mod fast_path;
+mod lost_holds;
 mod progress;
 mod recording;
 mod recovery;
@@ -17,6 +18,7 @@ mod scope;
 mod slow_path;
 mod withheld;
 
+use lost_holds::LostHolds;
 pub use withheld::WithheldNotes;
 
 use std::{sync::Arc, time::Duration};
@@ -66,6 +68,9 @@ pub struct GateSettings {
     /// How long a paid intent stays redeemable after its time (then
     /// recovery refunds it).
     pub keep_results: Duration,
+    /// How long a fast-path hold whose answer was lost may still land: a
+    /// statement whose connection broke ends by its statement timeout.
+    pub lost_hold_may_land: Duration,
 }
 
 impl GateSettings {
@@ -78,6 +83,7 @@ impl GateSettings {
             run_wait: Duration::from_secs(60),
             timeouts: config.timeouts.clone(),
             keep_results: config.keep_results,
+            lost_hold_may_land: config.pool.statement_timeout + Duration::from_secs(30),
         }
     }
 }
@@ -100,6 +106,8 @@ pub struct Gate {
     runs: runs::RunsUnderWay,
     /// Where withheld fast-path calls are noted; none: not noted.
     withheld: Option<WithheldNotes>,
+    /// Holds whose answer was lost, released as they land.
+    lost_holds: LostHolds,
 }
 
 /// A priced call that passed validation.
@@ -123,6 +131,7 @@ impl Gate {
         signer: ReceiptSigner,
         settings: GateSettings,
     ) -> Self {
+        let lost_holds = LostHolds::new(settings.lost_hold_may_land, Duration::from_secs(1));
         Self {
             store,
             provider,
@@ -133,6 +142,7 @@ impl Gate {
             dynamic: DynamicTools::default(),
             runs: Default::default(),
             withheld: None,
+            lost_holds,
         }
     }
 

@@ -910,8 +910,8 @@ where
         for (leg, part) in legs.iter().zip(pro_rata(amount, &weights)) {
             let mut held: Vec<i64> = leg.roles.iter().map(|(_, held)| (*held).max(0)).collect();
             if held.iter().all(|h| *h == 0) {
-                // Refunds made before roles were kept apart took all under
-                // one: spread the rest evenly rather than lose it.
+                // Cannot happen while the account still holds something (its
+                // roles hold it); kept so that a part is never dropped.
                 held = vec![1; held.len()];
             }
             for ((role, _), share) in leg.roles.iter().zip(pro_rata(part, &held)) {

@@ -201,8 +201,7 @@ impl<A: Clone> InFlightCalls<A> {
         }
     }
 
-    /// Forgets the ended calls that linger past `until` (all of them when
-    /// their connection is gone: nothing more can come from it).
+    /// Forgets the ended calls that linger past `until`.
     fn forget_lingering(&mut self, until: std::time::Instant) {
         self.calls
             .retain(|c| c.lingers_until.is_none_or(|lingers| lingers > until));
@@ -271,14 +270,14 @@ impl Relay {
 
     /// Forgets what belonged to a connection that is gone: its routes (the
     /// next one numbers its progress tokens from the start again) and its
-    /// calls that ended unanswered (their request ids are reused too).
+    /// calls, ended or not (their request ids are reused too, and nothing
+    /// more can come from it; a call that ends later leaves nothing).
     fn forget_connection(&self) {
         let mut routes = self.routes();
         routes.routes.clear();
         routes.early.clear();
         drop(routes);
-        self.in_flight()
-            .forget_lingering(std::time::Instant::now() + UNANSWERED_CALL_LINGERS);
+        self.in_flight().calls.clear();
     }
 }
 
