@@ -514,6 +514,13 @@ impl Config {
         let mut config = Self::parse(&text, &file)?;
         if let Some(dir) = path.parent() {
             config.store_url = resolve_sqlite_path(&config.store_url, dir);
+            // The receipt key too: one key whatever the working directory
+            // (receipts verify, withheld calls' notes are found again).
+            if let Some(key) = &config.receipt_key_file
+                && key.is_relative()
+            {
+                config.receipt_key_file = Some(dir.join(key));
+            }
         }
         Ok(config)
     }
@@ -671,6 +678,15 @@ impl Config {
             Some(v) if *v.get_ref() > 0 => Ok(*v.get_ref()),
             Some(v) => Err(err(Some(v.span()), format!("{field}: must be above zero"))),
         };
+        // An empty list would let rmcp accept every Host: the DNS-rebinding
+        // check gone without anyone asking for it.
+        if h.allowed_hosts.as_ref().is_some_and(Vec::is_empty) {
+            return Err(err(
+                None,
+                "http.allowed_hosts: cannot be empty (list the names clients use to reach the server)"
+                    .into(),
+            ));
+        }
         let http = HttpConfig {
             listen: h.listen.clone().unwrap_or(defaults.listen),
             allowed_hosts: h.allowed_hosts.clone().unwrap_or(defaults.allowed_hosts),
@@ -884,8 +900,16 @@ impl Config {
                     ),
                 ));
             }
+            // Principals are trimmed as they are taken: `" alice"` would
+            // match nobody.
+            let principal = match a.principal.as_deref().map(str::trim) {
+                Some("") => {
+                    return Err(err(None, format!("{name}.principal: cannot be empty")));
+                }
+                principal => principal.map(str::to_owned),
+            };
             rules.push(ApprovalRule {
-                principal: a.principal.clone(),
+                principal,
                 tool: a.tool.as_ref().map(|t| t.get_ref().clone()),
                 tag: a.tag.as_ref().map(|t| t.get_ref().clone()),
                 threshold,
@@ -1041,11 +1065,13 @@ fn server_terms(
         Some(given) => account_name(given).map_err(|e| (None, format!("{field}: {e}"))),
     };
     let terms = Terms {
-        beneficiary: name(
-            "server.beneficiary",
-            &raw.server.beneficiary,
-            raw.server.name.clone(),
-        )?,
+        beneficiary: match &raw.server.beneficiary {
+            Some(_) => name("server.beneficiary", &raw.server.beneficiary, String::new())?,
+            // The server's name earns by default: it must make an account name.
+            None => {
+                account_name(&raw.server.name).map_err(|e| (None, format!("server.name: {e}")))?
+            }
+        },
         platform_share: fee("platform_share", &fees.platform_share)?,
         commission_in: fee("commission_in", &fees.commission_in)?,
         commission_out: fee("commission_out", &fees.commission_out)?,
@@ -1233,6 +1259,27 @@ mode = "resubmit"
     }
 
     #[test]
+    fn names_that_would_match_nothing_are_trimmed_or_refused() {
+        let parse = |text: &str| Config::parse(text, "p.toml").map_err(|e| e.to_string());
+        let base = "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\nprice = \"0.01\"\n";
+        let rule = |principal: &str| {
+            format!("{base}\n[[approvals]]\nprincipal = \"{principal}\"\nthreshold = \"0\"\n")
+        };
+        let config = parse(&rule(" alice ")).unwrap();
+        assert_eq!(
+            config.approvals.rules[0].principal.as_deref(),
+            Some("alice")
+        );
+        let e = parse(&rule("  ")).unwrap_err();
+        assert!(e.contains("approvals[0].principal: cannot be empty"), "{e}");
+        // The server's name is the default beneficiary's account.
+        let e = parse(&base.replace("name = \"t\"", "name = \" \"")).unwrap_err();
+        assert!(e.contains("server.name: "), "{e}");
+        let e = parse(&format!("{base}\n[http]\nallowed_hosts = []\n")).unwrap_err();
+        assert!(e.contains("http.allowed_hosts: cannot be empty"), "{e}");
+    }
+
+    #[test]
     fn unknown_mode_and_duplicates() {
         let e = error_for("price = \"1\"\nmode = \"barter\"");
         assert!(
@@ -1323,6 +1370,17 @@ platform_share = "0.02"
         assert!(e.contains("minor unit"), "{e}");
         let e = error_for("price = \"1\"\nbeneficiary = \"platform\"");
         assert!(e.contains("also a fee account"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_receipt_key_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pricing.toml");
+        let text =
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[receipts]\nkey_file = \"keys/r.key\"\n";
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.receipt_key_file, Some(dir.path().join("keys/r.key")));
     }
 
     #[test]

@@ -648,12 +648,18 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             if let Some(tools) = tools {
                 limits.tools = match tools.trim() {
                     "any" => None,
-                    list => Some(
-                        list.split(',')
+                    list => {
+                        let tools: Vec<String> = list
+                            .split(',')
                             .map(|t| t.trim().to_owned())
                             .filter(|t| !t.is_empty())
-                            .collect(),
-                    ),
+                            .collect();
+                        // An empty list would block every tool, silently.
+                        if tools.is_empty() {
+                            bail!("--tools needs tool names (or `any`)");
+                        }
+                        Some(tools)
+                    }
                 };
             }
             let shown = if changing {

@@ -66,7 +66,10 @@ impl ReceiptSigner {
     /// occasion could only ever say "does not match".
     pub fn load(path: &Path) -> Result<Self, ReceiptError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Self::from_hex(&text, path),
+            Ok(text) => {
+                warn_if_others_can_read(path);
+                Self::from_hex(&text, path)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(ReceiptError::NoKey(path.to_owned()))
             }
@@ -164,13 +167,33 @@ impl ReceiptSigner {
     }
 }
 
+/// The key signs receipts and checkout forms: a copy others can read lets
+/// them forge both. Said, not refused: a key shared between instances may
+/// be kept on purpose with other permissions.
+fn warn_if_others_can_read(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                "the receipt key file can be read by others than its owner (chmod 600 it)"
+            );
+        }
+    }
+}
+
 /// Where the key lives unless configured: outside any repository, in the
-/// user's data directory.
+/// user's data directory. With neither `XDG_DATA_HOME` nor `HOME` (a bare
+/// service unit), the working directory's `.tollgate/`: never a shared
+/// directory such as `/tmp`, where another user could plant a key.
 pub fn default_key_path() -> PathBuf {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(std::env::temp_dir);
+        .unwrap_or_else(|| PathBuf::from(".tollgate"));
     base.join("tollgate").join("receipt.key")
 }
 

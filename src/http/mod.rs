@@ -13,6 +13,8 @@ mod limits;
 mod mcp_guard;
 pub mod metrics;
 mod session_owners;
+
+use session_owners::Access;
 mod sessions;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -100,6 +102,9 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
             .with_legacy_session_mode(true)
             .with_allowed_hosts(http.allowed_hosts.clone())
             .with_allowed_origins(http.allowed_origins.clone())
+            // With none listed, a browser Origin is refused (rmcp would
+            // otherwise not look); a client that sends none is served.
+            .enforce_origin_validation()
             .with_max_request_body_bytes(http.max_body_bytes)
             .with_cancellation_token(shutdown.child_token()),
     );
@@ -198,13 +203,26 @@ async fn mcp_caller(
     };
     // An MCP session is the principal's that opened it (session_owners).
     let session = session_id(request.headers()).map(str::to_owned);
-    if let Some(session) = &session
-        && !state.session_owners.allows(session, &caller.principal)
-    {
-        tracing::warn!("refused a request for an MCP session another key opened");
-        let reply = json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32600,
-            "message": "this MCP session was opened with another API key: open a session of your own"}});
-        return (StatusCode::FORBIDDEN, Json(reply)).into_response();
+    if let Some(session) = &session {
+        let refused = match state.session_owners.allows(session, &caller.principal) {
+            Access::Owner => None,
+            Access::Another => {
+                tracing::warn!("refused a request for an MCP session another key opened");
+                Some((
+                    StatusCode::FORBIDDEN,
+                    "this MCP session was opened with another API key: open a session of your own",
+                ))
+            }
+            Access::Unknown => Some((
+                StatusCode::NOT_FOUND,
+                "no such MCP session (unknown, or closed after being idle): open a new one",
+            )),
+        };
+        if let Some((status, message)) = refused {
+            let reply = json!({"jsonrpc": "2.0", "id": null,
+                               "error": {"code": -32600, "message": message}});
+            return (status, Json(reply)).into_response();
+        }
     }
     let (principal, ending) = (caller.principal.clone(), request.method() == Method::DELETE);
     request.extensions_mut().insert(caller);

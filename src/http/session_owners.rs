@@ -13,6 +13,16 @@ use std::{
 
 use crate::sync::lock;
 
+/// What a request may do with the session it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    Owner,
+    /// Opened with another principal's key.
+    Another,
+    /// Not a session known here.
+    Unknown,
+}
+
 #[derive(Default)]
 pub(super) struct SessionOwners {
     owners: Mutex<HashMap<String, Owner>>,
@@ -34,16 +44,18 @@ impl SessionOwners {
     }
 
     /// Whether `principal` may use `session`. A session not known here is
-    /// not one rmcp serves either (it answers 404): nothing is recorded
-    /// for it, so made-up ids take no memory.
-    pub fn allows(&self, session: &str, principal: &Option<String>) -> bool {
+    /// refused as unknown (the client opens another): it is a made-up id,
+    /// or one forgotten after [`Self::forget_idle`], which rmcp may still
+    /// serve (a session that only waits keeps its timer running there)
+    /// and which must not become anyone's. Nothing is recorded for it.
+    pub fn allows(&self, session: &str, principal: &Option<String>) -> Access {
         match lock(&self.owners).get_mut(session) {
             Some(owner) if owner.principal == *principal => {
                 owner.seen = Instant::now();
-                true
+                Access::Owner
             }
-            Some(_) => false,
-            None => true,
+            Some(_) => Access::Another,
+            None => Access::Unknown,
         }
     }
 
@@ -67,22 +79,32 @@ mod tests {
         let owners = SessionOwners::default();
         let (judy, kate) = (Some("judy".to_owned()), Some("kate".to_owned()));
         owners.opened("s1", judy.clone());
-        assert!(owners.allows("s1", &judy));
-        assert!(!owners.allows("s1", &kate));
-        assert!(
-            !owners.allows("s1", &None),
+        assert_eq!(owners.allows("s1", &judy), Access::Owner);
+        assert_eq!(owners.allows("s1", &kate), Access::Another);
+        assert_eq!(
+            owners.allows("s1", &None),
+            Access::Another,
             "an anonymous caller is another principal"
         );
-        assert!(owners.allows("made-up", &kate));
+        assert_eq!(owners.allows("made-up", &kate), Access::Unknown);
         assert_eq!(
             lock(&owners.owners).len(),
             1,
             "made-up ids are not recorded"
         );
         owners.forget_idle(Duration::from_secs(60));
-        assert!(!owners.allows("s1", &kate), "used just now: kept");
+        assert_eq!(
+            owners.allows("s1", &kate),
+            Access::Another,
+            "used just now: kept"
+        );
         owners.forget_idle(Duration::ZERO);
         assert!(lock(&owners.owners).is_empty());
+        assert_eq!(
+            owners.allows("s1", &kate),
+            Access::Unknown,
+            "forgotten, it is nobody's: refused as unknown, not handed to kate"
+        );
         owners.opened("s2", judy);
         owners.closed("s2");
         assert!(lock(&owners.owners).is_empty());

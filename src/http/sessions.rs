@@ -32,10 +32,13 @@ fn bad_request(field: &str, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// The store failed: the cause goes to the log, not to the caller (it can
+/// name hosts, files or the database).
 fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::error!("sessions API: payment system unavailable: {e}");
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({ "error": "unavailable", "message": format!("payment system unavailable: {e}") })),
+        Json(json!({ "error": "unavailable", "message": "payment system unavailable; try again later" })),
     )
         .into_response()
 }

@@ -51,6 +51,12 @@ on_both_backends! {
         let shown = env.ok(&["wallet", "limits", "alice"]).await;
         assert!(shown.contains("0.02 spent today"), "{shown}");
 
+        // An allow-list of no tools would block every call: refused.
+        let refused = env.cli(&["wallet", "limits", "alice", "--tools", " , "]).await;
+        assert!(!refused.status.success());
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains("--tools needs tool names"), "{said}");
+
         // The per-call maximum, and the allow-list.
         env.ok(&["wallet", "limits", "alice", "--daily", "none", "--per-call", "0.04"]).await;
         let r = call(&client, "divide", json!({"a": 1, "b": 2})).await;

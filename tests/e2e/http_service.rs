@@ -795,6 +795,23 @@ on_both_backends! {
             .await
             .unwrap();
         assert!(response.status().is_client_error(), "{}", response.status());
+        // So is a browser page of another site (an Origin not allowed; none
+        // is by default), while a client that sends no Origin is served.
+        let from = |origin: Option<&str>| {
+            let mut request = http()
+                .post(format!("{}/mcp", server.base))
+                .bearer_auth(&key)
+                .header("accept", "application/json, text/event-stream")
+                .json(&init);
+            if let Some(origin) = origin {
+                request = request.header("origin", origin);
+            }
+            request.send()
+        };
+        let response = from(Some("https://evil.example")).await.unwrap();
+        assert_eq!(response.status(), 403);
+        let response = from(None).await.unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
         // Oversized bodies are refused before any work.
         let huge = json!({"amount": 100, "currency": "usd", "description": "x".repeat(200_000)});
         let response = http()
