@@ -87,11 +87,14 @@ pub fn sqlite_file(url: &str) -> Option<PathBuf> {
 
 /// Where the receipt key lives: `TOLLGATE_RECEIPT_KEY`, the config, or the
 /// user's data directory.
-pub fn receipt_key_path(config: &Config) -> PathBuf {
-    std::env::var_os("TOLLGATE_RECEIPT_KEY")
+pub fn receipt_key_path(config: &Config) -> Result<PathBuf, ReceiptError> {
+    match std::env::var_os("TOLLGATE_RECEIPT_KEY")
         .map(PathBuf::from)
         .or_else(|| config.receipt_key_file.clone())
-        .unwrap_or_else(default_key_path)
+    {
+        Some(path) => Ok(path),
+        None => default_key_path(),
+    }
 }
 
 pub fn provider_for(config: &Config, store: Arc<dyn Store>) -> Result<Arc<dyn Provider>, AppError> {
@@ -136,7 +139,7 @@ pub async fn build_gate_with(
 ) -> Result<Arc<Gate>, AppError> {
     let catalog = Catalog::build(config, backends)?;
     let provider = provider_for(config, store.clone())?;
-    let key_path = receipt_key_path(config);
+    let key_path = receipt_key_path(config)?;
     let signer = ReceiptSigner::load_or_create(&key_path)?;
     let gate = Gate::new(
         store,

@@ -943,7 +943,7 @@ impl Config {
 
         Ok(Config {
             source: file.to_owned(),
-            server_name: raw.server.name,
+            server_name: raw.server.name.trim().to_owned(),
             mode,
             currency,
             payment_ttl,
@@ -1275,6 +1275,15 @@ mode = "resubmit"
         // The server's name is the default beneficiary's account.
         let e = parse(&base.replace("name = \"t\"", "name = \" \"")).unwrap_err();
         assert!(e.contains("server.name: "), "{e}");
+        // Trimmed once, for both: one revenue account, whatever path earns.
+        let config = parse(&base.replace("name = \"t\"", "name = \" demo \"")).unwrap();
+        assert_eq!(
+            (
+                config.server_name.as_str(),
+                config.terms.beneficiary.as_str()
+            ),
+            ("demo", "demo")
+        );
         let e = parse(&format!("{base}\n[http]\nallowed_hosts = []\n")).unwrap_err();
         assert!(e.contains("http.allowed_hosts: cannot be empty"), "{e}");
     }

@@ -444,7 +444,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 
 /// Checks a receipt with the server's key, which must exist.
 fn verify_receipt(config: &Config, receipt: &str) -> anyhow::Result<()> {
-    let signer = ReceiptSigner::load(&app::receipt_key_path(config))?;
+    let signer = ReceiptSigner::load(&app::receipt_key_path(config)?)?;
     let claims = signer.verify(receipt)?;
     println!("valid receipt");
     println!("{}", serde_json::to_string_pretty(&claims)?);

@@ -26,6 +26,11 @@ pub enum ReceiptError {
          TOLLGATE_RECEIPT_KEY or [receipts] key_file to the server's)"
     )]
     NoKey(PathBuf),
+    #[error(
+        "no place for the receipt key: neither XDG_DATA_HOME nor HOME is set (set \
+         [receipts] key_file or TOLLGATE_RECEIPT_KEY)"
+    )]
+    NoKeyPlace,
     #[error("malformed receipt: {0}")]
     Malformed(&'static str),
     #[error("receipt signature does not match: it was altered or signed with another key")]
@@ -187,14 +192,15 @@ fn warn_if_others_can_read(path: &Path) {
 
 /// Where the key lives unless configured: outside any repository, in the
 /// user's data directory. With neither `XDG_DATA_HOME` nor `HOME` (a bare
-/// service unit), the working directory's `.tollgate/`: never a shared
-/// directory such as `/tmp`, where another user could plant a key.
-pub fn default_key_path() -> PathBuf {
+/// service unit) there is none: not a shared directory such as `/tmp`,
+/// where another user could plant a key, nor the working directory, which
+/// would give another key wherever the server is started.
+pub fn default_key_path() -> Result<PathBuf, ReceiptError> {
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from(".tollgate"));
-    base.join("tollgate").join("receipt.key")
+        .ok_or(ReceiptError::NoKeyPlace)?;
+    Ok(base.join("tollgate").join("receipt.key"))
 }
 
 /// Creates `path` with `contents`, readable by the owner only, unless it

@@ -55,6 +55,9 @@ pub struct Caller {
 #[derive(Debug, Clone)]
 pub struct GateSettings {
     pub server_name: String,
+    /// Whose revenue account earns what no tool's terms name
+    /// (`[server] beneficiary`, else the server's name).
+    pub beneficiary: String,
     pub payment_ttl: Duration,
     /// Charges above their threshold need a person's yes, even from a
     /// funded wallet.
@@ -77,6 +80,7 @@ impl GateSettings {
     pub fn from_config(config: &Config) -> Self {
         Self {
             server_name: config.server_name.clone(),
+            beneficiary: config.terms.beneficiary.clone(),
             payment_ttl: config.payment_ttl,
             approvals: config.approvals.clone(),
             max_open_intents: config.max_open_intents,

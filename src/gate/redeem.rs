@@ -478,7 +478,7 @@ impl Gate {
                 charge
             }
             _ => {
-                let beneficiary = price.map_or(self.settings.server_name.as_str(), |p| {
+                let beneficiary = price.map_or(self.settings.beneficiary.as_str(), |p| {
                     p.terms.beneficiary.as_str()
                 });
                 tracing::warn!(

@@ -14,6 +14,7 @@ mod mcp_guard;
 pub mod metrics;
 mod session_owners;
 
+use futures::StreamExt;
 use session_owners::Access;
 mod sessions;
 
@@ -203,9 +204,16 @@ async fn mcp_caller(
     };
     // An MCP session is the principal's that opened it (session_owners).
     let session = session_id(request.headers()).map(str::to_owned);
+    let mut in_flight = None;
     if let Some(session) = &session {
         let refused = match state.session_owners.allows(session, &caller.principal) {
-            Access::Owner => None,
+            Access::Owner => {
+                in_flight = Some(ResponseGoing {
+                    state: state.clone(),
+                    session: session.clone(),
+                });
+                None
+            }
             Access::Another => {
                 tracing::warn!("refused a request for an MCP session another key opened");
                 Some((
@@ -238,7 +246,31 @@ async fn mcp_caller(
         }
         Some(_) => {}
     }
-    response
+    match in_flight {
+        // Counted until the body ends: a response that streams for long (a
+        // call waiting on a payment, the event stream) keeps its session
+        // from being taken for idle.
+        Some(going) => response.map(|body| {
+            let stream = body.into_data_stream().map(move |chunk| {
+                let _counted = &going;
+                chunk
+            });
+            axum::body::Body::from_stream(stream)
+        }),
+        None => response,
+    }
+}
+
+/// A response of an MCP session's owner, still going until dropped.
+struct ResponseGoing {
+    state: Arc<HttpState>,
+    session: String,
+}
+
+impl Drop for ResponseGoing {
+    fn drop(&mut self) {
+        self.state.session_owners.finished(&self.session);
+    }
 }
 
 /// The MCP session (rmcp's `Mcp-Session-Id`) a request or response names.

@@ -30,7 +30,11 @@ pub(super) struct SessionOwners {
 
 struct Owner {
     principal: Option<String>,
+    /// When a request for it last began or ended.
     seen: Instant,
+    /// Its requests whose responses are still going (a call waiting on a
+    /// payment, an event stream): it is not idle while there are any.
+    in_flight: usize,
 }
 
 impl SessionOwners {
@@ -39,6 +43,7 @@ impl SessionOwners {
         let owner = Owner {
             principal,
             seen: Instant::now(),
+            in_flight: 0,
         };
         lock(&self.owners).insert(session.to_owned(), owner);
     }
@@ -52,10 +57,20 @@ impl SessionOwners {
         match lock(&self.owners).get_mut(session) {
             Some(owner) if owner.principal == *principal => {
                 owner.seen = Instant::now();
+                owner.in_flight += 1;
                 Access::Owner
             }
             Some(_) => Access::Another,
             None => Access::Unknown,
+        }
+    }
+
+    /// A response allowed as [`Access::Owner`] has ended (its body was sent
+    /// or dropped).
+    pub fn finished(&self, session: &str) {
+        if let Some(owner) = lock(&self.owners).get_mut(session) {
+            owner.in_flight = owner.in_flight.saturating_sub(1);
+            owner.seen = Instant::now();
         }
     }
 
@@ -64,9 +79,10 @@ impl SessionOwners {
         lock(&self.owners).remove(session);
     }
 
-    /// Forgets sessions unused for `idle`: rmcp has closed them by then.
+    /// Forgets sessions unused for `idle` (rmcp has closed them by then),
+    /// but never one with a response still going.
     pub fn forget_idle(&self, idle: Duration) {
-        lock(&self.owners).retain(|_, owner| owner.seen.elapsed() < idle);
+        lock(&self.owners).retain(|_, owner| owner.in_flight > 0 || owner.seen.elapsed() < idle);
     }
 }
 
@@ -92,6 +108,13 @@ mod tests {
             1,
             "made-up ids are not recorded"
         );
+        owners.forget_idle(Duration::ZERO);
+        assert_eq!(
+            owners.allows("s1", &kate),
+            Access::Another,
+            "judy's response is still going: kept however long"
+        );
+        owners.finished("s1");
         owners.forget_idle(Duration::from_secs(60));
         assert_eq!(
             owners.allows("s1", &kate),

@@ -206,3 +206,29 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("a wallet name cannot be empty"));
     env.assert_ledger_ok().await;
 }
+
+/// With no key configured and no data directory (neither XDG_DATA_HOME nor
+/// HOME, as in a bare service unit), the server refuses to start and says
+/// what to set, rather than keep its receipt key in a shared directory or
+/// wherever it happens to be started.
+#[tokio::test]
+async fn without_a_place_for_the_receipt_key_the_server_says_what_to_set() {
+    let env = Env::new("resubmit");
+    let out = env
+        .command()
+        .env_remove("TOLLGATE_RECEIPT_KEY")
+        .env_remove("HOME")
+        .env_remove("XDG_DATA_HOME")
+        .arg("serve")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run tollgate");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("neither XDG_DATA_HOME nor HOME is set"),
+        "{said}"
+    );
+    assert!(said.contains("[receipts] key_file"), "{said}");
+}

@@ -1115,7 +1115,7 @@ on_both_backends! {
             store,
             Arc::new(SessionsApiProvider::new(&b.base, key_for_a).expect("provider")),
             Catalog::build(&config, &[Arc::new(demo_tools())]).expect("catalog"),
-            ReceiptSigner::load_or_create(&app::receipt_key_path(&config)).expect("key"),
+            ReceiptSigner::load_or_create(&app::receipt_key_path(&config).expect("key path")).expect("key"),
             GateSettings::from_config(&config),
         );
         let a = crate::inproc::InProcess { env, gate: Arc::new(gate) };
