@@ -19,8 +19,8 @@ use super::{
     StoredResult, ToppedUp, UNREDEEMED_PAGE, VerifyReport, WalletBalance, WalletLimits, new_txn_id,
     now_ms,
     posting::{
-        CapturePlan, Entry, Settlement, TxnHeader, check_balanced, session_payment_audit,
-        settled_capture,
+        CapturePlan, Entry, Settlement, TxnHeader, check_balanced, clearing,
+        external_payment_audit, session_payment_audit, settled_capture,
     },
     rows,
     rows::{Changed, Columns},
@@ -96,6 +96,17 @@ struct RefundLeg {
     account: i64,
     left: i64,
     roles: Vec<(Option<&'static str>, i64)>,
+}
+
+/// A claim of an intent paid to a remote provider, as
+/// [`Portable::external_claim`] prepares it.
+pub struct ExternalClaim {
+    intent: Intent,
+    source_id: i64,
+    clearing_id: i64,
+    audit: Audit,
+    /// The provider's account, which approved the payment.
+    account: String,
 }
 
 /// Rows a pruning statement (`sql::PRUNE_*`) deletes at most.
@@ -595,18 +606,43 @@ where
         })
     }
 
-    /// awaiting_payment → running, claimed by `runner`, for an intent paid
-    /// outside the ledger, with the money's arrival in clearing, in `tx`;
-    /// false if it was not awaiting.
+    /// What claiming intent `id`, paid to a remote provider through
+    /// `account`, posts: read before its transaction (on PostgreSQL, with
+    /// retries of its own).
+    pub async fn external_claim(
+        &self,
+        id: &str,
+        account: &str,
+    ) -> Result<ExternalClaim, StoreError> {
+        let Some(intent) = self.intent(id).await? else {
+            return Err(StoreError::NotFound(format!("intent {id}")));
+        };
+        let source = AccountRef::new(AccountKind::External, account, &intent.currency);
+        Ok(ExternalClaim {
+            source_id: self.account_id(&source).await?,
+            clearing_id: self.account_id(&clearing(&intent.currency)).await?,
+            audit: external_payment_audit(&intent, account),
+            account: account.to_owned(),
+            intent,
+        })
+    }
+
+    /// awaiting_payment → running, claimed by `runner` (or only → paid,
+    /// with no runner), for an intent paid outside the ledger, with the
+    /// money's arrival in clearing, in `tx`; false if it was not awaiting.
     pub async fn claim_paid_externally(
         mut tx: impl Tx,
-        intent: &Intent,
-        source_id: i64,
-        clearing_id: i64,
-        audit: &Audit,
-        approver: &str,
+        claim: &ExternalClaim,
         runner: Option<&str>,
     ) -> Result<bool, StoreError> {
+        let ExternalClaim {
+            intent,
+            source_id,
+            clearing_id,
+            audit,
+            account: approver,
+        } = claim;
+        let (source_id, clearing_id) = (*source_id, *clearing_id);
         let now = now_ms();
         let marked = tx
             .execute(statement!(

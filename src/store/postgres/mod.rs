@@ -29,7 +29,7 @@ use sqlx::{
 use super::{
     fast_path::{Capture, Hold},
     portable::{PaymentLocks, Portable, refused_hold},
-    posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
+    posting::{TxnHeader, clearing, dev_settlement, topup_audit, topups},
     sql::*,
     *,
 };
@@ -122,24 +122,9 @@ impl PgStore {
         account: &str,
         runner: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let Some(intent) = self.intent(id).await? else {
-            return Err(StoreError::NotFound(format!("intent {id}")));
-        };
-        let source = AccountRef::new(AccountKind::External, account, &intent.currency);
-        let source_id = self.account_id(&source).await?;
-        let clearing_id = self.account_id(&clearing(&intent.currency)).await?;
-        let audit = external_payment_audit(&intent, account);
+        let claim = retrying(|| self.db.external_claim(id, account)).await?;
         retrying(|| async {
-            Portable::<Postgres>::claim_paid_externally(
-                self.tx().await?,
-                &intent,
-                source_id,
-                clearing_id,
-                &audit,
-                account,
-                runner,
-            )
-            .await
+            Portable::<Postgres>::claim_paid_externally(self.tx().await?, &claim, runner).await
         })
         .await
     }

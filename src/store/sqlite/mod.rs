@@ -29,7 +29,7 @@ use in_thread::{Readers, ready};
 use super::{
     fast_path::{Capture, Hold},
     portable::{PaymentLocks, Portable, Tx, refused_hold},
-    posting::{TxnHeader, clearing, dev_settlement, external_payment_audit, topup_audit, topups},
+    posting::{TxnHeader, clearing, dev_settlement, topup_audit, topups},
     rows::Columns,
     sql::*,
     *,
@@ -115,23 +115,8 @@ impl SqliteStore {
         account: &str,
         runner: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let Some(intent) = self.intent(id).await? else {
-            return Err(StoreError::NotFound(format!("intent {id}")));
-        };
-        let source = AccountRef::new(AccountKind::External, account, &intent.currency);
-        let source_id = self.db.account_id(&source).await?;
-        let clearing_id = self.db.account_id(&clearing(&intent.currency)).await?;
-        let audit = external_payment_audit(&intent, account);
-        Portable::<Sqlite>::claim_paid_externally(
-            self.write_tx().await?,
-            &intent,
-            source_id,
-            clearing_id,
-            &audit,
-            account,
-            runner,
-        )
-        .await
+        let claim = self.db.external_claim(id, account).await?;
+        Portable::<Sqlite>::claim_paid_externally(self.write_tx().await?, &claim, runner).await
     }
 
     /// One shared statement as an operation of the writer (see
