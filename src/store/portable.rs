@@ -91,11 +91,17 @@ pub(super) trait Tx {
 pub const MAX_WALLET_BALANCE: Units = Units(1_000_000_000_000_000_000);
 
 /// An account a capture paid, as a refund of it sees it: what it still
-/// holds of the payment, in all and in each role it earned in.
+/// holds of the payment in each role it earned in.
 struct RefundLeg {
     account: i64,
-    left: i64,
     roles: Vec<(Option<&'static str>, i64)>,
+}
+
+impl RefundLeg {
+    /// What it still holds of the payment in all.
+    fn left(&self) -> i64 {
+        self.roles.iter().map(|(_, held)| held).sum()
+    }
 }
 
 /// A claim of an intent paid to a remote provider, as
@@ -909,14 +915,12 @@ where
                 None => {
                     legs.push(RefundLeg {
                         account,
-                        left: 0,
                         roles: Vec::new(),
                     });
                     legs.len() - 1
                 }
             };
             let leg = &mut legs[at];
-            leg.left += amount;
             match leg.roles.iter_mut().find(|(r, _)| *r == role) {
                 Some(earned) => earned.1 += amount,
                 None => leg.roles.push((role, amount)),
@@ -929,18 +933,16 @@ where
             let account = row.int("account_id")?;
             let taken = row.int("taken")?;
             let role = row.opt_text("role")?.and_then(|r| Role::parse(&r));
-            if let Some(leg) = legs.iter_mut().find(|leg| leg.account == account) {
-                leg.left -= taken;
-                if let Some(held) = leg
+            if let Some(leg) = legs.iter_mut().find(|leg| leg.account == account)
+                && let Some(held) = leg
                     .roles
                     .iter_mut()
                     .find(|(r, _)| *r == role.map(Role::as_str))
-                {
-                    held.1 -= taken;
-                }
+            {
+                held.1 -= taken;
             }
         }
-        let weights: Vec<i64> = legs.iter().map(|leg| leg.left).collect();
+        let weights: Vec<i64> = legs.iter().map(RefundLeg::left).collect();
         let mut entries: Vec<Entry> =
             vec![(destination.int("account_id")?, amount, Some("refund"))];
         for (leg, part) in legs.iter().zip(pro_rata(amount, &weights)) {

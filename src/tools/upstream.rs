@@ -574,6 +574,17 @@ impl Upstream {
 
     fn failure(&self, message: String) -> CallToolResult {
         tracing::warn!(upstream = self.config.name, "{message}");
+        self.failed(&message)
+    }
+
+    /// A failure whose `cause` (addresses, the upstream's own words) goes
+    /// to the log only; the caller gets `message`.
+    fn failure_from(&self, message: &str, cause: impl std::fmt::Display) -> CallToolResult {
+        tracing::warn!(upstream = self.config.name, "{message}: {cause}");
+        self.failed(message)
+    }
+
+    fn failed(&self, message: &str) -> CallToolResult {
         CallToolResult::error(vec![ContentBlock::text(format!(
             "upstream `{}` unavailable: {message}; nothing was charged",
             self.config.name
@@ -656,8 +667,7 @@ impl ToolBackend for Upstream {
             Err(e) => {
                 self.relay.in_flight().leave(key, false);
                 self.reconnect_if_gone(&peer, &e, generation);
-                tracing::warn!(upstream = self.config.name, "cannot send the call: {e}");
-                return self.failure("the call could not be sent".into());
+                return self.failure_from("the call could not be sent", e);
             }
         };
         let (id, upstream_token) = (handle.id.clone(), handle.progress_token.clone());
@@ -708,10 +718,7 @@ impl ToolBackend for Upstream {
             }
             Some(Err(e)) => {
                 self.reconnect_if_gone(&peer, &e, generation);
-                // The detail (addresses, the upstream's own words) goes to
-                // the log, not to the caller.
-                tracing::warn!(upstream = self.config.name, "call failed: {e}");
-                self.failure("the call failed".into())
+                self.failure_from("the call failed", e)
             }
         }
     }
