@@ -1065,9 +1065,11 @@ fn server_terms(
         Some(given) => account_name(given).map_err(|e| (None, format!("{field}: {e}"))),
     };
     let terms = Terms {
+        // The server's name earns by default: then it must make an account name.
         beneficiary: match &raw.server.beneficiary {
-            Some(_) => name("server.beneficiary", &raw.server.beneficiary, String::new())?,
-            // The server's name earns by default: it must make an account name.
+            Some(given) => {
+                account_name(given).map_err(|e| (None, format!("server.beneficiary: {e}")))?
+            }
             None => {
                 account_name(&raw.server.name).map_err(|e| (None, format!("server.name: {e}")))?
             }
