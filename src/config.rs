@@ -245,6 +245,10 @@ pub struct Config {
     /// The most payments a principal (or an anonymous MCP session) may have
     /// waiting at once (`[server] max_open_intents`).
     pub max_open_intents: u32,
+    /// The most payments anonymous callers may have waiting at once, all
+    /// together (`[server] max_open_anonymous_intents`): each MCP session
+    /// has its own `max_open_intents`, and sessions cost nothing to open.
+    pub max_open_anonymous_intents: u32,
     /// How long an instance counts as alive after its last heartbeat
     /// (`[server] instance_lease`). Once it lapses, other instances release
     /// its holds and refund its interrupted runs (src/gate/recovery.rs).
@@ -398,6 +402,9 @@ struct RawServer {
     /// The most payments a principal may have waiting at once.
     #[serde(default)]
     max_open_intents: Option<u32>,
+    /// The most payments anonymous callers may have waiting, together.
+    #[serde(default)]
+    max_open_anonymous_intents: Option<u32>,
     #[serde(default)]
     instance_lease: Option<Spanned<String>>,
     #[serde(default)]
@@ -940,6 +947,16 @@ impl Config {
             }
             Some(n) => n,
         };
+        let max_open_anonymous_intents = match raw.server.max_open_anonymous_intents {
+            None => 1_000,
+            Some(0) => {
+                return Err(err(
+                    None,
+                    "server.max_open_anonymous_intents: must be at least 1".into(),
+                ));
+            }
+            Some(n) => n,
+        };
 
         Ok(Config {
             source: file.to_owned(),
@@ -950,6 +967,7 @@ impl Config {
             approvals,
             max_message_bytes,
             max_open_intents,
+            max_open_anonymous_intents,
             instance_lease,
             keep_results,
             store_url: raw

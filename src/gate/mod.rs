@@ -36,7 +36,7 @@ use crate::{
     money::Units,
     provider::Provider,
     receipt::ReceiptSigner,
-    store::{Charge, Origin, Store},
+    store::{Charge, OpenLimit, Origin, Store},
     tools::ToolBackend,
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
@@ -65,6 +65,8 @@ pub struct GateSettings {
     /// The most payments one principal (or anonymous MCP session) may have
     /// waiting at once.
     pub max_open_intents: u32,
+    /// The most payments anonymous callers may have waiting, together.
+    pub max_open_anonymous_intents: u32,
     /// How long a concurrent confirm waits for the run already under way.
     pub run_wait: Duration,
     pub timeouts: Timeouts,
@@ -77,6 +79,14 @@ pub struct GateSettings {
 }
 
 impl GateSettings {
+    /// How many payments may be waiting when a caller opens another.
+    pub fn open_limit(&self) -> OpenLimit {
+        OpenLimit {
+            per_caller: self.max_open_intents.into(),
+            anonymous: self.max_open_anonymous_intents.into(),
+        }
+    }
+
     pub fn from_config(config: &Config) -> Self {
         Self {
             server_name: config.server_name.clone(),
@@ -84,6 +94,7 @@ impl GateSettings {
             payment_ttl: config.payment_ttl,
             approvals: config.approvals.clone(),
             max_open_intents: config.max_open_intents,
+            max_open_anonymous_intents: config.max_open_anonymous_intents,
             run_wait: Duration::from_secs(60),
             timeouts: config.timeouts.clone(),
             keep_results: config.keep_results,

@@ -9,7 +9,10 @@ use crate::{
     config::Mode,
     money::format_amount,
     provider::SessionRequest,
-    store::{Approval, ApprovalStatus, Intent, IntentStatus, new_payment_id, now_ms, rfc3339},
+    store::{
+        Approval, ApprovalStatus, Intent, IntentStatus, OpenIntents, new_payment_id, now_ms,
+        rfc3339,
+    },
 };
 
 /// Why a session is opened: to take a payment, or for a person to approve
@@ -66,24 +69,19 @@ impl Gate {
     ) -> Result<Opened, CallToolResult> {
         let now = now_ms();
         // A flood of unpaid calls cannot fill the store: each caller has at
-        // most so many payments waiting. (Checked before the intent opens;
-        // calls racing each other may pass it by their number.)
+        // most so many payments waiting, and anonymous callers (who can open
+        // sessions at will) as many between them. Counted here to refuse
+        // before a provider session is made; the intent's insert counts
+        // again, in one step with it, for calls racing each other.
         let principal = scope.caller.principal.as_deref();
+        let limit = self.settings.open_limit();
         let open = self
             .store
             .open_intents(principal, scope.session_id, now)
             .await
             .map_err(reply::unavailable)?;
-        if open >= self.settings.max_open_intents as i64 {
-            let who = principal.map_or("this session".to_owned(), |p| format!("principal {p}"));
-            tracing::warn!(who, open, "too many payments waiting; call refused");
-            return Err(reply::error(
-                reply::code::TOO_MANY_OPEN_PAYMENTS,
-                format!(
-                    "{who} has {open} payments waiting, the most allowed: pay one or let it expire, then call again; nothing was charged"
-                ),
-                reply::details(json!({ "open": open, "max": self.settings.max_open_intents })),
-            ));
+        if open.at(&limit) {
+            return Err(self.too_many_waiting(principal, open));
         }
         let payment_id = new_payment_id();
         let expires_at = now + self.settings.payment_ttl.as_millis() as i64;
@@ -142,10 +140,23 @@ impl Gate {
                 call.threshold.rule.clone(),
             )),
         };
-        self.store
-            .create_intent(&intent)
+        let created = self
+            .store
+            .create_intent(&intent, &limit)
             .await
             .map_err(reply::unavailable)?;
+        if !created {
+            // Calls racing this one filled the room the count saw.
+            if let Err(e) = self.provider.cancel_session(&session.id).await {
+                tracing::warn!(payment_id, "cannot cancel an unused payment session: {e}");
+            }
+            let open = self
+                .store
+                .open_intents(principal, scope.session_id, now)
+                .await
+                .map_err(reply::unavailable)?;
+            return Err(self.too_many_waiting(principal, open));
+        }
         tracing::info!(
             tool = call.tool,
             principal = principal.unwrap_or("anonymous"),
@@ -160,6 +171,30 @@ impl Gate {
             intent,
             url: session.url,
         })
+    }
+
+    /// The refusal of a caller with too many payments waiting (`open`).
+    fn too_many_waiting(&self, principal: Option<&str>, open: OpenIntents) -> CallToolResult {
+        let limit = self.settings.open_limit();
+        let (who, open, max) = match principal {
+            Some(p) => (format!("principal {p} has"), open.caller, limit.per_caller),
+            None if open.caller >= limit.per_caller => {
+                ("this session has".to_owned(), open.caller, limit.per_caller)
+            }
+            None => (
+                "anonymous callers have".to_owned(),
+                open.anonymous,
+                limit.anonymous,
+            ),
+        };
+        tracing::warn!(open, max, "{who} too many payments waiting; call refused");
+        reply::error(
+            reply::code::TOO_MANY_OPEN_PAYMENTS,
+            format!(
+                "{who} {open} payments waiting, the most allowed: pay one or let it expire, then call again; nothing was charged"
+            ),
+            reply::details(json!({ "open": open, "max": max })),
+        )
     }
 
     /// The answer that asks for payment. With a `next_step` tool (two_step,

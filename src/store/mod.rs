@@ -460,6 +460,40 @@ impl IntentStatus {
     }
 }
 
+/// Payments waiting (intents awaiting payment, unexpired).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenIntents {
+    /// The caller's: a principal's, or an anonymous MCP session's.
+    pub caller: i64,
+    /// All anonymous callers' (0 when the caller is a principal).
+    pub anonymous: i64,
+}
+
+impl OpenIntents {
+    /// Whether one more would pass `limit` (the caller's, or, for an
+    /// anonymous caller, anonymous callers' together).
+    pub fn at(&self, limit: &OpenLimit) -> bool {
+        self.caller >= limit.per_caller || self.anonymous >= limit.anonymous
+    }
+}
+
+/// How many payments may be waiting at once when an intent opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenLimit {
+    /// Per principal, or per MCP session of anonymous callers.
+    pub per_caller: i64,
+    /// Anonymous callers' intents, all together.
+    pub anonymous: i64,
+}
+
+impl OpenLimit {
+    /// No limit (tests, and tools that open intents for a person).
+    pub const NONE: OpenLimit = OpenLimit {
+        per_caller: i64::MAX,
+        anonymous: i64::MAX,
+    };
+}
+
 #[derive(Debug, Clone)]
 pub struct Intent {
     pub id: String,
@@ -721,13 +755,14 @@ pub trait Store: Send + Sync + 'static {
     /// auto-approved on the slow path), newest first.
     async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError>;
     /// How many intents are awaiting payment, unexpired, for a principal
-    /// (or, for anonymous callers, `principal` `None`, from one MCP session).
+    /// (or, for anonymous callers, `principal` `None`, from one MCP session,
+    /// and from all anonymous callers).
     async fn open_intents(
         &self,
         principal: Option<&str>,
         session_id: &str,
         now: i64,
-    ) -> Result<i64, StoreError>;
+    ) -> Result<OpenIntents, StoreError>;
     /// Replaces a wallet's limits in the wallet's currency (creating the
     /// wallet if new). Its spending counters are kept.
     async fn set_limits(&self, wallet: &AccountRef, limits: &Limits) -> Result<(), StoreError>;
@@ -752,7 +787,8 @@ pub trait Store: Send + Sync + 'static {
     async fn verify(&self, now: i64) -> Result<VerifyReport, StoreError>;
 
     // ---- intents ----
-    async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError>;
+    /// Opens `intent` unless its caller is at `limit`; false if refused.
+    async fn create_intent(&self, intent: &Intent, limit: &OpenLimit) -> Result<bool, StoreError>;
     async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError>;
     /// Moves an intent from `from` to `to`; false if it was elsewhere.
     async fn transition_intent(

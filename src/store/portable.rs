@@ -14,10 +14,10 @@ use crate::{
 
 use super::{
     APPROVALS_LISTED, AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, Cursor,
-    HoldOutcome, HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession, Posted, Pruned,
-    REMOTE_DUE_PAGE, RefundRequest, Refunded, SessionStatus, StatementLine, StoreError, StoreStats,
-    StoredResult, ToppedUp, UNREDEEMED_PAGE, VerifyReport, WalletBalance, WalletLimits, new_txn_id,
-    now_ms,
+    HoldOutcome, HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession, OpenIntents,
+    Posted, Pruned, REMOTE_DUE_PAGE, RefundRequest, Refunded, SessionStatus, StatementLine,
+    StoreError, StoreStats, StoredResult, ToppedUp, UNREDEEMED_PAGE, VerifyReport, WalletBalance,
+    WalletLimits, new_txn_id, now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, clearing,
         external_payment_audit, session_payment_audit, settled_capture,
@@ -305,16 +305,17 @@ where
         principal: Option<&str>,
         session_id: &str,
         now: i64,
-    ) -> Result<i64, StoreError> {
-        query(statement!(
-            sql::OPEN_INTENTS,
-            Param::Text(principal),
-            session_id,
-            now
-        ))
-        .fetch_one(&self.pool)
-        .await?
-        .int("n")
+    ) -> Result<OpenIntents, StoreError> {
+        rows::open_intents(
+            &query(statement!(
+                sql::OPEN_INTENTS,
+                Param::Text(principal),
+                session_id,
+                now
+            ))
+            .fetch_one(&self.pool)
+            .await?,
+        )
     }
 
     pub async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError> {
@@ -371,13 +372,6 @@ where
             ))
             .await?
             > 0)
-    }
-
-    /// Why a hold was refused: the limit it would break, else a wallet that
-    /// cannot cover it (or does not exist).
-    pub async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        self.execute(Statement::create_intent(intent)).await?;
-        Ok(())
     }
 
     pub async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {

@@ -5,9 +5,9 @@
 use sqlx::Row;
 
 use super::{
-    AccountKind, AccountRef, Approval, ApprovalStatus, Intent, IntentStatus, LocalSession, Origin,
-    SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, WalletBalance,
-    WalletLimits, parse_scopes,
+    AccountKind, AccountRef, Approval, ApprovalStatus, Intent, IntentStatus, LocalSession,
+    OpenIntents, Origin, SessionStatus, StatementLine, StoreError, StoreStats, StoredResult,
+    WalletBalance, WalletLimits, parse_scopes,
 };
 use crate::{
     allowance::{Limits, Spent},
@@ -167,6 +167,13 @@ pub(super) fn api_key(row: &impl Columns) -> Result<ApiKey, StoreError> {
         label: row.opt_text("label")?,
         created_at: row.int("created_at")?,
         revoked_at: row.opt_int("revoked_at")?,
+    })
+}
+
+pub(super) fn open_intents(row: &impl Columns) -> Result<OpenIntents, StoreError> {
+    Ok(OpenIntents {
+        caller: row.int("n")?,
+        anonymous: row.int("anonymous")?,
     })
 }
 

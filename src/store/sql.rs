@@ -101,10 +101,15 @@ pub(super) const GIVE_BACK_SPEND: &str = "UPDATE accounts SET
      WHERE id = $1 AND kind = 'wallet'";
 
 /// Intents awaiting payment, unexpired, of principal `$1`, or, when `$1`
-/// is null, of anonymous callers on MCP session `$2`.
-pub(super) const OPEN_INTENTS: &str = "SELECT COUNT(*) AS n FROM intents
-     WHERE status = 'awaiting_payment' AND expires_at > $3
-       AND (principal = $1 OR ($1 IS NULL AND principal IS NULL AND session_id = $2))";
+/// is null, of anonymous callers on MCP session `$2` (`n`) and of all
+/// anonymous callers (`anonymous`; 0 for a principal).
+pub(super) const OPEN_INTENTS: &str = "SELECT
+       (SELECT COUNT(*) FROM intents
+        WHERE status = 'awaiting_payment' AND expires_at > $3
+          AND (principal = $1 OR ($1 IS NULL AND principal IS NULL AND session_id = $2))) AS n,
+       CASE WHEN $1 IS NULL THEN (SELECT COUNT(*) FROM intents
+            WHERE status = 'awaiting_payment' AND expires_at > $3 AND principal IS NULL)
+            ELSE 0 END AS anonymous";
 
 /// Intents of a principal that needed a person's decision, newest first,
 /// at most [`super::APPROVALS_LISTED`]. Auto-approved ones (every payment
@@ -134,10 +139,20 @@ pub(super) const HOLD: &str =
     "SELECT status, amount, captured, txn_id, settled_at, beneficiary_account_id
      FROM holds WHERE id = $1";
 
+/// Opens an intent unless its caller already has `$22` payments waiting
+/// (principal `$7`, or, when `$7` is null, anonymous MCP session `$8`), or,
+/// for an anonymous caller, anonymous callers have `$23` between them: the
+/// counts and the insert in one statement, so that calls racing each other
+/// cannot all pass the count (on PostgreSQL the caller also holds a lock).
 pub(super) const CREATE_INTENT: &str = "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
                           status, provider, provider_session_id, payment_url, created_at, expires_at,
                           updated_at, agent, metadata, approval, approved_by, approved_at, approval_rule)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $14, $16, $17, $18, $19, $20, $21)";
+     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $14, $16, $17, $18, $19, $20, $21
+     WHERE (SELECT COUNT(*) FROM intents
+            WHERE status = 'awaiting_payment' AND expires_at > $14
+              AND (principal = $7 OR ($7 IS NULL AND principal IS NULL AND session_id = $8))) < $22
+       AND ($7 IS NOT NULL OR (SELECT COUNT(*) FROM intents
+            WHERE status = 'awaiting_payment' AND expires_at > $14 AND principal IS NULL) < $23)";
 
 pub(super) const INTENT: &str = "SELECT * FROM intents WHERE id = $1";
 
@@ -462,7 +477,9 @@ where
     query
 }
 
-use super::{ApiKey, Intent, IntentStatus, LocalSession, SessionStatus, posting::TxnHeader};
+use super::{
+    ApiKey, Intent, IntentStatus, LocalSession, OpenLimit, SessionStatus, posting::TxnHeader,
+};
 
 impl<'a> Statement<'a> {
     pub(super) fn insert_transaction(header: &'a TxnHeader<'a>) -> Self {
@@ -523,7 +540,7 @@ impl<'a> Statement<'a> {
         )
     }
 
-    pub(super) fn create_intent(intent: &'a Intent) -> Self {
+    pub(super) fn create_intent(intent: &'a Intent, limit: &OpenLimit) -> Self {
         statement!(
             CREATE_INTENT,
             &intent.id,
@@ -547,6 +564,8 @@ impl<'a> Statement<'a> {
             Param::Text(intent.approval.as_ref().and_then(|x| x.by.as_deref())),
             Param::Int(intent.approval.as_ref().and_then(|x| x.at)),
             Param::Text(intent.approval.as_ref().and_then(|x| x.rule.as_deref())),
+            limit.per_caller,
+            limit.anonymous,
         )
     }
 

@@ -215,6 +215,52 @@ fn outcome(id: &str, succeeded: bool) -> IntentOutcome {
 }
 
 crate::on_both_backends! {
+    /// A caller's payments waiting are capped when they open at once, from
+    /// two instances; anonymous callers have one cap per MCP session and
+    /// one between them.
+    #[tokio::test]
+    async fn intents_racing_each_other_stay_within_their_callers_limit() {
+        let (place, store) = store().await;
+        let other = open(&place.db.url).await.unwrap();
+        let limit = OpenLimit { per_caller: 3, anonymous: 4 };
+        let opened = futures::future::join_all((0..24).map(|n| {
+            let store = if n % 2 == 0 { store.clone() } else { other.clone() };
+            async move { store.create_intent(&intent(&format!("race{n}")), &limit).await.unwrap() }
+        }))
+        .await;
+        assert_eq!(opened.iter().filter(|&&o| o).count(), 3, "{opened:?}");
+        let open = store.open_intents(Some("alice"), "any", now_ms()).await.unwrap();
+        assert_eq!(open, OpenIntents { caller: 3, anonymous: 0 });
+        assert!(open.at(&limit));
+
+        // Anonymous callers: 3 in one session at most, 4 between sessions.
+        let anonymous = |id: &str, session: &str| Intent {
+            principal: None,
+            session_id: Some(session.into()),
+            ..intent(id)
+        };
+        for (id, session, expected) in [
+            ("a1", "s1", true), ("a2", "s1", true), ("a3", "s1", true), ("a4", "s1", false),
+            ("b1", "s2", true), ("b2", "s2", false),
+        ] {
+            let opened = store.create_intent(&anonymous(id, session), &limit).await.unwrap();
+            assert_eq!(opened, expected, "{id}");
+        }
+        let open = store.open_intents(None, "s2", now_ms()).await.unwrap();
+        assert_eq!(open, OpenIntents { caller: 1, anonymous: 4 });
+        assert!(open.at(&limit), "anonymous callers are at theirs");
+        // Alice's limit is her own.
+        assert!(!store.create_intent(&intent("alice4"), &limit).await.unwrap());
+        let bob = Intent { principal: Some("bob".into()), ..intent("bob1") };
+        assert!(store.create_intent(&bob, &limit).await.unwrap());
+        // Expired ones do not count.
+        let past = Intent { expires_at: now_ms() - 1, ..anonymous("old", "s3") };
+        store.create_intent(&past, &OpenLimit::NONE).await.unwrap();
+        assert_eq!(store.open_intents(None, "s3", now_ms()).await.unwrap().caller, 0);
+    }
+}
+
+crate::on_both_backends! {
     #[tokio::test]
     async fn intents_move_only_along_their_state_machine() {
         let (_dir, store) = store().await;
@@ -227,7 +273,7 @@ crate::on_both_backends! {
                 .create_session(&session(id, now_ms() + 60_000))
                 .await
                 .unwrap();
-            store.create_intent(&intent(id)).await.unwrap();
+            store.create_intent(&intent(id), &OpenLimit::NONE).await.unwrap();
         }
 
         // Cannot run or finish before being paid.
@@ -400,7 +446,7 @@ crate::on_both_backends! {
                 .unwrap();
             let mut i = intent(id);
             i.expires_at = now_ms() - 1;
-            store.create_intent(&i).await.unwrap();
+            store.create_intent(&i, &OpenLimit::NONE).await.unwrap();
         }
         store.pay_session("paid", None, now_ms()).await.unwrap();
 
@@ -622,7 +668,7 @@ crate::on_both_backends! {
         let (_dir, store) = store().await;
         for id in ["unpaid", "paid"] {
             store.create_session(&session(id, now_ms() + 60_000)).await.unwrap();
-            store.create_intent(&intent(id)).await.unwrap();
+            store.create_intent(&intent(id), &OpenLimit::NONE).await.unwrap();
         }
         store.pay_session("paid", None, now_ms()).await.unwrap();
         let status = async |id: &str| store.intent(id).await.unwrap().unwrap().status;
@@ -660,7 +706,7 @@ crate::on_both_backends! {
         ] {
             let mut i = intent(id);
             i.approval = Some(Approval::new(status, None));
-            store.create_intent(&i).await.unwrap();
+            store.create_intent(&i, &OpenLimit::NONE).await.unwrap();
         }
         let ids: Vec<String> = store
             .approvals("alice")
@@ -715,7 +761,7 @@ crate::on_both_backends! {
         ];
         for (id, expires_at, paid) in intents {
             store.create_session(&session(id, now_ms() + 60_000)).await.unwrap();
-            store.create_intent(&Intent { expires_at, ..intent(id) }).await.unwrap();
+            store.create_intent(&Intent { expires_at, ..intent(id) }, &OpenLimit::NONE).await.unwrap();
             if paid {
                 store.pay_session(id, None, now_ms()).await.unwrap();
             }
@@ -747,11 +793,11 @@ crate::on_both_backends! {
                 provider_session_id: Some(format!("cs_{id}")),
                 ..intent(id)
             };
-            store.create_intent(&remote).await.unwrap();
+            store.create_intent(&remote, &OpenLimit::NONE).await.unwrap();
         }
         // A local one is the sweep's, not upkeep's.
         store.create_session(&session("local", ended)).await.unwrap();
-        store.create_intent(&Intent { expires_at: ended - 30, ..intent("local") }).await.unwrap();
+        store.create_intent(&Intent { expires_at: ended - 30, ..intent("local") }, &OpenLimit::NONE).await.unwrap();
         let ids = |page: &[Intent]| page.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
         let all = store.remote_due(now_ms(), &Cursor::start()).await.unwrap();
         assert_eq!(ids(&all), ["r1", "r2", "r3"]);
@@ -769,7 +815,7 @@ crate::on_both_backends! {
         store.topup(&payer, units("1.00"), None).await.unwrap();
         for (id, to) in [("cancelled", IntentStatus::Cancelled), ("expired", IntentStatus::Expired)] {
             store.create_session(&session(id, now_ms() + 60_000)).await.unwrap();
-            store.create_intent(&intent(id)).await.unwrap();
+            store.create_intent(&intent(id), &OpenLimit::NONE).await.unwrap();
             // Ended while its session stayed pending (a cancel that failed).
             assert!(store.end_unpaid_intent(id, to).await.unwrap());
             let refused = store.pay_session(id, Some("payer"), now_ms()).await;
@@ -794,7 +840,7 @@ crate::on_postgres! {
         use sqlx::Connection;
         let (place, store) = store().await;
         store.create_session(&session("s", now_ms() + 60_000)).await.unwrap();
-        store.create_intent(&intent("s")).await.unwrap();
+        store.create_intent(&intent("s"), &OpenLimit::NONE).await.unwrap();
 
         let mut payment = sqlx::PgConnection::connect(&place.db.url).await.unwrap();
         sqlx::query("BEGIN").execute(&mut payment).await.unwrap();
@@ -831,7 +877,7 @@ crate::on_postgres! {
         let payer = AccountRef::wallet("payer", &usd());
         store.topup(&payer, units("1.00"), None).await.unwrap();
         store.create_session(&session("s", now_ms() + 60_000)).await.unwrap();
-        store.create_intent(&intent("s")).await.unwrap();
+        store.create_intent(&intent("s"), &OpenLimit::NONE).await.unwrap();
 
         let mut sweep = sqlx::PgConnection::connect(&place.db.url).await.unwrap();
         sqlx::query("BEGIN").execute(&mut sweep).await.unwrap();
@@ -921,7 +967,7 @@ crate::on_postgres! {
             let id = format!("i{i:03}");
             store.create_session(&session(&id, now_ms() + 60_000)).await.unwrap();
             let expires_at = start + i as i64;
-            store.create_intent(&Intent { expires_at, ..intent(&id) }).await.unwrap();
+            store.create_intent(&Intent { expires_at, ..intent(&id) }, &OpenLimit::NONE).await.unwrap();
         }
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sweeps: Vec<_> = (0..2)
@@ -980,7 +1026,7 @@ crate::on_both_backends! {
         let payer = AccountRef::wallet("payer", &usd());
         store.topup(&payer, units("1.00"), None).await.unwrap();
         store.create_session(&session("m", now_ms() + 60_000)).await.unwrap();
-        store.create_intent(&intent("m")).await.unwrap();
+        store.create_intent(&intent("m"), &OpenLimit::NONE).await.unwrap();
         store.pay_session("m", Some("payer"), now_ms()).await.unwrap();
         assert!(store
             .claim_paid_intent("m", &Funding::InClearing { refund_to: Some(payer) })
@@ -1343,7 +1389,7 @@ crate::on_both_backends! {
     async fn a_run_from_before_leases_is_recovered_after_the_upgrade() {
         let (place, store) = store().await;
         store.create_session(&session("old", now_ms() + 60_000)).await.unwrap();
-        store.create_intent(&intent("old")).await.unwrap();
+        store.create_intent(&intent("old"), &OpenLimit::NONE).await.unwrap();
         store.pay_session("old", None, now_ms()).await.unwrap();
         let funding = Funding::InClearing { refund_to: None };
         assert!(store.claim_paid_intent("old", &funding).await.unwrap());
@@ -1377,7 +1423,7 @@ crate::on_both_backends! {
         // One paid run on each instance.
         for (id, store) in [("ia", &a), ("ib", &b)] {
             store.create_session(&session(id, now + 60_000)).await.unwrap();
-            store.create_intent(&intent(id)).await.unwrap();
+            store.create_intent(&intent(id), &OpenLimit::NONE).await.unwrap();
             store.pay_session(id, Some("payer"), now).await.unwrap();
             let funding = Funding::InClearing { refund_to: Some(payer.clone()) };
             assert!(store.claim_paid_intent(id, &funding).await.unwrap());
@@ -1431,11 +1477,11 @@ crate::on_both_backends! {
         store.create_session(&session("gone", now_ms() - 1)).await.unwrap();
         let mut expired = intent("gone");
         expired.expires_at = now_ms() - 1;
-        store.create_intent(&expired).await.unwrap();
+        store.create_intent(&expired, &OpenLimit::NONE).await.unwrap();
         store.sweep_expired(now_ms()).await.unwrap();
         // A paid intent that ran (its result is stored).
         store.create_session(&session("ran", now_ms() + 60_000)).await.unwrap();
-        store.create_intent(&intent("ran")).await.unwrap();
+        store.create_intent(&intent("ran"), &OpenLimit::NONE).await.unwrap();
         store.pay_session("ran", Some("payer"), now_ms()).await.unwrap();
         let funding = Funding::InClearing { refund_to: Some(payer.clone()) };
         assert!(store.claim_paid_intent("ran", &funding).await.unwrap());

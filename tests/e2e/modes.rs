@@ -146,7 +146,10 @@ on_both_backends! {
     async fn one_recovery_pass_refunds_more_unredeemed_payments_than_a_page() {
         use tollgate::{
             money::{Currency, Units},
-            store::{Intent, IntentStatus, LocalSession, Origin, SessionStatus, UNREDEEMED_PAGE, now_ms},
+            store::{
+                Intent, IntentStatus, LocalSession, OpenLimit, Origin, SessionStatus, UNREDEEMED_PAGE,
+                now_ms,
+            },
         };
         let t = InProcess::new(&pricing("two_step", "")).await;
         let store = t.gate.store();
@@ -192,7 +195,7 @@ on_both_backends! {
                     expires_at: ended - (n - n % 10) as i64,
                     origin: Origin::default(),
                     approval: None,
-                })
+                }, &OpenLimit::NONE)
                 .await
                 .unwrap();
         }

@@ -404,6 +404,52 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// Unpaid calls sent at once cannot slip past the cap together, and
+    /// anonymous callers, who can open sessions at will, share a cap too.
+    #[tokio::test]
+    async fn unpaid_calls_sent_at_once_and_from_new_sessions_stay_capped() {
+        let env = Env::with_pricing(&pricing(
+            "resubmit",
+            "max_open_intents = 3\nmax_open_anonymous_intents = 4",
+        ));
+        let alice = env.client(Some("alice")).await;
+        let calls = (0..16).map(|i| call(&alice, "echo", echo_args(&format!("at once {i}"))));
+        let codes: Vec<String> = futures::future::join_all(calls).await.iter().map(error_code).collect();
+        let asked = codes.iter().filter(|c| *c == "payment_required").count();
+        assert_eq!(asked, 3, "{codes:?}");
+        assert_eq!(codes.iter().filter(|c| *c == "too_many_open_payments").count(), 13, "{codes:?}");
+
+        // Anonymous: three in one session, then the fourth and last in a
+        // new one; a third session is refused.
+        let mut sessions = Vec::new();
+        for expected in [3, 1, 0] {
+            let anonymous = env.client(None).await;
+            let mut asked = 0;
+            for i in 0..4 {
+                let r = call(&anonymous, "echo", echo_args(&format!("anon {i}"))).await;
+                match error_code(&r).as_str() {
+                    "payment_required" => asked += 1,
+                    "too_many_open_payments" => {}
+                    other => panic!("{other}: {r:?}"),
+                }
+            }
+            assert_eq!(asked, expected);
+            sessions.push(anonymous);
+        }
+        let r = call(&sessions[2], "echo", echo_args("anon")).await;
+        assert!(text(&r).contains("anonymous callers have 4 payments waiting"), "{}", text(&r));
+        assert_eq!(structured(&r)["max"], 4);
+        // No payment session was left without its intent.
+        let listed = env.ok(&["sessions", "list"]).await;
+        assert_eq!(listed.matches("pending").count(), 3 + 4, "{listed}");
+        for c in sessions.into_iter().chain([alice]) {
+            c.cancel().await.ok();
+        }
+        env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     #[tokio::test]
     async fn the_mock_provider_settles_each_payment_as_it_is_asked_for() {
         for flow in FLOWS {

@@ -303,7 +303,7 @@ impl Store for PgStore {
         principal: Option<&str>,
         session_id: &str,
         now: i64,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<OpenIntents, StoreError> {
         self.db.open_intents(principal, session_id, now).await
     }
 
@@ -400,8 +400,25 @@ impl Store for PgStore {
         Ok(report)
     }
 
-    async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        self.db.create_intent(intent).await
+    async fn create_intent(&self, intent: &Intent, limit: &OpenLimit) -> Result<bool, StoreError> {
+        // Under READ COMMITTED two inserts could each count without the
+        // other: a lock per caller (one for all anonymous callers, who share
+        // a limit) makes them take turns. It ends with the transaction.
+        let caller = match &intent.principal {
+            Some(principal) => format!("tollgate:open_intents:{principal}"),
+            None => "tollgate:open_intents:anonymous".to_owned(),
+        };
+        let mut tx = self.tx().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(&caller)
+            .execute(&mut *tx)
+            .await?;
+        let opened = query(Statement::create_intent(intent, limit))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(opened == 1)
     }
 
     async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {

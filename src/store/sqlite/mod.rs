@@ -30,7 +30,6 @@ use super::{
     fast_path::{Capture, Hold},
     portable::{PaymentLocks, Portable, Tx, refused_hold},
     posting::{TxnHeader, clearing, dev_settlement, topup_audit, topups},
-    rows::Columns,
     sql::*,
     *,
 };
@@ -221,10 +220,10 @@ impl Store for SqliteStore {
         principal: Option<&str>,
         session_id: &str,
         now: i64,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<OpenIntents, StoreError> {
         let in_thread = self.readers.optional(
             statement!(sql::OPEN_INTENTS, Param::Text(principal), session_id, now),
-            |row| row.int("n"),
+            rows::open_intents,
         );
         read(
             in_thread.map(|n| n.map(Option::unwrap_or_default)),
@@ -354,10 +353,16 @@ impl Store for SqliteStore {
         Ok(report)
     }
 
-    async fn create_intent(&self, intent: &Intent) -> Result<(), StoreError> {
-        self.write_statement(intent.clone(), |intent| Statement::create_intent(intent))
+    async fn create_intent(&self, intent: &Intent, limit: &OpenLimit) -> Result<bool, StoreError> {
+        // The writer runs one write at a time: the counts and the insert,
+        // one statement, cannot interleave with another intent's.
+        let limit = *limit;
+        let opened = self
+            .write_statement(intent.clone(), move |intent| {
+                Statement::create_intent(intent, &limit)
+            })
             .await?;
-        Ok(())
+        Ok(opened == 1)
     }
 
     async fn intent(&self, id: &str) -> Result<Option<Intent>, StoreError> {
