@@ -1263,7 +1263,10 @@ mode = "resubmit"
         assert!(with("instance_lease = \"1s\"", "").is_ok());
         for cap in ["max_open_intents", "max_open_anonymous_intents"] {
             let e = with(&format!("{cap} = 0"), "").unwrap_err();
-            assert!(e.contains(&format!("server.{cap}: must be at least 1")), "{e}");
+            assert!(
+                e.contains(&format!("server.{cap}: must be at least 1")),
+                "{e}"
+            );
             assert!(with(&format!("{cap} = 1"), "").is_ok());
         }
         let rule = |tool: &str| format!("\n[[approvals]]\ntool = \"{tool}\"\nthreshold = \"1\"\n");

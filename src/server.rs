@@ -1,12 +1,19 @@
 //! The rmcp `ServerHandler`: lists the catalog and hands every call to the gate.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{
+    borrow::Cow,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     model::{
-        CallToolRequestParams, CallToolResponse, Implementation, ListToolsResult,
-        PaginatedRequestParams, ServerCapabilities, ServerConfig, SubscriptionFilter, Tool,
+        CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams,
+        InitializeResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities,
+        ServerConfig, SubscriptionFilter, Tool,
     },
     service::{RequestContext, SubscriptionContext},
 };
@@ -28,6 +35,11 @@ pub struct TollgateServer {
     /// `None`: read it from each HTTP request.
     caller: Option<Caller>,
     session_id: String,
+    /// Whether an `initialize` handshake set this server up: over HTTP, a
+    /// session's. rmcp serves a request statelessly, on a server of its
+    /// own, when the request says so (2026-07-28 metadata), even one that
+    /// carries an `Mcp-Session-Id`.
+    handshaken: Arc<AtomicBool>,
     /// Shared by the session's clones; the last one to go forgets the
     /// session's registry entry, so ended sessions take no memory.
     _session: Arc<SessionGuard>,
@@ -64,6 +76,7 @@ impl TollgateServer {
             gate,
             caller,
             session_id,
+            handshaken: Arc::default(),
         }
     }
 
@@ -82,16 +95,15 @@ impl TollgateServer {
     }
 
     /// The session a request belongs to. A request rmcp serves statelessly
-    /// over HTTP (2026-07-28 clients; no `Mcp-Session-Id`) gets a server of
-    /// its own, whose session id is new each time: such requests share one
-    /// session per principal, so that a dynamic confirm tool opened by one
-    /// is listed to and callable by the next, and anonymous callers' open
-    /// payments are capped between them.
+    /// over HTTP (2026-07-28 clients) gets a server of its own, never
+    /// handshaken, whose session id is new each time: such requests share
+    /// one session per principal, so that a dynamic confirm tool opened by
+    /// one is listed to and callable by the next, and anonymous callers'
+    /// open payments are capped between them. (Over stdio a 2026-07-28
+    /// client has no handshake either, but its server is its session.)
     fn session_of(&self, context: &RequestContext<RoleServer>, caller: &Caller) -> Cow<'_, str> {
-        let stateless = context
-            .extensions
-            .get::<http::request::Parts>()
-            .is_some_and(|parts| !parts.headers.contains_key(SESSION_ID_HEADER));
+        let over_http = context.extensions.get::<http::request::Parts>().is_some();
+        let stateless = over_http && !self.handshaken.load(Ordering::Acquire);
         if stateless {
             Cow::Owned(stateless_session(caller.principal.as_deref()))
         } else {
@@ -158,6 +170,16 @@ impl ServerHandler for TollgateServer {
             started.elapsed().as_secs_f64(),
         );
         response
+    }
+
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, McpError> {
+        self.handshaken.store(true, Ordering::Release);
+        context.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
     }
 
     /// Sessions up to 2025-11-25 hear `tools/list_changed` through their

@@ -1093,6 +1093,50 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A request that names its MCP session but carries 2026-07-28
+    /// metadata is served statelessly by rmcp, on a server of its own: it
+    /// belongs with the principal's other stateless requests, not with a
+    /// session made up for it and thrown away (which left the confirm tool
+    /// it opened unlisted, and gave anonymous callers a new cap each call).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_with_a_session_id_and_2026_metadata_joins_the_stateless_session() {
+        let pricing = crate::harness::pricing("dynamic_tools", "");
+        let server = HttpServer::start(&pricing).await;
+        let key = server.key("hana", &["mcp"]).await;
+        let raw = RawSession::open(&server, &key).await;
+        let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+            "name": "echo", "arguments": {"text": "mixed"},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {}}}});
+        let response = http()
+            .post(&raw.url)
+            .bearer_auth(&key)
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &raw.session)
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "echo")
+            .json(&call)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert!(status.is_success(), "{status}: {body}");
+        let confirm = body
+            .split('"')
+            .find(|word| word.starts_with("confirm_pay_"))
+            .unwrap_or_else(|| panic!("no confirm tool offered: {body}"))
+            .to_owned();
+        let modern = server.mcp_modern(Some(&key)).await;
+        let tools = modern.list_all_tools().await.unwrap();
+        assert!(tools.iter().any(|t| t.name == confirm), "{confirm} not listed to hana's next request");
+        modern.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     /// A yes to an approval cannot charge a wallet here when payments are
     /// taken by another tollgate: the approved payment is made at that
     /// one's checkout page, and the call then runs.
