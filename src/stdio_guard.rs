@@ -38,7 +38,9 @@ where
 {
     let (server_reads, mut checked_in) = tokio::io::duplex(64 * 1024);
     let (server_writes, server_output) = tokio::io::duplex(64 * 1024);
-    let (errors, mut error_lines) = mpsc::unbounded_channel::<String>();
+    // Bounded: while stdout is not read, the refusals wait, and so does
+    // reading stdin (a client that only writes cannot fill memory).
+    let (errors, mut error_lines) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
         let mut input = BufReader::new(input);
         loop {
@@ -60,7 +62,9 @@ where
                 }
                 Err(reply) => {
                     tracing::info!("refused a message on stdin: {}", reply["error"]["message"]);
-                    let _ = errors.send(reply.to_string());
+                    if errors.send(reply.to_string()).await.is_err() {
+                        break;
+                    }
                 }
             }
         }
@@ -104,6 +108,8 @@ async fn read_line<R: AsyncRead + Unpin>(
 ) -> std::io::Result<Option<Vec<u8>>> {
     let mut line = Vec::new();
     let mut seen_any = false;
+    // Bytes past `max_bytes + 1` were dropped: the line stays too long.
+    let mut cut = false;
     loop {
         let buf = input.fill_buf().await?;
         if buf.is_empty() {
@@ -115,12 +121,15 @@ async fn read_line<R: AsyncRead + Unpin>(
             None => (buf, None),
         };
         let room = (max_bytes + 1).saturating_sub(line.len());
+        cut |= chunk.len() > room;
         line.extend_from_slice(&chunk[..chunk.len().min(room)]);
         let used = done.unwrap_or(buf.len());
         input.consume(used);
         // An oversized line is read on to its end, keeping none of the rest.
         if done.is_some() {
-            if line.last() == Some(&b'\r') {
+            // Only a `\r` right before the newline ends the line; one kept
+            // from the middle of a cut line would bring it under the limit.
+            if !cut && line.last() == Some(&b'\r') {
                 line.pop();
             }
             return Ok(Some(line));
@@ -301,5 +310,46 @@ mod tests {
         let second = read_line(&mut reader, 1000).await.unwrap().unwrap();
         assert_eq!(second, b"{\"id\":1}");
         assert_eq!(read_line(&mut reader, 1000).await.unwrap(), None);
+    }
+
+    /// A line cut at the limit right after a `\r` from its middle is still
+    /// too long, while one whose `\r\n` ends it right at the limit is not.
+    #[tokio::test]
+    async fn a_carriage_return_inside_a_cut_line_does_not_bring_it_under_the_limit() {
+        let request = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+        let max = request.len();
+        let mut input = request.to_vec();
+        input.extend_from_slice(b"\r and what follows\n");
+        input.extend_from_slice(request);
+        input.extend_from_slice(b"\r\n");
+        let mut reader = BufReader::new(&input[..]);
+        let cut = read_line(&mut reader, max).await.unwrap().unwrap();
+        assert_eq!(
+            check(&cut, max).unwrap_err()["id"],
+            json!(1),
+            "refused as too large"
+        );
+        let whole = read_line(&mut reader, max).await.unwrap().unwrap();
+        assert_eq!(whole, request);
+        assert!(check(&whole, max).is_ok());
+    }
+
+    /// A client that writes bad lines and never reads: the refusals wait
+    /// for stdout, and stdin is read no further meanwhile.
+    #[tokio::test]
+    async fn refusals_nobody_reads_stop_the_reading_of_stdin() {
+        let (mut client_writes, input) = tokio::io::duplex(1024);
+        let (output, _client_never_reads) = tokio::io::duplex(1024);
+        let (_server_reads, _server_writes) = guard(input, output, 1000);
+        let mut written = 0usize;
+        let writing = async {
+            loop {
+                client_writes.write_all(b"x\n").await.unwrap();
+                written += 2;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), writing).await;
+        // The refusals' channel, the two pipes' buffers: a few KiB at most.
+        assert!(written < 16 * 1024, "{written} bytes taken in");
     }
 }
