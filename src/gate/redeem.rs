@@ -172,9 +172,42 @@ impl Gate {
                         intent.id
                     )));
                 }
-                Err(e) => return Settled::Final(reply::unavailable(e)),
+                // A waiting call waits on through a passing failure, on
+                // what it last read (the next check asks again).
+                Err(e) if wait.as_ref().is_some_and(|w| Instant::now() < w.until) => {
+                    tracing::warn!(
+                        payment_id = intent.id,
+                        "cannot read the intent while waiting: {e}"
+                    );
+                    intent
+                }
+                Err(e) => return Settled::Final(self.unconfirmed(&intent, e)),
             };
         }
+    }
+
+    /// The answer when the payment system cannot say whether `intent` was
+    /// paid: the tool did not run, and a payment made stands, redeemable by
+    /// its id. A waiting call polls on through it (as if still pending).
+    fn unconfirmed(&self, intent: &Intent, cause: impl std::fmt::Display) -> CallToolResult {
+        tracing::error!(
+            payment_id = intent.id,
+            "payment system unavailable: {cause}"
+        );
+        reply::error(
+            code::UNAVAILABLE,
+            format!(
+                "payment system unavailable: payment `{}` could not be checked, and the tool did not run. \
+                 A payment made stands: once the payment system is back, {}.",
+                intent.id,
+                self.redeem_hint(intent)
+            ),
+            reply::details(json!({
+                "payment_id": intent.id,
+                "payment_url": intent.payment_url,
+                "expires_at": rfc3339(intent.expires_at),
+            })),
+        )
     }
 
     /// The intent a payment id names, if it belongs to this call: the same
@@ -229,7 +262,7 @@ impl Gate {
         };
         let state = match self.provider.session_state(session_id).await {
             Ok(state) => state,
-            Err(e) => return Step::Answer(reply::unavailable(e)),
+            Err(e) => return Step::Pending(self.unconfirmed(intent, e)),
         };
         let (to, code, status) = match state.status {
             SessionStatus::Paid if !pays_for(&state, intent) => {
@@ -244,18 +277,19 @@ impl Gate {
                     Ok(true) => Step::Claimed,
                     // Another call claimed it first: look again.
                     Ok(false) => Step::Reload,
-                    Err(e) => Step::Answer(reply::unavailable(e)),
+                    Err(e) => Step::Pending(self.unconfirmed(intent, e)),
                 };
             }
             SessionStatus::Pending if now_ms() <= intent.expires_at => {
                 return Step::Pending(reply::error(
                     code::PAYMENT_PENDING,
                     format!(
-                        "payment `{}` is not paid yet: pay {} {} at {} and try again",
+                        "payment `{}` is not paid yet: pay {} {} at {}, then {}",
                         intent.id,
                         format_amount(intent.amount),
                         intent.currency,
-                        intent.payment_url.as_deref().unwrap_or("(no url)")
+                        intent.payment_url.as_deref().unwrap_or("(no url)"),
+                        self.redeem_hint(intent)
                     ),
                     reply::details(json!({
                         "payment_id": intent.id,

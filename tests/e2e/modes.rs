@@ -1023,3 +1023,131 @@ on_both_backends! {
         t.env.assert_ledger_ok().await;
     }
 }
+
+// ---------- a payment system that fails for a moment ----------
+
+/// A provider that cannot be reached for its first `failures` questions
+/// about a session.
+struct Flaky {
+    inner: std::sync::Arc<dyn tollgate::provider::Provider>,
+    failures: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl tollgate::provider::Provider for Flaky {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn create_session(
+        &self,
+        req: &tollgate::provider::SessionRequest,
+    ) -> Result<tollgate::provider::ProviderSession, tollgate::provider::ProviderError> {
+        self.inner.create_session(req).await
+    }
+    async fn session_state(
+        &self,
+        id: &str,
+    ) -> Result<tollgate::provider::SessionState, tollgate::provider::ProviderError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .failures
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(tollgate::provider::ProviderError::Unavailable(
+                "connection refused".into(),
+            ));
+        }
+        self.inner.session_state(id).await
+    }
+    async fn cancel_session(&self, id: &str) -> Result<(), tollgate::provider::ProviderError> {
+        self.inner.cancel_session(id).await
+    }
+    async fn pay_from_wallet(
+        &self,
+        id: &str,
+        wallet: &str,
+    ) -> Result<(), tollgate::provider::ProviderError> {
+        self.inner.pay_from_wallet(id, wallet).await
+    }
+}
+
+/// An in-process server whose provider fails its first `failures` checks.
+async fn with_flaky_provider(pricing_text: &str, failures: u32) -> InProcess {
+    use std::sync::Arc;
+    use tollgate::{
+        app,
+        gate::{Catalog, Gate, GateSettings},
+        receipt::ReceiptSigner,
+        tools::demo::demo_tools,
+    };
+    let env = crate::harness::Env::with_pricing(pricing_text);
+    let config = config_for(&env, pricing_text);
+    let store = app::open_store(&config.store_url, &config).await.unwrap();
+    let provider = Arc::new(Flaky {
+        inner: app::provider_for(&config, store.clone()).unwrap(),
+        failures: failures.into(),
+    });
+    let catalog = Catalog::build(&config, &[Arc::new(demo_tools())]).unwrap();
+    let signer = ReceiptSigner::load_or_create(&app::receipt_key_path(&config).unwrap()).unwrap();
+    let gate = Gate::new(
+        store,
+        provider,
+        catalog,
+        signer,
+        GateSettings::from_config(&config),
+    );
+    InProcess {
+        env,
+        gate: Arc::new(gate),
+    }
+}
+
+on_both_backends! {
+    /// A call waiting for its payment (progress, an accepted prompt) waits
+    /// on through a moment when the provider cannot be reached, and runs
+    /// once paid. It used to end at the first failed check with "nothing
+    /// was charged", while the person went on to pay.
+    #[tokio::test]
+    async fn a_waiting_call_waits_through_a_provider_that_fails_for_a_moment() {
+        let t = with_flaky_provider(&pricing("progress", ""), 3).await;
+        let handler = t.client(Person::PaysAfterProgress(3), Elicitation::None);
+        let client = t.connect(None, handler, false).await;
+        assert_ran(&call(&client, "echo", echo_args("through")).await, "through");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+
+        let t = with_flaky_provider(&pricing("elicitation", ""), 2).await;
+        let client = t.connect(None, t.client(Person::PaysAndAccepts, Elicitation::Form), false).await;
+        assert_ran(&call(&client, "echo", echo_args("accepted")).await, "accepted");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// When the provider stays unreachable, the answer names the payment and
+    /// how to redeem it: a payment made stands. Unpaid at the end of a wait,
+    /// the answer says how to redeem too.
+    #[tokio::test]
+    async fn an_unreachable_provider_or_an_unpaid_accept_says_how_to_redeem() {
+        let t = with_flaky_provider(&pricing("elicitation", ""), u32::MAX).await;
+        let client = t.connect(None, t.client(Person::PaysAndAccepts, Elicitation::Form), false).await;
+        let r = call(&client, "echo", echo_args("unreachable")).await;
+        assert_eq!(error_code(&r), "payment_system_unavailable", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().expect("the payment id").to_owned();
+        let hint = format!("call `echo` again with the same arguments plus \"payment_id\": \"{id}\"");
+        assert!(text(&r).contains("A payment made stands") && text(&r).contains(&hint), "{}", text(&r));
+        client.cancel().await.ok();
+
+        let t = InProcess::new(&pricing("elicitation", "")).await;
+        let client = t.connect(None, t.client(Person::AcceptsUnpaid, Elicitation::Url), false).await;
+        let r = call(&client, "echo", echo_args("later")).await;
+        assert_eq!(error_code(&r), "payment_pending", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let hint = format!("call `echo` again with the same arguments plus \"payment_id\": \"{id}\"");
+        assert!(text(&r).contains(&hint), "{}", text(&r));
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
