@@ -77,10 +77,33 @@ pub struct DynamicTools {
     sessions: Arc<Mutex<HashMap<String, SessionTools>>>,
 }
 
+impl SessionTools {
+    /// Nothing offered and no one to tell: no reason to keep it.
+    fn is_empty(&self) -> bool {
+        self.offered.is_empty() && self.peer.is_none() && self.sinks.is_empty()
+    }
+}
+
 impl DynamicTools {
+    /// Runs `f` on a session's entry, made if new: for a session being
+    /// served (a call, a handshake, a listen stream).
     fn with<R>(&self, session: &str, f: impl FnOnce(&mut SessionTools) -> R) -> R {
         let mut sessions = lock(&self.sessions);
         f(sessions.entry(session.to_owned()).or_default())
+    }
+
+    /// Runs `f` on a session's entry if there is one, and forgets the entry
+    /// once it is empty. Never makes one: a list, an announcement or the
+    /// upkeep may come after the session closed (and was forgotten), or
+    /// for a stateless one with nothing offered.
+    fn with_known<R>(&self, session: &str, f: impl FnOnce(&mut SessionTools) -> R) -> Option<R> {
+        let mut sessions = lock(&self.sessions);
+        let tools = sessions.get_mut(session)?;
+        let answer = f(tools);
+        if tools.is_empty() {
+            sessions.remove(session);
+        }
+        Some(answer)
     }
 
     /// The confirm tools a session is offered. Those past their time are
@@ -89,9 +112,10 @@ impl DynamicTools {
         if session == ANONYMOUS_STATELESS {
             return Vec::new();
         }
-        self.with(session, |s| {
+        self.with_known(session, |s| {
             s.offered.values().map(|o| o.tool.clone()).collect()
         })
+        .unwrap_or_default()
     }
 
     /// Offers past their time whose intent must be looked at, as
@@ -116,12 +140,13 @@ impl DynamicTools {
                     .map(|(name, _)| (id.clone(), name.clone())),
             );
         }
+        sessions.retain(|_, s| !s.is_empty());
         (due, changed)
     }
 
     /// Applies what became of due offers; true if the list changed.
     fn settle(&self, session: &str, name: &str, outcome: Outcome) -> bool {
-        self.with(session, |s| match outcome {
+        self.with_known(session, |s| match outcome {
             Outcome::Remove => s.offered.remove(name).is_some(),
             Outcome::KeepUntil(until) => {
                 if let Some(o) = s.offered.get_mut(name) {
@@ -131,6 +156,7 @@ impl DynamicTools {
             }
             Outcome::Unknown | Outcome::Unanswered => false,
         })
+        .unwrap_or(false)
     }
 
     /// Remembers a session's peer, so it hears when the tool list changes.
@@ -156,7 +182,13 @@ impl DynamicTools {
 
     /// The stream opened by listen request `id` has ended.
     pub fn detach_listener(&self, session: &str, id: &RequestId) {
-        self.with(session, |s| s.sinks.retain(|sink| sink.id() != id));
+        self.with_known(session, |s| s.sinks.retain(|sink| sink.id() != id));
+    }
+
+    /// How many sessions have an entry (offers, a peer or listen streams):
+    /// a closed session's must not come back.
+    pub fn sessions_kept(&self) -> usize {
+        lock(&self.sessions).len()
     }
 
     /// Forgets a session that has closed.
@@ -169,15 +201,23 @@ impl DynamicTools {
         if session == ANONYMOUS_STATELESS {
             return; // listed to no one, so nothing to keep or announce
         }
+        // A stateless request's peer ends with the request: its session
+        // is told of changes on listen streams, if at all.
+        let stateless = session.starts_with(ANONYMOUS_STATELESS);
         self.with(session, |s| {
-            s.peer = Some(peer);
+            if !stateless {
+                s.peer = Some(peer);
+            }
             s.offered.insert(name, offered);
         });
         self.announce(session).await;
     }
 
     async fn withdraw(&self, session: &str, name: &str) {
-        if self.with(session, |s| s.offered.remove(name).is_some()) {
+        if self
+            .with_known(session, |s| s.offered.remove(name).is_some())
+            .unwrap_or(false)
+        {
             self.announce(session).await;
         }
     }
@@ -185,7 +225,10 @@ impl DynamicTools {
     /// `notifications/tools/list_changed` to one session: on its listen
     /// streams if it opened any (2026-07-28), else to its peer.
     async fn announce(&self, session: &str) {
-        let (peer, sinks) = self.with(session, |s| (s.peer.clone(), s.sinks.clone()));
+        let Some((peer, sinks)) = self.with_known(session, |s| (s.peer.clone(), s.sinks.clone()))
+        else {
+            return;
+        };
         if !sinks.is_empty() {
             for sink in sinks {
                 if let Err(e) = sink.notify_tool_list_changed().await {
@@ -357,6 +400,19 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What only reads or ends offers never makes an entry: a session
+    /// forgotten when it closed stays forgotten.
+    #[test]
+    fn reading_or_ending_offers_keeps_no_entry_for_an_unknown_session() {
+        let tools = DynamicTools::default();
+        assert!(tools.listed("sess_gone").is_empty());
+        assert!(!tools.settle("sess_gone", "confirm_pay_x", Outcome::Remove));
+        tools.detach_listener("sess_gone", &RequestId::Number(1));
+        let (due, changed) = tools.due(None, i64::MAX);
+        assert!(due.is_empty() && changed.is_empty());
+        assert_eq!(tools.sessions_kept(), 0);
+    }
 
     #[test]
     fn confirm_names_carry_the_payment_id() {
