@@ -303,9 +303,7 @@ impl Gate {
             }
             _ => false,
         };
-        let redeemable_until = intent.expires_at.saturating_add(
-            i64::try_from(self.settings.keep_results.as_millis()).unwrap_or(i64::MAX),
-        );
+        let redeemable_until = self.refunded_unused_at(&intent);
         if paid && redeemable_until > now_ms() {
             Outcome::KeepUntil(redeemable_until)
         } else {

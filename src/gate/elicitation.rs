@@ -332,10 +332,10 @@ impl Gate {
                 code::PAYMENT_IN_PROGRESS,
                 format!(
                     "payment `{}` was paid before the prompt was {refused}, so nothing ran and the payment stands: \
-                     {} to use it. Unused past its expiry ({}), it is refunded.",
+                     {} to use it. Unused by {}, it is refunded.",
                     now.id,
                     self.redeem_hint(&now),
-                    rfc3339(now.expires_at)
+                    rfc3339(self.refunded_unused_at(&now))
                 ),
                 reply::details(json!({ "payment_id": now.id, "status": "paid" })),
             ),

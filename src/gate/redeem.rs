@@ -186,6 +186,14 @@ impl Gate {
         }
     }
 
+    /// When a payment made for `intent` and never used is refunded (by
+    /// recovery): `keep_results` past the intent's time. Until then it is
+    /// redeemable.
+    pub(super) fn refunded_unused_at(&self, intent: &Intent) -> i64 {
+        let keep = i64::try_from(self.settings.keep_results.as_millis()).unwrap_or(i64::MAX);
+        intent.expires_at.saturating_add(keep)
+    }
+
     /// The answer when the payment system cannot say whether `intent` was
     /// paid: the tool did not run, and a payment made stands, redeemable by
     /// its id. A waiting call polls on through it (as if still pending).

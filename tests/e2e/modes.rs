@@ -118,6 +118,9 @@ on_both_backends! {
         assert_eq!(session_status(&t, &id).await, "paid", "the cancel came too late");
         let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
         assert_eq!(intent.status.as_str(), "awaiting_payment", "not ended unpaid");
+        // Refunded if unused once kept past its time (`keep_results`, 7 days).
+        let refund_at = tollgate::store::rfc3339(intent.expires_at + 7 * 24 * 3_600_000);
+        assert!(text(&r).contains(&format!("Unused by {refund_at}, it is refunded")), "{}", text(&r));
 
         let r = call(&client, "echo", json!({"text": "mine", "payment_id": id})).await;
         assert_ran(&r, "mine");
