@@ -388,10 +388,21 @@ impl Gate {
             ]
             .contains(&s["error"].as_str().unwrap_or_default())
         });
-        if !try_again {
+        if !try_again && !self.may_yet_be_paid(payment_id).await {
             self.dynamic.withdraw(scope.session_id, name).await;
         }
         result
+    }
+
+    /// An intent answered as expired may still be open: its time here is
+    /// over, but its session at a remote provider is not, and a payment
+    /// made there is kept (see `remote_grace_ends`). Its tool stays, for
+    /// upkeep to keep (paid) or end (the session expired there too).
+    async fn may_yet_be_paid(&self, payment_id: &str) -> bool {
+        matches!(
+            self.store.intent(payment_id).await,
+            Ok(Some(intent)) if intent.status == IntentStatus::AwaitingPayment
+        )
     }
 }
 

@@ -778,6 +778,52 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A dynamic confirm tool answered "expired" while its session is still
+    /// open at the remote provider stays listed: a payment made there
+    /// meanwhile is kept by upkeep, and the tool then runs the call. (It
+    /// was withdrawn, leaving the kept payment nothing to redeem it with.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dynamic_confirm_tool_stays_while_its_remote_session_is_open() {
+        let b = HttpServer::start(
+            &two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"5s\""),
+        )
+        .await;
+        let a_pricing = crate::harness::pricing("dynamic_tools", "instance_lease = \"1s\"\n")
+            .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
+        let (a, client) = paying_through(&b, &a_pricing).await;
+        let r = crate::harness::call(&client, "echo", echo_args("late")).await;
+        let confirm = structured(&r)["next_step"].as_str().unwrap().to_owned();
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+        let session = url.rsplit('/').next().unwrap().to_owned();
+
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        let r = crate::harness::call(&client, &confirm, json!({})).await;
+        assert_eq!(error_code(&r), "payment_expired", "{r:?}");
+        let listed = async || {
+            client.list_all_tools().await.unwrap().iter().any(|t| t.name == confirm)
+        };
+        assert!(listed().await, "withdrawn while B's session is open");
+        let response = checkout_post(&b.base, &session, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 303, "B's session was still open");
+
+        let store = tollgate::testing::open_store(&a.db).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while store.intent(&id).await.unwrap().unwrap().status.as_str() != "paid" {
+            assert!(tokio::time::Instant::now() < deadline, "A's upkeep never kept the payment");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(listed().await, "kept for the paid intent");
+        let r = crate::harness::call(&client, &confirm, json!({})).await;
+        assert_eq!(crate::harness::text(&r), "late", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        a.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hosts_bodies_and_anonymous_access_are_guarded() {
         let server = HttpServer::start(&two_step_pricing()).await;
