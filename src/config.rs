@@ -937,26 +937,18 @@ impl Config {
                 ));
             }
         };
-        let max_open_intents = match raw.server.max_open_intents {
-            None => 100,
-            Some(0) => {
-                return Err(err(
-                    None,
-                    "server.max_open_intents: must be at least 1".into(),
-                ));
-            }
-            Some(n) => n,
+        // A cap of payments waiting: at least one.
+        let cap = |value: Option<u32>, default: u32, field: &str| match value {
+            None => Ok(default),
+            Some(0) => Err(err(None, format!("server.{field}: must be at least 1"))),
+            Some(n) => Ok(n),
         };
-        let max_open_anonymous_intents = match raw.server.max_open_anonymous_intents {
-            None => 1_000,
-            Some(0) => {
-                return Err(err(
-                    None,
-                    "server.max_open_anonymous_intents: must be at least 1".into(),
-                ));
-            }
-            Some(n) => n,
-        };
+        let max_open_intents = cap(raw.server.max_open_intents, 100, "max_open_intents")?;
+        let max_open_anonymous_intents = cap(
+            raw.server.max_open_anonymous_intents,
+            1_000,
+            "max_open_anonymous_intents",
+        )?;
 
         Ok(Config {
             source: file.to_owned(),
