@@ -379,16 +379,24 @@ impl Gate {
         // Used, or ended for good: the tool goes away. An answer that says
         // to try again (not paid yet, the payment system or the run busy),
         // or that the caller is not its payer, leaves it listed.
-        let try_again = result.structured_content.as_ref().is_some_and(|s| {
+        let answered = result
+            .structured_content
+            .as_ref()
+            .and_then(|s| s["error"].as_str());
+        let try_again = answered.is_some_and(|answered| {
             [
                 code::PAYMENT_PENDING,
                 code::UNAVAILABLE,
                 code::PAYMENT_IN_PROGRESS,
                 code::PAYMENT_MISMATCH,
             ]
-            .contains(&s["error"].as_str().unwrap_or_default())
+            .contains(&answered)
         });
-        if !try_again && !self.may_yet_be_paid(payment_id).await {
+        // Only an "expired" answer can leave the intent open (see below):
+        // a used or otherwise ended tool needs no second read.
+        let keep = try_again
+            || (answered == Some(code::PAYMENT_EXPIRED) && self.may_yet_be_paid(payment_id).await);
+        if !keep {
             self.dynamic.withdraw(scope.session_id, name).await;
         }
         result

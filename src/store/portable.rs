@@ -409,31 +409,26 @@ where
     }
 
     pub async fn remote_due(&self, now: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
-        self.all(
-            statement!(
-                sql::REMOTE_DUE,
-                now,
-                after.expires_at,
-                after.id.as_str(),
-                REMOTE_DUE_PAGE as i64
-            ),
-            rows::intent,
-        )
-        .await
+        self.intents_page(sql::REMOTE_DUE, now, after, REMOTE_DUE_PAGE)
+            .await
     }
 
     pub async fn unredeemed(&self, before: i64, after: &Cursor) -> Result<Vec<Intent>, StoreError> {
-        self.all(
-            statement!(
-                sql::UNREDEEMED,
-                before,
-                after.expires_at,
-                after.id.as_str(),
-                UNREDEEMED_PAGE as i64
-            ),
-            rows::intent,
-        )
-        .await
+        self.intents_page(sql::UNREDEEMED, before, after, UNREDEEMED_PAGE)
+            .await
+    }
+
+    /// One page of intents, past `after` in (expiry, id) order, of a paged
+    /// statement whose `$1` is `bound`.
+    async fn intents_page(
+        &self,
+        sql: &'static str,
+        bound: i64,
+        after: &Cursor,
+        page: usize,
+    ) -> Result<Vec<Intent>, StoreError> {
+        let statement = statement!(sql, bound, after.expires_at, after.id.as_str(), page as i64);
+        self.all(statement, rows::intent).await
     }
 
     pub async fn prune(&self, before: i64) -> Result<Pruned, StoreError> {
