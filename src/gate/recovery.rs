@@ -203,6 +203,17 @@ impl Gate {
                 .mark_paid_externally(&intent.id, account)
                 .await
                 .map(|kept| (kept, &mut recovered.remote_paid_kept)),
+            // Paid there, but not for this intent: refused, so it expires
+            // (its session needs no cancel, and would answer "paid").
+            None if state
+                .as_ref()
+                .is_some_and(|s| s.status == SessionStatus::Paid) =>
+            {
+                self.store
+                    .end_unpaid_intent(&intent.id, IntentStatus::Expired)
+                    .await
+                    .map(|ended| (ended, &mut recovered.remote_expired))
+            }
             None => self
                 .end_unpaid(intent, IntentStatus::Expired)
                 .await

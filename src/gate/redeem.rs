@@ -348,13 +348,20 @@ impl Gate {
         intent: &Intent,
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
-        if let Some(session) = intent.provider_session_id.as_deref()
-            && let Err(e) = self.provider.cancel_session(session).await
-        {
-            tracing::warn!(
-                payment_id = intent.id,
-                "could not cancel the provider session: {e}"
-            );
+        if let Some(session) = intent.provider_session_id.as_deref() {
+            match self.provider.cancel_session(session).await {
+                // A remote provider's payment is not in this store, so the
+                // store's own check below cannot see it.
+                Ok(SessionStatus::Paid) => return Ok(false),
+                Ok(_) => {}
+                // Ended here all the same. A payment the provider takes
+                // afterwards is not seen here (README: "Taking payments
+                // through another tollgate").
+                Err(e) => tracing::warn!(
+                    payment_id = intent.id,
+                    "could not cancel the provider session: {e}"
+                ),
+            }
         }
         self.store.end_unpaid_intent(&intent.id, to).await
     }

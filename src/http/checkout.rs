@@ -228,7 +228,10 @@ fn unavailable(id: &str, e: &StoreError) -> Response {
 
 /// Whether a POST comes from this site (or one allowed), judged by its
 /// `Origin` (or, lacking that, `Referer`). A request with neither is not a
-/// browser's cross-site form, which always sends `Origin` on POST.
+/// browser's cross-site form, which always sends `Origin` on POST. This site
+/// is the address asked for (`Host`) and the public one the checkout URLs
+/// name (`checkout_base_url`), which a reverse proxy in front may not pass
+/// on as `Host`.
 fn same_site(state: &HttpState, headers: &HeaderMap) -> bool {
     let claimed = headers
         .get(header::ORIGIN)
@@ -247,6 +250,7 @@ fn same_site(state: &HttpState, headers: &HeaderMap) -> bool {
     };
     let claimed_host = origin_of(claimed);
     claimed_host == host
+        || origin_of(&state.checkout_base_url) == claimed_host
         || state
             .allowed_origins
             .iter()

@@ -2,7 +2,7 @@
 //! `X-RateLimit-Remaining` and `X-RateLimit-Reset` on every response and a
 //! 429 past the limit. Requests without a valid key are limited by address.
 //! Creating sessions and reading them have separate limits, as in the seed
-//! payment API.
+//! payment API; a cancel counts with the reads.
 
 use std::{net::SocketAddr, num::NonZeroU32, sync::Arc, time::Duration};
 
@@ -100,7 +100,9 @@ pub async fn rate_limit(
         || format!("addr:{}", peer.ip()),
         |key| format!("key:{}", key.id),
     );
-    let limit = if request.method() == Method::POST {
+    // A cancel is a POST too, but it only ends what a create began: it must
+    // not use up the room for creating.
+    let limit = if request.method() == Method::POST && request.uri().path() == "/v1/sessions" {
         &state.limits.create
     } else {
         &state.limits.read

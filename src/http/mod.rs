@@ -114,6 +114,7 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
     let plain = Router::new()
         .route("/v1/sessions", post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::read))
+        .route("/v1/sessions/{id}/cancel", post(sessions::cancel))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             limits::rate_limit,

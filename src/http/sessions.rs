@@ -1,8 +1,9 @@
 //! The sessions API, in the seed payment API's shape, so that a remote
 //! tollgate (or anything else) can use this one as its payment authority:
 //! `POST /v1/sessions {amount (minor units), currency, description}` →
-//! `{sessionId, url}`; `GET /v1/sessions/{id}` → `{status, …}`. Nothing here
-//! can mark a session paid: only a person at the checkout page (or the CLI).
+//! `{sessionId, url}`; `GET /v1/sessions/{id}` → `{status, …}`; `POST
+//! /v1/sessions/{id}/cancel` → the same, after. Nothing here can mark a
+//! session paid: only a person at the checkout page (or the CLI).
 
 use std::sync::Arc;
 
@@ -126,18 +127,63 @@ pub async fn read(
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    // A pending session past its time is expired, whoever asks.
-    let session = match current_session(state.store.as_ref(), &id).await {
-        Ok(Some(session)) if visible_to(&session, &key) => session,
-        Ok(_) => {
-            return (
-                StatusCode::NOT_FOUND,
-                Json(json!({ "error": "not_found", "message": format!("no session `{id}`") })),
-            )
-                .into_response();
-        }
-        Err(e) => return unavailable(e),
+    match visible_session(&state, &key, &id).await {
+        Ok(session) => view(&session),
+        Err(response) => response,
+    }
+}
+
+/// Cancels a pending session, so that it can no longer be paid, for the
+/// principal that created it (a tollgate whose call was declined, or whose
+/// intent ended). Answers as a read does, with the status after: a session
+/// paid or ended first keeps what it was, and cancelling again changes
+/// nothing, so the caller may retry.
+pub async fn cancel(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let key = match authenticate(state.store.as_ref(), &headers, Scope::SessionsCreate).await {
+        Ok(key) => key,
+        Err(e) => return e.into_response(),
     };
+    if let Err(response) = visible_session(&state, &key, &id).await {
+        return response;
+    }
+    match state.store.end_session(&id, SessionStatus::Cancelled).await {
+        Ok(true) => tracing::info!(
+            session = id,
+            principal = key.principal,
+            "session cancelled through the API"
+        ),
+        Ok(false) => {}
+        Err(e) => return unavailable(e),
+    }
+    match visible_session(&state, &key, &id).await {
+        Ok(session) => view(&session),
+        Err(response) => response,
+    }
+}
+
+/// Session `id` as it is now (a pending one past its time is expired,
+/// whoever asks), if `key` may see it; else the answer to give.
+async fn visible_session(
+    state: &HttpState,
+    key: &ApiKey,
+    id: &str,
+) -> Result<LocalSession, Response> {
+    match current_session(state.store.as_ref(), id).await {
+        Ok(Some(session)) if visible_to(&session, key) => Ok(session),
+        Ok(_) => Err((
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "not_found", "message": format!("no session `{id}`") })),
+        )
+            .into_response()),
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+fn view(session: &LocalSession) -> Response {
     Json(json!({
         "sessionId": session.id,
         "status": session.status.as_str(),

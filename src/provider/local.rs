@@ -82,9 +82,11 @@ impl Provider for LocalProvider {
         })
     }
 
-    async fn cancel_session(&self, id: &str) -> Result<(), ProviderError> {
-        self.store.end_session(id, SessionStatus::Cancelled).await?;
-        Ok(())
+    async fn cancel_session(&self, id: &str) -> Result<SessionStatus, ProviderError> {
+        if self.store.end_session(id, SessionStatus::Cancelled).await? {
+            return Ok(SessionStatus::Cancelled);
+        }
+        Ok(self.session_state(id).await?.status)
     }
 
     async fn pay_from_wallet(&self, id: &str, wallet: &str) -> Result<(), ProviderError> {

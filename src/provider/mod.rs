@@ -69,8 +69,11 @@ pub trait Provider: Send + Sync {
     }
     async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError>;
     async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError>;
-    /// Cancels a pending session; a session already ended is left as it is.
-    async fn cancel_session(&self, id: &str) -> Result<(), ProviderError>;
+    /// Cancels a pending session, so that it can no longer be paid; a
+    /// session already ended is left as it is. Returns the session's status
+    /// after: `Cancelled`, or what it had become first (`Paid`, if a payment
+    /// reached it before the cancel did).
+    async fn cancel_session(&self, id: &str) -> Result<SessionStatus, ProviderError>;
     /// Pays a pending session from a principal's prepaid wallet, after that
     /// person approved the charge.
     async fn pay_from_wallet(&self, id: &str, wallet: &str) -> Result<(), ProviderError>;

@@ -1,5 +1,5 @@
 //! A client for the sessions API (`POST /v1/sessions`, `GET
-//! /v1/sessions/{id}`, Bearer key), so that a tollgate can take payments
+//! /v1/sessions/{id}`, `POST /v1/sessions/{id}/cancel`, Bearer key), so that a tollgate can take payments
 //! through another payment authority, such as a remote tollgate, without
 //! holding any secret that can mark a payment paid. Amounts go out in minor
 //! units; an amount finer than that is refused, never rounded.
@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{Provider, ProviderError, ProviderSession, SessionRequest, SessionState};
 use crate::{
-    money::{Currency, from_minor_units, to_minor_units},
+    money::{Currency, Units, from_minor_units, to_minor_units},
     store::{Funding, SessionStatus},
 };
 
@@ -109,6 +109,38 @@ async fn check(
     }
 }
 
+/// A session's status, amount and currency from the API's answer about
+/// session `id`, which must be about that session.
+async fn read_status(
+    response: reqwest::Response,
+    id: &str,
+) -> Result<(SessionStatus, Units, Currency), ProviderError> {
+    let status: Status = check(response, Some(id))
+        .await?
+        .json()
+        .await
+        .map_err(|e| ProviderError::Unavailable(format!("unreadable answer: {e}")))?;
+    let unreadable = |what: String| ProviderError::Unavailable(format!("the provider {what}"));
+    if status.session_id != id {
+        return Err(unreadable(format!(
+            "answered for session `{}` when asked about `{id}`",
+            status.session_id
+        )));
+    }
+    let currency = Currency::parse(&status.currency)
+        .map_err(|e| unreadable(format!("reported a session in {e}")))?;
+    let amount = from_minor_units(status.amount, &currency)
+        .map_err(|e| unreadable(format!("reported an amount it cannot mean: {e}")))?;
+    let session_status =
+        SessionStatus::parse(&status.status.to_ascii_lowercase()).ok_or_else(|| {
+            unreadable(format!(
+                "reported an unknown session status `{}`",
+                status.status
+            ))
+        })?;
+    Ok((session_status, amount, currency))
+}
+
 #[async_trait]
 impl Provider for SessionsApiProvider {
     fn name(&self) -> &'static str {
@@ -141,29 +173,7 @@ impl Provider for SessionsApiProvider {
     async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError> {
         let url = format!("{}/v1/sessions/{id}", self.base);
         let response = self.send(|| self.http.get(&url), true).await?;
-        let status: Status = check(response, Some(id))
-            .await?
-            .json()
-            .await
-            .map_err(|e| ProviderError::Unavailable(format!("unreadable answer: {e}")))?;
-        let unreadable = |what: String| ProviderError::Unavailable(format!("the provider {what}"));
-        if status.session_id != id {
-            return Err(unreadable(format!(
-                "answered for session `{}` when asked about `{id}`",
-                status.session_id
-            )));
-        }
-        let currency = Currency::parse(&status.currency)
-            .map_err(|e| unreadable(format!("reported a session in {e}")))?;
-        let amount = from_minor_units(status.amount, &currency)
-            .map_err(|e| unreadable(format!("reported an amount it cannot mean: {e}")))?;
-        let status =
-            SessionStatus::parse(&status.status.to_ascii_lowercase()).ok_or_else(|| {
-                unreadable(format!(
-                    "reported an unknown session status `{}`",
-                    status.status
-                ))
-            })?;
+        let (status, amount, currency) = read_status(response, id).await?;
         Ok(SessionState {
             status,
             funding: Funding::External {
@@ -173,14 +183,12 @@ impl Provider for SessionsApiProvider {
         })
     }
 
-    async fn cancel_session(&self, id: &str) -> Result<(), ProviderError> {
-        // The API has no cancel; the remote session expires by itself, and
-        // our intent no longer accepts it.
-        tracing::debug!(
-            session = id,
-            "sessions API has no cancel; leaving the remote session to expire"
-        );
-        Ok(())
+    async fn cancel_session(&self, id: &str) -> Result<SessionStatus, ProviderError> {
+        // A cancel is idempotent (a second one finds the session ended), so
+        // it is retried like a read.
+        let url = format!("{}/v1/sessions/{id}/cancel", self.base);
+        let response = self.send(|| self.http.post(&url), true).await?;
+        Ok(read_status(response, id).await?.0)
     }
 
     async fn pay_from_wallet(&self, _id: &str, _wallet: &str) -> Result<(), ProviderError> {

@@ -428,6 +428,104 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// The principal that created a session can cancel it, so that it can
+    /// no longer be paid; one paid first stays paid. Nobody else can.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sessions_api_cancels_a_pending_session_for_its_creator() {
+        let server = HttpServer::start(&two_step_pricing()).await;
+        let creator = server.key("shop", &["sessions:create", "sessions:read"]).await;
+        let reader = server.key("shop", &["sessions:read"]).await;
+        let stranger = server.key("other", &["sessions:create"]).await;
+        server.env.topup("ben", "5.00").await;
+        let create = async || {
+            let created: Value = http()
+                .post(format!("{}/v1/sessions", server.base))
+                .bearer_auth(&creator)
+                .json(&json!({"amount": 250, "currency": "usd"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            created["sessionId"].as_str().unwrap().to_owned()
+        };
+        let cancel = async |key: &str, id: &str| {
+            http()
+                .post(format!("{}/v1/sessions/{id}/cancel", server.base))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+        };
+
+        let id = create().await;
+        assert_eq!(cancel(&reader, &id).await.status(), 403, "reading is not cancelling");
+        assert_eq!(cancel(&stranger, &id).await.status(), 404, "another principal's session");
+        assert_eq!(cancel(&creator, "cs_unknown").await.status(), 404);
+        let response = cancel(&creator, &id).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!((body["sessionId"].as_str(), body["status"].as_str()), (Some(id.as_str()), Some("cancelled")));
+        // Cancelling again changes nothing; the session cannot be paid.
+        assert_eq!(cancel(&creator, &id).await.json::<Value>().await.unwrap()["status"], "cancelled");
+        let refused = server.env.cli(&["sessions", "pay", &id, "--from", "ben"]).await;
+        assert!(!refused.status.success());
+        assert_eq!(server.env.available("ben").await, "5.00");
+
+        // Paid before the cancel came: it stays paid.
+        let id = create().await;
+        server.env.ok(&["sessions", "pay", &id, "--from", "ben"]).await;
+        let body: Value = cancel(&creator, &id).await.json().await.unwrap();
+        assert_eq!(body["status"], "paid");
+        assert_eq!(server.env.available("ben").await, "2.50");
+        server.env.assert_ledger_ok().await;
+    }
+}
+
+/// Behind a reverse proxy the page is at `checkout_base_url`, and the
+/// proxy may pass on its own upstream address as `Host`: a form sent from
+/// the public address is this site's. (It was refused as another site's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkout_page_takes_forms_from_its_public_address_behind_a_proxy() {
+    let pricing = two_step_pricing().replace(
+        "[provider]",
+        "[provider]\ncheckout_base_url = \"https://pay.example.com\"",
+    );
+    let server = HttpServer::start(&pricing).await;
+    let key = server.key("frank", &["mcp"]).await;
+    let client = server.mcp(Some(&key), ()).await;
+    let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
+    let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    assert_eq!(url, format!("https://pay.example.com/checkout/{id}"));
+    let local = format!("{}/checkout/{id}", server.base);
+    let page = http()
+        .get(&local)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let post = async |origin: &str| {
+        http()
+            .post(&local)
+            .header("origin", origin)
+            .form(&[("csrf", csrf_of(&page).as_str()), ("action", "decline")])
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(post("https://evil.example").await, 403);
+    assert_eq!(post("https://pay.example.com").await, 303);
+    let session = server.gate.store().session(&id).await.unwrap().unwrap();
+    assert_eq!(session.status.as_str(), "cancelled", "declined at the page");
+    client.cancel().await.ok();
+}
+
+on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_checkout_page_refuses_forgery_double_submits_and_late_payment() {
         let pricing = two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
@@ -1190,27 +1288,10 @@ on_both_backends! {
     /// one's checkout page, and the call then runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_approval_with_a_remote_provider_is_paid_at_its_checkout() {
-        use tollgate::{
-            gate::{Catalog, GateSettings},
-            provider::sessions_api::SessionsApiProvider,
-            receipt::ReceiptSigner,
-            tools::demo::demo_tools,
-        };
         let b = HttpServer::start(&two_step_pricing()).await;
-        let key_for_a = b.key("tollgate-a", &["sessions:create", "sessions:read"]).await;
         let pricing = crate::inproc::pricing("resubmit", "")
             .replace("approval_threshold = \"5.00\"", "approval_threshold = \"0.02\"");
-        let env = Env::with_pricing(&pricing);
-        let config = config_for(&env, &pricing);
-        let store = app::open_store(&config.store_url, &config).await.expect("store");
-        let gate = Gate::new(
-            store,
-            Arc::new(SessionsApiProvider::new(&b.base, key_for_a).expect("provider")),
-            Catalog::build(&config, &[Arc::new(demo_tools())]).expect("catalog"),
-            ReceiptSigner::load_or_create(&app::receipt_key_path(&config).expect("key path")).expect("key"),
-            GateSettings::from_config(&config),
-        );
-        let a = crate::inproc::InProcess { env, gate: Arc::new(gate) };
+        let a = in_process_paying_through(&b, &pricing, |remote| remote).await;
         a.env.topup("alice", "1.00").await;
         let client = a.connect(Some("alice"), a.client(Person::Approves, Elicitation::Form), false).await;
 
@@ -1225,6 +1306,130 @@ on_both_backends! {
         assert_eq!(checkout_post(&b.base, session, &[("action", "settle")]).await.status(), 303);
         let r = call(&client, "divide", json!({"a": 1, "b": 2, "payment_id": id})).await;
         assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
+
+/// Tollgate A in this process with `pricing`, taking its payments through
+/// B's sessions API (a provider `wrap` may wrap), with a key of B's.
+async fn in_process_paying_through(
+    b: &HttpServer,
+    pricing: &str,
+    wrap: impl FnOnce(Arc<dyn tollgate::provider::Provider>) -> Arc<dyn tollgate::provider::Provider>,
+) -> crate::inproc::InProcess {
+    use tollgate::{
+        gate::{Catalog, GateSettings},
+        provider::sessions_api::SessionsApiProvider,
+        receipt::ReceiptSigner,
+        tools::demo::demo_tools,
+    };
+    let key_for_a = b
+        .key("tollgate-a", &["sessions:create", "sessions:read"])
+        .await;
+    let env = Env::with_pricing(pricing);
+    let config = config_for(&env, pricing);
+    let store = app::open_store(&config.store_url, &config)
+        .await
+        .expect("store");
+    let remote = Arc::new(SessionsApiProvider::new(&b.base, key_for_a).expect("provider"));
+    let gate = Gate::new(
+        store,
+        wrap(remote),
+        Catalog::build(&config, &[Arc::new(demo_tools())]).expect("catalog"),
+        ReceiptSigner::load_or_create(&app::receipt_key_path(&config).expect("key path"))
+            .expect("key"),
+        GateSettings::from_config(&config),
+    );
+    crate::inproc::InProcess {
+        env,
+        gate: Arc::new(gate),
+    }
+}
+
+/// A remote provider whose session is paid (at B's checkout page) just
+/// before each cancel reaches it: a person paying as the call is declined.
+struct PaidJustBeforeCancel {
+    inner: Arc<dyn tollgate::provider::Provider>,
+    b_base: String,
+}
+
+#[async_trait::async_trait]
+impl tollgate::provider::Provider for PaidJustBeforeCancel {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn create_session(
+        &self,
+        req: &tollgate::provider::SessionRequest,
+    ) -> Result<tollgate::provider::ProviderSession, tollgate::provider::ProviderError> {
+        self.inner.create_session(req).await
+    }
+    async fn session_state(
+        &self,
+        id: &str,
+    ) -> Result<tollgate::provider::SessionState, tollgate::provider::ProviderError> {
+        self.inner.session_state(id).await
+    }
+    async fn cancel_session(
+        &self,
+        id: &str,
+    ) -> Result<tollgate::store::SessionStatus, tollgate::provider::ProviderError> {
+        assert_eq!(
+            checkout_post(&self.b_base, id, &[("action", "settle")])
+                .await
+                .status(),
+            303
+        );
+        self.inner.cancel_session(id).await
+    }
+    async fn pay_from_wallet(
+        &self,
+        id: &str,
+        wallet: &str,
+    ) -> Result<(), tollgate::provider::ProviderError> {
+        self.inner.pay_from_wallet(id, wallet).await
+    }
+}
+
+on_both_backends! {
+    /// A call declined at its prompt cancels its session at the remote
+    /// tollgate, so nobody can pay it there afterwards. A payment that
+    /// reached the remote before the cancel did stands: the call runs when
+    /// redeemed. (The sessions API had no cancel: the first session stayed
+    /// payable, and the second intent was declined with its payment taken
+    /// at the remote.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_declined_call_cancels_its_remote_session_unless_it_was_paid_first() {
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let pricing = crate::inproc::pricing("elicitation", "");
+        let a = in_process_paying_through(&b, &pricing, |remote| remote).await;
+        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
+        let r = call(&client, "echo", echo_args("no")).await;
+        assert_eq!(error_code(&r), "payment_declined", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+        assert_eq!(intent.status.as_str(), "declined");
+        let session = intent.provider_session_id.unwrap();
+        let at_b = tollgate::testing::open_store(&b.env.db).await.unwrap();
+        let status = at_b.session(&session).await.unwrap().unwrap().status;
+        assert_eq!(status.as_str(), "cancelled", "B's session can no longer be paid");
+        client.cancel().await.ok();
+
+        let b_base = b.base.clone();
+        let a = in_process_paying_through(&b, &pricing, |inner| {
+            Arc::new(PaidJustBeforeCancel { inner, b_base })
+        })
+        .await;
+        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
+        let r = call(&client, "echo", echo_args("paid")).await;
+        assert_eq!(error_code(&r), "payment_in_progress", "{r:?}");
+        assert!(text(&r).contains("was paid before the prompt was declined"), "{}", text(&r));
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let r = call(&client, "echo", json!({"text": "paid", "payment_id": id})).await;
+        assert_eq!(text(&r), "paid", "{r:?}");
         assert_eq!(payment_meta(&r)["status"], "paid");
         client.cancel().await.ok();
         a.env.assert_ledger_ok().await;

@@ -1063,7 +1063,10 @@ impl tollgate::provider::Provider for Flaky {
         }
         self.inner.session_state(id).await
     }
-    async fn cancel_session(&self, id: &str) -> Result<(), tollgate::provider::ProviderError> {
+    async fn cancel_session(
+        &self,
+        id: &str,
+    ) -> Result<tollgate::store::SessionStatus, tollgate::provider::ProviderError> {
         self.inner.cancel_session(id).await
     }
     async fn pay_from_wallet(
