@@ -63,15 +63,23 @@ impl IntoResponse for AuthError {
     }
 }
 
-/// The key a request presents, if any.
+/// The key a request presents, if any: `Authorization: Bearer KEY` (the
+/// scheme in any case, as HTTP has it), else `X-Api-Key: KEY`. An
+/// `Authorization` of another scheme (a proxy's own `Basic`, say) is not a
+/// key, and does not hide an `X-Api-Key`.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        return value.strip_prefix("Bearer ").map(str::trim);
-    }
-    headers
-        .get("x-api-key")
+    let bearer = headers
+        .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    bearer.or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    })
 }
 
 /// The live key presented in `headers`, if it has `scope`.
@@ -101,4 +109,41 @@ pub async fn authenticate_key(store: &dyn Store, presented: &str) -> Result<ApiK
         return Err(AuthError::Invalid);
     }
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn a_key_is_read_from_either_header_whatever_the_schemes_case() {
+        for (pairs, key) in [
+            (vec![("authorization", "Bearer tg_a_b")], Some("tg_a_b")),
+            (vec![("authorization", "bearer tg_a_b ")], Some("tg_a_b")),
+            (vec![("authorization", "BEARER tg_a_b")], Some("tg_a_b")),
+            (vec![("x-api-key", " tg_c_d")], Some("tg_c_d")),
+            (
+                vec![
+                    ("authorization", "Basic dXNlcjpwdw=="),
+                    ("x-api-key", "tg_c_d"),
+                ],
+                Some("tg_c_d"),
+            ),
+            (vec![("authorization", "Basic dXNlcjpwdw==")], None),
+            (vec![("authorization", "Bearertg_a_b")], None),
+            (vec![], None),
+        ] {
+            assert_eq!(presented_key(&headers(&pairs)), key, "{pairs:?}");
+        }
+    }
 }

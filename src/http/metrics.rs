@@ -13,7 +13,11 @@ use axum::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use super::{HttpState, auth::authenticate};
-use crate::{keys::Scope, money::format_signed};
+use crate::{
+    keys::Scope,
+    money::format_signed,
+    store::{IntentStatus, StoreStats},
+};
 
 const LATENCY: &str = "tollgate_gate_seconds";
 
@@ -68,19 +72,7 @@ pub async fn scrape(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> 
             .into_response();
     };
     match state.store.stats().await {
-        Ok(stats) => {
-            metrics::gauge!("tollgate_open_holds").set(stats.open_holds as f64);
-            metrics::gauge!("tollgate_stored_results").set(stats.stored_results as f64);
-            for (status, n) in stats.intents {
-                metrics::gauge!("tollgate_intents", "status" => status).set(n as f64);
-            }
-            for (tool, currency, micros) in stats.revenue {
-                // Major units; the ledger keeps the exact figure.
-                let amount: f64 = format_signed(micros).parse().unwrap_or_default();
-                metrics::gauge!("tollgate_revenue", "tool" => tool, "currency" => currency)
-                    .set(amount);
-            }
-        }
+        Ok(stats) => record_stats(stats),
         Err(e) => tracing::warn!("metrics: store unavailable: {e}"),
     }
     (
@@ -88,4 +80,52 @@ pub async fn scrape(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> 
         handle.render(),
     )
         .into_response()
+}
+
+/// The store's figures as gauges, as of this scrape.
+fn record_stats(stats: StoreStats) {
+    metrics::gauge!("tollgate_open_holds").set(stats.open_holds as f64);
+    metrics::gauge!("tollgate_stored_results").set(stats.stored_results as f64);
+    // A status with no intents left has no row: it is zero now, not what it
+    // was at the last scrape.
+    for status in IntentStatus::ALL {
+        metrics::gauge!("tollgate_intents", "status" => status.as_str()).set(0.0);
+    }
+    for (status, n) in stats.intents {
+        metrics::gauge!("tollgate_intents", "status" => status).set(n as f64);
+    }
+    for (tool, currency, micros) in stats.revenue {
+        // Major units; the ledger keeps the exact figure.
+        let amount: f64 = format_signed(micros).parse().unwrap_or_default();
+        metrics::gauge!("tollgate_revenue", "tool" => tool, "currency" => currency).set(amount);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value the rendered gauge of intents in `status` shows.
+    fn intents_shown(status: &str) -> Option<String> {
+        let rendered = recorder()?.render();
+        let line = format!("tollgate_intents{{status=\"{status}\"}} ");
+        rendered
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+    }
+
+    #[test]
+    fn a_status_whose_intents_are_all_gone_shows_zero() {
+        assert!(recorder().is_some(), "the recorder is installed");
+        let stats = |intents: Vec<(String, i64)>| StoreStats {
+            open_holds: 0,
+            stored_results: 0,
+            intents,
+            revenue: Vec::new(),
+        };
+        record_stats(stats(vec![("awaiting_payment".into(), 3)]));
+        assert_eq!(intents_shown("awaiting_payment").as_deref(), Some("3"));
+        record_stats(stats(Vec::new()));
+        assert_eq!(intents_shown("awaiting_payment").as_deref(), Some("0"));
+    }
 }
