@@ -2,13 +2,16 @@
 //! receipt signer and gate. Shared by the binary, the tests and the bench.
 
 use std::{
+    panic::AssertUnwindSafe,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Weak,
         atomic::{AtomicI64, Ordering},
     },
     time::Duration,
 };
+
+use futures::FutureExt;
 
 use crate::{
     config::{Config, ConfigError, ProviderKind},
@@ -42,6 +45,10 @@ pub enum AppError {
     Provider(#[from] ProviderError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error(
+        "could not register this instance in the store (see the warnings above), so it does not serve"
+    )]
+    Unregistered,
 }
 
 /// Opens the store a URL names: `postgres://…` (or `postgresql://…`) for a
@@ -157,7 +164,7 @@ pub async fn build_gate_with(
     gate.resume_withheld();
     // Upstreams may change their tools while we run.
     gate.watch_backends();
-    spawn_upkeep(&gate, Upkeep::from_config(config)).await;
+    spawn_upkeep(&gate, Upkeep::from_config(config)).await?;
     Ok(gate)
 }
 
@@ -193,9 +200,26 @@ impl Upkeep {
 /// (src/gate/recovery.rs, also the start-up recovery pass); and prunes
 /// what is kept only for a while. Safe on several processes at once: each
 /// step is a conditional update.
-pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) {
+///
+/// Fails if this instance cannot be registered: unregistered, it would be
+/// taken for a dead one by the others on the store (several processes on one
+/// SQLite file, or PostgreSQL), which release a dead one's holds and refund
+/// its runs while its calls are under way.
+pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) -> Result<(), AppError> {
     let lease = Lease::default();
-    let mut renewed = lease.renew(gate.store().as_ref(), upkeep.lease).await;
+    let mut renewed = false;
+    for attempt in 1..=REGISTRATION_ATTEMPTS {
+        renewed = lease.renew(gate.store().as_ref(), upkeep.lease).await;
+        if renewed {
+            break;
+        }
+        if attempt < REGISTRATION_ATTEMPTS {
+            tokio::time::sleep(RENEW_RETRY).await;
+        }
+    }
+    if !renewed {
+        return Err(AppError::Unregistered);
+    }
     let weak = Arc::downgrade(gate);
     tokio::spawn({
         let (weak, lease) = (weak.clone(), lease.clone());
@@ -215,17 +239,43 @@ pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) {
             }
         }
     });
+    every_while_alive(weak, upkeep.every(), move |gate| {
+        let lease = lease.clone();
+        async move { upkeep_pass(&gate, upkeep, &lease).await }
+    });
+    Ok(())
+}
+
+/// Runs `pass` on `owner` every `period` until the owner is dropped. A pass
+/// that panics (a fault in tollgate) is logged and the next one runs all the
+/// same: upkeep that stopped for good would leave holds unexpired and
+/// nothing pruned, while the lease, renewed on its own timer, goes on
+/// telling other instances that this one is alive.
+fn every_while_alive<T, F, Fut>(owner: Weak<T>, period: Duration, pass: F)
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     tokio::spawn(async move {
-        while let Some(gate) = weak.upgrade() {
-            upkeep_pass(&gate, upkeep, &lease).await;
-            drop(gate);
-            tokio::time::sleep(upkeep.every()).await;
+        while let Some(alive) = owner.upgrade() {
+            if let Err(panic) = AssertUnwindSafe(pass(alive)).catch_unwind().await {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!("an upkeep pass failed (it runs again next time): {why}");
+            }
+            tokio::time::sleep(period).await;
         }
     });
 }
 
 /// How soon a lease renewal that failed is tried again.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
+/// How many times the first registration is tried before start-up fails.
+const REGISTRATION_ATTEMPTS: u32 = 3;
 
 /// Until when this instance's lease was last renewed (ms since the epoch;
 /// 0 before the first renewal lands).
@@ -297,4 +347,38 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
     }
     // Last: it may wait on a remote provider.
     gate.end_due_confirm_tools(None).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pass_that_panics_does_not_stop_the_passes_after_it() {
+        let passes = Arc::new(AtomicUsize::new(0));
+        every_while_alive(
+            Arc::downgrade(&passes),
+            Duration::from_millis(5),
+            |passes| async move {
+                if passes.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("a fault in the first pass");
+                }
+            },
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while passes.load(Ordering::SeqCst) < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "passes stopped after a panic"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Once the owner is dropped, the passes end.
+        let weak = Arc::downgrade(&passes);
+        drop(passes);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(weak.upgrade().is_none(), "a pass keeps its owner alive");
+    }
 }

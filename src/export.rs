@@ -41,13 +41,26 @@ pub struct Selection {
 
 impl Selection {
     fn keeps(&self, line: &StatementLine) -> bool {
-        self.filter.keeps(line)
-            && self.account.as_ref().is_none_or(|(kind, name)| {
-                line.account
-                    .as_ref()
-                    .is_some_and(|(k, n)| k == kind && n == name)
-            })
+        self.filter.keeps(line) && self.account.as_ref().is_none_or(|a| of_account(line, a))
     }
+
+    /// The account named, if no line of `lines` (the whole ledger) is
+    /// posted to it: a misspelt name, most likely, rather than an account
+    /// with nothing in the period.
+    pub fn unknown_account<'a>(
+        &'a self,
+        lines: &[StatementLine],
+    ) -> Option<&'a (AccountKind, String)> {
+        self.account
+            .as_ref()
+            .filter(|account| !lines.iter().any(|l| of_account(l, account)))
+    }
+}
+
+fn of_account(line: &StatementLine, (kind, name): &(AccountKind, String)) -> bool {
+    line.account
+        .as_ref()
+        .is_some_and(|(k, n)| k == kind && n == name)
 }
 
 /// One exported row.

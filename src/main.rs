@@ -148,11 +148,18 @@ fn wallet_name(text: &str) -> Result<String, String> {
     }
 }
 
+fn beneficiary_name(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" => Err("a beneficiary name cannot be empty".into()),
+        name => Ok(name.to_owned()),
+    }
+}
+
 #[derive(Subcommand)]
 enum SessionsCommand {
     /// The most recent sessions.
     List {
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// Pays a pending session: from a wallet with --from, else settles it in dev mode.
@@ -214,7 +221,7 @@ struct LedgerSelection {
     #[arg(long, conflicts_with = "beneficiary", value_parser = wallet_name)]
     wallet: Option<String>,
     /// A tool author's revenue account (or platform, commissions, rounding).
-    #[arg(long)]
+    #[arg(long, value_parser = beneficiary_name)]
     beneficiary: Option<String>,
     /// Only this tool's lines.
     #[arg(long)]
@@ -406,6 +413,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Some((kind, name)) => {
                     let lines = store.statement(kind, &name).await?;
                     let title = format!("{}:{name}", kind.as_str());
+                    if lines.is_empty() {
+                        bail!(
+                            "{title} has no entries: no such account, or nothing posted to it yet"
+                        );
+                    }
                     print!("{}", statement::render(&title, &lines, &filter));
                     if kind == AccountKind::Wallet {
                         let intents = store.approvals(&name).await?;
@@ -432,6 +444,12 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 filter: selection.filter()?,
             };
             let lines = store.entries().await?;
+            if let Some((kind, name)) = selection.unknown_account(&lines) {
+                bail!(
+                    "{}:{name} has no entries: no such account, or nothing posted to it yet",
+                    kind.as_str()
+                );
+            }
             let count = export::write(&lines, &selection, format, std::io::stdout().lock())?;
             tracing::info!(entries = count, "ledger exported");
         }

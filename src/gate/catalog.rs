@@ -140,9 +140,12 @@ impl Catalog {
         let mut explicitly_free = std::collections::HashSet::new();
         for priced in &config.tools {
             if !described.contains_key(&priced.name) && !strict {
-                tracing::warn!(
+                // An error, not a warning: an upstream that renamed a priced
+                // tool now serves it under a name its `unpriced` rule covers
+                // (free, by default) until the new name is priced.
+                tracing::error!(
                     tool = priced.name,
-                    "a priced tool is no longer provided; not served"
+                    "a priced tool is no longer provided; not served. If its upstream renamed it,                      price the new name: unpriced, it is served as the upstream's `unpriced` says"
                 );
                 continue;
             }

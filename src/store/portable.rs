@@ -1018,9 +1018,12 @@ where
             accounts: query(statement!(verify::ACCOUNTS))
                 .fetch_all(&mut *conn)
                 .await?,
-            stale_holds: query(statement!(verify::STALE_HOLDS, now))
-                .fetch_all(&mut *conn)
-                .await?,
+            stale_holds: query(statement!(
+                verify::STALE_HOLDS,
+                now - verify::SWEEP_GRACE_MS
+            ))
+            .fetch_all(&mut *conn)
+            .await?,
             over_captured: query(statement!(verify::OVER_CAPTURED))
                 .fetch_all(&mut *conn)
                 .await?,

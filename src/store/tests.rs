@@ -427,7 +427,8 @@ crate::on_both_backends! {
             .await
             .unwrap();
         let mut stale = hold_request("stale", "w", "0.40");
-        stale.expires_at = now_ms() - 1;
+        // Long enough ago for `ledger verify` to count it (past its grace).
+        stale.expires_at = now_ms() - 10 * 60_000;
         store.hold(&stale).await.unwrap();
         store
             .hold(&hold_request("fresh", "w", "0.10"))

@@ -140,19 +140,34 @@ on_both_backends! {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stdout).contains("not zero"));
 
+        // A hold just past its expiry is the sweep's to end, at its next
+        // pass: no break. One left open for long is.
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
+        let hold = |id: &str, expired_ago_ms: i64| {
+            format!(
+                "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
+                 SELECT '{id}', id, 1, 'open', 'alice', 'echo', '', 0, {} FROM accounts WHERE kind = 'wallet'",
+                tollgate::store::now_ms() - expired_ago_ms
+            )
+        };
+        corrupt(&env, &hold("hold_recent", 5_000)).await;
+        // As the store's hold would (on SQLite a trigger already did).
         corrupt(
             &env,
-            "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at)
-         SELECT 'hold_stale', id, 1, 'open', 'alice', 'echo', '', 0, 1 FROM accounts WHERE kind = 'wallet'",
+            "UPDATE accounts SET held = (SELECT COALESCE(SUM(h.amount), 0) FROM holds h
+             WHERE h.account_id = accounts.id AND h.status = 'open') WHERE kind = 'wallet'",
         )
         .await;
+        let out = env.cli(&["ledger", "verify"]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        corrupt(&env, &hold("hold_stale", 10 * 60_000)).await;
         let out = env.cli(&["ledger", "verify"]).await;
         assert!(!out.status.success());
         let report = String::from_utf8_lossy(&out.stdout);
         assert!(
-            report.contains("hold hold_stale is open past its expiry"),
+            report.contains("hold hold_stale is open over 2 minutes past its expiry")
+                && !report.contains("hold_recent"),
             "{report}"
         );
     }
@@ -204,6 +219,53 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
     let out = env.cli(&["wallet", "topup", "  ", "1"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("a wallet name cannot be empty"));
+
+    // A misspelt account is said so, not shown as an empty statement or
+    // export; a beneficiary's name is trimmed as a wallet's is.
+    for args in [
+        &["ledger", "statement", "--wallet", "alcie"][..],
+        &["ledger", "statement", "--beneficiary", "nobody"],
+        &["ledger", "export", "--format", "csv", "--wallet", "alcie"],
+        &[
+            "ledger",
+            "export",
+            "--format",
+            "jsonl",
+            "--beneficiary",
+            "nobody",
+        ],
+    ] {
+        let out = env.cli(args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains("has no entries: no such account"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let csv = env
+        .ok(&["ledger", "export", "--format", "csv", "--wallet", " alice "])
+        .await;
+    assert_eq!(csv.lines().count(), 2, "the header and the top-up: {csv}");
+    // A window with nothing in it is an empty export, not an error.
+    let csv = env
+        .ok(&[
+            "ledger",
+            "export",
+            "--format",
+            "csv",
+            "--wallet",
+            "alice",
+            "--until",
+            "2020-01-01",
+        ])
+        .await;
+    assert_eq!(csv.lines().count(), 0, "{csv}");
+    let out = env.cli(&["sessions", "list", "--limit", "-1"]).await;
+    assert!(
+        !out.status.success(),
+        "a negative limit is refused on every backend"
+    );
     env.assert_ledger_ok().await;
 }
 
@@ -231,4 +293,37 @@ async fn without_a_place_for_the_receipt_key_the_server_says_what_to_set() {
         "{said}"
     );
     assert!(said.contains("[receipts] key_file"), "{said}");
+}
+
+/// A server that cannot register its instance in the store does not serve:
+/// the other processes on the store would take it for a dead one and release
+/// its holds under its calls. (It used to serve all the same, and register
+/// at a later renewal.)
+#[tokio::test]
+async fn a_server_that_cannot_register_its_instance_does_not_serve() {
+    let env = Env::new("resubmit");
+    env.topup("alice", "1.00").await;
+    corrupt(
+        &env,
+        "CREATE TRIGGER instances_down BEFORE INSERT ON instances
+         BEGIN SELECT RAISE(ABORT, 'the store refuses this write'); END",
+    )
+    .await;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        env.command()
+            .arg("serve")
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("it gives up, not waits")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("could not register this instance in the store"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing on the MCP channel");
 }
