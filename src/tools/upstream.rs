@@ -208,6 +208,33 @@ impl<A: Clone> InFlightCalls<A> {
     }
 }
 
+/// A call's place among the calls in flight, left when dropped: as
+/// unanswered unless `answered` was set. A call whose future is dropped
+/// midway (its task aborted) would otherwise count as in flight for good,
+/// and on stdio leave every later question with no one to answer it.
+struct Place<'a, A: Clone = Asker> {
+    calls: &'a Mutex<InFlightCalls<A>>,
+    key: u64,
+    answered: bool,
+}
+
+impl<'a, A: Clone> Place<'a, A> {
+    fn enter(calls: &'a Mutex<InFlightCalls<A>>, asker: Option<A>) -> Self {
+        let key = lock(calls).enter(asker);
+        Self {
+            calls,
+            key,
+            answered: false,
+        }
+    }
+}
+
+impl<A: Clone> Drop for Place<'_, A> {
+    fn drop(&mut self) {
+        lock(self.calls).leave(self.key, self.answered);
+    }
+}
+
 impl Relay {
     fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
         lock(&self.routes)
@@ -654,7 +681,7 @@ impl ToolBackend for Upstream {
         let request = ClientRequest::CallToolRequest(Request::new(
             CallToolRequestParams::new(name).with_arguments(args),
         ));
-        let key = self.relay.in_flight().enter(context.elicitation.clone());
+        let mut place = Place::enter(&self.relay.in_flight, context.elicitation.clone());
         // rmcp cancels the upstream request itself when the timeout passes.
         let handle = match peer
             .send_request_with_option(
@@ -665,13 +692,13 @@ impl ToolBackend for Upstream {
         {
             Ok(handle) => handle,
             Err(e) => {
-                self.relay.in_flight().leave(key, false);
+                drop(place);
                 self.reconnect_if_gone(&peer, &e, generation);
                 return self.failure_from("the call could not be sent", e);
             }
         };
         let (id, upstream_token) = (handle.id.clone(), handle.progress_token.clone());
-        self.relay.in_flight().sent(key, id.clone());
+        self.relay.in_flight().sent(place.key, id.clone());
         let opened = match &context.progress {
             Some((client, token)) => {
                 let route = (client.clone(), token.clone());
@@ -689,8 +716,8 @@ impl ToolBackend for Upstream {
             () = context.cancelled.cancelled() => None,
         };
         self.relay.close_route_soon(upstream_token, opened).await;
-        let answered = matches!(outcome, Some(Ok(_) | Err(ServiceError::McpError(_))));
-        self.relay.in_flight().leave(key, answered);
+        place.answered = matches!(outcome, Some(Ok(_) | Err(ServiceError::McpError(_))));
+        drop(place);
         match outcome {
             None => {
                 // The client cancelled: tell the upstream too.
@@ -761,5 +788,31 @@ mod tests {
         assert_eq!(calls.asker(None), Some("dave"));
         calls.leave(dave, true);
         assert!(calls.calls.is_empty(), "an answered call is forgotten");
+    }
+
+    /// A call whose future is dropped midway (its task aborted) leaves its
+    /// place as one that ended unanswered: it lingers, then is forgotten.
+    /// (It stayed in flight for good, so on stdio no later question had
+    /// anyone to answer it.)
+    #[test]
+    fn a_call_dropped_midway_leaves_the_calls_in_flight() {
+        let calls = Mutex::new(InFlightCalls::<&str>::default());
+        let erin = Place::enter(&calls, Some("erin"));
+        assert_eq!(lock(&calls).asker(None), Some("erin"));
+        drop(erin);
+        assert_eq!(
+            lock(&calls).asker(None),
+            None,
+            "it may still be running upstream"
+        );
+        lock(&calls).forget_lingering(std::time::Instant::now() + UNANSWERED_CALL_LINGERS);
+        let mut frank = Place::enter(&calls, Some("frank"));
+        assert_eq!(lock(&calls).asker(None), Some("frank"));
+        frank.answered = true;
+        drop(frank);
+        assert!(
+            lock(&calls).calls.is_empty(),
+            "an answered call is forgotten"
+        );
     }
 }
