@@ -1320,78 +1320,12 @@ async fn in_process_paying_through(
     pricing: &str,
     wrap: impl FnOnce(Arc<dyn tollgate::provider::Provider>) -> Arc<dyn tollgate::provider::Provider>,
 ) -> crate::inproc::InProcess {
-    use tollgate::{
-        gate::{Catalog, GateSettings},
-        provider::sessions_api::SessionsApiProvider,
-        receipt::ReceiptSigner,
-        tools::demo::demo_tools,
-    };
+    use tollgate::provider::sessions_api::SessionsApiProvider;
     let key_for_a = b
         .key("tollgate-a", &["sessions:create", "sessions:read"])
         .await;
-    let env = Env::with_pricing(pricing);
-    let config = config_for(&env, pricing);
-    let store = app::open_store(&config.store_url, &config)
-        .await
-        .expect("store");
     let remote = Arc::new(SessionsApiProvider::new(&b.base, key_for_a).expect("provider"));
-    let gate = Gate::new(
-        store,
-        wrap(remote),
-        Catalog::build(&config, &[Arc::new(demo_tools())]).expect("catalog"),
-        ReceiptSigner::load_or_create(&app::receipt_key_path(&config).expect("key path"))
-            .expect("key"),
-        GateSettings::from_config(&config),
-    );
-    crate::inproc::InProcess {
-        env,
-        gate: Arc::new(gate),
-    }
-}
-
-/// A remote provider whose session is paid (at B's checkout page) just
-/// before each cancel reaches it: a person paying as the call is declined.
-struct PaidJustBeforeCancel {
-    inner: Arc<dyn tollgate::provider::Provider>,
-    b_base: String,
-}
-
-#[async_trait::async_trait]
-impl tollgate::provider::Provider for PaidJustBeforeCancel {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn create_session(
-        &self,
-        req: &tollgate::provider::SessionRequest,
-    ) -> Result<tollgate::provider::ProviderSession, tollgate::provider::ProviderError> {
-        self.inner.create_session(req).await
-    }
-    async fn session_state(
-        &self,
-        id: &str,
-    ) -> Result<tollgate::provider::SessionState, tollgate::provider::ProviderError> {
-        self.inner.session_state(id).await
-    }
-    async fn cancel_session(
-        &self,
-        id: &str,
-    ) -> Result<tollgate::store::SessionStatus, tollgate::provider::ProviderError> {
-        assert_eq!(
-            checkout_post(&self.b_base, id, &[("action", "settle")])
-                .await
-                .status(),
-            303
-        );
-        self.inner.cancel_session(id).await
-    }
-    async fn pay_from_wallet(
-        &self,
-        id: &str,
-        wallet: &str,
-    ) -> Result<(), tollgate::provider::ProviderError> {
-        self.inner.pay_from_wallet(id, wallet).await
-    }
+    crate::inproc::with_provider(pricing, |_, _| wrap(remote)).await
 }
 
 on_both_backends! {
@@ -1418,9 +1352,18 @@ on_both_backends! {
         assert_eq!(status.as_str(), "cancelled", "B's session can no longer be paid");
         client.cancel().await.ok();
 
+        // A person pays at B's checkout page just before each cancel reaches B.
         let b_base = b.base.clone();
         let a = in_process_paying_through(&b, &pricing, |inner| {
-            Arc::new(PaidJustBeforeCancel { inner, b_base })
+            let mut paying = crate::inproc::Wrapped::new(inner);
+            paying.before_cancel = Some(Box::new(move |session| {
+                let b_base = b_base.clone();
+                Box::pin(async move {
+                    let paid = checkout_post(&b_base, &session, &[("action", "settle")]).await;
+                    assert_eq!(paid.status(), 303);
+                })
+            }));
+            Arc::new(paying)
         })
         .await;
         let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;

@@ -330,3 +330,102 @@ pub async fn call(client: &Client, tool: &str, arguments: serde_json::Value) -> 
         .await
         .unwrap_or_else(|e| panic!("call {tool} failed at the protocol level: {e}"))
 }
+
+// ---------- a payment system whose timing a test sets ----------
+
+/// What a test's person does just before a cancel reaches the provider.
+pub type BeforeCancel =
+    Box<dyn Fn(String) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A provider over another: its first `failing_checks` questions about a
+/// session fail as unreachable, and `before_cancel` (a person paying just as
+/// the call ends) runs before each cancel reaches it.
+pub struct Wrapped {
+    pub inner: Arc<dyn tollgate::provider::Provider>,
+    pub failing_checks: std::sync::atomic::AtomicU32,
+    pub before_cancel: Option<BeforeCancel>,
+}
+
+impl Wrapped {
+    pub fn new(inner: Arc<dyn tollgate::provider::Provider>) -> Self {
+        Self {
+            inner,
+            failing_checks: 0.into(),
+            before_cancel: None,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl tollgate::provider::Provider for Wrapped {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn create_session(
+        &self,
+        req: &tollgate::provider::SessionRequest,
+    ) -> Result<tollgate::provider::ProviderSession, tollgate::provider::ProviderError> {
+        self.inner.create_session(req).await
+    }
+    async fn session_state(
+        &self,
+        id: &str,
+    ) -> Result<tollgate::provider::SessionState, tollgate::provider::ProviderError> {
+        if self
+            .failing_checks
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(tollgate::provider::ProviderError::Unavailable(
+                "connection refused".into(),
+            ));
+        }
+        self.inner.session_state(id).await
+    }
+    async fn cancel_session(
+        &self,
+        id: &str,
+    ) -> Result<tollgate::store::SessionStatus, tollgate::provider::ProviderError> {
+        if let Some(before) = &self.before_cancel {
+            before(id.to_owned()).await;
+        }
+        self.inner.cancel_session(id).await
+    }
+    async fn pay_from_wallet(
+        &self,
+        id: &str,
+        wallet: &str,
+    ) -> Result<(), tollgate::provider::ProviderError> {
+        self.inner.pay_from_wallet(id, wallet).await
+    }
+}
+
+/// An in-process server over `pricing_text`, whose provider `provider`
+/// makes from the config and the store.
+pub async fn with_provider(
+    pricing_text: &str,
+    provider: impl FnOnce(&Config, Arc<dyn Store>) -> Arc<dyn tollgate::provider::Provider>,
+) -> InProcess {
+    use tollgate::{
+        gate::{Catalog, GateSettings},
+        receipt::ReceiptSigner,
+        tools::demo::demo_tools,
+    };
+    let env = Env::with_pricing(pricing_text);
+    let config = config_for(&env, pricing_text);
+    let store = app::open_store(&config.store_url, &config)
+        .await
+        .expect("store");
+    let gate = Gate::new(
+        store.clone(),
+        provider(&config, store),
+        Catalog::build(&config, &[Arc::new(demo_tools())]).expect("catalog"),
+        ReceiptSigner::load_or_create(&app::receipt_key_path(&config).expect("key path"))
+            .expect("key"),
+        GateSettings::from_config(&config),
+    );
+    InProcess {
+        env,
+        gate: Arc::new(gate),
+    }
+}

@@ -1029,84 +1029,18 @@ on_both_backends! {
 
 // ---------- a payment system that fails for a moment ----------
 
-/// A provider that cannot be reached for its first `failures` questions
-/// about a session.
-struct Flaky {
-    inner: std::sync::Arc<dyn tollgate::provider::Provider>,
-    failures: std::sync::atomic::AtomicU32,
-}
-
-#[async_trait::async_trait]
-impl tollgate::provider::Provider for Flaky {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn create_session(
-        &self,
-        req: &tollgate::provider::SessionRequest,
-    ) -> Result<tollgate::provider::ProviderSession, tollgate::provider::ProviderError> {
-        self.inner.create_session(req).await
-    }
-    async fn session_state(
-        &self,
-        id: &str,
-    ) -> Result<tollgate::provider::SessionState, tollgate::provider::ProviderError> {
-        use std::sync::atomic::Ordering;
-        if self
-            .failures
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(tollgate::provider::ProviderError::Unavailable(
-                "connection refused".into(),
-            ));
-        }
-        self.inner.session_state(id).await
-    }
-    async fn cancel_session(
-        &self,
-        id: &str,
-    ) -> Result<tollgate::store::SessionStatus, tollgate::provider::ProviderError> {
-        self.inner.cancel_session(id).await
-    }
-    async fn pay_from_wallet(
-        &self,
-        id: &str,
-        wallet: &str,
-    ) -> Result<(), tollgate::provider::ProviderError> {
-        self.inner.pay_from_wallet(id, wallet).await
-    }
-}
-
 /// An in-process server whose provider fails its first `failures` checks.
 async fn with_flaky_provider(pricing_text: &str, failures: u32) -> InProcess {
-    use std::sync::Arc;
-    use tollgate::{
-        app,
-        gate::{Catalog, Gate, GateSettings},
-        receipt::ReceiptSigner,
-        tools::demo::demo_tools,
-    };
-    let env = crate::harness::Env::with_pricing(pricing_text);
-    let config = config_for(&env, pricing_text);
-    let store = app::open_store(&config.store_url, &config).await.unwrap();
-    let provider = Arc::new(Flaky {
-        inner: app::provider_for(&config, store.clone()).unwrap(),
-        failures: failures.into(),
-    });
-    let catalog = Catalog::build(&config, &[Arc::new(demo_tools())]).unwrap();
-    let signer = ReceiptSigner::load_or_create(&app::receipt_key_path(&config).unwrap()).unwrap();
-    let gate = Gate::new(
-        store,
-        provider,
-        catalog,
-        signer,
-        GateSettings::from_config(&config),
-    );
-    InProcess {
-        env,
-        gate: Arc::new(gate),
-    }
+    crate::inproc::with_provider(pricing_text, |config, store| {
+        let flaky = crate::inproc::Wrapped::new(
+            tollgate::app::provider_for(config, store).expect("provider"),
+        );
+        flaky
+            .failing_checks
+            .store(failures, std::sync::atomic::Ordering::SeqCst);
+        std::sync::Arc::new(flaky)
+    })
+    .await
 }
 
 on_both_backends! {
