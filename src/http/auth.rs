@@ -82,14 +82,35 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     })
 }
 
+/// A key the rate limit verified for this request, so that its handler
+/// need not read it from the store again.
+#[derive(Debug, Clone)]
+pub struct Verified(pub ApiKey);
+
 /// The live key presented in `headers`, if it has `scope`.
 pub async fn authenticate(
     store: &dyn Store,
     headers: &HeaderMap,
     scope: Scope,
 ) -> Result<ApiKey, AuthError> {
-    let presented = presented_key(headers).ok_or(AuthError::Missing)?;
-    let key = authenticate_key(store, presented).await?;
+    authenticate_once(store, headers, None, scope).await
+}
+
+/// As [`authenticate`], taking the key the rate limit already `verified`
+/// when there is one.
+pub async fn authenticate_once(
+    store: &dyn Store,
+    headers: &HeaderMap,
+    verified: Option<Verified>,
+    scope: Scope,
+) -> Result<ApiKey, AuthError> {
+    let key = match verified {
+        Some(Verified(key)) => key,
+        None => {
+            let presented = presented_key(headers).ok_or(AuthError::Missing)?;
+            authenticate_key(store, presented).await?
+        }
+    };
     if key.allows(scope) {
         Ok(key)
     } else {

@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::{
     HttpState,
-    auth::{authenticate_key, presented_key},
+    auth::{Verified, authenticate_key, presented_key},
 };
 
 type Limiter =
@@ -96,7 +96,7 @@ pub async fn rate_limit(
         Some(presented) => authenticate_key(state.store.as_ref(), presented).await.ok(),
         None => None,
     };
-    let who = key.map_or_else(
+    let who = key.as_ref().map_or_else(
         || format!("addr:{}", peer.ip()),
         |key| format!("key:{}", key.id),
     );
@@ -113,6 +113,10 @@ pub async fn rate_limit(
     match limit.limiter.check_key(&who) {
         Ok(snapshot) => {
             let remaining = snapshot.remaining_burst_capacity();
+            let mut request = request;
+            if let Some(key) = key {
+                request.extensions_mut().insert(Verified(key));
+            }
             let mut response = next.run(request).await;
             let reset = epoch_after(per_token * (limit.per_minute - remaining));
             set_headers(response.headers_mut(), limit.per_minute, remaining, reset);

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
@@ -16,10 +16,13 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::{HttpState, auth::authenticate};
+use super::{
+    HttpState,
+    auth::{Verified, authenticate_once},
+};
 use crate::{
     keys::{ApiKey, Scope},
-    money::{Currency, from_minor_units, to_minor_units},
+    money::{Currency, format_amount, from_minor_units, to_minor_units},
     store::{LocalSession, SessionStatus, current_session, new_id, now_ms, rfc3339},
 };
 
@@ -46,10 +49,19 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
 
 pub async fn create(
     State(state): State<Arc<HttpState>>,
+    verified: Option<Extension<Verified>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let key = match authenticate(state.store.as_ref(), &headers, Scope::SessionsCreate).await {
+    let verified = verified.map(|Extension(key)| key);
+    let key = match authenticate_once(
+        state.store.as_ref(),
+        &headers,
+        verified,
+        Scope::SessionsCreate,
+    )
+    .await
+    {
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
@@ -120,10 +132,19 @@ pub async fn create(
 
 pub async fn read(
     State(state): State<Arc<HttpState>>,
+    verified: Option<Extension<Verified>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let key = match authenticate(state.store.as_ref(), &headers, Scope::SessionsRead).await {
+    let verified = verified.map(|Extension(key)| key);
+    let key = match authenticate_once(
+        state.store.as_ref(),
+        &headers,
+        verified,
+        Scope::SessionsRead,
+    )
+    .await
+    {
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
@@ -140,10 +161,19 @@ pub async fn read(
 /// nothing, so the caller may retry.
 pub async fn cancel(
     State(state): State<Arc<HttpState>>,
+    verified: Option<Extension<Verified>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let key = match authenticate(state.store.as_ref(), &headers, Scope::SessionsCreate).await {
+    let verified = verified.map(|Extension(key)| key);
+    let key = match authenticate_once(
+        state.store.as_ref(),
+        &headers,
+        verified,
+        Scope::SessionsCreate,
+    )
+    .await
+    {
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
@@ -184,19 +214,56 @@ async fn visible_session(
 }
 
 fn view(session: &LocalSession) -> Response {
-    Json(json!({
+    Json(view_json(session)).into_response()
+}
+
+/// A session as the API shows it. `amount` is in minor units, as the API
+/// speaks; a session the gate opened for a price finer than that (an
+/// admin's key sees those too) has none, and shows `null` there, never a
+/// rounded figure. `value` is the exact amount in major units.
+fn view_json(session: &LocalSession) -> Value {
+    json!({
         "sessionId": session.id,
         "status": session.status.as_str(),
-        "amount": to_minor_units(session.amount, &session.currency).unwrap_or_default(),
+        "amount": to_minor_units(session.amount, &session.currency).ok(),
+        "value": format_amount(session.amount),
         "currency": session.currency.as_str().to_ascii_lowercase(),
         "description": session.description,
         "createdAt": rfc3339(session.created_at),
         "expiresAt": rfc3339(session.expires_at),
-    }))
-    .into_response()
+    })
 }
 
 /// A session is visible to the principal that created it, and to admins.
 fn visible_to(session: &LocalSession, key: &ApiKey) -> bool {
     key.allows(Scope::Admin) || session.owner.as_deref() == Some(key.principal.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Units;
+
+    #[test]
+    fn an_amount_finer_than_a_cent_is_shown_exactly_never_rounded() {
+        let session = |amount: &str| LocalSession {
+            id: "pay_1".into(),
+            amount: Units::parse(amount).unwrap(),
+            currency: Currency::parse("USD").unwrap(),
+            description: String::new(),
+            status: SessionStatus::Pending,
+            created_at: 0,
+            expires_at: 0,
+            paid_from: None,
+            owner: None,
+        };
+        let whole = view_json(&session("2.50"));
+        assert_eq!(
+            (whole["amount"].clone(), whole["value"].clone()),
+            (json!(250), json!("2.50"))
+        );
+        let finer = view_json(&session("0.0025"));
+        assert_eq!(finer["amount"], Value::Null, "not 0");
+        assert_eq!(finer["value"], "0.0025");
+    }
 }
