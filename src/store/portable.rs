@@ -750,6 +750,14 @@ where
         // sweep, which skips locked intents, cannot end it meanwhile.
         let intent = tx.fetch_optional(statement!(locks.intent, id)).await?;
         let tool = intent.as_ref().map(|i| i.text("tool")).transpose()?;
+        // Who was behind the call, for the payer's statement line; an
+        // approval still waiting is decided by this payment, and recorded
+        // with the decision, not here.
+        let origin = intent.as_ref().map(rows::origin).transpose()?;
+        let approval = match &intent {
+            Some(i) => rows::approval(i)?.filter(|a| a.status != ApprovalStatus::Waiting),
+            None => None,
+        };
         if let Some(intent) = intent {
             let ended = intent.text("status")?;
             if ended != IntentStatus::AwaitingPayment.as_str() {
@@ -794,7 +802,9 @@ where
             ))
             .await?;
         }
-        let audit = session_payment_audit(session, from_wallet, tool);
+        let mut audit = session_payment_audit(session, from_wallet, tool);
+        audit.origin = origin.unwrap_or_default();
+        audit.approval = approval;
         let posted = Self::post(
             &mut tx,
             TxnHeader {

@@ -250,6 +250,21 @@ on_both_backends! {
         assert!(statement.contains("agent bot[2Jfake line; auto-approved"), "{statement}");
         assert!(!statement.contains('\u{1b}'), "{statement}");
         client.cancel().await.ok();
+
+        // A slow-path call paid from a wallet: the wallet's line names the
+        // call's agent too. (It named only the session.)
+        let anonymous = env.client(None).await;
+        let meta = json!({ "tollgate/agent": "errand-bot/7" });
+        let r = call_with_meta(&anonymous, "echo", echo_args("for later"), meta).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+        let statement = env.ok(&["ledger", "statement", "--wallet", "alice"]).await;
+        let line = statement.lines().find(|l| l.contains("errand-bot/7"));
+        assert!(
+            line.is_some_and(|l| l.contains("-0.01") && l.contains("auto-approved")),
+            "{statement}"
+        );
+        anonymous.cancel().await.ok();
         env.assert_ledger_ok().await;
     }
 }

@@ -230,7 +230,9 @@ const RELEASE_ORPHANED_HOLDS_NOT_LOCKED: &str = concat!(
 /// waits, then sees it paid), then the paying wallet, until it commits.
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
     session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1 FOR UPDATE",
-    intent: "SELECT status, tool FROM intents WHERE id = $1 FOR UPDATE",
+    intent:
+        "SELECT status, tool, agent, metadata, approval, approved_by, approved_at, approval_rule
+             FROM intents WHERE id = $1 FOR UPDATE",
     wallet: wallet_with_limits!("WHERE id = $1 FOR UPDATE"),
 };
 

@@ -161,7 +161,9 @@ fn start_up_contention(e: &StoreError) -> bool {
 /// lock: plain reads see what nothing can change before it commits.
 const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
     session: "SELECT status, expires_at FROM payment_sessions WHERE id = $1",
-    intent: "SELECT status, tool FROM intents WHERE id = $1",
+    intent:
+        "SELECT status, tool, agent, metadata, approval, approved_by, approved_at, approval_rule
+             FROM intents WHERE id = $1",
     wallet: wallet_with_limits!("WHERE id = $1"),
 };
 
