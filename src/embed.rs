@@ -139,6 +139,14 @@ impl TollgateBuilder {
         self
     }
 
+    /// The longest a tool added with [`TollgateBuilder::tool`] may run
+    /// (see [`FnTools::run_limit`]): a run past it is stopped and charges
+    /// nothing, and a fast-path hold outlives it.
+    pub fn run_limit(mut self, limit: std::time::Duration) -> Self {
+        self.tools = self.tools.run_limit(limit);
+        self
+    }
+
     /// Adds another source of tools (anything implementing [`ToolBackend`]).
     pub fn backend(mut self, backend: Arc<dyn ToolBackend>) -> Self {
         self.backends.push(backend);

@@ -5,7 +5,9 @@
 //! moves, so a bad argument is an `isError` naming the field and costs
 //! nothing.
 
-use std::{collections::BTreeMap, future::Future, marker::PhantomData, pin::Pin, sync::Arc};
+use std::{
+    collections::BTreeMap, future::Future, marker::PhantomData, pin::Pin, sync::Arc, time::Duration,
+};
 
 use async_trait::async_trait;
 use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool};
@@ -148,11 +150,22 @@ where
 #[derive(Default, Clone)]
 pub struct FnTools {
     tools: BTreeMap<String, Arc<dyn FnTool>>,
+    run_limit: Option<Duration>,
 }
 
 impl FnTools {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The longest any of these tools may run. A run past it is stopped
+    /// and fails, charging nothing; and a fast-path hold is made to outlive
+    /// it. Without one, a run may take as long as it likes, but a hold
+    /// lasts 15 minutes (or the payment TTL, if longer): a run longer than
+    /// that finds its hold expired, and its result is withheld.
+    pub fn run_limit(mut self, limit: Duration) -> Self {
+        self.run_limit = Some(limit);
+        self
     }
 
     /// Adds a tool. `handler` takes the deserialised arguments and returns a
@@ -199,9 +212,22 @@ impl ToolBackend for FnTools {
     }
 
     async fn call(&self, tool: &str, args: JsonObject, _context: &CallContext) -> CallToolResult {
-        match self.tools.get(tool) {
-            Some(t) => t.run(args).await,
-            None => CallToolResult::error(vec![ContentBlock::text(format!("no tool `{tool}`"))]),
+        let Some(t) = self.tools.get(tool) else {
+            return CallToolResult::error(vec![ContentBlock::text(format!("no tool `{tool}`"))]);
+        };
+        let Some(limit) = self.run_limit else {
+            return t.run(args).await;
+        };
+        match tokio::time::timeout(limit, t.run(args)).await {
+            Ok(result) => result,
+            Err(_) => CallToolResult::error(vec![ContentBlock::text(format!(
+                "`{tool}` did not finish within {}s, so it was stopped; nothing was charged",
+                limit.as_secs_f64()
+            ))]),
         }
+    }
+
+    fn run_limit(&self) -> Option<Duration> {
+        self.run_limit
     }
 }

@@ -237,6 +237,42 @@ on_both_backends! {
         }
         env.assert_ledger_ok().await;
     }
+
+    /// Embedded tools can be given a run limit: a run past it is stopped
+    /// and fails, and its hold is given back. (They had none.)
+    #[tokio::test]
+    async fn an_embedded_tool_past_its_run_limit_is_stopped_and_costs_nothing() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let pricing = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
+             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"nap\"\nprice = \"0.10\"\n",
+            env.key.display()
+        );
+        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
+            .expect("pricing")
+            .tool("nap", "Sleeps for a while.", |i: Index| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
+                "rested".to_owned()
+            })
+            .run_limit(std::time::Duration::from_millis(300))
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let alice = crate::harness::embedded_client(&tollgate, "alice").await;
+        let r = crate::harness::call(&alice, "nap", json!({"at": 10})).await;
+        assert_eq!(text(&r), "rested");
+        let r = crate::harness::call(&alice, "nap", json!({"at": 5000})).await;
+        assert_eq!(r.is_error, Some(true), "{r:?}");
+        assert!(text(&r).contains("did not finish within 0.3s"), "{}", text(&r));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        assert_eq!(env.available("alice").await, "0.90");
+        let (_, held, _) = env.balance("alice").await;
+        assert_eq!(held, "0.00");
+        alice.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
 }
 
 on_both_backends! {
