@@ -88,6 +88,8 @@ impl Gate {
         };
         let run_deadline = Instant::now() + self.settings.run_wait;
         let mut poll = FIRST_POLL;
+        // Whether the payment system failed at the last look.
+        let mut failing = false;
         loop {
             // Counted before a claim can land (see `runs`).
             let mut under_way = Some(self.runs.enter(&intent.id));
@@ -137,32 +139,48 @@ impl Gate {
                 }
                 IntentStatus::Declined => Step::Answer(self.declined(&intent).await),
             };
-            match step {
+            let pending = match step {
                 Step::Answer(result) => return Settled::Final(result),
                 Step::Claimed => {
                     // Taken before the claim (only a wait on a run lets it go).
                     let claimed = under_way.unwrap_or_else(|| self.runs.enter(&intent.id));
                     return Settled::Final(self.run_paid(scope, intent, claimed).await);
                 }
-                Step::Pending(result) => {
-                    let Some(wait) = wait.as_mut() else {
-                        return Settled::Pending(result);
-                    };
-                    let now = Instant::now();
-                    if now >= wait.until {
-                        return Settled::Pending(result);
+                Step::Pending(result) => Some((result, None)),
+                Step::Unconfirmed(cause) => Some((self.unconfirmed(&intent), Some(cause))),
+                Step::Reload => None,
+            };
+            if let Some((result, cause)) = pending {
+                let waiting = wait.as_ref().is_some_and(|w| Instant::now() < w.until);
+                // A wait polls every second at most: an outage is logged as
+                // it starts and ends, not at every poll.
+                match &cause {
+                    Some(cause) if !waiting => tracing::error!(
+                        payment_id = intent.id,
+                        "payment system unavailable: {cause}"
+                    ),
+                    Some(cause) if !failing => tracing::warn!(
+                        payment_id = intent.id,
+                        "payment system unavailable ({cause}); waiting on for the payment"
+                    ),
+                    None if failing => {
+                        tracing::info!(payment_id = intent.id, "the payment system answers again")
                     }
-                    if let Some(progress) = wait.progress.as_deref_mut() {
-                        progress.heartbeat(scope).await;
-                    }
-                    let pause = poll.min(wait.until - now);
-                    poll = (poll * 2).min(MAX_POLL);
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = scope.request.ct.cancelled() => return Settled::Pending(result),
-                    }
+                    _ => {}
                 }
-                Step::Reload => {}
+                failing = cause.is_some();
+                let Some(wait) = wait.as_mut().filter(|_| waiting) else {
+                    return Settled::Pending(result);
+                };
+                if let Some(progress) = wait.progress.as_deref_mut() {
+                    progress.heartbeat(scope).await;
+                }
+                let pause = poll.min(wait.until.saturating_duration_since(Instant::now()));
+                poll = (poll * 2).min(MAX_POLL);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = scope.request.ct.cancelled() => return Settled::Pending(result),
+                }
             }
             intent = match self.store.intent(&intent.id).await {
                 Ok(Some(fresh)) => fresh,
@@ -175,13 +193,19 @@ impl Gate {
                 // A waiting call waits on through a passing failure, on
                 // what it last read (the next check asks again).
                 Err(e) if wait.as_ref().is_some_and(|w| Instant::now() < w.until) => {
-                    tracing::warn!(
-                        payment_id = intent.id,
-                        "cannot read the intent while waiting: {e}"
-                    );
+                    if !failing {
+                        tracing::warn!(
+                            payment_id = intent.id,
+                            "cannot read the intent while waiting ({e}); waiting on"
+                        );
+                    }
+                    failing = true;
                     intent
                 }
-                Err(e) => return Settled::Final(self.unconfirmed(&intent, e)),
+                Err(e) => {
+                    tracing::error!(payment_id = intent.id, "payment system unavailable: {e}");
+                    return Settled::Final(self.unconfirmed(&intent));
+                }
             };
         }
     }
@@ -197,11 +221,8 @@ impl Gate {
     /// The answer when the payment system cannot say whether `intent` was
     /// paid: the tool did not run, and a payment made stands, redeemable by
     /// its id. A waiting call polls on through it (as if still pending).
-    fn unconfirmed(&self, intent: &Intent, cause: impl std::fmt::Display) -> CallToolResult {
-        tracing::error!(
-            payment_id = intent.id,
-            "payment system unavailable: {cause}"
-        );
+    /// (The caller logs the cause.)
+    fn unconfirmed(&self, intent: &Intent) -> CallToolResult {
         reply::error(
             code::UNAVAILABLE,
             format!(
@@ -270,7 +291,7 @@ impl Gate {
         };
         let state = match self.provider.session_state(session_id).await {
             Ok(state) => state,
-            Err(e) => return Step::Pending(self.unconfirmed(intent, e)),
+            Err(e) => return Step::Unconfirmed(e.to_string()),
         };
         let (to, code, status) = match state.status {
             SessionStatus::Paid if !pays_for(&state, intent) => {
@@ -285,7 +306,7 @@ impl Gate {
                     Ok(true) => Step::Claimed,
                     // Another call claimed it first: look again.
                     Ok(false) => Step::Reload,
-                    Err(e) => Step::Pending(self.unconfirmed(intent, e)),
+                    Err(e) => Step::Unconfirmed(e.to_string()),
                 };
             }
             SessionStatus::Pending if now_ms() <= intent.expires_at => {
@@ -585,6 +606,9 @@ enum Step {
     Claimed,
     /// Not paid yet: the `payment_pending` answer, unless the caller waits.
     Pending(CallToolResult),
+    /// The payment system could not say (why): pending, as far as anyone
+    /// here knows.
+    Unconfirmed(String),
     Reload,
 }
 
