@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::{
     money::format_signed,
     statement::Filter,
-    store::{AccountKind, StatementLine, rfc3339},
+    store::{AccountKind, StatementLine, Store, StoreError, rfc3339},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -28,6 +28,10 @@ pub enum ExportError {
     Csv(#[from] csv::Error),
     #[error("writing the export: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} has no entries: no such account, or nothing posted to it yet")]
+    UnknownAccount(String),
 }
 
 /// Which entries to export.
@@ -41,26 +45,13 @@ pub struct Selection {
 
 impl Selection {
     fn keeps(&self, line: &StatementLine) -> bool {
-        self.filter.keeps(line) && self.account.as_ref().is_none_or(|a| of_account(line, a))
+        self.filter.keeps(line)
+            && self.account.as_ref().is_none_or(|(kind, name)| {
+                line.account
+                    .as_ref()
+                    .is_some_and(|(k, n)| k == kind && n == name)
+            })
     }
-
-    /// The account named, if no line of `lines` (the whole ledger) is
-    /// posted to it: a misspelt name, most likely, rather than an account
-    /// with nothing in the period.
-    pub fn unknown_account<'a>(
-        &'a self,
-        lines: &[StatementLine],
-    ) -> Option<&'a (AccountKind, String)> {
-        self.account
-            .as_ref()
-            .filter(|account| !lines.iter().any(|l| of_account(l, account)))
-    }
-}
-
-fn of_account(line: &StatementLine, (kind, name): &(AccountKind, String)) -> bool {
-    line.account
-        .as_ref()
-        .is_some_and(|(k, n)| k == kind && n == name)
 }
 
 /// One exported row.
@@ -129,37 +120,103 @@ impl<'a> Row<'a> {
     }
 }
 
-/// Writes the selected entries; returns how many.
+/// How many entries an export reads from the store at a time.
+pub const PAGE: i64 = 1000;
+
+/// Writes the selected entries of `store`'s ledger, reading it `page`
+/// entries at a time; returns how many it wrote. An export of an account
+/// with no entries at all (a misspelt name, most likely) is refused, where
+/// one with nothing in the period is empty.
+pub async fn export(
+    store: &dyn Store,
+    selection: &Selection,
+    format: Format,
+    out: impl Write,
+    page: i64,
+) -> Result<usize, ExportError> {
+    let account = selection
+        .account
+        .as_ref()
+        .map(|(kind, name)| (*kind, name.as_str()));
+    let mut writer = Writer::new(format, out);
+    let mut after = 0;
+    let mut count = 0;
+    loop {
+        let lines = store.entries_page(account, after, page).await?;
+        let Some((last, _)) = lines.last() else {
+            if let (Some((kind, name)), 0) = (account, after) {
+                return Err(ExportError::UnknownAccount(format!(
+                    "{}:{name}",
+                    kind.as_str()
+                )));
+            }
+            break;
+        };
+        after = *last;
+        for (_, line) in lines.iter().filter(|(_, l)| selection.keeps(l)) {
+            writer.write(line)?;
+            count += 1;
+        }
+        if (lines.len() as i64) < page {
+            break;
+        }
+    }
+    writer.finish()?;
+    Ok(count)
+}
+
+/// Writes the selected ones of `lines`; returns how many.
 pub fn write(
     lines: &[StatementLine],
     selection: &Selection,
     format: Format,
     out: impl Write,
 ) -> Result<usize, ExportError> {
-    let kept = lines.iter().filter(|l| selection.keeps(l));
+    let mut writer = Writer::new(format, out);
     let mut count = 0;
-    match format {
-        Format::Csv => {
-            let mut csv = csv::Writer::from_writer(out);
-            for line in kept {
-                csv.serialize(Row::of(line, true))?;
-                count += 1;
-            }
-            csv.flush()?;
-        }
-        Format::Jsonl => {
-            let mut out = out;
-            for line in kept {
-                let mut row = serde_json::to_value(Row::of(line, false))?;
-                row["metadata"] = line.origin.metadata_value().unwrap_or(Value::Null);
-                serde_json::to_writer(&mut out, &row)?;
-                out.write_all(b"\n")?;
-                count += 1;
-            }
-            out.flush()?;
+    for line in lines.iter().filter(|l| selection.keeps(l)) {
+        writer.write(line)?;
+        count += 1;
+    }
+    writer.finish()?;
+    Ok(count)
+}
+
+/// Rows out, one at a time, in either format (a CSV header before the
+/// first).
+enum Writer<W: Write> {
+    Csv(Box<csv::Writer<W>>),
+    Jsonl(W),
+}
+
+impl<W: Write> Writer<W> {
+    fn new(format: Format, out: W) -> Self {
+        match format {
+            Format::Csv => Writer::Csv(Box::new(csv::Writer::from_writer(out))),
+            Format::Jsonl => Writer::Jsonl(out),
         }
     }
-    Ok(count)
+
+    fn write(&mut self, line: &StatementLine) -> Result<(), ExportError> {
+        match self {
+            Writer::Csv(csv) => csv.serialize(Row::of(line, true))?,
+            Writer::Jsonl(out) => {
+                let mut row = serde_json::to_value(Row::of(line, false))?;
+                row["metadata"] = line.origin.metadata_value().unwrap_or(Value::Null);
+                serde_json::to_writer(&mut *out, &row)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), ExportError> {
+        match self {
+            Writer::Csv(mut csv) => csv.flush()?,
+            Writer::Jsonl(mut out) => out.flush()?,
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -443,14 +443,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 account: selection.account(),
                 filter: selection.filter()?,
             };
-            let lines = store.entries().await?;
-            if let Some((kind, name)) = selection.unknown_account(&lines) {
-                bail!(
-                    "{}:{name} has no entries: no such account, or nothing posted to it yet",
-                    kind.as_str()
-                );
-            }
-            let count = export::write(&lines, &selection, format, std::io::stdout().lock())?;
+            let out = std::io::stdout().lock();
+            let count =
+                export::export(store.as_ref(), &selection, format, out, export::PAGE).await?;
             tracing::info!(entries = count, "ledger exported");
         }
         Command::Receipt {

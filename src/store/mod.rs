@@ -748,9 +748,17 @@ pub trait Store: Send + Sync + 'static {
     /// One line per transaction of a tool that moved revenue: what the tool
     /// earned (all revenue legs together), refunds negative.
     async fn tool_statement(&self, tool: &str) -> Result<Vec<StatementLine>, StoreError>;
-    /// Every ledger entry with its transaction's audit data and its
-    /// account, oldest first, for export.
-    async fn entries(&self) -> Result<Vec<StatementLine>, StoreError>;
+    /// Up to `limit` ledger entries after entry `after` (0: from the
+    /// start), oldest first, each with its id (the next page's `after`), its
+    /// transaction's audit data and its account; only `account`'s when
+    /// given. Export reads the ledger page by page, so that its memory does
+    /// not grow with the ledger.
+    async fn entries_page(
+        &self,
+        account: Option<(AccountKind, &str)>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, StatementLine)>, StoreError>;
     /// Intents of a principal that needed a person's approval (or were
     /// auto-approved on the slow path), newest first.
     async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError>;

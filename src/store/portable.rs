@@ -295,9 +295,26 @@ where
             .await
     }
 
-    pub async fn entries(&self) -> Result<Vec<StatementLine>, StoreError> {
-        self.all(statement!(sql::ENTRIES), rows::statement_line)
-            .await
+    pub async fn entries_page(
+        &self,
+        account: Option<(AccountKind, &str)>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, StatementLine)>, StoreError> {
+        match account {
+            Some((kind, name)) => {
+                let statement =
+                    statement!(sql::ACCOUNT_ENTRIES_PAGE, after, limit, kind.as_str(), name);
+                self.all(statement, rows::entry_line).await
+            }
+            None => {
+                self.all(
+                    statement!(sql::ENTRIES_PAGE, after, limit),
+                    rows::entry_line,
+                )
+                .await
+            }
+        }
     }
 
     pub async fn open_intents(

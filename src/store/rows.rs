@@ -212,6 +212,11 @@ pub(super) fn statement_line(row: &impl Columns) -> Result<StatementLine, StoreE
     })
 }
 
+/// A ledger line of an export page, with its entry's id.
+pub(super) fn entry_line(row: &impl Columns) -> Result<(i64, StatementLine), StoreError> {
+    Ok((row.int("entry_id")?, statement_line(row)?))
+}
+
 /// `/metrics` figures from the rows of [`super::sql::STATS_OPEN_HOLDS`],
 /// [`super::sql::STATS_INTENTS`] and [`super::sql::STATS_REVENUE`].
 pub(super) fn stats<R: Columns>(

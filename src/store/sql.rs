@@ -33,11 +33,18 @@ pub(super) const STATEMENT: &str = ledger_lines!(
     "WHERE a.kind = $2 AND a.name = $1 ORDER BY e.id"
 );
 
-/// Every entry, for export.
-pub(super) const ENTRIES: &str = ledger_lines!(
-    "e.amount, e.role",
+/// A page of entries for export: up to `$2` after entry `$1`.
+pub(super) const ENTRIES_PAGE: &str = ledger_lines!(
+    "e.amount, e.role, e.id AS entry_id",
     "a.kind AS account_kind, a.name AS account_name",
-    "ORDER BY e.id"
+    "WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+);
+
+/// As [`ENTRIES_PAGE`], of one account's entries (`$3`: kind, `$4`: name).
+pub(super) const ACCOUNT_ENTRIES_PAGE: &str = ledger_lines!(
+    "e.amount, e.role, e.id AS entry_id",
+    "a.kind AS account_kind, a.name AS account_name",
+    "WHERE a.kind = $3 AND a.name = $4 AND e.id > $1 ORDER BY e.id LIMIT $2"
 );
 
 /// A tool's transactions that moved revenue (`$1`: the tool), one line

@@ -1531,3 +1531,47 @@ crate::on_both_backends! {
         assert_eq!(store.prune(now_ms()).await.unwrap().intents, backlog);
     }
 }
+
+crate::on_both_backends! {
+    /// An export reads the ledger a page at a time and writes what one
+    /// read of all of it would; an account's export reads only its entries,
+    /// and one of an account with none is refused.
+    #[tokio::test]
+    async fn an_export_pages_through_the_ledger() {
+        use crate::export::{self, ExportError, Format, Selection};
+        let (_dir, store) = store().await;
+        for (wallet, amount) in [("a", "1.00"), ("b", "2.00"), ("a", "0.50"), ("c", "3.00"), ("a", "0.25")] {
+            store
+                .topup(&AccountRef::wallet(wallet, &usd()), units(amount), None)
+                .await
+                .unwrap();
+        }
+        let run = async |selection: &Selection, page: i64| {
+            let mut out = Vec::new();
+            let count = export::export(&*store, selection, Format::Jsonl, &mut out, page).await?;
+            Ok::<_, ExportError>((count, String::from_utf8(out).unwrap()))
+        };
+        let all = Selection::default();
+        let (count, whole) = run(&all, 1000).await.unwrap();
+        assert_eq!(count, 10, "two entries per top-up");
+        for page in [1, 2, 3] {
+            assert_eq!(run(&all, page).await.unwrap(), (count, whole.clone()), "pages of {page}");
+        }
+        let only_a = Selection {
+            account: Some((AccountKind::Wallet, "a".into())),
+            ..Selection::default()
+        };
+        let (count, text) = run(&only_a, 2).await.unwrap();
+        assert_eq!(count, 3, "{text}");
+        let amounts: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["amount"].to_string())
+            .collect();
+        assert_eq!(amounts, ["\"1.00\"", "\"0.50\"", "\"0.25\""]);
+        let misspelt = Selection {
+            account: Some((AccountKind::Wallet, "aa".into())),
+            ..Selection::default()
+        };
+        assert!(matches!(run(&misspelt, 2).await, Err(ExportError::UnknownAccount(a)) if a == "wallet:aa"));
+    }
+}

@@ -182,7 +182,20 @@ async fn recovered(store: &dyn Store) {
 /// payment is captured twice.
 async fn captures_match(store: &dyn Store, told: &Told) {
     let mut captures: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in store.entries().await.expect("entries") {
+    let mut lines = Vec::new();
+    loop {
+        let after = lines.last().map_or(0, |(id, _)| *id);
+        let page = store
+            .entries_page(None, after, 1000)
+            .await
+            .expect("entries");
+        let done = page.len() < 1000;
+        lines.extend(page);
+        if done {
+            break;
+        }
+    }
+    for (_, line) in lines {
         if line.kind == "capture"
             && let Some(id) = line.payment_id
         {

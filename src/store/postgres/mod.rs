@@ -296,8 +296,13 @@ impl Store for PgStore {
         self.db.tool_statement(tool).await
     }
 
-    async fn entries(&self) -> Result<Vec<StatementLine>, StoreError> {
-        self.db.entries().await
+    async fn entries_page(
+        &self,
+        account: Option<(AccountKind, &str)>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, StatementLine)>, StoreError> {
+        self.db.entries_page(account, after, limit).await
     }
 
     async fn open_intents(
