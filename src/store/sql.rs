@@ -107,16 +107,49 @@ pub(super) const GIVE_BACK_SPEND: &str = "UPDATE accounts SET
                            ELSE spent_month END
      WHERE id = $1 AND kind = 'wallet'";
 
+/// How many payments principal `$principal` has waiting (unexpired) at
+/// `$now`; when `$principal` is null, anonymous callers on MCP session
+/// `$session`. Counted the same way by [`OPEN_INTENTS`] and the cap in
+/// [`CREATE_INTENT`].
+macro_rules! caller_waiting {
+    ($principal:literal, $session:literal, $now:literal) => {
+        concat!(
+            "(SELECT COUNT(*) FROM intents
+              WHERE status = 'awaiting_payment' AND expires_at > ",
+            $now,
+            " AND (principal = ",
+            $principal,
+            " OR (",
+            $principal,
+            " IS NULL AND principal IS NULL AND session_id = ",
+            $session,
+            ")))"
+        )
+    };
+}
+
+/// How many payments all anonymous callers have waiting at `$now`.
+macro_rules! anonymous_waiting {
+    ($now:literal) => {
+        concat!(
+            "(SELECT COUNT(*) FROM intents
+              WHERE status = 'awaiting_payment' AND expires_at > ",
+            $now,
+            " AND principal IS NULL)"
+        )
+    };
+}
+
 /// Intents awaiting payment, unexpired, of principal `$1`, or, when `$1`
 /// is null, of anonymous callers on MCP session `$2` (`n`) and of all
-/// anonymous callers (`anonymous`; 0 for a principal).
-pub(super) const OPEN_INTENTS: &str = "SELECT
-       (SELECT COUNT(*) FROM intents
-        WHERE status = 'awaiting_payment' AND expires_at > $3
-          AND (principal = $1 OR ($1 IS NULL AND principal IS NULL AND session_id = $2))) AS n,
-       CASE WHEN $1 IS NULL THEN (SELECT COUNT(*) FROM intents
-            WHERE status = 'awaiting_payment' AND expires_at > $3 AND principal IS NULL)
-            ELSE 0 END AS anonymous";
+/// anonymous callers (`anonymous`; 0 for a principal), at `$3`.
+pub(super) const OPEN_INTENTS: &str = concat!(
+    "SELECT ",
+    caller_waiting!("$1", "$2", "$3"),
+    " AS n, CASE WHEN $1 IS NULL THEN ",
+    anonymous_waiting!("$3"),
+    " ELSE 0 END AS anonymous"
+);
 
 /// Intents of a principal that needed a person's decision, newest first,
 /// at most [`super::APPROVALS_LISTED`]. Auto-approved ones (every payment
@@ -151,15 +184,17 @@ pub(super) const HOLD: &str =
 /// for an anonymous caller, anonymous callers have `$23` between them: the
 /// counts and the insert in one statement, so that calls racing each other
 /// cannot all pass the count (on PostgreSQL the caller also holds a lock).
-pub(super) const CREATE_INTENT: &str = "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
+pub(super) const CREATE_INTENT: &str = concat!(
+    "INSERT INTO intents (id, tool, args_hash, args_json, amount, currency, principal, session_id, mode,
                           status, provider, provider_session_id, payment_url, created_at, expires_at,
                           updated_at, agent, metadata, approval, approved_by, approved_at, approval_rule)
      SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $14, $16, $17, $18, $19, $20, $21
-     WHERE (SELECT COUNT(*) FROM intents
-            WHERE status = 'awaiting_payment' AND expires_at > $14
-              AND (principal = $7 OR ($7 IS NULL AND principal IS NULL AND session_id = $8))) < $22
-       AND ($7 IS NOT NULL OR (SELECT COUNT(*) FROM intents
-            WHERE status = 'awaiting_payment' AND expires_at > $14 AND principal IS NULL) < $23)";
+     WHERE ",
+    caller_waiting!("$7", "$8", "$14"),
+    " < $22 AND ($7 IS NOT NULL OR ",
+    anonymous_waiting!("$14"),
+    " < $23)"
+);
 
 pub(super) const INTENT: &str = "SELECT * FROM intents WHERE id = $1";
 
