@@ -13,11 +13,23 @@ use sha2::{Digest, Sha256};
 /// ```
 pub fn canonical_json(value: &Value) -> String {
     let mut out = String::new();
-    write_canonical(value, &mut out);
+    write_canonical(value, Numbers::AsRead, &mut out);
     out
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+/// How numbers are written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Numbers {
+    /// As read: the canonical JSON is the arguments a paid call runs with.
+    AsRead,
+    /// A whole number written as a float (`1.0`, `-0.0`) as the integer,
+    /// for the hash: a client (or a model) that writes `1` one time and
+    /// `1.0` the next is making the same call. Only within 2^53, where
+    /// every whole float is exact.
+    WholeAsIntegers,
+}
+
+fn write_canonical(value: &Value, numbers: Numbers, out: &mut String) {
     match value {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
@@ -29,7 +41,7 @@ fn write_canonical(value: &Value, out: &mut String) {
                 }
                 out.push_str(&Value::String(key.clone()).to_string());
                 out.push(':');
-                write_canonical(&map[key], out);
+                write_canonical(&map[key], numbers, out);
             }
             out.push('}');
         }
@@ -39,17 +51,28 @@ fn write_canonical(value: &Value, out: &mut String) {
                 if i > 0 {
                     out.push(',');
                 }
-                write_canonical(item, out);
+                write_canonical(item, numbers, out);
             }
             out.push(']');
+        }
+        Value::Number(n) if numbers == Numbers::WholeAsIntegers => {
+            match n.as_f64().filter(|_| n.is_f64()) {
+                Some(x) if x.fract() == 0.0 && x.abs() < 9_007_199_254_740_992.0 => {
+                    out.push_str(&(x as i64).to_string());
+                }
+                _ => out.push_str(&n.to_string()),
+            }
         }
         other => out.push_str(&other.to_string()),
     }
 }
 
-/// Hex SHA-256 of the canonical JSON.
+/// Hex SHA-256 of the canonical JSON, with whole numbers written as
+/// integers (so `{"n": 1.0}` and `{"n": 1}` are bound to the same payment).
 pub fn args_hash(value: &Value) -> String {
-    hex::encode(Sha256::digest(canonical_json(value).as_bytes()))
+    let mut out = String::new();
+    write_canonical(value, Numbers::WholeAsIntegers, &mut out);
+    hex::encode(Sha256::digest(out.as_bytes()))
 }
 
 #[cfg(test)]
@@ -69,6 +92,16 @@ mod tests {
             r#"{"a":{"x":"s","y":[1,{"p":1,"q":2}]},"b":1}"#
         );
         assert_eq!(args_hash(&a), args_hash(&b));
+    }
+
+    #[test]
+    fn a_whole_number_is_the_same_argument_written_as_a_float() {
+        assert_eq!(args_hash(&json!({"a": 1.0})), args_hash(&json!({"a": 1})));
+        assert_eq!(args_hash(&json!({"a": -0.0})), args_hash(&json!({"a": 0})));
+        assert_eq!(args_hash(&json!([-3.0])), args_hash(&json!([-3])));
+        assert_ne!(args_hash(&json!({"a": 1.5})), args_hash(&json!({"a": 1})));
+        // The arguments a paid call runs with are still as the client sent them.
+        assert_eq!(canonical_json(&json!({"a": 1.0})), r#"{"a":1.0}"#);
     }
 
     #[test]

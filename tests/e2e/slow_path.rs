@@ -247,6 +247,14 @@ on_both_backends! {
                     .redeem(&alice, "echo", json!({"text": "mine"}), &id)
                     .await;
                 assert_eq!(text(&r), "mine");
+                // Nor does a whole number written as a float (a model may
+                // write `2` one time and `2.0` the next).
+                let id = flow.start(&alice, "divide", json!({"a": 1, "b": 2})).await;
+                env.ok(&["sessions", "pay", &id]).await;
+                let r = flow
+                    .redeem(&alice, "divide", json!({"a": 1.0, "b": 2.0}), &id)
+                    .await;
+                assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
             } else {
                 let r = flow.redeem(&alice, "echo", Value::Null, &id).await;
                 assert_eq!(text(&r), "mine", "two_step runs the stored arguments");
