@@ -41,6 +41,12 @@ pub struct Selection {
     pub account: Option<(AccountKind, String)>,
     /// Tool and time range.
     pub filter: Filter,
+    /// Only entries recorded after this one (`entry_id`; 0: from the
+    /// start). Entries are numbered in the order they were recorded, so a
+    /// reconciler that goes on from the last one it read misses nothing,
+    /// not even a capture recorded late (retried after an outage), which
+    /// is dated when its call ran.
+    pub after: i64,
 }
 
 impl Selection {
@@ -77,6 +83,9 @@ struct Row<'a> {
     memo: Option<Cow<'a, str>>,
     /// JSON text; JSON lines carry it as an object.
     metadata: Option<&'a str>,
+    /// The entry's number, in the order entries were recorded (last, so
+    /// that the columns before it keep their places).
+    entry_id: i64,
 }
 
 /// A text a caller (or an operator) chose, as a CSV cell: one that a
@@ -94,9 +103,10 @@ fn cell(text: Option<&str>, csv: bool) -> Option<Cow<'_, str>> {
 }
 
 impl<'a> Row<'a> {
-    fn of(line: &'a StatementLine, csv: bool) -> Self {
+    fn of(entry_id: i64, line: &'a StatementLine, csv: bool) -> Self {
         let approval = line.approval.as_ref();
         Self {
+            entry_id,
             txn_id: &line.txn_id,
             time: rfc3339(line.at),
             kind: &line.kind,
@@ -139,7 +149,7 @@ pub async fn export(
         .as_ref()
         .map(|(kind, name)| (*kind, name.as_str()));
     let mut writer = Writer::new(format, out);
-    let mut after = 0;
+    let mut after = selection.after;
     let mut count = 0;
     loop {
         let lines = store.entries_page(account, after, page).await?;
@@ -153,30 +163,13 @@ pub async fn export(
             break;
         };
         after = *last;
-        for (_, line) in lines.iter().filter(|(_, l)| selection.keeps(l)) {
-            writer.write(line)?;
+        for (entry_id, line) in lines.iter().filter(|(_, l)| selection.keeps(l)) {
+            writer.write(*entry_id, line)?;
             count += 1;
         }
         if (lines.len() as i64) < page {
             break;
         }
-    }
-    writer.finish()?;
-    Ok(count)
-}
-
-/// Writes the selected ones of `lines`; returns how many.
-pub fn write(
-    lines: &[StatementLine],
-    selection: &Selection,
-    format: Format,
-    out: impl Write,
-) -> Result<usize, ExportError> {
-    let mut writer = Writer::new(format, out);
-    let mut count = 0;
-    for line in lines.iter().filter(|l| selection.keeps(l)) {
-        writer.write(line)?;
-        count += 1;
     }
     writer.finish()?;
     Ok(count)
@@ -197,11 +190,11 @@ impl<W: Write> Writer<W> {
         }
     }
 
-    fn write(&mut self, line: &StatementLine) -> Result<(), ExportError> {
+    fn write(&mut self, entry_id: i64, line: &StatementLine) -> Result<(), ExportError> {
         match self {
-            Writer::Csv(csv) => csv.serialize(Row::of(line, true))?,
+            Writer::Csv(csv) => csv.serialize(Row::of(entry_id, line, true))?,
             Writer::Jsonl(out) => {
-                let mut row = serde_json::to_value(Row::of(line, false))?;
+                let mut row = serde_json::to_value(Row::of(entry_id, line, false))?;
                 row["metadata"] = line.origin.metadata_value().unwrap_or(Value::Null);
                 serde_json::to_writer(&mut *out, &row)?;
                 out.write_all(b"\n")?;
@@ -223,6 +216,23 @@ impl<W: Write> Writer<W> {
 mod tests {
     use super::*;
     use crate::{money::Currency, store::Origin};
+
+    /// Writes the selected ones of `lines` (entries 1, 2, …); returns how many.
+    fn write(
+        lines: &[StatementLine],
+        selection: &Selection,
+        format: Format,
+        out: impl Write,
+    ) -> Result<usize, ExportError> {
+        let mut writer = Writer::new(format, out);
+        let mut count = 0;
+        for (i, line) in lines.iter().enumerate().filter(|(_, l)| selection.keeps(l)) {
+            writer.write(i as i64 + 1, line)?;
+            count += 1;
+        }
+        writer.finish()?;
+        Ok(count)
+    }
 
     fn line(account: &str, amount: i64, metadata: Option<&str>) -> StatementLine {
         StatementLine {
@@ -269,6 +279,11 @@ mod tests {
             rows.next()
                 .unwrap()
                 .starts_with("txn_id,time,kind,account_kind,account,currency,amount,role,")
+                && text
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .ends_with(",memo,metadata,entry_id")
         );
         let row = rows.next().unwrap();
         assert!(
@@ -276,7 +291,7 @@ mod tests {
             "{row}"
         );
         assert!(row.contains(r#""a, ""quoted"" memo""#), "{row}");
-        assert!(row.ends_with(r#""{""order"":""42""}""#), "{row}");
+        assert!(row.ends_with(r#""{""order"":""42""}",1"#), "{row}");
         assert_eq!(rows.next(), None);
     }
 

@@ -212,6 +212,11 @@ enum LedgerCommand {
         format: export::Format,
         #[command(flatten)]
         selection: LedgerSelection,
+        /// Only entries recorded after this `entry_id` (the last one a
+        /// previous export gave): a reconciler that goes on from there
+        /// misses nothing, not even a charge recorded late.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+        after: i64,
     },
 }
 
@@ -413,15 +418,21 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 Some((kind, name)) => {
                     let lines = store.statement(kind, &name).await?;
                     let title = format!("{}:{name}", kind.as_str());
-                    if lines.is_empty() {
+                    let approvals = match kind {
+                        AccountKind::Wallet => store.approvals(&name).await?,
+                        _ => Vec::new(),
+                    };
+                    if lines.is_empty() && approvals.is_empty() {
                         bail!(
                             "{title} has no entries: no such account, or nothing posted to it yet"
                         );
                     }
                     print!("{}", statement::render(&title, &lines, &filter));
                     if kind == AccountKind::Wallet {
-                        let intents = store.approvals(&name).await?;
-                        print!("{}", statement::render_approvals(&name, &intents, &filter));
+                        print!(
+                            "{}",
+                            statement::render_approvals(&name, &approvals, &filter)
+                        );
                     }
                 }
                 None => {
@@ -437,11 +448,17 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Command::Ledger {
-            command: LedgerCommand::Export { format, selection },
+            command:
+                LedgerCommand::Export {
+                    format,
+                    selection,
+                    after,
+                },
         } => {
             let selection = export::Selection {
                 account: selection.account(),
                 filter: selection.filter()?,
+                after,
             };
             let out = std::io::stdout().lock();
             let count =

@@ -145,7 +145,8 @@ impl Catalog {
                 // (free, by default) until the new name is priced.
                 tracing::error!(
                     tool = priced.name,
-                    "a priced tool is no longer provided; not served. If its upstream renamed it,                      price the new name: unpriced, it is served as the upstream's `unpriced` says"
+                    "a priced tool is no longer provided; not served. If its upstream renamed it, price \
+                     the new name: unpriced, it is served as the upstream's `unpriced` says"
                 );
                 continue;
             }

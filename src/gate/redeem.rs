@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     money::{Units, format_amount},
-    provider::SessionState,
+    provider::{ProviderError, SessionState},
     receipt::ReceiptClaims,
     store::{
         AccountKind, AccountRef, ApprovalStatus, Charge, Intent, IntentOutcome, IntentStatus,
@@ -370,14 +370,27 @@ impl Gate {
         to: IntentStatus,
     ) -> Result<bool, StoreError> {
         if let Some(session) = intent.provider_session_id.as_deref() {
+            // Ended here whatever the provider says, but for a payment. One
+            // the provider takes afterwards, when it did not cancel, is not
+            // seen here (README: "Taking payments through another tollgate").
             match self.provider.cancel_session(session).await {
                 // A remote provider's payment is not in this store, so the
                 // store's own check below cannot see it.
                 Ok(SessionStatus::Paid) => return Ok(false),
-                Ok(_) => {}
-                // Ended here all the same. A payment the provider takes
-                // afterwards is not seen here (README: "Taking payments
-                // through another tollgate").
+                Ok(SessionStatus::Cancelled | SessionStatus::Expired | SessionStatus::Failed) => {}
+                Ok(SessionStatus::Pending) => tracing::warn!(
+                    payment_id = intent.id,
+                    session,
+                    "the provider took the cancel but its session is still pending: \
+                     a payment made there now is not seen here"
+                ),
+                Err(ProviderError::NotFound(_)) => tracing::warn!(
+                    payment_id = intent.id,
+                    session,
+                    "the provider could not cancel the session (it has no cancel, as an older \
+                     tollgate has not, or no longer knows the session): a payment made there now \
+                     is not seen here"
+                ),
                 Err(e) => tracing::warn!(
                     payment_id = intent.id,
                     "could not cancel the provider session: {e}"

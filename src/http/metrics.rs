@@ -87,12 +87,15 @@ fn record_stats(stats: StoreStats) {
     metrics::gauge!("tollgate_open_holds").set(stats.open_holds as f64);
     metrics::gauge!("tollgate_stored_results").set(stats.stored_results as f64);
     // A status with no intents left has no row: it is zero now, not what it
-    // was at the last scrape.
+    // was at the last scrape. Each gauge is set once, so that a scrape at
+    // the same time never sees a passing zero.
     for status in IntentStatus::ALL {
-        metrics::gauge!("tollgate_intents", "status" => status.as_str()).set(0.0);
-    }
-    for (status, n) in stats.intents {
-        metrics::gauge!("tollgate_intents", "status" => status).set(n as f64);
+        let n = stats
+            .intents
+            .iter()
+            .find(|(s, _)| s == status.as_str())
+            .map_or(0, |(_, n)| *n);
+        metrics::gauge!("tollgate_intents", "status" => status.as_str()).set(n as f64);
     }
     for (tool, currency, micros) in stats.revenue {
         // Major units; the ledger keeps the exact figure.

@@ -177,8 +177,11 @@ pub async fn cancel(
         Ok(key) => key,
         Err(e) => return e.into_response(),
     };
-    if let Err(response) = visible_session(&state, &key, &id).await {
-        return response;
+    match visible_session(&state, &key, &id).await {
+        // Pending past its time is expired, as a read says: left so.
+        Ok(session) if session.status != SessionStatus::Pending => return view(&session),
+        Ok(_) => {}
+        Err(response) => return response,
     }
     match state.store.end_session(&id, SessionStatus::Cancelled).await {
         Ok(true) => tracing::info!(

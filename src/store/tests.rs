@@ -1573,5 +1573,18 @@ crate::on_both_backends! {
             ..Selection::default()
         };
         assert!(matches!(run(&misspelt, 2).await, Err(ExportError::UnknownAccount(a)) if a == "wallet:aa"));
+
+        // Going on from an entry: only what was recorded after it.
+        let ids: Vec<i64> = whole
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["entry_id"].as_i64().unwrap())
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let rest = Selection { after: ids[3], ..Selection::default() };
+        let (count, text) = run(&rest, 2).await.unwrap();
+        assert_eq!(count, 6);
+        assert_eq!(text, whole.lines().skip(4).map(|l| format!("{l}\n")).collect::<String>());
+        let (count, _) = run(&Selection { after: ids[9], ..Selection::default() }, 2).await.unwrap();
+        assert_eq!(count, 0, "nothing after the last");
     }
 }

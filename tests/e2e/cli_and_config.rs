@@ -261,11 +261,12 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
         ])
         .await;
     assert_eq!(csv.lines().count(), 0, "{csv}");
-    let out = env.cli(&["sessions", "list", "--limit", "-1"]).await;
-    assert!(
-        !out.status.success(),
-        "a negative limit is refused on every backend"
-    );
+    for limit in ["--limit=-1", "--limit=0"] {
+        let out = env.cli(&["sessions", "list", limit]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{limit}: refused on every backend");
+        assert!(stderr.contains("is not in 1.."), "{limit}: {stderr}");
+    }
     env.assert_ledger_ok().await;
 }
 

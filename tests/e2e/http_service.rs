@@ -480,6 +480,36 @@ on_both_backends! {
         assert_eq!(body["status"], "paid");
         assert_eq!(server.env.available("ben").await, "2.50");
         server.env.assert_ledger_ok().await;
+
+        // Past its time, a session is expired, as a read says, and a cancel
+        // leaves it so.
+        let short = HttpServer::start(
+            &two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"1s\""),
+        )
+        .await;
+        let key = short.key("shop", &["sessions:create"]).await;
+        let created: Value = http()
+            .post(format!("{}/v1/sessions", short.base))
+            .bearer_auth(&key)
+            .json(&json!({"amount": 100, "currency": "usd"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let id = created["sessionId"].as_str().unwrap();
+        let body: Value = http()
+            .post(format!("{}/v1/sessions/{id}/cancel", short.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["status"], "expired");
     }
 }
 
