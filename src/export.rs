@@ -150,9 +150,11 @@ pub async fn export(
         .map(|(kind, name)| (*kind, name.as_str()));
     let mut writer = Writer::new(format, out);
     let mut after = selection.after;
+    // Fixed first: pages read after it then miss no entry committed late.
+    let upto = store.entries_settled_upto().await?;
     let mut count = 0;
     loop {
-        let lines = store.entries_page(account, after, page).await?;
+        let lines = store.entries_page(account, after, upto, page).await?;
         let Some((last, _)) = lines.last() else {
             if let (Some((kind, name)), 0) = (account, after) {
                 return Err(ExportError::UnknownAccount(format!(

@@ -757,8 +757,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         account: Option<(AccountKind, &str)>,
         after: i64,
+        upto: i64,
         limit: i64,
     ) -> Result<Vec<(i64, StatementLine)>, StoreError>;
+    /// The highest entry id with every entry up to it committed: the end of
+    /// what an export can read without missing one still being written. On
+    /// PostgreSQL ids are drawn as rows are inserted, and a transaction may
+    /// commit after one that drew a later id.
+    async fn entries_settled_upto(&self) -> Result<i64, StoreError>;
     /// Intents of a principal that needed a person's approval (or were
     /// auto-approved on the slow path), newest first.
     async fn approvals(&self, principal: &str) -> Result<Vec<Intent>, StoreError>;

@@ -299,22 +299,37 @@ where
         &self,
         account: Option<(AccountKind, &str)>,
         after: i64,
+        upto: i64,
         limit: i64,
     ) -> Result<Vec<(i64, StatementLine)>, StoreError> {
-        match account {
-            Some((kind, name)) => {
-                let statement =
-                    statement!(sql::ACCOUNT_ENTRIES_PAGE, after, limit, kind.as_str(), name);
-                self.all(statement, rows::entry_line).await
-            }
-            None => {
-                self.all(
-                    statement!(sql::ENTRIES_PAGE, after, limit),
-                    rows::entry_line,
-                )
-                .await
-            }
-        }
+        let statement = match account {
+            Some((kind, name)) => statement!(
+                sql::ACCOUNT_ENTRIES_PAGE,
+                after,
+                limit,
+                upto,
+                kind.as_str(),
+                name
+            ),
+            None => statement!(sql::ENTRIES_PAGE, after, limit, upto),
+        };
+        self.all(statement, rows::entry_line).await
+    }
+
+    /// The highest entry id.
+    pub async fn entries_upto(&self) -> Result<i64, StoreError> {
+        let row = query(statement!(sql::ENTRIES_UPTO))
+            .fetch_one(&self.pool)
+            .await?;
+        row.int("upto")
+    }
+
+    /// The highest entry id, read in `tx`.
+    pub async fn entries_upto_in(tx: &mut Transaction<'_, DB>) -> Result<i64, StoreError> {
+        let row = query(statement!(sql::ENTRIES_UPTO))
+            .fetch_one(&mut **tx)
+            .await?;
+        row.int("upto")
     }
 
     pub async fn open_intents(

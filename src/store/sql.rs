@@ -33,19 +33,24 @@ pub(super) const STATEMENT: &str = ledger_lines!(
     "WHERE a.kind = $2 AND a.name = $1 ORDER BY e.id"
 );
 
-/// A page of entries for export: up to `$2` after entry `$1`.
+/// A page of entries for export: up to `$2` after entry `$1`, up to entry
+/// `$3`.
 pub(super) const ENTRIES_PAGE: &str = ledger_lines!(
     "e.amount, e.role, e.id AS entry_id",
     "a.kind AS account_kind, a.name AS account_name",
-    "WHERE e.id > $1 ORDER BY e.id LIMIT $2"
+    "WHERE e.id > $1 AND e.id <= $3 ORDER BY e.id LIMIT $2"
 );
 
-/// As [`ENTRIES_PAGE`], of one account's entries (`$3`: kind, `$4`: name).
+/// As [`ENTRIES_PAGE`], of one account's entries (`$4`: kind, `$5`: name).
 pub(super) const ACCOUNT_ENTRIES_PAGE: &str = ledger_lines!(
     "e.amount, e.role, e.id AS entry_id",
     "a.kind AS account_kind, a.name AS account_name",
-    "WHERE a.kind = $3 AND a.name = $4 AND e.id > $1 ORDER BY e.id LIMIT $2"
+    "WHERE a.kind = $4 AND a.name = $5 AND e.id > $1 AND e.id <= $3 ORDER BY e.id LIMIT $2"
 );
+
+/// The highest entry id (0 for none).
+pub(super) const ENTRIES_UPTO: &str =
+    "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) AS upto FROM ledger_entries";
 
 /// A tool's transactions that moved revenue (`$1`: the tool), one line
 /// each: the sum of their revenue legs.

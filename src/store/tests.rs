@@ -1588,3 +1588,56 @@ crate::on_both_backends! {
         assert_eq!(count, 0, "nothing after the last");
     }
 }
+
+crate::on_postgres! {
+    /// On PostgreSQL an entry can commit after one with a later id: an
+    /// export waits for the ledger's writes in flight, so that it neither
+    /// leaves out such an entry nor lets `--after` skip it next time.
+    #[tokio::test]
+    async fn an_export_waits_for_ledger_writes_in_flight() {
+        use sqlx::Connection;
+
+        use crate::export::{self, Format, Selection};
+        let (place, store) = store().await;
+        store
+            .topup(&AccountRef::wallet("a", &usd()), units("1.00"), None)
+            .await
+            .unwrap();
+        // A posting written and not yet committed (as a capture in flight),
+        // then one after it that commits at once.
+        let mut late = sqlx::PgConnection::connect(&place.db.url).await.unwrap();
+        for sql in [
+            "BEGIN",
+            "INSERT INTO ledger_transactions (id, kind, currency, amount, created_at)
+             VALUES ('txn_late', 'topup', 'USD', 0, 0)",
+            "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at)
+             SELECT 'txn_late', id, 1, 0 FROM accounts WHERE kind = 'wallet' AND name = 'a'",
+            "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at)
+             SELECT 'txn_late', id, -1, 0 FROM accounts WHERE kind = 'wallet' AND name = 'a'",
+        ] {
+            sqlx::query(sql).execute(&mut late).await.unwrap();
+        }
+        store
+            .topup(&AccountRef::wallet("b", &usd()), units("2.00"), None)
+            .await
+            .unwrap();
+
+        let exporting = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let mut out = Vec::new();
+                export::export(&*store, &Selection::default(), Format::Jsonl, &mut out, 2)
+                    .await
+                    .unwrap();
+                String::from_utf8(out).unwrap()
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!exporting.is_finished(), "it waits for the write in flight");
+        sqlx::query("COMMIT").execute(&mut late).await.unwrap();
+        let exported = exporting.await.unwrap();
+        assert_eq!(exported.lines().count(), 6, "{exported}");
+        assert!(exported.contains("txn_late"), "{exported}");
+        late.close().await.ok();
+    }
+}

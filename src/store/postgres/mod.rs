@@ -300,9 +300,23 @@ impl Store for PgStore {
         &self,
         account: Option<(AccountKind, &str)>,
         after: i64,
+        upto: i64,
         limit: i64,
     ) -> Result<Vec<(i64, StatementLine)>, StoreError> {
-        self.db.entries_page(account, after, limit).await
+        self.db.entries_page(account, after, upto, limit).await
+    }
+
+    async fn entries_settled_upto(&self) -> Result<i64, StoreError> {
+        // A SHARE lock waits for every transaction inserting entries (they
+        // hold ROW EXCLUSIVE until they commit) and holds new ones off for
+        // as long as it takes to read the highest id.
+        let mut tx = self.tx().await?;
+        sqlx::query("LOCK TABLE ledger_entries IN SHARE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let upto = Portable::<Postgres>::entries_upto_in(&mut tx).await?;
+        tx.commit().await?;
+        Ok(upto)
     }
 
     async fn open_intents(

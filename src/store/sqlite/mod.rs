@@ -217,9 +217,16 @@ impl Store for SqliteStore {
         &self,
         account: Option<(AccountKind, &str)>,
         after: i64,
+        upto: i64,
         limit: i64,
     ) -> Result<Vec<(i64, StatementLine)>, StoreError> {
-        self.db.entries_page(account, after, limit).await
+        self.db.entries_page(account, after, upto, limit).await
+    }
+
+    async fn entries_settled_upto(&self) -> Result<i64, StoreError> {
+        // One writer at a time, and ids drawn in commit order: the highest
+        // committed id will do.
+        self.db.entries_upto().await
     }
 
     async fn open_intents(
