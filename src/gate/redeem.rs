@@ -646,10 +646,20 @@ fn mismatch(
     if intent.principal != caller.principal {
         return Some("it was issued to another principal");
     }
-    if args_hash.is_some_and(|h| h != intent.args_hash) {
+    if args_hash.is_some_and(|h| h != intent.args_hash && h != rehashed(intent).as_str()) {
         return Some("the arguments differ from the ones it was issued for");
     }
     None
+}
+
+/// The hash of an intent's stored arguments as [`crate::canonical::args_hash`] makes it now.
+/// An intent opened before whole numbers were hashed as integers (by this
+/// tollgate before an upgrade, or by an older instance on the same store)
+/// holds its hash the old way.
+fn rehashed(intent: &Intent) -> String {
+    serde_json::from_str::<Value>(&intent.args_json)
+        .map(|args| crate::canonical::args_hash(&args))
+        .unwrap_or_default()
 }
 
 /// The payment block of a paid intent whose run earned nothing: all of it

@@ -255,6 +255,21 @@ on_both_backends! {
                     .redeem(&alice, "divide", json!({"a": 1.0, "b": 2.0}), &id)
                     .await;
                 assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
+                // An intent opened before that (its hash of `2.0` as
+                // written, as an older tollgate stored it) is redeemed too.
+                let sent = json!({"a": 1, "b": 2.0});
+                let id = flow.start(&alice, "divide", sent.clone()).await;
+                env.ok(&["sessions", "pay", &id]).await;
+                use sha2::Digest;
+                let legacy = hex::encode(sha2::Sha256::digest(
+                    tollgate::canonical::canonical_json(&sent).as_bytes(),
+                ));
+                let older = format!("UPDATE intents SET args_hash = '{legacy}' WHERE id = '{id}'");
+                assert_eq!(tollgate::testing::execute(&env.db, &older).await.unwrap(), 1);
+                let r = flow
+                    .redeem(&alice, "divide", json!({"a": 1, "b": 2}), &id)
+                    .await;
+                assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
             } else {
                 let r = flow.redeem(&alice, "echo", Value::Null, &id).await;
                 assert_eq!(text(&r), "mine", "two_step runs the stored arguments");
