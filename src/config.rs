@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use crate::{
     approvals::{ApprovalRule, ApprovalRules},
-    money::{Currency, Units},
+    money::{Currency, Units, format_amount, to_minor_units},
     tariff::{Measure, Metered, Tariff},
     terms::{Fee, FeeAccounts, Terms},
 };
@@ -772,12 +772,14 @@ impl Config {
                 None => Unpriced::Free,
                 Some(s) if s.get_ref() == "free" => Unpriced::Free,
                 Some(s) if s.get_ref() == "hidden" => Unpriced::Hidden,
-                Some(s) => Unpriced::Price(Units::parse(s.get_ref()).map_err(|e| {
-                    err(
-                        Some(s.span()),
-                        format!("{}: free, hidden, or a price ({e})", field("unpriced")),
-                    )
-                })?),
+                Some(s) => Unpriced::Price(
+                    Units::parse(s.get_ref())
+                        .map_err(|e| format!("free, hidden, or a price ({e})"))
+                        .and_then(|amount| whole_flat_price(amount, &currency))
+                        .map_err(|message| {
+                            err(Some(s.span()), format!("{}: {message}", field("unpriced")))
+                        })?,
+                ),
             };
             upstreams.push(UpstreamConfig {
                 transport,
@@ -811,12 +813,17 @@ impl Config {
                     ),
                 ));
             }
-            let price = parse_tariff(t.price.get_ref()).map_err(|message| {
-                err(
-                    Some(t.price.span()),
-                    format!("{} of `{name}`: {message}", field("price")),
-                )
-            })?;
+            let price = parse_tariff(t.price.get_ref())
+                .and_then(|price| match price {
+                    Tariff::Flat(amount) => whole_flat_price(amount, &currency).map(Tariff::Flat),
+                    metered => Ok(metered),
+                })
+                .map_err(|message| {
+                    err(
+                        Some(t.price.span()),
+                        format!("{} of `{name}`: {message}", field("price")),
+                    )
+                })?;
             let fee = |f: &str, own: &Option<Spanned<String>>, default: Option<Fee>| match own {
                 None => Ok(default),
                 Some(text) => Fee::parse(text.get_ref(), &currency)
@@ -850,12 +857,14 @@ impl Config {
                 )?,
                 accounts: server_terms.accounts.clone(),
             };
-            check_terms(&terms).map_err(|message| {
-                err(
-                    Some(t.name.span()),
-                    format!("{} `{name}`: {message}", field("name")),
-                )
-            })?;
+            check_terms(&terms)
+                .and_then(|()| fees_within_flat_price(&terms, &price))
+                .map_err(|message| {
+                    err(
+                        Some(t.name.span()),
+                        format!("{} `{name}`: {message}", field("name")),
+                    )
+                })?;
             let mode = match &t.mode {
                 None => None,
                 Some(m) => Some(parse_mode(m).map_err(|msg| {
@@ -1111,6 +1120,39 @@ fn server_terms(
 
 /// Fees that leave the author something, and a beneficiary that is not one
 /// of the fee accounts (its statement would mix in the fees).
+/// A flat price in whole minor units of `currency` (cents for USD): the
+/// legs of a split are whole minor units, so a finer one would go, in part
+/// or whole, to the rounding account rather than to its author, and a
+/// provider that takes minor units could never be paid it. (A metered price
+/// may charge finer amounts; its rounding is the formula's.)
+fn whole_flat_price(amount: Units, currency: &Currency) -> Result<Units, String> {
+    to_minor_units(amount, currency)
+        .map(|_| amount)
+        .map_err(|e| format!("{e}: a flat price is whole minor units"))
+}
+
+/// Fixed fees taken from a flat price's author share must fit in it: they
+/// are cut to what is there (`terms.rs`), and a platform share above the
+/// price would leave the author nothing, silently.
+fn fees_within_flat_price(terms: &Terms, price: &Tariff) -> Result<(), String> {
+    let Tariff::Flat(amount) = price else {
+        return Ok(());
+    };
+    let fixed = |fee: &Option<Fee>| match fee {
+        Some(Fee::Fixed(units)) => units.0,
+        _ => 0,
+    };
+    let taken = fixed(&terms.platform_share) + fixed(&terms.commission_in);
+    if taken > amount.0 {
+        return Err(format!(
+            "its fixed platform_share and commission_in come to {}, more than its price {}",
+            format_amount(Units(taken)),
+            format_amount(*amount)
+        ));
+    }
+    Ok(())
+}
+
 fn check_terms(terms: &Terms) -> Result<(), String> {
     terms.check().map_err(|e| e.to_string())?;
     let accounts = &terms.accounts;
@@ -1224,6 +1266,53 @@ mode = "resubmit"
                 .starts_with("p.toml:7: tools[0].price of `echo`: per_unit: `x` is not a decimal")
         );
         assert!(error_for("price = \"0.0000001\"").contains("decimal places"));
+    }
+
+    /// A flat price finer than the currency's minor unit would go, in part
+    /// or whole, to the rounding account, and fixed fees above a flat price
+    /// would leave its author nothing: both refused, naming the field. (Both
+    /// were taken.)
+    #[test]
+    fn a_flat_price_is_whole_minor_units_and_holds_its_fixed_fees() {
+        let e = error_for("price = \"0.015\"");
+        assert!(e.starts_with("p.toml:7: tools[0].price of `echo`"), "{e}");
+        assert!(e.contains("a flat price is whole minor units"), "{e}");
+        assert!(error_for("price = \"0.009\"").contains("minor unit"));
+        let yen = "[server]\nname = \"t\"\ncurrency = \"JPY\"\n\n[[tools]]\nname = \"echo\"\nprice = \"0.5\"\n";
+        assert!(
+            Config::parse(yen, "p.toml")
+                .unwrap_err()
+                .to_string()
+                .contains("minor unit")
+        );
+        assert!(Config::parse(&yen.replace("0.5", "5"), "p.toml").is_ok());
+        // A metered price may charge finer amounts.
+        let metered = "price = { per_unit = \"0.0001\", usage = \"reported\", max = \"0.015\" }";
+        let text = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\n{metered}\n"
+        );
+        assert!(Config::parse(&text, "p.toml").is_ok());
+
+        let e = error_for("price = \"0.01\"\nplatform_share = \"0.02\"");
+        assert!(
+            e.contains(
+                "fixed platform_share and commission_in come to 0.02, more than its price 0.01"
+            ),
+            "{e}"
+        );
+        assert!(
+            error_for("price = \"0.01\"\nplatform_share = \"0.01\"\ncommission_in = \"0.01\"")
+                .contains("come to 0.02")
+        );
+        let fits = "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\nprice = \"0.05\"\nplatform_share = \"0.02\"\n";
+        assert!(Config::parse(fits, "p.toml").is_ok());
+
+        let upstream = "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1/mcp\"\nunpriced = \"0.005\"\n";
+        let e = Config::parse(upstream, "p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams[0].unpriced") && e.contains("minor unit"),
+            "{e}"
+        );
     }
 
     /// Settings that would misbehave at run time are refused at start: a
