@@ -136,6 +136,23 @@ impl Catalog {
                 }
             }
         }
+        // A rule for a tool nobody serves would never ask anyone. The config
+        // could not tell when an upstream prices its unlisted tools.
+        if strict
+            && let Some((rule, tool)) = config.approvals.rules.iter().find_map(|rule| {
+                let tool = rule.tool.as_deref()?;
+                (!described.contains_key(tool)).then_some((rule, tool))
+            })
+        {
+            return Err(ConfigError {
+                file: config.source.clone(),
+                location: String::new(),
+                message: format!(
+                    "{}.tool: no backend provides a tool named `{tool}`",
+                    rule.name
+                ),
+            });
+        }
         let mut prices: HashMap<&str, Price> = HashMap::new();
         let mut explicitly_free = std::collections::HashSet::new();
         for priced in &config.tools {
@@ -363,4 +380,43 @@ fn confirm_tool(confirm: &str, tool: &str, price: &Price) -> Tool {
         Arc::new(schema.as_object().cloned().unwrap_or_default()),
     )
     .with_meta(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use schemars::JsonSchema;
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::tools::functions::FnTools;
+
+    #[derive(Deserialize, JsonSchema)]
+    struct Query {
+        #[allow(dead_code)]
+        q: String,
+    }
+
+    /// With an upstream that prices its unlisted tools, the config cannot
+    /// tell whether an approval rule's tool exists; the catalog can. A rule
+    /// for a misspelt tool would never ask anyone, and is refused at start.
+    #[test]
+    fn an_approval_rule_for_a_tool_nobody_serves_is_refused_at_start() {
+        let text = "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n\
+                    [[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1/mcp\"\nunpriced = \"0.02\"\n\n\
+                    [[approvals]]\ntool = \"serach\"\nthreshold = \"1\"\n";
+        let tools: Arc<dyn ToolBackend> =
+            Arc::new(FnTools::new().tool("search", "Finds.", |_: Query| async { "found" }));
+        let config = Config::parse(text, "p.toml").expect("the config alone cannot tell");
+        let e = Catalog::build(&config, std::slice::from_ref(&tools))
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(
+                |e| e.contains("approvals[0].tool: no backend provides a tool named `serach`")
+            ),
+            "{e:?}"
+        );
+        let fixed = Config::parse(&text.replace("serach", "search"), "p.toml").unwrap();
+        assert!(Catalog::build(&fixed, &[tools]).is_ok());
+    }
 }
