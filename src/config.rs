@@ -646,6 +646,16 @@ impl Config {
                 pool_defaults.statement_timeout,
             )?,
         };
+        // PostgreSQL takes it in milliseconds, as a 32-bit integer: past
+        // that, every connection would fail, with the database's word for it.
+        if let Some(s) = &s.statement_timeout
+            && pool.statement_timeout.as_millis() > i32::MAX as u128
+        {
+            return Err(err(
+                Some(s.span()),
+                "store.statement_timeout: must be at most 24 days (PostgreSQL's limit)".into(),
+            ));
+        }
         let approval_threshold = match &raw.server.approval_threshold {
             None => Units::parse("5.00").unwrap_or_default(),
             Some(s) => Units::parse(s.get_ref())
@@ -678,6 +688,25 @@ impl Config {
                 ));
             }
         };
+        // Settings of another kind of provider are a mistake to point out:
+        // a `url` without `kind = "sessions_api"` would take payments here.
+        if !matches!(provider, ProviderKind::SessionsApi { .. }) {
+            for (field, set) in [
+                ("url", raw.provider.url.is_some()),
+                ("api_key_env", raw.provider.api_key_env.is_some()),
+            ] {
+                if set {
+                    return Err(err(
+                        raw.provider.kind.as_ref().map(Spanned::span),
+                        format!(
+                            "provider.{field}: only the sessions_api provider takes it; set \
+                             provider.kind = \"sessions_api\" to take payments through another \
+                             tollgate, or remove it"
+                        ),
+                    ));
+                }
+            }
+        }
         let defaults = HttpConfig::default();
         let h = &raw.http;
         let per_minute = |field: &str, value: &Option<Spanned<u32>>, default: u32| match value {
@@ -1365,6 +1394,26 @@ mode = "resubmit"
             e.contains("http.max_body_bytes: 0 is below the least, 1024"),
             "{e}"
         );
+        // PostgreSQL's limit on a statement timeout (about 24.8 days).
+        let e = with("", "\n[store]\nstatement_timeout = \"30days\"\n").unwrap_err();
+        assert!(
+            e.contains("store.statement_timeout: must be at most 24 days"),
+            "{e}"
+        );
+        assert!(with("", "\n[store]\nstatement_timeout = \"24days\"\n").is_ok());
+        // A sessions_api setting without its kind would take payments here.
+        let e = with("", "\n[provider]\nurl = \"https://pay.example.com\"\n").unwrap_err();
+        assert!(
+            e.contains("provider.url: only the sessions_api provider takes it"),
+            "{e}"
+        );
+        let e = with("", "\n[provider]\nkind = \"local\"\napi_key_env = \"K\"\n").unwrap_err();
+        assert!(
+            e.contains("provider.api_key_env: only the sessions_api"),
+            "{e}"
+        );
+        let remote = "\n[provider]\nkind = \"sessions_api\"\nurl = \"https://pay.example.com\"\n";
+        assert!(with("", remote).is_ok());
     }
 
     #[test]

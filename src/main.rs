@@ -508,6 +508,21 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
         .await
         .with_context(|| format!("listening on {}", config.http.listen))?;
     let local = listener.local_addr()?;
+    if config.dev_settle {
+        // Anyone who can reach the checkout page could settle a payment
+        // there for nothing.
+        if !local.ip().is_loopback() {
+            bail!(
+                "[provider] dev_settle = true lets anyone settle payments for nothing at the \
+                 checkout page: it is for development, and refused on {local}, which is not a \
+                 loopback address"
+            );
+        }
+        tracing::warn!(
+            "[provider] dev_settle = true: the checkout page settles payments for nothing \
+             (development only)"
+        );
+    }
     // Payment URLs point here unless the config says otherwise (port 0
     // becomes the real port).
     config.http.listen = local.to_string();

@@ -328,3 +328,28 @@ async fn a_server_that_cannot_register_its_instance_does_not_serve() {
     );
     assert!(out.stdout.is_empty(), "nothing on the MCP channel");
 }
+
+/// dev_settle lets anyone settle a payment for nothing at the checkout
+/// page: the HTTP service refuses it on an address that is not loopback.
+#[tokio::test]
+async fn dev_settle_is_refused_on_an_address_others_can_reach() {
+    let pricing = crate::harness::pricing("two_step", "")
+        .replace("[store]", "[provider]\ndev_settle = true\n\n[store]");
+    let env = Env::with_pricing(&pricing);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        env.command()
+            .args(["serve", "--http", "0.0.0.0:0"])
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("it refuses, not serves")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("dev_settle = true lets anyone settle payments for nothing"),
+        "{stderr}"
+    );
+}
