@@ -144,6 +144,9 @@ pub async fn build_gate_with(
     store: Arc<dyn Store>,
     backends: &[Arc<dyn ToolBackend>],
 ) -> Result<Arc<Gate>, AppError> {
+    // Before the catalog is built: a tool list that changes while it is
+    // being built is then seen as a change.
+    let changes: Vec<_> = backends.iter().filter_map(|b| b.changes()).collect();
     let catalog = Catalog::build(config, backends)?;
     let provider = provider_for(config, store.clone())?;
     let key_path = receipt_key_path(config)?;
@@ -163,7 +166,7 @@ pub async fn build_gate_with(
     let gate = Arc::new(gate);
     gate.resume_withheld();
     // Upstreams may change their tools while we run.
-    gate.watch_backends();
+    gate.watch_backends(changes);
     spawn_upkeep(&gate, Upkeep::from_config(config)).await?;
     Ok(gate)
 }

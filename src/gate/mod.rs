@@ -183,11 +183,11 @@ impl Gate {
 
     /// Follows the backends whose tool lists can change (upstreams): on a
     /// change, rebuilds the catalog and tells every session.
-    pub fn watch_backends(self: &Arc<Self>) {
-        let Some(sources) = &self.sources else {
-            return;
-        };
-        for mut changes in sources.backends.iter().filter_map(|b| b.changes()) {
+    /// Rebuilds the catalog whenever one of `changes` (the backends' tool
+    /// lists, subscribed to before the catalog was first built, so that a
+    /// change meanwhile is not missed) ticks.
+    pub fn watch_backends(self: &Arc<Self>, changes: Vec<tokio::sync::watch::Receiver<u64>>) {
+        for mut changes in changes {
             let gate = Arc::downgrade(self);
             tokio::spawn(async move {
                 while changes.changed().await.is_ok() {
