@@ -821,6 +821,13 @@ impl Config {
 
         let server_terms =
             server_terms(&raw, &currency).map_err(|(span, message)| err(span, message))?;
+        // An upstream's unpriced tools are charged on the server's terms.
+        for (i, upstream) in upstreams.iter().enumerate() {
+            if let Unpriced::Price(amount) = upstream.unpriced {
+                fees_within_flat_price(&server_terms, &Tariff::Flat(amount))
+                    .map_err(|message| err(None, format!("upstreams[{i}].unpriced: {message}")))?;
+            }
+        }
         let mut tools = Vec::with_capacity(raw.tools.len());
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, t) in raw.tools.iter().enumerate() {
@@ -1147,8 +1154,6 @@ fn server_terms(
     Ok(terms)
 }
 
-/// Fees that leave the author something, and a beneficiary that is not one
-/// of the fee accounts (its statement would mix in the fees).
 /// A flat price in whole minor units of `currency` (cents for USD): the
 /// legs of a split are whole minor units, so a finer one would go, in part
 /// or whole, to the rounding account rather than to its author, and a
@@ -1164,9 +1169,13 @@ fn whole_flat_price(amount: Units, currency: &Currency) -> Result<Units, String>
 /// are cut to what is there (`terms.rs`), and a platform share above the
 /// price would leave the author nothing, silently.
 fn fees_within_flat_price(terms: &Terms, price: &Tariff) -> Result<(), String> {
-    let Tariff::Flat(amount) = price else {
+    // A free tool is not charged, so nothing is taken from it.
+    let &Tariff::Flat(amount) = price else {
         return Ok(());
     };
+    if amount.0 == 0 {
+        return Ok(());
+    }
     let fixed = |fee: &Option<Fee>| match fee {
         Some(Fee::Fixed(units)) => units.0,
         _ => 0,
@@ -1176,12 +1185,14 @@ fn fees_within_flat_price(terms: &Terms, price: &Tariff) -> Result<(), String> {
         return Err(format!(
             "its fixed platform_share and commission_in come to {}, more than its price {}",
             format_amount(Units(taken)),
-            format_amount(*amount)
+            format_amount(amount)
         ));
     }
     Ok(())
 }
 
+/// Fees that leave the author something, and a beneficiary that is not one
+/// of the fee accounts (its statement would mix in the fees).
 fn check_terms(terms: &Terms) -> Result<(), String> {
     terms.check().map_err(|e| e.to_string())?;
     let accounts = &terms.accounts;
@@ -1342,6 +1353,23 @@ mode = "resubmit"
             e.contains("upstreams[0].unpriced") && e.contains("minor unit"),
             "{e}"
         );
+        // An upstream's unpriced tools are charged on the server's fees.
+        let fees = "\n[fees]\nplatform_share = \"0.02\"\n";
+        let e = Config::parse(
+            &format!("{}{fees}", upstream.replace("0.005", "0.01")),
+            "p.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("upstreams[0].unpriced: its fixed platform_share"),
+            "{e}"
+        );
+        // A free tool is charged nothing, so the server's fees take nothing.
+        let free = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\nprice = \"0\"\n{fees}"
+        );
+        assert!(Config::parse(&free, "p.toml").is_ok());
     }
 
     /// Settings that would misbehave at run time are refused at start: a

@@ -511,7 +511,7 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
     if config.dev_settle {
         // Anyone who can reach the checkout page could settle a payment
         // there for nothing.
-        if !local.ip().is_loopback() {
+        if !local.ip().to_canonical().is_loopback() {
             bail!(
                 "[provider] dev_settle = true lets anyone settle payments for nothing at the \
                  checkout page: it is for development, and refused on {local}, which is not a \

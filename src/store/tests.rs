@@ -1634,9 +1634,16 @@ crate::on_postgres! {
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!exporting.is_finished(), "it waits for the write in flight");
+        // A writer that comes meanwhile is not held up until that one ends:
+        // the export gives way, and waits again.
+        store
+            .topup(&AccountRef::wallet("c", &usd()), units("3.00"), None)
+            .await
+            .unwrap();
+        assert!(!exporting.is_finished(), "still waiting for the first");
         sqlx::query("COMMIT").execute(&mut late).await.unwrap();
         let exported = exporting.await.unwrap();
-        assert_eq!(exported.lines().count(), 6, "{exported}");
+        assert_eq!(exported.lines().count(), 8, "{exported}");
         assert!(exported.contains("txn_late"), "{exported}");
         late.close().await.ok();
     }

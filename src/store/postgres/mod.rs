@@ -56,6 +56,17 @@ fn retryable(e: &StoreError) -> bool {
     }
 }
 
+/// How many times an export tries to wait for the ledger's writes in flight.
+const EXPORT_LOCK_ATTEMPTS: u32 = 5;
+
+/// The SQLSTATE of a database error.
+fn sql_state(e: &StoreError) -> Option<String> {
+    match e {
+        StoreError::Unavailable(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
 /// Whether PostgreSQL refused a row whose key is already there.
 fn duplicate(e: &StoreError) -> bool {
     matches!(e, StoreError::Unavailable(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505"))
@@ -308,15 +319,43 @@ impl Store for PgStore {
 
     async fn entries_settled_upto(&self) -> Result<i64, StoreError> {
         // A SHARE lock waits for every transaction inserting entries (they
-        // hold ROW EXCLUSIVE until they commit) and holds new ones off for
-        // as long as it takes to read the highest id.
-        let mut tx = self.tx().await?;
-        sqlx::query("LOCK TABLE ledger_entries IN SHARE MODE")
-            .execute(&mut *tx)
-            .await?;
-        let upto = Portable::<Postgres>::entries_upto_in(&mut tx).await?;
-        tx.commit().await?;
-        Ok(upto)
+        // hold ROW EXCLUSIVE until they commit). Writers that come while it
+        // waits queue behind it, so it waits half a second at most, then
+        // lets them through and tries again.
+        for attempt in 1..=EXPORT_LOCK_ATTEMPTS {
+            let mut tx = self.tx().await?;
+            sqlx::query("SET LOCAL lock_timeout = '500ms'")
+                .execute(&mut *tx)
+                .await?;
+            let locked = sqlx::query("LOCK TABLE ledger_entries IN SHARE MODE")
+                .execute(&mut *tx)
+                .await;
+            match locked.map_err(StoreError::from) {
+                Ok(_) => {
+                    let upto = Portable::<Postgres>::entries_upto_in(&mut tx).await?;
+                    tx.commit().await?;
+                    return Ok(upto);
+                }
+                Err(e) if sql_state(&e).as_deref() == Some("55P03") => {
+                    drop(tx);
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                }
+                // A role that may only read, or a standby, cannot take the
+                // lock: the highest id it sees will do, with the risk told.
+                Err(e) if matches!(sql_state(&e).as_deref(), Some("42501" | "25006")) => {
+                    drop(tx);
+                    tracing::warn!(
+                        "cannot wait for ledger writes in flight ({e}): an entry still being \
+                         written may be left out of this export, and skipped by --after"
+                    );
+                    return self.db.entries_upto().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Invalid(
+            "the ledger is too busy with writes to export now; try again".into(),
+        ))
     }
 
     async fn open_intents(
