@@ -257,6 +257,25 @@ fn same_site(state: &HttpState, headers: &HeaderMap) -> bool {
             .any(|o| origin_of(o) == claimed_host)
 }
 
+/// Why a checkout action did not go through.
+enum Failed {
+    Store(StoreError),
+    /// No answer in time: the write may still land (or may not).
+    Unconfirmed,
+}
+
+/// A checkout's write, given until shortly before the route's own timeout,
+/// which would answer a bare 408 while the write may still land.
+async fn in_time<T>(
+    state: &HttpState,
+    write: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, Failed> {
+    match tokio::time::timeout(state.write_timeout, write).await {
+        Ok(done) => done.map_err(Failed::Store),
+        Err(_) => Err(Failed::Unconfirmed),
+    }
+}
+
 pub async fn act(
     State(state): State<Arc<HttpState>>,
     Path(id): Path<String>,
@@ -337,27 +356,26 @@ pub async fn act(
             } else {
                 "paid"
             };
-            state
-                .store
-                .pay_session(&id, Some(&key.principal), now_ms())
-                .await
-                .map(|_| done)
+            let paying = state.store.pay_session(&id, Some(&key.principal), now_ms());
+            in_time(&state, paying).await.map(|_| done)
         }
-        "settle" if state.dev_settle && loaded.approval_wallet.is_none() => state
-            .store
-            .pay_session(&id, None, now_ms())
-            .await
-            .map(|_| "paid"),
-        "decline" => match state.store.end_session(&id, SessionStatus::Cancelled).await {
-            Ok(true) => Ok("declined"),
-            // Paid (or ended) since the page was loaded: say so below.
-            Ok(false) => Err(StoreError::WrongState {
-                what: "this payment".into(),
-                status: "no longer pending".into(),
-                expected: "pending",
-            }),
-            Err(e) => Err(e),
-        },
+        "settle" if state.dev_settle && loaded.approval_wallet.is_none() => {
+            let settling = state.store.pay_session(&id, None, now_ms());
+            in_time(&state, settling).await.map(|_| "paid")
+        }
+        "decline" => {
+            let declining = state.store.end_session(&id, SessionStatus::Cancelled);
+            match in_time(&state, declining).await {
+                Ok(true) => Ok("declined"),
+                // Paid (or ended) since the page was loaded: say so below.
+                Ok(false) => Err(Failed::Store(StoreError::WrongState {
+                    what: "this payment".into(),
+                    status: "no longer pending".into(),
+                    expected: "pending",
+                })),
+                Err(e) => Err(e),
+            }
+        }
         _ => {
             return render(
                 &state,
@@ -372,7 +390,20 @@ pub async fn act(
             tracing::info!(session = id, done, "checkout");
             Redirect::to(&format!("/checkout/{id}?done={done}")).into_response()
         }
-        Err(e) => {
+        Err(Failed::Unconfirmed) => {
+            tracing::warn!(
+                session = id,
+                "checkout: the payment system did not answer in time; the outcome is not known"
+            );
+            page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Not confirmed",
+                "<p>The payment system did not answer in time, so this page cannot say whether \
+                 it went through. Reload this page to see the payment's status before trying \
+                 again.</p>",
+            )
+        }
+        Err(Failed::Store(e)) => {
             // What the person can act on is shown; a failing store is not
             // described (see `unavailable`).
             let status = match e {

@@ -55,6 +55,9 @@ pub struct HttpState {
     pub(crate) checkout_base_url: String,
     pub(crate) dev_settle: bool,
     pub(crate) session_ttl: Duration,
+    /// How long a checkout's write may take: three quarters of the request
+    /// timeout, so that the page, not the timeout, tells the person.
+    pub(crate) write_timeout: Duration,
     pub(crate) allowed_origins: Vec<String>,
     pub(crate) anonymous_mcp: bool,
     pub(crate) limits: limits::RateLimits,
@@ -71,6 +74,7 @@ impl HttpState {
             checkout_base_url: config.checkout_base_url(),
             dev_settle: config.dev_settle,
             session_ttl: config.payment_ttl,
+            write_timeout: http.request_timeout * 3 / 4,
             allowed_origins: http.allowed_origins.clone(),
             anonymous_mcp: http.anonymous_mcp,
             limits: limits::RateLimits::new(

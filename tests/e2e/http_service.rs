@@ -1409,3 +1409,37 @@ on_both_backends! {
         b.env.assert_ledger_ok().await;
     }
 }
+
+tollgate::on_postgres! {
+    /// A checkout whose write does not finish in time (here the session's
+    /// row is locked elsewhere) says the outcome is not known and to reload,
+    /// rather than a bare timeout that reads as "it failed" while the
+    /// payment may still land.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkout_that_cannot_finish_in_time_says_to_reload() {
+        use sqlx::Connection;
+        let pricing = two_step_pricing().replace(
+            "[store]",
+            "[http]\nrequest_timeout = \"2s\"\n\n[store]",
+        );
+        let server = HttpServer::start(&pricing).await;
+        let key = server.key("frank", &["mcp"]).await;
+        let client = server.mcp(Some(&key), ()).await;
+        let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let mut other = sqlx::PgConnection::connect(&server.env.db).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        let lock = format!("SELECT 1 FROM payment_sessions WHERE id = '{id}' FOR UPDATE");
+        sqlx::query(&lock).execute(&mut other).await.unwrap();
+
+        let response = checkout_post(&server.base, &id, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 503);
+        let page = response.text().await.unwrap();
+        assert!(page.contains("Reload this page"), "{page}");
+
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+        other.close().await.ok();
+        client.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
+}
