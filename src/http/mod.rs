@@ -9,6 +9,7 @@
 
 mod auth;
 mod checkout;
+mod host_guard;
 mod limits;
 mod mcp_guard;
 pub mod metrics;
@@ -126,6 +127,10 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
         .route("/checkout/{id}", get(checkout::show).post(checkout::act))
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(healthz))
+        .layer(middleware::from_fn_with_state(
+            host_guard::AllowedHosts::new(&http.allowed_hosts, &state.checkout_base_url),
+            host_guard::guard,
+        ))
         .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

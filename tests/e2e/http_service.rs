@@ -969,6 +969,15 @@ on_both_backends! {
             .await
             .unwrap();
         assert!(response.status().is_client_error(), "{}", response.status());
+        // And on the other routes: a checkout page, the sessions API. (They
+        // took any Host.)
+        for path in ["/checkout/pay_x", "/v1/sessions/cs_x", "/healthz"] {
+            let url = format!("{}{path}", server.base);
+            let foreign = http().get(&url).header("host", "evil.example").send().await.unwrap();
+            assert_eq!(foreign.status(), 403, "{path}");
+            let own = http().get(&url).send().await.unwrap();
+            assert_ne!(own.status(), 403, "{path}");
+        }
         // So is a browser page of another site (an Origin not allowed; none
         // is by default), while a client that sends no Origin is served.
         let from = |origin: Option<&str>| {

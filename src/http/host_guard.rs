@@ -1,0 +1,128 @@
+//! The `Host` check on the plain routes (`/checkout`, `/v1`, `/metrics`,
+//! `/healthz`), as rmcp does it on `/mcp`: against `[http] allowed_hosts`,
+//! and the host the checkout URLs name (`checkout_base_url`), so that a page
+//! served through DNS rebinding (an attacker's name pointed at this
+//! machine) is refused.
+
+use axum::{
+    extract::{Request, State},
+    http::{StatusCode, header, uri::Authority},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+
+/// The hosts a request may name: `host` or `host:port` entries.
+#[derive(Clone, Debug)]
+pub(super) struct AllowedHosts(Vec<(String, Option<u16>)>);
+
+impl AllowedHosts {
+    /// `allowed_hosts`, and the authority of `checkout_base_url`.
+    pub(super) fn new(allowed: &[String], checkout_base_url: &str) -> Self {
+        let public = checkout_base_url
+            .split_once("://")
+            .map_or(checkout_base_url, |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        Self(
+            allowed
+                .iter()
+                .map(String::as_str)
+                .chain([public])
+                .filter_map(authority)
+                .collect(),
+        )
+    }
+
+    /// Whether a `Host` header's value names an allowed host (an entry
+    /// without a port allows any port).
+    fn allows(&self, host: &str) -> bool {
+        let Some((host, port)) = authority(host) else {
+            return false;
+        };
+        self.0
+            .iter()
+            .any(|(name, only)| *name == host && only.is_none_or(|p| Some(p) == port))
+    }
+}
+
+/// A host (lowercase, without brackets) and port, from `host[:port]`.
+fn authority(text: &str) -> Option<(String, Option<u16>)> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let (host, port) = match Authority::try_from(text) {
+        Ok(a) => (a.host().to_owned(), a.port_u16()),
+        Err(_) => (text.to_owned(), None),
+    };
+    let host = host.trim_matches(['[', ']']).to_ascii_lowercase();
+    Some((host, port))
+}
+
+pub(super) async fn guard(
+    State(allowed): State<AllowedHosts>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(Authority::as_str));
+    match host {
+        Some(host) if allowed.allows(host) => next.run(request).await,
+        Some(host) => {
+            tracing::warn!(host, "refused a request naming a host not allowed");
+            (
+                StatusCode::FORBIDDEN,
+                "Forbidden: Host header is not allowed\n",
+            )
+                .into_response()
+        }
+        None => (
+            StatusCode::BAD_REQUEST,
+            "Bad Request: missing Host header\n",
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_is_allowed_by_name_by_port_or_by_the_checkout_url() {
+        let allowed = AllowedHosts::new(
+            &[
+                "localhost".into(),
+                "127.0.0.1".into(),
+                "::1".into(),
+                "api.example.com:8443".into(),
+            ],
+            "https://Pay.Example.com/",
+        );
+        for host in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]:8080",
+            "pay.example.com",
+            "PAY.example.com:443",
+            "api.example.com:8443",
+        ] {
+            assert!(allowed.allows(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.2",
+            "api.example.com:8444",
+            "api.example.com",
+            "",
+        ] {
+            assert!(!allowed.allows(host), "{host}");
+        }
+    }
+}
