@@ -53,17 +53,9 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let verified = verified.map(|Extension(key)| key);
-    let key = match authenticate_once(
-        state.store.as_ref(),
-        &headers,
-        verified,
-        Scope::SessionsCreate,
-    )
-    .await
-    {
+    let key = match caller(&state, verified, &headers, Scope::SessionsCreate).await {
         Ok(key) => key,
-        Err(e) => return e.into_response(),
+        Err(refused) => return refused,
     };
     let body: Value = match serde_json::from_slice(&body) {
         Ok(Value::Object(body)) => Value::Object(body),
@@ -136,17 +128,9 @@ pub async fn read(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let verified = verified.map(|Extension(key)| key);
-    let key = match authenticate_once(
-        state.store.as_ref(),
-        &headers,
-        verified,
-        Scope::SessionsRead,
-    )
-    .await
-    {
+    let key = match caller(&state, verified, &headers, Scope::SessionsRead).await {
         Ok(key) => key,
-        Err(e) => return e.into_response(),
+        Err(refused) => return refused,
     };
     match visible_session(&state, &key, &id).await {
         Ok(session) => view(&session),
@@ -165,17 +149,9 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let verified = verified.map(|Extension(key)| key);
-    let key = match authenticate_once(
-        state.store.as_ref(),
-        &headers,
-        verified,
-        Scope::SessionsCreate,
-    )
-    .await
-    {
+    let key = match caller(&state, verified, &headers, Scope::SessionsCreate).await {
         Ok(key) => key,
-        Err(e) => return e.into_response(),
+        Err(refused) => return refused,
     };
     match visible_session(&state, &key, &id).await {
         // Pending past its time is expired, as a read says: left so.
@@ -196,6 +172,20 @@ pub async fn cancel(
         Ok(session) => view(&session),
         Err(response) => response,
     }
+}
+
+/// The caller's key, if it has `scope`: the one the rate limit verified,
+/// else read from the store; or the answer that refuses it.
+async fn caller(
+    state: &HttpState,
+    verified: Option<Extension<Verified>>,
+    headers: &HeaderMap,
+    scope: Scope,
+) -> Result<ApiKey, Response> {
+    let verified = verified.map(|Extension(key)| key);
+    authenticate_once(state.store.as_ref(), headers, verified, scope)
+        .await
+        .map_err(IntoResponse::into_response)
 }
 
 /// Session `id` as it is now (a pending one past its time is expired,

@@ -437,27 +437,8 @@ on_both_backends! {
         let reader = server.key("shop", &["sessions:read"]).await;
         let stranger = server.key("other", &["sessions:create"]).await;
         server.env.topup("ben", "5.00").await;
-        let create = async || {
-            let created: Value = http()
-                .post(format!("{}/v1/sessions", server.base))
-                .bearer_auth(&creator)
-                .json(&json!({"amount": 250, "currency": "usd"}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            created["sessionId"].as_str().unwrap().to_owned()
-        };
-        let cancel = async |key: &str, id: &str| {
-            http()
-                .post(format!("{}/v1/sessions/{id}/cancel", server.base))
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-        };
+        let create = async || session_created(&server.base, &creator, 250).await;
+        let cancel = async |key: &str, id: &str| cancel_session(&server.base, key, id).await;
 
         let id = create().await;
         assert_eq!(cancel(&reader, &id).await.status(), 403, "reading is not cancelling");
@@ -488,29 +469,50 @@ on_both_backends! {
         )
         .await;
         let key = short.key("shop", &["sessions:create"]).await;
-        let created: Value = http()
-            .post(format!("{}/v1/sessions", short.base))
-            .bearer_auth(&key)
-            .json(&json!({"amount": 100, "currency": "usd"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let id = session_created(&short.base, &key, 100).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let id = created["sessionId"].as_str().unwrap();
-        let body: Value = http()
-            .post(format!("{}/v1/sessions/{id}/cancel", short.base))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: Value = cancel_session(&short.base, &key, &id).await.json().await.unwrap();
         assert_eq!(body["status"], "expired");
     }
+}
+
+/// A new session of `cents` through the sessions API at `base`: its id.
+async fn session_created(base: &str, key: &str, cents: i64) -> String {
+    let created: Value = http()
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth(key)
+        .json(&json!({"amount": cents, "currency": "usd"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["sessionId"].as_str().unwrap().to_owned()
+}
+
+/// `POST /v1/sessions/{id}/cancel` at `base`.
+async fn cancel_session(base: &str, key: &str, id: &str) -> reqwest::Response {
+    http()
+        .post(format!("{base}/v1/sessions/{id}/cancel"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A server with `pricing` (two_step), an MCP client of frank's, and the
+/// payment its call of `divide` waits for: its id and URL.
+async fn waiting_for_payment(
+    pricing: &str,
+) -> (HttpServer, RunningService<RoleClient, ()>, String, String) {
+    let server = HttpServer::start(pricing).await;
+    let key = server.key("frank", &["mcp"]).await;
+    let client = server.mcp(Some(&key), ()).await;
+    let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+    (server, client, id, url)
 }
 
 /// Behind a reverse proxy the page is at `checkout_base_url`, and the
@@ -522,12 +524,7 @@ async fn the_checkout_page_takes_forms_from_its_public_address_behind_a_proxy() 
         "[provider]",
         "[provider]\ncheckout_base_url = \"https://pay.example.com\"",
     );
-    let server = HttpServer::start(&pricing).await;
-    let key = server.key("frank", &["mcp"]).await;
-    let client = server.mcp(Some(&key), ()).await;
-    let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
-    let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
-    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    let (server, client, id, url) = waiting_for_payment(&pricing).await;
     assert_eq!(url, format!("https://pay.example.com/checkout/{id}"));
     let local = format!("{}/checkout/{id}", server.base);
     let page = http()
@@ -1431,11 +1428,7 @@ tollgate::on_postgres! {
             "[store]",
             "[http]\nrequest_timeout = \"2s\"\n\n[store]",
         );
-        let server = HttpServer::start(&pricing).await;
-        let key = server.key("frank", &["mcp"]).await;
-        let client = server.mcp(Some(&key), ()).await;
-        let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let (server, client, id, _) = waiting_for_payment(&pricing).await;
         let mut other = sqlx::PgConnection::connect(&server.env.db).await.unwrap();
         sqlx::query("BEGIN").execute(&mut other).await.unwrap();
         let lock = format!("SELECT 1 FROM payment_sessions WHERE id = '{id}' FOR UPDATE");
