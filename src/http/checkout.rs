@@ -19,6 +19,7 @@ use axum::{
     response::{Html, IntoResponse, Redirect, Response},
 };
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use super::{HttpState, auth::authenticate_key};
 use crate::{
@@ -264,16 +265,36 @@ enum Failed {
     Unconfirmed,
 }
 
-/// A checkout's write, given until shortly before the route's own timeout,
-/// which would answer a bare 408 while the write may still land.
+/// A checkout's write, given until `deadline`, shortly before the route's
+/// own timeout, which would answer a bare 408 while the write may land.
 async fn in_time<T>(
-    state: &HttpState,
+    deadline: Instant,
     write: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, Failed> {
-    match tokio::time::timeout(state.write_timeout, write).await {
+    match tokio::time::timeout_at(deadline, write).await {
         Ok(done) => done.map_err(Failed::Store),
         Err(_) => Err(Failed::Unconfirmed),
     }
+}
+
+/// A read before the write, given until `deadline`: `None` if it did not
+/// answer in time (then nothing was written).
+async fn read_in_time<T>(deadline: Instant, read: impl Future<Output = T>) -> Option<T> {
+    tokio::time::timeout_at(deadline, read).await.ok()
+}
+
+/// The answer when the store was too slow to start a payment: nothing
+/// was changed.
+fn too_slow(id: &str) -> Response {
+    tracing::warn!(
+        session = id,
+        "checkout: the payment system is too slow to answer"
+    );
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        "<p>The payment system is slow to answer. Nothing was changed; try again shortly.</p>",
+    )
 }
 
 pub async fn act(
@@ -282,6 +303,9 @@ pub async fn act(
     headers: HeaderMap,
     Form(form): Form<Action>,
 ) -> Response {
+    // Every store call below ends by then: the page, not the route's
+    // timeout, answers.
+    let deadline = Instant::now() + state.write_timeout;
     if !same_site(&state, &headers) {
         return page(
             StatusCode::FORBIDDEN,
@@ -296,10 +320,11 @@ pub async fn act(
             "<p>This form is stale or forged. Reload the page.</p>",
         );
     }
-    let loaded = match load(&state, &id).await {
-        Ok(Some(loaded)) => loaded,
-        Ok(None) => return not_found(&id),
-        Err(e) => return unavailable(&id, &e),
+    let loaded = match read_in_time(deadline, load(&state, &id)).await {
+        Some(Ok(Some(loaded))) => loaded,
+        Some(Ok(None)) => return not_found(&id),
+        Some(Err(e)) => return unavailable(&id, &e),
+        None => return too_slow(&id),
     };
     if loaded.session.status != SessionStatus::Pending {
         let message = format!(
@@ -318,7 +343,11 @@ pub async fn act(
             // Only a key that may spend its wallet (scope `mcp`, or admin)
             // pays: a `sessions:create` or `sessions:read` key never moves
             // money.
-            let key = match authenticate_key(state.store.as_ref(), form.api_key.trim()).await {
+            let checked = authenticate_key(state.store.as_ref(), form.api_key.trim());
+            let Some(checked) = read_in_time(deadline, checked).await else {
+                return too_slow(&id);
+            };
+            let key = match checked {
                 Ok(key) if key.allows(Scope::Mcp) => key,
                 Ok(_) => {
                     return render(
@@ -357,15 +386,15 @@ pub async fn act(
                 "paid"
             };
             let paying = state.store.pay_session(&id, Some(&key.principal), now_ms());
-            in_time(&state, paying).await.map(|_| done)
+            in_time(deadline, paying).await.map(|_| done)
         }
         "settle" if state.dev_settle && loaded.approval_wallet.is_none() => {
             let settling = state.store.pay_session(&id, None, now_ms());
-            in_time(&state, settling).await.map(|_| "paid")
+            in_time(deadline, settling).await.map(|_| "paid")
         }
         "decline" => {
             let declining = state.store.end_session(&id, SessionStatus::Cancelled);
-            match in_time(&state, declining).await {
+            match in_time(deadline, declining).await {
                 Ok(true) => Ok("declined"),
                 // Paid (or ended) since the page was loaded: say so below.
                 Ok(false) => Err(Failed::Store(StoreError::WrongState {
@@ -414,7 +443,8 @@ pub async fn act(
                 StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
                 _ => return unavailable(&id, &e),
             };
-            let loaded = load(&state, &id).await.ok().flatten().unwrap_or(loaded);
+            let reloaded = read_in_time(deadline, load(&state, &id)).await;
+            let loaded = reloaded.and_then(|r| r.ok().flatten()).unwrap_or(loaded);
             render(&state, &loaded, Some((&e.to_string(), true)), status)
         }
     }

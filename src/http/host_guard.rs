@@ -1,8 +1,7 @@
-//! The `Host` check on the plain routes (`/checkout`, `/v1`, `/metrics`,
-//! `/healthz`), as rmcp does it on `/mcp`: against `[http] allowed_hosts`,
-//! and the host the checkout URLs name (`checkout_base_url`), so that a page
-//! served through DNS rebinding (an attacker's name pointed at this
-//! machine) is refused.
+//! The `Host` check on the checkout page, as rmcp does it on `/mcp`:
+//! against `[http] allowed_hosts`, and the host the checkout URLs name
+//! (`checkout_base_url`, on any port), so that a page served through DNS
+//! rebinding (an attacker's name pointed at this machine) is refused.
 
 use axum::{
     extract::{Request, State},
@@ -16,20 +15,21 @@ use axum::{
 pub(super) struct AllowedHosts(Vec<(String, Option<u16>)>);
 
 impl AllowedHosts {
-    /// `allowed_hosts`, and the authority of `checkout_base_url`.
+    /// `allowed_hosts`, and the host of `checkout_base_url` on any port (a
+    /// browser leaves a scheme's default port out of `Host`).
     pub(super) fn new(allowed: &[String], checkout_base_url: &str) -> Self {
         let public = checkout_base_url
             .split_once("://")
             .map_or(checkout_base_url, |(_, rest)| rest)
             .split('/')
             .next()
-            .unwrap_or_default();
+            .and_then(authority)
+            .map(|(host, _)| (host, None));
         Self(
             allowed
                 .iter()
-                .map(String::as_str)
-                .chain([public])
-                .filter_map(authority)
+                .filter_map(|a| authority(a))
+                .chain(public)
                 .collect(),
         )
     }
@@ -101,7 +101,7 @@ mod tests {
                 "::1".into(),
                 "api.example.com:8443".into(),
             ],
-            "https://Pay.Example.com/",
+            "https://Pay.Example.com:443/",
         );
         for host in [
             "localhost",
@@ -110,6 +110,7 @@ mod tests {
             "[::1]:8080",
             "pay.example.com",
             "PAY.example.com:443",
+            "pay.example.com:8443",
             "api.example.com:8443",
         ] {
             assert!(allowed.allows(host), "{host}");

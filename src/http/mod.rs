@@ -124,13 +124,20 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
             state.clone(),
             limits::rate_limit,
         ))
-        .route("/checkout/{id}", get(checkout::show).post(checkout::act))
+        .merge(
+            // The page a person's browser opens: the one a site of an
+            // attacker's could read through DNS rebinding. (The others need
+            // an API key, or, as /healthz, say nothing; probes and proxies
+            // name them by addresses of their own.)
+            Router::new()
+                .route("/checkout/{id}", get(checkout::show).post(checkout::act))
+                .route_layer(middleware::from_fn_with_state(
+                    host_guard::AllowedHosts::new(&http.allowed_hosts, &state.checkout_base_url),
+                    host_guard::guard,
+                )),
+        )
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(healthz))
-        .layer(middleware::from_fn_with_state(
-            host_guard::AllowedHosts::new(&http.allowed_hosts, &state.checkout_base_url),
-            host_guard::guard,
-        ))
         .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
