@@ -30,6 +30,8 @@ pub enum ExportError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An account nothing is posted to (a misspelt name, most likely); a
+    /// statement of one says the same.
     #[error("{0} has no entries: no such account, or nothing posted to it yet")]
     UnknownAccount(String),
 }

@@ -94,7 +94,7 @@ enum Command {
 enum WalletCommand {
     /// Adds prepaid credit.
     Topup {
-        #[arg(value_parser = wallet_name)]
+        #[arg(value_parser = trimmed_name("wallet"))]
         wallet: String,
         amount: String,
         /// Defaults to the server's currency.
@@ -110,19 +110,19 @@ enum WalletCommand {
     },
     /// Balance, held and available amounts.
     Balance {
-        #[arg(value_parser = wallet_name)]
+        #[arg(value_parser = trimmed_name("wallet"))]
         wallet: String,
     },
     /// Every entry on the wallet.
     Statement {
-        #[arg(value_parser = wallet_name)]
+        #[arg(value_parser = trimmed_name("wallet"))]
         wallet: String,
     },
     /// Shows a wallet's spending limits, or changes them: a per-call
     /// maximum, daily and monthly caps (UTC days and months), and the tools
     /// it may pay for. Amounts, or `none`; what is not given stays.
     Limits {
-        #[arg(value_parser = wallet_name)]
+        #[arg(value_parser = trimmed_name("wallet"))]
         wallet: String,
         /// Defaults to the server's currency.
         #[arg(long)]
@@ -139,18 +139,14 @@ enum WalletCommand {
     },
 }
 
-/// A wallet is named as the server names its principal: trimmed, and not
-/// empty (` alice` is alice, not a wallet of its own).
-fn wallet_name(text: &str) -> Result<String, String> {
-    match text.trim() {
-        "" => Err("a wallet name cannot be empty".into()),
-        name => Ok(name.to_owned()),
-    }
-}
-
-fn beneficiary_name(text: &str) -> Result<String, String> {
-    match text.trim() {
-        "" => Err("a beneficiary name cannot be empty".into()),
+/// An account is named as the server names its principal: trimmed, and not
+/// empty (` alice` is alice, not a wallet of its own). `what` is what it
+/// names ("wallet", "beneficiary").
+fn trimmed_name(
+    what: &'static str,
+) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |text| match text.trim() {
+        "" => Err(format!("a {what} name cannot be empty")),
         name => Ok(name.to_owned()),
     }
 }
@@ -165,7 +161,7 @@ enum SessionsCommand {
     /// Pays a pending session: from a wallet with --from, else settles it in dev mode.
     Pay {
         id: String,
-        #[arg(long, value_parser = wallet_name)]
+        #[arg(long, value_parser = trimmed_name("wallet"))]
         from: Option<String>,
     },
     /// Cancels a pending session.
@@ -223,10 +219,10 @@ enum LedgerCommand {
 /// Which part of the ledger a statement or an export covers.
 #[derive(clap::Args)]
 struct LedgerSelection {
-    #[arg(long, conflicts_with = "beneficiary", value_parser = wallet_name)]
+    #[arg(long, conflicts_with = "beneficiary", value_parser = trimmed_name("wallet"))]
     wallet: Option<String>,
     /// A tool author's revenue account (or platform, commissions, rounding).
-    #[arg(long, value_parser = beneficiary_name)]
+    #[arg(long, value_parser = trimmed_name("beneficiary"))]
     beneficiary: Option<String>,
     /// Only this tool's lines.
     #[arg(long)]
@@ -423,9 +419,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                         _ => Vec::new(),
                     };
                     if lines.is_empty() && approvals.is_empty() {
-                        bail!(
-                            "{title} has no entries: no such account, or nothing posted to it yet"
-                        );
+                        return Err(export::ExportError::UnknownAccount(title).into());
                     }
                     print!("{}", statement::render(&title, &lines, &filter));
                     if kind == AccountKind::Wallet {

@@ -57,6 +57,13 @@ pub(super) struct Wait<'a> {
     pub progress: Option<&'a mut ProgressReporter>,
 }
 
+impl Wait<'_> {
+    /// Whether there is time left to wait.
+    fn open(&self) -> bool {
+        Instant::now() < self.until
+    }
+}
+
 impl Gate {
     /// `args_hash` is checked when the caller re-sent arguments (resubmit).
     pub(super) async fn redeem(
@@ -151,7 +158,7 @@ impl Gate {
                 Step::Reload => None,
             };
             if let Some((result, cause)) = pending {
-                let waiting = wait.as_ref().is_some_and(|w| Instant::now() < w.until);
+                let waiting = wait.as_ref().is_some_and(Wait::open);
                 // A wait polls every second at most: an outage is logged as
                 // it starts and ends, not at every poll.
                 match &cause {
@@ -192,7 +199,7 @@ impl Gate {
                 }
                 // A waiting call waits on through a passing failure, on
                 // what it last read (the next check asks again).
-                Err(e) if wait.as_ref().is_some_and(|w| Instant::now() < w.until) => {
+                Err(e) if wait.as_ref().is_some_and(Wait::open) => {
                     if !failing {
                         tracing::warn!(
                             payment_id = intent.id,

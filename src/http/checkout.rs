@@ -21,7 +21,7 @@ use axum::{
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::{HttpState, auth::authenticate_key};
+use super::{HttpState, auth::authenticate_key, host_guard::url_authority};
 use crate::{
     keys::Scope,
     money::format_amount,
@@ -245,17 +245,13 @@ fn same_site(state: &HttpState, headers: &HeaderMap) -> bool {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let origin_of = |url: &str| {
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        rest.split('/').next().unwrap_or_default().to_owned()
-    };
-    let claimed_host = origin_of(claimed);
+    let claimed_host = url_authority(claimed);
     claimed_host == host
-        || origin_of(&state.checkout_base_url) == claimed_host
+        || url_authority(&state.checkout_base_url) == claimed_host
         || state
             .allowed_origins
             .iter()
-            .any(|o| origin_of(o) == claimed_host)
+            .any(|o| url_authority(o) == claimed_host)
 }
 
 /// Why a checkout action did not go through.

@@ -18,13 +18,7 @@ impl AllowedHosts {
     /// `allowed_hosts`, and the host of `checkout_base_url` on any port (a
     /// browser leaves a scheme's default port out of `Host`).
     pub(super) fn new(allowed: &[String], checkout_base_url: &str) -> Self {
-        let public = checkout_base_url
-            .split_once("://")
-            .map_or(checkout_base_url, |(_, rest)| rest)
-            .split('/')
-            .next()
-            .and_then(authority)
-            .map(|(host, _)| (host, None));
+        let public = authority(url_authority(checkout_base_url)).map(|(host, _)| (host, None));
         Self(
             allowed
                 .iter()
@@ -44,6 +38,12 @@ impl AllowedHosts {
             .iter()
             .any(|(name, only)| *name == host && only.is_none_or(|p| Some(p) == port))
     }
+}
+
+/// The `host[:port]` of a URL (or an origin, or a bare authority).
+pub(super) fn url_authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or_default()
 }
 
 /// A host (lowercase, without brackets) and port, from `host[:port]`.

@@ -316,22 +316,6 @@ where
         self.all(statement, rows::entry_line).await
     }
 
-    /// The highest entry id.
-    pub async fn entries_upto(&self) -> Result<i64, StoreError> {
-        let row = query(statement!(sql::ENTRIES_UPTO))
-            .fetch_one(&self.pool)
-            .await?;
-        row.int("upto")
-    }
-
-    /// The highest entry id, read in `tx`.
-    pub async fn entries_upto_in(tx: &mut Transaction<'_, DB>) -> Result<i64, StoreError> {
-        let row = query(statement!(sql::ENTRIES_UPTO))
-            .fetch_one(&mut **tx)
-            .await?;
-        row.int("upto")
-    }
-
     pub async fn open_intents(
         &self,
         principal: Option<&str>,
@@ -1076,6 +1060,13 @@ where
 
 /// Why a hold was refused (`at`: when it was asked for): a limit of the
 /// wallet's (`limits`: the principal's wallets), else not enough funds.
+/// The highest ledger entry id (0 for none), read in `tx`.
+pub(super) async fn entries_upto(tx: &mut impl Tx) -> Result<i64, StoreError> {
+    tx.fetch_one(statement!(sql::ENTRIES_UPTO))
+        .await?
+        .int("upto")
+}
+
 pub(super) fn refused_hold(req: &HoldRequest, limits: Vec<WalletLimits>, at: i64) -> HoldOutcome {
     let breach = limits.into_iter().find_map(|w| {
         (w.currency == req.currency)

@@ -28,7 +28,7 @@ use sqlx::{
 
 use super::{
     fast_path::{Capture, Hold},
-    portable::{PaymentLocks, Portable, refused_hold},
+    portable::{PaymentLocks, Portable, entries_upto, refused_hold},
     posting::{TxnHeader, clearing, dev_settlement, topup_audit, topups},
     sql::*,
     *,
@@ -332,7 +332,7 @@ impl Store for PgStore {
                 .await;
             match locked.map_err(StoreError::from) {
                 Ok(_) => {
-                    let upto = Portable::<Postgres>::entries_upto_in(&mut tx).await?;
+                    let upto = entries_upto(&mut tx).await?;
                     tx.commit().await?;
                     return Ok(upto);
                 }
@@ -348,7 +348,7 @@ impl Store for PgStore {
                         "cannot wait for ledger writes in flight ({e}): an entry still being \
                          written may be left out of this export, and skipped by --after"
                     );
-                    return self.db.entries_upto().await;
+                    return entries_upto(&mut self.tx().await?).await;
                 }
                 Err(e) => return Err(e),
             }

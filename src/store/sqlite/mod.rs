@@ -28,7 +28,7 @@ use in_thread::{Readers, ready};
 
 use super::{
     fast_path::{Capture, Hold},
-    portable::{PaymentLocks, Portable, Tx, refused_hold},
+    portable::{PaymentLocks, Portable, Tx, entries_upto, refused_hold},
     posting::{TxnHeader, clearing, dev_settlement, topup_audit, topups},
     sql::*,
     *,
@@ -226,7 +226,7 @@ impl Store for SqliteStore {
     async fn entries_settled_upto(&self) -> Result<i64, StoreError> {
         // One writer at a time, and ids drawn in commit order: the highest
         // committed id will do.
-        self.db.entries_upto().await
+        entries_upto(&mut self.db.pool.begin().await?).await
     }
 
     async fn open_intents(
