@@ -788,6 +788,19 @@ async fn paying_through(b: &HttpServer, pricing: &str) -> (Env, crate::harness::
     (a, client)
 }
 
+/// B, whose sessions last 5 s, and A in `mode` paying through B, whose
+/// payments last 2 s and whose lease 1 s (so that its upkeep runs often).
+async fn paying_through_for_seconds(mode: &str) -> (HttpServer, Env, crate::harness::Client) {
+    let b = HttpServer::start(
+        &two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"5s\""),
+    )
+    .await;
+    let a_pricing = crate::harness::pricing(mode, "instance_lease = \"1s\"\n")
+        .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
+    let (a, client) = paying_through(&b, &a_pricing).await;
+    (b, a, client)
+}
+
 on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tollgate_takes_payments_through_another_tollgates_sessions_api() {
@@ -848,13 +861,7 @@ on_both_backends! {
     /// and used to expire them all; then upkeep expired the late one.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remote_payment_made_while_its_session_is_open_is_kept_past_the_intents_time() {
-        let b = HttpServer::start(
-            &two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"5s\""),
-        )
-        .await;
-        let a_pricing = crate::harness::pricing("resubmit", "instance_lease = \"1s\"\n")
-            .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
-        let (a, client) = paying_through(&b, &a_pricing).await;
+        let (b, a, client) = paying_through_for_seconds("resubmit").await;
         let open = async |text: &str| {
             let r = crate::harness::call(&client, "echo", echo_args(text)).await;
             let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
@@ -909,13 +916,7 @@ on_both_backends! {
     /// was withdrawn, leaving the kept payment nothing to redeem it with.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dynamic_confirm_tool_stays_while_its_remote_session_is_open() {
-        let b = HttpServer::start(
-            &two_step_pricing().replace("payment_ttl = \"15m\"", "payment_ttl = \"5s\""),
-        )
-        .await;
-        let a_pricing = crate::harness::pricing("dynamic_tools", "instance_lease = \"1s\"\n")
-            .replace("payment_ttl = \"15m\"", "payment_ttl = \"2s\"");
-        let (a, client) = paying_through(&b, &a_pricing).await;
+        let (b, a, client) = paying_through_for_seconds("dynamic_tools").await;
         let r = crate::harness::call(&client, "echo", echo_args("late")).await;
         let confirm = structured(&r)["next_step"].as_str().unwrap().to_owned();
         let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
