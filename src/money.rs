@@ -24,6 +24,8 @@ pub enum MoneyError {
     TooLarge(Decimal),
     #[error("`{0}` is not an ISO 4217 currency code (three letters)")]
     BadCurrency(String),
+    #[error("`{0}` is not an ISO 4217 currency code with a minor unit (USD, EUR, JPY, …)")]
+    UnknownCurrency(String),
     #[error(
         "{amount} {currency} has more decimal places than {currency}'s minor unit ({exponent})"
     )]
@@ -40,7 +42,21 @@ pub enum MoneyError {
 pub struct Currency(String);
 
 impl Currency {
+    /// A currency given as input (configuration, CLI, HTTP): an ISO 4217
+    /// code with a minor unit, in any case. A typo such as `UDS` would
+    /// otherwise open wallets and prices in a currency nobody holds.
     pub fn parse(code: &str) -> Result<Self, MoneyError> {
+        let recorded = Self::recorded(code)?;
+        match iso_currency::Currency::from_code(&recorded.0) {
+            Some(iso) if iso.exponent().is_some() => Ok(recorded),
+            _ => Err(MoneyError::UnknownCurrency(recorded.0)),
+        }
+    }
+
+    /// A currency as the store recorded it: any three letters. A ledger
+    /// written before codes were checked may hold others, and must still
+    /// be read.
+    pub fn recorded(code: &str) -> Result<Self, MoneyError> {
         let code = code.trim();
         if code.len() == 3 && code.chars().all(|c| c.is_ascii_alphabetic()) {
             Ok(Self(code.to_ascii_uppercase()))
@@ -48,21 +64,17 @@ impl Currency {
             Err(MoneyError::BadCurrency(code.to_owned()))
         }
     }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
 
-impl Currency {
-    /// ISO 4217 minor-unit exponent: 2 (cents) for most currencies.
+    /// ISO 4217 minor-unit exponent: 2 (cents) for most currencies, and
+    /// for a recorded code that is not ISO.
     pub fn minor_unit_exponent(&self) -> u32 {
-        match self.0.as_str() {
-            "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF"
-            | "UGX" | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
-            "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
-            "CLF" | "UYW" => 4,
-            _ => 2,
-        }
+        iso_currency::Currency::from_code(&self.0)
+            .and_then(|iso| iso.exponent())
+            .map_or(2, u32::from)
     }
 }
 
@@ -267,5 +279,17 @@ mod tests {
         assert_eq!(Currency::parse("usd").unwrap().as_str(), "USD");
         assert!(Currency::parse("US").is_err());
         assert!(Currency::parse("U$D").is_err());
+        // Three letters, but no ISO 4217 currency: a typo, or a metal
+        // with no minor unit.
+        for code in ["UDS", "abc", "XAU"] {
+            assert_eq!(
+                Currency::parse(code),
+                Err(MoneyError::UnknownCurrency(code.to_ascii_uppercase()))
+            );
+        }
+        // What an older ledger recorded is still read, in cents.
+        let recorded = Currency::recorded("abc").unwrap();
+        assert_eq!(recorded.as_str(), "ABC");
+        assert_eq!(recorded.minor_unit_exponent(), 2);
     }
 }

@@ -64,7 +64,7 @@ columns_for!(sqlx::sqlite::SqliteRow);
 columns_for!(sqlx::postgres::PgRow);
 
 pub(super) fn currency_of(text: String) -> Result<Currency, StoreError> {
-    Currency::parse(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
+    Currency::recorded(&text).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 pub(super) fn intent(row: &impl Columns) -> Result<Intent, StoreError> {

@@ -60,6 +60,15 @@ on_both_backends! {
             "{err}"
         );
 
+        // A currency code nobody holds (a typo) would open wallets and
+        // prices in it.
+        let env = Env::with_pricing(&pricing("resubmit", "").replacen("\"USD\"", "\"UDS\"", 1));
+        let err = start_error(&env).await;
+        assert!(
+            err.contains("pricing.toml:4: server.currency: `UDS` is not an ISO 4217 currency code"),
+            "{err}"
+        );
+
         let env = Env::with_pricing(&pricing("telepathy", ""));
         let err = start_error(&env).await;
         assert!(
@@ -83,6 +92,15 @@ on_both_backends! {
             let out = env.cli(&["wallet", "topup", "alice", bad]).await;
             assert!(!out.status.success(), "topup {bad} must fail");
         }
+        let out = env.cli(&["wallet", "topup", "alice", "5", "--currency", "usx"]).await;
+        assert!(!out.status.success(), "a top-up in no real currency must fail");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("`USX` is not an ISO 4217 currency code"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = env.ok(&["wallet", "balance", "alice"]).await;
+        assert!(!out.contains("USX"), "{out}");
         assert_eq!(env.available("alice").await, "0.00");
         env.topup("alice", "2.5").await;
         let out = env.ok(&["wallet", "balance", "alice"]).await;

@@ -400,7 +400,7 @@ on_both_backends! {
         assert_eq!(response.json::<Value>().await.unwrap()["field"], "amount");
         let response = post(
             Some(creator.clone()),
-            json!({"amount": 100, "currency": "dollars"}),
+            json!({"amount": 100, "currency": "uds"}),
         )
         .await
         .unwrap();
