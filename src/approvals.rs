@@ -19,6 +19,9 @@ pub struct ApprovalRule {
     pub threshold: Units,
     /// `approvals[N]`, for people reading an intent.
     pub name: String,
+    /// 1-based line of the rule's `tool` (else its `threshold`) in its
+    /// file, for later errors.
+    pub line: Option<usize>,
 }
 
 impl ApprovalRule {
@@ -114,6 +117,7 @@ mod tests {
             tag: tag.map(Into::into),
             threshold: Units(t),
             name: "approvals[0]".into(),
+            line: None,
         }
     }
 

@@ -336,7 +336,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawApproval {
     #[serde(default)]
-    principal: Option<String>,
+    principal: Option<Spanned<String>>,
     #[serde(default)]
     tool: Option<Spanned<String>>,
     #[serde(default)]
@@ -351,9 +351,9 @@ struct RawFees {
     platform_share: Option<Spanned<String>>,
     commission_in: Option<Spanned<String>>,
     commission_out: Option<Spanned<String>>,
-    platform_account: Option<String>,
-    commission_account: Option<String>,
-    rounding_account: Option<String>,
+    platform_account: Option<Spanned<String>>,
+    commission_account: Option<Spanned<String>>,
+    rounding_account: Option<Spanned<String>>,
 }
 
 /// A metered price: `price = { base, per_unit, unit_size, argument | usage, max }`.
@@ -385,7 +385,7 @@ struct RawTimeouts {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
-    name: String,
+    name: Spanned<String>,
     #[serde(default)]
     mode: Option<Spanned<String>>,
     currency: Spanned<String>,
@@ -395,16 +395,16 @@ struct RawServer {
     approval_threshold: Option<Spanned<String>>,
     /// Whose revenue account tool charges go to (default: the server name).
     #[serde(default)]
-    beneficiary: Option<String>,
+    beneficiary: Option<Spanned<String>>,
     /// The longest message a stdio client may send, in bytes.
     #[serde(default)]
-    max_message_bytes: Option<usize>,
+    max_message_bytes: Option<Spanned<usize>>,
     /// The most payments a principal may have waiting at once.
     #[serde(default)]
-    max_open_intents: Option<u32>,
+    max_open_intents: Option<Spanned<u32>>,
     /// The most payments anonymous callers may have waiting, together.
     #[serde(default)]
-    max_open_anonymous_intents: Option<u32>,
+    max_open_anonymous_intents: Option<Spanned<u32>>,
     #[serde(default)]
     instance_lease: Option<Spanned<String>>,
     #[serde(default)]
@@ -824,8 +824,12 @@ impl Config {
         // An upstream's unpriced tools are charged on the server's terms.
         for (i, upstream) in upstreams.iter().enumerate() {
             if let Unpriced::Price(amount) = upstream.unpriced {
-                fees_within_flat_price(&server_terms, &Tariff::Flat(amount))
-                    .map_err(|message| err(None, format!("upstreams[{i}].unpriced: {message}")))?;
+                fees_within_flat_price(&server_terms, &Tariff::Flat(amount)).map_err(
+                    |message| {
+                        let span = raw.upstreams[i].unpriced.as_ref().map(Spanned::span);
+                        err(span, format!("upstreams[{i}].unpriced: {message}"))
+                    },
+                )?;
             }
         }
         let mut tools = Vec::with_capacity(raw.tools.len());
@@ -954,11 +958,14 @@ impl Config {
             }
             // Principals are trimmed as they are taken: `" alice"` would
             // match nobody.
-            let principal = match a.principal.as_deref().map(str::trim) {
-                Some("") => {
-                    return Err(err(None, format!("{name}.principal: cannot be empty")));
+            let principal = match &a.principal {
+                Some(p) if p.get_ref().trim().is_empty() => {
+                    return Err(err(
+                        Some(p.span()),
+                        format!("{name}.principal: cannot be empty"),
+                    ));
                 }
-                principal => principal.map(str::to_owned),
+                principal => principal.as_ref().map(|p| p.get_ref().trim().to_owned()),
             };
             rules.push(ApprovalRule {
                 principal,
@@ -966,38 +973,48 @@ impl Config {
                 tag: a.tag.as_ref().map(|t| t.get_ref().clone()),
                 threshold,
                 name,
+                line: Some(line_of(
+                    text,
+                    a.tool.as_ref().unwrap_or(&a.threshold).span().start,
+                )),
             });
         }
         let approvals = ApprovalRules {
             default: approval_threshold,
             rules,
         };
-        let max_message_bytes = match raw.server.max_message_bytes {
+        let max_message_bytes = match &raw.server.max_message_bytes {
             None => 1024 * 1024,
-            Some(n) if n >= 1024 => n,
+            Some(n) if *n.get_ref() >= 1024 => *n.get_ref(),
             Some(n) => {
                 return Err(err(
-                    None,
-                    format!("server.max_message_bytes: {n} is below the least, 1024"),
+                    Some(n.span()),
+                    format!(
+                        "server.max_message_bytes: {} is below the least, 1024",
+                        n.get_ref()
+                    ),
                 ));
             }
         };
         // A cap of payments waiting: at least one.
-        let cap = |value: Option<u32>, default: u32, field: &str| match value {
+        let cap = |value: &Option<Spanned<u32>>, default: u32, field: &str| match value {
             None => Ok(default),
-            Some(0) => Err(err(None, format!("server.{field}: must be at least 1"))),
-            Some(n) => Ok(n),
+            Some(n) if *n.get_ref() == 0 => Err(err(
+                Some(n.span()),
+                format!("server.{field}: must be at least 1"),
+            )),
+            Some(n) => Ok(*n.get_ref()),
         };
-        let max_open_intents = cap(raw.server.max_open_intents, 100, "max_open_intents")?;
+        let max_open_intents = cap(&raw.server.max_open_intents, 100, "max_open_intents")?;
         let max_open_anonymous_intents = cap(
-            raw.server.max_open_anonymous_intents,
+            &raw.server.max_open_anonymous_intents,
             1_000,
             "max_open_anonymous_intents",
         )?;
 
         Ok(Config {
             source: file.to_owned(),
-            server_name: raw.server.name.trim().to_owned(),
+            server_name: raw.server.name.get_ref().trim().to_owned(),
             mode,
             currency,
             payment_ttl,
@@ -1115,19 +1132,18 @@ fn server_terms(
     };
     let defaults = FeeAccounts::default();
     // `field` is the full name, `server.beneficiary` or `fees.…`.
-    let name = |field: &str, given: &Option<String>, default: String| match given {
+    let account = |field: &str, given: &Spanned<String>| {
+        account_name(given.get_ref()).map_err(|e| (Some(given.span()), format!("{field}: {e}")))
+    };
+    let name = |field: &str, given: &Option<Spanned<String>>, default: String| match given {
         None => Ok(default),
-        Some(given) => account_name(given).map_err(|e| (None, format!("{field}: {e}"))),
+        Some(given) => account(field, given),
     };
     let terms = Terms {
         // The server's name earns by default: then it must make an account name.
         beneficiary: match &raw.server.beneficiary {
-            Some(given) => {
-                account_name(given).map_err(|e| (None, format!("server.beneficiary: {e}")))?
-            }
-            None => {
-                account_name(&raw.server.name).map_err(|e| (None, format!("server.name: {e}")))?
-            }
+            Some(given) => account("server.beneficiary", given)?,
+            None => account("server.name", &raw.server.name)?,
         },
         platform_share: fee("platform_share", &fees.platform_share)?,
         commission_in: fee("commission_in", &fees.commission_in)?,
@@ -1362,7 +1378,7 @@ mode = "resubmit"
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains("upstreams[0].unpriced: its fixed platform_share"),
+            e.starts_with("p.toml:8: upstreams[0].unpriced: its fixed platform_share"),
             "{e}"
         );
         // A free tool is charged nothing, so the server's fees take nothing.
@@ -1399,10 +1415,15 @@ mode = "resubmit"
             "{e}"
         );
         assert!(with("instance_lease = \"1s\"", "").is_ok());
+        let e = with("max_message_bytes = 100", "").unwrap_err();
+        assert!(
+            e.starts_with("p.toml:4: server.max_message_bytes: 100 is below the least, 1024"),
+            "{e}"
+        );
         for cap in ["max_open_intents", "max_open_anonymous_intents"] {
             let e = with(&format!("{cap} = 0"), "").unwrap_err();
             assert!(
-                e.contains(&format!("server.{cap}: must be at least 1")),
+                e.starts_with(&format!("p.toml:4: server.{cap}: must be at least 1")),
                 "{e}"
             );
             assert!(with(&format!("{cap} = 1"), "").is_ok());
@@ -1457,10 +1478,15 @@ mode = "resubmit"
             Some("alice")
         );
         let e = parse(&rule("  ")).unwrap_err();
-        assert!(e.contains("approvals[0].principal: cannot be empty"), "{e}");
+        assert!(
+            e.starts_with("p.toml:10: approvals[0].principal: cannot be empty"),
+            "{e}"
+        );
         // The server's name is the default beneficiary's account.
         let e = parse(&base.replace("name = \"t\"", "name = \" \"")).unwrap_err();
-        assert!(e.contains("server.name: "), "{e}");
+        assert!(e.starts_with("p.toml:2: server.name: "), "{e}");
+        let e = parse(&format!("{base}\n[fees]\nplatform_account = \" \"\n")).unwrap_err();
+        assert!(e.starts_with("p.toml:10: fees.platform_account: "), "{e}");
         // Trimmed once, for both: one revenue account, whatever path earns.
         let config = parse(&base.replace("name = \"t\"", "name = \" demo \"")).unwrap();
         assert_eq!(

@@ -146,7 +146,7 @@ impl Catalog {
         {
             return Err(ConfigError {
                 file: config.source.clone(),
-                location: String::new(),
+                location: rule.line.map(|l| format!(":{l}")).unwrap_or_default(),
                 message: format!(
                     "{}.tool: no backend provides a tool named `{tool}`",
                     rule.name
@@ -411,9 +411,9 @@ mod tests {
             .err()
             .map(|e| e.to_string());
         assert!(
-            e.as_deref().is_some_and(
-                |e| e.contains("approvals[0].tool: no backend provides a tool named `serach`")
-            ),
+            e.as_deref().is_some_and(|e| e.contains(
+                "p.toml:11: approvals[0].tool: no backend provides a tool named `serach`"
+            )),
             "{e:?}"
         );
         let fixed = Config::parse(&text.replace("serach", "search"), "p.toml").unwrap();

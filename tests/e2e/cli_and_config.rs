@@ -56,7 +56,7 @@ on_both_backends! {
         ));
         let err = start_error(&env).await;
         assert!(
-            err.contains("no backend provides a tool named `ghost`"),
+            err.contains("pricing.toml:21: tools.name: no backend provides a tool named `ghost`"),
             "{err}"
         );
 
