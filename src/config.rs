@@ -436,9 +436,9 @@ struct RawProvider {
     #[serde(default)]
     dev_settle: bool,
     #[serde(default)]
-    url: Option<String>,
+    url: Option<Spanned<String>>,
     #[serde(default)]
-    api_key_env: Option<String>,
+    api_key_env: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -468,11 +468,11 @@ struct RawUpstream {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     listen: Option<String>,
-    allowed_hosts: Option<Vec<String>>,
+    allowed_hosts: Option<Spanned<Vec<String>>>,
     allowed_origins: Option<Vec<String>>,
     #[serde(default)]
     anonymous_mcp: bool,
-    max_body_bytes: Option<usize>,
+    max_body_bytes: Option<Spanned<usize>>,
     request_timeout: Option<Spanned<String>>,
     sessions_create_per_minute: Option<Spanned<u32>>,
     sessions_read_per_minute: Option<Spanned<u32>>,
@@ -666,17 +666,22 @@ impl Config {
             Some(k) if k.get_ref() == "local" => ProviderKind::Local,
             Some(k) if k.get_ref() == "mock" => ProviderKind::Mock,
             Some(k) if k.get_ref() == "sessions_api" => ProviderKind::SessionsApi {
-                url: raw.provider.url.clone().ok_or_else(|| {
-                    err(
-                        Some(k.span()),
-                        "provider.url: the sessions_api provider needs a url".into(),
-                    )
-                })?,
+                url: raw
+                    .provider
+                    .url
+                    .as_ref()
+                    .map(|u| u.get_ref().clone())
+                    .ok_or_else(|| {
+                        err(
+                            Some(k.span()),
+                            "provider.url: the sessions_api provider needs a url".into(),
+                        )
+                    })?,
                 api_key_env: raw
                     .provider
                     .api_key_env
-                    .clone()
-                    .unwrap_or_else(|| "TOLLGATE_PROVIDER_KEY".into()),
+                    .as_ref()
+                    .map_or_else(|| "TOLLGATE_PROVIDER_KEY".into(), |k| k.get_ref().clone()),
             },
             Some(k) => {
                 return Err(err(
@@ -692,12 +697,12 @@ impl Config {
         // a `url` without `kind = "sessions_api"` would take payments here.
         if !matches!(provider, ProviderKind::SessionsApi { .. }) {
             for (field, set) in [
-                ("url", raw.provider.url.is_some()),
-                ("api_key_env", raw.provider.api_key_env.is_some()),
+                ("url", &raw.provider.url),
+                ("api_key_env", &raw.provider.api_key_env),
             ] {
-                if set {
+                if let Some(set) = set {
                     return Err(err(
-                        raw.provider.kind.as_ref().map(Spanned::span),
+                        Some(set.span()),
                         format!(
                             "provider.{field}: only the sessions_api provider takes it; set \
                              provider.kind = \"sessions_api\" to take payments through another \
@@ -716,25 +721,31 @@ impl Config {
         };
         // An empty list would let rmcp accept every Host: the DNS-rebinding
         // check gone without anyone asking for it.
-        if h.allowed_hosts.as_ref().is_some_and(Vec::is_empty) {
+        if let Some(hosts) = h.allowed_hosts.as_ref().filter(|h| h.get_ref().is_empty()) {
             return Err(err(
-                None,
+                Some(hosts.span()),
                 "http.allowed_hosts: cannot be empty (list the names clients use to reach the server)"
                     .into(),
             ));
         }
         let http = HttpConfig {
             listen: h.listen.clone().unwrap_or(defaults.listen),
-            allowed_hosts: h.allowed_hosts.clone().unwrap_or(defaults.allowed_hosts),
+            allowed_hosts: h
+                .allowed_hosts
+                .as_ref()
+                .map_or(defaults.allowed_hosts, |hosts| hosts.get_ref().clone()),
             allowed_origins: h.allowed_origins.clone().unwrap_or_default(),
             anonymous_mcp: h.anonymous_mcp,
-            max_body_bytes: match h.max_body_bytes {
+            max_body_bytes: match &h.max_body_bytes {
                 None => defaults.max_body_bytes,
-                Some(n) if n >= 1024 => n,
+                Some(n) if *n.get_ref() >= 1024 => *n.get_ref(),
                 Some(n) => {
                     return Err(err(
-                        None,
-                        format!("http.max_body_bytes: {n} is below the least, 1024"),
+                        Some(n.span()),
+                        format!(
+                            "http.max_body_bytes: {} is below the least, 1024",
+                            n.get_ref()
+                        ),
                     ));
                 }
             },
@@ -1440,7 +1451,7 @@ mode = "resubmit"
         assert!(with("", &format!("{}{upstream}", rule("u_search"))).is_ok());
         let e = with("", "\n[http]\nmax_body_bytes = 0\n").unwrap_err();
         assert!(
-            e.contains("http.max_body_bytes: 0 is below the least, 1024"),
+            e.starts_with("p.toml:11: http.max_body_bytes: 0 is below the least, 1024"),
             "{e}"
         );
         // PostgreSQL's limit on a statement timeout (about 24.8 days).
@@ -1453,7 +1464,7 @@ mode = "resubmit"
         // A sessions_api setting without its kind would take payments here.
         let e = with("", "\n[provider]\nurl = \"https://pay.example.com\"\n").unwrap_err();
         assert!(
-            e.contains("provider.url: only the sessions_api provider takes it"),
+            e.starts_with("p.toml:11: provider.url: only the sessions_api provider takes it"),
             "{e}"
         );
         let e = with("", "\n[provider]\nkind = \"local\"\napi_key_env = \"K\"\n").unwrap_err();
@@ -1497,7 +1508,10 @@ mode = "resubmit"
             ("demo", "demo")
         );
         let e = parse(&format!("{base}\n[http]\nallowed_hosts = []\n")).unwrap_err();
-        assert!(e.contains("http.allowed_hosts: cannot be empty"), "{e}");
+        assert!(
+            e.starts_with("p.toml:10: http.allowed_hosts: cannot be empty"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ pub enum MoneyError {
     TooLarge(Decimal),
     #[error("`{0}` is not an ISO 4217 currency code (three letters)")]
     BadCurrency(String),
-    #[error("`{0}` is not an ISO 4217 currency code with a minor unit (USD, EUR, JPY, …)")]
+    #[error(
+        "`{0}` is not an ISO 4217 currency code with a minor unit (USD, EUR, JPY, …), nor one \
+         left to private use (an unassigned X code such as XCR)"
+    )]
     UnknownCurrency(String),
     #[error(
         "{amount} {currency} has more decimal places than {currency}'s minor unit ({exponent})"
@@ -43,12 +46,15 @@ pub struct Currency(String);
 
 impl Currency {
     /// A currency given as input (configuration, CLI, HTTP): an ISO 4217
-    /// code with a minor unit, in any case. A typo such as `UDS` would
-    /// otherwise open wallets and prices in a currency nobody holds.
+    /// code with a minor unit, in any case, or one ISO 4217 leaves to
+    /// private use (an `X` code it does not assign, such as `XCR` for
+    /// credits: in cents). A typo such as `UDS` would otherwise open
+    /// wallets and prices in a currency nobody holds.
     pub fn parse(code: &str) -> Result<Self, MoneyError> {
         let recorded = Self::recorded(code)?;
         match iso_currency::Currency::from_code(&recorded.0) {
             Some(iso) if iso.exponent().is_some() => Ok(recorded),
+            None if recorded.0.starts_with('X') => Ok(recorded),
             _ => Err(MoneyError::UnknownCurrency(recorded.0)),
         }
     }
@@ -287,6 +293,10 @@ mod tests {
                 Err(MoneyError::UnknownCurrency(code.to_ascii_uppercase()))
             );
         }
+        // Private use: an X code ISO 4217 does not assign, in cents.
+        let credits = Currency::parse("xcr").unwrap();
+        assert_eq!(credits.as_str(), "XCR");
+        assert_eq!(credits.minor_unit_exponent(), 2);
         // What an older ledger recorded is still read, in cents.
         let recorded = Currency::recorded("abc").unwrap();
         assert_eq!(recorded.as_str(), "ABC");

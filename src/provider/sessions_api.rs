@@ -127,7 +127,8 @@ async fn read_status(
             status.session_id
         )));
     }
-    let currency = Currency::parse(&status.currency)
+    // As recorded there: the gate compares it with the intent's own.
+    let currency = Currency::recorded(&status.currency)
         .map_err(|e| unreadable(format!("reported a session in {e}")))?;
     let amount = from_minor_units(status.amount, &currency)
         .map_err(|e| unreadable(format!("reported an amount it cannot mean: {e}")))?;

@@ -830,6 +830,31 @@ crate::on_both_backends! {
 }
 
 crate::on_postgres! {
+    /// Another instance migrating (it holds sqlx's advisory lock) for
+    /// longer than the statement timeout: a starting instance waits its
+    /// turn. Its migrations ran under that timeout, and it failed to start.
+    #[tokio::test]
+    async fn a_start_waits_for_another_instances_migrations_past_the_statement_timeout() {
+        use sqlx::{Connection, migrate::Migrate};
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::fresh(dir.path());
+        let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        other.lock().await.unwrap();
+        let settings = crate::config::PoolSettings {
+            statement_timeout: std::time::Duration::from_millis(100),
+            ..Default::default()
+        };
+        let url = db.url.clone();
+        let starting = tokio::spawn(async move { PgStore::connect(&url, &settings).await });
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(!starting.is_finished(), "the start waits for the migrations");
+        other.unlock().await.unwrap();
+        let store = starting.await.unwrap().expect("started once the other was done");
+        store.ping().await.unwrap();
+    }
+}
+
+crate::on_postgres! {
     /// A refusal (decline, cancel) that waits on a payment of its intent's
     /// session (here another transaction has locked the intent and marked
     /// the session paid, and not yet committed) sees that payment once it

@@ -22,8 +22,8 @@ use std::{future::Future, str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sqlx::{
-    Postgres, Transaction,
-    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+    Connection, Postgres, Transaction,
+    postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions},
 };
 
 use super::{
@@ -97,7 +97,8 @@ impl PgStore {
     /// (sqlx holds an advisory lock meanwhile, so instances starting at once
     /// take turns).
     pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)?.options([(
+        let base = PgConnectOptions::from_str(url)?;
+        let options = base.clone().options([(
             "statement_timeout",
             settings.statement_timeout.as_millis().to_string(),
         )]);
@@ -110,7 +111,17 @@ impl PgStore {
             .test_before_acquire(true)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        // On a connection of its own, without the statement timeout: a
+        // migration of a large table, or waiting for another instance's
+        // (the advisory lock), may rightly take longer than any call.
+        let mut migrating =
+            tokio::time::timeout(settings.connect_timeout, PgConnection::connect_with(&base))
+                .await
+                .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolTimedOut))??;
+        sqlx::migrate!("./migrations/postgres")
+            .run_direct(&mut migrating)
+            .await?;
+        migrating.close().await?;
         let db = Portable::new(pool);
         let fast_path = batch::Batches::new(db.pool.clone());
         Ok(Self { db, fast_path })
