@@ -6,14 +6,20 @@
 pub(super) const BALANCES: &str = "SELECT currency, balance, held FROM accounts
      WHERE kind = 'wallet' AND name = $1 ORDER BY currency";
 
-/// Ledger lines as `rows::statement_line` reads them: `$amount` and
-/// `$account` (kind and name) for each line, then `$tail`.
+/// Ledger lines as `rows::statement_line` reads them: `$amount`, `$legs`
+/// (the transaction's own unless given) and `$account` (kind and name) for
+/// each line, then `$tail`.
 macro_rules! ledger_lines {
     ($amount:literal, $account:literal, $tail:literal) => {
+        ledger_lines!($amount, "t.legs", $account, $tail)
+    };
+    ($amount:literal, $legs:literal, $account:literal, $tail:literal) => {
         concat!(
             "SELECT t.id, t.kind, t.created_at, ",
             $amount,
-            ", t.legs, t.currency, t.tool, t.payment_id, t.beneficiary, t.memo, t.payer, t.intent_id,
+            ", ",
+            $legs,
+            " AS legs, t.currency, t.tool, t.payment_id, t.beneficiary, t.memo, t.payer, t.intent_id,
                     t.agent, t.metadata, t.approval, t.approved_by, t.approved_at,
                     CAST(NULL AS TEXT) AS approval_rule, ",
             $account,
@@ -26,9 +32,14 @@ macro_rules! ledger_lines {
 }
 
 /// One account's entries (`$1`: name, `$2`: kind) with their transactions'
-/// audit data.
+/// audit data. A wallet's payment of a session shows the split its
+/// settlement posted (out of clearing, once the tool ran), as a fast-path
+/// capture shows its own.
 pub(super) const STATEMENT: &str = ledger_lines!(
     "e.amount, e.role",
+    "COALESCE(t.legs, CASE WHEN t.kind = 'session_payment' AND a.kind = 'wallet' THEN
+         (SELECT s.legs FROM ledger_transactions s
+          WHERE s.intent_id = t.intent_id AND s.kind = 'capture') END)",
     "a.kind AS account_kind, a.name AS account_name",
     "WHERE a.kind = $2 AND a.name = $1 ORDER BY e.id"
 );

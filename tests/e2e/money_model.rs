@@ -147,6 +147,30 @@ commission_out = "0.01"
         assert!(platform.contains("total: 0.20 USD"), "{platform}");
         let fees = env.ok(&["ledger", "statement", "--beneficiary", "commissions"]).await;
         assert!(fees.contains("total: 0.06 USD"), "{fees}");
+
+        // bob also pays carol's call by its payment id (the slow path): his
+        // statement shows that charge's split too, posted when it ran.
+        let carol = env.client(Some("carol")).await;
+        let id = payment_id_of(&call(&carol, "echo", echo_args("for carol")).await);
+        env.ok(&["sessions", "pay", &id, "--from", "bob"]).await;
+        let r = call(&carol, "echo", json!({"text": "for carol", "payment_id": id})).await;
+        assert_eq!(payment_meta(&r)["status"], "paid", "{r:?}");
+        let bobs = env.ok(&["wallet", "statement", "bob"]).await;
+        let paid_for_carol = bobs
+            .lines()
+            .find(|l| l.contains("session_payment"))
+            .unwrap_or_else(|| panic!("{bobs}"));
+        assert!(
+            paid_for_carol.contains(
+                "charge 1.00 = author 0.88 + platform_share 0.10 + commission_in 0.02; payer fee 0.01"
+            ),
+            "{bobs}"
+        );
+        assert!(
+            bobs.contains("the split charges came to 3.00 USD"),
+            "all three charges: {bobs}"
+        );
+        carol.cancel().await.ok();
         // Nothing before today.
         let none = env
             .ok(&["ledger", "statement", "--beneficiary", "alice-author", "--until", "2000-01-01"])

@@ -1,0 +1,4 @@
+-- A wallet's statement shows the split of a session it paid, which the
+-- intent's settlement (a later transaction, out of clearing) posts: found
+-- by intent.
+CREATE INDEX ledger_transactions_settlement ON ledger_transactions (intent_id) WHERE kind = 'capture';
