@@ -39,7 +39,7 @@ pub(super) const STATEMENT: &str = ledger_lines!(
     "e.amount, e.role",
     "COALESCE(t.legs, CASE WHEN t.kind = 'session_payment' AND a.kind = 'wallet' THEN
          (SELECT s.legs FROM ledger_transactions s
-          WHERE s.intent_id = t.intent_id AND s.kind = 'capture') END)",
+          WHERE s.intent_id = t.intent_id AND s.kind = 'capture' LIMIT 1) END)",
     "a.kind AS account_kind, a.name AS account_name",
     "WHERE a.kind = $2 AND a.name = $1 ORDER BY e.id"
 );
