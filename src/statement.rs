@@ -143,7 +143,9 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
     // Per currency: (net, charged, lines).
     let mut totals: BTreeMap<&str, (i64, i64, usize)> = BTreeMap::new();
     // An account that takes two legs of one capture (both commissions, say)
-    // has a line for each; the charge counts once.
+    // has a line for each, and a wallet that paid a session has its payment
+    // and the settlement's refund of what a metered run did not use: either
+    // way, one payment, and its charge counts once.
     let mut counted: BTreeSet<&str> = BTreeSet::new();
     for line in lines.iter().filter(|l| filter.keeps(l)) {
         let notes: Vec<String> = [breakdown(&line.legs).unwrap_or_default(), details(line)]
@@ -164,7 +166,7 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
         let total = totals.entry(line.currency.as_str()).or_default();
         total.0 += line.amount;
         total.2 += 1;
-        if counted.insert(&line.txn_id) {
+        if counted.insert(line.payment_id.as_deref().unwrap_or(&line.txn_id)) {
             total.1 += charged(&line.legs);
         }
     }

@@ -93,6 +93,13 @@ on_both_backends! {
         assert!(earned.contains("total: 0.05 USD over 3 line(s)"), "{earned}");
         let rounding = env.ok(&["ledger", "statement", "--beneficiary", "rounding"]).await;
         assert!(rounding.contains("total: 0.01 USD over 2 line(s)"), "{rounding}");
+        // The payer's statement counts each of the three charges once,
+        // though the session's shows on its payment and on its refund.
+        let alices = env.ok(&["wallet", "statement", "alice"]).await;
+        assert!(
+            alices.contains("the split charges came to 0.06 USD"),
+            "{alices}"
+        );
         client.cancel().await.ok();
         anonymous.cancel().await.ok();
         env.assert_ledger_ok().await;
