@@ -273,6 +273,7 @@ mod tests {
             line(880_000, &legs, 1_000, "echo"),
             StatementLine {
                 txn_id: "txn_2".into(),
+                payment_id: Some("pay_2".into()),
                 ..line(10_000, &[("author", 10_000)], 2_000, "divide")
             },
         ];
@@ -320,6 +321,31 @@ mod tests {
         let text = render("revenue:commissions", &lines, &Filter::default());
         assert!(
             text.contains("total: 0.08 USD over 2 line(s); the split charges came to 1.00 USD"),
+            "{text}"
+        );
+    }
+
+    /// A wallet that paid a session for a metered tool has two lines of
+    /// one payment: the payment, and the settlement's refund of what the
+    /// run did not use. Both show the split; the charge counts once.
+    #[test]
+    fn a_session_paid_and_partly_refunded_counts_its_charge_once() {
+        let legs = [("author", 15_000)];
+        let lines = [
+            StatementLine {
+                kind: "session_payment".into(),
+                role: None,
+                ..line(-100_000, &legs, 1_000, "search")
+            },
+            StatementLine {
+                txn_id: "txn_2".into(),
+                role: Some("refund".into()),
+                ..line(85_000, &legs, 2_000, "search")
+            },
+        ];
+        let text = render("wallet:bob", &lines, &Filter::default());
+        assert!(
+            text.contains("total: -0.015 USD over 2 line(s); the split charges came to 0.015 USD"),
             "{text}"
         );
     }
