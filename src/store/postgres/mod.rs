@@ -117,7 +117,12 @@ impl PgStore {
         let mut migrating =
             tokio::time::timeout(settings.connect_timeout, PgConnection::connect_with(&base))
                 .await
-                .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolTimedOut))??;
+                .map_err(|_| {
+                    StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to apply the migrations timed out",
+                    )))
+                })??;
         sqlx::migrate!("./migrations/postgres")
             .run_direct(&mut migrating)
             .await?;
