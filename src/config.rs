@@ -712,6 +712,15 @@ impl Config {
                 }
             }
         }
+        // A message size limit: at least 1 KiB.
+        let byte_limit = |field: &str, value: &Option<Spanned<usize>>, default: usize| match value {
+            None => Ok(default),
+            Some(n) if *n.get_ref() >= 1024 => Ok(*n.get_ref()),
+            Some(n) => Err(err(
+                Some(n.span()),
+                format!("{field}: {} is below the least, 1024", n.get_ref()),
+            )),
+        };
         let defaults = HttpConfig::default();
         let h = &raw.http;
         let per_minute = |field: &str, value: &Option<Spanned<u32>>, default: u32| match value {
@@ -736,19 +745,11 @@ impl Config {
                 .map_or(defaults.allowed_hosts, |hosts| hosts.get_ref().clone()),
             allowed_origins: h.allowed_origins.clone().unwrap_or_default(),
             anonymous_mcp: h.anonymous_mcp,
-            max_body_bytes: match &h.max_body_bytes {
-                None => defaults.max_body_bytes,
-                Some(n) if *n.get_ref() >= 1024 => *n.get_ref(),
-                Some(n) => {
-                    return Err(err(
-                        Some(n.span()),
-                        format!(
-                            "http.max_body_bytes: {} is below the least, 1024",
-                            n.get_ref()
-                        ),
-                    ));
-                }
-            },
+            max_body_bytes: byte_limit(
+                "http.max_body_bytes",
+                &h.max_body_bytes,
+                defaults.max_body_bytes,
+            )?,
             request_timeout: duration(
                 "http.request_timeout",
                 &h.request_timeout,
@@ -994,19 +995,11 @@ impl Config {
             default: approval_threshold,
             rules,
         };
-        let max_message_bytes = match &raw.server.max_message_bytes {
-            None => 1024 * 1024,
-            Some(n) if *n.get_ref() >= 1024 => *n.get_ref(),
-            Some(n) => {
-                return Err(err(
-                    Some(n.span()),
-                    format!(
-                        "server.max_message_bytes: {} is below the least, 1024",
-                        n.get_ref()
-                    ),
-                ));
-            }
-        };
+        let max_message_bytes = byte_limit(
+            "server.max_message_bytes",
+            &raw.server.max_message_bytes,
+            1024 * 1024,
+        )?;
         // A cap of payments waiting: at least one.
         let cap = |value: &Option<Spanned<u32>>, default: u32, field: &str| match value {
             None => Ok(default),
@@ -1065,18 +1058,20 @@ impl Config {
 
     /// An error about the whole configuration (the tools it serves).
     pub fn error(&self, message: String) -> ConfigError {
-        ConfigError {
-            file: self.source.clone(),
-            location: String::new(),
-            message,
-        }
+        self.error_at(None, message)
     }
 
     /// An error about one priced tool, pointing at its entry.
     pub fn tool_error(&self, tool: &ToolPrice, message: String) -> ConfigError {
+        self.error_at(tool.line, message)
+    }
+
+    /// An error found after parsing (when the catalog is built), pointing
+    /// at `line` of the file when it is known.
+    pub fn error_at(&self, line: Option<usize>, message: String) -> ConfigError {
         ConfigError {
             file: self.source.clone(),
-            location: tool.line.map(|l| format!(":{l}")).unwrap_or_default(),
+            location: line.map(|l| format!(":{l}")).unwrap_or_default(),
             message,
         }
     }

@@ -128,11 +128,9 @@ impl Catalog {
                     .insert(name.clone(), (tool, backend.clone()))
                     .is_some()
                 {
-                    return Err(ConfigError {
-                        file: config.source.clone(),
-                        location: String::new(),
-                        message: format!("two backends both provide a tool named `{name}`"),
-                    });
+                    return Err(
+                        config.error(format!("two backends both provide a tool named `{name}`"))
+                    );
                 }
             }
         }
@@ -144,14 +142,13 @@ impl Catalog {
                 (!described.contains_key(tool)).then_some((rule, tool))
             })
         {
-            return Err(ConfigError {
-                file: config.source.clone(),
-                location: rule.line.map(|l| format!(":{l}")).unwrap_or_default(),
-                message: format!(
+            return Err(config.error_at(
+                rule.line,
+                format!(
                     "{}.tool: no backend provides a tool named `{tool}`",
                     rule.name
                 ),
-            });
+            ));
         }
         let mut prices: HashMap<&str, Price> = HashMap::new();
         let mut explicitly_free = std::collections::HashSet::new();
