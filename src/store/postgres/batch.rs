@@ -16,6 +16,7 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
+use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 
@@ -33,6 +34,8 @@ const MAX_BATCH: usize = 64;
 /// Batches under way at once, each on a connection of its own: while one
 /// waits for its commit, the next is already sent.
 const MAX_RUNNING: usize = 2;
+/// Writes of a failed batch applied alone at once (each on a connection).
+const ALONE_AT_ONCE: usize = 4;
 
 const BATCH: &str = "SELECT fast_path_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                                            $13, $14, $15, $16, $17)";
@@ -142,16 +145,20 @@ impl Batches {
                 }
             }
             // A write's own fault (a violated constraint, say) rolls back the
-            // whole batch: apply each write alone, so that the error reaches
-            // only the caller whose write caused it.
-            Err(e) if batch.len() > 1 && one_writes_fault(&e) => {
-                for pending in batch {
-                    let alone = self.execute(&[&pending.write]).await;
-                    let _ = pending.applied.send(alone.map(|applied| applied[0]));
-                }
+            // whole batch, as does a wait for one row that another transaction
+            // keeps locked (a busy wallet): apply each write alone, so that the
+            // error reaches only the caller whose write caused it. A few at a
+            // time, so that a write stuck behind a lock holds back only itself.
+            Err(e) if batch.len() > 1 && (one_writes_fault(&e) || gave_up_waiting(&e)) => {
+                tracing::debug!("a fast-path batch failed ({e}); applying its writes one by one");
+                futures::stream::iter(batch)
+                    .for_each_concurrent(ALONE_AT_ONCE, |pending| async move {
+                        let alone = self.execute(&[&pending.write]).await;
+                        let _ = pending.applied.send(alone.map(|applied| applied[0]));
+                    })
+                    .await;
             }
-            // The database cannot be reached, or gave up on the batch (a
-            // timeout, a conflict retried to the end): every caller gets why.
+            // The database cannot be reached: every caller gets why.
             Err(e) => {
                 let why = e.to_string();
                 let mut batch = batch.into_iter();
@@ -244,6 +251,20 @@ fn one_writes_fault(e: &StoreError) -> bool {
         StoreError::Unavailable(sqlx::Error::Database(db)) => db
             .code()
             .is_some_and(|code| ["22", "23", "P0"].iter().any(|c| code.starts_with(c))),
+        _ => false,
+    }
+}
+
+/// Whether PostgreSQL gave up on the batch while it waited for a lock: the
+/// statement timeout (57014), a lock not to be had (55P03), or a conflict
+/// that [`retrying`] retried to the end (40001, 40P01). One write's row is
+/// the likelier culprit than all of them.
+fn gave_up_waiting(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(sqlx::Error::Database(db)) => matches!(
+            db.code().as_deref(),
+            Some("57014" | "55P03" | "40001" | "40P01")
+        ),
         _ => false,
     }
 }
@@ -487,6 +508,41 @@ mod tests {
             // h1 is still open: releasing it now gives its 0.10 back.
             assert_eq!(flags(as_one_batch(&store, vec![release("h1")]).await), [true]);
             assert_eq!(available(&store, "w").await, units("0.80"));
+            assert_sound(&store).await;
+        }
+
+        #[tokio::test]
+        async fn a_wallet_locked_elsewhere_fails_only_its_own_write() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = TestDb::fresh(dir.path());
+            let settings = PoolSettings {
+                statement_timeout: std::time::Duration::from_millis(500),
+                ..PoolSettings::default()
+            };
+            let store = PgStore::connect(&db.url, &settings).await.expect("connect");
+            for wallet in ["w", "x"] {
+                store
+                    .topup(&AccountRef::wallet(wallet, &usd()), units("1.00"), None)
+                    .await
+                    .expect("topup");
+            }
+            // Another transaction keeps wallet x locked past the statement
+            // timeout: the batch, which locks every wallet it touches, gives up.
+            let mut blocker = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.expect("connect");
+            sqlx::query("BEGIN").execute(&mut blocker).await.expect("begin");
+            sqlx::query("SELECT 1 FROM accounts WHERE kind = 'wallet' AND name = 'x' FOR UPDATE")
+                .execute(&mut blocker)
+                .await
+                .expect("lock x");
+            let on_x = Write::Hold(Hold::new(&hold_request("hx", "x", "0.10"), "test"));
+            let results =
+                as_one_batch(&store, vec![hold("h1", "0.10"), on_x, hold("h2", "0.10")]).await;
+            assert!(matches!(results[0], Ok(true)), "{:?}", results[0]);
+            assert!(results[1].is_err(), "x is locked: {:?}", results[1]);
+            assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
+            sqlx::query("ROLLBACK").execute(&mut blocker).await.expect("rollback");
+            assert_eq!(available(&store, "w").await, units("0.80"));
+            assert_eq!(available(&store, "x").await, units("1.00"), "nothing reserved on x");
             assert_sound(&store).await;
         }
 
