@@ -25,7 +25,7 @@ pub mod statement;
 pub mod stdio;
 pub mod stdio_guard;
 pub mod store;
-mod sync;
+pub mod sync;
 pub mod tariff;
 pub mod terms;
 #[doc(hidden)]

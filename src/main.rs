@@ -1,7 +1,7 @@
 //! The `tollgate` command: serve over stdio, and manage wallets, payment
 //! sessions, the ledger and receipts.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -11,7 +11,7 @@ use tollgate::{
     app::{self, DEFAULT_PRICING},
     config::Config,
     export,
-    gate::Caller,
+    gate::{Caller, Gate},
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_amount},
     receipt::ReceiptSigner,
@@ -483,15 +483,49 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
         payer = payer.as_deref().unwrap_or("anonymous"),
         "serving MCP over stdio"
     );
-    let server = TollgateServer::new(gate, Caller { principal: payer });
+    let server = TollgateServer::new(gate.clone(), Caller { principal: payer });
     let (input, output) = tollgate::stdio_guard::guard(
         tollgate::stdio::stdin(),
         tollgate::stdio::stdout(),
         config.max_message_bytes,
     );
     let running = server.serve((input, output)).await?;
-    running.waiting().await?;
+    let service = running.cancellation_token();
+    let waiting = running.waiting();
+    tokio::pin!(waiting);
+    tokio::select! {
+        // The client closed stdin: rmcp gave the calls in flight a few
+        // seconds to answer, then cancelled the rest.
+        quit = &mut waiting => {
+            quit?;
+            finish_calls(&gate).await;
+        }
+        () = shutdown_signal() => {
+            finish_calls(&gate).await;
+            service.cancel();
+            waiting.await?;
+        }
+    }
     Ok(())
+}
+
+/// How long a stopping process waits for the calls under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// Closes the gate, and gives the calls under way [`SHUTDOWN_GRACE`] to
+/// finish: to be charged or released, and answered if the transport is
+/// still up. A call still running after that is dropped with the process,
+/// and its hold released by recovery within a lease.
+async fn finish_calls(gate: &Gate) {
+    gate.close();
+    let left = gate.calls_finished(SHUTDOWN_GRACE).await;
+    if left > 0 {
+        tracing::warn!(
+            "{left} call(s) still running after {}s; stopping anyway (their holds are released \
+             by recovery once this instance's lease lapses)",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
 }
 
 async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> anyhow::Result<()> {
@@ -529,12 +563,18 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
     eprintln!("listening on http://{local}");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let signal = shutdown.clone();
+    let state = Arc::new(tollgate::http::HttpState::new(&config, gate.clone()));
+    let closing = state.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing calls in flight");
+        // The service stays up meanwhile, so that their answers go out
+        // (and a checkout page can still be paid at). Then the MCP
+        // sessions end, which would cut off an answer still being written.
+        finish_calls(&gate).await;
+        closing.answers_sent(Duration::from_secs(2)).await;
         signal.cancel();
     });
-    let state = Arc::new(tollgate::http::HttpState::new(&config, gate));
     tollgate::http::serve(listener, state, &config.http, shutdown).await?;
     Ok(())
 }

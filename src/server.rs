@@ -19,7 +19,7 @@ use rmcp::{
 };
 
 use crate::{
-    gate::{CallScope, Caller, Gate, stateless_session},
+    gate::{CallScope, Caller, Gate, abandonment, stateless_session},
     store::new_id,
 };
 
@@ -155,10 +155,17 @@ impl ServerHandler for TollgateServer {
         let started = std::time::Instant::now();
         let caller = self.caller_of(&context);
         let session_id = self.session_of(&context, &caller);
+        let Some(_under_way) = self.gate.enter() else {
+            return Err(McpError::internal_error(
+                "tollgate is shutting down: call again in a moment",
+                None,
+            ));
+        };
         let scope = CallScope {
             caller: &caller,
             session_id: &session_id,
             request: &context,
+            cancelled: abandonment(&context),
             progress_sent: Default::default(),
         };
         let tool = request.name.to_string();

@@ -82,7 +82,8 @@ impl Gate {
                 Err(ServiceError::Timeout { timeout }) => Answer::Unanswered(format!("no answer within {}s", timeout.as_secs())),
                 Err(e) => Answer::Unanswered(format!("elicitation failed: {e}")),
             },
-            () = scope.request.ct.cancelled() => Answer::Unanswered("the call was cancelled".into()),
+            () = scope.cancelled.cancelled() => Answer::Unanswered("the call was cancelled".into()),
+            () = self.closing.closed() => Answer::Unanswered("tollgate is shutting down".into()),
         };
         let result = self.after_answer(scope, opened, answer).await;
         if is_url && result.is_error != Some(true) {

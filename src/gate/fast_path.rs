@@ -80,17 +80,25 @@ impl Gate {
         let currency = call.price.currency.as_str();
 
         // A metered call that used nothing costs nothing, like a failed one.
+        // So does a call whose client cancelled it or went away meanwhile:
+        // its result would never reach anyone.
         let charge = Gate::charge_for(call.price, &call.args, &result);
-        if result.is_error == Some(true) || charge.total().is_zero() {
+        let abandoned = scope.cancelled.is_cancelled();
+        if result.is_error == Some(true) || charge.total().is_zero() || abandoned {
             if let Err(e) = self.store.release(&payment_id).await {
                 // The hold stays open and expires on its own; nothing is charged.
                 tracing::error!(payment_id, "release after tool error failed: {e}");
             }
+            let why = if abandoned {
+                "the client cancelled the call or went away before its result"
+            } else {
+                "tool failed or used nothing"
+            };
             tracing::info!(
                 tool = call.tool,
                 principal,
                 payment_id,
-                "tool failed or used nothing; hold released"
+                "{why}; hold released"
             );
             return Some(reply::with_payment(
                 result,

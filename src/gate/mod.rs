@@ -4,6 +4,7 @@
 mod allowance;
 mod approval;
 pub mod catalog;
+mod closing;
 mod dynamic;
 mod elicitation;
 mod fast_path;
@@ -37,12 +38,15 @@ use crate::{
     provider::Provider,
     receipt::ReceiptSigner,
     store::{Charge, OpenLimit, Origin, Store},
+    sync::Counted,
     tools::ToolBackend,
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
 pub use dynamic::{DynamicTools, dynamic_confirm_payment_id};
 pub use recovery::Recovered;
-pub use scope::{ANONYMOUS_STATELESS, CallScope, Elicits, stateless_session};
+pub use scope::{
+    ANONYMOUS_STATELESS, CallScope, ClientGone, Elicits, abandonment, stateless_session,
+};
 
 /// Who is calling: the principal pays. `None` is anonymous, which has no
 /// wallet and can only pay through payment sessions.
@@ -123,6 +127,8 @@ pub struct Gate {
     withheld: Option<WithheldNotes>,
     /// Holds whose answer was lost, released as they land.
     lost_holds: LostHolds,
+    /// The calls under way, and whether the gate still takes new ones.
+    closing: closing::Closing,
 }
 
 /// A priced call that passed validation.
@@ -158,7 +164,24 @@ impl Gate {
             runs: Default::default(),
             withheld: None,
             lost_holds,
+            closing: Default::default(),
         }
+    }
+
+    /// Counts a call as under way until the guard is dropped; `None` once
+    /// the gate is closed.
+    pub fn enter(&self) -> Option<Counted> {
+        self.closing.enter()
+    }
+
+    /// Stops taking calls, and ends the waits for payments (see `closing`).
+    pub fn close(&self) {
+        self.closing.close();
+    }
+
+    /// Waits up to `grace` for the calls under way to end; how many had not.
+    pub async fn calls_finished(&self, grace: Duration) -> usize {
+        self.closing.drained(grace).await
     }
 
     /// Notes fast-path calls answered without their result in `notes`

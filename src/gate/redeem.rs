@@ -186,7 +186,9 @@ impl Gate {
                 poll = (poll * 2).min(MAX_POLL);
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
-                    () = scope.request.ct.cancelled() => return Settled::Pending(result),
+                    () = scope.cancelled.cancelled() => return Settled::Pending(result),
+                    // Stopping: the payment stays payable, the call redeemable.
+                    () = self.closing.closed() => return Settled::Pending(result),
                 }
             }
             intent = match self.store.intent(&intent.id).await {

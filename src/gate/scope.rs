@@ -10,6 +10,7 @@ use rmcp::{
     service::RequestContext,
 };
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use super::Caller;
 use crate::{store::Origin, tools::CallContext};
@@ -64,9 +65,39 @@ pub struct CallScope<'a> {
     /// session; see [`stateless_session`] for HTTP requests without one).
     pub session_id: &'a str,
     pub request: &'a RequestContext<RoleServer>,
+    /// Cancelled when the client cancels the call or goes away (see
+    /// [`CallScope::abandonment`]): nobody will read its answer.
+    pub cancelled: CancellationToken,
     /// The progress notifications the gate has sent for this call (while
     /// it waited for the payment in progress mode).
     pub progress_sent: AtomicU32,
+}
+
+/// Put in an HTTP request's extensions by the service, and cancelled when
+/// the response to the request is dropped: the client went away. rmcp does
+/// not cancel a call for that.
+#[derive(Clone, Default)]
+pub struct ClientGone(pub CancellationToken);
+
+/// What cancels a call: the client's `notifications/cancelled` (rmcp's
+/// token for the request), or over HTTP the client going away.
+pub fn abandonment(request: &RequestContext<RoleServer>) -> CancellationToken {
+    let gone = request
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<ClientGone>());
+    let Some(ClientGone(gone)) = gone else {
+        return request.ct.clone();
+    };
+    let either = request.ct.child_token();
+    let (cancel, gone) = (either.clone(), gone.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = gone.cancelled() => cancel.cancel(),
+            () = cancel.cancelled() => {}
+        }
+    });
+    either
 }
 
 impl CallScope<'_> {
@@ -80,7 +111,7 @@ impl CallScope<'_> {
             progress_heard: f64::from(self.progress_sent.load(Ordering::Acquire)),
             elicitation: (self.elicits().any() && !self.is_modern())
                 .then(|| (self.request.peer.clone(), elicitation_timeout)),
-            cancelled: self.request.ct.clone(),
+            cancelled: self.cancelled.clone(),
         }
     }
 

@@ -40,11 +40,12 @@ use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
 
 use crate::{
     config::{Config, HttpConfig},
-    gate::{Caller, Gate},
+    gate::{Caller, ClientGone, Gate},
     keys::Scope,
     receipt::ReceiptSigner,
     server::{SESSION_ID_HEADER, TollgateServer},
     store::Store,
+    sync::UnderWay,
 };
 pub use auth::presented_key;
 
@@ -63,6 +64,9 @@ pub struct HttpState {
     pub(crate) anonymous_mcp: bool,
     pub(crate) limits: limits::RateLimits,
     session_owners: session_owners::SessionOwners,
+    /// Answers to `/mcp` POSTs still being written: a stopping service
+    /// waits for them before it ends its MCP sessions.
+    answers: Arc<UnderWay>,
 }
 
 impl HttpState {
@@ -83,7 +87,14 @@ impl HttpState {
                 http.sessions_read_per_minute,
             ),
             session_owners: Default::default(),
+            answers: Default::default(),
         }
+    }
+
+    /// Waits up to `grace` for the answers to `/mcp` POSTs being written to
+    /// go out; how many had not.
+    pub async fn answers_sent(&self, grace: Duration) -> usize {
+        self.answers.drained(grace).await
     }
 
     /// How long an MCP session may sit idle before it is closed. It
@@ -251,6 +262,12 @@ async fn mcp_caller(
     }
     let (principal, ending) = (caller.principal.clone(), request.method() == Method::DELETE);
     request.extensions_mut().insert(caller);
+    // Cancelled as the response is dropped, before its end if the client
+    // went away (or while this waits for it): a call then is not charged.
+    let gone = ClientGone::default();
+    request.extensions_mut().insert(gone.clone());
+    let gone = gone.0.drop_guard();
+    let answering = (request.method() == Method::POST).then(|| state.answers.enter());
     let response = next.run(request).await;
     match session {
         None => {
@@ -263,19 +280,16 @@ async fn mcp_caller(
         }
         Some(_) => {}
     }
-    match in_flight {
-        // Counted until the body ends: a response that streams for long (a
-        // call waiting on a payment, the event stream) keeps its session
-        // from being taken for idle.
-        Some(going) => response.map(|body| {
-            let stream = body.into_data_stream().map(move |chunk| {
-                let _counted = &going;
-                chunk
-            });
-            axum::body::Body::from_stream(stream)
-        }),
-        None => response,
-    }
+    // `in_flight` is counted until the body ends: a response that streams
+    // for long (a call waiting on a payment, the event stream) keeps its
+    // session from being taken for idle.
+    response.map(|body| {
+        let stream = body.into_data_stream().map(move |chunk| {
+            let _kept_until_the_end = (&in_flight, &gone, &answering);
+            chunk
+        });
+        axum::body::Body::from_stream(stream)
+    })
 }
 
 /// A response of an MCP session's owner, still going until dropped.

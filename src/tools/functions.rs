@@ -63,7 +63,86 @@ struct Typed<A, F> {
     name: String,
     description: String,
     handler: Arc<F>,
+    bounds: Bounds,
     args: PhantomData<fn(A)>,
+}
+
+/// What a schema says of its top-level arguments that deserialising does
+/// not check: a number's `minimum` and `maximum`, a string's `minLength`
+/// and `maxLength`. Checked with the types, before any money moves.
+#[derive(Default)]
+struct Bounds(Vec<(String, Bound)>);
+
+#[derive(Default)]
+struct Bound {
+    minimum: Option<f64>,
+    maximum: Option<f64>,
+    min_length: Option<u64>,
+    max_length: Option<u64>,
+}
+
+impl Bounds {
+    fn of(schema: &Value) -> Self {
+        let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+            return Self::default();
+        };
+        let bounds = properties
+            .iter()
+            .map(|(name, property)| {
+                let number = |key: &str| property.get(key).and_then(Value::as_f64);
+                let length = |key: &str| property.get(key).and_then(Value::as_u64);
+                let bound = Bound {
+                    minimum: number("minimum"),
+                    maximum: number("maximum"),
+                    min_length: length("minLength"),
+                    max_length: length("maxLength"),
+                };
+                (name.clone(), bound)
+            })
+            .filter(|(_, b)| {
+                b.minimum.is_some()
+                    || b.maximum.is_some()
+                    || b.min_length.is_some()
+                    || b.max_length.is_some()
+            })
+            .collect();
+        Self(bounds)
+    }
+
+    fn check(&self, args: &JsonObject) -> Result<(), ArgumentError> {
+        for (field, bound) in &self.0 {
+            let broken = match args.get(field) {
+                Some(Value::Number(n)) => {
+                    n.as_f64()
+                        .and_then(|n| match (bound.minimum, bound.maximum) {
+                            (Some(min), _) if n < min => Some(format!("must be at least {min}")),
+                            (_, Some(max)) if n > max => Some(format!("must be at most {max}")),
+                            _ => None,
+                        })
+                }
+                Some(Value::String(s)) => {
+                    let chars = s.chars().count() as u64;
+                    match (bound.min_length, bound.max_length) {
+                        (Some(min), _) if chars < min => {
+                            Some(format!("must be at least {min} characters long"))
+                        }
+                        (_, Some(max)) if chars > max => {
+                            Some(format!("must be at most {max} characters long"))
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            if let Some(why) = broken {
+                return Err(ArgumentError {
+                    field: field.clone(),
+                    message: format!("`{field}` {why}"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<A, F, Fut, R> Typed<A, F>
@@ -115,7 +194,8 @@ where
     }
 
     fn validate(&self, args: &JsonObject) -> Result<(), ArgumentError> {
-        Self::parse(args.clone()).map(|_| ())
+        Self::parse(args.clone())?;
+        self.bounds.check(args)
     }
 
     fn run(&self, args: JsonObject) -> BoxFuture {
@@ -184,10 +264,12 @@ impl FnTools {
         R: IntoToolResult + 'static,
     {
         let name = name.into();
+        let schema = serde_json::to_value(schemars::schema_for!(A)).unwrap_or_default();
         let tool = Typed {
             name: name.clone(),
             description: description.into(),
             handler: Arc::new(handler),
+            bounds: Bounds::of(&schema),
             args: PhantomData,
         };
         self.tools.insert(name, Arc::new(tool));

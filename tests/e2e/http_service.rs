@@ -1135,6 +1135,47 @@ impl RawSession {
 
 on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fast_path_call_whose_client_went_away_is_not_charged() {
+        let pricing = crate::harness::pricing("two_step", "")
+            + "\n[[tools]]\nname = \"sleep\"\nprice = \"0.01\"\n";
+        let server = HttpServer::start(&pricing).await;
+        server.env.topup("lou", "1.00").await;
+        let key = server.key("lou", &["mcp"]).await;
+        let raw = RawSession::open(&server, &key).await;
+        let sleep = |id: u32, ms: u32| {
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                   "params": {"name": "sleep", "arguments": {"ms": ms}}})
+            .to_string()
+        };
+        // The client gives up a quarter of a second into an 800ms run.
+        let gave_up = http()
+            .post(&raw.url)
+            .bearer_auth(&key)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("mcp-session-id", &raw.session)
+            .header("mcp-protocol-version", "2025-11-25")
+            .timeout(Duration::from_millis(250))
+            .body(sleep(7, 800))
+            .send()
+            .await;
+        if let Ok(response) = gave_up {
+            assert!(response.text().await.is_err(), "cut off before the answer");
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(server.env.available("lou").await, "1.00", "nothing charged");
+        let (_, held, _) = server.env.balance("lou").await;
+        assert_eq!(held, "0.00", "its hold released");
+
+        // One that stays for its answer is charged.
+        let (status, answer) = raw.send(sleep(8, 10).into_bytes()).await;
+        assert_eq!(status, 200);
+        assert!(answer.contains(r#""status":"paid""#), "{answer}");
+        assert_eq!(server.env.available("lou").await, "0.99");
+        server.env.assert_ledger_ok().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hostile_requests_over_http_get_clear_errors_and_change_nothing() {
         let server = HttpServer::start(&crate::harness::pricing("resubmit", "")).await;
         server.env.topup("judy", "1.00").await;

@@ -81,7 +81,11 @@ on_both_backends! {
 on_both_backends! {
     #[tokio::test]
     async fn bad_arguments_name_the_field_and_charge_nothing() {
-        let env = Env::new("resubmit");
+        let env = Env::with_pricing(
+            &(crate::harness::pricing("resubmit", "")
+                + "[[tools]]\nname = \"search\"\nprice = \"0.10\"\n\n\
+                   [[tools]]\nname = \"sleep\"\nprice = \"0.01\"\n"),
+        );
         env.topup("alice", "1.00").await;
         let client = env.client(Some("alice")).await;
 
@@ -91,6 +95,10 @@ on_both_backends! {
             ("echo", json!({"text": "x", "colour": "red"}), "colour"),
             ("divide", json!({"a": 1, "b": "two"}), "b"),
             ("echo", json!({"text": "x", "payment_id": 7}), "payment_id"),
+            // Out of the schema's range: known before any money moves.
+            ("search", json!({"query": "a", "limit": 0}), "limit"),
+            ("search", json!({"query": "a", "limit": 50}), "limit"),
+            ("sleep", json!({"ms": 20000}), "ms"),
         ] {
             let r = call(&client, tool, arguments.clone()).await;
             assert_eq!(error_code(&r), "invalid_arguments", "{arguments}");

@@ -1,0 +1,59 @@
+//! Stopping gracefully. Once the gate closes, new calls are turned away and
+//! calls waiting for a payment stop waiting (the payment stays payable, and
+//! the call can be redeemed later by its payment id), while calls whose tool
+//! is running are given time to finish, be charged or released, and answer.
+//! Without this, a process stopping under a running call dropped it: its
+//! client got no answer and its hold stayed open until recovery.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::sync::{Counted, UnderWay};
+
+#[derive(Default)]
+pub(crate) struct Closing {
+    /// Cancelled when the gate closes.
+    closed: CancellationToken,
+    calls: Arc<UnderWay>,
+}
+
+impl Closing {
+    /// Counts a new call as under way until the guard is dropped; `None`
+    /// once closed.
+    pub fn enter(&self) -> Option<Counted> {
+        let call = self.calls.enter();
+        // Checked after counting: a call that gets in is always waited for.
+        (!self.closed.is_cancelled()).then_some(call)
+    }
+
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Resolves once the gate is closed: waits for a payment end then.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    /// Waits up to `grace` for the calls under way to end; how many had not.
+    pub async fn drained(&self, grace: Duration) -> usize {
+        self.calls.drained(grace).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closed_gate_turns_new_calls_away_and_waits_for_those_under_way() {
+        let closing = Closing::default();
+        let call = closing.enter().expect("open");
+        closing.close();
+        assert!(closing.enter().is_none(), "closed: no new call");
+        assert_eq!(closing.drained(Duration::from_millis(20)).await, 1);
+        drop(call);
+        assert_eq!(closing.drained(Duration::from_millis(20)).await, 0);
+    }
+}
