@@ -20,6 +20,69 @@ use tollgate::{
     store::{AccountKind, AccountRef, RefundRequest, SessionStatus, Store, now_ms, rfc3339},
 };
 
+// The CLI's output goes through these, which shadow std's `print!` and
+// `println!` in this file: std's panic when stdout's reader has gone
+// (`tollgate sessions list | head -1`); these return `StdoutClosed`, on which
+// `main` exits quietly, as ripgrep does. `serve` writes MCP to stdout through
+// its own transport, not these.
+macro_rules! print {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))?
+    };
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// Stdout was closed by its reader: the rest of the output is not wanted.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+struct StdoutClosed;
+
+fn write_stdout(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    std::io::Write::write_fmt(&mut std::io::stdout(), args).map_err(stdout_error)
+}
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// Stdout for `ledger export`, which writes through csv and serde_json:
+/// their errors do not keep the io::Error's kind, so this notes a closed
+/// stdout itself.
+struct ExportOut {
+    out: std::io::StdoutLock<'static>,
+    closed: bool,
+}
+
+impl ExportOut {
+    fn note<T>(&mut self, result: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &result {
+            self.closed |= e.kind() == std::io::ErrorKind::BrokenPipe;
+        }
+        result
+    }
+}
+
+impl std::io::Write for ExportOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.out.write(buf);
+        self.note(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let flushed = self.out.flush();
+        self.note(flushed)
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
@@ -309,6 +372,9 @@ fn main() -> std::process::ExitCode {
     };
     match outcome {
         Ok(code) => code,
+        Err(e) if e.chain().any(|cause| cause.is::<StdoutClosed>()) => {
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -454,9 +520,16 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 filter: selection.filter()?,
                 after,
             };
-            let out = std::io::stdout().lock();
-            let count =
-                export::export(store.as_ref(), &selection, format, out, export::PAGE).await?;
+            let mut out = ExportOut {
+                out: std::io::stdout().lock(),
+                closed: false,
+            };
+            let exported =
+                export::export(store.as_ref(), &selection, format, &mut out, export::PAGE).await;
+            if out.closed {
+                return Err(StdoutClosed.into());
+            }
+            let count = exported?;
             tracing::info!(entries = count, "ledger exported");
         }
         Command::Receipt {
@@ -793,9 +866,16 @@ async fn ledger_verify(store: &dyn Store) -> anyhow::Result<std::process::ExitCo
         );
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    println!("ledger BROKEN: {} problem(s)", report.problems.len());
-    for problem in &report.problems {
-        println!("  - {problem}");
+    let print = || -> anyhow::Result<()> {
+        println!("ledger BROKEN: {} problem(s)", report.problems.len());
+        for problem in &report.problems {
+            println!("  - {problem}");
+        }
+        Ok(())
+    };
+    match print() {
+        // Still a failure when the reader stopped reading the report.
+        Err(e) if !e.is::<StdoutClosed>() => Err(e),
+        _ => Ok(std::process::ExitCode::FAILURE),
     }
-    Ok(std::process::ExitCode::FAILURE)
 }

@@ -371,3 +371,67 @@ async fn dev_settle_is_refused_on_an_address_others_can_reach() {
         "{stderr}"
     );
 }
+
+/// Runs `args` with stdout a pipe nobody reads any more, as in
+/// `tollgate sessions list | head -0`.
+async fn with_stdout_closed(env: &Env, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    env.command()
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tollgate")
+        .wait_with_output()
+        .await
+        .expect("run tollgate")
+}
+
+/// A reader that stops reading (`| head -1`) ends a command quietly, as it
+/// would `cat`: no panic, no error. A broken ledger still fails its verify.
+#[tokio::test]
+async fn a_command_whose_output_is_not_read_ends_quietly() {
+    let env = Env::new("resubmit");
+    env.topup("alice", "1.00").await;
+    env.mcp_key("alice").await;
+    let client = env.client(Some("alice")).await;
+    let paid = call(&client, "echo", echo_args("hello")).await;
+    let receipt = payment_meta(&paid)["receipt"]
+        .as_str()
+        .expect("a receipt")
+        .to_owned();
+    client.cancel().await.ok();
+    for args in [
+        &["sessions", "list"][..],
+        &["keys", "list"],
+        &["wallet", "balance", "alice"],
+        &["wallet", "statement", "alice"],
+        &["ledger", "statement", "--wallet", "alice"],
+        &["ledger", "export", "--format", "csv"],
+        &["ledger", "export", "--format", "jsonl"],
+        &["ledger", "verify"],
+        &["receipt", "verify", &receipt],
+    ] {
+        let out = with_stdout_closed(&env, args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+    }
+    corrupt(
+        &env,
+        "UPDATE accounts SET balance = balance + 1 WHERE kind = 'wallet'",
+    )
+    .await;
+    let out = with_stdout_closed(&env, &["ledger", "verify"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
