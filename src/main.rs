@@ -1,5 +1,5 @@
-//! The `tollgate` command: serve over stdio, and manage wallets, payment
-//! sessions, the ledger and receipts.
+//! The `tollgate` command: serve MCP over stdio or HTTP, and manage
+//! wallets, payment sessions, the ledger and receipts.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -102,7 +102,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve MCP over stdio.
+    /// Serve MCP over stdio, or over HTTP with --http.
     Serve {
         /// The principal who pays on stdio; without one, calls are anonymous.
         /// (Over HTTP the API key names the principal.)
@@ -661,17 +661,18 @@ async fn keys(store: &dyn Store, command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::List => {
             println!(
-                "{:<22}  {:<16}  {:<40}  {:<20}  revoked",
-                "id", "principal", "scopes", "created"
+                "{:<22}  {:<16}  {:<40}  {:<20}  {:<20}  label",
+                "id", "principal", "scopes", "created", "revoked"
             );
             for key in store.api_keys().await? {
                 println!(
-                    "{:<22}  {:<16}  {:<40}  {:<20}  {}",
+                    "{:<22}  {:<16}  {:<40}  {:<20}  {:<20}  {}",
                     key.id,
                     key.principal,
                     key.scopes_text(),
                     rfc3339(key.created_at),
-                    key.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into())
+                    key.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                    key.label.as_deref().unwrap_or("-")
                 );
             }
         }
@@ -778,7 +779,8 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                 store
                     .set_limits(&AccountRef::wallet(&wallet, &currency), &limits)
                     .await?;
-                tracing::info!(wallet, %currency, ?limits, "wallet limits set");
+                // The limits themselves are printed below, as amounts.
+                tracing::info!(wallet, %currency, "wallet limits set");
                 store.limits(&wallet).await?
             } else {
                 current

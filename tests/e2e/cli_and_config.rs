@@ -435,3 +435,75 @@ async fn a_command_whose_output_is_not_read_ends_quietly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// What the CLI says for people: `serve --help` names both transports,
+/// `keys list` shows a key's label, and setting limits logs no raw
+/// micro-units.
+#[tokio::test]
+async fn the_cli_shows_labels_help_and_limits_as_people_read_them() {
+    let env = Env::new("resubmit");
+    let help = env.ok(&["serve", "--help"]).await;
+    let first = help.lines().next().unwrap_or_default();
+    assert!(first.contains("stdio") && first.contains("HTTP"), "{help}");
+
+    let labelled = env
+        .ok(&[
+            "keys",
+            "create",
+            "--principal",
+            "shop",
+            "--scope",
+            "mcp",
+            "--label",
+            "billing-bot",
+        ])
+        .await;
+    let id = tollgate::keys::key_id(labelled.trim())
+        .expect("a key")
+        .to_owned();
+    let plain = env.mcp_key("shop").await;
+    let plain_id = tollgate::keys::key_id(&plain).expect("a key").to_owned();
+    let listed = env.ok(&["keys", "list"]).await;
+    let row = |id: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        listed.lines().next().unwrap_or_default().ends_with("label"),
+        "{listed}"
+    );
+    assert!(row(&id).ends_with("  billing-bot"), "{listed}");
+    assert!(row(&plain_id).ends_with("  -"), "{listed}");
+
+    env.topup("alice", "1").await;
+    let out = env
+        .command()
+        .env("TOLLGATE_LOG", "tollgate=info")
+        .args([
+            "wallet",
+            "limits",
+            "alice",
+            "--daily",
+            "5",
+            "--per-call",
+            "0.25",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run tollgate");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("wallet limits set"), "{stderr}");
+    assert!(!stderr.contains("Units("), "{stderr}");
+    assert!(
+        stdout.contains("per call: 0.25") && stdout.contains("daily:    5.00"),
+        "{stdout}"
+    );
+}
