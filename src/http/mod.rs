@@ -232,10 +232,10 @@ async fn mcp_caller(
                 None
             }
             Access::Another => {
-                tracing::warn!("refused a request for an MCP session another key opened");
+                tracing::warn!("refused a request for an MCP session another principal opened");
                 Some((
                     StatusCode::FORBIDDEN,
-                    "this MCP session was opened with another API key: open a session of your own",
+                    "this MCP session was opened by another principal: open a session of your own",
                 ))
             }
             Access::Unknown => Some((

@@ -1202,7 +1202,7 @@ on_both_backends! {
         ] {
             let (status, text) = hijack.send(serde_json::to_vec(&request).unwrap()).await;
             assert_eq!(status, 403, "{text}");
-            assert!(text.contains("opened with another API key"), "{text}");
+            assert!(text.contains("opened by another principal"), "{text}");
         }
         let ended = http()
             .delete(&hijack.url)
