@@ -116,7 +116,7 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
     );
     // Plain request/response routes get a body limit and a timeout; /mcp
     // streams (SSE) and limits its own bodies.
-    let plain = Router::new()
+    let api = Router::new()
         .route("/v1/sessions", post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::read))
         .route("/v1/sessions/{id}/cancel", post(sessions::cancel))
@@ -124,6 +124,13 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
             state.clone(),
             limits::rate_limit,
         ))
+        // A limit of its own, inside the layer that words its 413 in JSON.
+        .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
+        .layer(middleware::map_response_with_state(
+            http.max_body_bytes,
+            sessions::json_too_large,
+        ));
+    let plain = Router::new()
         .merge(
             // The page a person's browser opens: the one a site of an
             // attacker's could read through DNS rebinding. (The others need
@@ -139,6 +146,7 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(healthz))
         .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
+        .merge(api)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             http.request_timeout,
