@@ -1,5 +1,5 @@
-//! The `tollgate` command: serve over stdio, and manage wallets, payment
-//! sessions, the ledger and receipts.
+//! The `tollgate` command: serve MCP over stdio or HTTP, and manage
+//! wallets, payment sessions, the ledger and receipts.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -20,6 +20,69 @@ use tollgate::{
     store::{AccountKind, AccountRef, RefundRequest, SessionStatus, Store, now_ms, rfc3339},
 };
 
+// The CLI's output goes through these, which shadow std's `print!` and
+// `println!` in this file: std's panic when stdout's reader has gone
+// (`tollgate sessions list | head -1`); these return `StdoutClosed`, on which
+// `main` exits quietly, as ripgrep does. `serve` writes MCP to stdout through
+// its own transport, not these.
+macro_rules! print {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))?
+    };
+}
+
+macro_rules! println {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// Stdout was closed by its reader: the rest of the output is not wanted.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed")]
+struct StdoutClosed;
+
+fn write_stdout(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    std::io::Write::write_fmt(&mut std::io::stdout(), args).map_err(stdout_error)
+}
+
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// Stdout for `ledger export`, which writes through csv and serde_json:
+/// their errors do not keep the io::Error's kind, so this notes a closed
+/// stdout itself.
+struct ExportOut {
+    out: std::io::StdoutLock<'static>,
+    closed: bool,
+}
+
+impl ExportOut {
+    fn note<T>(&mut self, result: std::io::Result<T>) -> std::io::Result<T> {
+        if let Err(e) = &result {
+            self.closed |= e.kind() == std::io::ErrorKind::BrokenPipe;
+        }
+        result
+    }
+}
+
+impl std::io::Write for ExportOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.out.write(buf);
+        self.note(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let flushed = self.out.flush();
+        self.note(flushed)
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
@@ -39,7 +102,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve MCP over stdio.
+    /// Serve MCP over stdio, or over HTTP with --http.
     Serve {
         /// The principal who pays on stdio; without one, calls are anonymous.
         /// (Over HTTP the API key names the principal.)
@@ -309,6 +372,9 @@ fn main() -> std::process::ExitCode {
     };
     match outcome {
         Ok(code) => code,
+        Err(e) if e.chain().any(|cause| cause.is::<StdoutClosed>()) => {
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -454,9 +520,16 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 filter: selection.filter()?,
                 after,
             };
-            let out = std::io::stdout().lock();
-            let count =
-                export::export(store.as_ref(), &selection, format, out, export::PAGE).await?;
+            let mut out = ExportOut {
+                out: std::io::stdout().lock(),
+                closed: false,
+            };
+            let exported =
+                export::export(store.as_ref(), &selection, format, &mut out, export::PAGE).await;
+            if out.closed {
+                return Err(StdoutClosed.into());
+            }
+            let count = exported?;
             tracing::info!(entries = count, "ledger exported");
         }
         Command::Receipt {
@@ -628,17 +701,18 @@ async fn keys(store: &dyn Store, command: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::List => {
             println!(
-                "{:<22}  {:<16}  {:<40}  {:<20}  revoked",
-                "id", "principal", "scopes", "created"
+                "{:<22}  {:<16}  {:<40}  {:<20}  {:<20}  label",
+                "id", "principal", "scopes", "created", "revoked"
             );
             for key in store.api_keys().await? {
                 println!(
-                    "{:<22}  {:<16}  {:<40}  {:<20}  {}",
+                    "{:<22}  {:<16}  {:<40}  {:<20}  {:<20}  {}",
                     key.id,
                     key.principal,
                     key.scopes_text(),
                     rfc3339(key.created_at),
-                    key.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into())
+                    key.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                    key.label.as_deref().unwrap_or("-")
                 );
             }
         }
@@ -745,7 +819,8 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                 store
                     .set_limits(&AccountRef::wallet(&wallet, &currency), &limits)
                     .await?;
-                tracing::info!(wallet, %currency, ?limits, "wallet limits set");
+                // The limits themselves are printed below, as amounts.
+                tracing::info!(wallet, %currency, "wallet limits set");
                 store.limits(&wallet).await?
             } else {
                 current
@@ -833,9 +908,16 @@ async fn ledger_verify(store: &dyn Store) -> anyhow::Result<std::process::ExitCo
         );
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    println!("ledger BROKEN: {} problem(s)", report.problems.len());
-    for problem in &report.problems {
-        println!("  - {problem}");
+    let print = || -> anyhow::Result<()> {
+        println!("ledger BROKEN: {} problem(s)", report.problems.len());
+        for problem in &report.problems {
+            println!("  - {problem}");
+        }
+        Ok(())
+    };
+    match print() {
+        // Still a failure when the reader stopped reading the report.
+        Err(e) if !e.is::<StdoutClosed>() => Err(e),
+        _ => Ok(std::process::ExitCode::FAILURE),
     }
-    Ok(std::process::ExitCode::FAILURE)
 }

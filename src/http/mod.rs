@@ -127,7 +127,7 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
     );
     // Plain request/response routes get a body limit and a timeout; /mcp
     // streams (SSE) and limits its own bodies.
-    let plain = Router::new()
+    let api = Router::new()
         .route("/v1/sessions", post(sessions::create))
         .route("/v1/sessions/{id}", get(sessions::read))
         .route("/v1/sessions/{id}/cancel", post(sessions::cancel))
@@ -135,6 +135,13 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
             state.clone(),
             limits::rate_limit,
         ))
+        // A limit of its own, inside the layer that words its 413 in JSON.
+        .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
+        .layer(middleware::map_response_with_state(
+            http.max_body_bytes,
+            sessions::json_too_large,
+        ));
+    let plain = Router::new()
         .merge(
             // The page a person's browser opens: the one a site of an
             // attacker's could read through DNS rebinding. (The others need
@@ -150,6 +157,7 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
         .route("/metrics", get(metrics::scrape))
         .route("/healthz", get(healthz))
         .layer(RequestBodyLimitLayer::new(http.max_body_bytes))
+        .merge(api)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             http.request_timeout,
@@ -243,10 +251,10 @@ async fn mcp_caller(
                 None
             }
             Access::Another => {
-                tracing::warn!("refused a request for an MCP session another key opened");
+                tracing::warn!("refused a request for an MCP session another principal opened");
                 Some((
                     StatusCode::FORBIDDEN,
-                    "this MCP session was opened with another API key: open a session of your own",
+                    "this MCP session was opened by another principal: open a session of your own",
                 ))
             }
             Access::Unknown => Some((

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     keys::{ApiKey, Scope},
-    money::{Currency, format_amount, from_minor_units, to_minor_units},
+    money::{Currency, Units, format_amount, from_minor_units, to_minor_units},
     store::{LocalSession, SessionStatus, current_session, new_id, now_ms, rfc3339},
 };
 
@@ -34,6 +34,21 @@ fn bad_request(field: &str, message: impl Into<String>) -> Response {
         Json(json!({ "error": "invalid_request", "field": field, "message": message.into() })),
     )
         .into_response()
+}
+
+/// A body over `[http] max_body_bytes`, which tower-http's limit (or
+/// axum's, for a body sent without a length) refuses in plain text: the API
+/// says so in JSON, as it does its other errors.
+pub(super) async fn json_too_large(State(limit): State<usize>, response: Response) -> Response {
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    let mut reply = bad_request(
+        "body",
+        format!("larger than {limit} bytes; it was not read"),
+    );
+    *reply.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+    reply
 }
 
 /// The store failed: the cause goes to the log, not to the caller (it can
@@ -71,17 +86,9 @@ pub async fn create(
         Some(Err(e)) => return bad_request("currency", e.to_string()),
         None => return bad_request("currency", "required: an ISO 4217 code such as \"usd\""),
     };
-    let amount = match body.get("amount").and_then(Value::as_i64) {
-        Some(minor) if minor > 0 => match from_minor_units(minor, &currency) {
-            Ok(units) => units,
-            Err(e) => return bad_request("amount", e.to_string()),
-        },
-        _ => {
-            return bad_request(
-                "amount",
-                "required: a whole number of minor units (cents) above zero",
-            );
-        }
+    let amount = match amount(body.get("amount"), &currency) {
+        Ok(units) => units,
+        Err(message) => return bad_request("amount", message),
     };
     let description = match body.get("description") {
         None | Some(Value::Null) => String::new(),
@@ -120,6 +127,22 @@ pub async fn create(
         Json(json!({ "sessionId": session.id, "url": url })),
     )
         .into_response()
+}
+
+/// `amount`: a whole number of minor units above zero.
+fn amount(value: Option<&Value>, currency: &Currency) -> Result<Units, String> {
+    let number = value.and_then(Value::as_number);
+    match number.map(|n| (n, n.as_i64())) {
+        Some((_, Some(minor))) if minor > 0 => {
+            from_minor_units(minor, currency).map_err(|e| e.to_string())
+        }
+        // Past i64, serde_json holds a u64 or a float (1e20 for
+        // 99999999999999999999, so not echoed): too large, not malformed.
+        Some((n, None)) if n.as_f64().is_some_and(|f| f >= i64::MAX as f64) => {
+            Err("amount is too large".into())
+        }
+        _ => Err("required: a whole number of minor units (cents) above zero".into()),
+    }
 }
 
 pub async fn read(
@@ -235,7 +258,30 @@ fn visible_to(session: &LocalSession, key: &ApiKey) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::money::Units;
+
+    #[test]
+    fn an_amount_past_any_number_is_too_large_not_missing() {
+        let usd = Currency::parse("USD").unwrap();
+        let said = |text: &str| {
+            let value: Value = serde_json::from_str(text).unwrap();
+            amount(Some(&value), &usd)
+        };
+        assert_eq!(said("250"), Ok(Units::parse("2.50").unwrap()));
+        for text in [
+            "9223372036854775807",
+            "18446744073709551615",
+            "99999999999999999999",
+        ] {
+            let e = said(text).unwrap_err();
+            assert!(
+                e.starts_with("amount ") && e.ends_with("is too large"),
+                "{text}: {e}"
+            );
+        }
+        for text in ["0", "-99999999999999999999", "2.5", "\"250\"", "null"] {
+            assert!(said(text).unwrap_err().starts_with("required"), "{text}");
+        }
+    }
 
     #[test]
     fn an_amount_finer_than_a_cent_is_shown_exactly_never_rounded() {

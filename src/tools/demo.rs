@@ -106,6 +106,12 @@ fn divide(args: DivideArgs) -> CallToolResult {
         return CallToolResult::error(vec![ContentBlock::text("cannot divide by zero")]);
     }
     let quotient = args.a / args.b;
+    // JSON has no infinity: it would be answered (and charged) as null.
+    if !quotient.is_finite() {
+        return CallToolResult::error(vec![ContentBlock::text(
+            "the quotient is too large to represent",
+        )]);
+    }
     let mut result = CallToolResult::success(vec![ContentBlock::text(quotient.to_string())]);
     result.structured_content = Some(json!({ "quotient": quotient }));
     result
@@ -138,7 +144,7 @@ pub fn demo_tools() -> FnTools {
         )
         .tool(
             "divide",
-            "Divides a by b. Dividing by zero is a tool error.",
+            "Divides a by b. Dividing by zero, or a quotient too large for a number, is a tool error.",
             |args: DivideArgs| async move { divide(args) },
         )
         .tool(
@@ -197,6 +203,23 @@ mod tests {
             )
             .await;
         assert_eq!(r.is_error, Some(true));
+        let r = demo
+            .call(
+                "divide",
+                obj(json!({"a": 1e308, "b": 1e-308})),
+                &CallContext::default(),
+            )
+            .await;
+        assert_eq!(r.is_error, Some(true), "an infinite quotient: {r:?}");
+        assert_eq!(r.structured_content, None);
+        let r = demo
+            .call(
+                "divide",
+                obj(json!({"a": -1e308, "b": 0.5})),
+                &CallContext::default(),
+            )
+            .await;
+        assert_eq!(r.is_error, Some(true), "-inf: {r:?}");
         let r = demo
             .call(
                 "word_count",

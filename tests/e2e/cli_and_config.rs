@@ -371,3 +371,139 @@ async fn dev_settle_is_refused_on_an_address_others_can_reach() {
         "{stderr}"
     );
 }
+
+/// Runs `args` with stdout a pipe nobody reads any more, as in
+/// `tollgate sessions list | head -0`.
+async fn with_stdout_closed(env: &Env, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    env.command()
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tollgate")
+        .wait_with_output()
+        .await
+        .expect("run tollgate")
+}
+
+/// A reader that stops reading (`| head -1`) ends a command quietly, as it
+/// would `cat`: no panic, no error. A broken ledger still fails its verify.
+#[tokio::test]
+async fn a_command_whose_output_is_not_read_ends_quietly() {
+    let env = Env::new("resubmit");
+    env.topup("alice", "1.00").await;
+    env.mcp_key("alice").await;
+    let client = env.client(Some("alice")).await;
+    let paid = call(&client, "echo", echo_args("hello")).await;
+    let receipt = payment_meta(&paid)["receipt"]
+        .as_str()
+        .expect("a receipt")
+        .to_owned();
+    client.cancel().await.ok();
+    for args in [
+        &["sessions", "list"][..],
+        &["keys", "list"],
+        &["wallet", "balance", "alice"],
+        &["wallet", "statement", "alice"],
+        &["ledger", "statement", "--wallet", "alice"],
+        &["ledger", "export", "--format", "csv"],
+        &["ledger", "export", "--format", "jsonl"],
+        &["ledger", "verify"],
+        &["receipt", "verify", &receipt],
+    ] {
+        let out = with_stdout_closed(&env, args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+    }
+    corrupt(
+        &env,
+        "UPDATE accounts SET balance = balance + 1 WHERE kind = 'wallet'",
+    )
+    .await;
+    let out = with_stdout_closed(&env, &["ledger", "verify"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the CLI says for people: `serve --help` names both transports,
+/// `keys list` shows a key's label, and setting limits logs no raw
+/// micro-units.
+#[tokio::test]
+async fn the_cli_shows_labels_help_and_limits_as_people_read_them() {
+    let env = Env::new("resubmit");
+    let help = env.ok(&["serve", "--help"]).await;
+    let first = help.lines().next().unwrap_or_default();
+    assert!(first.contains("stdio") && first.contains("HTTP"), "{help}");
+
+    let labelled = env
+        .ok(&[
+            "keys",
+            "create",
+            "--principal",
+            "shop",
+            "--scope",
+            "mcp",
+            "--label",
+            "billing-bot",
+        ])
+        .await;
+    let id = tollgate::keys::key_id(labelled.trim())
+        .expect("a key")
+        .to_owned();
+    let plain = env.mcp_key("shop").await;
+    let plain_id = tollgate::keys::key_id(&plain).expect("a key").to_owned();
+    let listed = env.ok(&["keys", "list"]).await;
+    let row = |id: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        listed.lines().next().unwrap_or_default().ends_with("label"),
+        "{listed}"
+    );
+    assert!(row(&id).ends_with("  billing-bot"), "{listed}");
+    assert!(row(&plain_id).ends_with("  -"), "{listed}");
+
+    env.topup("alice", "1").await;
+    let out = env
+        .command()
+        .env("TOLLGATE_LOG", "tollgate=info")
+        .args([
+            "wallet",
+            "limits",
+            "alice",
+            "--daily",
+            "5",
+            "--per-call",
+            "0.25",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run tollgate");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("wallet limits set"), "{stderr}");
+    assert!(!stderr.contains("Units("), "{stderr}");
+    assert!(
+        stdout.contains("per call: 0.25") && stdout.contains("daily:    5.00"),
+        "{stdout}"
+    );
+}

@@ -71,6 +71,11 @@ on_both_backends! {
             ("1.00".into(), "0.00".into(), "1.00".into())
         );
 
+        // So is a quotient too large for a number: JSON has no infinity.
+        let r = call(&client, "divide", json!({"a": 1e308, "b": 1e-308})).await;
+        assert_eq!(r.is_error, Some(true), "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "released");
+
         let r = call(&client, "divide", json!({"a": 1, "b": 4})).await;
         assert_eq!(structured(&r), json!({"quotient": 0.25}));
         assert_eq!(payment_meta(&r)["status"], "paid");

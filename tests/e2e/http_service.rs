@@ -423,6 +423,23 @@ on_both_backends! {
             .await
             .unwrap();
         assert_eq!(response.status(), 400);
+        // An amount past what any number here holds is too large, not
+        // missing: i64's maximum, u64's, and beyond both.
+        let big = server.key("shop", &["sessions:create"]).await;
+        for amount in ["9223372036854775807", "18446744073709551615", "99999999999999999999"] {
+            let response = http()
+                .post(&sessions)
+                .bearer_auth(&big)
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"amount": {amount}, "currency": "usd"}}"#))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{amount}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["field"], "amount", "{amount}: {body}");
+            assert!(body["message"].as_str().unwrap().contains("too large"), "{amount}: {body}");
+        }
         server.env.assert_ledger_ok().await;
     }
 }
@@ -1007,6 +1024,10 @@ on_both_backends! {
             .await
             .unwrap();
         assert_eq!(response.status(), 413);
+        // In JSON, as the API's other errors.
+        let body: Value = response.json().await.unwrap();
+        assert_eq!((&body["error"], &body["field"]), (&json!("invalid_request"), &json!("body")), "{body}");
+        assert!(body["message"].as_str().unwrap().contains("bytes; it was not read"), "{body}");
 
         // Anonymous /mcp only when the config says so.
         let open = HttpServer::start(
@@ -1243,7 +1264,7 @@ on_both_backends! {
         ] {
             let (status, text) = hijack.send(serde_json::to_vec(&request).unwrap()).await;
             assert_eq!(status, 403, "{text}");
-            assert!(text.contains("opened with another API key"), "{text}");
+            assert!(text.contains("opened by another principal"), "{text}");
         }
         let ended = http()
             .delete(&hijack.url)
