@@ -13,7 +13,7 @@ use tollgate::{
     export,
     gate::Caller,
     keys::{ApiKey, Scope},
-    money::{Currency, Units, format_in, format_without_currency},
+    money::{Currency, Units, format_in, format_without_currency, to_minor_units},
     receipt::ReceiptSigner,
     server::TollgateServer,
     statement,
@@ -375,6 +375,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             reason,
             idempotency_key,
         } => {
+            // Not held to whole minor units, unlike a top-up: a refund gives
+            // back what a capture took, and a metered one can take 0.025 USD.
             let units = amount
                 .as_deref()
                 .map(|a| Units::parse(a).with_context(|| format!("amount `{a}`")))
@@ -632,6 +634,10 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             if units.is_zero() {
                 bail!("amount must be above zero");
             }
+            // Money coming in is whole minor units (cents, yen): a finer
+            // balance would be money nobody paid in.
+            to_minor_units(units, &currency)
+                .with_context(|| format!("a top-up is whole minor units of {currency}"))?;
             let key = idempotency_key.as_deref().map(str::trim);
             if key == Some("") {
                 bail!("an idempotency key cannot be empty");
