@@ -15,7 +15,7 @@ use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde_json::{Value, json};
 
 use crate::{
-    money::{Currency, Units, format_amount},
+    money::{Currency, Units, format_in},
     store::rfc3339,
 };
 
@@ -98,13 +98,14 @@ pub struct Breach {
 impl Breach {
     /// The error's details for the client.
     pub fn details(&self) -> Value {
+        let amount = |units| format_in(units, &self.currency);
         json!({
             "limit": self.limit.as_str(),
             "wallet": self.wallet,
             "currency": self.currency.as_str(),
-            "cap": self.cap.map(format_amount),
-            "spent": format_amount(self.spent),
-            "needed": format_amount(self.needed),
+            "cap": self.cap.map(amount),
+            "spent": amount(self.spent),
+            "needed": amount(self.needed),
             "tool": self.tool,
             "resets_at": self.resets_at.map(rfc3339),
         })
@@ -114,8 +115,9 @@ impl Breach {
 impl std::fmt::Display for Breach {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (wallet, currency) = (&self.wallet, &self.currency);
-        let cap = self.cap.map(format_amount).unwrap_or_default();
-        let needed = format_amount(self.needed);
+        let amount = |units| format_in(units, currency);
+        let cap = self.cap.map(amount).unwrap_or_default();
+        let needed = amount(self.needed);
         match self.limit {
             Limit::AllowList => match &self.tool {
                 Some(tool) => write!(
@@ -140,7 +142,7 @@ impl std::fmt::Display for Breach {
                 write!(
                     f,
                     "wallet `{wallet}`'s {period} limit of {cap} {currency} would be passed: {} spent, this call needs {needed}; it resets at {}",
-                    format_amount(self.spent),
+                    amount(self.spent),
                     self.resets_at.map(rfc3339).unwrap_or_default()
                 )
             }
@@ -227,7 +229,8 @@ pub fn parse_cap(text: &str) -> Result<Option<Units>, String> {
 /// periods and when they reset.
 pub fn describe(wallet: &str, w: &crate::store::WalletLimits, now: i64) -> String {
     let (day, month) = w.spent.at(now);
-    let cap = |c: Option<Units>| c.map_or("none".to_owned(), format_amount);
+    let amount = |units| format_in(units, &w.currency);
+    let cap = |c: Option<Units>| c.map_or("none".to_owned(), amount);
     let tools = w
         .limits
         .tools
@@ -238,10 +241,10 @@ pub fn describe(wallet: &str, w: &crate::store::WalletLimits, now: i64) -> Strin
         w.currency,
         cap(w.limits.per_call),
         cap(w.limits.daily),
-        format_amount(day),
+        amount(day),
         rfc3339(day_start(now) + DAY_MS),
         cap(w.limits.monthly),
-        format_amount(month),
+        amount(month),
         rfc3339(next_month_start(now)),
     )
 }

@@ -9,7 +9,7 @@
 //! auto-approved (the fast path, when the wallet can pay); above it the
 //! person is asked.
 
-use crate::money::{Units, format_amount};
+use crate::money::{Currency, Units, format_in};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovalRule {
@@ -42,8 +42,9 @@ impl ApprovalRule {
         (self.principal.is_some(), target)
     }
 
-    /// `approvals[0] (principal alice, tag costly): above 0.02`.
-    pub fn describe(&self) -> String {
+    /// `approvals[0] (principal alice, tag costly): above 0.02`, the
+    /// threshold in `currency`, the server's.
+    pub fn describe(&self, currency: &Currency) -> String {
         let mut on = Vec::new();
         if let Some(p) = &self.principal {
             on.push(format!("principal {p}"));
@@ -58,7 +59,7 @@ impl ApprovalRule {
             "{} ({}): above {}",
             self.name,
             on.join(", "),
-            format_amount(self.threshold)
+            format_in(self.threshold, currency)
         )
     }
 }
@@ -78,7 +79,14 @@ pub struct ApprovalRules {
 }
 
 impl ApprovalRules {
-    pub fn threshold(&self, principal: Option<&str>, tool: &str, tags: &[String]) -> Threshold {
+    /// The threshold for a call to `tool`, priced in `currency`.
+    pub fn threshold(
+        &self,
+        principal: Option<&str>,
+        tool: &str,
+        tags: &[String],
+        currency: &Currency,
+    ) -> Threshold {
         let best = self
             .rules
             .iter()
@@ -91,7 +99,7 @@ impl ApprovalRules {
         match best {
             Some(rule) => Threshold {
                 amount: rule.threshold,
-                rule: Some(rule.describe()),
+                rule: Some(rule.describe(currency)),
             },
             None => Threshold {
                 amount: self.default,
@@ -134,7 +142,8 @@ mod tests {
             ],
         };
         let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let at = |p, tool, t: &[&str]| rules.threshold(p, tool, &tags(t)).amount.0;
+        let usd = Currency::parse("USD").unwrap();
+        let at = |p, tool, t: &[&str]| rules.threshold(p, tool, &tags(t), &usd).amount.0;
         assert_eq!(at(None, "echo", &[]), 5_000_000);
         assert_eq!(at(None, "echo", &["costly"]), 100);
         assert_eq!(at(None, "divide", &["costly"]), 200);
@@ -142,10 +151,19 @@ mod tests {
         assert_eq!(at(Some("alice"), "divide", &[]), 300);
         assert_eq!(at(Some("alice"), "echo", &["costly"]), 400);
         assert_eq!(at(Some("alice"), "echo", &["costly", "slow"]), 350);
-        let chosen = rules.threshold(Some("alice"), "echo", &tags(&["costly"]));
+        let chosen = rules.threshold(Some("alice"), "echo", &tags(&["costly"]), &usd);
         assert_eq!(
             chosen.rule.as_deref(),
             Some("approvals[0] (principal alice, tag costly): above 0.0004")
+        );
+        let rules = ApprovalRules {
+            rules: vec![rule(None, Some("echo"), None, 100_000_000)],
+            ..rules
+        };
+        let yen = Currency::parse("JPY").unwrap();
+        assert_eq!(
+            rules.threshold(None, "echo", &[], &yen).rule.as_deref(),
+            Some("approvals[0] (tool echo): above 100")
         );
     }
 }

@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use crate::{
     approvals::{ApprovalRule, ApprovalRules},
-    money::{Currency, Units, format_amount, to_minor_units},
+    money::{Currency, Units, format_in, to_minor_units},
     tariff::{Measure, Metered, Tariff},
     terms::{Fee, FeeAccounts, Terms},
 };
@@ -836,7 +836,7 @@ impl Config {
         // An upstream's unpriced tools are charged on the server's terms.
         for (i, upstream) in upstreams.iter().enumerate() {
             if let Unpriced::Price(amount) = upstream.unpriced {
-                fees_within_flat_price(&server_terms, &Tariff::Flat(amount)).map_err(
+                fees_within_flat_price(&server_terms, &Tariff::Flat(amount), &currency).map_err(
                     |message| {
                         let span = raw.upstreams[i].unpriced.as_ref().map(Spanned::span);
                         err(span, format!("upstreams[{i}].unpriced: {message}"))
@@ -910,7 +910,7 @@ impl Config {
                 accounts: server_terms.accounts.clone(),
             };
             check_terms(&terms)
-                .and_then(|()| fees_within_flat_price(&terms, &price))
+                .and_then(|()| fees_within_flat_price(&terms, &price, &currency))
                 .map_err(|message| {
                     err(
                         Some(t.name.span()),
@@ -1190,7 +1190,11 @@ fn whole_flat_price(amount: Units, currency: &Currency) -> Result<Units, String>
 /// Fixed fees taken from a flat price's author share must fit in it: they
 /// are cut to what is there (`terms.rs`), and a platform share above the
 /// price would leave the author nothing, silently.
-fn fees_within_flat_price(terms: &Terms, price: &Tariff) -> Result<(), String> {
+fn fees_within_flat_price(
+    terms: &Terms,
+    price: &Tariff,
+    currency: &Currency,
+) -> Result<(), String> {
     // A free tool is not charged, so nothing is taken from it.
     let &Tariff::Flat(amount) = price else {
         return Ok(());
@@ -1206,8 +1210,8 @@ fn fees_within_flat_price(terms: &Terms, price: &Tariff) -> Result<(), String> {
     if taken > amount.0 {
         return Err(format!(
             "its fixed platform_share and commission_in come to {}, more than its price {}",
-            format_amount(Units(taken)),
-            format_amount(amount)
+            format_in(Units(taken), currency),
+            format_in(amount, currency)
         ));
     }
     Ok(())

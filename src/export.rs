@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    money::format_signed,
+    money::format_signed_in,
     statement::Filter,
     store::{AccountKind, StatementLine, Store, StoreError, rfc3339},
 };
@@ -115,7 +115,7 @@ impl<'a> Row<'a> {
             account_kind: line.account.as_ref().map(|(k, _)| k.as_str()),
             account: cell(line.account.as_ref().map(|(_, n)| n.as_str()), csv),
             currency: line.currency.as_str(),
-            amount: format_signed(line.amount),
+            amount: format_signed_in(line.amount, &line.currency),
             role: line.role.as_deref(),
             tool: cell(line.tool.as_deref(), csv),
             payment_id: line.payment_id.as_deref(),

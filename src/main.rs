@@ -13,7 +13,7 @@ use tollgate::{
     export,
     gate::{Caller, Gate},
     keys::{ApiKey, Scope},
-    money::{Currency, Units, format_amount},
+    money::{Currency, Units, format_in, format_without_currency, to_minor_units},
     receipt::ReceiptSigner,
     server::TollgateServer,
     statement,
@@ -441,14 +441,19 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             reason,
             idempotency_key,
         } => {
+            // Not held to whole minor units, unlike a top-up: a refund gives
+            // back what a capture took, and a metered one can take 0.025 USD.
             let units = amount
                 .as_deref()
                 .map(|a| Units::parse(a).with_context(|| format!("amount `{a}`")))
                 .transpose()?;
             let request = RefundRequest {
                 // On the amount as parsed: `0.5` and `0.50` are one refund.
+                // The payment's currency is not known yet, and the key must
+                // read as earlier versions made it: no currency's digits.
                 idempotency_key: idempotency_key.unwrap_or_else(|| {
-                    let amount = units.map_or_else(|| "rest".into(), format_amount);
+                    let amount =
+                        units.map_or_else(|| "rest".into(), |u| format_without_currency(u.0));
                     format!("{payment_id}:{amount}")
                 }),
                 payment_id,
@@ -464,12 +469,12 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 } else {
                     "refunded"
                 },
-                format_amount(refunded.amount),
+                format_in(refunded.amount, &refunded.currency),
                 refunded.currency,
                 request.payment_id,
                 refunded.txn_id,
-                format_amount(refunded.refunded),
-                format_amount(refunded.captured),
+                format_in(refunded.refunded, &refunded.currency),
+                format_in(refunded.captured, &refunded.currency),
             );
         }
         Command::Ledger {
@@ -743,6 +748,10 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             if units.is_zero() {
                 bail!("amount must be above zero");
             }
+            // Money coming in is whole minor units (cents, yen): a finer
+            // balance would be money nobody paid in.
+            to_minor_units(units, &currency)
+                .with_context(|| format!("a top-up is whole minor units of {currency}"))?;
             let key = idempotency_key.as_deref().map(str::trim);
             if key == Some("") {
                 bail!("an idempotency key cannot be empty");
@@ -756,7 +765,7 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                 } else {
                     "topped up"
                 },
-                format_amount(units),
+                format_in(units, &currency),
                 topped.posted.txn_id
             );
             print_balances(store, &wallet).await?;
@@ -842,9 +851,9 @@ async fn print_balances(store: &dyn Store, wallet: &str) -> anyhow::Result<()> {
     for b in balances {
         println!(
             "{wallet}: balance {} {cur}, held {} {cur}, available {} {cur}",
-            format_amount(b.balance),
-            format_amount(b.held),
-            format_amount(b.available),
+            format_in(b.balance, &b.currency),
+            format_in(b.held, &b.currency),
+            format_in(b.available, &b.currency),
             cur = b.currency
         );
     }
@@ -863,7 +872,7 @@ async fn sessions(store: &dyn Store, command: SessionsCommand) -> anyhow::Result
                     "{:<37}  {:<9}  {:>10}  {:<8}  {:<20}  {}",
                     s.id,
                     s.status.as_str(),
-                    format_amount(s.amount),
+                    format_in(s.amount, &s.currency),
                     s.currency.as_str(),
                     rfc3339(s.expires_at),
                     s.description

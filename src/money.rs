@@ -111,10 +111,10 @@ impl Units {
     /// Parses a decimal string such as `"0.05"` exactly.
     ///
     /// ```
-    /// use tollgate::money::{Units, format_amount};
+    /// use tollgate::money::{Currency, Units, format_in};
     /// let price = Units::parse("0.05").unwrap();
     /// assert_eq!(price, Units(50_000));
-    /// assert_eq!(format_amount(price), "0.05");
+    /// assert_eq!(format_in(price, &Currency::parse("USD").unwrap()), "0.05");
     /// assert!(Units::parse("-1").is_err());
     /// assert!(Units::parse("0.0000001").is_err()); // refused, never rounded
     /// ```
@@ -170,7 +170,7 @@ pub fn to_minor_units(amount: Units, currency: &Currency) -> Result<i64, MoneyEr
     let per_minor = 10i64.pow(SCALE - exponent.min(SCALE));
     if amount.0 % per_minor != 0 {
         return Err(MoneyError::SubMinor {
-            amount: format_amount(amount),
+            amount: format_in(amount, currency),
             currency: currency.clone(),
             exponent,
         });
@@ -191,17 +191,32 @@ pub fn from_minor_units(minor: i64, currency: &Currency) -> Result<Units, MoneyE
         .ok_or(MoneyError::TooLarge(Decimal::from(minor)))
 }
 
-/// Formats an amount for people and JSON: at least two decimal places
-/// (`0.50`, `12.00`), more only when the amount has them (`0.0025`).
-pub fn format_amount(units: Units) -> String {
-    format_signed(units.0)
+/// Formats an amount of `currency` for people and JSON: at least the
+/// currency's minor-unit digits (`12.00` USD, `107` JPY, `1.500` KWD), more
+/// only when the amount has them (a metered `0.0025` USD or `0.5` JPY).
+pub fn format_in(units: Units, currency: &Currency) -> String {
+    format_signed_in(units.0, currency)
 }
 
-/// Same as [`format_amount`] for ledger entries, which carry a sign.
-pub fn format_signed(micros: i64) -> String {
+/// Same as [`format_in`] for ledger entries, which carry a sign.
+pub fn format_signed_in(micros: i64, currency: &Currency) -> String {
+    with_decimals(micros, currency.minor_unit_exponent())
+}
+
+/// An amount with no currency to go by, with at least two decimals (as
+/// every amount was shown before amounts took their currency's digits).
+/// Only for text that has no currency and must read as earlier versions
+/// wrote it, such as `refund`'s default idempotency key; an amount shown
+/// with its currency uses [`format_in`].
+pub fn format_without_currency(micros: i64) -> String {
+    with_decimals(micros, 2)
+}
+
+/// The exact amount, with at least `min` decimal places.
+fn with_decimals(micros: i64, min: u32) -> String {
     let mut d = Decimal::new(micros, SCALE).normalize();
-    if d.scale() < 2 {
-        d.rescale(2);
+    if d.scale() < min {
+        d.rescale(min.min(SCALE));
     }
     d.to_string()
 }
@@ -248,13 +263,34 @@ mod tests {
     }
 
     #[test]
-    fn formats_for_people() {
-        assert_eq!(format_amount(Units(10_000)), "0.01");
-        assert_eq!(format_amount(Units(500_000)), "0.50");
-        assert_eq!(format_amount(Units(12_000_000)), "12.00");
-        assert_eq!(format_amount(Units(2_500)), "0.0025");
-        assert_eq!(format_signed(-10_000), "-0.01");
-        assert_eq!(format_amount(Units(0)), "0.00");
+    fn formats_for_people_in_the_currencys_minor_unit() {
+        let usd = Currency::parse("USD").unwrap();
+        let jpy = Currency::parse("JPY").unwrap();
+        let kwd = Currency::parse("KWD").unwrap();
+        // USD: cents, as ever.
+        assert_eq!(format_in(Units(10_000), &usd), "0.01");
+        assert_eq!(format_in(Units(500_000), &usd), "0.50");
+        assert_eq!(format_in(Units(12_000_000), &usd), "12.00");
+        assert_eq!(format_in(Units(0), &usd), "0.00");
+        assert_eq!(format_signed_in(-10_000, &usd), "-0.01");
+        // JPY has no minor unit: whole yen, no decimal point.
+        assert_eq!(format_in(Units(1_000_000), &jpy), "1");
+        assert_eq!(format_in(Units(107_000_000), &jpy), "107");
+        assert_eq!(format_in(Units(0), &jpy), "0");
+        assert_eq!(format_signed_in(-5_000_000, &jpy), "-5");
+        // KWD has three decimals.
+        assert_eq!(format_in(Units(1_000_000), &kwd), "1.000");
+        assert_eq!(format_in(Units(1_500_000), &kwd), "1.500");
+        assert_eq!(format_in(Units(1_234_000), &kwd), "1.234");
+        // Finer than the minor unit (a metered charge): exact, never rounded.
+        assert_eq!(format_in(Units(2_500), &usd), "0.0025");
+        assert_eq!(format_in(Units(25_000), &usd), "0.025");
+        assert_eq!(format_in(Units(107_500_000), &jpy), "107.5");
+        assert_eq!(format_in(Units(1), &jpy), "0.000001");
+        assert_eq!(format_in(Units(1_234_500), &kwd), "1.2345");
+        // No currency: two decimals, as a refund's default key always had.
+        assert_eq!(format_without_currency(500_000), "0.50");
+        assert_eq!(format_without_currency(2_500), "0.0025");
     }
 
     #[test]

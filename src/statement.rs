@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    money::{Units, format_amount, format_signed},
+    money::{Currency, Units, format_in, format_signed_in},
     store::{APPROVALS_LISTED, ApprovalStatus, Intent, StatementLine, rfc3339},
     terms::Role,
 };
@@ -68,25 +68,25 @@ fn charged(legs: &[(String, Units)]) -> i64 {
 
 /// The charge of a split capture (what the tool's price came to) and its
 /// breakdown, as "charge 1.00 = author 0.88 + platform_share 0.10 + …".
-fn breakdown(legs: &[(String, Units)]) -> Option<String> {
+fn breakdown(legs: &[(String, Units)], currency: &Currency) -> Option<String> {
     if legs.is_empty() {
         return None;
     }
     let parts: Vec<String> = legs
         .iter()
         .filter(|(role, _)| role != Role::CommissionOut.as_str())
-        .map(|(role, amount)| format!("{role} {}", format_amount(*amount)))
+        .map(|(role, amount)| format!("{role} {}", format_in(*amount, currency)))
         .collect();
     let mut text = format!(
         "charge {} = {}",
-        format_amount(Units(charged(legs))),
+        format_in(Units(charged(legs)), currency),
         parts.join(" + ")
     );
     if let Some((_, fee)) = legs
         .iter()
         .find(|(role, _)| role == Role::CommissionOut.as_str())
     {
-        let _ = write!(text, "; payer fee {}", format_amount(*fee));
+        let _ = write!(text, "; payer fee {}", format_in(*fee, currency));
     }
     Some(text)
 }
@@ -140,47 +140,53 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
         "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  split; details",
         "time", "kind", "amount", "currency", "tool", "reference"
     );
-    // Per currency: (net, charged, lines).
-    let mut totals: BTreeMap<&str, (i64, i64, usize)> = BTreeMap::new();
+    // Per currency: (the currency, net, charged, lines).
+    let mut totals: BTreeMap<&str, (&Currency, i64, i64, usize)> = BTreeMap::new();
     // An account that takes two legs of one capture (both commissions, say)
     // has a line for each, and a wallet that paid a session has its payment
     // and the settlement's refund of what a metered run did not use: either
     // way, one payment, and its charge counts once.
     let mut counted: BTreeSet<&str> = BTreeSet::new();
     for line in lines.iter().filter(|l| filter.keeps(l)) {
-        let notes: Vec<String> = [breakdown(&line.legs).unwrap_or_default(), details(line)]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect();
+        let currency = &line.currency;
+        let notes: Vec<String> = [
+            breakdown(&line.legs, currency).unwrap_or_default(),
+            details(line),
+        ]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
         let _ = writeln!(
             out,
             "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  {}",
             rfc3339(line.at),
             line.kind,
-            format_signed(line.amount),
-            line.currency.as_str(),
+            format_signed_in(line.amount, currency),
+            currency.as_str(),
             line.tool.as_deref().unwrap_or("-"),
             line.payment_id.as_deref().unwrap_or(&line.txn_id),
             notes.join("; "),
         );
-        let total = totals.entry(line.currency.as_str()).or_default();
-        total.0 += line.amount;
-        total.2 += 1;
+        let total = totals
+            .entry(currency.as_str())
+            .or_insert((currency, 0, 0, 0));
+        total.1 += line.amount;
+        total.3 += 1;
         if counted.insert(line.payment_id.as_deref().unwrap_or(&line.txn_id)) {
-            total.1 += charged(&line.legs);
+            total.2 += charged(&line.legs);
         }
     }
-    for (currency, (net, charged, count)) in totals {
+    for (currency, net, charged, count) in totals.into_values() {
         let _ = write!(
             out,
             "total: {} {currency} over {count} line(s)",
-            format_signed(net)
+            format_signed_in(net, currency)
         );
         if charged != 0 {
             let _ = write!(
                 out,
                 "; the split charges came to {} {currency}",
-                format_signed(charged)
+                format_signed_in(charged, currency)
             );
         }
         out.push('\n');
@@ -218,7 +224,7 @@ pub fn render_approvals(principal: &str, intents: &[Intent], filter: &Filter) ->
             rfc3339(intent.created_at),
             intent.id,
             intent.tool,
-            format_amount(intent.amount),
+            format_in(intent.amount, &intent.currency),
             intent.currency.as_str(),
             intent.status.as_str(),
             describe_approval(approval.status, approval.by.as_deref(), approval.at),

@@ -10,7 +10,7 @@
 use rmcp::model::{CallToolResult, JsonObject};
 use serde_json::{Value, json};
 
-use crate::money::{Currency, Units, format_amount};
+use crate::money::{Currency, Units, format_in};
 
 /// Where a tool reports the units a call used: `_meta["tollgate/usage"]`,
 /// as a number or `{"units": n}`.
@@ -85,22 +85,23 @@ impl Tariff {
     /// `_meta["tollgate/price"]`: `amount` is what a call costs at most;
     /// a metered price adds its formula.
     pub fn to_json(&self, currency: &Currency) -> Value {
+        let amount = |units| format_in(units, currency);
         match self {
             Tariff::Flat(price) => {
-                json!({ "amount": format_amount(*price), "currency": currency.as_str() })
+                json!({ "amount": amount(*price), "currency": currency.as_str() })
             }
             Tariff::Metered(m) => json!({
-                "amount": format_amount(m.max),
+                "amount": amount(m.max),
                 "currency": currency.as_str(),
                 "metered": {
-                    "base": format_amount(m.base),
-                    "per_unit": format_amount(m.per_unit),
+                    "base": amount(m.base),
+                    "per_unit": amount(m.per_unit),
                     "unit_size": m.unit_size,
                     "units": match &m.measure {
                         Measure::Argument(name) => json!({ "argument": name }),
                         Measure::Reported => json!("reported"),
                     },
-                    "max": format_amount(m.max),
+                    "max": amount(m.max),
                 }
             }),
         }
@@ -109,8 +110,9 @@ impl Tariff {
     /// For people: "0.05 USD per call", "0.01 USD + 0.002 USD per 1000
     /// characters of `text`, at most 1.00 USD".
     pub fn describe(&self, currency: &Currency) -> String {
+        let amount = |units| format_in(units, currency);
         match self {
-            Tariff::Flat(price) => format!("{} {currency} per call", format_amount(*price)),
+            Tariff::Flat(price) => format!("{} {currency} per call", amount(*price)),
             Tariff::Metered(m) => {
                 let block = match (&m.measure, m.unit_size) {
                     (Measure::Argument(name), 1) => format!("unit of `{name}`"),
@@ -120,9 +122,9 @@ impl Tariff {
                 };
                 format!(
                     "{} {currency} + {} {currency} per {block}, at most {} {currency}",
-                    format_amount(m.base),
-                    format_amount(m.per_unit),
-                    format_amount(m.max)
+                    amount(m.base),
+                    amount(m.per_unit),
+                    amount(m.max)
                 )
             }
         }

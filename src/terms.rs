@@ -21,12 +21,10 @@
 //!
 //! So the legs always sum to what the payer pays, and nothing vanishes.
 
-use std::fmt;
-
 use rust_decimal::{Decimal, prelude::ToPrimitive};
 use serde_json::{Value, json};
 
-use crate::money::{Currency, MoneyError, SCALE, Units, format_amount};
+use crate::money::{Currency, MoneyError, SCALE, Units, format_in};
 
 /// A fee: a percentage of the charge, or a fixed amount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,19 +91,11 @@ impl Fee {
         }
     }
 
-    pub fn to_json(self) -> Value {
+    /// For people and JSON: `2%`, or a fixed amount of `currency`.
+    pub fn describe(self, currency: &Currency) -> String {
         match self {
-            Fee::Percent(p) => json!(format!("{p}%")),
-            Fee::Fixed(amount) => json!(format_amount(amount)),
-        }
-    }
-}
-
-impl fmt::Display for Fee {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fee::Percent(p) => write!(f, "{p}%"),
-            Fee::Fixed(amount) => f.write_str(&format_amount(*amount)),
+            Fee::Percent(p) => format!("{p}%"),
+            Fee::Fixed(amount) => format_in(amount, currency),
         }
     }
 }
@@ -303,8 +293,8 @@ impl Terms {
         }
     }
 
-    /// The terms as `tools/list` publishes them.
-    pub fn to_json(&self) -> Value {
+    /// The terms as `tools/list` publishes them, for a price in `currency`.
+    pub fn to_json(&self, currency: &Currency) -> Value {
         let mut terms = json!({ "beneficiary": self.beneficiary });
         for (key, fee) in [
             ("platform_share", self.platform_share),
@@ -312,7 +302,7 @@ impl Terms {
             ("commission_out", self.commission_out),
         ] {
             if let Some(fee) = fee {
-                terms[key] = fee.to_json();
+                terms[key] = json!(fee.describe(currency));
             }
         }
         terms

@@ -308,14 +308,14 @@ pub fn price_json(price: &Price) -> Value {
         || terms.platform_share.is_some()
         || terms.commission_in.is_some()
     {
-        published["terms"] = terms.to_json();
+        published["terms"] = terms.to_json(&price.currency);
     }
     published
 }
 
 fn price_note(price: &Price) -> String {
     let out = match price.terms.commission_out {
-        Some(fee) => format!(" + a {fee} fee"),
+        Some(fee) => format!(" + a {} fee", fee.describe(&price.currency)),
         None => String::new(),
     };
     format!("(price: {}{out})", price.tariff.describe(&price.currency))

@@ -29,7 +29,7 @@ use super::{
     slow_path::{Opened, Purpose},
 };
 use crate::{
-    money::format_amount,
+    money::format_in,
     store::{IntentStatus, SessionStatus, now_ms},
     sync::lock,
 };
@@ -332,7 +332,7 @@ impl Gate {
                 "Runs `{}` once payment {} of {} {} is made (pay at {}). Takes no arguments.",
                 call.tool,
                 intent.id,
-                format_amount(intent.amount),
+                format_in(intent.amount, &intent.currency),
                 intent.currency,
                 opened.url
             ),

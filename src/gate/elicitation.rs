@@ -27,7 +27,7 @@ use super::{
     slow_path::{Opened, Purpose, how_to_pay, required_body},
 };
 use crate::{
-    money::format_amount,
+    money::format_in,
     provider::ProviderError,
     store::{ApprovalStatus, Intent, IntentStatus, StoreError, rfc3339},
 };
@@ -362,7 +362,7 @@ impl Gate {
 /// form where possible).
 fn prompt(elicits: Elicits, opened: &Opened, purpose: Purpose) -> Option<ElicitRequestParams> {
     let intent = &opened.intent;
-    let amount = format_amount(intent.amount);
+    let amount = format_in(intent.amount, &intent.currency);
     let url_prompt = |message: String| ElicitRequestParams::UrlElicitationParams {
         meta: None,
         message,

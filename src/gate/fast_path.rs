@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::{CallScope, Gate, PricedCall, catalog::Entry, recording, reply};
 use crate::{
-    money::format_amount,
+    money::{Units, format_in},
     receipt::ReceiptClaims,
     store::{
         HoldOutcome, HoldRequest, RefundRequest, Store, StoreError, new_payment_id, now_ms, rfc3339,
@@ -77,6 +77,7 @@ impl Gate {
         let result = self
             .run_tool(scope, entry, call.tool, call.args.clone())
             .await;
+        let in_currency = |units| format_in(units, &call.price.currency);
         let currency = call.price.currency.as_str();
 
         // A metered call that used nothing costs nothing, like a failed one.
@@ -103,14 +104,14 @@ impl Gate {
             return Some(reply::with_payment(
                 result,
                 json!({ "payment_id": payment_id, "status": "released",
-                        "amount": format_amount(call.amount), "currency": currency,
-                        "charged": "0.00" }),
+                        "amount": in_currency(call.amount), "currency": currency,
+                        "charged": in_currency(Units(0)) }),
             ));
         }
 
         // A metered call is charged what it used; the rest of the hold goes
         // back to the wallet as the capture ends it.
-        let amount = format_amount(charge.total());
+        let amount = in_currency(charge.total());
         let posted = recording::until_recorded(
             "capture after a successful run",
             self.settings.timeouts.record,
@@ -151,7 +152,7 @@ impl Gate {
         let mut payment = json!({ "payment_id": payment_id, "status": "paid", "amount": amount,
                                   "currency": currency, "receipt": receipt });
         if charge.total() != call.amount {
-            payment["held"] = json!(format_amount(call.amount));
+            payment["held"] = json!(in_currency(call.amount));
         }
         Some(reply::with_payment(result, payment))
     }

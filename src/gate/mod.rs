@@ -432,6 +432,7 @@ impl Gate {
                 scope.caller.principal.as_deref(),
                 name,
                 &price.tags,
+                &price.currency,
             ),
             origin,
             args,

@@ -18,7 +18,7 @@ use super::{
     runs::UnderWay,
 };
 use crate::{
-    money::{Units, format_amount},
+    money::{Units, format_in},
     provider::{ProviderError, SessionState},
     receipt::ReceiptClaims,
     store::{
@@ -324,7 +324,7 @@ impl Gate {
                     format!(
                         "payment `{}` is not paid yet: pay {} {} at {}, then {}",
                         intent.id,
-                        format_amount(intent.amount),
+                        format_in(intent.amount, &intent.currency),
                         intent.currency,
                         intent.payment_url.as_deref().unwrap_or("(no url)"),
                         self.redeem_hint(intent)
@@ -452,7 +452,8 @@ impl Gate {
             at: now_ms(),
         };
         let (charge, txn_id, at) = (&outcome.charge, &outcome.txn_id, outcome.at);
-        let amount = format_amount(if outcome.earns() {
+        let in_currency = |units| format_in(units, &intent.currency);
+        let amount = in_currency(if outcome.earns() {
             charge.total()
         } else {
             intent.amount
@@ -474,8 +475,8 @@ impl Gate {
                                    "currency": intent.currency.as_str(), "receipt": receipt });
             if charge.total() != intent.amount {
                 // A metered run: the rest of what was paid is refunded.
-                paid["paid"] = json!(format_amount(intent.amount));
-                paid["refunded"] = json!(format_amount(Units(intent.amount.0 - charge.total().0)));
+                paid["paid"] = json!(in_currency(intent.amount));
+                paid["refunded"] = json!(in_currency(Units(intent.amount.0 - charge.total().0)));
             }
             paid
         } else {
@@ -674,8 +675,9 @@ fn rehashed(intent: &Intent) -> String {
 /// The payment block of a paid intent whose run earned nothing: all of it
 /// went back to the payer.
 pub(super) fn refunded(intent: &Intent) -> Value {
-    json!({ "payment_id": intent.id, "status": "refunded", "amount": format_amount(intent.amount),
-            "currency": intent.currency.as_str(), "charged": "0.00" })
+    let in_currency = |units| format_in(units, &intent.currency);
+    json!({ "payment_id": intent.id, "status": "refunded", "amount": in_currency(intent.amount),
+            "currency": intent.currency.as_str(), "charged": in_currency(Units(0)) })
 }
 
 /// The answer for an intent that ended without running.
@@ -722,7 +724,7 @@ fn charged_otherwise(state: &SessionState, intent: &Intent) -> CallToolResult {
         .charged
         .as_ref()
         .map_or_else(String::new, |(amount, currency)| {
-            format!("{} {currency}", format_amount(*amount))
+            format!("{} {currency}", format_in(*amount, currency))
         });
     tracing::error!(
         payment_id = intent.id,
@@ -735,7 +737,7 @@ fn charged_otherwise(state: &SessionState, intent: &Intent) -> CallToolResult {
             "the payment provider reports payment `{}` paid as {reported}, not the {} {} it is \
              for, so it is not taken as this payment and `{}` does not run",
             intent.id,
-            format_amount(intent.amount),
+            format_in(intent.amount, &intent.currency),
             intent.currency,
             intent.tool
         ),

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use super::{CallScope, Gate, PricedCall, confirm_tool_name, reply};
 use crate::{
     config::Mode,
-    money::format_amount,
+    money::format_in,
     provider::SessionRequest,
     store::{
         Approval, ApprovalStatus, Intent, IntentStatus, OpenIntents, new_payment_id, now_ms,
@@ -85,7 +85,7 @@ impl Gate {
         }
         let payment_id = new_payment_id();
         let expires_at = now + self.settings.payment_ttl.as_millis() as i64;
-        let amount = format_amount(call.amount);
+        let amount = format_in(call.amount, &call.price.currency);
         let currency = call.price.currency.as_str();
         let description = match (purpose, principal) {
             (Purpose::Approval, Some(wallet)) => format!(
@@ -244,7 +244,7 @@ pub(super) fn required_body(opened: &Opened) -> Value {
     json!({
         "payment_id": intent.id,
         "payment_url": opened.url,
-        "amount": format_amount(intent.amount),
+        "amount": format_in(intent.amount, &intent.currency),
         "currency": intent.currency.as_str(),
         "expires_at": rfc3339(intent.expires_at),
     })
@@ -303,7 +303,7 @@ impl Gate {
 /// One sentence a person can follow to pay (or approve).
 pub(super) fn how_to_pay(opened: &Opened, purpose: Purpose) -> String {
     let intent = &opened.intent;
-    let amount = format_amount(intent.amount);
+    let amount = format_in(intent.amount, &intent.currency);
     match (purpose, intent.principal.as_deref()) {
         (Purpose::Approval, Some(wallet)) => format!(
             "Approval required: charging {amount} {} to wallet {wallet} for `{}` is above the approval threshold. \

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::{HttpState, auth::authenticate_key, host_guard::url_authority};
 use crate::{
     keys::Scope,
-    money::format_amount,
+    money::format_in,
     store::{LocalSession, SessionStatus, StoreError, current_session, now_ms, rfc3339},
 };
 
@@ -122,7 +122,8 @@ fn render(
     status: StatusCode,
 ) -> Response {
     let s = &shown.session;
-    let amount = format!("{} {}", format_amount(s.amount), s.currency);
+    let figure = format_in(s.amount, &s.currency);
+    let amount = format!("{figure} {}", s.currency);
     let what = shown.tool.as_deref().map_or_else(
         || escape(&s.description),
         |t| format!("tool <code>{}</code>", escape(t)),
@@ -145,7 +146,7 @@ fn render(
         "<table><tr><th>For</th><td>{what}</td></tr><tr><th>Amount</th><td id=\"amount\">{}</td></tr>\
          <tr><th>Currency</th><td>{}</td></tr><tr><th>Expires</th><td>{}</td></tr>\
          <tr><th>Status</th><td id=\"status\">{}</td></tr></table>",
-        format_amount(s.amount),
+        figure,
         s.currency,
         rfc3339(s.expires_at),
         s.status.as_str()

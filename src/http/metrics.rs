@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use super::{HttpState, auth::authenticate};
 use crate::{
     keys::Scope,
-    money::format_signed,
+    money::SCALE,
     store::{IntentStatus, StoreStats},
 };
 
@@ -98,8 +98,9 @@ fn record_stats(stats: StoreStats) {
         metrics::gauge!("tollgate_intents", "status" => status.as_str()).set(n as f64);
     }
     for (tool, currency, micros) in stats.revenue {
-        // Major units; the ledger keeps the exact figure.
-        let amount: f64 = format_signed(micros).parse().unwrap_or_default();
+        // Major units, as a number (no digits to show, so no currency's
+        // minor unit to go by); the ledger keeps the exact figure.
+        let amount = micros as f64 / 10f64.powi(SCALE as i32);
         metrics::gauge!("tollgate_revenue", "tool" => tool, "currency" => currency).set(amount);
     }
 }

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     keys::{ApiKey, Scope},
-    money::{Currency, Units, format_amount, from_minor_units, to_minor_units},
+    money::{Currency, Units, format_in, from_minor_units, to_minor_units},
     store::{LocalSession, SessionStatus, current_session, new_id, now_ms, rfc3339},
 };
 
@@ -242,7 +242,7 @@ fn view_json(session: &LocalSession) -> Value {
         "sessionId": session.id,
         "status": session.status.as_str(),
         "amount": to_minor_units(session.amount, &session.currency).ok(),
-        "value": format_amount(session.amount),
+        "value": format_in(session.amount, &session.currency),
         "currency": session.currency.as_str().to_ascii_lowercase(),
         "description": session.description,
         "createdAt": rfc3339(session.created_at),
@@ -285,10 +285,10 @@ mod tests {
 
     #[test]
     fn an_amount_finer_than_a_cent_is_shown_exactly_never_rounded() {
-        let session = |amount: &str| LocalSession {
+        let session_in = |amount: &str, currency: &str| LocalSession {
             id: "pay_1".into(),
             amount: Units::parse(amount).unwrap(),
-            currency: Currency::parse("USD").unwrap(),
+            currency: Currency::parse(currency).unwrap(),
             description: String::new(),
             status: SessionStatus::Pending,
             created_at: 0,
@@ -296,6 +296,7 @@ mod tests {
             paid_from: None,
             owner: None,
         };
+        let session = |amount: &str| session_in(amount, "USD");
         let whole = view_json(&session("2.50"));
         assert_eq!(
             (whole["amount"].clone(), whole["value"].clone()),
@@ -304,5 +305,11 @@ mod tests {
         let finer = view_json(&session("0.0025"));
         assert_eq!(finer["amount"], Value::Null, "not 0");
         assert_eq!(finer["value"], "0.0025");
+        // In the currency's own digits: whole yen show none.
+        let yen = view_json(&session_in("500", "JPY"));
+        assert_eq!(
+            (yen["amount"].clone(), yen["value"].clone()),
+            (json!(500), json!("500"))
+        );
     }
 }

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use crate::{
     allowance::{Breach, Limits, Spent},
     keys::{ApiKey, Scope},
-    money::{Currency, Units, format_amount},
+    money::{Currency, Units, format_in},
     terms::{Role, Split},
 };
 pub use postgres::PgStore;
@@ -71,11 +71,11 @@ impl StoreError {
         }
     }
 
-    fn capture_above_hold(amount: Units, held: i64) -> Self {
+    fn capture_above_hold(amount: Units, held: i64, currency: &Currency) -> Self {
         Self::Invalid(format!(
             "capture of {} is above the hold of {}",
-            format_amount(amount),
-            format_amount(Units(held))
+            format_in(amount, currency),
+            format_in(Units(held), currency)
         ))
     }
 
@@ -99,8 +99,8 @@ impl StoreError {
         Self::InsufficientFunds {
             wallet: wallet.to_owned(),
             currency: session.currency.clone(),
-            available: format_amount(Units(available)),
-            needed: format_amount(session.amount),
+            available: format_in(Units(available), &session.currency),
+            needed: format_in(session.amount, &session.currency),
         }
     }
 }

@@ -8,7 +8,7 @@ use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Transaction, Type};
 
 use crate::{
     allowance::{Limits, day_start, month_start},
-    money::{Units, format_amount},
+    money::{Units, format_in},
     terms::{Role, pro_rata},
 };
 
@@ -246,13 +246,12 @@ where
     pub async fn refused_capture(
         &self,
         hold_id: &str,
-        amount: Units,
-        beneficiary_id: i64,
+        plan: &CapturePlan,
     ) -> Result<Posted, StoreError> {
         let hold = query(statement!(sql::HOLD, hold_id))
             .fetch_optional(&self.pool)
             .await?;
-        settled_capture(hold_id, hold.as_ref(), amount, beneficiary_id)
+        settled_capture(hold_id, hold.as_ref(), plan)
     }
 
     async fn optional<T>(
@@ -601,7 +600,7 @@ where
         {
             return Err(StoreError::Invalid(format!(
                 "a wallet holds at most {}: this top-up would take it past that",
-                crate::money::format_amount(MAX_WALLET_BALANCE)
+                format_in(MAX_WALLET_BALANCE, header.currency)
             )));
         }
         let posted = Self::post(
@@ -897,9 +896,9 @@ where
         if amount <= 0 || amount > left {
             return Err(StoreError::Invalid(format!(
                 "a refund of {} {currency} is not possible: {} of the {} captured is left to refund",
-                format_amount(Units(amount)),
-                format_amount(Units(left)),
-                format_amount(Units(captured)),
+                format_in(Units(amount), &currency),
+                format_in(Units(left), &currency),
+                format_in(Units(captured), &currency),
             )));
         }
         let Some(destination) = tx

@@ -9,7 +9,7 @@ use super::{
     StoreError,
     rows::{Columns, currency_of},
 };
-use crate::money::{Currency, Units, format_amount};
+use crate::money::{Currency, Units, format_in};
 
 /// The account that holds money paid through sessions until a run earns it.
 pub(super) fn clearing(currency: &Currency) -> AccountRef {
@@ -98,6 +98,7 @@ pub(super) fn external_payment_audit(intent: &Intent, account: &str) -> Audit {
 /// A charge with its accounts resolved to ids, as a capture posts it.
 pub(super) struct CapturePlan {
     pub amount: Units,
+    pub currency: Currency,
     pub beneficiary_id: i64,
     /// `[[account_id, amount, role], ...]`: what the `holds_capture` trigger
     /// posts, and what a statement shows of the split.
@@ -141,6 +142,7 @@ impl CapturePlan {
         .to_string();
         Ok(Self {
             amount,
+            currency: charge.beneficiary.currency.clone(),
             beneficiary_id,
             legs,
             entries,
@@ -167,15 +169,19 @@ pub(super) fn legs_by_role(legs: Option<&str>) -> Vec<(String, Units)> {
 pub(super) fn settled_capture(
     hold_id: &str,
     hold: Option<&impl Columns>,
-    amount: Units,
-    beneficiary_id: i64,
+    plan: &CapturePlan,
 ) -> Result<Posted, StoreError> {
+    let (amount, beneficiary_id) = (plan.amount, plan.beneficiary_id);
     let Some(hold) = hold else {
         return Err(StoreError::hold_not_open(hold_id, None));
     };
     let status = hold.text("status")?;
     match status.as_str() {
-        "open" => Err(StoreError::capture_above_hold(amount, hold.int("amount")?)),
+        "open" => Err(StoreError::capture_above_hold(
+            amount,
+            hold.int("amount")?,
+            &plan.currency,
+        )),
         "captured"
             if hold.opt_int("captured")? == Some(amount.0)
                 && hold.opt_int("beneficiary_account_id")? == Some(beneficiary_id) =>
@@ -255,12 +261,13 @@ impl Settlement {
             }));
         };
         let charged = plan.amount.0;
+        let in_currency = |units| format_in(units, &plan.currency);
         if charged > paid {
             return Err(StoreError::Invalid(format!(
                 "intent {}: a charge of {} is above the {} paid",
                 outcome.intent_id,
-                format_amount(plan.amount),
-                format_amount(Units(paid)),
+                in_currency(plan.amount),
+                in_currency(Units(paid)),
             )));
         }
         audit.beneficiary = Some(outcome.charge.beneficiary.name.clone());
@@ -273,8 +280,8 @@ impl Settlement {
             Some(refund_to) if rest > 0 => {
                 audit.memo = Some(format!(
                     "charged {} of {} paid; the rest refunded",
-                    format_amount(plan.amount),
-                    format_amount(Units(paid))
+                    in_currency(plan.amount),
+                    in_currency(Units(paid))
                 ));
                 entries.push((refund_to, rest, Some("refund")));
                 given_back = Some((refund_to, rest));

@@ -1164,7 +1164,7 @@ async fn run_against_model(ops: Vec<Op>) -> Result<(), String> {
                     .hold(&hold_request(
                         &id,
                         WALLETS[wallet],
-                        &crate::money::format_amount(amount),
+                        &crate::money::format_in(amount, &usd),
                     ))
                     .await
                     .map_err(|e| e.to_string())?;

@@ -2,14 +2,14 @@
 //! snapshot, and the report built from what they return.
 
 use super::{StoreError, VerifyReport, rows::Columns};
-use crate::money::format_signed;
+use crate::money::{Currency, format_signed_in, format_without_currency};
 
 pub(super) const COUNTS: &str = "SELECT (SELECT COUNT(*) FROM ledger_transactions) AS transactions,
             (SELECT COUNT(*) FROM accounts) AS accounts,
             (SELECT COUNT(*) FROM holds WHERE status = 'open') AS open_holds";
 
 /// Transactions whose entries do not sum to zero, or that have fewer than two.
-pub(super) const UNBALANCED: &str = "SELECT t.id, CAST(COALESCE(e.total, 0) AS BIGINT) AS total, COALESCE(e.n, 0) AS n
+pub(super) const UNBALANCED: &str = "SELECT t.id, t.currency, CAST(COALESCE(e.total, 0) AS BIGINT) AS total, COALESCE(e.n, 0) AS n
      FROM ledger_transactions t
      LEFT JOIN (SELECT txn_id, SUM(amount) AS total, COUNT(*) AS n FROM ledger_entries GROUP BY txn_id) e
        ON e.txn_id = t.id
@@ -39,6 +39,16 @@ pub(super) const STALE_HOLDS: &str =
 
 pub(super) const OVER_CAPTURED: &str = "SELECT id FROM holds WHERE captured > amount";
 
+/// An amount in the currency its row records; a currency that is not even
+/// three letters (a damaged row, which verify is there to report, not to
+/// trip on) gives no digits to go by.
+fn amount(micros: i64, currency: &str) -> String {
+    match Currency::recorded(currency) {
+        Ok(currency) => format_signed_in(micros, &currency),
+        Err(_) => format_without_currency(micros),
+    }
+}
+
 /// The rows of each check, in one snapshot.
 pub(super) struct Found<R> {
     pub counts: R,
@@ -60,12 +70,13 @@ impl<R: Columns> Found<R> {
         let problems = &mut report.problems;
         for row in &self.unbalanced {
             let (id, total, n) = (row.text("id")?, row.int("total")?, row.int("n")?);
+            let currency = row.text("currency")?;
             problems.push(if n < 2 {
                 format!("transaction {id} has {n} entries")
             } else {
                 format!(
                     "transaction {id} sums to {}, not zero",
-                    format_signed(total)
+                    amount(total, &currency)
                 )
             });
         }
@@ -77,29 +88,30 @@ impl<R: Columns> Found<R> {
             ));
         }
         for row in &self.accounts {
-            let kind = row.text("kind")?;
-            let name = format!("{kind}:{} ({})", row.text("name")?, row.text("currency")?);
+            let (kind, currency) = (row.text("kind")?, row.text("currency")?);
+            let name = format!("{kind}:{} ({currency})", row.text("name")?);
+            let in_currency = |micros| amount(micros, &currency);
             let (balance, held) = (row.int("balance")?, row.int("held")?);
             let (posted, open_held) = (row.int("posted")?, row.int("open_held")?);
             // Only wallets store a balance; other accounts' is their entries.
             if kind == "wallet" && balance != posted {
                 problems.push(format!(
                     "account {name}: balance {} but its entries sum to {}",
-                    format_signed(balance),
-                    format_signed(posted)
+                    in_currency(balance),
+                    in_currency(posted)
                 ));
             }
             if held != open_held {
                 problems.push(format!(
                     "account {name}: held {} but its open holds sum to {}",
-                    format_signed(held),
-                    format_signed(open_held)
+                    in_currency(held),
+                    in_currency(open_held)
                 ));
             }
             if kind == "wallet" && (balance < 0 || balance - held < 0) {
                 problems.push(format!(
                     "wallet {name}: available balance {} is below zero",
-                    format_signed(balance - held)
+                    in_currency(balance - held)
                 ));
             }
         }

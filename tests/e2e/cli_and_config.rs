@@ -99,6 +99,17 @@ on_both_backends! {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Money comes in whole cents: a tenth of one is refused, not rounded.
+        let out = env.cli(&["wallet", "topup", "alice", "0.001"]).await;
+        assert!(!out.status.success(), "a top-up finer than a cent must fail");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(
+                "a top-up is whole minor units of USD: 0.001 USD has more decimal places than \
+                 USD's minor unit (2)"
+            ),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let out = env.ok(&["wallet", "balance", "alice"]).await;
         assert!(!out.contains("USX"), "{out}");
         assert_eq!(env.available("alice").await, "0.00");

@@ -318,3 +318,74 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    #[tokio::test]
+    async fn a_yen_server_shows_whole_yen_and_takes_no_fraction_of_one() {
+        // JPY has no minor unit: amounts show no decimals.
+        let env = Env::with_pricing(
+            &pricing("resubmit", "")
+                .replace("\"USD\"", "\"JPY\"")
+                .replace("price = \"0.01\"", "price = \"1\"")
+                .replace("price = \"0.05\"", "price = \"5\""),
+        );
+        let out = env.ok(&["wallet", "topup", "erin", "100"]).await;
+        assert!(out.starts_with("topped up erin with 100 JPY"), "{out}");
+        assert!(out.contains("erin: balance 100 JPY, held 0 JPY, available 100 JPY"), "{out}");
+
+        // Half a yen is money nobody can pay in: refused, and nothing written.
+        let out = env.cli(&["wallet", "topup", "erin", "100.5", "--currency", "jpy"]).await;
+        assert!(!out.status.success(), "a top-up of half a yen must fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("100.5 JPY has more decimal places than JPY's minor unit (0)"),
+            "{stderr}"
+        );
+        assert_eq!(env.available("erin").await, "100");
+
+        let client = env.client(Some("erin")).await;
+        let tools = client.list_all_tools().await.expect("tools/list");
+        let echo = tools.iter().find(|t| t.name == "echo").unwrap();
+        assert!(
+            echo.description.as_deref().unwrap().contains("(price: 1 JPY per call)"),
+            "{:?}",
+            echo.description
+        );
+        assert_eq!(echo.meta.as_ref().unwrap().0["tollgate/price"]["amount"], "1");
+
+        let r = call(&client, "echo", echo_args("hello")).await;
+        let payment = payment_meta(&r);
+        assert_eq!((payment["status"].as_str(), payment["amount"].as_str()), (Some("paid"), Some("1")));
+        let r = call(&client, "divide", json!({"a": 1, "b": 0})).await;
+        let payment = payment_meta(&r);
+        assert_eq!(
+            (payment["status"].as_str(), payment["amount"].as_str(), payment["charged"].as_str()),
+            (Some("released"), Some("5"), Some("0"))
+        );
+        client.cancel().await.ok();
+
+        let out = env.ok(&["wallet", "balance", "erin"]).await;
+        assert!(out.contains("erin: balance 99 JPY, held 0 JPY, available 99 JPY"), "{out}");
+        let statement = env.ok(&["wallet", "statement", "erin"]).await;
+        let line = |kind: &str| {
+            statement
+                .lines()
+                .find(|l| l.contains(kind))
+                .unwrap_or_else(|| panic!("no {kind} line in {statement}"))
+                .split_whitespace()
+                .skip(2)
+                .take(2)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(line("topup"), ["100", "JPY"], "{statement}");
+        assert_eq!(line("capture"), ["-1", "JPY"], "{statement}");
+        assert!(statement.contains("total: 99 JPY over 2 line(s)"), "{statement}");
+        let export = env.ok(&["ledger", "export", "--format", "jsonl", "--wallet", "erin"]).await;
+        let amounts: Vec<String> = export
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["amount"].to_string())
+            .collect();
+        assert_eq!(amounts, ["\"100\"", "\"-1\""], "{export}");
+        env.assert_ledger_ok().await;
+    }
+}

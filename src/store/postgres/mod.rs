@@ -430,9 +430,7 @@ impl Store for PgStore {
         if self.fast_path.apply(batch::Write::Capture(capture)).await? {
             return Ok(posted);
         }
-        self.db
-            .refused_capture(hold_id, plan.amount, plan.beneficiary_id)
-            .await
+        self.db.refused_capture(hold_id, &plan).await
     }
 
     async fn release(&self, hold_id: &str) -> Result<(), StoreError> {

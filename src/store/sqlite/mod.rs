@@ -296,9 +296,7 @@ impl Store for SqliteStore {
         if self.fast_writes.write(FastWrite::Capture(capture)).await? {
             return Ok(posted);
         }
-        self.db
-            .refused_capture(hold_id, plan.amount, plan.beneficiary_id)
-            .await
+        self.db.refused_capture(hold_id, &plan).await
     }
 
     async fn release(&self, hold_id: &str) -> Result<(), StoreError> {
