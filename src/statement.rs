@@ -149,18 +149,23 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
     let mut counted: BTreeSet<&str> = BTreeSet::new();
     for line in lines.iter().filter(|l| filter.keeps(l)) {
         let currency = &line.currency;
-        let notes: Vec<String> = [
-            breakdown(&line.legs, currency).unwrap_or_default(),
-            details(line),
-        ]
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect();
+        // A settlement's give-back to the payer of what a metered run did
+        // not use: to the payer, a refund; the charge's split is on the
+        // payment's own line.
+        let given_back = line.kind == "capture" && line.role.as_deref() == Some("refund");
+        let (kind, legs) = match given_back {
+            true => ("refund", &[][..]),
+            false => (line.kind.as_str(), &line.legs[..]),
+        };
+        let notes: Vec<String> = [breakdown(legs, currency).unwrap_or_default(), details(line)]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
         let _ = writeln!(
             out,
             "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  {}",
             rfc3339(line.at),
-            line.kind,
+            kind,
             format_signed_in(line.amount, currency),
             currency.as_str(),
             line.tool.as_deref().unwrap_or("-"),
@@ -173,7 +178,7 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
         total.1 += line.amount;
         total.3 += 1;
         if counted.insert(line.payment_id.as_deref().unwrap_or(&line.txn_id)) {
-            total.2 += charged(&line.legs);
+            total.2 += charged(legs);
         }
     }
     for (currency, net, charged, count) in totals.into_values() {
@@ -352,6 +357,18 @@ mod tests {
         let text = render("wallet:bob", &lines, &Filter::default());
         assert!(
             text.contains("total: -0.015 USD over 2 line(s); the split charges came to 0.015 USD"),
+            "{text}"
+        );
+        // The give-back reads as a refund, and the split is shown once, on
+        // the payment's line.
+        let given_back = text
+            .lines()
+            .find(|l| l.contains("0.085"))
+            .unwrap_or_default();
+        assert!(given_back.contains(" refund "), "{given_back}");
+        assert_eq!(
+            text.matches("charge 0.015 = author 0.015").count(),
+            1,
             "{text}"
         );
     }

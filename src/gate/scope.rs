@@ -66,7 +66,7 @@ pub struct CallScope<'a> {
     pub session_id: &'a str,
     pub request: &'a RequestContext<RoleServer>,
     /// Cancelled when the client cancels the call or goes away (see
-    /// [`CallScope::abandonment`]): nobody will read its answer.
+    /// [`abandonment`]): nobody will read its answer.
     pub cancelled: CancellationToken,
     /// The progress notifications the gate has sent for this call (while
     /// it waited for the payment in progress mode).

@@ -455,8 +455,16 @@ pub(super) const STATS_OPEN_HOLDS: &str = "SELECT COUNT(*) AS n,
      FROM holds WHERE status = 'open'";
 pub(super) const STATS_INTENTS: &str =
     "SELECT status, COUNT(*) AS n FROM intents GROUP BY status ORDER BY status";
-pub(super) const STATS_REVENUE: &str = "SELECT COALESCE(tool, '-') AS tool, currency, CAST(SUM(amount) AS BIGINT) AS total
-     FROM ledger_transactions WHERE kind = 'capture' GROUP BY tool, currency ORDER BY tool, currency";
+/// What each tool's calls have earned, net of refunds: every posting to a
+/// revenue account (the author's, the platform's, commissions, rounding)
+/// by the tool's captures, less what refunds took back from them.
+pub(super) const STATS_REVENUE: &str =
+    "SELECT COALESCE(t.tool, '-') AS tool, t.currency, CAST(SUM(e.amount) AS BIGINT) AS total
+     FROM ledger_entries e
+     JOIN accounts a ON a.id = e.account_id
+     JOIN ledger_transactions t ON t.id = e.txn_id
+     WHERE a.kind = 'revenue' AND t.kind IN ('capture', 'refund')
+     GROUP BY t.tool, t.currency ORDER BY t.tool, t.currency";
 
 /// A parameter of a shared statement.
 pub(super) enum Param<'a> {

@@ -743,8 +743,10 @@ on_both_backends! {
         );
         let before = scrape().await;
         let client = server.mcp(Some(&key), ()).await;
+        let mut payments = Vec::new();
         for _ in 0..3 {
-            call(&client, "echo", echo_args("m")).await;
+            let r = call(&client, "echo", echo_args("m")).await;
+            payments.push(payment_meta(&r)["payment_id"].as_str().unwrap_or_default().to_owned());
         }
         call(&client, "divide", json!({"a": 1, "b": 0})).await;
         // A name the server does not serve is counted, but not by that name:
@@ -770,10 +772,16 @@ on_both_backends! {
         );
         assert!(after.contains("tollgate_open_holds 0"), "{after}");
         assert!(after.contains("tollgate_stored_results "), "{after}");
-        assert!(
-            after.contains("tollgate_revenue{tool=\"echo\",currency=\"USD\"}"),
-            "{after}"
-        );
+        // Revenue is read from this server's store at the scrape: exact.
+        let revenue = |text: &str| -> String {
+            let series = "tollgate_revenue{tool=\"echo\",currency=\"USD\"} ";
+            let line = text.lines().find(|l| l.starts_with(series));
+            line.map(|l| l[series.len()..].to_owned()).unwrap_or_default()
+        };
+        assert_eq!(revenue(&after), "0.03", "{after}");
+        // Net of refunds: one of the three given back.
+        server.env.ok(&["refund", &payments[0], "--reason", "test"]).await;
+        assert_eq!(revenue(&scrape().await), "0.02");
         let health: Value = http()
             .get(format!("{}/healthz", server.base))
             .send()

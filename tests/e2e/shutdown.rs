@@ -148,3 +148,44 @@ async fn a_fast_path_call_its_client_cancels_is_not_charged() {
     client.cancel().await.ok();
     t.env.assert_ledger_ok().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_stdio_sigterm_lets_the_running_call_answer_and_turns_new_ones_away() {
+    let env = Env::with_pricing(&pricing_with_sleep());
+    env.topup("max", "1.00").await;
+    let (client, pid) = env.client_and_pid(Some("max"), &[]).await;
+    let client = std::sync::Arc::new(client);
+    let running = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .call_tool(
+                    CallToolRequestParams::new("sleep")
+                        .with_arguments(args(serde_json::json!({"ms": 1200}))),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = client
+        .call_tool(CallToolRequestParams::new("echo").with_arguments(args(echo_args("late"))))
+        .await
+        .expect_err("a new call while stopping is turned away");
+    assert!(late.to_string().contains("shutting down"), "{late}");
+
+    let answer = running
+        .await
+        .expect("join")
+        .expect("the running call answers");
+    assert_eq!(crate::harness::payment_meta(&answer)["status"], "paid");
+    assert_eq!(env.available("max").await, "0.99", "charged once");
+    let (_, held, _) = env.balance("max").await;
+    assert_eq!(held, "0.00", "no hold left open");
+    env.assert_ledger_ok().await;
+}
