@@ -367,7 +367,14 @@ fn main() -> std::process::ExitCode {
             .build(),
     };
     let outcome = match runtime {
-        Ok(runtime) => runtime.block_on(run(cli)),
+        Ok(runtime) => {
+            let outcome = runtime.block_on(run(cli));
+            // Not waiting for a read of a terminal's stdin (tokio reads one
+            // on a thread of its own, which nothing can interrupt), nor for
+            // a call still running past its grace.
+            runtime.shutdown_timeout(Duration::from_millis(100));
+            outcome
+        }
         Err(e) => Err(e.into()),
     };
     match outcome {
@@ -596,7 +603,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 /// and its hold released by recovery within a lease.
 async fn finish_calls(gate: &Gate) {
     gate.close();
-    let left = gate.calls_finished(SHUTDOWN_GRACE).await;
+    let left = tokio::select! {
+        left = gate.calls_finished(SHUTDOWN_GRACE) => left,
+        () = shutdown_signal() => {
+            tracing::warn!("another signal: stopping now");
+            gate.calls_finished(Duration::ZERO).await
+        }
+    };
     if left > 0 {
         tracing::warn!(
             "{left} call(s) still running after {}s; stopping anyway (their holds are released \

@@ -2,7 +2,10 @@
 //! line it cannot parse without a word, so a client that sent one waits for
 //! an answer that never comes; and it would buffer a line of any length.
 //! Here every line is checked: at most `max_bytes` long, UTF-8, nested at
-//! most [`MAX_DEPTH`] deep, and JSON. A line that fails gets a JSON-RPC
+//! most [`MAX_DEPTH`] deep, and JSON; a message object carries `"jsonrpc":
+//! "2.0"`, and a `tools/call` names its tool and passes its arguments as an
+//! object (rmcp answers one it cannot read "method not found"). A line that
+//! fails gets a JSON-RPC
 //! error (with the request's id when it can be read) and never reaches the
 //! server, so nothing is charged and no state changes. Good lines pass
 //! through unchanged.
@@ -12,7 +15,7 @@
 //! forwards rmcp's output out, and the guard's own error lines are written
 //! between rmcp's, never inside one.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
     sync::mpsc,
@@ -21,9 +24,10 @@ use tokio::{
 /// The deepest nesting of arrays and objects a message may have.
 pub const MAX_DEPTH: usize = 64;
 
-/// JSON-RPC's parse error and invalid request codes.
+/// JSON-RPC's parse error, invalid request and invalid params codes.
 const PARSE_ERROR: i64 = -32700;
-const INVALID_REQUEST: i64 = -32600;
+pub(crate) const INVALID_REQUEST: i64 = -32600;
+const INVALID_PARAMS: i64 = -32602;
 
 /// Serves rmcp on the returned pipe ends, guarding `input` and writing to
 /// `output`. The tasks end when the input ends and rmcp has finished.
@@ -161,7 +165,8 @@ pub fn check(line: &[u8], max_bytes: usize) -> Result<(), Value> {
         ));
     }
     match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(_) | Value::Array(_)) => Ok(()),
+        Ok(Value::Object(message)) => well_formed(&message),
+        Ok(Value::Array(_)) => Ok(()),
         Ok(_) => Err(error_reply(
             Value::Null,
             INVALID_REQUEST,
@@ -184,7 +189,41 @@ pub fn too_large(id: Value, max_bytes: usize) -> Value {
     )
 }
 
-fn error_reply(id: Value, code: i64, message: String) -> Value {
+/// JSON-RPC 2.0's envelope, and the params of a `tools/call`, of a request
+/// or a notification. A client's answer to one of ours passes as it is: an
+/// error naming its id would read as the answer to the client's own request
+/// of that number.
+fn well_formed(message: &Map<String, Value>) -> Result<(), Value> {
+    if !message.contains_key("method") {
+        return Ok(());
+    }
+    let id = || message.get("id").cloned().unwrap_or(Value::Null);
+    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(error_reply(
+            id(),
+            INVALID_REQUEST,
+            r#"a JSON-RPC message carries "jsonrpc": "2.0""#.into(),
+        ));
+    }
+    if message.get("method").and_then(Value::as_str) != Some("tools/call") {
+        return Ok(());
+    }
+    let why = match message.get("params") {
+        Some(Value::Object(params)) => match (params.get("name"), params.get("arguments")) {
+            (Some(Value::String(_)), None | Some(Value::Object(_) | Value::Null)) => return Ok(()),
+            (Some(Value::String(_)), Some(_)) => "params.arguments must be an object",
+            _ => "params.name must be a string, the tool to call",
+        },
+        _ => "params must be an object naming the tool to call",
+    };
+    Err(error_reply(
+        id(),
+        INVALID_PARAMS,
+        format!("tools/call: {why}"),
+    ))
+}
+
+pub(crate) fn error_reply(id: Value, code: i64, message: String) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": message } })
 }
 
@@ -296,8 +335,49 @@ mod tests {
         let deep = format!(r#"{{"id":3,"a":{}{}}}"#, "[".repeat(70), "]".repeat(70));
         assert_eq!(check(deep.as_bytes(), 10_000).unwrap_err()["id"], json!(3));
         // Brackets inside strings are not nesting.
-        let quoted = format!(r#"{{"id":4,"a":"{}"}}"#, "[".repeat(70));
+        let quoted = format!(r#"{{"jsonrpc":"2.0","id":4,"a":"{}"}}"#, "[".repeat(70));
         assert!(check(quoted.as_bytes(), 10_000).is_ok());
+    }
+
+    #[test]
+    fn a_message_without_its_envelope_or_a_call_without_a_tool_is_refused() {
+        assert_eq!(
+            code(br#"{"id":1,"method":"ping"}"#),
+            Some((INVALID_REQUEST, json!(1)))
+        );
+        assert_eq!(
+            code(br#"{"jsonrpc":"1.0","id":1,"method":"ping"}"#),
+            Some((INVALID_REQUEST, json!(1)))
+        );
+        for params in [
+            "",
+            r#","params":"x""#,
+            r#","params":{}"#,
+            r#","params":{"name":5}"#,
+            r#","params":{"name":"echo","arguments":"x"}"#,
+            r#","params":{"name":"echo","arguments":[1]}"#,
+        ] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call"{params}}}"#);
+            let refused = check(line.as_bytes(), 1_000).expect_err(&line);
+            assert_eq!(refused["error"]["code"], INVALID_PARAMS, "{line}");
+            assert_eq!(refused["id"], 2, "{line}");
+            assert!(
+                refused["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("params")),
+                "{refused}"
+            );
+        }
+        for good in [
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo"}}"#,
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","arguments":null}}"#,
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            r#"{"jsonrpc":"2.0","id":4,"result":{}}"#,
+            r#"{"id":4,"result":{}}"#,
+        ] {
+            assert!(check(good.as_bytes(), 1_000).is_ok(), "{good}");
+        }
     }
 
     #[tokio::test]

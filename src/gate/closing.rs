@@ -31,6 +31,10 @@ impl Closing {
         self.closed.cancel();
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
     /// Resolves once the gate is closed: waits for a payment end then.
     pub async fn closed(&self) {
         self.closed.cancelled().await;

@@ -101,6 +101,15 @@ impl Gate {
                 payment_id,
                 "{why}; hold released"
             );
+            // Not the result: a client that comes back for the answer (an
+            // HTTP stream resumed) must not get unpaid what it was not
+            // charged for.
+            let result = match abandoned {
+                true => CallToolResult::error(vec![rmcp::model::ContentBlock::text(
+                    "the call was cancelled before its answer; nothing was charged",
+                )]),
+                false => result,
+            };
             return Some(reply::with_payment(
                 result,
                 json!({ "payment_id": payment_id, "status": "released",

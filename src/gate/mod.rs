@@ -179,6 +179,11 @@ impl Gate {
         self.closing.close();
     }
 
+    /// Whether the gate has stopped taking calls.
+    pub fn is_closed(&self) -> bool {
+        self.closing.is_closed()
+    }
+
     /// Waits up to `grace` for the calls under way to end; how many had not.
     pub async fn calls_finished(&self, grace: Duration) -> usize {
         self.closing.drained(grace).await

@@ -122,21 +122,19 @@ impl Gate {
                 },
                 IntentStatus::Running => {
                     if Instant::now() >= run_deadline {
-                        return Settled::Final(reply::error(
-                            code::PAYMENT_IN_PROGRESS,
-                            format!(
-                                "payment `{}` is paid and its call is still running; try again shortly",
-                                intent.id
-                            ),
-                            reply::details(json!({ "payment_id": intent.id, "status": "running" })),
-                        ));
+                        return Settled::Final(self.still_running(&intent));
                     }
                     // Not under way here while it waits: if the run was
                     // dropped, recovery must not take this caller's retries
                     // for it (it would never be refunded).
                     under_way = None;
-                    tokio::time::sleep(RUN_POLL).await;
-                    Step::Reload
+                    tokio::select! {
+                        () = tokio::time::sleep(RUN_POLL) => Step::Reload,
+                        // The run goes on (here or elsewhere); this caller
+                        // can ask again by the payment id.
+                        () = scope.cancelled.cancelled() => return Settled::Final(self.still_running(&intent)),
+                        () = self.closing.closed() => return Settled::Final(self.still_running(&intent)),
+                    }
                 }
                 IntentStatus::Expired => {
                     Step::Answer(ended(&intent, code::PAYMENT_EXPIRED, "expired"))
@@ -231,6 +229,19 @@ impl Gate {
     /// paid: the tool did not run, and a payment made stands, redeemable by
     /// its id. A waiting call polls on through it (as if still pending).
     /// (The caller logs the cause.)
+    /// A paid call whose run is under way (here or at another instance):
+    /// the caller may ask again by its payment id for the stored result.
+    fn still_running(&self, intent: &Intent) -> CallToolResult {
+        reply::error(
+            code::PAYMENT_IN_PROGRESS,
+            format!(
+                "payment `{}` is paid and its call is still running; try again shortly",
+                intent.id
+            ),
+            reply::details(json!({ "payment_id": intent.id, "status": "running" })),
+        )
+    }
+
     fn unconfirmed(&self, intent: &Intent) -> CallToolResult {
         reply::error(
             code::UNAVAILABLE,

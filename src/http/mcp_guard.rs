@@ -33,6 +33,18 @@ pub(super) async fn guard(
         let reply = stdio_guard::too_large(Value::Null, limit.0);
         return (StatusCode::PAYLOAD_TOO_LARGE, Json(reply)).into_response();
     };
+    // Unlike a stdio line, a POST is one message: never none, never a batch
+    // (which MCP dropped in 2025-06-18).
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let shape = match first {
+        None => Some("the body is empty: POST one JSON-RPC message"),
+        Some(b'[') => Some("a batch is not taken: POST one JSON-RPC message at a time"),
+        Some(_) => None,
+    };
+    if let Some(why) = shape {
+        let reply = stdio_guard::error_reply(Value::Null, stdio_guard::INVALID_REQUEST, why.into());
+        return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
+    }
     if let Err(reply) = stdio_guard::check(&bytes, limit.0) {
         tracing::warn!("refused a bad /mcp message: {}", reply["error"]["message"]);
         return (StatusCode::BAD_REQUEST, Json(reply)).into_response();

@@ -270,12 +270,15 @@ async fn mcp_caller(
     }
     let (principal, ending) = (caller.principal.clone(), request.method() == Method::DELETE);
     request.extensions_mut().insert(caller);
-    // Cancelled as the response is dropped, before its end if the client
-    // went away (or while this waits for it): a call then is not charged.
-    let gone = ClientGone::default();
-    request.extensions_mut().insert(gone.clone());
-    let gone = gone.0.drop_guard();
-    let answering = (request.method() == Method::POST).then(|| state.answers.enter());
+    // A POST's answer: counted while it is written (`answers`), and
+    // `ClientGone` is cancelled as it is dropped, before its end if the
+    // client went away (or while this waits for it): a call then is not
+    // charged.
+    let answering = (request.method() == Method::POST).then(|| {
+        let gone = ClientGone::default();
+        request.extensions_mut().insert(gone.clone());
+        (state.answers.enter(), gone.0.drop_guard())
+    });
     let response = next.run(request).await;
     match session {
         None => {
@@ -291,9 +294,12 @@ async fn mcp_caller(
     // `in_flight` is counted until the body ends: a response that streams
     // for long (a call waiting on a payment, the event stream) keeps its
     // session from being taken for idle.
+    if in_flight.is_none() && answering.is_none() {
+        return response;
+    }
     response.map(|body| {
         let stream = body.into_data_stream().map(move |chunk| {
-            let _kept_until_the_end = (&in_flight, &gone, &answering);
+            let _kept_until_the_end = (&in_flight, &answering);
             chunk
         });
         axum::body::Body::from_stream(stream)
@@ -318,6 +324,14 @@ fn session_id(headers: &axum::http::HeaderMap) -> Option<&str> {
 }
 
 async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
+    // Stopping: a load balancer should send new calls elsewhere.
+    if state.gate.is_closed() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "stopping" })),
+        )
+            .into_response();
+    }
     match state.store.ping().await {
         Ok(()) => Json(json!({ "status": "ok" })).into_response(),
         Err(e) => {

@@ -97,6 +97,13 @@ on_both_backends! {
             .status()
             .expect("kill");
         assert!(killed.success());
+        // While it finishes the call, it tells load balancers it is stopping.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let health = reqwest::get(format!("{}/healthz", served.base))
+            .await
+            .expect("healthz");
+        assert_eq!(health.status().as_u16(), 503);
+        assert!(health.text().await.unwrap_or_default().contains("stopping"));
 
         let (answer, _client) = running.await.expect("join");
         let answer = answer.expect("the running call answers before the service stops");

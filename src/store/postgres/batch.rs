@@ -34,8 +34,9 @@ const MAX_BATCH: usize = 64;
 /// Batches under way at once, each on a connection of its own: while one
 /// waits for its commit, the next is already sent.
 const MAX_RUNNING: usize = 2;
-/// Writes of a failed batch applied alone at once (each on a connection).
-const ALONE_AT_ONCE: usize = 4;
+/// Writes of a failed batch applied alone at once (each on a connection):
+/// few, since a batch that timed out may mean the database is overloaded.
+const ALONE_AT_ONCE: usize = 2;
 
 const BATCH: &str = "SELECT fast_path_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                                            $13, $14, $15, $16, $17)";
@@ -151,7 +152,7 @@ impl Batches {
             // time, so that a write stuck behind a lock holds back only itself.
             Err(e) if batch.len() > 1 && (one_writes_fault(&e) || gave_up_waiting(&e)) => {
                 tracing::debug!("a fast-path batch failed ({e}); applying its writes one by one");
-                futures::stream::iter(batch)
+                futures::stream::iter(batch.into_iter().filter(still_wanted))
                     .for_each_concurrent(ALONE_AT_ONCE, |pending| async move {
                         let alone = self.execute(&[&pending.write]).await;
                         let _ = pending.applied.send(alone.map(|applied| applied[0]));
