@@ -599,24 +599,39 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// Closes the gate, and gives the calls under way [`SHUTDOWN_GRACE`] to
 /// finish: to be charged or released, and answered if the transport is
-/// still up. A call still running after that is dropped with the process,
-/// and its hold released by recovery within a lease.
-async fn finish_calls(gate: &Gate) {
+/// still up. A call still running after that, or after another signal, is
+/// dropped with the process, and its hold released by recovery within a
+/// lease. True if another signal cut the wait short.
+async fn finish_calls(gate: &Gate) -> bool {
     gate.close();
-    let left = tokio::select! {
-        left = gate.calls_finished(SHUTDOWN_GRACE) => left,
-        () = shutdown_signal() => {
-            tracing::warn!("another signal: stopping now");
-            gate.calls_finished(Duration::ZERO).await
+    let started = tokio::time::Instant::now();
+    // A launcher that forwards a terminal's Ctrl-C to its child as well
+    // delivers one keypress twice, a moment apart: that is not a second.
+    let another_signal = async {
+        loop {
+            shutdown_signal().await;
+            if started.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
         }
+    };
+    let (left, cut_short) = tokio::select! {
+        left = gate.calls_finished(SHUTDOWN_GRACE) => (left, false),
+        () = another_signal => (gate.calls_finished(Duration::ZERO).await, true),
     };
     if left > 0 {
         tracing::warn!(
-            "{left} call(s) still running after {}s; stopping anyway (their holds are released \
+            "{left} call(s) still running after {}s{}; stopping anyway (their holds are released \
              by recovery once this instance's lease lapses)",
-            SHUTDOWN_GRACE.as_secs()
+            started.elapsed().as_secs(),
+            if cut_short {
+                ", when another signal came"
+            } else {
+                ""
+            },
         );
     }
+    cut_short
 }
 
 async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> anyhow::Result<()> {
@@ -662,8 +677,9 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
         // The service stays up meanwhile, so that their answers go out
         // (and a checkout page can still be paid at). Then the MCP
         // sessions end, which would cut off an answer still being written.
-        finish_calls(&gate).await;
-        closing.answers_sent(Duration::from_secs(2)).await;
+        if !finish_calls(&gate).await {
+            closing.answers_sent(Duration::from_secs(2)).await;
+        }
         signal.cancel();
     });
     tollgate::http::serve(listener, state, &config.http, shutdown).await?;

@@ -147,6 +147,8 @@ pub fn check(line: &[u8], max_bytes: usize) -> Result<(), Value> {
         // The id is near the start of a request: answer it if it is there.
         return Err(too_large(id_of(&String::from_utf8_lossy(line)), max_bytes));
     }
+    // A byte-order mark, which rmcp skips too.
+    let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
     let Ok(text) = std::str::from_utf8(line) else {
         return Err(error_reply(
             Value::Null,
@@ -300,6 +302,10 @@ mod tests {
     #[test]
     fn bad_lines_get_an_error_with_their_id_where_it_can_be_read() {
         assert_eq!(code(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#), None);
+        assert_eq!(
+            code(b"\xEF\xBB\xBF{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}"),
+            None
+        );
         assert_eq!(code(b"not json"), Some((PARSE_ERROR, Value::Null)));
         assert_eq!(code(b"\xff\xfe"), Some((PARSE_ERROR, Value::Null)));
         assert_eq!(

@@ -225,10 +225,6 @@ impl Gate {
         intent.expires_at.saturating_add(keep)
     }
 
-    /// The answer when the payment system cannot say whether `intent` was
-    /// paid: the tool did not run, and a payment made stands, redeemable by
-    /// its id. A waiting call polls on through it (as if still pending).
-    /// (The caller logs the cause.)
     /// A paid call whose run is under way (here or at another instance):
     /// the caller may ask again by its payment id for the stored result.
     fn still_running(&self, intent: &Intent) -> CallToolResult {
@@ -242,6 +238,10 @@ impl Gate {
         )
     }
 
+    /// The answer when the payment system cannot say whether `intent` was
+    /// paid: the tool did not run, and a payment made stands, redeemable by
+    /// its id. A waiting call polls on through it (as if still pending).
+    /// (The caller logs the cause.)
     fn unconfirmed(&self, intent: &Intent) -> CallToolResult {
         reply::error(
             code::UNAVAILABLE,

@@ -33,6 +33,12 @@ pub(super) async fn guard(
         let reply = stdio_guard::too_large(Value::Null, limit.0);
         return (StatusCode::PAYLOAD_TOO_LARGE, Json(reply)).into_response();
     };
+    // A byte-order mark is skipped (as on stdio), not handed to rmcp, which
+    // would refuse the body in plain text.
+    let bytes = match bytes.strip_prefix(b"\xEF\xBB\xBF") {
+        Some(_) => bytes.slice(3..),
+        None => bytes,
+    };
     // Unlike a stdio line, a POST is one message: never none, never a batch
     // (which MCP dropped in 2025-06-18).
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());

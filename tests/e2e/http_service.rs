@@ -1247,6 +1247,13 @@ on_both_backends! {
             assert!(!reply["error"]["message"].as_str().unwrap_or_default().is_empty());
         }
 
+        // A byte-order mark before a good message is skipped.
+        let mut marked = b"\xEF\xBB\xBF".to_vec();
+        marked.extend_from_slice(br#"{"jsonrpc":"2.0","id":30,"method":"ping"}"#);
+        let (status, answer) = raw.send(marked).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer.contains(r#""id":30"#) && answer.contains("result"), "{answer}");
+
         // Well-formed but wrong, through a real client: clear tool errors.
         let client = server.mcp(Some(&judy), ()).await;
         let r = call(&client, "echo", json!({"text": 5})).await;
