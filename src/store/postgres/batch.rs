@@ -513,6 +513,36 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn a_failed_batch_applied_one_by_one_skips_holds_whose_callers_left() {
+            let (_db, _dir, store) = funded("1.00").await;
+            assert!(flags(as_one_batch(&store, vec![hold("h1", "0.10")]).await)[0]);
+            let mut broken = capture(&store, "h1", "0.10").await;
+            broken.beneficiary_id = 987_654;
+            let (applied, gone) = oneshot::channel();
+            drop(gone);
+            let left = Pending {
+                write: hold("h2", "0.10"),
+                applied,
+            };
+            let (applied, broken_outcome) = oneshot::channel();
+            let broken = Pending {
+                write: Write::Capture(broken),
+                applied,
+            };
+            let (applied, kept) = oneshot::channel();
+            let wanted = Pending {
+                write: hold("h3", "0.10"),
+                applied,
+            };
+            store.fast_path.settle(vec![left, broken, wanted]).await;
+            assert!(broken_outcome.await.expect("answered").is_err());
+            assert!(matches!(kept.await.expect("answered"), Ok(true)));
+            // h1 and h3 reserved; h2, whose caller left, was not made.
+            assert_eq!(available(&store, "w").await, units("0.80"));
+            assert_sound(&store).await;
+        }
+
+        #[tokio::test]
         async fn a_wallet_locked_elsewhere_fails_only_its_own_write() {
             let dir = tempfile::tempdir().expect("tempdir");
             let db = TestDb::fresh(dir.path());
