@@ -168,7 +168,13 @@ pub fn check(line: &[u8], max_bytes: usize) -> Result<(), Value> {
     }
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(message)) => well_formed(&message),
-        Ok(Value::Array(_)) => Ok(()),
+        // MCP dropped JSON-RPC batches (2025-06-18), and rmcp answers one
+        // without an id.
+        Ok(Value::Array(_)) => Err(error_reply(
+            Value::Null,
+            INVALID_REQUEST,
+            "a batch is not taken: send one JSON-RPC message at a time".into(),
+        )),
         Ok(_) => Err(error_reply(
             Value::Null,
             INVALID_REQUEST,
@@ -335,6 +341,10 @@ mod tests {
             Some((PARSE_ERROR, Value::Null))
         );
         assert_eq!(code(b"42"), Some((INVALID_REQUEST, Value::Null)));
+        assert_eq!(
+            code(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#),
+            Some((INVALID_REQUEST, Value::Null))
+        );
         assert_eq!(code(&[b' '; 101]), Some((INVALID_REQUEST, Value::Null)));
         let long = format!(r#"{{"id":12,"text":"{}"}}"#, "x".repeat(200));
         assert_eq!(code(long.as_bytes()), Some((INVALID_REQUEST, json!(12))));

@@ -39,15 +39,9 @@ pub(super) async fn guard(
         Some(_) => bytes.slice(3..),
         None => bytes,
     };
-    // Unlike a stdio line, a POST is one message: never none, never a batch
-    // (which MCP dropped in 2025-06-18).
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    let shape = match first {
-        None => Some("the body is empty: POST one JSON-RPC message"),
-        Some(b'[') => Some("a batch is not taken: POST one JSON-RPC message at a time"),
-        Some(_) => None,
-    };
-    if let Some(why) = shape {
+    // Unlike a stdio line, which may be blank, a POST is one message.
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        let why = "the body is empty: POST one JSON-RPC message";
         let reply = stdio_guard::error_reply(Value::Null, stdio_guard::INVALID_REQUEST, why.into());
         return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
     }
