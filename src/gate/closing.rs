@@ -9,6 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
+use super::{CallScope, Gate};
 use crate::sync::{Counted, UnderWay};
 
 #[derive(Default)]
@@ -43,6 +44,18 @@ impl Closing {
     /// Waits up to `grace` for the calls under way to end; how many had not.
     pub async fn drained(&self, grace: Duration) -> usize {
         self.calls.drained(grace).await
+    }
+}
+
+impl Gate {
+    /// Resolves when a call should stop waiting (for a payment, a person's
+    /// answer, a run elsewhere): its client cancelled it or went away, or
+    /// the gate is closing. Says which, for the log.
+    pub(super) async fn wait_ended(&self, scope: &CallScope<'_>) -> &'static str {
+        tokio::select! {
+            () = scope.cancelled.cancelled() => "the call was cancelled",
+            () = self.closing.closed() => "tollgate is shutting down",
+        }
     }
 }
 

@@ -82,8 +82,7 @@ impl Gate {
                 Err(ServiceError::Timeout { timeout }) => Answer::Unanswered(format!("no answer within {}s", timeout.as_secs())),
                 Err(e) => Answer::Unanswered(format!("elicitation failed: {e}")),
             },
-            () = scope.cancelled.cancelled() => Answer::Unanswered("the call was cancelled".into()),
-            () = self.closing.closed() => Answer::Unanswered("tollgate is shutting down".into()),
+            why = self.wait_ended(scope) => Answer::Unanswered(why.into()),
         };
         let result = self.after_answer(scope, opened, answer).await;
         if is_url && result.is_error != Some(true) {

@@ -132,8 +132,7 @@ impl Gate {
                         () = tokio::time::sleep(RUN_POLL) => Step::Reload,
                         // The run goes on (here or elsewhere); this caller
                         // can ask again by the payment id.
-                        () = scope.cancelled.cancelled() => return Settled::Final(self.still_running(&intent)),
-                        () = self.closing.closed() => return Settled::Final(self.still_running(&intent)),
+                        _ = self.wait_ended(scope) => return Settled::Final(self.still_running(&intent)),
                     }
                 }
                 IntentStatus::Expired => {
@@ -184,9 +183,8 @@ impl Gate {
                 poll = (poll * 2).min(MAX_POLL);
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
-                    () = scope.cancelled.cancelled() => return Settled::Pending(result),
-                    // Stopping: the payment stays payable, the call redeemable.
-                    () = self.closing.closed() => return Settled::Pending(result),
+                    // The payment stays payable, the call redeemable.
+                    _ = self.wait_ended(scope) => return Settled::Pending(result),
                 }
             }
             intent = match self.store.intent(&intent.id).await {

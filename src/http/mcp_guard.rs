@@ -40,12 +40,15 @@ pub(super) async fn guard(
         None => bytes,
     };
     // Unlike a stdio line, which may be blank, a POST is one message.
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        let why = "the body is empty: POST one JSON-RPC message";
-        let reply = stdio_guard::error_reply(Value::Null, stdio_guard::INVALID_REQUEST, why.into());
-        return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
-    }
-    if let Err(reply) = stdio_guard::check(&bytes, limit.0) {
+    let checked = match bytes.iter().all(u8::is_ascii_whitespace) {
+        true => Err(stdio_guard::error_reply(
+            Value::Null,
+            stdio_guard::INVALID_REQUEST,
+            "the body is empty: POST one JSON-RPC message".into(),
+        )),
+        false => stdio_guard::check(&bytes, limit.0),
+    };
+    if let Err(reply) = checked {
         tracing::warn!("refused a bad /mcp message: {}", reply["error"]["message"]);
         return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
     }

@@ -63,6 +63,8 @@ struct Typed<A, F> {
     name: String,
     description: String,
     handler: Arc<F>,
+    /// The input schema, from `A`, made once.
+    schema: Arc<JsonObject>,
     bounds: Bounds,
     args: PhantomData<fn(A)>,
 }
@@ -82,7 +84,7 @@ struct Bound {
 }
 
 impl Bounds {
-    fn of(schema: &Value) -> Self {
+    fn of(schema: &JsonObject) -> Self {
         let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
             return Self::default();
         };
@@ -182,14 +184,10 @@ where
     R: IntoToolResult,
 {
     fn describe(&self) -> Tool {
-        let schema = serde_json::to_value(schemars::schema_for!(A))
-            .ok()
-            .and_then(|v| v.as_object().cloned())
-            .unwrap_or_default();
         Tool::new(
             self.name.clone(),
             self.description.clone(),
-            Arc::new(schema),
+            self.schema.clone(),
         )
     }
 
@@ -264,12 +262,16 @@ impl FnTools {
         R: IntoToolResult + 'static,
     {
         let name = name.into();
-        let schema = serde_json::to_value(schemars::schema_for!(A)).unwrap_or_default();
+        let schema = serde_json::to_value(schemars::schema_for!(A))
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
         let tool = Typed {
             name: name.clone(),
             description: description.into(),
             handler: Arc::new(handler),
             bounds: Bounds::of(&schema),
+            schema: Arc::new(schema),
             args: PhantomData,
         };
         self.tools.insert(name, Arc::new(tool));

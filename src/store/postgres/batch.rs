@@ -20,7 +20,7 @@ use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 
-use super::retrying;
+use super::{retrying, sql_state};
 use crate::{
     allowance::{day_start, month_start},
     store::{
@@ -248,12 +248,7 @@ fn still_wanted(pending: &Pending) -> bool {
 /// broken constraint, the function's own refusal), not for the batch as a
 /// whole (the connection, a timeout, a conflict with another transaction).
 fn one_writes_fault(e: &StoreError) -> bool {
-    match e {
-        StoreError::Unavailable(sqlx::Error::Database(db)) => db
-            .code()
-            .is_some_and(|code| ["22", "23", "P0"].iter().any(|c| code.starts_with(c))),
-        _ => false,
-    }
+    sql_state(e).is_some_and(|code| ["22", "23", "P0"].iter().any(|c| code.starts_with(c)))
 }
 
 /// Whether PostgreSQL gave up on the batch while it waited for a lock: the
@@ -261,13 +256,10 @@ fn one_writes_fault(e: &StoreError) -> bool {
 /// that [`retrying`] retried to the end (40001, 40P01). One write's row is
 /// the likelier culprit than all of them.
 fn gave_up_waiting(e: &StoreError) -> bool {
-    match e {
-        StoreError::Unavailable(sqlx::Error::Database(db)) => matches!(
-            db.code().as_deref(),
-            Some("57014" | "55P03" | "40001" | "40P01")
-        ),
-        _ => false,
-    }
+    matches!(
+        sql_state(e).as_deref(),
+        Some("57014" | "55P03" | "40001" | "40P01")
+    )
 }
 
 /// A batch as `fast_path_batch` takes it: one array per field, one element

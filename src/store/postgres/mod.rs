@@ -48,12 +48,7 @@ pub struct PgStore {
 /// PostgreSQL rolled the whole transaction back and says trying again may
 /// work: serialization failure (40001) or deadlock (40P01).
 fn retryable(e: &StoreError) -> bool {
-    match e {
-        StoreError::Unavailable(sqlx::Error::Database(db)) => {
-            matches!(db.code().as_deref(), Some("40001" | "40P01"))
-        }
-        _ => false,
-    }
+    matches!(sql_state(e).as_deref(), Some("40001" | "40P01"))
 }
 
 /// How many times an export tries to wait for the ledger's writes in flight.
@@ -69,7 +64,7 @@ fn sql_state(e: &StoreError) -> Option<String> {
 
 /// Whether PostgreSQL refused a row whose key is already there.
 fn duplicate(e: &StoreError) -> bool {
-    matches!(e, StoreError::Unavailable(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505"))
+    sql_state(e).as_deref() == Some("23505")
 }
 
 /// Runs `op` again while PostgreSQL reports it rolled it back for a
