@@ -853,7 +853,9 @@ pub trait Store: Send + Sync + 'static {
     /// Registers this process's instance (whose id the holds it opens and
     /// the paid intents it runs carry) as alive until `alive_until`, or renews it.
     /// Once its lease lapses (the process died), any instance recovers what
-    /// it left: see the next two.
+    /// it left: see the next two. PostgreSQL, shared by instances on several
+    /// hosts, stamps and judges leases by its own clock (a lease of
+    /// `alive_until - now` from its `now`), so host clocks need not agree.
     async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError>;
     /// Releases the open holds of instances not alive at `now` (their
     /// calls never finished, so nothing is charged). How many.

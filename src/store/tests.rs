@@ -984,19 +984,23 @@ crate::on_postgres! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sweeps_racing_payments_never_expire_a_paid_intent() {
         const INTENTS: usize = 300;
-        let (_place, store) = store().await;
+        let (place, store) = store().await;
         let payer = AccountRef::wallet("payer", &usd());
         store.topup(&payer, units("100.00"), None).await.unwrap();
-        // Intent i's time ends at `start` + i ms, as its payment comes. The
-        // margin outlasts making the intents on a loaded machine (up to
-        // 720ms seen), after which every payment would come too late.
-        let start = now_ms() + 2_000;
         for i in 0..INTENTS {
             let id = format!("i{i:03}");
             store.create_session(&session(&id, now_ms() + 60_000)).await.unwrap();
-            let expires_at = start + i as i64;
-            store.create_intent(&Intent { expires_at, ..intent(&id) }, &OpenLimit::NONE).await.unwrap();
+            store.create_intent(&intent(&id), &OpenLimit::NONE).await.unwrap();
         }
+        // Intent i's time ends at `start` + i ms, as its payment comes: set
+        // in one statement once they are all made, since making them takes
+        // seconds on a loaded machine, and with times set as they were made
+        // every payment came too late.
+        let start = now_ms() + 300;
+        let times = format!(
+            "UPDATE intents SET expires_at = {start} + CAST(SUBSTR(id, 2) AS BIGINT)"
+        );
+        assert_eq!(crate::testing::execute(&place.db.url, &times).await.unwrap(), INTENTS as u64);
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sweeps: Vec<_> = (0..2)
             .map(|_| {
@@ -1673,5 +1677,44 @@ crate::on_postgres! {
         assert_eq!(exported.lines().count(), 8, "{exported}");
         assert!(exported.contains("txn_late"), "{exported}");
         late.close().await.ok();
+    }
+}
+
+crate::on_postgres! {
+    /// Instances on hosts whose clocks disagree by more than a lease do not
+    /// take each other for dead: PostgreSQL stamps and judges leases by its
+    /// own clock.
+    #[tokio::test]
+    async fn leases_go_by_the_databases_clock_not_the_hosts() {
+        let (place, a) = store().await;
+        let b = open(&place.db.url).await.expect("second instance");
+        let skew = 10 * 60_000;
+        // a's host runs ten minutes behind; b's is right.
+        let behind = now_ms() - skew;
+        a.heartbeat(behind, behind + 60_000).await.unwrap();
+        b.heartbeat(now_ms(), now_ms() + 60_000).await.unwrap();
+        let payer = AccountRef::wallet("payer", &usd());
+        a.topup(&payer, units("1.00"), None).await.unwrap();
+        assert_eq!(a.hold(&hold_request("ha", "payer", "0.10")).await.unwrap(), HoldOutcome::Held);
+        a.create_session(&session("ia", now_ms() + 60_000)).await.unwrap();
+        a.create_intent(&intent("ia"), &OpenLimit::NONE).await.unwrap();
+        a.pay_session("ia", Some("payer"), now_ms()).await.unwrap();
+        let funding = Funding::InClearing { refund_to: Some(payer.clone()) };
+        assert!(a.claim_paid_intent("ia", &funding).await.unwrap());
+
+        // Alive by the database's clock, whatever either host's says.
+        for b_clock in [now_ms(), now_ms() + skew] {
+            assert_eq!(b.release_orphaned_holds(b_clock).await.unwrap(), 0);
+            assert!(b.interrupted_runs(b_clock).await.unwrap().is_empty());
+        }
+        assert_eq!(available(&*b, "payer").await, units("0.85"));
+
+        // Its lease lapsed: recovered as before.
+        a.heartbeat(behind, behind - 1).await.unwrap();
+        assert_eq!(b.release_orphaned_holds(now_ms()).await.unwrap(), 1);
+        let interrupted: Vec<String> =
+            b.interrupted_runs(now_ms()).await.unwrap().into_iter().map(|i| i.id).collect();
+        assert_eq!(interrupted, ["ia"]);
+        assert_sound(&*b).await;
     }
 }

@@ -87,7 +87,18 @@ where
     }
 }
 
+/// The database's clock, in ms since the epoch.
+const CLOCK: &str = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+
 impl PgStore {
+    /// Leases are stamped and judged by the database's clock, which every
+    /// instance shares: instances on hosts whose clocks disagree by more than
+    /// a lease would otherwise take each other for dead and release each
+    /// other's live holds.
+    async fn clock(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(CLOCK).fetch_one(&self.db.pool).await?)
+    }
+
     /// Connects, and applies the migrations under `migrations/postgres`
     /// (sqlx holds an advisory lock meanwhile, so instances starting at once
     /// take turns).
@@ -654,12 +665,20 @@ impl Store for PgStore {
         self.db.revoke_api_key(id, now).await
     }
 
+    /// The lease runs as long as asked, from the database's clock.
     async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError> {
-        retrying(|| self.db.heartbeat(now, alive_until)).await
+        retrying(|| async {
+            let db_now = self.clock().await?;
+            self.db
+                .heartbeat(db_now, db_now.saturating_add(alive_until - now))
+                .await
+        })
+        .await
     }
 
-    async fn release_orphaned_holds(&self, now: i64) -> Result<u64, StoreError> {
+    async fn release_orphaned_holds(&self, _now: i64) -> Result<u64, StoreError> {
         retrying(|| async {
+            let now = self.clock().await?;
             let mut tx = self.tx().await?;
             let instance = self.db.instance.as_str();
             sqlx::query(LOCK_WALLETS_OF_ORPHANED_HOLDS)
@@ -679,8 +698,8 @@ impl Store for PgStore {
         .await
     }
 
-    async fn interrupted_runs(&self, now: i64) -> Result<Vec<Intent>, StoreError> {
-        self.db.interrupted_runs(now).await
+    async fn interrupted_runs(&self, _now: i64) -> Result<Vec<Intent>, StoreError> {
+        self.db.interrupted_runs(self.clock().await?).await
     }
 
     async fn own_stale_runs(&self, before: i64) -> Result<Vec<Intent>, StoreError> {
