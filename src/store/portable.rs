@@ -14,10 +14,10 @@ use crate::{
 
 use super::{
     APPROVALS_LISTED, AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, Cursor,
-    HoldOutcome, HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession, OpenIntents,
-    Posted, Pruned, REMOTE_DUE_PAGE, RefundRequest, Refunded, SessionStatus, StatementLine,
-    StoreError, StoreStats, StoredResult, ToppedUp, UNREDEEMED_PAGE, VerifyReport, WalletBalance,
-    WalletLimits, new_txn_id, now_ms,
+    Funding, HoldOutcome, HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession,
+    OpenIntents, Posted, Pruned, REMOTE_DUE_PAGE, RefundRequest, Refunded, SessionStatus,
+    StatementLine, StoreError, StoreStats, StoredResult, ToppedUp, UNREDEEMED_PAGE, VerifyReport,
+    WalletBalance, WalletLimits, new_txn_id, now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, clearing,
         external_payment_audit, session_payment_audit, settled_capture,
@@ -765,12 +765,21 @@ where
         // sweep, which skips locked intents, cannot end it meanwhile.
         let intent = tx.fetch_optional(statement!(locks.intent, id)).await?;
         let tool = intent.as_ref().map(|i| i.text("tool")).transpose()?;
-        // Who was behind the call, for the payer's statement line; an
-        // approval still waiting is decided by this payment, and recorded
-        // with the decision, not here.
+        // Who was behind the call, for the payer's statement line. An
+        // approval still waiting is decided by this payment (the claim
+        // records it on the intent as approved by the payer): the line
+        // says so now.
         let origin = intent.as_ref().map(rows::origin).transpose()?;
         let approval = match &intent {
-            Some(i) => rows::approval(i)?.filter(|a| a.status != ApprovalStatus::Waiting),
+            Some(i) => rows::approval(i)?.map(|mut approval| {
+                if approval.status == ApprovalStatus::Waiting {
+                    approval.status = ApprovalStatus::Approved;
+                    let refund_to = from_wallet.map(|w| AccountRef::wallet(w, &session.currency));
+                    approval.by = Some(Funding::InClearing { refund_to }.approver());
+                    approval.at = Some(now);
+                }
+                approval
+            }),
             None => None,
         };
         if let Some(intent) = intent {

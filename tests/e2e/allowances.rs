@@ -268,3 +268,30 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    /// A payment made for a call waiting for approval approves it: the
+    /// payer's statement line says so, as the settlement's does.
+    #[tokio::test]
+    async fn paying_a_call_that_waits_for_approval_shows_the_approval_on_the_payment_line() {
+        let rule = "[[approvals]]\ntool = \"echo\"\nthreshold = \"0\"\n";
+        let env = Env::with_pricing(&format!("{}\n{rule}", crate::harness::pricing("resubmit", "")));
+        env.topup("alice", "1.00").await;
+        let anonymous = env.client(None).await;
+        let r = call(&anonymous, "echo", echo_args("needs a yes")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let before = env.ok(&["sessions", "list"]).await;
+        assert!(before.contains(&id), "{before}");
+        env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+        let statement = env.ok(&["ledger", "statement", "--wallet", "alice"]).await;
+        let line = statement.lines().find(|l| l.contains("session_payment")).expect(&statement);
+        assert!(line.contains("approved by wallet:alice at 20"), "{line}");
+        let r = call(&anonymous, "echo", json!({"text": "needs a yes", "payment_id": id})).await;
+        assert_eq!(payment_meta(&r)["status"], "paid", "{r:?}");
+        let by_tool = env.ok(&["ledger", "statement", "--tool", "echo"]).await;
+        let capture = by_tool.lines().find(|l| l.contains(" capture ")).expect(&by_tool);
+        assert!(capture.contains("approved by wallet:alice at 20"), "{capture}");
+        anonymous.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
