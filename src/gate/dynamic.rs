@@ -392,25 +392,12 @@ impl Gate {
             ]
             .contains(&answered)
         });
-        // Only an "expired" answer can leave the intent open (see below):
-        // a used or otherwise ended tool needs no second read.
-        let keep = try_again
-            || (answered == Some(code::PAYMENT_EXPIRED) && self.may_yet_be_paid(payment_id).await);
-        if !keep {
+        // An "expired" answer is final: a session still open at a remote
+        // provider was cancelled there first.
+        if !try_again {
             self.dynamic.withdraw(scope.session_id, name).await;
         }
         result
-    }
-
-    /// An intent answered as expired may still be open: its time here is
-    /// over, but its session at a remote provider is not, and a payment
-    /// made there is kept (see `remote_grace_ends`). Its tool stays, for
-    /// upkeep to keep (paid) or end (the session expired there too).
-    async fn may_yet_be_paid(&self, payment_id: &str) -> bool {
-        matches!(
-            self.store.intent(payment_id).await,
-            Ok(Some(intent)) if intent.status == IntentStatus::AwaitingPayment
-        )
     }
 }
 

@@ -318,7 +318,28 @@ impl Gate {
             }
             // Already paid or ended: say what it is now.
             Ok(false) => self.redeem_state(intent, status).await,
-            Err(e) => reply::unavailable(e),
+            // The provider could not be made to cancel, so the intent stays
+            // open (upkeep ends it in time): a payment made there meanwhile
+            // stands, and the caller has its id.
+            Err(e) => {
+                tracing::warn!(
+                    payment_id = intent.id,
+                    status,
+                    "payment prompt refused, but its provider session could not be cancelled: {e}"
+                );
+                reply::error(
+                    code,
+                    format!(
+                        "payment `{}` was {status}: nothing was charged and the tool did not run. \
+                         Its payment page could not be closed yet ({e}), so a payment made there \
+                         still counts: then {}. Unused by {}, it is refunded.",
+                        intent.id,
+                        self.redeem_hint(intent),
+                        rfc3339(self.refunded_unused_at(intent))
+                    ),
+                    reply::details(json!({ "payment_id": intent.id, "status": status })),
+                )
+            }
         }
     }
 

@@ -13,6 +13,9 @@
 //! intent's time has been over for `keep_results`, its caller is not coming
 //! back, and the money should not sit in clearing for ever.
 
+use std::future::ready;
+
+use futures::{StreamExt, stream};
 use rmcp::model::JsonObject;
 use serde_json::json;
 
@@ -28,6 +31,27 @@ use crate::{
         StoreError, UNREDEEMED_PAGE, new_txn_id, now_ms,
     },
 };
+
+/// How many remote payments upkeep asks the provider about at once: a few,
+/// since the provider's rate limit is shared with live callers.
+const REMOTE_ASKS_AT_ONCE: usize = 4;
+
+/// What upkeep did with one remote payment past its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RemoteSettled {
+    /// Paid in time: kept, for its caller to redeem.
+    Kept,
+    /// Not paid: expired.
+    Expired,
+    /// Left as it was, to be asked about again.
+    Unchanged,
+    /// The provider could not be reached: the rest waits for the next pass.
+    ProviderDown,
+}
+
+fn count(settled: &[RemoteSettled], which: RemoteSettled) -> u64 {
+    settled.iter().filter(|s| **s == which).count() as u64
+}
 
 /// How long one of this instance's runs may sit `running` with nothing
 /// under way for it before it is taken for dropped: the claim is counted
@@ -138,7 +162,9 @@ impl Gate {
     /// (the expiry sweep cannot see such a payment, so it leaves them
     /// here): paid in time, the money enters clearing and the intent stays
     /// redeemable (refunded if never used); otherwise it expires. One the
-    /// provider cannot answer about now is asked again next time.
+    /// provider cannot answer about now is asked again next time. A few are
+    /// asked about at once, so that a slow provider holds up the rest of
+    /// upkeep (expiring holds, pruning) a few times less.
     async fn settle_remote_due(&self, now: i64, recovered: &mut Recovered) {
         let mut after = Cursor::start();
         loop {
@@ -149,10 +175,20 @@ impl Gate {
                     return;
                 }
             };
-            for intent in &page {
-                if !self.settle_remote(intent, now, recovered).await {
-                    return; // the provider is down: all of it, next pass
-                }
+            // Stops at the first sign the provider is down (the calls still
+            // under way are dropped: each step is a conditional update).
+            // (Owned intents: a future borrowing one from the page trips
+            // the compiler's check that upkeep's future is `Send`.)
+            let settled: Vec<RemoteSettled> = stream::iter(page.iter().cloned())
+                .map(|intent| async move { self.settle_remote(&intent, now).await })
+                .buffer_unordered(REMOTE_ASKS_AT_ONCE)
+                .take_while(|settled| ready(*settled != RemoteSettled::ProviderDown))
+                .collect()
+                .await;
+            recovered.remote_paid_kept += count(&settled, RemoteSettled::Kept);
+            recovered.remote_expired += count(&settled, RemoteSettled::Expired);
+            if settled.len() < page.len() {
+                return; // the provider is down: all of it, next pass
             }
             match page.last() {
                 Some(last) if page.len() == REMOTE_DUE_PAGE => after = Cursor::after(last),
@@ -161,11 +197,10 @@ impl Gate {
         }
     }
 
-    /// One intent of [`Gate::settle_remote_due`]. False if the provider
-    /// could not be reached.
-    async fn settle_remote(&self, intent: &Intent, now: i64, recovered: &mut Recovered) -> bool {
+    /// One intent of [`Gate::settle_remote_due`].
+    async fn settle_remote(&self, intent: &Intent, now: i64) -> RemoteSettled {
         let Some(session) = intent.provider_session_id.as_deref() else {
-            return true;
+            return RemoteSettled::Unchanged;
         };
         let state = match self.provider.session_state(session).await {
             Ok(state) => Some(state),
@@ -173,11 +208,13 @@ impl Gate {
             Err(ProviderError::NotFound(_)) => None,
             Err(e @ ProviderError::Unavailable(_)) => {
                 tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
-                return false;
+                return RemoteSettled::ProviderDown;
             }
+            // About this one only (an answer that cannot be used, a
+            // refusal): the others are still asked.
             Err(e) => {
                 tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
-                return true;
+                return RemoteSettled::Unchanged;
             }
         };
         // The remote session runs on the remote's clock and time, and may
@@ -186,7 +223,7 @@ impl Gate {
             && state.status == SessionStatus::Pending
             && now < remote_grace_ends(intent)
         {
-            return true;
+            return RemoteSettled::Unchanged;
         }
         let paid_remotely = match &state {
             Some(state) if state.status == SessionStatus::Paid && pays_for(state, intent) => {
@@ -202,7 +239,8 @@ impl Gate {
                 .store
                 .mark_paid_externally(&intent.id, account)
                 .await
-                .map(|kept| (kept, &mut recovered.remote_paid_kept)),
+                .map_err(ProviderError::from)
+                .map(|kept| kept.then_some(RemoteSettled::Kept)),
             // Paid there, but not for this intent: refused, so it expires
             // (its session needs no cancel, and would answer "paid").
             None if state
@@ -212,19 +250,23 @@ impl Gate {
                 self.store
                     .end_unpaid_intent(&intent.id, IntentStatus::Expired)
                     .await
-                    .map(|ended| (ended, &mut recovered.remote_expired))
+                    .map_err(ProviderError::from)
+                    .map(|ended| ended.then_some(RemoteSettled::Expired))
             }
             None => self
                 .end_unpaid(intent, IntentStatus::Expired)
                 .await
-                .map(|ended| (ended, &mut recovered.remote_expired)),
+                .map(|ended| ended.then_some(RemoteSettled::Expired)),
         };
         match settled {
-            Ok((true, count)) => *count += 1,
-            Ok((false, _)) => {} // redeemed meanwhile
-            Err(e) => tracing::warn!(payment_id = intent.id, "cannot settle a payment: {e}"),
+            Ok(Some(settled)) => settled,
+            Ok(None) => RemoteSettled::Unchanged, // redeemed meanwhile
+            // Left as it is: asked again next pass.
+            Err(e) => {
+                tracing::warn!(payment_id = intent.id, "cannot settle a payment: {e}");
+                RemoteSettled::Unchanged
+            }
         }
-        true
     }
 
     /// Takes a paid, never redeemed intent through `running` (so no late

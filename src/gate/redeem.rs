@@ -346,14 +346,10 @@ impl Gate {
                     })),
                 ));
             }
-            // Its time is over, but its session is still open at the
-            // provider (a remote one, on the remote's clock and time): the
-            // caller is told it expired, and the intent is left to upkeep,
-            // which keeps a payment made there after all (redeemable, or
-            // refunded if never used).
-            SessionStatus::Pending if now_ms() < remote_grace_ends(intent) => {
-                return Step::Answer(ended(intent, code::PAYMENT_EXPIRED, "expired"));
-            }
+            // Its time is over, though its session may still be open at
+            // the provider (a remote one, on the remote's clock): cancelled
+            // there before the caller is told it expired, or a payment made
+            // there after that answer would be taken for nothing.
             SessionStatus::Pending | SessionStatus::Expired => {
                 (IntentStatus::Expired, code::PAYMENT_EXPIRED, "expired")
             }
@@ -373,7 +369,8 @@ impl Gate {
             Ok(true) => Step::Answer(ended(intent, code, status)),
             // Someone else moved it first (perhaps to paid): look again.
             Ok(false) => Step::Reload,
-            Err(e) => Step::Answer(reply::unavailable(e)),
+            // Not ended: a payment made meanwhile still counts.
+            Err(e) => Step::Unconfirmed(e.to_string()),
         }
     }
 
@@ -381,41 +378,63 @@ impl Gate {
     /// cancelled), cancelling its provider session first so that it can no
     /// longer be paid. False if the intent had already moved on, or if its
     /// session was paid before the cancel reached it: then the intent stays
-    /// payable, and is refunded if it is never used.
+    /// payable, and is refunded if it is never used. An error, and the
+    /// intent left as it is, if the provider could not be made to cancel
+    /// (unreachable, or its session still pending): ended here while still
+    /// payable there, a payment made there would be taken and never seen.
+    /// Upkeep tries again.
     pub(super) async fn end_unpaid(
         &self,
         intent: &Intent,
         to: IntentStatus,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, ProviderError> {
         if let Some(session) = intent.provider_session_id.as_deref() {
-            // Ended here whatever the provider says, but for a payment. One
-            // the provider takes afterwards, when it did not cancel, is not
-            // seen here (README: "Taking payments through another tollgate").
-            match self.provider.cancel_session(session).await {
+            match self.close_session(session, to).await {
                 // A remote provider's payment is not in this store, so the
                 // store's own check below cannot see it.
                 Ok(SessionStatus::Paid) => return Ok(false),
                 Ok(SessionStatus::Cancelled | SessionStatus::Expired | SessionStatus::Failed) => {}
-                Ok(SessionStatus::Pending) => tracing::warn!(
-                    payment_id = intent.id,
-                    session,
-                    "the provider took the cancel but its session is still pending: \
-                     a payment made there now is not seen here"
-                ),
-                Err(ProviderError::NotFound(_)) => tracing::warn!(
-                    payment_id = intent.id,
-                    session,
-                    "the provider could not cancel the session (it has no cancel, as an older \
-                     tollgate has not, or no longer knows the session): a payment made there now \
-                     is not seen here"
-                ),
-                Err(e) => tracing::warn!(
-                    payment_id = intent.id,
-                    "could not cancel the provider session: {e}"
-                ),
+                Ok(SessionStatus::Pending) => {
+                    return Err(ProviderError::Unavailable(format!(
+                        "the provider did not cancel payment session `{session}` (still pending)"
+                    )));
+                }
+                // Cannot be cancelled, ever (README: "Taking payments
+                // through another tollgate"): ended here all the same.
+                Err(ProviderError::NotFound(_) | ProviderError::Unsupported(_)) => {
+                    tracing::warn!(
+                        payment_id = intent.id,
+                        session,
+                        "the provider could not cancel the session (it has no cancel, as an \
+                         older tollgate has not, or no longer knows the session): a payment made \
+                         there now is not seen here"
+                    );
+                }
+                Err(e) => return Err(e),
             }
         }
-        self.store.end_unpaid_intent(&intent.id, to).await
+        Ok(self.store.end_unpaid_intent(&intent.id, to).await?)
+    }
+
+    /// Cancels an intent's provider session, so that it can no longer be
+    /// paid; what it is now. A local one whose intent expires ends expired,
+    /// as the expiry sweep would end it, not cancelled.
+    async fn close_session(
+        &self,
+        session: &str,
+        to: IntentStatus,
+    ) -> Result<SessionStatus, ProviderError> {
+        if to != IntentStatus::Expired || !self.provider.is_local() {
+            return self.provider.cancel_session(session).await;
+        }
+        if self
+            .store
+            .end_session(session, SessionStatus::Expired)
+            .await?
+        {
+            return Ok(SessionStatus::Expired);
+        }
+        Ok(self.provider.session_state(session).await?.status)
     }
 
     /// Runs a paid intent's tool, the one time it runs, and settles: the

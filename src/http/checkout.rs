@@ -21,7 +21,11 @@ use axum::{
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::{HttpState, auth::authenticate_key, host_guard::url_authority};
+use super::{
+    HttpState,
+    auth::{AuthError, authenticate_key},
+    host_guard::site,
+};
 use crate::{
     keys::Scope,
     money::format_in,
@@ -183,9 +187,12 @@ fn render(
             "<p id=\"final\">This payment is complete. Go back to your assistant: the call can go ahead.</p>",
         ),
         SessionStatus::Expired => body.push_str("<p id=\"final\">This payment request has expired. Nothing was taken.</p>"),
-        SessionStatus::Cancelled | SessionStatus::Failed => {
+        SessionStatus::Failed => {
             body.push_str("<p id=\"final\">This payment was declined. Nothing was taken.</p>")
         }
+        SessionStatus::Cancelled => body.push_str(
+            "<p id=\"final\">This payment request was cancelled. Nothing was taken.</p>",
+        ),
     }
     page(status, &title, &body)
 }
@@ -205,7 +212,7 @@ pub async fn show(
                 Some("approved") if status == SessionStatus::Paid => {
                     Some(("Approved and paid from the wallet.", false))
                 }
-                Some("declined") if status == SessionStatus::Cancelled => {
+                Some("declined") if status == SessionStatus::Failed => {
                     Some(("Declined. Nothing was taken.", false))
                 }
                 _ => None,
@@ -246,13 +253,13 @@ fn same_site(state: &HttpState, headers: &HeaderMap) -> bool {
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let claimed_host = url_authority(claimed);
-    claimed_host == host
-        || url_authority(&state.checkout_base_url) == claimed_host
-        || state
-            .allowed_origins
-            .iter()
-            .any(|o| url_authority(o) == claimed_host)
+    let Some(claimed) = site(claimed) else {
+        return false;
+    };
+    [host, state.checkout_base_url.as_str()]
+        .into_iter()
+        .chain(state.allowed_origins.iter().map(String::as_str))
+        .any(|allowed| site(allowed).as_ref() == Some(&claimed))
 }
 
 /// Why a checkout action did not go through.
@@ -357,6 +364,7 @@ pub async fn act(
                         StatusCode::FORBIDDEN,
                     );
                 }
+                Err(AuthError::Store(e)) => return unavailable(&id, &e),
                 Err(_) => {
                     return render(
                         &state,
@@ -389,8 +397,11 @@ pub async fn act(
             let settling = state.store.pay_session(&id, None, now_ms());
             in_time(deadline, settling).await.map(|_| "paid")
         }
+        // A person's no ends the session failed, as a declined card would
+        // (and `tollgate sessions decline`): `cancelled` is the requester
+        // withdrawing it.
         "decline" => {
-            let declining = state.store.end_session(&id, SessionStatus::Cancelled);
+            let declining = state.store.end_session(&id, SessionStatus::Failed);
             match in_time(deadline, declining).await {
                 Ok(true) => Ok("declined"),
                 // Paid (or ended) since the page was loaded: say so below.

@@ -41,9 +41,23 @@ impl AllowedHosts {
 }
 
 /// The `host[:port]` of a URL (or an origin, or a bare authority).
-pub(super) fn url_authority(url: &str) -> &str {
+fn url_authority(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.split('/').next().unwrap_or_default()
+}
+
+/// A site as a browser names it in `Origin`, from a URL, an origin or a
+/// bare authority: its host (lowercase) and port, less the scheme's
+/// default one, so that `https://Pay.Example.com:443/` and
+/// `https://pay.example.com` are one site.
+pub(super) fn site(url: &str) -> Option<(String, Option<u16>)> {
+    let default_port = match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("https") => Some(443),
+        Some(scheme) if scheme.eq_ignore_ascii_case("http") => Some(80),
+        _ => None,
+    };
+    let (host, port) = authority(url_authority(url))?;
+    Some((host, port.filter(|p| Some(*p) != default_port)))
 }
 
 /// A host (lowercase, without brackets) and port, from `host[:port]`.
@@ -125,5 +139,27 @@ mod tests {
         ] {
             assert!(!allowed.allows(host), "{host}");
         }
+    }
+
+    #[test]
+    fn a_site_is_its_lowercase_host_and_a_port_other_than_its_schemes_default() {
+        let pay = Some(("pay.example.com".to_owned(), None));
+        for same in [
+            "https://Pay.Example.com:443/",
+            "https://pay.example.com",
+            "HTTPS://pay.example.com/checkout/x?y=1",
+            "http://pay.example.com:80",
+            "pay.example.com",
+        ] {
+            assert_eq!(site(same), pay, "{same}");
+        }
+        for other in [
+            "https://pay.example.com:8443",
+            "http://pay.example.com:443",
+            "https://evil.example",
+        ] {
+            assert_ne!(site(other), pay, "{other}");
+        }
+        assert_eq!(site(""), None);
     }
 }

@@ -19,6 +19,11 @@ pub enum ProviderError {
     Unavailable(String),
     #[error("payment session {0} not found")]
     NotFound(String),
+    /// The provider answered, but not in a way that can be used (not its
+    /// API's JSON, another session, an unknown status or currency): about
+    /// one session, not a sign that the provider is down.
+    #[error("the payment provider's answer cannot be used: {0}")]
+    Unreadable(String),
     /// The provider will not take this request (say, an amount finer than
     /// the currency's minor unit).
     #[error("payment provider refused: {0}")]

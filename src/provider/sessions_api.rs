@@ -119,8 +119,8 @@ async fn read_status(
         .await?
         .json()
         .await
-        .map_err(|e| ProviderError::Unavailable(format!("unreadable answer: {e}")))?;
-    let unreadable = |what: String| ProviderError::Unavailable(format!("the provider {what}"));
+        .map_err(|e| ProviderError::Unreadable(e.to_string()))?;
+    let unreadable = |what: String| ProviderError::Unreadable(format!("the provider {what}"));
     if status.session_id != id {
         return Err(unreadable(format!(
             "answered for session `{}` when asked about `{id}`",
@@ -164,7 +164,7 @@ impl Provider for SessionsApiProvider {
             .await?
             .json()
             .await
-            .map_err(|e| ProviderError::Unavailable(format!("unreadable answer: {e}")))?;
+            .map_err(|e| ProviderError::Unreadable(e.to_string()))?;
         Ok(ProviderSession {
             id: created.session_id,
             url: created.url,
@@ -278,7 +278,7 @@ mod tests {
         // taken for it.
         let other = provider.session_state("cs_other").await;
         assert!(
-            matches!(&other, Err(ProviderError::Unavailable(m)) if m.contains("answered for session `cs_1`")),
+            matches!(&other, Err(ProviderError::Unreadable(m)) if m.contains("answered for session `cs_1`")),
             "{:?}",
             other.map(|s| s.status)
         );

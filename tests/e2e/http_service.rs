@@ -565,7 +565,9 @@ async fn the_checkout_page_takes_forms_from_its_public_address_behind_a_proxy() 
     assert_eq!(post("https://evil.example").await, 403);
     assert_eq!(post("https://pay.example.com").await, 303);
     let session = server.gate.store().session(&id).await.unwrap().unwrap();
-    assert_eq!(session.status.as_str(), "cancelled", "declined at the page");
+    // A person's no: failed, as a declined card would (`cancelled` is the
+    // requester withdrawing it).
+    assert_eq!(session.status.as_str(), "failed", "declined at the page");
     client.cancel().await.ok();
 }
 
@@ -672,7 +674,17 @@ on_both_backends! {
             json!({"payment_id": declined}),
         )
         .await;
-        assert_eq!(error_code(&r), "payment_cancelled");
+        assert_eq!(error_code(&r), "payment_failed");
+        let page = http()
+            .get(format!("{}/checkout/{declined}?done=declined", server.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("Declined. Nothing was taken."), "{page}");
+        assert!(page.contains("This payment was declined."), "{page}");
 
         // Expired: the page says so and takes nothing.
         let late = open().await;
@@ -880,10 +892,12 @@ on_both_backends! {
     /// after the intent's time ran out, is not lost: A's upkeep asks B,
     /// keeps the intent paid, and the call runs when redeemed. That holds
     /// for a payment made after A's time too, while B's session was still
-    /// open (B's time is its own): A tells the caller it expired, but leaves
-    /// the intent open while B's session is. One never paid expires once B
-    /// says its session did. (The expiry sweep cannot see a remote payment,
-    /// and used to expire them all; then upkeep expired the late one.)
+    /// open (B's time is its own) and nobody had asked A about it. A caller
+    /// who asks after A's time is told it expired, and that holds: A
+    /// cancels B's session first, so it can no longer be paid there. (A
+    /// left it payable, and a payment made after that answer was kept for
+    /// a call its caller had been told was over: paid twice, once a new
+    /// payment was made.) One never paid expires once B says its session did.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remote_payment_made_while_its_session_is_open_is_kept_past_the_intents_time() {
         let (b, a, client) = paying_through_for_seconds("resubmit").await;
@@ -895,17 +909,31 @@ on_both_backends! {
         };
         let (in_time, session) = open("in time").await;
         let (late, late_session) = open("late").await;
+        let (told, told_session) = open("told").await;
         let (never, _) = open("never").await;
         let response = checkout_post(&b.base, &session, &[("action", "settle")]).await;
         assert_eq!(response.status(), 303);
 
-        // Past A's time: the caller is told it expired, but B's session is
-        // open, and paid there now.
+        // Past A's time, B's sessions are still open. One is paid there
+        // now; one's caller asks A first, and is told it expired.
         tokio::time::sleep(Duration::from_millis(2300)).await;
-        let r = crate::harness::call(&client, "echo", json!({"text": "late", "payment_id": late})).await;
-        assert_eq!(error_code(&r), "payment_expired", "{r:?}");
         let response = checkout_post(&b.base, &late_session, &[("action", "settle")]).await;
         assert_eq!(response.status(), 303, "B's session was still open");
+        let r = crate::harness::call(&client, "echo", json!({"text": "told", "payment_id": told})).await;
+        assert_eq!(error_code(&r), "payment_expired", "{r:?}");
+        let at_b = tollgate::testing::open_store(&b.env.db).await.unwrap();
+        let told_at_b = at_b.session(&told_session).await.unwrap().unwrap().status;
+        assert_eq!(told_at_b.as_str(), "cancelled", "B's session can no longer be paid");
+        let page = http()
+            .get(format!("{}/checkout/{told_session}", b.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("This payment request was cancelled."), "{page}");
+        assert!(!page.contains("name=\"csrf\""), "no form to pay with: {page}");
 
         // Then past B's time too, and a few of A's upkeep passes.
         let store = tollgate::testing::open_store(&a.db).await.unwrap();
@@ -919,6 +947,7 @@ on_both_backends! {
         }
         assert_eq!(status(&in_time).await.as_str(), "paid");
         assert_eq!(status(&late).await.as_str(), "paid");
+        assert_eq!(status(&told).await.as_str(), "expired");
         assert_eq!(status(&never).await.as_str(), "expired");
 
         for (text, id) in [("in time", &in_time), ("late", &late)] {
@@ -926,8 +955,10 @@ on_both_backends! {
             assert_eq!(crate::harness::text(&r), text, "{r:?}");
             assert_eq!(payment_meta(&r)["status"], "paid");
         }
-        let r = crate::harness::call(&client, "echo", json!({"text": "never", "payment_id": never})).await;
-        assert_eq!(error_code(&r), "payment_expired");
+        for (text, id) in [("told", &told), ("never", &never)] {
+            let r = crate::harness::call(&client, "echo", json!({"text": text, "payment_id": id})).await;
+            assert_eq!(error_code(&r), "payment_expired");
+        }
         client.cancel().await.ok();
         a.assert_ledger_ok().await;
         b.env.assert_ledger_ok().await;
@@ -935,26 +966,37 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    /// A dynamic confirm tool answered "expired" while its session is still
-    /// open at the remote provider stays listed: a payment made there
-    /// meanwhile is kept by upkeep, and the tool then runs the call. (It
-    /// was withdrawn, leaving the kept payment nothing to redeem it with.)
+    /// A dynamic confirm tool answered "expired" after its time, while its
+    /// session is still open at the remote provider, goes away, and the
+    /// remote session is cancelled so nobody pays it there for nothing.
+    /// One nobody calls stays listed while its session may be paid: a
+    /// payment made there meanwhile is kept by upkeep, and the tool then
+    /// runs the call.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dynamic_confirm_tool_stays_while_its_remote_session_is_open() {
         let (b, a, client) = paying_through_for_seconds("dynamic_tools").await;
-        let r = crate::harness::call(&client, "echo", echo_args("late")).await;
-        let confirm = structured(&r)["next_step"].as_str().unwrap().to_owned();
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-        let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
-        let session = url.rsplit('/').next().unwrap().to_owned();
+        let offer = async |text: &str| {
+            let r = crate::harness::call(&client, "echo", echo_args(text)).await;
+            let confirm = structured(&r)["next_step"].as_str().unwrap().to_owned();
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+            (confirm, id, url.rsplit('/').next().unwrap().to_owned())
+        };
+        let (told, _, told_session) = offer("told").await;
+        let (confirm, id, session) = offer("late").await;
+        let listed = async |name: &str| {
+            client.list_all_tools().await.unwrap().iter().any(|t| t.name == name)
+        };
 
         tokio::time::sleep(Duration::from_millis(2300)).await;
-        let r = crate::harness::call(&client, &confirm, json!({})).await;
+        let r = crate::harness::call(&client, &told, json!({})).await;
         assert_eq!(error_code(&r), "payment_expired", "{r:?}");
-        let listed = async || {
-            client.list_all_tools().await.unwrap().iter().any(|t| t.name == confirm)
-        };
-        assert!(listed().await, "withdrawn while B's session is open");
+        assert!(!listed(&told).await, "an expired confirm tool goes away");
+        let at_b = tollgate::testing::open_store(&b.env.db).await.unwrap();
+        let status = at_b.session(&told_session).await.unwrap().unwrap().status;
+        assert_eq!(status.as_str(), "cancelled", "B's session can no longer be paid");
+
+        assert!(listed(&confirm).await, "withdrawn while B's session is open");
         let response = checkout_post(&b.base, &session, &[("action", "settle")]).await;
         assert_eq!(response.status(), 303, "B's session was still open");
 
@@ -964,7 +1006,7 @@ on_both_backends! {
             assert!(tokio::time::Instant::now() < deadline, "A's upkeep never kept the payment");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(listed().await, "kept for the paid intent");
+        assert!(listed(&confirm).await, "kept for the paid intent");
         let r = crate::harness::call(&client, &confirm, json!({})).await;
         assert_eq!(crate::harness::text(&r), "late", "{r:?}");
         assert_eq!(payment_meta(&r)["status"], "paid");
@@ -1500,6 +1542,86 @@ on_both_backends! {
         let r = call(&client, "echo", json!({"text": "paid", "payment_id": id})).await;
         assert_eq!(text(&r), "paid", "{r:?}");
         assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// A decline whose cancel cannot reach the remote tollgate leaves the
+    /// call's payment open, not ended: a payment made there afterwards is
+    /// kept, and the call runs when redeemed. (The intent was ended here
+    /// all the same, and a payment made there was taken and never seen.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decline_whose_remote_cancel_fails_leaves_the_payment_open() {
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let pricing = crate::inproc::pricing("elicitation", "");
+        let a = in_process_paying_through(&b, &pricing, |inner| {
+            let failing = crate::inproc::Wrapped::new(inner);
+            failing.failing_cancels.store(1, std::sync::atomic::Ordering::Release);
+            Arc::new(failing)
+        })
+        .await;
+        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
+        let r = call(&client, "echo", echo_args("later")).await;
+        assert_eq!(error_code(&r), "payment_declined", "{r:?}");
+        assert!(text(&r).contains("a payment made there still counts"), "{}", text(&r));
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+        assert_eq!(intent.status.as_str(), "awaiting_payment");
+        let session = intent.provider_session_id.unwrap();
+        let at_b = tollgate::testing::open_store(&b.env.db).await.unwrap();
+        assert_eq!(at_b.session(&session).await.unwrap().unwrap().status.as_str(), "pending");
+
+        let paid = checkout_post(&b.base, &session, &[("action", "settle")]).await;
+        assert_eq!(paid.status(), 303);
+        let r = call(&client, "echo", json!({"text": "later", "payment_id": id})).await;
+        assert_eq!(text(&r), "later", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// Upkeep asks the remote about each payment past its time. One it
+    /// answers nonsense about is skipped, and the others are still settled.
+    /// (Every pass stopped at it, oldest first, as if the remote were down,
+    /// and a payment made behind it was never kept.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_unusable_remote_answer_does_not_hold_up_the_others() {
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let pricing = crate::inproc::pricing("resubmit", "")
+            .replace("payment_ttl = \"15m\"", "payment_ttl = \"1s\"");
+        let unreadable = Arc::new(std::sync::Mutex::new(None));
+        let a = in_process_paying_through(&b, &pricing, |inner| {
+            let mut wrapped = crate::inproc::Wrapped::new(inner);
+            wrapped.unreadable = unreadable.clone();
+            Arc::new(wrapped)
+        })
+        .await;
+        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
+        let mut sessions = Vec::new();
+        for text in ["first", "second"] {
+            let r = call(&client, "echo", echo_args(text)).await;
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+            sessions.push((id, url.rsplit('/').next().unwrap().to_owned()));
+        }
+        *unreadable.lock().unwrap() = Some(sessions[0].1.clone());
+        let paid = checkout_post(&b.base, &sessions[1].1, &[("action", "settle")]).await;
+        assert_eq!(paid.status(), 303);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+
+        let recovered = a.gate.recover_interrupted(tollgate::store::now_ms() - 60_000).await.unwrap();
+        assert_eq!(recovered.remote_paid_kept, 1, "{recovered:?}");
+        let status = async |id: &str| a.gate.store().intent(id).await.unwrap().unwrap().status;
+        assert_eq!(status(&sessions[0].0).await.as_str(), "awaiting_payment", "asked again later");
+        assert_eq!(status(&sessions[1].0).await.as_str(), "paid");
+        let r = call(&client, "echo", json!({"text": "second", "payment_id": sessions[1].0})).await;
+        assert_eq!(text(&r), "second", "{r:?}");
         client.cancel().await.ok();
         a.env.assert_ledger_ok().await;
         b.env.assert_ledger_ok().await;

@@ -343,6 +343,10 @@ pub type BeforeCancel =
 pub struct Wrapped {
     pub inner: Arc<dyn tollgate::provider::Provider>,
     pub failing_checks: std::sync::atomic::AtomicU32,
+    /// How many cancels fail as if the provider could not be reached.
+    pub failing_cancels: std::sync::atomic::AtomicU32,
+    /// A session the provider answers about with something unusable.
+    pub unreadable: Arc<std::sync::Mutex<Option<String>>>,
     pub before_cancel: Option<BeforeCancel>,
 }
 
@@ -351,9 +355,17 @@ impl Wrapped {
         Self {
             inner,
             failing_checks: 0.into(),
+            failing_cancels: 0.into(),
+            unreadable: Default::default(),
             before_cancel: None,
         }
     }
+}
+
+/// Counts one down from `left`; false once it is at zero.
+fn take_one(left: &std::sync::atomic::AtomicU32) -> bool {
+    left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 #[async_trait::async_trait]
@@ -371,13 +383,14 @@ impl tollgate::provider::Provider for Wrapped {
         &self,
         id: &str,
     ) -> Result<tollgate::provider::SessionState, tollgate::provider::ProviderError> {
-        if self
-            .failing_checks
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-        {
+        if take_one(&self.failing_checks) {
             return Err(tollgate::provider::ProviderError::Unavailable(
                 "connection refused".into(),
+            ));
+        }
+        if self.unreadable.lock().unwrap().as_deref() == Some(id) {
+            return Err(tollgate::provider::ProviderError::Unreadable(
+                "an unknown session status `REVIEW`".into(),
             ));
         }
         self.inner.session_state(id).await
@@ -388,6 +401,11 @@ impl tollgate::provider::Provider for Wrapped {
     ) -> Result<tollgate::store::SessionStatus, tollgate::provider::ProviderError> {
         if let Some(before) = &self.before_cancel {
             before(id.to_owned()).await;
+        }
+        if take_one(&self.failing_cancels) {
+            return Err(tollgate::provider::ProviderError::Unavailable(
+                "connection refused".into(),
+            ));
         }
         self.inner.cancel_session(id).await
     }
