@@ -49,6 +49,8 @@ pub enum AppError {
         "could not register this instance in the store (see the warnings above), so it does not serve"
     )]
     Unregistered,
+    #[error("two tools are named `{0}`: each tool needs a name of its own")]
+    ToolAddedTwice(String),
 }
 
 /// Opens the store a URL names: `postgres://…` (or `postgresql://…`) for a
@@ -129,10 +131,14 @@ pub async fn upstreams(config: &Config) -> Result<Vec<Arc<dyn ToolBackend>>, App
     Ok(backends)
 }
 
-/// The `tollgate` binary's gate: the built-in demo tools and the config's
-/// upstreams.
+/// The `tollgate` binary's gate: the config's upstreams, and the built-in
+/// demo tools if `[server] demo_tools` (by default, when there are no
+/// upstreams).
 pub async fn build_gate(config: &Config, store: Arc<dyn Store>) -> Result<Arc<Gate>, AppError> {
-    let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(demo_tools())];
+    let mut backends: Vec<Arc<dyn ToolBackend>> = Vec::new();
+    if config.demo_tools {
+        backends.push(Arc::new(demo_tools()));
+    }
     backends.extend(upstreams(config).await?);
     build_gate_with(config, store, &backends).await
 }

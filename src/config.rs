@@ -270,6 +270,10 @@ pub struct Config {
     pub receipt_key_file: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub upstreams: Vec<UpstreamConfig>,
+    /// Whether the `tollgate` binary serves its demo tools (`[server]
+    /// demo_tools`): by default only when there are no upstreams, so that a
+    /// gateway serves its upstreams' tools and nothing else.
+    pub demo_tools: bool,
     pub tools: Vec<ToolPrice>,
     /// The terms of tools `[[tools]]` does not list (an upstream's
     /// `unpriced` price): the server's beneficiary and `[fees]`.
@@ -409,6 +413,9 @@ struct RawServer {
     instance_lease: Option<Spanned<String>>,
     #[serde(default)]
     keep_results: Option<Spanned<String>>,
+    /// Serve the built-in demo tools (default: only without `[[upstreams]]`).
+    #[serde(default)]
+    demo_tools: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1043,6 +1050,7 @@ impl Config {
             http,
             receipt_key_file: raw.receipts.key_file,
             timeouts,
+            demo_tools: raw.server.demo_tools.unwrap_or(upstreams.is_empty()),
             upstreams,
             tools,
             terms: server_terms,

@@ -210,8 +210,12 @@ async fn spawn_upstream_at(
     (format!("http://{addr}/mcp"), ct, upstream)
 }
 
+/// The harness's pricing prices demo tools, which a gateway serves only
+/// when asked to.
+const DEMO_TOO: &str = "demo_tools = true\n";
+
 fn upstream_pricing(url: &str, unpriced: &str) -> String {
-    crate::harness::pricing("resubmit", "")
+    crate::harness::pricing("resubmit", DEMO_TOO)
         + &format!(
             "\n[[upstreams]]\nname = \"test\"\nurl = \"{url}\"\nprefix = true\nunpriced = \"{unpriced}\"\ntimeout = \"300ms\"\n\n\
              [[tools]]\nname = \"test_work\"\nprice = \"0.10\"\n\n[[tools]]\nname = \"test_hang\"\nprice = \"0.10\"\n\n\
@@ -344,7 +348,7 @@ on_both_backends! {
             "{err}"
         );
 
-        let text = crate::harness::pricing("resubmit", "")
+        let text = crate::harness::pricing("resubmit", DEMO_TOO)
             + "\n[[upstreams]]\nname = \"gone\"\nurl = \"http://127.0.0.1:9/mcp\"\n";
         let env = crate::harness::Env::with_pricing(&text);
         let out = env.cli(&["serve"]).await;
@@ -361,7 +365,7 @@ on_both_backends! {
                 open.push(socket);
             }
         });
-        let text = crate::harness::pricing("resubmit", "")
+        let text = crate::harness::pricing("resubmit", DEMO_TOO)
             + &format!(
                 "\n[[upstreams]]\nname = \"mute\"\nurl = \"http://{addr}/mcp\"\ntimeout = \"500ms\"\n"
             );
@@ -396,7 +400,7 @@ async fn the_reference_server_everything_behind_tollgate() {
         path.exists(),
         "install it: npm install --prefix target/npm @modelcontextprotocol/server-everything"
     );
-    let pricing = crate::harness::pricing("two_step", "")
+    let pricing = crate::harness::pricing("two_step", DEMO_TOO)
         + &format!(
             "\n[[upstreams]]\nname = \"everything\"\ncommand = [\"node\", \"{}\", \"stdio\"]\nprefix = \"everything_\"\n\n\
              [[tools]]\nname = \"everything_echo\"\nprice = \"0.02\"\n\n[[tools]]\nname = \"everything_get-sum\"\nprice = \"0.03\"\n",
@@ -763,5 +767,35 @@ on_both_backends! {
         assert_eq!(t.env.available("alice").await, "0.95");
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// A gateway serves its upstreams' tools and nothing else: the demo
+    /// tools come only without upstreams, or with `demo_tools = true`.
+    /// (They were always served: free `sleep` and `search` beside the
+    /// upstreams, and an upstream's own `echo` clashed with the demo one.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gateway_serves_only_its_upstreams_tools_unless_asked() {
+        let (url, upstream) = spawn_upstream().await;
+        let gateway = format!(
+            "[server]\nname = \"gw\"\ncurrency = \"USD\"\n\n[[upstreams]]\nname = \"test\"\nurl = \"{url}\"\n\n\
+             [[tools]]\nname = \"work\"\nprice = \"0.10\"\n"
+        );
+        for (text, demo) in [
+            (gateway.clone(), false),
+            (gateway.replace("currency = \"USD\"", "currency = \"USD\"\ndemo_tools = true"), true),
+        ] {
+            let t = InProcess::new(&text).await;
+            let client = t.connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false).await;
+            let tools = client.list_all_tools().await.unwrap();
+            let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+            assert!(names.contains(&"work"), "{names:?}");
+            for built_in in ["echo", "word_count", "divide", "search", "sleep"] {
+                assert_eq!(names.contains(&built_in), demo, "{built_in}: {names:?}");
+            }
+            client.cancel().await.ok();
+        }
+        upstream.cancel();
     }
 }
