@@ -44,7 +44,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     app::{self, AppError},
     config::{Config, ConfigError},
-    gate::{Caller, Gate},
+    gate::{Caller, Gate, SHUTDOWN_GRACE},
     server::TollgateServer,
     tools::{
         ToolBackend,
@@ -100,7 +100,10 @@ impl Tollgate {
 
     /// Serves MCP over stdio until the client goes away, behind the same
     /// guard as `tollgate serve`: oversized, malformed and too deeply nested
-    /// lines get a JSON-RPC error and never reach the gate.
+    /// lines get a JSON-RPC error and never reach the gate. Then waits (up
+    /// to [`SHUTDOWN_GRACE`]) for the calls still under way to be charged
+    /// or released, so that a `main` that returns right after drops none
+    /// of them with their holds open.
     pub async fn serve_stdio(&self, caller: Caller) -> Result<(), ServeError> {
         let transport = crate::stdio_guard::guard(
             crate::stdio::stdin(),
@@ -112,11 +115,27 @@ impl Tollgate {
             .serve(transport)
             .await
             .map_err(|e| ServeError::Session(e.to_string()))?;
-        running
-            .waiting()
-            .await
-            .map_err(|e| ServeError::Session(e.to_string()))?;
+        let ended = running.waiting().await;
+        let left = self.gate.calls_finished(SHUTDOWN_GRACE).await;
+        if left > 0 {
+            tracing::warn!(
+                "{left} call(s) still running {}s after the client left; their holds are \
+                 released by recovery",
+                SHUTDOWN_GRACE.as_secs()
+            );
+        }
+        ended.map_err(|e| ServeError::Session(e.to_string()))?;
         Ok(())
+    }
+
+    /// Stops taking calls (new ones get a JSON-RPC error, and calls waiting
+    /// for a payment stop waiting, the payment left payable), and waits up
+    /// to `grace` for the calls under way to be charged or released and
+    /// answered: for an embedder's own shutdown, on a signal, before it
+    /// stops its transports. How many calls had not finished.
+    pub async fn shutdown(&self, grace: std::time::Duration) -> usize {
+        self.gate.close();
+        self.gate.calls_finished(grace).await
     }
 }
 
@@ -162,6 +181,9 @@ impl TollgateBuilder {
     /// Opens the store, connects the pricing's upstreams, checks every price
     /// against the tools, and builds the gate.
     pub async fn build(self) -> Result<Tollgate, AppError> {
+        if let Some(name) = self.tools.added_twice() {
+            return Err(AppError::ToolAddedTwice(name.to_owned()));
+        }
         let store = app::open_store(&self.config.store_url, &self.config).await?;
         let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(self.tools)];
         backends.extend(self.backends);

@@ -11,7 +11,7 @@ use tollgate::{
     app::{self, DEFAULT_PRICING},
     config::Config,
     export,
-    gate::{Caller, Gate},
+    gate::{Caller, Gate, SHUTDOWN_GRACE},
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_in, format_without_currency, to_minor_units},
     receipt::ReceiptSigner,
@@ -593,9 +593,6 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
     }
     Ok(())
 }
-
-/// How long a stopping process waits for the calls under way.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
 /// Closes the gate, and gives the calls under way [`SHUTDOWN_GRACE`] to
 /// finish: to be charged or released, and answered if the transport is

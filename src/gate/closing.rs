@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 use super::{CallScope, Gate};
 use crate::sync::{Counted, UnderWay};
 
+/// How long a stopping server waits for the calls under way.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
 #[derive(Default)]
 pub(crate) struct Closing {
     /// Cancelled when the gate closes.

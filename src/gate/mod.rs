@@ -19,6 +19,7 @@ mod scope;
 mod slow_path;
 mod withheld;
 
+pub use closing::SHUTDOWN_GRACE;
 use lost_holds::LostHolds;
 pub use withheld::WithheldNotes;
 

@@ -229,6 +229,9 @@ where
 pub struct FnTools {
     tools: BTreeMap<String, Arc<dyn FnTool>>,
     run_limit: Option<Duration>,
+    /// The first name given to two tools: the second would silently have
+    /// replaced the first, so building refuses it.
+    added_twice: Option<String>,
 }
 
 impl FnTools {
@@ -274,8 +277,15 @@ impl FnTools {
             schema: Arc::new(schema),
             args: PhantomData,
         };
-        self.tools.insert(name, Arc::new(tool));
+        if self.tools.insert(name.clone(), Arc::new(tool)).is_some() {
+            self.added_twice.get_or_insert(name);
+        }
         self
+    }
+
+    /// A name given to two tools, if any.
+    pub fn added_twice(&self) -> Option<&str> {
+        self.added_twice.as_deref()
     }
 }
 

@@ -122,10 +122,93 @@ async fn tools_that_clash_with_the_gates_names_are_refused_at_start() {
     );
 }
 
+/// Two tools given one name are refused at start. (The second silently
+/// replaced the first, which then answered nothing.)
+#[tokio::test]
+async fn two_tools_of_one_name_are_refused_at_start() {
+    let env = Env::new("resubmit");
+    let text = format!(
+        "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[receipts]\nkey_file = \"{}\"\n",
+        env.key.display()
+    );
+    let built = tollgate::Tollgate::from_pricing(&text)
+        .expect("pricing")
+        .tool("lookup", "The first.", |_: NoArguments| async { "first" })
+        .tool("lookup", "The second.", |_: NoArguments| async { "second" })
+        .store_url(env.db.clone())
+        .build()
+        .await;
+    let error = built.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("two tools are named `lookup`"), "{error}");
+}
+
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct NoArguments {}
 
 on_both_backends! {
+    /// An embedder's shutdown turns new calls away and waits for the one
+    /// under way, which is charged and answered. (The library had no way to
+    /// stop the gate: a process that ended under a running call left its
+    /// hold open until recovery.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_embedders_shutdown_waits_for_the_call_under_way() {
+        use std::{sync::Arc, time::Duration};
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let pricing = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
+             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"slow\"\nprice = \"0.10\"\n",
+            env.key.display()
+        );
+        let started = Arc::new(tokio::sync::Notify::new());
+        let starting = started.clone();
+        let tollgate = Arc::new(
+            tollgate::Tollgate::from_pricing(&pricing)
+                .expect("pricing")
+                .tool("slow", "Takes a moment.", move |_: NoArguments| {
+                    let started = starting.clone();
+                    async move {
+                        started.notify_one();
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        "done"
+                    }
+                })
+                .store_url(env.db.clone())
+                .build()
+                .await
+                .expect("build"),
+        );
+        let client = crate::harness::embedded_client(&tollgate, "alice").await;
+        let peer = client.peer().clone();
+        let run = tokio::spawn(async move {
+            peer.call_tool(rmcp::model::CallToolRequestParams::new("slow")).await
+        });
+        started.notified().await;
+        let stopping = tokio::spawn({
+            let tollgate = tollgate.clone();
+            async move { tollgate.shutdown(Duration::from_secs(10)).await }
+        });
+        // New calls are turned away meanwhile.
+        while !tollgate.gate().is_closed() {
+            tokio::task::yield_now().await;
+        }
+        let refused = client
+            .peer()
+            .call_tool(rmcp::model::CallToolRequestParams::new("slow"))
+            .await;
+        assert!(
+            refused.as_ref().is_err_and(|e| e.to_string().contains("shutting down")),
+            "{refused:?}"
+        );
+        assert_eq!(stopping.await.unwrap(), 0, "the call under way finished");
+        let r = run.await.unwrap().unwrap();
+        assert_eq!(text(&r), "done");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(env.available("alice").await, "0.90");
+        client.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+
     /// A paid run under way for longer than recovery's margin for dropped
     /// claims is still its runner's: recovery leaves it alone, and it ends
     /// charged as usual.
