@@ -120,18 +120,26 @@ impl Catalog {
         backends: &[Arc<dyn ToolBackend>],
         strict: bool,
     ) -> Result<Self, ConfigError> {
+        // At start, a tool that cannot be served as configured stops it.
+        // While running (an upstream changed its tools), only that tool is
+        // left out, logged: refusing the whole list would keep every other
+        // upstream's changes out too.
+        let refuse = |message: String| {
+            if strict {
+                return Err(config.error(message));
+            }
+            tracing::error!("tool list changed upstream: {message}; that tool is not served");
+            Ok(())
+        };
         let mut described: BTreeMap<String, (Tool, Arc<dyn ToolBackend>)> = BTreeMap::new();
         for backend in backends {
             for tool in backend.tools() {
                 let name = tool.name.to_string();
-                if described
-                    .insert(name.clone(), (tool, backend.clone()))
-                    .is_some()
-                {
-                    return Err(
-                        config.error(format!("two backends both provide a tool named `{name}`"))
-                    );
+                if described.contains_key(&name) {
+                    refuse(format!("two backends both provide a tool named `{name}`"))?;
+                    continue;
                 }
+                described.insert(name, (tool, backend.clone()));
             }
         }
         // A rule for a tool nobody serves would never ask anyone. The config
@@ -190,13 +198,18 @@ impl Catalog {
                     .and_then(|p| p.get(argument));
                 metered_type = declared.and_then(|d| d.get("type")).cloned();
                 if declared.is_none() {
-                    return Err(config.tool_error(
-                        priced,
-                        format!(
-                            "tools.price: `{}` has no argument `{argument}` to meter",
-                            priced.name
-                        ),
-                    ));
+                    let message = format!(
+                        "tools.price: `{}` has no argument `{argument}` to meter",
+                        priced.name
+                    );
+                    if strict {
+                        return Err(config.tool_error(priced, message));
+                    }
+                    // Not served at a price it cannot be measured by, nor
+                    // for free.
+                    refuse(message)?;
+                    described.remove(&priced.name);
+                    continue;
                 }
             }
             prices.insert(
@@ -234,10 +247,11 @@ impl Catalog {
                 },
             };
             if super::dynamic_confirm_payment_id(&name).is_some() {
-                return Err(config.error(format!(
+                refuse(format!(
                     "tool `{name}` is named like the confirm tools dynamic_tools mode adds \
                      (`confirm_pay_…`), so it could never be called: rename it"
-                )));
+                ))?;
+                continue;
             }
             if let Some(price) = &price
                 && price.mode.resubmits()
@@ -247,11 +261,12 @@ impl Catalog {
                     .and_then(|p| p.get(PAYMENT_ID_ARG))
                     .is_some()
             {
-                return Err(config.error(format!(
+                refuse(format!(
                     "tool `{name}` has its own `{PAYMENT_ID_ARG}` argument, which mode `{}` uses \
                      for the payment: give it mode two_step or dynamic_tools",
                     price.mode.as_str()
-                )));
+                ))?;
+                continue;
             }
             match &price {
                 None => listed.push(tool),
@@ -266,11 +281,20 @@ impl Catalog {
             }
             entries.insert(name, Entry { backend, price });
         }
-        for confirm in confirms.keys() {
-            if entries.contains_key(confirm) {
-                return Err(config.error(format!(
-                    "tool `{confirm}` collides with the confirm tool tollgate adds"
-                )));
+        let colliding: Vec<String> = (confirms.keys())
+            .filter(|confirm| entries.contains_key(*confirm))
+            .cloned()
+            .collect();
+        for confirm in colliding {
+            refuse(format!(
+                "tool `{confirm}` collides with the confirm tool tollgate adds"
+            ))?;
+            // The confirm tool keeps the name: its priced call needs it.
+            entries.remove(&confirm);
+            listed.retain(|t| t.name != confirm);
+            let tool = &confirms[&confirm];
+            if let Some(price) = entries.get(tool).and_then(|e| e.price.as_ref()) {
+                listed.push(confirm_tool(&confirm, tool, price));
             }
         }
         listed.sort_by(|a, b| a.name.cmp(&b.name));
@@ -415,5 +439,54 @@ mod tests {
         );
         let fixed = Config::parse(&text.replace("serach", "search"), "p.toml").unwrap();
         assert!(Catalog::build(&fixed, &[tools]).is_ok());
+    }
+
+    /// A tool that cannot be served as configured stops the start; when an
+    /// upstream's change brings one while running, only that tool is left
+    /// out. (The whole list was refused, and every other change with it.)
+    #[test]
+    fn a_change_upstream_leaves_out_only_the_tools_that_cannot_be_served() {
+        let text = "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"two_step\"\n\n\
+                    [[tools]]\nname = \"ok\"\nprice = \"0.01\"\n";
+        let config = Config::parse(text, "p.toml").unwrap();
+        let first: Arc<dyn ToolBackend> = Arc::new(
+            FnTools::new()
+                .tool("ok", "Fine.", |_: Query| async { "ok" })
+                .tool("clash", "The first.", |_: Query| async { "first" }),
+        );
+        let second: Arc<dyn ToolBackend> = Arc::new(
+            FnTools::new()
+                .tool("clash", "The second.", |_: Query| async { "second" })
+                .tool("new", "Added upstream.", |_: Query| async { "new" })
+                .tool(
+                    "confirm_pay_0123",
+                    "Named like a confirm tool.",
+                    |_: Query| async { "" },
+                )
+                .tool(
+                    "confirm_ok_payment",
+                    "Named like ok's confirm.",
+                    |_: Query| async { "" },
+                ),
+        );
+        let backends = [first, second];
+        assert!(
+            Catalog::build(&config, &backends).is_err(),
+            "refused at start"
+        );
+
+        let catalog = Catalog::build_lenient(&config, &backends).expect("served");
+        let names: Vec<&str> = catalog.listed().iter().map(|t| t.name.as_ref()).collect();
+        assert_eq!(names, ["clash", "confirm_ok_payment", "new", "ok"]);
+        let clash = catalog.listed_tool("clash").unwrap();
+        assert_eq!(
+            clash.description.as_deref(),
+            Some("The first."),
+            "the one served before"
+        );
+        assert_eq!(catalog.confirmed_tool("confirm_ok_payment"), Some("ok"));
+        assert!(catalog.get("confirm_ok_payment").is_none());
+        assert!(catalog.get("confirm_pay_0123").is_none());
+        assert!(catalog.get("new").is_some());
     }
 }

@@ -162,10 +162,11 @@ async fn browser_pays_and_declines_at_the_checkout_page() {
         .await
         .unwrap();
     page.wait().for_element(Locator::Id("final")).await.unwrap();
-    assert_eq!(status_text(&page).await, "cancelled");
+    // A person's no: failed, as a declined card would.
+    assert_eq!(status_text(&page).await, "failed");
     let r =
         crate::http_service::call(&client, "confirm_echo_payment", json!({"payment_id": id})).await;
-    assert_eq!(error_code(&r), "payment_cancelled");
+    assert_eq!(error_code(&r), "payment_failed");
 
     page.close().await.ok();
     client.cancel().await.ok();
