@@ -119,8 +119,7 @@ impl Tollgate {
         let left = self.gate.calls_finished(SHUTDOWN_GRACE).await;
         if left > 0 {
             tracing::warn!(
-                "{left} call(s) still running {}s after the client left; their holds are \
-                 released by recovery",
+                "{left} call(s) still under way {}s after the client left; returning anyway",
                 SHUTDOWN_GRACE.as_secs()
             );
         }

@@ -174,12 +174,22 @@ impl Catalog {
             }
             if !described.contains_key(&priced.name) {
                 let known: Vec<&str> = described.keys().map(String::as_str).collect();
+                let demo = !config.demo_tools
+                    && (crate::tools::demo::demo_tools().tools())
+                        .iter()
+                        .any(|t| t.name == priced.name);
                 return Err(config.tool_error(
                     priced,
                     format!(
-                        "tools.name: no backend provides a tool named `{}` (known tools: {})",
+                        "tools.name: no backend provides a tool named `{}` (known tools: {}){}",
                         priced.name,
-                        known.join(", ")
+                        known.join(", "),
+                        if demo {
+                            "; it is a demo tool, served beside [[upstreams]] only with \
+                             [server] demo_tools = true"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }

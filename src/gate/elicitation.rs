@@ -318,6 +318,7 @@ impl Gate {
             }
             // Already paid or ended: say what it is now.
             Ok(false) => self.redeem_state(intent, status).await,
+            Err(ProviderError::Store(e)) => reply::unavailable(e),
             // The provider could not be made to cancel, so the intent stays
             // open (upkeep ends it in time): a payment made there meanwhile
             // stands, and the caller has its id.

@@ -241,21 +241,22 @@ impl Gate {
                 .await
                 .map_err(ProviderError::from)
                 .map(|kept| kept.then_some(RemoteSettled::Kept)),
-            // Paid there, but not for this intent: refused, so it expires
-            // (its session needs no cancel, and would answer "paid").
+            // Still open there past the grace: cancelled there first.
             None if state
                 .as_ref()
-                .is_some_and(|s| s.status == SessionStatus::Paid) =>
+                .is_some_and(|s| s.status == SessionStatus::Pending) =>
             {
-                self.store
-                    .end_unpaid_intent(&intent.id, IntentStatus::Expired)
+                self.end_unpaid(intent, IntentStatus::Expired)
                     .await
-                    .map_err(ProviderError::from)
                     .map(|ended| ended.then_some(RemoteSettled::Expired))
             }
+            // Over there (or unknown there, or paid but not for this
+            // intent, which is refused): nothing to cancel.
             None => self
-                .end_unpaid(intent, IntentStatus::Expired)
+                .store
+                .end_unpaid_intent(&intent.id, IntentStatus::Expired)
                 .await
+                .map_err(ProviderError::from)
                 .map(|ended| ended.then_some(RemoteSettled::Expired)),
         };
         match settled {

@@ -365,7 +365,14 @@ impl Gate {
                 "cancelled",
             ),
         };
-        match self.end_unpaid(intent, to).await {
+        // Only a session still open needs cancelling first.
+        let ending = if state.status == SessionStatus::Pending {
+            self.end_unpaid(intent, to).await
+        } else {
+            let ending = self.store.end_unpaid_intent(&intent.id, to).await;
+            ending.map_err(ProviderError::from)
+        };
+        match ending {
             Ok(true) => Step::Answer(ended(intent, code, status)),
             // Someone else moved it first (perhaps to paid): look again.
             Ok(false) => Step::Reload,
@@ -382,7 +389,8 @@ impl Gate {
     /// intent left as it is, if the provider could not be made to cancel
     /// (unreachable, or its session still pending): ended here while still
     /// payable there, a payment made there would be taken and never seen.
-    /// Upkeep tries again.
+    /// Upkeep tries again, and gives up a day past the intent's time: by
+    /// then the remote's own time is surely over too.
     pub(super) async fn end_unpaid(
         &self,
         intent: &Intent,
@@ -394,23 +402,38 @@ impl Gate {
                 // store's own check below cannot see it.
                 Ok(SessionStatus::Paid) => return Ok(false),
                 Ok(SessionStatus::Cancelled | SessionStatus::Expired | SessionStatus::Failed) => {}
-                Ok(SessionStatus::Pending) => {
-                    return Err(ProviderError::Unavailable(format!(
-                        "the provider did not cancel payment session `{session}` (still pending)"
-                    )));
-                }
                 // Cannot be cancelled, ever (README: "Taking payments
-                // through another tollgate"): ended here all the same.
-                Err(ProviderError::NotFound(_) | ProviderError::Unsupported(_)) => {
+                // through another tollgate"): no cancel there, or not for
+                // this key, or the session unknown there. Ended here all
+                // the same.
+                Err(
+                    e @ (ProviderError::NotFound(_)
+                    | ProviderError::Unsupported(_)
+                    | ProviderError::Refused(_)),
+                ) => tracing::warn!(
+                    payment_id = intent.id,
+                    session,
+                    "the provider cannot cancel the session ({e}): a payment made there now is \
+                     not seen here"
+                ),
+                Err(e @ ProviderError::Store(_)) => return Err(e),
+                not_cancelled => {
+                    let why = match not_cancelled {
+                        Ok(_) => format!(
+                            "the provider did not cancel payment session `{session}` (still pending)"
+                        ),
+                        Err(e) => e.to_string(),
+                    };
+                    if now_ms() < remote_grace_ends(intent).saturating_add(GIVE_UP_CANCEL_MS) {
+                        return Err(ProviderError::Unavailable(why));
+                    }
                     tracing::warn!(
                         payment_id = intent.id,
                         session,
-                        "the provider could not cancel the session (it has no cancel, as an \
-                         older tollgate has not, or no longer knows the session): a payment made \
-                         there now is not seen here"
+                        "ending the payment a day past its time, though its session could not \
+                         be cancelled ({why}): a payment made there now is not seen here"
                     );
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(self.store.end_unpaid_intent(&intent.id, to).await?)
@@ -714,6 +737,10 @@ pub(super) fn refunded(intent: &Intent) -> Value {
 /// runs on the remote's clock and time, and may take the payment a little
 /// later: ended at once, that payment would be lost to both sides.
 const REMOTE_PENDING_GRACE_MS: i64 = 10 * 60_000;
+
+/// How long past the grace an intent whose provider session cannot be
+/// cancelled is left open, before it is ended all the same.
+const GIVE_UP_CANCEL_MS: i64 = 24 * 3_600_000;
 
 /// Until when an intent whose provider session is still pending is left
 /// open (see [`REMOTE_PENDING_GRACE_MS`]).

@@ -855,7 +855,8 @@ pub trait Store: Send + Sync + 'static {
     /// Once its lease lapses (the process died), any instance recovers what
     /// it left: see the next two. PostgreSQL, shared by instances on several
     /// hosts, stamps and judges leases by its own clock (a lease of
-    /// `alive_until - now` from its `now`), so host clocks need not agree.
+    /// `alive_until - now` from its `now`), so host clocks need not agree for
+    /// leases. (Expiry times, of holds and payments, are each host's.)
     async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError>;
     /// Releases the open holds of instances not alive at `now` (their
     /// calls never finished, so nothing is charged). How many.

@@ -328,7 +328,8 @@ pub(super) const UNREDEEMED: &str = concat!(
 /// What is kept only for a while, older than `$1`: stored results (a retry
 /// after that is told the result is gone), unpaid intents that ended and
 /// their sessions, and holds that ended without moving money. The ledger,
-/// captured holds and paid intents (refunds need them) are kept.
+/// captured holds, paid intents (refunds need them) and intents a person
+/// declined an approval of (the approvals statement shows them) are kept.
 // Pruning deletes at most `$2` rows a statement (`PRUNE_BATCH`): a large
 // backlog (the first pass after an upgrade or a long stop) must not hold
 // SQLite's write lock, or run into PostgreSQL's statement timeout and fail
@@ -336,10 +337,14 @@ pub(super) const UNREDEEMED: &str = concat!(
 pub(super) const PRUNE_RESULTS: &str = "DELETE FROM stored_results WHERE intent_id IN (
      SELECT intent_id FROM stored_results WHERE created_at < $1 LIMIT $2)";
 pub(super) const PRUNE_INTENTS: &str = "DELETE FROM intents WHERE id IN (
-     SELECT id FROM intents WHERE status IN ('expired', 'cancelled') AND updated_at < $1
+     SELECT id FROM intents
+     WHERE (status IN ('expired', 'cancelled')
+            OR (status = 'declined' AND (approval IS NULL OR approval <> 'declined')))
+       AND updated_at < $1
      LIMIT $2)";
 pub(super) const PRUNE_SESSIONS: &str = "DELETE FROM payment_sessions WHERE id IN (
-     SELECT id FROM payment_sessions WHERE status IN ('expired', 'cancelled') AND updated_at < $1
+     SELECT id FROM payment_sessions
+     WHERE status IN ('expired', 'cancelled', 'failed') AND updated_at < $1
      LIMIT $2)";
 pub(super) const PRUNE_HOLDS: &str = "DELETE FROM holds WHERE id IN (
      SELECT id FROM holds WHERE status IN ('released', 'expired') AND settled_at < $1

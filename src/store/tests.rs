@@ -1523,6 +1523,16 @@ crate::on_both_backends! {
         store.release("released").await.unwrap();
         store.hold(&hold_request("captured", "payer", "0.10")).await.unwrap();
         store.capture("captured", &Charge::whole(revenue(), units("0.10"))).await.unwrap();
+        // Two declined at checkout (sessions failed): one a person's no to
+        // an approval, kept with its decision for the approvals statement.
+        for id in ["no", "refused"] {
+            store.create_session(&session(id, now_ms() + 60_000)).await.unwrap();
+            store.create_intent(&intent(id), &OpenLimit::NONE).await.unwrap();
+            assert!(store.end_session(id, SessionStatus::Failed).await.unwrap());
+            assert!(store.end_unpaid_intent(id, IntentStatus::Declined).await.unwrap());
+        }
+        let decided = "UPDATE intents SET approval = 'declined', approved_by = 'alice' WHERE id = 'refused'";
+        crate::testing::execute(&place.db.url, decided).await.unwrap();
         let statement_before = store.statement(AccountKind::Wallet, "payer").await.unwrap().len();
 
         // Nothing is old enough yet.
@@ -1530,10 +1540,12 @@ crate::on_both_backends! {
         let pruned = store.prune(now_ms() + 1).await.unwrap();
         assert_eq!(
             pruned,
-            Pruned { results: 1, intents: 1, sessions: 1, holds: 1 }
+            Pruned { results: 1, intents: 2, sessions: 3, holds: 1 }
         );
         assert!(store.intent("gone").await.unwrap().is_none());
         assert!(store.session("gone").await.unwrap().is_none());
+        assert!(store.intent("no").await.unwrap().is_none());
+        assert_eq!(store.intent("refused").await.unwrap().unwrap().status, IntentStatus::Declined);
         assert!(store.stored_result("ran").await.unwrap().is_none());
         // The paid intent stays (it is consumed, and refunds need it), so
         // does the ledger, and the captured payment can still be refunded.

@@ -1581,6 +1581,23 @@ on_both_backends! {
         assert_eq!(payment_meta(&r)["status"], "paid");
         client.cancel().await.ok();
         a.env.assert_ledger_ok().await;
+
+        // A cancel the remote refuses for good (a key without the right)
+        // never will go through: the decline ends the call here all the
+        // same, rather than leave it open for ever.
+        let a = in_process_paying_through(&b, &pricing, |inner| {
+            let refusing = crate::inproc::Wrapped::new(inner);
+            refusing.refused_cancels.store(1, std::sync::atomic::Ordering::Release);
+            Arc::new(refusing)
+        })
+        .await;
+        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
+        let r = call(&client, "echo", echo_args("no")).await;
+        assert_eq!(error_code(&r), "payment_declined", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+        assert_eq!(intent.status.as_str(), "declined");
+        client.cancel().await.ok();
         b.env.assert_ledger_ok().await;
     }
 }

@@ -345,6 +345,8 @@ pub struct Wrapped {
     pub failing_checks: std::sync::atomic::AtomicU32,
     /// How many cancels fail as if the provider could not be reached.
     pub failing_cancels: std::sync::atomic::AtomicU32,
+    /// How many cancels the provider refuses (a key without the right).
+    pub refused_cancels: std::sync::atomic::AtomicU32,
     /// A session the provider answers about with something unusable.
     pub unreadable: Arc<std::sync::Mutex<Option<String>>>,
     pub before_cancel: Option<BeforeCancel>,
@@ -356,6 +358,7 @@ impl Wrapped {
             inner,
             failing_checks: 0.into(),
             failing_cancels: 0.into(),
+            refused_cancels: 0.into(),
             unreadable: Default::default(),
             before_cancel: None,
         }
@@ -405,6 +408,11 @@ impl tollgate::provider::Provider for Wrapped {
         if take_one(&self.failing_cancels) {
             return Err(tollgate::provider::ProviderError::Unavailable(
                 "connection refused".into(),
+            ));
+        }
+        if take_one(&self.refused_cancels) {
+            return Err(tollgate::provider::ProviderError::Refused(
+                "403 Forbidden: this key may not cancel".into(),
             ));
         }
         self.inner.cancel_session(id).await

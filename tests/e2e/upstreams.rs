@@ -796,6 +796,18 @@ on_both_backends! {
             }
             client.cancel().await.ok();
         }
+        // Priced demo tools beside upstreams, without asking for them: the
+        // start-up error says how.
+        let text = crate::harness::pricing("resubmit", "")
+            + &format!("\n[[upstreams]]\nname = \"test\"\nurl = \"{url}\"\nprefix = true\n");
+        let out = crate::harness::Env::with_pricing(&text).cli(&["serve"]).await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no backend provides a tool named `echo`")
+                && err.contains("served beside [[upstreams]] only with [server] demo_tools = true"),
+            "{err}"
+        );
         upstream.cancel();
     }
 }
