@@ -401,19 +401,20 @@ impl Gate {
         } else {
             None
         };
-        if let Err(e) = entry.backend.validate(name, &args) {
-            return Ok(reply::error(
-                reply::code::INVALID_ARGUMENTS,
-                format!("{e}; nothing was charged"),
-                reply::details(json!({ "field": e.field })),
-            )
-            .into());
-        }
+        // The metered argument first: its refusal says why the price needs it.
         if let Err((field, message)) = price.check_metered_argument(&args) {
             return Ok(reply::error(
                 reply::code::INVALID_ARGUMENTS,
                 format!("{message}; nothing was charged"),
                 reply::details(json!({ "field": field })),
+            )
+            .into());
+        }
+        if let Err(e) = entry.backend.validate(name, &args) {
+            return Ok(reply::error(
+                reply::code::INVALID_ARGUMENTS,
+                format!("{e}; nothing was charged"),
+                reply::details(json!({ "field": e.field })),
             )
             .into());
         }

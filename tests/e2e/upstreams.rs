@@ -30,6 +30,22 @@ struct TestUpstream {
     cancelled: Arc<std::sync::atomic::AtomicUsize>,
     /// How many `more_N` tools `grow` has added.
     grown: Arc<std::sync::atomic::AtomicUsize>,
+    /// How many calls of `book` reached it, good or bad.
+    booked: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// `book`'s arguments: strict, as a typed server's are.
+fn booking_schema() -> Arc<rmcp::model::JsonObject> {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "nights": {"type": "integer", "minimum": 1}
+        },
+        "required": ["city", "nights"],
+        "additionalProperties": false
+    });
+    Arc::new(schema.as_object().cloned().unwrap_or_default())
 }
 
 fn schema(props: serde_json::Value) -> Arc<rmcp::model::JsonObject> {
@@ -80,6 +96,13 @@ impl ServerHandler for TestUpstream {
                     "count",
                     "Counts to n (n defaults to 50, and a numeric string will do).",
                     schema(json!({"n": {"type": "integer"}})),
+                ),
+                Tool::new("book", "Books a stay.", booking_schema()),
+                // A pattern no regex engine takes: not checkable here.
+                Tool::new(
+                    "odd",
+                    "Takes a code.",
+                    schema(json!({"code": {"type": "string", "pattern": "(unclosed"}})),
                 ),
             ])
             .collect(),
@@ -152,6 +175,20 @@ impl ServerHandler for TestUpstream {
                 self.grown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = context.peer.notify_tool_list_changed().await;
                 CallToolResult::success(vec![ContentBlock::text("grown")])
+            }
+            "book" => {
+                self.booked
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Refused the way a typed server refuses: a JSON-RPC error.
+                let (Some(city), Some(nights)) = (
+                    args.get("city").and_then(Value::as_str),
+                    args.get("nights").and_then(Value::as_u64),
+                ) else {
+                    return Err(McpError::invalid_params("bad booking", None));
+                };
+                CallToolResult::success(vec![ContentBlock::text(format!(
+                    "booked {nights} nights in {city}"
+                ))])
             }
             "count" => {
                 // Lax, as many servers are: what a metered price must not trust.
@@ -762,6 +799,87 @@ on_both_backends! {
         assert_eq!(payment_meta(&r)["amount"], "0.05");
         assert_eq!(t.env.available("alice").await, "0.95");
         client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+/// Arguments `book` (strict schema) refuses, the field each names, and why.
+const BAD_BOOKINGS: [(&str, &str, &str); 3] = [
+    (
+        r#"{"city": "Oslo", "nights": "two"}"#,
+        "nights",
+        "expected integer",
+    ),
+    (r#"{"nights": 2}"#, "city", "missing field `city`"),
+    (
+        r#"{"city": "Oslo", "nights": 2, "pets": true}"#,
+        "pets",
+        "unknown field `pets`",
+    ),
+];
+
+on_both_backends! {
+    /// A priced upstream tool's arguments are checked against its
+    /// `inputSchema` before any money moves: a wrong-typed, missing or
+    /// unknown field is `invalid_arguments` naming it, for a funded caller
+    /// (no hold) and for anonymous ones (nobody asked to pay, no intent or
+    /// payment session opened), and the upstream never sees the call.
+    /// (They were passed on unchecked: the wallet held, or a person asked
+    /// to pay, before the upstream refused.) A schema that cannot be
+    /// compiled is served all the same, its calls unchecked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstream_tools_arguments_are_checked_before_money_moves() {
+        let (url, _stop, upstream) = spawn_upstream_at("127.0.0.1:0", TestUpstream::default()).await;
+        let pricing = upstream_pricing(&url, "free")
+            + "\n[[tools]]\nname = \"test_book\"\nprice = \"0.10\"\nmode = \"auto\"\n\n\
+               [[tools]]\nname = \"test_odd\"\nprice = \"0.10\"\n";
+        let t = InProcess::new(&pricing).await;
+        t.env.topup("alice", "1.00").await;
+        let refused = async |client: &crate::inproc::Client| {
+            for (args, field, why) in BAD_BOOKINGS {
+                let args: Value = serde_json::from_str(args).unwrap();
+                let r = call(client, "test_book", args.clone()).await;
+                assert_eq!(error_code(&r), "invalid_arguments", "{args}: {r:?}");
+                assert_eq!(structured(&r)["field"], field, "{args}: {r:?}");
+                let said = text(&r);
+                assert!(said.contains(why) && said.contains("nothing was charged"), "{args}: {said}");
+            }
+        };
+
+        // A funded caller (the fast path): nothing held or charged.
+        let alice = t.connect(Some("alice"), t.client(Person::Approves, Elicitation::None), false).await;
+        refused(&alice).await;
+        assert_eq!(t.env.balance("alice").await, ("1.00".into(), "0.00".into(), "1.00".into()));
+
+        // Anonymous callers (the slow path: elicitation for a client that
+        // can answer, resubmit otherwise): nobody is asked to pay, and no
+        // intent or payment session is opened.
+        let person = t.client(Person::PaysAndAccepts, Elicitation::Form);
+        let asked = t.connect(None, person.clone(), false).await;
+        refused(&asked).await;
+        let plain = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        refused(&plain).await;
+        assert_eq!(person.prompt_count(), 0, "a person was asked to pay for a call its tool refuses");
+        let store = t.gate.store();
+        assert!(store.list_sessions(100).await.unwrap().is_empty(), "a payment session was opened");
+        let open = store.open_intents(None, "-", tollgate::store::now_ms()).await.unwrap();
+        assert_eq!(open.anonymous, 0, "an intent was opened");
+        assert_eq!(upstream.booked.load(std::sync::atomic::Ordering::SeqCst), 0, "the upstream saw a bad call");
+
+        // Good arguments go through as before.
+        let r = call(&alice, "test_book", json!({"city": "Oslo", "nights": 2})).await;
+        assert_eq!(text(&r), "booked 2 nights in Oslo", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(t.env.available("alice").await, "0.90");
+
+        // A schema that cannot be compiled does not stop the gateway: the
+        // tool is served, and its arguments reach the upstream as sent.
+        let r = call(&alice, "test_odd", json!({"code": 5})).await;
+        assert_eq!(text(&r), "extra", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        for client in [alice, asked, plain] {
+            client.cancel().await.ok();
+        }
         t.env.assert_ledger_ok().await;
     }
 }
