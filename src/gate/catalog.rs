@@ -84,6 +84,9 @@ pub struct Entry {
     pub backend: Arc<dyn ToolBackend>,
     /// `None`: free, passed through untouched.
     pub price: Option<Price>,
+    /// The tool declares an `outputSchema`: the gate's own replies to it
+    /// leave `structuredContent` out (see [`super::reply::for_tool`]).
+    pub has_output_schema: bool,
 }
 
 pub struct Catalog {
@@ -253,6 +256,7 @@ impl Catalog {
                     price.mode.as_str()
                 )));
             }
+            let has_output_schema = tool.output_schema.is_some();
             match &price {
                 None => listed.push(tool),
                 Some(price) => {
@@ -264,7 +268,14 @@ impl Catalog {
                     }
                 }
             }
-            entries.insert(name, Entry { backend, price });
+            entries.insert(
+                name,
+                Entry {
+                    backend,
+                    price,
+                    has_output_schema,
+                },
+            );
         }
         for confirm in confirms.keys() {
             if entries.contains_key(confirm) {

@@ -352,6 +352,24 @@ impl Gate {
         scope: &CallScope<'_>,
         params: CallToolRequestParams,
     ) -> Result<CallToolResponse, McpError> {
+        let tool = params.name.clone();
+        Ok(match self.answer(scope, params).await? {
+            CallToolResponse::Complete(result) => {
+                let has_output_schema = self
+                    .catalog()
+                    .get(&tool)
+                    .is_some_and(|entry| entry.has_output_schema);
+                reply::for_tool(result, has_output_schema).into()
+            }
+            other => other,
+        })
+    }
+
+    async fn answer(
+        &self,
+        scope: &CallScope<'_>,
+        params: CallToolRequestParams,
+    ) -> Result<CallToolResponse, McpError> {
         let name = params.name.as_ref();
         let params_meta = params.meta.as_ref().map(|m| &m.0.0);
         let mut args = params.arguments.unwrap_or_default();

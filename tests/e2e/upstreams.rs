@@ -34,6 +34,17 @@ struct TestUpstream {
     booked: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// What `forecast` answers: its outputSchema.
+fn forecast_schema() -> Arc<rmcp::model::JsonObject> {
+    let schema = json!({
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "high": {"type": "number"}},
+        "required": ["city", "high"],
+        "additionalProperties": false
+    });
+    Arc::new(schema.as_object().cloned().unwrap_or_default())
+}
+
 /// `book`'s arguments: strict, as a typed server's are.
 fn booking_schema() -> Arc<rmcp::model::JsonObject> {
     let schema = json!({
@@ -98,6 +109,12 @@ impl ServerHandler for TestUpstream {
                     schema(json!({"n": {"type": "integer"}})),
                 ),
                 Tool::new("book", "Books a stay.", booking_schema()),
+                Tool::new(
+                    "forecast",
+                    "Forecasts a city's high.",
+                    schema(json!({"city": {"type": "string"}})),
+                )
+                .with_raw_output_schema(forecast_schema()),
                 // A pattern no regex engine takes: not checkable here.
                 Tool::new(
                     "odd",
@@ -189,6 +206,14 @@ impl ServerHandler for TestUpstream {
                 CallToolResult::success(vec![ContentBlock::text(format!(
                     "booked {nights} nights in {city}"
                 ))])
+            }
+            "forecast" => {
+                let city = args.get("city").and_then(Value::as_str).unwrap_or("Oslo");
+                let mut r = CallToolResult::success(vec![ContentBlock::text(format!(
+                    "{city}: high of 21.5"
+                ))]);
+                r.structured_content = Some(json!({"city": city, "high": 21.5}));
+                r
             }
             "count" => {
                 // Lax, as many servers are: what a metered price must not trust.
@@ -880,6 +905,123 @@ on_both_backends! {
         for client in [alice, asked, plain] {
             client.cancel().await.ok();
         }
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+/// What the TypeScript SDK's `callTool` does with a tool that has an
+/// outputSchema (the Python SDK checks non-errors the same way): a result
+/// that is not an error must have `structuredContent`, and any it has must
+/// fit the schema. Otherwise it throws, and the person never sees the
+/// result, or the payment URL in it.
+fn sdk_takes(r: &rmcp::model::CallToolResult) -> Result<(), String> {
+    let schema = Value::Object((*forecast_schema()).clone());
+    match &r.structured_content {
+        None if r.is_error != Some(true) => {
+            Err("an output schema but no structured content".into())
+        }
+        None => Ok(()),
+        Some(body) => jsonschema::validate(&schema, body)
+            .map_err(|e| format!("structured content does not fit the output schema: {e}")),
+    }
+}
+
+/// The body of one of the gate's own replies to a tool with an outputSchema.
+fn gates_reply(r: &rmcp::model::CallToolResult) -> Value {
+    r.meta
+        .as_ref()
+        .and_then(|m| m.0.get("tollgate/reply").cloned())
+        .unwrap_or(Value::Null)
+}
+
+on_both_backends! {
+    /// A priced tool with an outputSchema keeps it in tools/list, so a
+    /// client checks its results against it: the gate's own replies
+    /// (payment required and pending, invalid arguments) leave
+    /// `structuredContent` out and are `isError`, their body in
+    /// `_meta["tollgate/reply"]` and their text as for any tool; the
+    /// tool's own result passes unchanged. (They carried the payment
+    /// object in `structuredContent`, which the TypeScript SDK refuses.)
+    /// A tool without one answers as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gates_replies_to_a_tool_with_an_output_schema_fit_it() {
+        let (url, _upstream) = spawn_upstream().await;
+        let priced = "\n[[tools]]\nname = \"test_forecast\"\nprice = \"0.10\"\n";
+        let t = InProcess::new(&(upstream_pricing(&url, "free") + priced)).await;
+        t.env.topup("alice", "1.00").await;
+        let alice = t.connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false).await;
+        let tools = alice.list_all_tools().await.unwrap();
+        let listed = tools.iter().find(|t| t.name == "test_forecast").unwrap();
+        assert_eq!(listed.output_schema, Some(forecast_schema()), "kept in tools/list");
+
+        // The fast path: the tool's own result, unchanged; a refusal of
+        // the gate's, in `_meta`.
+        let r = call(&alice, "test_forecast", json!({"city": "Oslo"})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(structured(&r), json!({"city": "Oslo", "high": 21.5}));
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert!(gates_reply(&r).is_null(), "{r:?}");
+        let r = call(&alice, "test_forecast", json!({"city": 5})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(r.is_error, Some(true));
+        assert_eq!(gates_reply(&r)["error"], "invalid_arguments", "{r:?}");
+        assert_eq!(gates_reply(&r)["field"], "city");
+        assert!(text(&r).contains("invalid argument `city`"), "{}", text(&r));
+
+        // resubmit: payment required, then pending, then the tool's result.
+        let bob = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&bob, "test_forecast", json!({"city": "Oslo"})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        let body = gates_reply(&r);
+        assert_eq!(body["error"], "payment_required", "{r:?}");
+        let id = body["payment_id"].as_str().unwrap().to_owned();
+        let pay_at = body["payment_url"].as_str().unwrap();
+        assert!(text(&r).contains(pay_at) && text(&r).contains(&id), "{}", text(&r));
+        let again = json!({"city": "Oslo", "payment_id": id});
+        let r = call(&bob, "test_forecast", again.clone()).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(gates_reply(&r)["error"], "payment_pending", "{r:?}");
+        t.env.ok(&["sessions", "pay", &id]).await;
+        for replayed in [false, true] {
+            let r = call(&bob, "test_forecast", again.clone()).await;
+            sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+            assert_eq!(structured(&r), json!({"city": "Oslo", "high": 21.5}), "{r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+            assert_eq!(payment_meta(&r)["replayed"].as_bool().unwrap_or(false), replayed);
+            assert!(gates_reply(&r).is_null(), "{r:?}");
+        }
+
+        // A tool without an outputSchema: as before, the body in
+        // `structuredContent` and nothing added to `_meta`.
+        let r = call(&bob, "test_work", json!({})).await;
+        assert_eq!(error_code(&r), "payment_required");
+        assert!(gates_reply(&r).is_null() && r.meta.is_none(), "{r:?}");
+        alice.cancel().await.ok();
+        bob.cancel().await.ok();
+
+        // two_step: the first answer is an `isError` for such a tool (a
+        // normal result would need structured content that fits); the
+        // confirm tool has no outputSchema, and answers as ever.
+        let two_step = upstream_pricing(&url, "free") + priced + "mode = \"two_step\"\n";
+        let t = InProcess::new(&two_step).await;
+        let carol = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&carol, "test_forecast", json!({"city": "Bergen"})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        let body = gates_reply(&r);
+        assert_eq!(body["status"], "payment_required", "{r:?}");
+        assert_eq!(body["next_step"], "confirm_test_forecast_payment");
+        let id = body["payment_id"].as_str().unwrap().to_owned();
+        assert!(text(&r).contains("confirm_test_forecast_payment") && text(&r).contains(&id), "{}", text(&r));
+        let confirm = carol.list_all_tools().await.unwrap();
+        let confirm = confirm.iter().find(|t| t.name == "confirm_test_forecast_payment").unwrap();
+        assert!(confirm.output_schema.is_none());
+        let r = call(&carol, "confirm_test_forecast_payment", json!({"payment_id": id})).await;
+        assert_eq!(error_code(&r), "payment_pending");
+        t.env.ok(&["sessions", "pay", &id]).await;
+        let r = call(&carol, "confirm_test_forecast_payment", json!({"payment_id": id})).await;
+        assert_eq!(structured(&r), json!({"city": "Bergen", "high": 21.5}), "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        carol.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
 }
