@@ -246,9 +246,15 @@ fn outcome(response: &Result<CallToolResponse, McpError>) -> &'static str {
             _ => "not_charged",
         };
     }
+    // A tool with an outputSchema gets the gate's reply in `_meta` alone.
+    let gates_reply = result
+        .meta
+        .as_ref()
+        .and_then(|m| m.0.get(crate::gate::reply::REPLY_META));
     let code = result
         .structured_content
         .as_ref()
+        .or(gates_reply)
         .and_then(|s| s.get("error"))
         .and_then(|e| e.as_str());
     match (result.is_error, code) {
@@ -257,6 +263,9 @@ fn outcome(response: &Result<CallToolResponse, McpError>) -> &'static str {
             .copied()
             .find(|c| *c == code)
             .unwrap_or("tool_error"),
+        // Payment asked for in two_step or dynamic_tools: `isError` only
+        // for such a tool, and counted as for any other.
+        (Some(true), None) if gates_reply.is_some() => "ok",
         (Some(true), None) => "tool_error",
         _ => "ok",
     }

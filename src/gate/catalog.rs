@@ -84,6 +84,9 @@ pub struct Entry {
     pub backend: Arc<dyn ToolBackend>,
     /// `None`: free, passed through untouched.
     pub price: Option<Price>,
+    /// The tool declares an `outputSchema`: the gate's own replies to it
+    /// leave `structuredContent` out (see [`super::reply::for_tool`]).
+    pub has_output_schema: bool,
 }
 
 pub struct Catalog {
@@ -278,6 +281,7 @@ impl Catalog {
                 ))?;
                 continue;
             }
+            let has_output_schema = tool.output_schema.is_some();
             match &price {
                 None => listed.push(tool),
                 Some(price) => {
@@ -289,7 +293,14 @@ impl Catalog {
                     }
                 }
             }
-            entries.insert(name, Entry { backend, price });
+            entries.insert(
+                name,
+                Entry {
+                    backend,
+                    price,
+                    has_output_schema,
+                },
+            );
         }
         let colliding: Vec<String> = (confirms.keys())
             .filter(|confirm| entries.contains_key(*confirm))

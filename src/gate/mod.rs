@@ -353,6 +353,24 @@ impl Gate {
         scope: &CallScope<'_>,
         params: CallToolRequestParams,
     ) -> Result<CallToolResponse, McpError> {
+        let tool = params.name.clone();
+        Ok(match self.answer(scope, params).await? {
+            CallToolResponse::Complete(result) => {
+                let has_output_schema = self
+                    .catalog()
+                    .get(&tool)
+                    .is_some_and(|entry| entry.has_output_schema);
+                reply::for_tool(result, has_output_schema).into()
+            }
+            other => other,
+        })
+    }
+
+    async fn answer(
+        &self,
+        scope: &CallScope<'_>,
+        params: CallToolRequestParams,
+    ) -> Result<CallToolResponse, McpError> {
         let name = params.name.as_ref();
         let params_meta = params.meta.as_ref().map(|m| &m.0.0);
         let mut args = params.arguments.unwrap_or_default();
@@ -402,19 +420,20 @@ impl Gate {
         } else {
             None
         };
-        if let Err(e) = entry.backend.validate(name, &args) {
-            return Ok(reply::error(
-                reply::code::INVALID_ARGUMENTS,
-                format!("{e}; nothing was charged"),
-                reply::details(json!({ "field": e.field })),
-            )
-            .into());
-        }
+        // The metered argument first: its refusal says why the price needs it.
         if let Err((field, message)) = price.check_metered_argument(&args) {
             return Ok(reply::error(
                 reply::code::INVALID_ARGUMENTS,
                 format!("{message}; nothing was charged"),
                 reply::details(json!({ "field": field })),
+            )
+            .into());
+        }
+        if let Err(e) = entry.backend.validate(name, &args) {
+            return Ok(reply::error(
+                reply::code::INVALID_ARGUMENTS,
+                format!("{e}; nothing was charged"),
+                reply::details(json!({ "field": e.field })),
             )
             .into());
         }

@@ -6,6 +6,12 @@ use serde_json::{Map, Value, json};
 
 pub const PAYMENT_META: &str = "tollgate/payment";
 
+/// Where a gate's own reply (not the tool's result) keeps its body, beside
+/// `structuredContent`: it marks the reply as the gate's until the call is
+/// answered, and is all a tool with an `outputSchema` gets (see
+/// [`for_tool`]).
+pub const REPLY_META: &str = "tollgate/reply";
+
 /// Stable error codes clients can branch on.
 pub mod code {
     pub const PAYMENT_REQUIRED: &str = "payment_required";
@@ -65,8 +71,46 @@ pub fn error(
     body.insert("error".into(), json!(code));
     body.insert("message".into(), json!(message));
     body.extend(details);
-    let mut result = CallToolResult::error(vec![ContentBlock::text(message)]);
-    result.structured_content = Some(Value::Object(body));
+    with_body(
+        CallToolResult::error(vec![ContentBlock::text(message)]),
+        Value::Object(body),
+    )
+}
+
+/// Gives one of the gate's own replies its body: `structuredContent`, and
+/// the same in `_meta["tollgate/reply"]`.
+pub fn with_body(mut result: CallToolResult, body: Value) -> CallToolResult {
+    let mut meta = result.meta.take().unwrap_or_default();
+    meta.0.insert(REPLY_META.into(), body.clone());
+    result.meta = Some(meta);
+    result.structured_content = Some(body);
+    result
+}
+
+/// An answer as it goes out for the tool called. Clients check a result of
+/// a tool with an `outputSchema` against it and throw, so that the person
+/// never sees the payment URL: the TypeScript SDK a result that is not an
+/// error and has no `structuredContent`, or any `structuredContent` that
+/// does not fit. So the gate's own replies to such a tool are `isError`
+/// with no `structuredContent`, their body left in `_meta["tollgate/reply"]`
+/// (and their text as it is). For any other tool that copy is dropped.
+/// The tool's own results pass unchanged.
+pub fn for_tool(mut result: CallToolResult, has_output_schema: bool) -> CallToolResult {
+    let Some(meta) = result.meta.as_mut() else {
+        return result;
+    };
+    if !meta.0.contains_key(REPLY_META) {
+        return result;
+    }
+    if has_output_schema {
+        result.structured_content = None;
+        result.is_error = Some(true);
+    } else {
+        meta.0.remove(REPLY_META);
+        if meta.0.is_empty() {
+            result.meta = None;
+        }
+    }
     result
 }
 

@@ -198,8 +198,9 @@ impl Gate {
     }
 
     /// The answer that asks for payment. With a `next_step` tool (two_step,
-    /// dynamic tools) it is a normal result; otherwise (resubmit) an
-    /// `isError` result, because that call did not do what was asked.
+    /// dynamic tools) it is a normal result (but see [`reply::for_tool`]);
+    /// otherwise (resubmit) an `isError` result, because that call did not
+    /// do what was asked.
     pub(super) fn payment_required(
         &self,
         opened: &Opened,
@@ -223,9 +224,10 @@ impl Gate {
                         intent.id
                     )
                 };
-                let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
-                result.structured_content = Some(body);
-                result
+                reply::with_body(
+                    CallToolResult::success(vec![ContentBlock::text(text)]),
+                    body,
+                )
             }
             None => {
                 let text = format!(

@@ -1,8 +1,9 @@
 //! Upstream MCP servers: tollgate connects to them as an MCP client (rmcp)
 //! and serves their tools, priced in `pricing.toml`, through the same gate.
-//! The upstream validates its own arguments; whatever it answers with
-//! `isError`, and any transport failure or timeout, is a tool error, so the
-//! gate releases the hold (or refunds) and nothing is charged.
+//! A priced call's arguments are checked against the tool's `inputSchema`
+//! before any money moves; whatever the upstream answers with `isError`,
+//! and any transport failure or timeout, is a tool error, so the gate
+//! releases the hold (or refunds) and nothing is charged.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -33,7 +34,7 @@ use rmcp::{
     },
 };
 
-use super::{ArgumentError, CallContext, ToolBackend};
+use super::{ArgumentError, CallContext, ToolBackend, input_schema::InputSchema};
 use crate::{
     config::{Unpriced, UpstreamConfig, UpstreamTransport},
     sync::lock,
@@ -387,6 +388,38 @@ impl ClientHandler for Relay {
 
 type Client = RunningService<RoleClient, Relay>;
 
+/// An upstream's tools as served, and each one's input schema compiled
+/// once per list: a call is checked against it before money moves.
+#[derive(Default)]
+struct Listing {
+    tools: Vec<Tool>,
+    /// Served name → its schema; a tool whose schema could not be
+    /// compiled is not here, and its calls go unchecked (as before).
+    inputs: HashMap<String, Arc<InputSchema>>,
+}
+
+impl Listing {
+    fn of(upstream: &str, tools: Vec<Tool>) -> Self {
+        let inputs = tools
+            .iter()
+            .filter_map(|tool| match InputSchema::compile(&tool.input_schema) {
+                Ok(schema) => Some((tool.name.to_string(), Arc::new(schema))),
+                Err(e) => {
+                    // One odd schema must not stop the gateway; the upstream
+                    // still checks what it is sent.
+                    tracing::warn!(
+                        upstream,
+                        tool = %tool.name,
+                        "{e}; its arguments go to the upstream unchecked"
+                    );
+                    None
+                }
+            })
+            .collect();
+        Self { tools, inputs }
+    }
+}
+
 const FIRST_RECONNECT: Duration = Duration::from_millis(100);
 const MAX_RECONNECT: Duration = Duration::from_secs(10);
 
@@ -395,12 +428,13 @@ pub struct Upstream {
     me: Weak<Upstream>,
     relay: Relay,
     client: tokio::sync::RwLock<Option<Client>>,
-    /// The upstream's tools as served here (names prefixed).
-    tools: RwLock<Vec<Tool>>,
+    /// The upstream's tools as served here (names prefixed), with their
+    /// input schemas compiled.
+    listing: RwLock<Listing>,
     reconnecting: AtomicBool,
     /// Counts connections made: which one a failure came from.
     generation: AtomicU64,
-    /// Ticks when `tools` changes.
+    /// Ticks when `listing` changes.
     changes: tokio::sync::watch::Sender<u64>,
 }
 
@@ -413,7 +447,7 @@ impl Upstream {
             me: me.clone(),
             relay: Relay::default(),
             client: tokio::sync::RwLock::new(None),
-            tools: RwLock::new(Vec::new()),
+            listing: RwLock::new(Listing::default()),
             reconnecting: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             changes: tokio::sync::watch::Sender::new(0),
@@ -520,9 +554,13 @@ impl Upstream {
                 tool
             })
             .collect();
-        let changed = self.tools.write().map(|mut cached| {
-            let changed = *cached != tools;
-            *cached = tools;
+        let changed = self.listing.write().map(|mut cached| {
+            let changed = cached.tools != tools;
+            if changed {
+                // Compiled only when the list changed: a reconnect that
+                // finds the same tools keeps the same schemas.
+                *cached = Listing::of(&self.config.name, tools);
+            }
             changed
         });
         if changed.unwrap_or(false) {
@@ -648,13 +686,26 @@ fn expand_headers(headers: &BTreeMap<String, String>) -> Result<Vec<(String, Str
 #[async_trait]
 impl ToolBackend for Upstream {
     fn tools(&self) -> Vec<Tool> {
-        self.tools.read().map(|t| t.clone()).unwrap_or_default()
+        self.listing
+            .read()
+            .map(|l| l.tools.clone())
+            .unwrap_or_default()
     }
 
-    fn validate(&self, _tool: &str, _args: &JsonObject) -> Result<(), ArgumentError> {
-        // The upstream checks its own arguments; a refusal there is a tool
-        // error, which charges nothing.
-        Ok(())
+    /// Checks against the tool's `inputSchema`, so that a call the upstream
+    /// would refuse is refused before anyone pays. (A refusal after a
+    /// payment is refunded, but a remote provider's refund goes back to an
+    /// account, not to the person who just paid.)
+    fn validate(&self, tool: &str, args: &JsonObject) -> Result<(), ArgumentError> {
+        let schema = self
+            .listing
+            .read()
+            .ok()
+            .and_then(|l| l.inputs.get(tool).cloned());
+        match schema {
+            Some(schema) => schema.check(args),
+            None => Ok(()),
+        }
     }
 
     fn unpriced(&self) -> Unpriced {

@@ -30,6 +30,33 @@ struct TestUpstream {
     cancelled: Arc<std::sync::atomic::AtomicUsize>,
     /// How many `more_N` tools `grow` has added.
     grown: Arc<std::sync::atomic::AtomicUsize>,
+    /// How many calls of `book` reached it, good or bad.
+    booked: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// What `forecast` answers: its outputSchema.
+fn forecast_schema() -> Arc<rmcp::model::JsonObject> {
+    let schema = json!({
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "high": {"type": "number"}},
+        "required": ["city", "high"],
+        "additionalProperties": false
+    });
+    Arc::new(schema.as_object().cloned().unwrap_or_default())
+}
+
+/// `book`'s arguments: strict, as a typed server's are.
+fn booking_schema() -> Arc<rmcp::model::JsonObject> {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "nights": {"type": "integer", "minimum": 1}
+        },
+        "required": ["city", "nights"],
+        "additionalProperties": false
+    });
+    Arc::new(schema.as_object().cloned().unwrap_or_default())
 }
 
 fn schema(props: serde_json::Value) -> Arc<rmcp::model::JsonObject> {
@@ -80,6 +107,19 @@ impl ServerHandler for TestUpstream {
                     "count",
                     "Counts to n (n defaults to 50, and a numeric string will do).",
                     schema(json!({"n": {"type": "integer"}})),
+                ),
+                Tool::new("book", "Books a stay.", booking_schema()),
+                Tool::new(
+                    "forecast",
+                    "Forecasts a city's high.",
+                    schema(json!({"city": {"type": "string"}})),
+                )
+                .with_raw_output_schema(forecast_schema()),
+                // A pattern no regex engine takes: not checkable here.
+                Tool::new(
+                    "odd",
+                    "Takes a code.",
+                    schema(json!({"code": {"type": "string", "pattern": "(unclosed"}})),
                 ),
             ])
             .collect(),
@@ -152,6 +192,28 @@ impl ServerHandler for TestUpstream {
                 self.grown.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = context.peer.notify_tool_list_changed().await;
                 CallToolResult::success(vec![ContentBlock::text("grown")])
+            }
+            "book" => {
+                self.booked
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Refused the way a typed server refuses: a JSON-RPC error.
+                let (Some(city), Some(nights)) = (
+                    args.get("city").and_then(Value::as_str),
+                    args.get("nights").and_then(Value::as_u64),
+                ) else {
+                    return Err(McpError::invalid_params("bad booking", None));
+                };
+                CallToolResult::success(vec![ContentBlock::text(format!(
+                    "booked {nights} nights in {city}"
+                ))])
+            }
+            "forecast" => {
+                let city = args.get("city").and_then(Value::as_str).unwrap_or("Oslo");
+                let mut r = CallToolResult::success(vec![ContentBlock::text(format!(
+                    "{city}: high of 21.5"
+                ))]);
+                r.structured_content = Some(json!({"city": city, "high": 21.5}));
+                r
             }
             "count" => {
                 // Lax, as many servers are: what a metered price must not trust.
@@ -809,5 +871,203 @@ on_both_backends! {
             "{err}"
         );
         upstream.cancel();
+    }
+}
+
+/// Arguments `book` (strict schema) refuses, the field each names, and why.
+const BAD_BOOKINGS: [(&str, &str, &str); 3] = [
+    (
+        r#"{"city": "Oslo", "nights": "two"}"#,
+        "nights",
+        "expected integer",
+    ),
+    (r#"{"nights": 2}"#, "city", "missing field `city`"),
+    (
+        r#"{"city": "Oslo", "nights": 2, "pets": true}"#,
+        "pets",
+        "unknown field `pets`",
+    ),
+];
+
+on_both_backends! {
+    /// A priced upstream tool's arguments are checked against its
+    /// `inputSchema` before any money moves: a wrong-typed, missing or
+    /// unknown field is `invalid_arguments` naming it, for a funded caller
+    /// (no hold) and for anonymous ones (nobody asked to pay, no intent or
+    /// payment session opened), and the upstream never sees the call.
+    /// (They were passed on unchecked: the wallet held, or a person asked
+    /// to pay, before the upstream refused.) A schema that cannot be
+    /// compiled is served all the same, its calls unchecked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upstream_tools_arguments_are_checked_before_money_moves() {
+        let (url, _stop, upstream) = spawn_upstream_at("127.0.0.1:0", TestUpstream::default()).await;
+        let pricing = upstream_pricing(&url, "free")
+            + "\n[[tools]]\nname = \"test_book\"\nprice = \"0.10\"\nmode = \"auto\"\n\n\
+               [[tools]]\nname = \"test_odd\"\nprice = \"0.10\"\n";
+        let t = InProcess::new(&pricing).await;
+        t.env.topup("alice", "1.00").await;
+        let refused = async |client: &crate::inproc::Client| {
+            for (args, field, why) in BAD_BOOKINGS {
+                let args: Value = serde_json::from_str(args).unwrap();
+                let r = call(client, "test_book", args.clone()).await;
+                assert_eq!(error_code(&r), "invalid_arguments", "{args}: {r:?}");
+                assert_eq!(structured(&r)["field"], field, "{args}: {r:?}");
+                let said = text(&r);
+                assert!(said.contains(why) && said.contains("nothing was charged"), "{args}: {said}");
+            }
+        };
+
+        // A funded caller (the fast path): nothing held or charged.
+        let alice = t.connect(Some("alice"), t.client(Person::Approves, Elicitation::None), false).await;
+        refused(&alice).await;
+        assert_eq!(t.env.balance("alice").await, ("1.00".into(), "0.00".into(), "1.00".into()));
+
+        // Anonymous callers (the slow path: elicitation for a client that
+        // can answer, resubmit otherwise): nobody is asked to pay, and no
+        // intent or payment session is opened.
+        let person = t.client(Person::PaysAndAccepts, Elicitation::Form);
+        let asked = t.connect(None, person.clone(), false).await;
+        refused(&asked).await;
+        let plain = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        refused(&plain).await;
+        assert_eq!(person.prompt_count(), 0, "a person was asked to pay for a call its tool refuses");
+        let store = t.gate.store();
+        assert!(store.list_sessions(100).await.unwrap().is_empty(), "a payment session was opened");
+        let open = store.open_intents(None, "-", tollgate::store::now_ms()).await.unwrap();
+        assert_eq!(open.anonymous, 0, "an intent was opened");
+        assert_eq!(upstream.booked.load(std::sync::atomic::Ordering::SeqCst), 0, "the upstream saw a bad call");
+
+        // Good arguments go through as before.
+        let r = call(&alice, "test_book", json!({"city": "Oslo", "nights": 2})).await;
+        assert_eq!(text(&r), "booked 2 nights in Oslo", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(t.env.available("alice").await, "0.90");
+
+        // A schema that cannot be compiled does not stop the gateway: the
+        // tool is served, and its arguments reach the upstream as sent.
+        let r = call(&alice, "test_odd", json!({"code": 5})).await;
+        assert_eq!(text(&r), "extra", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        for client in [alice, asked, plain] {
+            client.cancel().await.ok();
+        }
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+/// What the TypeScript SDK's `callTool` does with a tool that has an
+/// outputSchema (the Python SDK checks non-errors the same way): a result
+/// that is not an error must have `structuredContent`, and any it has must
+/// fit the schema. Otherwise it throws, and the person never sees the
+/// result, or the payment URL in it.
+fn sdk_takes(r: &rmcp::model::CallToolResult) -> Result<(), String> {
+    let schema = Value::Object((*forecast_schema()).clone());
+    match &r.structured_content {
+        None if r.is_error != Some(true) => {
+            Err("an output schema but no structured content".into())
+        }
+        None => Ok(()),
+        Some(body) => jsonschema::validate(&schema, body)
+            .map_err(|e| format!("structured content does not fit the output schema: {e}")),
+    }
+}
+
+/// The body of one of the gate's own replies to a tool with an outputSchema.
+fn gates_reply(r: &rmcp::model::CallToolResult) -> Value {
+    r.meta
+        .as_ref()
+        .and_then(|m| m.0.get("tollgate/reply").cloned())
+        .unwrap_or(Value::Null)
+}
+
+on_both_backends! {
+    /// A priced tool with an outputSchema keeps it in tools/list, so a
+    /// client checks its results against it: the gate's own replies
+    /// (payment required and pending, invalid arguments) leave
+    /// `structuredContent` out and are `isError`, their body in
+    /// `_meta["tollgate/reply"]` and their text as for any tool; the
+    /// tool's own result passes unchanged. (They carried the payment
+    /// object in `structuredContent`, which the TypeScript SDK refuses.)
+    /// A tool without one answers as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gates_replies_to_a_tool_with_an_output_schema_fit_it() {
+        let (url, _upstream) = spawn_upstream().await;
+        let priced = "\n[[tools]]\nname = \"test_forecast\"\nprice = \"0.10\"\n";
+        let t = InProcess::new(&(upstream_pricing(&url, "free") + priced)).await;
+        t.env.topup("alice", "1.00").await;
+        let alice = t.connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false).await;
+        let tools = alice.list_all_tools().await.unwrap();
+        let listed = tools.iter().find(|t| t.name == "test_forecast").unwrap();
+        assert_eq!(listed.output_schema, Some(forecast_schema()), "kept in tools/list");
+
+        // The fast path: the tool's own result, unchanged; a refusal of
+        // the gate's, in `_meta`.
+        let r = call(&alice, "test_forecast", json!({"city": "Oslo"})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(structured(&r), json!({"city": "Oslo", "high": 21.5}));
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert!(gates_reply(&r).is_null(), "{r:?}");
+        let r = call(&alice, "test_forecast", json!({"city": 5})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(r.is_error, Some(true));
+        assert_eq!(gates_reply(&r)["error"], "invalid_arguments", "{r:?}");
+        assert_eq!(gates_reply(&r)["field"], "city");
+        assert!(text(&r).contains("invalid argument `city`"), "{}", text(&r));
+
+        // resubmit: payment required, then pending, then the tool's result.
+        let bob = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&bob, "test_forecast", json!({"city": "Oslo"})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        let body = gates_reply(&r);
+        assert_eq!(body["error"], "payment_required", "{r:?}");
+        let id = body["payment_id"].as_str().unwrap().to_owned();
+        let pay_at = body["payment_url"].as_str().unwrap();
+        assert!(text(&r).contains(pay_at) && text(&r).contains(&id), "{}", text(&r));
+        let again = json!({"city": "Oslo", "payment_id": id});
+        let r = call(&bob, "test_forecast", again.clone()).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        assert_eq!(gates_reply(&r)["error"], "payment_pending", "{r:?}");
+        t.env.ok(&["sessions", "pay", &id]).await;
+        for replayed in [false, true] {
+            let r = call(&bob, "test_forecast", again.clone()).await;
+            sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+            assert_eq!(structured(&r), json!({"city": "Oslo", "high": 21.5}), "{r:?}");
+            assert_eq!(payment_meta(&r)["status"], "paid");
+            assert_eq!(payment_meta(&r)["replayed"].as_bool().unwrap_or(false), replayed);
+            assert!(gates_reply(&r).is_null(), "{r:?}");
+        }
+
+        // A tool without an outputSchema: as before, the body in
+        // `structuredContent` and nothing added to `_meta`.
+        let r = call(&bob, "test_work", json!({})).await;
+        assert_eq!(error_code(&r), "payment_required");
+        assert!(gates_reply(&r).is_null() && r.meta.is_none(), "{r:?}");
+        alice.cancel().await.ok();
+        bob.cancel().await.ok();
+
+        // two_step: the first answer is an `isError` for such a tool (a
+        // normal result would need structured content that fits); the
+        // confirm tool has no outputSchema, and answers as ever.
+        let two_step = upstream_pricing(&url, "free") + priced + "mode = \"two_step\"\n";
+        let t = InProcess::new(&two_step).await;
+        let carol = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&carol, "test_forecast", json!({"city": "Bergen"})).await;
+        sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+        let body = gates_reply(&r);
+        assert_eq!(body["status"], "payment_required", "{r:?}");
+        assert_eq!(body["next_step"], "confirm_test_forecast_payment");
+        let id = body["payment_id"].as_str().unwrap().to_owned();
+        assert!(text(&r).contains("confirm_test_forecast_payment") && text(&r).contains(&id), "{}", text(&r));
+        let confirm = carol.list_all_tools().await.unwrap();
+        let confirm = confirm.iter().find(|t| t.name == "confirm_test_forecast_payment").unwrap();
+        assert!(confirm.output_schema.is_none());
+        let r = call(&carol, "confirm_test_forecast_payment", json!({"payment_id": id})).await;
+        assert_eq!(error_code(&r), "payment_pending");
+        t.env.ok(&["sessions", "pay", &id]).await;
+        let r = call(&carol, "confirm_test_forecast_payment", json!({"payment_id": id})).await;
+        assert_eq!(structured(&r), json!({"city": "Bergen", "high": 21.5}), "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        carol.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
     }
 }
