@@ -1496,6 +1496,27 @@ async fn in_process_paying_through(
     crate::inproc::with_provider(pricing, |_, _| wrap(remote)).await
 }
 
+/// An anonymous `echo` call through `a` whose person declines the prompt:
+/// its client, the answer (`payment_declined`) and the intent as the
+/// decline left it.
+async fn declined_echo(
+    a: &crate::inproc::InProcess,
+    text: &str,
+) -> (
+    crate::inproc::Client,
+    rmcp::model::CallToolResult,
+    tollgate::store::Intent,
+) {
+    let client = a
+        .connect(None, a.client(Person::Declines, Elicitation::Form), false)
+        .await;
+    let r = call(&client, "echo", echo_args(text)).await;
+    assert_eq!(error_code(&r), "payment_declined", "{r:?}");
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+    (client, r, intent)
+}
+
 on_both_backends! {
     /// A call declined at its prompt cancels its session at the remote
     /// tollgate, so nobody can pay it there afterwards. A payment that
@@ -1508,11 +1529,7 @@ on_both_backends! {
         let b = HttpServer::start(&two_step_pricing()).await;
         let pricing = crate::inproc::pricing("elicitation", "");
         let a = in_process_paying_through(&b, &pricing, |remote| remote).await;
-        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
-        let r = call(&client, "echo", echo_args("no")).await;
-        assert_eq!(error_code(&r), "payment_declined", "{r:?}");
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-        let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+        let (client, _, intent) = declined_echo(&a, "no").await;
         assert_eq!(intent.status.as_str(), "declined");
         let session = intent.provider_session_id.unwrap();
         let at_b = tollgate::testing::open_store(&b.env.db).await.unwrap();
@@ -1563,14 +1580,10 @@ on_both_backends! {
             Arc::new(failing)
         })
         .await;
-        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
-        let r = call(&client, "echo", echo_args("later")).await;
-        assert_eq!(error_code(&r), "payment_declined", "{r:?}");
+        let (client, r, intent) = declined_echo(&a, "later").await;
         assert!(text(&r).contains("a payment made there still counts"), "{}", text(&r));
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-        let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
         assert_eq!(intent.status.as_str(), "awaiting_payment");
-        let session = intent.provider_session_id.unwrap();
+        let (id, session) = (intent.id, intent.provider_session_id.unwrap());
         let at_b = tollgate::testing::open_store(&b.env.db).await.unwrap();
         assert_eq!(at_b.session(&session).await.unwrap().unwrap().status.as_str(), "pending");
 
@@ -1591,11 +1604,7 @@ on_both_backends! {
             Arc::new(refusing)
         })
         .await;
-        let client = a.connect(None, a.client(Person::Declines, Elicitation::Form), false).await;
-        let r = call(&client, "echo", echo_args("no")).await;
-        assert_eq!(error_code(&r), "payment_declined", "{r:?}");
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-        let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+        let (client, _, intent) = declined_echo(&a, "no").await;
         assert_eq!(intent.status.as_str(), "declined");
         client.cancel().await.ok();
         b.env.assert_ledger_ok().await;
