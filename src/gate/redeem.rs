@@ -104,7 +104,7 @@ impl Gate {
                 IntentStatus::Succeeded | IntentStatus::Failed => {
                     return Settled::Final(self.replay(&intent).await);
                 }
-                IntentStatus::AwaitingPayment => self.check_payment(&intent).await,
+                IntentStatus::AwaitingPayment => self.check_payment(scope, &intent).await,
                 // Paid but not running: left by an older tollgate (which
                 // marked and claimed in two writes), perhaps one still
                 // sharing this PostgreSQL database.
@@ -240,6 +240,27 @@ impl Gate {
     /// paid: the tool did not run, and a payment made stands, redeemable by
     /// its id. A waiting call polls on through it (as if still pending).
     /// (The caller logs the cause.)
+    /// A payment whose check was cut short: the call was cancelled, or
+    /// tollgate is stopping.
+    fn not_checked(&self, intent: &Intent, why: &str) -> CallToolResult {
+        tracing::info!(payment_id = intent.id, "stopped asking the provider: {why}");
+        reply::error(
+            code::PAYMENT_PENDING,
+            format!(
+                "payment `{}` was not checked ({why}), and the tool did not run. A payment made \
+                 stands: {}.",
+                intent.id,
+                self.redeem_hint(intent)
+            ),
+            reply::details(json!({
+                "payment_id": intent.id,
+                "status": "pending",
+                "payment_url": intent.payment_url,
+                "expires_at": rfc3339(intent.expires_at),
+            })),
+        )
+    }
+
     fn unconfirmed(&self, intent: &Intent) -> CallToolResult {
         reply::error(
             code::UNAVAILABLE,
@@ -300,16 +321,23 @@ impl Gate {
     /// the intent along with what it says: paid, it is claimed for this
     /// call to run. Accepting the client's word is never enough: only the
     /// provider's `paid` counts.
-    async fn check_payment(&self, intent: &Intent) -> Step {
+    async fn check_payment(&self, scope: &CallScope<'_>, intent: &Intent) -> Step {
         let Some(session_id) = intent.provider_session_id.as_deref() else {
             return Step::Answer(reply::unavailable(format!(
                 "intent {} has no payment session",
                 intent.id
             )));
         };
-        let state = match self.provider.session_state(session_id).await {
-            Ok(state) => state,
-            Err(e) => return Step::Unconfirmed(e.to_string()),
+        // A remote provider that hangs is bounded only by its own timeouts
+        // and retries (half a minute): a call cancelled, or a server
+        // stopping, does not wait for it. Only the question is cut short,
+        // never a write.
+        let state = tokio::select! {
+            state = self.provider.session_state(session_id) => match state {
+                Ok(state) => state,
+                Err(e) => return Step::Unconfirmed(e.to_string()),
+            },
+            why = self.wait_ended(scope) => return Step::Answer(self.not_checked(intent, why)),
         };
         let (to, code, status) = match state.status {
             SessionStatus::Paid if !pays_for(&state, intent) => {

@@ -343,6 +343,9 @@ pub type BeforeCancel =
 pub struct Wrapped {
     pub inner: Arc<dyn tollgate::provider::Provider>,
     pub failing_checks: std::sync::atomic::AtomicU32,
+    /// How many checks hang, as a provider that takes the connection and
+    /// never answers (for two minutes).
+    pub hanging_checks: std::sync::atomic::AtomicU32,
     /// How many cancels fail as if the provider could not be reached.
     pub failing_cancels: std::sync::atomic::AtomicU32,
     /// How many cancels the provider refuses (a key without the right).
@@ -357,6 +360,7 @@ impl Wrapped {
         Self {
             inner,
             failing_checks: 0.into(),
+            hanging_checks: 0.into(),
             failing_cancels: 0.into(),
             refused_cancels: 0.into(),
             unreadable: Default::default(),
@@ -390,6 +394,9 @@ impl tollgate::provider::Provider for Wrapped {
             return Err(tollgate::provider::ProviderError::Unavailable(
                 "connection refused".into(),
             ));
+        }
+        if take_one(&self.hanging_checks) {
+            tokio::time::sleep(std::time::Duration::from_secs(120)).await;
         }
         if self.unreadable.lock().unwrap().as_deref() == Some(id) {
             return Err(tollgate::provider::ProviderError::Unreadable(

@@ -1029,6 +1029,44 @@ on_both_backends! {
 
 // ---------- a payment system that fails for a moment ----------
 
+on_both_backends! {
+    /// A confirm waiting on a provider that never answers is cut short when
+    /// tollgate stops: answered at once, its payment left payable. (It
+    /// waited out the provider's own timeouts, past the stop's grace.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_on_a_hung_provider_ends_when_tollgate_stops() {
+        let t = crate::inproc::with_provider(&pricing("two_step", ""), |config, store| {
+            let hangs = crate::inproc::Wrapped::new(
+                tollgate::app::provider_for(config, store).expect("provider"),
+            );
+            hangs.hanging_checks.store(1, std::sync::atomic::Ordering::SeqCst);
+            std::sync::Arc::new(hangs)
+        })
+        .await;
+        let client = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&client, "echo", echo_args("later")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let peer = client.peer().clone();
+        let confirm = tokio::spawn(async move {
+            let params = rmcp::model::CallToolRequestParams::new("confirm_echo_payment")
+                .with_arguments(json!({"payment_id": id}).as_object().unwrap().clone());
+            peer.call_tool(params).await
+        });
+        // The confirm is asking the hung provider; then tollgate stops.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        t.gate.close();
+        let r = tokio::time::timeout(std::time::Duration::from_secs(20), confirm)
+            .await
+            .expect("the confirm waited on the hung provider")
+            .unwrap()
+            .unwrap();
+        assert_eq!(error_code(&r), "payment_pending", "{r:?}");
+        assert!(text(&r).contains("was not checked (tollgate is shutting down)"), "{}", text(&r));
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
 /// An in-process server whose provider fails its first `failures` checks.
 async fn with_flaky_provider(pricing_text: &str, failures: u32) -> InProcess {
     crate::inproc::with_provider(pricing_text, |config, store| {
