@@ -236,10 +236,6 @@ impl Gate {
         )
     }
 
-    /// The answer when the payment system cannot say whether `intent` was
-    /// paid: the tool did not run, and a payment made stands, redeemable by
-    /// its id. A waiting call polls on through it (as if still pending).
-    /// (The caller logs the cause.)
     /// A payment whose check was cut short: the call was cancelled, or
     /// tollgate is stopping.
     fn not_checked(&self, intent: &Intent, why: &str) -> CallToolResult {
@@ -252,15 +248,14 @@ impl Gate {
                 intent.id,
                 self.redeem_hint(intent)
             ),
-            reply::details(json!({
-                "payment_id": intent.id,
-                "status": "pending",
-                "payment_url": intent.payment_url,
-                "expires_at": rfc3339(intent.expires_at),
-            })),
+            pending_details(intent),
         )
     }
 
+    /// The answer when the payment system cannot say whether `intent` was
+    /// paid: the tool did not run, and a payment made stands, redeemable by
+    /// its id. A waiting call polls on through it (as if still pending).
+    /// (The caller logs the cause.)
     fn unconfirmed(&self, intent: &Intent) -> CallToolResult {
         reply::error(
             code::UNAVAILABLE,
@@ -366,12 +361,7 @@ impl Gate {
                         intent.payment_url.as_deref().unwrap_or("(no url)"),
                         self.redeem_hint(intent)
                     ),
-                    reply::details(json!({
-                        "payment_id": intent.id,
-                        "status": "pending",
-                        "payment_url": intent.payment_url,
-                        "expires_at": rfc3339(intent.expires_at),
-                    })),
+                    pending_details(intent),
                 ));
             }
             // Its time is over, though its session may still be open at
@@ -759,7 +749,6 @@ pub(super) fn refunded(intent: &Intent) -> Value {
             "currency": intent.currency.as_str(), "charged": in_currency(Units(0)) })
 }
 
-/// The answer for an intent that ended without running.
 /// How long past its time an intent whose session is still pending at its
 /// provider stays open. A local session ends with its intent; a remote one
 /// runs on the remote's clock and time, and may take the payment a little
@@ -776,6 +765,17 @@ pub(super) fn remote_grace_ends(intent: &Intent) -> i64 {
     intent.expires_at.saturating_add(REMOTE_PENDING_GRACE_MS)
 }
 
+/// The details of an answer that leaves `intent` waiting for its payment.
+fn pending_details(intent: &Intent) -> Map<String, Value> {
+    reply::details(json!({
+        "payment_id": intent.id,
+        "status": "pending",
+        "payment_url": intent.payment_url,
+        "expires_at": rfc3339(intent.expires_at),
+    }))
+}
+
+/// The answer for an intent that ended without running.
 pub(super) fn ended(intent: &Intent, code: &str, status: &str) -> CallToolResult {
     let mut details = Map::new();
     details.insert("payment_id".into(), json!(intent.id));
