@@ -242,22 +242,16 @@ impl Gate {
                 .map_err(ProviderError::from)
                 .map(|kept| kept.then_some(RemoteSettled::Kept)),
             // Still open there past the grace: cancelled there first.
-            None if state
-                .as_ref()
-                .is_some_and(|s| s.status == SessionStatus::Pending) =>
-            {
-                self.end_unpaid(intent, IntentStatus::Expired)
+            // Over there, unknown there, or paid but not for this intent
+            // (refused): nothing to cancel.
+            None => {
+                let still_open = state
+                    .as_ref()
+                    .is_some_and(|s| s.status == SessionStatus::Pending);
+                self.end_reported(intent, IntentStatus::Expired, still_open)
                     .await
                     .map(|ended| ended.then_some(RemoteSettled::Expired))
             }
-            // Over there (or unknown there, or paid but not for this
-            // intent, which is refused): nothing to cancel.
-            None => self
-                .store
-                .end_unpaid_intent(&intent.id, IntentStatus::Expired)
-                .await
-                .map_err(ProviderError::from)
-                .map(|ended| ended.then_some(RemoteSettled::Expired)),
         };
         match settled {
             Ok(Some(settled)) => settled,

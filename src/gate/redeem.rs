@@ -383,14 +383,8 @@ impl Gate {
                 "cancelled",
             ),
         };
-        // Only a session still open needs cancelling first.
-        let ending = if state.status == SessionStatus::Pending {
-            self.end_unpaid(intent, to).await
-        } else {
-            let ending = self.store.end_unpaid_intent(&intent.id, to).await;
-            ending.map_err(ProviderError::from)
-        };
-        match ending {
+        let still_open = state.status == SessionStatus::Pending;
+        match self.end_reported(intent, to, still_open).await {
             Ok(true) => Step::Answer(ended(intent, code, status)),
             // Someone else moved it first (perhaps to paid): look again.
             Ok(false) => Step::Reload,
@@ -415,7 +409,7 @@ impl Gate {
         to: IntentStatus,
     ) -> Result<bool, ProviderError> {
         if let Some(session) = intent.provider_session_id.as_deref() {
-            match self.close_session(session, to).await {
+            match self.provider.cancel_session(session).await {
                 // A remote provider's payment is not in this store, so the
                 // store's own check below cannot see it.
                 Ok(SessionStatus::Paid) => return Ok(false),
@@ -457,25 +451,20 @@ impl Gate {
         Ok(self.store.end_unpaid_intent(&intent.id, to).await?)
     }
 
-    /// Cancels an intent's provider session, so that it can no longer be
-    /// paid; what it is now. A local one whose intent expires ends expired,
-    /// as the expiry sweep would end it, not cancelled.
-    async fn close_session(
+    /// Ends an intent still awaiting payment as `to`, its provider having
+    /// just reported its session: cancelled there first (see
+    /// [`Gate::end_unpaid`]) if `still_open`; over there (or unknown there),
+    /// nothing to cancel.
+    pub(super) async fn end_reported(
         &self,
-        session: &str,
+        intent: &Intent,
         to: IntentStatus,
-    ) -> Result<SessionStatus, ProviderError> {
-        if to != IntentStatus::Expired || !self.provider.is_local() {
-            return self.provider.cancel_session(session).await;
+        still_open: bool,
+    ) -> Result<bool, ProviderError> {
+        if still_open {
+            return self.end_unpaid(intent, to).await;
         }
-        if self
-            .store
-            .end_session(session, SessionStatus::Expired)
-            .await?
-        {
-            return Ok(SessionStatus::Expired);
-        }
-        Ok(self.provider.session_state(session).await?.status)
+        Ok(self.store.end_unpaid_intent(&intent.id, to).await?)
     }
 
     /// Runs a paid intent's tool, the one time it runs, and settles: the
