@@ -49,8 +49,6 @@ pub enum AppError {
         "could not register this instance in the store (see the warnings above), so it does not serve"
     )]
     Unregistered,
-    #[error("two tools are named `{0}`: each tool needs a name of its own")]
-    ToolAddedTwice(String),
 }
 
 /// Opens the store a URL names: `postgres://…` (or `postgresql://…`) for a

@@ -180,9 +180,6 @@ impl TollgateBuilder {
     /// Opens the store, connects the pricing's upstreams, checks every price
     /// against the tools, and builds the gate.
     pub async fn build(self) -> Result<Tollgate, AppError> {
-        if let Some(name) = self.tools.added_twice() {
-            return Err(AppError::ToolAddedTwice(name.to_owned()));
-        }
         let store = app::open_store(&self.config.store_url, &self.config).await?;
         let mut backends: Vec<Arc<dyn ToolBackend>> = vec![Arc::new(self.tools)];
         backends.extend(self.backends);

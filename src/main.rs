@@ -128,7 +128,8 @@ enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
-    /// Gives back some or all of a captured payment to whoever paid it.
+    /// Gives back some or all of a captured payment, or of a session paid
+    /// through the sessions API, to whoever paid it.
     Refund {
         payment_id: String,
         /// How much; all that is left to refund when left out.

@@ -136,6 +136,11 @@ impl Catalog {
         };
         let mut described: BTreeMap<String, (Tool, Arc<dyn ToolBackend>)> = BTreeMap::new();
         for backend in backends {
+            if let Some(name) = backend.named_twice().filter(|_| strict) {
+                return Err(config.error(format!(
+                    "two tools are named `{name}`: each tool needs a name of its own"
+                )));
+            }
             for tool in backend.tools() {
                 let name = tool.name.to_string();
                 if described.contains_key(&name) {

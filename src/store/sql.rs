@@ -431,19 +431,29 @@ pub(super) const REFUND_BY_KEY: &str =
     "SELECT payment_id, txn_id, amount FROM refunds WHERE idempotency_key = $1";
 /// The capture of a payment: a fast-path hold names it; a paid intent's is
 /// found by its payment id (a scan: refunds are rare, and an index would
-/// cost every capture a write).
+/// cost every capture a write). A session made through the sessions API has
+/// no intent here, so its payment into clearing is what a refund undoes;
+/// a call's session is not, since its intent's capture or refund moves
+/// that money on.
 pub(super) const CAPTURE_TXN_ID: &str =
     "SELECT txn_id AS id FROM holds WHERE id = $1 AND status = 'captured'
      UNION ALL
-     SELECT id FROM ledger_transactions WHERE payment_id = $1 AND kind = 'capture'";
+     SELECT id FROM ledger_transactions WHERE payment_id = $1 AND kind = 'capture'
+     UNION ALL
+     SELECT t.id FROM ledger_transactions t JOIN payment_sessions s ON s.id = t.payment_id
+     WHERE t.payment_id = $1 AND t.kind = 'session_payment' AND s.owner IS NOT NULL";
 /// What a capture paid to whom: its positive entries, but not the rest of
 /// a metered payment it gave back.
 pub(super) const CAPTURE_LEGS: &str = "SELECT account_id, amount, role FROM ledger_entries
      WHERE txn_id = $1 AND amount > 0 AND (role IS NULL OR role <> 'refund') ORDER BY id";
-/// Who paid for a payment: a hold's wallet, or an intent's refund account.
+/// Who paid for a payment: a hold's wallet, an intent's refund account, or
+/// the account that paid a session made through the sessions API.
 pub(super) const REFUND_DESTINATION: &str = "SELECT account_id FROM holds WHERE id = $1
      UNION ALL
-     SELECT refund_account_id AS account_id FROM intents WHERE id = $1 AND refund_account_id IS NOT NULL";
+     SELECT refund_account_id AS account_id FROM intents WHERE id = $1 AND refund_account_id IS NOT NULL
+     UNION ALL
+     SELECT paid_from_account AS account_id FROM payment_sessions
+     WHERE id = $1 AND owner IS NOT NULL AND paid_from_account IS NOT NULL";
 /// What earlier refunds of a payment took back from each account, by role.
 pub(super) const REFUNDED_BY_ACCOUNT: &str =
     "SELECT e.account_id, e.role, CAST(SUM(-e.amount) AS BIGINT) AS taken

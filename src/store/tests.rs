@@ -1414,6 +1414,105 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// Two refunds of two payments under one idempotency key, at once: one
+    /// is made, and the other is told the key was used. (On PostgreSQL the
+    /// second failed on the key's index, as "payment system unavailable".)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_idempotency_key_makes_one_refund_even_at_once() {
+        let (_dir, store) = store().await;
+        let usd = usd();
+        store
+            .topup(&AccountRef::wallet("w", &usd), units("10.00"), None)
+            .await
+            .unwrap();
+        for round in 0..5 {
+            let refund = |hold: String| RefundRequest {
+                payment_id: hold,
+                amount: None,
+                reason: "twice".into(),
+                idempotency_key: format!("key-{round}"),
+                restores_allowance: false,
+            };
+            let (a, b) = (format!("a{round}"), format!("b{round}"));
+            for hold in [&a, &b] {
+                store.hold(&hold_request(hold, "w", "0.10")).await.unwrap();
+                store
+                    .capture(hold, &Charge::whole(revenue(), units("0.10")))
+                    .await
+                    .unwrap();
+            }
+            let (a, b) = (refund(a), refund(b));
+            let (first, second) = tokio::join!(store.refund(&a), store.refund(&b));
+            let made = [&first, &second].iter().filter(|r| r.is_ok()).count();
+            let refused = [&first, &second]
+                .iter()
+                .filter(|r| matches!(r, Err(StoreError::Invalid(m)) if m.contains("was used for another refund")))
+                .count();
+            assert_eq!((made, refused), (1, 1), "{first:?} {second:?}");
+        }
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
+    /// A session made through the sessions API has no intent here: its
+    /// payment stays in clearing, and only the operator's refund gives it
+    /// back. A call's own session is refunded through its intent instead,
+    /// so its id refunds nothing. (Neither could be refunded before.)
+    #[tokio::test]
+    async fn a_sessions_api_payment_is_refunded_to_whoever_paid_it() {
+        let (_dir, store) = store().await;
+        let usd = usd();
+        store
+            .topup(&AccountRef::wallet("bob", &usd), units("1.00"), None)
+            .await
+            .unwrap();
+        let mut api = session("cs_api", now_ms() + 60_000);
+        api.owner = Some("shop".into());
+        store.create_session(&api).await.unwrap();
+        let refund = |payment_id: &str, amount: Option<&str>, key: &str| RefundRequest {
+            payment_id: payment_id.into(),
+            amount: amount.map(units),
+            reason: "paid by mistake".into(),
+            idempotency_key: key.into(),
+            restores_allowance: false,
+        };
+        // Unpaid, there is nothing to give back.
+        assert!(matches!(
+            store.refund(&refund("cs_api", None, "k0")).await,
+            Err(StoreError::NotFound(_))
+        ));
+        store.pay_session("cs_api", Some("bob"), now_ms()).await.unwrap();
+        assert_eq!(available(&*store, "bob").await, units("0.95"));
+
+        let part = store.refund(&refund("cs_api", Some("0.02"), "k1")).await.unwrap();
+        assert_eq!((part.amount, part.captured), (units("0.02"), units("0.05")));
+        assert_eq!(available(&*store, "bob").await, units("0.97"));
+        let rest = store.refund(&refund("cs_api", None, "k2")).await.unwrap();
+        assert_eq!((rest.amount, rest.refunded), (units("0.03"), units("0.05")));
+        assert_eq!(available(&*store, "bob").await, units("1.00"));
+        assert_eq!(posted(&*store, AccountKind::Clearing, "payments").await, 0);
+        assert!(matches!(
+            store.refund(&refund("cs_api", None, "k3")).await,
+            Err(StoreError::Invalid(_))
+        ));
+
+        // A call's session: its intent's capture or refund moves the money.
+        store
+            .create_session(&session("cs_call", now_ms() + 60_000))
+            .await
+            .unwrap();
+        store.pay_session("cs_call", Some("bob"), now_ms()).await.unwrap();
+        assert!(matches!(
+            store.refund(&refund("cs_call", None, "k4")).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert_eq!(available(&*store, "bob").await, units("0.95"));
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
     /// A paid run left `running` by a tollgate from before instance leases
     /// (no runner recorded) is taken for a dead instance's once the
     /// migration runs, and so recovered, rather than left running for good.

@@ -282,17 +282,16 @@ impl FnTools {
         }
         self
     }
-
-    /// A name given to two tools, if any.
-    pub fn added_twice(&self) -> Option<&str> {
-        self.added_twice.as_deref()
-    }
 }
 
 #[async_trait]
 impl ToolBackend for FnTools {
     fn tools(&self) -> Vec<Tool> {
         self.tools.values().map(|t| t.describe()).collect()
+    }
+
+    fn named_twice(&self) -> Option<&str> {
+        self.added_twice.as_deref()
     }
 
     fn validate(&self, tool: &str, args: &JsonObject) -> Result<(), ArgumentError> {

@@ -66,4 +66,10 @@ pub trait ToolBackend: Send + Sync {
     fn run_limit(&self) -> Option<std::time::Duration> {
         None
     }
+
+    /// A name this backend was given two tools under, if any: it serves
+    /// only one of them, so the catalog refuses to start with it.
+    fn named_twice(&self) -> Option<&str> {
+        None
+    }
 }

@@ -131,15 +131,24 @@ async fn two_tools_of_one_name_are_refused_at_start() {
         "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[receipts]\nkey_file = \"{}\"\n",
         env.key.display()
     );
-    let built = tollgate::Tollgate::from_pricing(&text)
+    let twice = || {
+        tollgate::tools::functions::FnTools::new()
+            .tool("lookup", "The first.", |_: NoArguments| async { "first" })
+            .tool("lookup", "The second.", |_: NoArguments| async { "second" })
+    };
+    // Added to the builder, or handed to it as a backend of their own.
+    let added = tollgate::Tollgate::from_pricing(&text)
         .expect("pricing")
         .tool("lookup", "The first.", |_: NoArguments| async { "first" })
-        .tool("lookup", "The second.", |_: NoArguments| async { "second" })
-        .store_url(env.db.clone())
-        .build()
-        .await;
-    let error = built.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(error.contains("two tools are named `lookup`"), "{error}");
+        .tool("lookup", "The second.", |_: NoArguments| async { "second" });
+    let handed = tollgate::Tollgate::from_pricing(&text)
+        .expect("pricing")
+        .backend(std::sync::Arc::new(twice()));
+    for builder in [added, handed] {
+        let built = builder.store_url(env.db.clone()).build().await;
+        let error = built.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("two tools are named `lookup`"), "{error}");
+    }
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]

@@ -453,15 +453,23 @@ impl Store for PgStore {
 
     async fn refund(&self, request: &RefundRequest) -> Result<Refunded, StoreError> {
         // Refunds of one payment queue on its capture's row.
-        retrying(|| async {
-            Portable::<Postgres>::refund(
-                self.tx().await?,
-                "SELECT amount, currency, payer, tool FROM ledger_transactions WHERE id = $1 FOR UPDATE",
-                request,
-            )
-            .await
-        })
-        .await
+        let once = || {
+            retrying(|| async {
+                Portable::<Postgres>::refund(
+                    self.tx().await?,
+                    "SELECT amount, currency, payer, tool FROM ledger_transactions WHERE id = $1 FOR UPDATE",
+                    request,
+                )
+                .await
+            })
+        };
+        match once().await {
+            // Refunds of two payments under one key lock different rows, so
+            // the second learns of the first only from the key's index. Run
+            // again, it sees the first and says the key was used.
+            Err(e) if duplicate(&e) => once().await,
+            other => other,
+        }
     }
 
     async fn sweep_expired(&self, now: i64) -> Result<u64, StoreError> {
