@@ -69,11 +69,7 @@ impl SessionsApiProvider {
         loop {
             let outcome = request().bearer_auth(&self.api_key).send().await;
             let retry = match &outcome {
-                Ok(r) => {
-                    idempotent
-                        && (r.status().is_server_error()
-                            || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS)
-                }
+                Ok(r) => idempotent && transient(r.status()),
                 Err(e) => e.is_connect() || (idempotent && e.is_timeout()),
             };
             if !retry || attempt >= ATTEMPTS {
@@ -85,6 +81,16 @@ impl SessionsApiProvider {
             attempt += 1;
         }
     }
+}
+
+/// A refusal that may not hold next time: the remote failed, was busy, or
+/// took too long (a tollgate answers 408 when its own time limit runs out).
+/// Anything else of the 4xx is for good: a cancel refused so is given up.
+fn transient(status: reqwest::StatusCode) -> bool {
+    use reqwest::StatusCode;
+    status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
 }
 
 async fn check(
@@ -102,10 +108,10 @@ async fn check(
     }
     let body = response.text().await.unwrap_or_default();
     let body: String = body.chars().take(300).collect();
-    if status.is_client_error() && status != reqwest::StatusCode::TOO_MANY_REQUESTS {
-        Err(ProviderError::Refused(format!("{status}: {body}")))
-    } else {
+    if transient(status) {
         Err(ProviderError::Unavailable(format!("{status}: {body}")))
+    } else {
+        Err(ProviderError::Refused(format!("{status}: {body}")))
     }
 }
 
@@ -290,6 +296,33 @@ mod tests {
             Err(ProviderError::Unavailable(_))
         ));
         assert_eq!(calls.load(Ordering::SeqCst), ATTEMPTS as usize, "bounded");
+    }
+
+    /// A remote that runs out of its own time answers 408: that cancel may
+    /// yet go through, so it is retried and the payment kept open, not
+    /// taken for a refusal that ends the call here. (It was one.)
+    #[tokio::test]
+    async fn a_cancel_that_timed_out_there_is_tried_again_not_given_up() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = Router::new()
+            .route(
+                "/v1/sessions/{id}/cancel",
+                axum::routing::post(|State(calls): State<Arc<AtomicUsize>>| async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::REQUEST_TIMEOUT
+                }),
+            )
+            .with_state(calls.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let provider = SessionsApiProvider::new(&format!("http://{addr}"), "key".into()).unwrap();
+        let cancelled = provider.cancel_session("cs_1").await;
+        assert!(
+            matches!(cancelled, Err(ProviderError::Unavailable(_))),
+            "{cancelled:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), ATTEMPTS as usize);
     }
 
     #[tokio::test]
