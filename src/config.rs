@@ -16,7 +16,7 @@ use crate::{
     approvals::{ApprovalRule, ApprovalRules},
     money::{Currency, Units, format_in, to_minor_units},
     tariff::{Measure, Metered, Tariff},
-    terms::{Fee, FeeAccounts, Terms},
+    terms::{Fee, FeeAccounts, Role, Terms},
 };
 
 /// The longest duration a setting may take (ten years).
@@ -1196,8 +1196,8 @@ fn whole_flat_price(amount: Units, currency: &Currency) -> Result<Units, String>
 }
 
 /// Fixed fees taken from a flat price's author share must fit in it: they
-/// are cut to what is there (`terms.rs`), and a platform share above the
-/// price would leave the author nothing, silently.
+/// are cut to what is there (`terms.rs`), silently. The author's share is
+/// what the percentage shares leave of the price.
 fn fees_within_flat_price(
     terms: &Terms,
     price: &Tariff,
@@ -1215,9 +1215,30 @@ fn fees_within_flat_price(
         _ => 0,
     };
     let taken = fixed(&terms.platform_share) + fixed(&terms.commission_in);
-    if taken > amount.0 {
+    let mut shares_only = terms.clone();
+    for fee in [
+        &mut shares_only.platform_share,
+        &mut shares_only.commission_in,
+    ] {
+        if matches!(fee, Some(Fee::Fixed(_))) {
+            *fee = None;
+        }
+    }
+    let author: i64 = (shares_only.split(amount, currency).legs.iter())
+        .filter(|(role, ..)| *role == Role::Author)
+        .map(|(.., units)| units.0)
+        .sum();
+    if taken > author {
+        let left = if author == amount.0 {
+            String::new()
+        } else {
+            format!(
+                " (its percentage shares leave {} of it to the author)",
+                format_in(Units(author), currency)
+            )
+        };
         return Err(format!(
-            "its fixed platform_share and commission_in come to {}, more than its price {}",
+            "its fixed platform_share and commission_in come to {}, more than its price {}{left}",
             format_in(Units(taken), currency),
             format_in(amount, currency)
         ));
@@ -1380,6 +1401,24 @@ mode = "resubmit"
         );
         let fits = "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\nprice = \"0.05\"\nplatform_share = \"0.02\"\n";
         assert!(Config::parse(fits, "p.toml").is_ok());
+        // A fixed fee comes out of what the percentage shares leave: 80% of
+        // 0.10 leaves 0.02, too little for a 0.05 commission, which would be
+        // cut to 0.02 on every call. (It was accepted.)
+        let e = error_for("price = \"0.10\"\nplatform_share = \"80%\"\ncommission_in = \"0.05\"");
+        assert!(
+            e.contains("come to 0.05, more than its price 0.10 (its percentage shares leave 0.02 of it to the author)"),
+            "{e}"
+        );
+        assert!(
+            Config::parse(
+                &fits.replace(
+                    "platform_share = \"0.02\"",
+                    "platform_share = \"60%\"\ncommission_in = \"0.02\""
+                ),
+                "p.toml"
+            )
+            .is_ok()
+        );
 
         let upstream = "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:1/mcp\"\nunpriced = \"0.005\"\n";
         let e = Config::parse(upstream, "p.toml").unwrap_err().to_string();

@@ -396,7 +396,15 @@ impl Command {
         matches!(
             self,
             Command::Wallet {
-                command: WalletCommand::Balance { .. } | WalletCommand::Statement { .. }
+                command: WalletCommand::Balance { .. }
+                    | WalletCommand::Statement { .. }
+                    | WalletCommand::Limits {
+                        per_call: None,
+                        daily: None,
+                        monthly: None,
+                        tools: None,
+                        ..
+                    }
             } | Command::Sessions {
                 command: SessionsCommand::List { .. }
             } | Command::Keys {
@@ -797,8 +805,12 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             );
             print_balances(store, &wallet).await?;
         }
-        WalletCommand::Balance { wallet } => print_balances(store, &wallet).await?,
+        WalletCommand::Balance { wallet } => {
+            known_wallet(store, &wallet).await?;
+            print_balances(store, &wallet).await?
+        }
         WalletCommand::Statement { wallet } => {
+            known_wallet(store, &wallet).await?;
             let lines = store.statement(AccountKind::Wallet, &wallet).await?;
             let all = statement::Filter::default();
             print!(
@@ -852,6 +864,14 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                 };
             }
             let shown = if changing {
+                // Limits may be set before a wallet's first top-up (for a
+                // principal who pays through sessions), so a new name is
+                // taken, but said: it may be a mistyped one.
+                if store.balances(&wallet).await?.is_empty() {
+                    eprintln!(
+                        "note: wallet {wallet} is new here (nothing was recorded for it before);                          check the name if you meant an existing one"
+                    );
+                }
                 store
                     .set_limits(&AccountRef::wallet(&wallet, &currency), &limits)
                     .await?;
@@ -870,12 +890,20 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
     Ok(())
 }
 
-async fn print_balances(store: &dyn Store, wallet: &str) -> anyhow::Result<()> {
-    let balances = store.balances(wallet).await?;
-    if balances.is_empty() {
-        println!("wallet {wallet} has no funds");
+/// Refuses a wallet name nothing was ever recorded for: a typo would
+/// otherwise read as a wallet with no funds.
+async fn known_wallet(store: &dyn Store, wallet: &str) -> anyhow::Result<()> {
+    if store.balances(wallet).await?.is_empty() {
+        bail!(
+            "no wallet named `{wallet}`: nothing was ever recorded for it (a wallet is made by \
+             its first top-up)"
+        );
     }
-    for b in balances {
+    Ok(())
+}
+
+async fn print_balances(store: &dyn Store, wallet: &str) -> anyhow::Result<()> {
+    for b in store.balances(wallet).await? {
         println!(
             "{wallet}: balance {} {cur}, held {} {cur}, available {} {cur}",
             format_in(b.balance, &b.currency),

@@ -210,6 +210,19 @@ where
         Ok(id)
     }
 
+    /// An account's id if it was ever made: nothing is created, so a
+    /// mistyped wallet that pays nothing leaves no account behind.
+    pub async fn existing_account_id(
+        &self,
+        account: &AccountRef,
+    ) -> Result<Option<i64>, StoreError> {
+        query(Statement::account_id(account))
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| row.int("id"))
+            .transpose()
+    }
+
     /// A charge with its accounts resolved (and created if new).
     pub async fn capture_plan(&self, charge: &Charge) -> Result<CapturePlan, StoreError> {
         let beneficiary_id = self.account_id(&charge.beneficiary).await?;
@@ -737,14 +750,15 @@ where
 
     /// Pays a pending session from `source_id` into clearing, in `tx`. The
     /// session and the paying wallet are read with the backend's `locks`,
-    /// so that nothing changes them before the transaction commits.
+    /// so that nothing changes them before the transaction commits. A
+    /// wallet with no account (`None`) has nothing to pay with.
     #[allow(clippy::too_many_arguments)]
     pub async fn pay_session(
         mut tx: impl Tx,
         locks: &PaymentLocks,
         session: &LocalSession,
         from_wallet: Option<&str>,
-        source_id: i64,
+        source_id: Option<i64>,
         clearing_id: i64,
         now: i64,
     ) -> Result<Posted, StoreError> {
@@ -766,13 +780,16 @@ where
         let intent = tx.fetch_optional(statement!(locks.intent, id)).await?;
         let tool = intent.as_ref().map(|i| i.text("tool")).transpose()?;
         // Who was behind the call, for the payer's statement line. An
-        // approval still waiting is decided by this payment (the claim
-        // records it on the intent as approved by the payer): the line
-        // says so now.
+        // approval still waiting, or declined as this payment was made, is
+        // decided by it (the claim records it on the intent as approved by
+        // the payer): the line says so now.
         let origin = intent.as_ref().map(rows::origin).transpose()?;
         let approval = match &intent {
             Some(i) => rows::approval(i)?.map(|mut approval| {
-                if approval.status == ApprovalStatus::Waiting {
+                if matches!(
+                    approval.status,
+                    ApprovalStatus::Waiting | ApprovalStatus::Declined
+                ) {
                     approval.status = ApprovalStatus::Approved;
                     let refund_to = from_wallet.map(|w| AccountRef::wallet(w, &session.currency));
                     approval.by = Some(Funding::InClearing { refund_to }.approver());
@@ -795,6 +812,15 @@ where
                 return Err(StoreError::session_not_pending(id, to.as_str().into()));
             }
         }
+        let source_id = match (source_id, from_wallet) {
+            (Some(source_id), _) => source_id,
+            (None, Some(wallet)) => return Err(StoreError::insufficient(wallet, session, 0)),
+            (None, None) => {
+                return Err(StoreError::Invalid(format!(
+                    "session {id} has no account to be paid from"
+                )));
+            }
+        };
         if let Some(wallet) = from_wallet {
             let row = tx.fetch_one(statement!(locks.wallet, source_id)).await?;
             // The wallet's limits, checked and counted on its locked row.

@@ -355,13 +355,15 @@ pub(super) const PRUNE_HOLDS: &str = "DELETE FROM holds WHERE id IN (
 /// its own, which cost each slow-path flow a write). With no `$5`, → paid
 /// only (a remote payment found after the intent's time: redeemable, or
 /// refunded if never used). Notes the account a refund goes back to; a
-/// waiting approval is approved by whoever paid (`$4`).
+/// waiting approval is approved by whoever paid (`$4`), and so is a
+/// declined one: a payment that landed as the person said no (the intent
+/// stays payable then) is what the charge's records must show.
 pub(super) const CLAIM_PAID: &str =
     "UPDATE intents SET status = CASE WHEN $5 IS NULL THEN 'paid' ELSE 'running' END,
             runner = $5, refund_account_id = $2, updated_at = $3,
-            approved_by = CASE WHEN approval = 'waiting' THEN $4 ELSE approved_by END,
-            approved_at = CASE WHEN approval = 'waiting' THEN $3 ELSE approved_at END,
-            approval = CASE WHEN approval = 'waiting' THEN 'approved' ELSE approval END
+            approved_by = CASE WHEN approval IN ('waiting', 'declined') THEN $4 ELSE approved_by END,
+            approved_at = CASE WHEN approval IN ('waiting', 'declined') THEN $3 ELSE approved_at END,
+            approval = CASE WHEN approval IN ('waiting', 'declined') THEN 'approved' ELSE approval END
      WHERE id = $1 AND status = 'awaiting_payment'";
 
 /// running → succeeded or failed, with what settling it needs.

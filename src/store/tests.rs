@@ -1414,6 +1414,47 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// A person declines an approval just as the call's session is paid:
+    /// the payment stands and the call runs when redeemed, so its records
+    /// show it approved by whoever paid, not a charge "declined". (The
+    /// decline stayed, and the capture carried it.)
+    #[tokio::test]
+    async fn a_payment_that_lands_as_an_approval_is_declined_shows_who_paid() {
+        let (_dir, store) = store().await;
+        store
+            .topup(&AccountRef::wallet("payer", &usd()), units("1.00"), None)
+            .await
+            .unwrap();
+        store.create_session(&session("d", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("d"), &OpenLimit::NONE).await.unwrap();
+        assert!(
+            store
+                .decide_approval("d", ApprovalStatus::Declined, "alice via elicitation")
+                .await
+                .unwrap()
+        );
+        store.pay_session("d", Some("payer"), now_ms()).await.unwrap();
+        let line = store
+            .statement(AccountKind::Wallet, "payer")
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|l| l.kind == "session_payment")
+            .unwrap();
+        let on_line = line.approval.expect("the payment line's approval");
+        assert_eq!(on_line.status, ApprovalStatus::Approved);
+        let funding = Funding::InClearing {
+            refund_to: Some(AccountRef::wallet("payer", &usd())),
+        };
+        assert!(store.claim_paid_intent("d", &funding).await.unwrap());
+        let approval = store.intent("d").await.unwrap().unwrap().approval.unwrap();
+        assert_eq!(approval.status, ApprovalStatus::Approved);
+        assert_eq!(approval.by, on_line.by);
+        assert!(approval.by.as_deref().is_some_and(|by| by.contains("payer")), "{approval:?}");
+    }
+}
+
+crate::on_both_backends! {
     /// Two refunds of two payments under one idempotency key, at once: one
     /// is made, and the other is told the key was used. (On PostgreSQL the
     /// second failed on the key's index, as "payment system unavailable".)

@@ -110,9 +110,11 @@ on_both_backends! {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let out = env.ok(&["wallet", "balance", "alice"]).await;
-        assert!(!out.contains("USX"), "{out}");
-        assert_eq!(env.available("alice").await, "0.00");
+        // None of them made a wallet (in USX or any other currency).
+        let out = env.cli(&["wallet", "balance", "alice"]).await;
+        assert!(!out.status.success());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("no wallet named `alice`"), "{said}");
         env.topup("alice", "2.5").await;
         let out = env.ok(&["wallet", "balance", "alice"]).await;
         assert!(
@@ -215,6 +217,7 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
     for args in [
         &["wallet", "balance", "alice"][..],
         &["wallet", "statement", "alice"],
+        &["wallet", "limits", "alice"],
         &["sessions", "list"],
         &["keys", "list"],
         &["ledger", "verify"],
@@ -248,6 +251,46 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
     let out = env.cli(&["wallet", "topup", "  ", "1"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("a wallet name cannot be empty"));
+
+    // A misspelt wallet is said so, not shown as one with no funds; paying
+    // from it makes no account; and setting its limits (which may come
+    // before a first top-up) says it is new.
+    for args in [
+        &["wallet", "balance", "alcie"][..],
+        &["wallet", "statement", "alcie"],
+    ] {
+        let out = env.cli(args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains("no wallet named `alcie`"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let client = env.client(None).await;
+    let id = payment_id_of(&call(&client, "echo", echo_args("hi")).await);
+    let out = env.cli(&["sessions", "pay", &id, "--from", "alcie"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("insufficient"),
+        "{out:?}"
+    );
+    client.cancel().await.ok();
+    let out = env.cli(&["wallet", "statement", "alcie"]).await;
+    assert!(!out.status.success(), "paying from alcie made a wallet");
+    let out = env
+        .cli(&["wallet", "limits", "alcie", "--daily", "1"])
+        .await;
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("note: wallet alcie is new here"),
+        "{stderr}"
+    );
+    let out = env
+        .cli(&["wallet", "limits", "alice", "--daily", "1"])
+        .await;
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("is new here"));
 
     // A misspelt account is said so, not shown as an empty statement or
     // export; a beneficiary's name is trimmed as a wallet's is.

@@ -161,17 +161,24 @@ impl Env {
         self.ok(&["wallet", "topup", wallet, amount]).await;
     }
 
-    /// `(balance, held, available)` of a USD wallet, as printed.
+    /// `(balance, held, available)` of a USD wallet, as printed; zeros for
+    /// a wallet nothing was recorded for (which the CLI refuses).
     pub async fn balance(&self, wallet: &str) -> (String, String, String) {
-        let out = self.ok(&["wallet", "balance", wallet]).await;
-        let line = out
-            .lines()
-            .find(|l| l.contains("balance") || l.contains("no funds"))
-            .unwrap_or_default()
-            .to_owned();
-        if line.contains("has no funds") {
+        let out = self.cli(&["wallet", "balance", wallet]).await;
+        if String::from_utf8_lossy(&out.stderr).contains("no wallet named") {
             return ("0.00".into(), "0.00".into(), "0.00".into());
         }
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = String::from_utf8_lossy(&out.stdout);
+        let line = out
+            .lines()
+            .find(|l| l.contains("balance"))
+            .unwrap_or_default()
+            .to_owned();
         let nums: Vec<String> = line
             .split(' ')
             .filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))

@@ -625,11 +625,14 @@ impl Store for PgStore {
         let Some(session) = self.session(id).await? else {
             return Err(StoreError::NotFound(format!("payment session {id}")));
         };
-        let source = match from_wallet {
-            Some(wallet) => AccountRef::wallet(wallet, &session.currency),
-            None => dev_settlement(&session.currency),
+        let source_id = match from_wallet {
+            Some(wallet) => {
+                (self.db)
+                    .existing_account_id(&AccountRef::wallet(wallet, &session.currency))
+                    .await?
+            }
+            None => Some(self.account_id(&dev_settlement(&session.currency)).await?),
         };
-        let source_id = self.account_id(&source).await?;
         let clearing_id = self.account_id(&clearing(&session.currency)).await?;
         retrying(|| async {
             Portable::<Postgres>::pay_session(
