@@ -843,7 +843,7 @@ impl Config {
         // An upstream's unpriced tools are charged on the server's terms.
         for (i, upstream) in upstreams.iter().enumerate() {
             if let Unpriced::Price(amount) = upstream.unpriced {
-                fees_within_flat_price(&server_terms, &Tariff::Flat(amount), &currency).map_err(
+                fees_fit_price(&server_terms, &Tariff::Flat(amount), &currency).map_err(
                     |message| {
                         let span = raw.upstreams[i].unpriced.as_ref().map(Spanned::span);
                         err(span, format!("upstreams[{i}].unpriced: {message}"))
@@ -917,7 +917,7 @@ impl Config {
                 accounts: server_terms.accounts.clone(),
             };
             check_terms(&terms)
-                .and_then(|()| fees_within_flat_price(&terms, &price, &currency))
+                .and_then(|()| fees_fit_price(&terms, &price, &currency))
                 .map_err(|message| {
                     err(
                         Some(t.name.span()),
@@ -1195,14 +1195,26 @@ fn whole_flat_price(amount: Units, currency: &Currency) -> Result<Units, String>
         .map_err(|e| format!("{e}: a flat price is whole minor units"))
 }
 
-/// Fixed fees taken from a flat price's author share must fit in it: they
-/// are cut to what is there (`terms.rs`), silently. The author's share is
-/// what the percentage shares leave of the price.
-fn fees_within_flat_price(
-    terms: &Terms,
-    price: &Tariff,
-    currency: &Currency,
-) -> Result<(), String> {
+/// A price with its outgoing commission must be an amount the ledger can
+/// hold. And fixed fees taken from a flat price's author share must fit in
+/// it: they are cut to what is there (`terms.rs`), silently. The author's
+/// share is what the percentage shares leave of the price.
+fn fees_fit_price(terms: &Terms, price: &Tariff, currency: &Currency) -> Result<(), String> {
+    // What the payer pays at most must be a number the ledger can hold:
+    // past it, the hold would wrap round to a negative amount.
+    let most = match price {
+        Tariff::Flat(amount) => *amount,
+        Tariff::Metered(m) => m.max,
+    };
+    if (most.0)
+        .checked_add(terms.commission_out(most, currency).0)
+        .is_none()
+    {
+        return Err(format!(
+            "its price {} with its commission_out is more than an amount can be",
+            format_in(most, currency)
+        ));
+    }
     // A free tool is not charged, so nothing is taken from it.
     let &Tariff::Flat(amount) = price else {
         return Ok(());
@@ -1401,6 +1413,13 @@ mode = "resubmit"
         );
         let fits = "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\nprice = \"0.05\"\nplatform_share = \"0.02\"\n";
         assert!(Config::parse(fits, "p.toml").is_ok());
+        // A price the payer could not pay with its commission: its hold
+        // would have wrapped round to a negative amount.
+        let e = error_for("price = \"9000000000000\"\ncommission_out = \"300000000000\"");
+        assert!(
+            e.contains("with its commission_out is more than an amount can be"),
+            "{e}"
+        );
         // A fixed fee comes out of what the percentage shares leave: 80% of
         // 0.10 leaves 0.02, too little for a 0.05 commission, which would be
         // cut to 0.02 on every call. (It was accepted.)
