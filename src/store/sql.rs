@@ -474,14 +474,15 @@ pub(super) const STATS_INTENTS: &str =
     "SELECT status, COUNT(*) AS n FROM intents GROUP BY status ORDER BY status";
 /// What each tool's calls have earned, net of refunds: every posting to a
 /// revenue account (the author's, the platform's, commissions, rounding)
-/// by the tool's captures, less what refunds took back from them.
+/// by the tool's captures, less what refunds took back from them. Tool-less
+/// revenue ("-") comes last on both stores, which sort NULLs differently.
 pub(super) const STATS_REVENUE: &str =
     "SELECT COALESCE(t.tool, '-') AS tool, t.currency, CAST(SUM(e.amount) AS BIGINT) AS total
      FROM ledger_entries e
      JOIN accounts a ON a.id = e.account_id
      JOIN ledger_transactions t ON t.id = e.txn_id
      WHERE a.kind = 'revenue' AND t.kind IN ('capture', 'refund')
-     GROUP BY t.tool, t.currency ORDER BY t.tool, t.currency";
+     GROUP BY t.tool, t.currency ORDER BY t.tool IS NULL, t.tool, t.currency";
 
 /// A parameter of a shared statement.
 pub(super) enum Param<'a> {
