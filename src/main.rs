@@ -827,11 +827,16 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
             monthly,
             tools,
         } => {
+            let current = store.limits(&wallet).await?;
+            // A currency the wallet already holds is taken as recorded: a
+            // ledger from before codes were checked may hold one not ISO's.
             let currency = match currency {
-                Some(c) => Currency::parse(&c)?,
+                Some(c) => match Currency::recorded(&c) {
+                    Ok(held) if current.iter().any(|w| w.currency == held) => held,
+                    _ => Currency::parse(&c)?,
+                },
                 None => config.currency.clone(),
             };
-            let current = store.limits(&wallet).await?;
             let mut limits = current
                 .iter()
                 .find(|w| w.currency == currency)

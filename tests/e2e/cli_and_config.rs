@@ -129,6 +129,15 @@ on_both_backends! {
         assert!(!other.status.success());
         assert!(String::from_utf8_lossy(&other.stderr).contains("used for another top-up"));
         assert_eq!(env.available("alice").await, "3.50");
+        // A wallet in a code recorded before codes were checked (not ISO's)
+        // can still have its limits set; a new such code cannot be made.
+        let legacy = "INSERT INTO accounts (kind, name, currency, created_at) VALUES ('wallet', 'alice', 'CRD', 0)";
+        tollgate::testing::execute(&env.db, legacy).await.unwrap();
+        let set = env.ok(&["wallet", "limits", "alice", "--currency", "crd", "--daily", "1"]).await;
+        assert!(set.contains("daily:    1.00"), "{set}");
+        let out = env.cli(&["wallet", "limits", "alice", "--currency", "CRE", "--daily", "1"]).await;
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not an ISO 4217"), "{out:?}");
         env.assert_ledger_ok().await;
     }
 }
