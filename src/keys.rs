@@ -18,15 +18,21 @@ pub enum Scope {
     SessionsCreate,
     /// `GET /v1/sessions/{id}`.
     SessionsRead,
+    /// A person's key: pay from its wallet at the checkout page, and
+    /// approve a charge above the threshold there. The `mcp` key a client
+    /// calls tools with may pay, but not approve: an agent holding it
+    /// could otherwise approve its own charges.
+    Approve,
     /// Everything, including `/metrics`.
     Admin,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [
+    pub const ALL: [Scope; 5] = [
         Scope::Mcp,
         Scope::SessionsCreate,
         Scope::SessionsRead,
+        Scope::Approve,
         Scope::Admin,
     ];
 
@@ -35,6 +41,7 @@ impl Scope {
             Scope::Mcp => "mcp",
             Scope::SessionsCreate => "sessions:create",
             Scope::SessionsRead => "sessions:read",
+            Scope::Approve => "approve",
             Scope::Admin => "admin",
         }
     }

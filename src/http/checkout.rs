@@ -344,23 +344,30 @@ pub async fn act(
     }
     let outcome = match form.action.as_str() {
         "pay" => {
-            // Only a key that may spend its wallet (scope `mcp`, or admin)
-            // pays: a `sessions:create` or `sessions:read` key never moves
-            // money.
+            // Only a key that may spend its wallet (scope `mcp` or
+            // `approve`, or admin) pays: a `sessions:create` or
+            // `sessions:read` key never moves money. An approval needs a
+            // person's key (`approve`): the `mcp` key is the agent's own.
             let checked = authenticate_key(state.store.as_ref(), form.api_key.trim());
             let Some(checked) = read_in_time(deadline, checked).await else {
                 return too_slow(&id);
             };
+            let approving = loaded.approval_wallet.is_some();
             let key = match checked {
-                Ok(key) if key.allows(Scope::Mcp) => key,
-                Ok(_) => {
+                Ok(key) if key.allows(Scope::Approve) => key,
+                Ok(key) if key.allows(Scope::Mcp) && !approving => key,
+                Ok(key) => {
+                    let message = if approving && key.allows(Scope::Mcp) {
+                        "That API key may pay, but not approve a charge above the threshold: \
+                         that needs a person's key, with the approve scope, not the one a client \
+                         calls tools with."
+                    } else {
+                        "That API key may not spend its wallet (it needs the mcp or approve scope)."
+                    };
                     return render(
                         &state,
                         &loaded,
-                        Some((
-                            "That API key may not spend its wallet (it needs the mcp scope).",
-                            true,
-                        )),
+                        Some((message, true)),
                         StatusCode::FORBIDDEN,
                     );
                 }
@@ -385,11 +392,7 @@ pub async fn act(
                     StatusCode::FORBIDDEN,
                 );
             }
-            let done = if loaded.approval_wallet.is_some() {
-                "approved"
-            } else {
-                "paid"
-            };
+            let done = if approving { "approved" } else { "paid" };
             let paying = state.store.pay_session(&id, Some(&key.principal), now_ms());
             in_time(deadline, paying).await.map(|_| done)
         }

@@ -1104,7 +1104,7 @@ on_both_backends! {
 
 on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_charge_above_the_threshold_is_approved_at_the_checkout_page_with_the_wallets_key() {
+    async fn a_charge_above_the_threshold_is_approved_at_the_checkout_page_with_a_persons_key_not_the_agents() {
         let pricing = two_step_pricing().replace(
             "approval_threshold = \"5.00\"",
             "approval_threshold = \"0.02\"",
@@ -1134,11 +1134,19 @@ on_both_backends! {
             "an approval cannot be settled without the wallet"
         );
 
-        // Someone else's key cannot approve a charge to kim's wallet.
+        // Someone else's key cannot approve a charge to kim's wallet; nor
+        // can the key kim's client calls tools with, which an agent holds
+        // (it could approve its own charges): a person's key can.
         let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &lee)]).await;
         assert_eq!(response.status(), 403);
-        assert_eq!(server.env.available("kim").await, "1.00");
         let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &kim)]).await;
+        assert_eq!(response.status(), 403);
+        let said = response.text().await.unwrap();
+        assert!(said.contains("with the approve scope"), "{said}");
+        assert_eq!(server.env.available("kim").await, "1.00");
+        let kims_own = server.key("kim", &["approve"]).await;
+        let response =
+            checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &kims_own)]).await;
         assert_eq!(response.status(), 303);
         let r = call(&client, "confirm_divide_payment", json!({"payment_id": id})).await;
         assert_eq!(structured(&r), json!({"quotient": 4.0}));
