@@ -76,6 +76,7 @@ impl Gate {
             return InputRequiredResult::new(Some(requests), Some(opened.intent.id.clone())).into();
         }
         let is_url = matches!(prompt, ElicitRequestParams::UrlElicitationParams { .. });
+        let asked = if is_url { Asked::ByUrl } else { Asked::ByForm };
         let answer = tokio::select! {
             r = scope.request.peer.create_elicitation_with_timeout(prompt, Some(self.settings.timeouts.elicitation)) => match r {
                 Ok(r) => Answer::from(r),
@@ -84,7 +85,7 @@ impl Gate {
             },
             why = self.wait_ended(scope) => Answer::Unanswered(why.into()),
         };
-        let result = self.after_answer(scope, opened, answer).await;
+        let result = self.after_answer(scope, opened, answer, asked).await;
         if is_url && result.is_error != Some(true) {
             // Tell a URL-mode client the out-of-band step is over. rmcp 3.9
             // has no typed method for it.
@@ -138,7 +139,14 @@ impl Gate {
             url: intent.payment_url.clone().unwrap_or_default(),
             intent,
         };
-        self.after_answer(scope, &opened, answer).await
+        // The answer is the client's word: it was asked what this client,
+        // as it says now, would have been asked. One that cannot answer a
+        // form was never asked for a yes, so a yes it sends is not taken.
+        let asked = match prompt(scope.elicits(), &opened, purpose_of(&opened.intent)) {
+            Some(ElicitRequestParams::FormElicitationParams { .. }) => Asked::ByForm,
+            _ => Asked::ByUrl,
+        };
+        self.after_answer(scope, &opened, answer, asked).await
     }
 
     async fn after_answer(
@@ -146,18 +154,18 @@ impl Gate {
         scope: &CallScope<'_>,
         opened: &Opened,
         answer: Answer,
+        asked: Asked,
     ) -> CallToolResult {
         let intent = &opened.intent;
-        let purpose = if intent.mode == "approval" {
-            Purpose::Approval
-        } else {
-            Purpose::Payment
-        };
+        let purpose = purpose_of(intent);
         // An approval form is answered yes or no. An accepted URL prompt
         // says only that the person will open the page, where the approval
-        // is given with the wallet's key: no yes, so nothing is charged here.
+        // is given with a person's key: no yes, so nothing is charged here,
+        // whatever the answer carries.
         let approve = match &answer {
-            Answer::Accepted(Some(content)) if purpose == Purpose::Approval => {
+            Answer::Accepted(Some(content))
+                if purpose == Purpose::Approval && asked == Asked::ByForm =>
+            {
                 content.get("approve").and_then(Value::as_bool)
             }
             _ => None,
@@ -381,6 +389,21 @@ impl Gate {
 /// The prompt for a payment (URL mode where the client has it, else a form
 /// stating tool, amount, currency and URL) or for an approval (a yes/no
 /// form where possible).
+/// How the person was asked: only a form can carry an approval's yes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    ByForm,
+    ByUrl,
+}
+
+fn purpose_of(intent: &Intent) -> Purpose {
+    if intent.mode == "approval" {
+        Purpose::Approval
+    } else {
+        Purpose::Payment
+    }
+}
+
 fn prompt(elicits: Elicits, opened: &Opened, purpose: Purpose) -> Option<ElicitRequestParams> {
     let intent = &opened.intent;
     let amount = format_in(intent.amount, &intent.currency);

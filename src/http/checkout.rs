@@ -29,7 +29,9 @@ use super::{
 use crate::{
     keys::Scope,
     money::format_in,
-    store::{LocalSession, SessionStatus, StoreError, current_session, now_ms, rfc3339},
+    store::{
+        ApprovalStatus, LocalSession, SessionStatus, StoreError, current_session, now_ms, rfc3339,
+    },
 };
 
 const CSRF: &str = "checkout";
@@ -93,6 +95,9 @@ struct CheckoutView {
     session: LocalSession,
     tool: Option<String>,
     approval_wallet: Option<String>,
+    /// The call is above its approval threshold and nobody has said yes:
+    /// paying it is that yes, so it takes a person's key.
+    needs_approval: bool,
 }
 
 async fn load(state: &HttpState, id: &str) -> Result<Option<CheckoutView>, StoreError> {
@@ -104,9 +109,14 @@ async fn load(state: &HttpState, id: &str) -> Result<Option<CheckoutView>, Store
         .as_ref()
         .filter(|i| i.mode == "approval")
         .and_then(|i| i.principal.clone());
+    let needs_approval = intent
+        .as_ref()
+        .and_then(|i| i.approval.as_ref())
+        .is_some_and(|a| a.status == ApprovalStatus::Waiting);
     Ok(Some(CheckoutView {
         tool: intent.map(|i| i.tool),
         approval_wallet,
+        needs_approval,
         session,
     }))
 }
@@ -163,6 +173,10 @@ fn render(
                 Some(wallet) => (
                     format!("Approve charging {amount} to wallet <b>{}</b>: enter that wallet's API key.", escape(wallet)),
                     "Approve",
+                ),
+                None if shown.needs_approval => (
+                    format!("Pay {amount} from your wallet: it is above the approval threshold, so enter a person's key for it (approve scope)."),
+                    "Pay",
                 ),
                 None => (format!("Pay {amount} from your wallet: enter its API key."), "Pay"),
             };
@@ -352,7 +366,7 @@ pub async fn act(
             let Some(checked) = read_in_time(deadline, checked).await else {
                 return too_slow(&id);
             };
-            let approving = loaded.approval_wallet.is_some();
+            let approving = loaded.approval_wallet.is_some() || loaded.needs_approval;
             let key = match checked {
                 Ok(key) if key.allows(Scope::Approve) => key,
                 Ok(key) if key.allows(Scope::Mcp) && !approving => key,
@@ -392,7 +406,11 @@ pub async fn act(
                     StatusCode::FORBIDDEN,
                 );
             }
-            let done = if approving { "approved" } else { "paid" };
+            let done = if loaded.approval_wallet.is_some() {
+                "approved"
+            } else {
+                "paid"
+            };
             let paying = state.store.pay_session(&id, Some(&key.principal), now_ms());
             in_time(deadline, paying).await.map(|_| done)
         }

@@ -1151,6 +1151,25 @@ on_both_backends! {
         let r = call(&client, "confirm_divide_payment", json!({"payment_id": id})).await;
         assert_eq!(structured(&r), json!({"quotient": 4.0}));
         assert_eq!(server.env.available("kim").await, "0.95");
+
+        // A wallet too short to be asked for approval gets an ordinary
+        // payment, still above the threshold: paying it from the wallet
+        // is the yes, so it too takes a person's key.
+        server.env.topup("max", "0.01").await;
+        let max = server.key("max", &["mcp"]).await;
+        let maxs = server.mcp(Some(&max), ()).await;
+        let r = call(&maxs, "divide", json!({"a": 8, "b": 2})).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        server.env.topup("max", "1.00").await;
+        let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &max)]).await;
+        assert_eq!(response.status(), 403);
+        assert_eq!(server.env.available("max").await, "1.01");
+        let maxs_own = server.key("max", &["approve"]).await;
+        let response =
+            checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", &maxs_own)]).await;
+        assert_eq!(response.status(), 303);
+        assert_eq!(server.env.available("max").await, "0.96");
+        maxs.cancel().await.ok();
         client.cancel().await.ok();
         server.env.assert_ledger_ok().await;
     }

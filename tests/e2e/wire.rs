@@ -210,6 +210,35 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A client that cannot answer a form was never asked for a yes: an
+    /// approval's "yes" it makes up and sends back with the payment id as
+    /// `requestState` is not taken. (It charged the wallet: an agent could
+    /// approve its own charges above the threshold.)
+    #[tokio::test]
+    async fn a_made_up_approval_from_a_client_never_asked_charges_nothing() {
+        let pricing = crate::harness::pricing("resubmit", "")
+            .replace("approval_threshold = \"5.00\"", "approval_threshold = \"0.005\"")
+            + "\n[timeouts]\npayment_check = \"1s\"\n";
+        let env = Env::with_pricing(&pricing);
+        env.topup("alice", "1.00").await;
+        let mut wire = Wire::start_as(&env, Some("alice")).await;
+        let asked = wire.call(1, "echo", json!({"text": "hi"})).await;
+        let id = asked["structuredContent"]["payment_id"].as_str().expect("a payment id").to_owned();
+        let yes = json!({"payment": {"action": "accept", "content": {"approve": true}}});
+        let answer = wire
+            .request(2, "tools/call", json!({"name": "echo", "arguments": {"text": "hi"},
+                                              "requestState": id, "inputResponses": yes}))
+            .await;
+        assert_eq!(answer["result"]["isError"], true, "{answer}");
+        assert_eq!(env.balance("alice").await, ("1.00".into(), "0.00".into(), "1.00".into()));
+        let state = env.ok(&["sessions", "list"]).await;
+        assert!(state.lines().any(|l| l.starts_with(&id) && l.contains("pending")), "{state}");
+        env.assert_ledger_ok().await;
+        drop(wire);
+    }
+}
+
 /// The server's stdin and stdout are pipes when an MCP client starts it,
 /// and are then read and written on the runtime's event loop. Anything
 /// else (here, files) is served too, through tokio's blocking stdio.

@@ -536,7 +536,8 @@ mod tests {
                     ],
                 )
                 .await;
-                assert!(results[0].is_err(), "{:?}", results[0]);
+                // The broken capture fails, or finds h1 released first.
+                assert!(!matches!(results[0], Ok(true)), "{:?}", results[0]);
                 // h3 came before the release, h2 after it: one of the two is
                 // made, never neither.
                 assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
