@@ -553,15 +553,25 @@ impl Gate {
         {
             // Someone else ended the run: crash recovery, which took this
             // instance for dead (its lease lapsed) and refunded the payment.
-            // What was stored is the truth, so that is the answer.
-            if let Ok(Some(stored)) = self.store.stored_result(&intent.id).await
-                && stored.result_json != outcome.result_json
-            {
-                tracing::warn!(
-                    payment_id = intent.id,
-                    "crash recovery settled this run while it ran; answering with what it stored"
-                );
-                return self.replay(&intent).await;
+            // What was stored is the truth, so that is the answer. Unread,
+            // it may be recovery's refund: this result is not handed over as
+            // paid, and a retry of the payment id gets what was stored.
+            match self.store.stored_result(&intent.id).await {
+                Ok(Some(stored)) if stored.result_json != outcome.result_json => {
+                    tracing::warn!(
+                        payment_id = intent.id,
+                        "crash recovery settled this run while it ran; answering with what it stored"
+                    );
+                    return self.replay(&intent).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(
+                        payment_id = intent.id,
+                        "this run was settled elsewhere, and what was stored cannot be read: {e}"
+                    );
+                    return reply::run_unrecorded(&intent.id);
+                }
             }
         }
         match finished {
