@@ -284,10 +284,14 @@ impl Gate {
                 let Some(session) = intent.provider_session_id.as_deref() else {
                     return Outcome::Remove;
                 };
-                if !ask_remote && !self.provider.is_local() {
+                let provider = match self.provider_of(&intent) {
+                    Ok(provider) => provider,
+                    Err(_) => return Outcome::Unknown,
+                };
+                if !ask_remote && !provider.is_local() {
                     return Outcome::Unknown;
                 }
-                match self.provider.session_state(session).await {
+                match provider.session_state(session).await {
                     // A remote session may still take the payment (see
                     // `remote_grace_ends`): listed meanwhile.
                     Ok(state) if state.status == SessionStatus::Pending => {

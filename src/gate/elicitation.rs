@@ -263,7 +263,11 @@ impl Gate {
                 intent.id
             )));
         };
-        match self.provider.pay_from_wallet(session, wallet).await {
+        let paid = match self.provider_of(intent) {
+            Ok(provider) => provider.pay_from_wallet(session, wallet).await,
+            Err(e) => Err(e),
+        };
+        match paid {
             Ok(()) => {
                 tracing::info!(
                     payment_id = intent.id,
@@ -287,7 +291,7 @@ impl Gate {
                     code::PAYMENT_REQUIRED,
                     format!(
                         "approved; payments here are taken by {}, not from wallets: pay at {}, then {}.",
-                        self.provider.name(),
+                        intent.provider,
                         opened.url,
                         self.redeem_hint(intent)
                     ),

@@ -87,8 +87,13 @@ impl Gate {
         let abandoned = scope.cancelled.is_cancelled();
         if result.is_error == Some(true) || charge.total().is_zero() || abandoned {
             if let Err(e) = self.store.release(&payment_id).await {
-                // The hold stays open and expires on its own; nothing is charged.
-                tracing::error!(payment_id, "release after tool error failed: {e}");
+                // Nothing is charged. The hold is released once the store
+                // takes it, so the wallet is not short until it expires.
+                tracing::error!(
+                    payment_id,
+                    "release after tool error failed: {e}; trying again"
+                );
+                self.lost_holds.add(&self.store, payment_id.clone());
             }
             let why = if abandoned {
                 "the client cancelled the call or went away before its result"

@@ -36,9 +36,9 @@ use crate::{
     canonical::args_hash,
     config::{Config, Mode, Timeouts},
     money::Units,
-    provider::Provider,
+    provider::{Provider, ProviderError, local::LocalProvider},
     receipt::ReceiptSigner,
-    store::{Charge, OpenLimit, Origin, Store},
+    store::{Charge, Intent, OpenLimit, Origin, Store},
     sync::Counted,
     tools::ToolBackend,
 };
@@ -118,6 +118,9 @@ pub struct CatalogSources {
 pub struct Gate {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) provider: Arc<dyn Provider>,
+    /// The sessions this store holds (the local provider's), for intents
+    /// opened before `[provider]` was changed to a remote one.
+    local: Arc<dyn Provider>,
     catalog: std::sync::RwLock<Arc<Catalog>>,
     sources: Option<CatalogSources>,
     pub(crate) signer: ReceiptSigner,
@@ -154,9 +157,13 @@ impl Gate {
         settings: GateSettings,
     ) -> Self {
         let lost_holds = LostHolds::new(settings.lost_hold_may_land, Duration::from_secs(1));
+        // Only read and cancelled through: it opens no session, so it
+        // needs no checkout address.
+        let local = Arc::new(LocalProvider::new(store.clone(), ""));
         Self {
             store,
             provider,
+            local,
             catalog: std::sync::RwLock::new(Arc::new(catalog)),
             sources: None,
             signer,
@@ -166,6 +173,21 @@ impl Gate {
             withheld: None,
             lost_holds,
             closing: Default::default(),
+        }
+    }
+
+    /// The provider an intent's payment session is with: the configured
+    /// one; or, for a session this store holds (opened by the local or
+    /// mock provider before `[provider]` changed), the local one, so that
+    /// its payment is still redeemed or refunded; or, for a remote that is
+    /// no longer configured, none: its payment is left as it is.
+    pub(crate) fn provider_of(&self, intent: &Intent) -> Result<&dyn Provider, ProviderError> {
+        if intent.provider == self.provider.name() {
+            return Ok(self.provider.as_ref());
+        }
+        match intent.provider.as_str() {
+            "local" | "mock" => Ok(self.local.as_ref()),
+            other => Err(ProviderError::NotConfigured(other.to_owned())),
         }
     }
 

@@ -202,7 +202,11 @@ impl Gate {
         let Some(session) = intent.provider_session_id.as_deref() else {
             return RemoteSettled::Unchanged;
         };
-        let state = match self.provider.session_state(session).await {
+        let asked = match self.provider_of(intent) {
+            Ok(provider) => provider.session_state(session).await,
+            Err(e) => Err(e),
+        };
+        let state = match asked {
             Ok(state) => Some(state),
             // Not the provider's (it was changed since): not paid there.
             Err(ProviderError::NotFound(_)) => None,
@@ -272,7 +276,10 @@ impl Gate {
             let Some(session) = intent.provider_session_id.as_deref() else {
                 return Ok(false);
             };
-            let state = match self.provider.session_state(session).await {
+            let Ok(provider) = self.provider_of(intent) else {
+                return Ok(false);
+            };
+            let state = match provider.session_state(session).await {
                 Ok(state) if state.status == SessionStatus::Paid && pays_for(&state, intent) => {
                     state
                 }

@@ -299,10 +299,13 @@ impl Gate {
     /// payment.
     async fn declined(&self, intent: &Intent) -> CallToolResult {
         let failed = match intent.provider_session_id.as_deref() {
-            Some(id) => matches!(
-                self.provider.session_state(id).await.map(|s| s.status),
-                Ok(SessionStatus::Failed)
-            ),
+            Some(id) => match self.provider_of(intent) {
+                Ok(provider) => matches!(
+                    provider.session_state(id).await.map(|s| s.status),
+                    Ok(SessionStatus::Failed)
+                ),
+                Err(_) => false,
+            },
             None => false,
         };
         if failed {
@@ -327,8 +330,22 @@ impl Gate {
         // and retries (half a minute): a call cancelled, or a server
         // stopping, does not wait for it. Only the question is cut short,
         // never a write.
+        let provider = match self.provider_of(intent) {
+            Ok(provider) => provider,
+            Err(e) => {
+                return Step::Answer(reply::error(
+                    code::UNAVAILABLE,
+                    format!(
+                        "payment `{}` could not be checked, and the tool did not run: {e}. \
+                         A payment made there stands.",
+                        intent.id
+                    ),
+                    reply::details(json!({ "payment_id": intent.id })),
+                ));
+            }
+        };
         let state = tokio::select! {
-            state = self.provider.session_state(session_id) => match state {
+            state = provider.session_state(session_id) => match state {
                 Ok(state) => state,
                 Err(e) => return Step::Unconfirmed(e.to_string()),
             },
@@ -409,7 +426,11 @@ impl Gate {
         to: IntentStatus,
     ) -> Result<bool, ProviderError> {
         if let Some(session) = intent.provider_session_id.as_deref() {
-            match self.provider.cancel_session(session).await {
+            let cancelled = match self.provider_of(intent) {
+                Ok(provider) => provider.cancel_session(session).await,
+                Err(e) => Err(e),
+            };
+            match cancelled {
                 // A remote provider's payment is not in this store, so the
                 // store's own check below cannot see it.
                 Ok(SessionStatus::Paid) => return Ok(false),

@@ -30,6 +30,13 @@ pub enum ProviderError {
     Refused(String),
     #[error("the payment provider cannot {0}")]
     Unsupported(&'static str),
+    /// The payment was opened with a remote provider that `[provider]` no
+    /// longer names: nobody here can ask it, so it is left as it is.
+    #[error(
+        "the payment was opened with provider `{0}`, which this tollgate no longer uses; \
+         set [provider] back to it to settle the payment"
+    )]
+    NotConfigured(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

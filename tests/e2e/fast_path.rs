@@ -125,3 +125,37 @@ on_both_backends! {
         env.assert_ledger_ok().await;
     }
 }
+
+/// A release the store refuses for a moment (here a trigger that fails it)
+/// is tried again, so the wallet gets its funds back in seconds rather than
+/// when the hold expires. (It was only logged.)
+#[tokio::test]
+async fn a_release_that_fails_is_tried_again() {
+    let env = Env::new("resubmit");
+    env.topup("alice", "1.00").await;
+    let client = env.client(Some("alice")).await;
+    let refuse = "CREATE TRIGGER refuse_release BEFORE UPDATE OF status ON holds
+                  WHEN NEW.status = 'released' BEGIN SELECT RAISE(ABORT, 'injected'); END";
+    tollgate::testing::execute(&env.db, refuse).await.unwrap();
+    let r = call(&client, "divide", json!({"a": 1, "b": 0})).await;
+    assert_eq!(r.is_error, Some(true));
+    assert_eq!(payment_meta(&r)["charged"], "0.00");
+    assert_eq!(
+        env.available("alice").await,
+        "0.95",
+        "the hold is still open"
+    );
+    tollgate::testing::execute(&env.db, "DROP TRIGGER refuse_release")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while env.available("alice").await != "1.00" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hold was left open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    client.cancel().await.ok();
+    env.assert_ledger_ok().await;
+}

@@ -888,6 +888,46 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A payment opened before `[provider]` changed: one paid in this store
+    /// is still redeemed once a remote provider is configured (it was asked
+    /// of the remote, which never heard of it, so it sat in clearing); one
+    /// opened at a remote no longer configured is left as it is, and its
+    /// caller is told why (it was asked of the local provider, which took
+    /// it for unpaid, and expired it with its payment at the remote).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payment_opened_before_the_provider_changed_is_settled_by_its_own_provider() {
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let local = crate::harness::pricing("resubmit", "");
+        let (a, remote_client) = paying_through(&b, &local).await;
+        let remote_config = std::fs::read_to_string(&a.config).unwrap();
+        let r = crate::harness::call(&remote_client, "echo", echo_args("remote")).await;
+        let at_b = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        remote_client.cancel().await.ok();
+
+        // Back to the local provider: a call paid here, not yet redeemed.
+        std::fs::write(&a.config, &local).unwrap();
+        let client = a.client(None).await;
+        let r = crate::harness::call(&client, "echo", echo_args("here")).await;
+        let here = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        a.ok(&["sessions", "pay", &here]).await;
+        let r = crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": at_b})).await;
+        assert_eq!(error_code(&r), "payment_system_unavailable", "{r:?}");
+        assert!(text(&r).contains("opened with provider `sessions_api`"), "{}", text(&r));
+        client.cancel().await.ok();
+
+        // And to the remote again: the payment made here is redeemed.
+        std::fs::write(&a.config, &remote_config).unwrap();
+        let key = b.key("tollgate-a2", &["sessions:create", "sessions:read"]).await;
+        let client = a.client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key.as_str())]).await;
+        let r = crate::harness::call(&client, "echo", json!({"text": "here", "payment_id": here})).await;
+        assert_eq!(text(&r), "here", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        client.cancel().await.ok();
+        a.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     /// A payment made at the remote tollgate, whose caller comes back only
     /// after the intent's time ran out, is not lost: A's upkeep asks B,
     /// keeps the intent paid, and the call runs when redeemed. That holds
