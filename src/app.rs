@@ -284,10 +284,15 @@ const RENEW_RETRY: Duration = Duration::from_secs(1);
 /// How many times the first registration is tried before start-up fails.
 const REGISTRATION_ATTEMPTS: u32 = 3;
 
-/// Until when this instance's lease was last renewed (ms since the epoch;
-/// 0 before the first renewal lands).
+/// This instance's lease, as it last renewed it.
 #[derive(Clone, Default)]
-struct Lease(Arc<AtomicI64>);
+struct Lease {
+    /// Until when it runs (ms since the epoch; 0 before the first renewal
+    /// lands).
+    until: Arc<AtomicI64>,
+    /// When it was last renewed after it had lapsed (0: never lapsed).
+    resumed_at: Arc<AtomicI64>,
+}
 
 impl Lease {
     /// Renews this instance's lease; logged if it could not. A renewal
@@ -296,10 +301,20 @@ impl Lease {
     /// Whether it was renewed.
     async fn renew(&self, store: &dyn Store, lease: Duration) -> bool {
         let now = now_ms();
-        let until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let until = now.saturating_add(millis(lease));
         match tokio::time::timeout(lease / 3, store.heartbeat(now, until)).await {
             Ok(Ok(())) => {
-                self.0.store(until, Ordering::Release);
+                let before = self.until.swap(until, Ordering::AcqRel);
+                if before != 0 && before <= now {
+                    // Asleep (a laptop's lid closed) or cut off from the
+                    // store: the other instances on it may have been too,
+                    // and their timers have not yet fired to renew theirs.
+                    tracing::warn!(
+                        "this instance's lease had lapsed; it recovers no other instance's work \
+                         for a lease, so that those still alive can renew theirs"
+                    );
+                    self.resumed_at.store(now, Ordering::Release);
+                }
                 return true;
             }
             Ok(Err(e)) => tracing::warn!("could not renew this instance's lease: {e}"),
@@ -308,15 +323,23 @@ impl Lease {
         false
     }
 
-    /// Whether the lease runs now.
-    fn held(&self) -> bool {
-        self.0.load(Ordering::Acquire) > now_ms()
+    /// Whether the lease runs now, and has run for a whole lease since it
+    /// last lapsed: only then can another instance's lapsed lease be told
+    /// from one that lapsed with this one's.
+    fn held(&self, lease: Duration) -> bool {
+        let now = now_ms();
+        self.until.load(Ordering::Acquire) > now
+            && now >= (self.resumed_at.load(Ordering::Acquire)).saturating_add(millis(lease))
     }
 }
 
+fn millis(span: Duration) -> i64 {
+    i64::try_from(span.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// One round of upkeep. Recovery runs only while this instance's own lease
-/// runs (looked at just before): otherwise it could not tell which
-/// instances are really gone.
+/// runs (looked at just before), and has for a lease since it last lapsed:
+/// otherwise it could not tell which instances are really gone.
 async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
     let store = gate.store();
     match store.sweep_expired(now_ms()).await {
@@ -325,7 +348,7 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
         Err(e) => tracing::warn!("expiry sweep failed: {e}"),
     }
     let before = now_ms() - upkeep.keep_results.as_millis() as i64;
-    if lease.held() {
+    if lease.held(upkeep.lease) {
         match gate.recover_interrupted(before).await {
             Ok(r) if r == Recovered::default() => {}
             Ok(r) => tracing::warn!(
@@ -361,6 +384,34 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+
+    /// Several processes on one store wake from a host's sleep with every
+    /// lease lapsed. The first to renew must not take the others, whose
+    /// timers have not fired yet, for dead: it recovers nothing until a
+    /// lease has passed since its own lapsed. (It released their live holds
+    /// and refunded their runs under way.)
+    #[tokio::test]
+    async fn an_instance_whose_lease_lapsed_waits_a_lease_before_recovering_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::testing::TestDb::fresh(dir.path());
+        let store = crate::testing::open_store(&db.url).await.unwrap();
+        let span = Duration::from_secs(30);
+        let lease = Lease::default();
+        assert!(!lease.held(span), "not before it is registered");
+        assert!(lease.renew(store.as_ref(), span).await);
+        assert!(lease.held(span), "registered: it may recover at once");
+        // The host sleeps past the lease; on waking, the lease is renewed.
+        lease.until.store(now_ms() - 1, Ordering::Release);
+        assert!(!lease.held(span), "lapsed");
+        assert!(lease.renew(store.as_ref(), span).await);
+        assert!(!lease.held(span), "renewed, but it lapsed a moment ago");
+        // A lease later (as if), the others have had their turn to renew.
+        lease.resumed_at.fetch_sub(millis(span), Ordering::AcqRel);
+        assert!(lease.held(span));
+        // A renewal in time is no lapse.
+        assert!(lease.renew(store.as_ref(), span).await);
+        assert!(lease.held(span));
+    }
 
     #[tokio::test]
     async fn a_pass_that_panics_does_not_stop_the_passes_after_it() {
