@@ -290,7 +290,7 @@ struct Lease {
     /// Until when it runs (ms since the epoch; 0 before the first renewal
     /// lands).
     until: Arc<AtomicI64>,
-    /// When it was last renewed after it had lapsed (0: never lapsed).
+    /// When it was registered, or last renewed after it had lapsed.
     resumed_at: Arc<AtomicI64>,
 }
 
@@ -305,14 +305,17 @@ impl Lease {
         match tokio::time::timeout(lease / 3, store.heartbeat(now, until)).await {
             Ok(Ok(())) => {
                 let before = self.until.swap(until, Ordering::AcqRel);
-                if before != 0 && before <= now {
-                    // Asleep (a laptop's lid closed) or cut off from the
-                    // store: the other instances on it may have been too,
-                    // and their timers have not yet fired to renew theirs.
-                    tracing::warn!(
-                        "this instance's lease had lapsed; it recovers no other instance's work \
-                         for a lease, so that those still alive can renew theirs"
-                    );
+                if before <= now {
+                    // Just started, or it was asleep (a laptop's lid
+                    // closed) or cut off from the store: the other
+                    // instances on it may have been asleep too, and their
+                    // timers may not have fired yet to renew their leases.
+                    if before != 0 {
+                        tracing::warn!(
+                            "this instance's lease had lapsed; it recovers no other instance's \
+                             work for half a lease, so that those alive can renew theirs"
+                        );
+                    }
                     self.resumed_at.store(now, Ordering::Release);
                 }
                 return true;
@@ -323,13 +326,14 @@ impl Lease {
         false
     }
 
-    /// Whether the lease runs now, and has run for a whole lease since it
-    /// last lapsed: only then can another instance's lapsed lease be told
-    /// from one that lapsed with this one's.
+    /// Whether the lease runs now, and has for half a lease since it was
+    /// registered or last lapsed: every live instance renews within a
+    /// third of a lease, so only then can another instance's lapsed lease
+    /// be told from one that lapsed while the host slept.
     fn held(&self, lease: Duration) -> bool {
         let now = now_ms();
         self.until.load(Ordering::Acquire) > now
-            && now >= (self.resumed_at.load(Ordering::Acquire)).saturating_add(millis(lease))
+            && now >= (self.resumed_at.load(Ordering::Acquire)).saturating_add(millis(lease / 2))
     }
 }
 
@@ -338,8 +342,9 @@ fn millis(span: Duration) -> i64 {
 }
 
 /// One round of upkeep. Recovery runs only while this instance's own lease
-/// runs (looked at just before), and has for a lease since it last lapsed:
-/// otherwise it could not tell which instances are really gone.
+/// runs (looked at just before), and has for half a lease since it was
+/// registered or last lapsed: otherwise it could not tell which instances
+/// are really gone.
 async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
     let store = gate.store();
     match store.sweep_expired(now_ms()).await {
@@ -386,27 +391,34 @@ mod tests {
     use super::*;
 
     /// Several processes on one store wake from a host's sleep with every
-    /// lease lapsed. The first to renew must not take the others, whose
-    /// timers have not fired yet, for dead: it recovers nothing until a
-    /// lease has passed since its own lapsed. (It released their live holds
-    /// and refunded their runs under way.)
+    /// lease lapsed. The first to renew, or one started just then, must not
+    /// take the others, whose timers have not fired yet, for dead: it
+    /// recovers nothing for half a lease. (It released their live holds and
+    /// refunded their runs under way.)
     #[tokio::test]
-    async fn an_instance_whose_lease_lapsed_waits_a_lease_before_recovering_others() {
+    async fn an_instance_that_starts_or_wakes_waits_before_recovering_others() {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::testing::TestDb::fresh(dir.path());
         let store = crate::testing::open_store(&db.url).await.unwrap();
         let span = Duration::from_secs(30);
         let lease = Lease::default();
+        let half_a_lease_on = || {
+            lease
+                .resumed_at
+                .fetch_sub(millis(span / 2), Ordering::AcqRel)
+        };
         assert!(!lease.held(span), "not before it is registered");
+        // Started as the host wakes: the others may not have renewed yet.
         assert!(lease.renew(store.as_ref(), span).await);
-        assert!(lease.held(span), "registered: it may recover at once");
+        assert!(!lease.held(span), "registered a moment ago");
+        half_a_lease_on();
+        assert!(lease.held(span), "the others have had their turn to renew");
         // The host sleeps past the lease; on waking, the lease is renewed.
         lease.until.store(now_ms() - 1, Ordering::Release);
         assert!(!lease.held(span), "lapsed");
         assert!(lease.renew(store.as_ref(), span).await);
         assert!(!lease.held(span), "renewed, but it lapsed a moment ago");
-        // A lease later (as if), the others have had their turn to renew.
-        lease.resumed_at.fetch_sub(millis(span), Ordering::AcqRel);
+        half_a_lease_on();
         assert!(lease.held(span));
         // A renewal in time is no lapse.
         assert!(lease.renew(store.as_ref(), span).await);

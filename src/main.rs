@@ -874,7 +874,8 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                 // taken, but said: it may be a mistyped one.
                 if store.balances(&wallet).await?.is_empty() {
                     eprintln!(
-                        "note: wallet {wallet} is new here (nothing was recorded for it before);                          check the name if you meant an existing one"
+                        "note: wallet {wallet} is new here (nothing was recorded for it before); \
+                         check the name if you meant an existing one"
                     );
                 }
                 store

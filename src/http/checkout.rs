@@ -95,8 +95,9 @@ struct CheckoutView {
     session: LocalSession,
     tool: Option<String>,
     approval_wallet: Option<String>,
-    /// The call is above its approval threshold and nobody has said yes:
-    /// paying it is that yes, so it takes a person's key.
+    /// The call is above its approval threshold and nobody has said yes
+    /// (or a person said no, as the payment was still open): paying it is
+    /// that yes, so it takes a person's key.
     needs_approval: bool,
 }
 
@@ -112,7 +113,7 @@ async fn load(state: &HttpState, id: &str) -> Result<Option<CheckoutView>, Store
     let needs_approval = intent
         .as_ref()
         .and_then(|i| i.approval.as_ref())
-        .is_some_and(|a| a.status == ApprovalStatus::Waiting);
+        .is_some_and(|a| matches!(a.status, ApprovalStatus::Waiting | ApprovalStatus::Declined));
     Ok(Some(CheckoutView {
         tool: intent.map(|i| i.tool),
         approval_wallet,

@@ -108,10 +108,10 @@ async fn check(
     }
     let body = response.text().await.unwrap_or_default();
     let body: String = body.chars().take(300).collect();
-    if transient(status) {
-        Err(ProviderError::Unavailable(format!("{status}: {body}")))
-    } else {
+    if status.is_client_error() && !transient(status) {
         Err(ProviderError::Refused(format!("{status}: {body}")))
+    } else {
+        Err(ProviderError::Unavailable(format!("{status}: {body}")))
     }
 }
 

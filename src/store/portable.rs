@@ -790,9 +790,14 @@ where
                     approval.status,
                     ApprovalStatus::Waiting | ApprovalStatus::Declined
                 ) {
-                    approval.status = ApprovalStatus::Approved;
                     let refund_to = from_wallet.map(|w| AccountRef::wallet(w, &session.currency));
-                    approval.by = Some(Funding::InClearing { refund_to }.approver());
+                    let payer = Funding::InClearing { refund_to }.approver();
+                    approval.by = Some(sql::approved_by_payment(
+                        approval.status,
+                        payer,
+                        approval.by.as_deref(),
+                    ));
+                    approval.status = ApprovalStatus::Approved;
                     approval.at = Some(now);
                 }
                 approval

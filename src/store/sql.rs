@@ -357,14 +357,35 @@ pub(super) const PRUNE_HOLDS: &str = "DELETE FROM holds WHERE id IN (
 /// refunded if never used). Notes the account a refund goes back to; a
 /// waiting approval is approved by whoever paid (`$4`), and so is a
 /// declined one: a payment that landed as the person said no (the intent
-/// stays payable then) is what the charge's records must show.
+/// stays payable then) is what the charge's records must show, beside who
+/// said no (as [`approved_by_payment`] words it).
 pub(super) const CLAIM_PAID: &str =
     "UPDATE intents SET status = CASE WHEN $5 IS NULL THEN 'paid' ELSE 'running' END,
             runner = $5, refund_account_id = $2, updated_at = $3,
-            approved_by = CASE WHEN approval IN ('waiting', 'declined') THEN $4 ELSE approved_by END,
+            approved_by = CASE WHEN approval = 'waiting' THEN $4
+                               WHEN approval = 'declined'
+                               THEN CAST($4 AS TEXT) || ' (paid as ' || COALESCE(approved_by, 'a person')
+                                    || ' declined)'
+                               ELSE approved_by END,
             approved_at = CASE WHEN approval IN ('waiting', 'declined') THEN $3 ELSE approved_at END,
             approval = CASE WHEN approval IN ('waiting', 'declined') THEN 'approved' ELSE approval END
      WHERE id = $1 AND status = 'awaiting_payment'";
+
+/// Who approved a charge by paying it, as [`CLAIM_PAID`] records it: the
+/// payer, and, when a person had declined as the payment landed, who.
+pub(super) fn approved_by_payment(
+    status: ApprovalStatus,
+    payer: String,
+    decided_by: Option<&str>,
+) -> String {
+    match status {
+        ApprovalStatus::Declined => format!(
+            "{payer} (paid as {} declined)",
+            decided_by.unwrap_or("a person")
+        ),
+        _ => payer,
+    }
+}
 
 /// running → succeeded or failed, with what settling it needs.
 pub(super) const FINISH_INTENT: &str =
@@ -562,7 +583,8 @@ where
 }
 
 use super::{
-    ApiKey, Intent, IntentStatus, LocalSession, OpenLimit, SessionStatus, posting::TxnHeader,
+    ApiKey, ApprovalStatus, Intent, IntentStatus, LocalSession, OpenLimit, SessionStatus,
+    posting::TxnHeader,
 };
 
 impl<'a> Statement<'a> {

@@ -1416,8 +1416,8 @@ crate::on_both_backends! {
 crate::on_both_backends! {
     /// A person declines an approval just as the call's session is paid:
     /// the payment stands and the call runs when redeemed, so its records
-    /// show it approved by whoever paid, not a charge "declined". (The
-    /// decline stayed, and the capture carried it.)
+    /// show it approved by whoever paid, beside who said no, not a charge
+    /// "declined". (The decline stayed, and the capture carried it.)
     #[tokio::test]
     async fn a_payment_that_lands_as_an_approval_is_declined_shows_who_paid() {
         let (_dir, store) = store().await;
@@ -1450,7 +1450,11 @@ crate::on_both_backends! {
         let approval = store.intent("d").await.unwrap().unwrap().approval.unwrap();
         assert_eq!(approval.status, ApprovalStatus::Approved);
         assert_eq!(approval.by, on_line.by);
-        assert!(approval.by.as_deref().is_some_and(|by| by.contains("payer")), "{approval:?}");
+        // Who paid, and who had said no as it landed.
+        assert_eq!(
+            approval.by.as_deref(),
+            Some("wallet:payer (paid as alice via elicitation declined)")
+        );
     }
 }
 

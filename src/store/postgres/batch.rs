@@ -152,23 +152,12 @@ impl Batches {
             // time, so that a write stuck behind a lock holds back only itself.
             Err(e) if batch.len() > 1 && (one_writes_fault(&e) || gave_up_waiting(&e)) => {
                 tracing::debug!("a fast-path batch failed ({e}); applying its writes one by one");
-                // Captures and releases first, then holds: a hold that came
-                // after a release on its wallet must see the funds it gave
-                // back, as it would have in the batch. (No capture or
-                // release here can wait on a hold of this batch: each
-                // follows its own hold's answer.)
-                let (holds, settles): (Vec<Pending>, Vec<Pending>) = batch
-                    .into_iter()
-                    .filter(still_wanted)
-                    .partition(|pending| matches!(pending.write, Write::Hold(_)));
-                for writes in [settles, holds] {
-                    futures::stream::iter(writes)
-                        .for_each_concurrent(ALONE_AT_ONCE, |pending| async move {
-                            let alone = self.execute(&[&pending.write]).await;
-                            let _ = pending.applied.send(alone.map(|applied| applied[0]));
-                        })
-                        .await;
-                }
+                futures::stream::iter(batch.into_iter().filter(still_wanted))
+                    .for_each_concurrent(ALONE_AT_ONCE, |pending| async move {
+                        let alone = self.execute(&[&pending.write]).await;
+                        let _ = pending.applied.send(alone.map(|applied| applied[0]));
+                    })
+                    .await;
             }
             // The database cannot be reached: every caller gets why.
             Err(e) => {
@@ -513,42 +502,6 @@ mod tests {
             assert_eq!(flags(as_one_batch(&store, vec![release("h1")]).await), [true]);
             assert_eq!(available(&store, "w").await, units("0.80"));
             assert_sound(&store).await;
-        }
-
-        /// A failed batch's writes applied alone still give a hold the
-        /// funds a release before it in the batch gave back. (Two at a
-        /// time in arrival order, the hold could go first and be refused.)
-        #[tokio::test]
-        async fn a_failed_batch_applied_one_by_one_frees_before_it_holds() {
-            for _ in 0..5 {
-                let (_db, _dir, store) = funded("0.10").await;
-                assert!(flags(as_one_batch(&store, vec![hold("h1", "0.10")]).await)[0]);
-                assert!(flags(as_one_batch(&store, vec![hold("h0", "0.10")]).await) == [false]);
-                let mut broken = capture(&store, "h1", "0.10").await;
-                broken.beneficiary_id = 987_654;
-                let results = as_one_batch(
-                    &store,
-                    vec![
-                        Write::Capture(broken),
-                        hold("h3", "0.10"),
-                        release("h1"),
-                        hold("h2", "0.10"),
-                    ],
-                )
-                .await;
-                // The broken capture fails, or finds h1 released first.
-                assert!(!matches!(results[0], Ok(true)), "{:?}", results[0]);
-                // h3 came before the release, h2 after it: one of the two is
-                // made, never neither.
-                assert!(matches!(results[2], Ok(true)), "{:?}", results[2]);
-                let made = [&results[1], &results[3]]
-                    .iter()
-                    .filter(|r| matches!(r, Ok(true)))
-                    .count();
-                assert_eq!(made, 1, "{results:?}");
-                assert_eq!(available(&store, "w").await, units("0.00"));
-                assert_sound(&store).await;
-            }
         }
 
         #[tokio::test]
