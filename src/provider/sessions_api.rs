@@ -245,10 +245,15 @@ mod tests {
                 }),
             )
             .with_state(calls.clone());
+        (serve(app).await, calls)
+    }
+
+    /// Serves `app` on a port of its own; its base URL.
+    async fn serve(app: Router) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        (format!("http://{addr}"), calls)
+        format!("http://{addr}")
     }
 
     fn request(amount: &str) -> SessionRequest {
@@ -313,10 +318,7 @@ mod tests {
                 }),
             )
             .with_state(calls.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let provider = SessionsApiProvider::new(&format!("http://{addr}"), "key".into()).unwrap();
+        let provider = SessionsApiProvider::new(&serve(app).await, "key".into()).unwrap();
         let cancelled = provider.cancel_session("cs_1").await;
         assert!(
             matches!(cancelled, Err(ProviderError::Unavailable(_))),
