@@ -204,7 +204,8 @@ impl Upkeep {
 /// dead one's and release them. Until the gate is dropped, every third of
 /// the lease, upkeep also expires holds, intents and dynamic confirm tools
 /// past their time; recovers what dead instances left
-/// (src/gate/recovery.rs, also the start-up recovery pass); and prunes
+/// (src/gate/recovery.rs; a lease after start, or after this instance's
+/// own lease lapsed); and prunes
 /// what is kept only for a while. Safe on several processes at once: each
 /// step is a conditional update.
 ///
@@ -313,7 +314,7 @@ impl Lease {
                     if before != 0 {
                         tracing::warn!(
                             "this instance's lease had lapsed; it recovers no other instance's \
-                             work for half a lease, so that those alive can renew theirs"
+                             work for a lease, so that those alive can renew theirs"
                         );
                     }
                     self.resumed_at.store(now, Ordering::Release);
@@ -326,14 +327,15 @@ impl Lease {
         false
     }
 
-    /// Whether the lease runs now, and has for half a lease since it was
-    /// registered or last lapsed: every live instance renews within a
-    /// third of a lease, so only then can another instance's lapsed lease
-    /// be told from one that lapsed while the host slept.
+    /// Whether the lease runs now, and has for a whole lease since it was
+    /// registered or last lapsed: a live instance renews every third of a
+    /// lease, each try cut short at another third, so only then can
+    /// another instance's lapsed lease be told from one that lapsed while
+    /// the host slept.
     fn held(&self, lease: Duration) -> bool {
         let now = now_ms();
         self.until.load(Ordering::Acquire) > now
-            && now >= (self.resumed_at.load(Ordering::Acquire)).saturating_add(millis(lease / 2))
+            && now >= (self.resumed_at.load(Ordering::Acquire)).saturating_add(millis(lease))
     }
 }
 
@@ -342,7 +344,7 @@ fn millis(span: Duration) -> i64 {
 }
 
 /// One round of upkeep. Recovery runs only while this instance's own lease
-/// runs (looked at just before), and has for half a lease since it was
+/// runs (looked at just before), and has for a lease since it was
 /// registered or last lapsed: otherwise it could not tell which instances
 /// are really gone.
 async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
@@ -393,7 +395,7 @@ mod tests {
     /// Several processes on one store wake from a host's sleep with every
     /// lease lapsed. The first to renew, or one started just then, must not
     /// take the others, whose timers have not fired yet, for dead: it
-    /// recovers nothing for half a lease. (It released their live holds and
+    /// recovers nothing for a lease. (It released their live holds and
     /// refunded their runs under way.)
     #[tokio::test]
     async fn an_instance_that_starts_or_wakes_waits_before_recovering_others() {
@@ -402,23 +404,19 @@ mod tests {
         let store = crate::testing::open_store(&db.url).await.unwrap();
         let span = Duration::from_secs(30);
         let lease = Lease::default();
-        let half_a_lease_on = || {
-            lease
-                .resumed_at
-                .fetch_sub(millis(span / 2), Ordering::AcqRel)
-        };
+        let a_lease_on = || lease.resumed_at.fetch_sub(millis(span), Ordering::AcqRel);
         assert!(!lease.held(span), "not before it is registered");
         // Started as the host wakes: the others may not have renewed yet.
         assert!(lease.renew(store.as_ref(), span).await);
         assert!(!lease.held(span), "registered a moment ago");
-        half_a_lease_on();
+        a_lease_on();
         assert!(lease.held(span), "the others have had their turn to renew");
         // The host sleeps past the lease; on waking, the lease is renewed.
         lease.until.store(now_ms() - 1, Ordering::Release);
         assert!(!lease.held(span), "lapsed");
         assert!(lease.renew(store.as_ref(), span).await);
         assert!(!lease.held(span), "renewed, but it lapsed a moment ago");
-        half_a_lease_on();
+        a_lease_on();
         assert!(lease.held(span));
         // A renewal in time is no lapse.
         assert!(lease.renew(store.as_ref(), span).await);

@@ -327,6 +327,23 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), ATTEMPTS as usize);
     }
 
+    /// An answer that is neither a success nor a refusal (a redirect not
+    /// followed) says nothing for good: the remote is taken as unavailable.
+    #[tokio::test]
+    async fn an_unfollowed_redirect_is_unavailable_not_a_refusal() {
+        let app = Router::new().route(
+            "/v1/sessions/{id}",
+            get(|| async { StatusCode::MULTIPLE_CHOICES }),
+        );
+        let provider = SessionsApiProvider::new(&serve(app).await, "key".into()).unwrap();
+        let asked = provider.session_state("cs_1").await;
+        assert!(
+            matches!(asked, Err(ProviderError::Unavailable(_))),
+            "{:?}",
+            asked.map(|s| s.status)
+        );
+    }
+
     #[tokio::test]
     async fn a_create_that_reached_the_server_is_not_repeated() {
         let (base, calls) = flaky(0).await;

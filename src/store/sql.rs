@@ -176,10 +176,13 @@ pub(super) const APPROVALS: &str =
        AND approval <> 'auto_approved'
      ORDER BY created_at DESC, id LIMIT $2";
 
-/// waiting → approved or declined.
+/// waiting → approved or declined; not once its session here is paid: the
+/// payment decided it (and its payer's statement line says so already).
 pub(super) const DECIDE_APPROVAL: &str =
     "UPDATE intents SET approval = $2, approved_by = $3, approved_at = $4, updated_at = $4
-     WHERE id = $1 AND approval = 'waiting'";
+     WHERE id = $1 AND approval = 'waiting'
+       AND NOT EXISTS (SELECT 1 FROM payment_sessions s
+                       WHERE s.id = intents.provider_session_id AND s.status = 'paid')";
 
 /// One entry; a trigger moves the account's balance.
 pub(super) const INSERT_ENTRY: &str = "INSERT INTO ledger_entries (txn_id, account_id, amount, created_at, role) VALUES ($1, $2, $3, $4, $5)";

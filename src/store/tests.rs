@@ -1455,6 +1455,22 @@ crate::on_both_backends! {
             approval.by.as_deref(),
             Some("wallet:payer (paid as alice via elicitation declined)")
         );
+
+        // The other order: a no that comes after the payment decides
+        // nothing, and the records say only who paid.
+        store.create_session(&session("e", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("e"), &OpenLimit::NONE).await.unwrap();
+        store.pay_session("e", Some("payer"), now_ms()).await.unwrap();
+        assert!(
+            !store
+                .decide_approval("e", ApprovalStatus::Declined, "alice via elicitation")
+                .await
+                .unwrap()
+        );
+        assert!(store.claim_paid_intent("e", &funding).await.unwrap());
+        let approval = store.intent("e").await.unwrap().unwrap().approval.unwrap();
+        assert_eq!(approval.status, ApprovalStatus::Approved);
+        assert_eq!(approval.by.as_deref(), Some("wallet:payer"));
     }
 }
 

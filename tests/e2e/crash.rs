@@ -260,8 +260,8 @@ on_both_backends! {
         let (mut paid, mut left_holds, mut left_runs) = (0, 0, 0);
 
         for round in 0..=rounds() {
-            // (Re)start both servers: their upkeep's first pass is the
-            // start-up recovery; the killed ones' leases lapse in a second.
+            // (Re)start both servers: their upkeep recovers what the killed
+            // ones left a lease after start; those leases lapse in a second.
             let (alice, alice_pid) = env.client_and_pid(Some("alice"), &[]).await;
             let (bob, bob_pid) = env.client_and_pid(Some("bob"), &[]).await;
             recovered(store.as_ref()).await;
