@@ -17,7 +17,10 @@ use tollgate::{
     receipt::ReceiptSigner,
     server::TollgateServer,
     statement,
-    store::{AccountKind, AccountRef, RefundRequest, SessionStatus, Store, now_ms, rfc3339},
+    store::{
+        AccountKind, AccountRef, RefundRequest, SessionStatus, Store, WalletBalance, now_ms,
+        rfc3339,
+    },
 };
 
 // The CLI's output goes through these, which shadow std's `print!` and
@@ -803,21 +806,20 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                 format_in(units, &currency),
                 topped.posted.txn_id
             );
-            print_balances(store, &wallet).await?;
+            print_balances(&wallet, &store.balances(&wallet).await?)?;
         }
         WalletCommand::Balance { wallet } => {
-            known_wallet(store, &wallet).await?;
-            print_balances(store, &wallet).await?
+            print_balances(&wallet, &known_balances(store, &wallet).await?)?
         }
         WalletCommand::Statement { wallet } => {
-            known_wallet(store, &wallet).await?;
+            let balances = known_balances(store, &wallet).await?;
             let lines = store.statement(AccountKind::Wallet, &wallet).await?;
             let all = statement::Filter::default();
             print!(
                 "{}",
                 statement::render(&format!("wallet:{wallet}"), &lines, &all)
             );
-            print_balances(store, &wallet).await?;
+            print_balances(&wallet, &balances)?;
         }
         WalletCommand::Limits {
             wallet,
@@ -872,7 +874,8 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
                 // Limits may be set before a wallet's first top-up (for a
                 // principal who pays through sessions), so a new name is
                 // taken, but said: it may be a mistyped one.
-                if store.balances(&wallet).await?.is_empty() {
+                // `current` has an entry for each account the wallet has.
+                if current.is_empty() {
                     eprintln!(
                         "note: wallet {wallet} is new here (nothing was recorded for it before); \
                          check the name if you meant an existing one"
@@ -896,20 +899,21 @@ async fn wallet(config: &Config, store: &dyn Store, command: WalletCommand) -> a
     Ok(())
 }
 
-/// Refuses a wallet name nothing was ever recorded for: a typo would
-/// otherwise read as a wallet with no funds.
-async fn known_wallet(store: &dyn Store, wallet: &str) -> anyhow::Result<()> {
-    if store.balances(wallet).await?.is_empty() {
+/// A wallet's balances, refusing a name nothing was ever recorded for: a
+/// typo would otherwise read as a wallet with no funds.
+async fn known_balances(store: &dyn Store, wallet: &str) -> anyhow::Result<Vec<WalletBalance>> {
+    let balances = store.balances(wallet).await?;
+    if balances.is_empty() {
         bail!(
             "no wallet named `{wallet}`: nothing was ever recorded for it (a wallet is made by \
              its first top-up)"
         );
     }
-    Ok(())
+    Ok(balances)
 }
 
-async fn print_balances(store: &dyn Store, wallet: &str) -> anyhow::Result<()> {
-    for b in store.balances(wallet).await? {
+fn print_balances(wallet: &str, balances: &[WalletBalance]) -> anyhow::Result<()> {
+    for b in balances {
         println!(
             "{wallet}: balance {} {cur}, held {} {cur}, available {} {cur}",
             format_in(b.balance, &b.currency),
