@@ -263,11 +263,12 @@ impl Gate {
                 intent.id
             )));
         };
-        let paid = match self.provider_of(intent) {
-            Ok(provider) => provider.pay_from_wallet(session, wallet).await,
-            Err(e) => Err(e),
+        let paid = async {
+            self.provider_of(intent)?
+                .pay_from_wallet(session, wallet)
+                .await
         };
-        match paid {
+        match paid.await {
             Ok(()) => {
                 tracing::info!(
                     payment_id = intent.id,

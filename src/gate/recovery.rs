@@ -202,11 +202,8 @@ impl Gate {
         let Some(session) = intent.provider_session_id.as_deref() else {
             return RemoteSettled::Unchanged;
         };
-        let asked = match self.provider_of(intent) {
-            Ok(provider) => provider.session_state(session).await,
-            Err(e) => Err(e),
-        };
-        let state = match asked {
+        let asked = async { self.provider_of(intent)?.session_state(session).await };
+        let state = match asked.await {
             Ok(state) => Some(state),
             // Not the provider's (it was changed since): not paid there.
             Err(ProviderError::NotFound(_)) => None,

@@ -426,11 +426,8 @@ impl Gate {
         to: IntentStatus,
     ) -> Result<bool, ProviderError> {
         if let Some(session) = intent.provider_session_id.as_deref() {
-            let cancelled = match self.provider_of(intent) {
-                Ok(provider) => provider.cancel_session(session).await,
-                Err(e) => Err(e),
-            };
-            match cancelled {
+            let cancelled = async { self.provider_of(intent)?.cancel_session(session).await };
+            match cancelled.await {
                 // A remote provider's payment is not in this store, so the
                 // store's own check below cannot see it.
                 Ok(SessionStatus::Paid) => return Ok(false),
