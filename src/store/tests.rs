@@ -49,6 +49,14 @@ pub(super) fn hold_request(id: &str, wallet: &str, amount: &str) -> HoldRequest 
     }
 }
 
+/// Tops up USD wallet `wallet` with `amount`.
+pub(super) async fn top_up(store: &dyn Store, wallet: &str, amount: &str) {
+    store
+        .topup(&AccountRef::wallet(wallet, &usd()), units(amount), None)
+        .await
+        .unwrap();
+}
+
 pub(super) async fn available(store: &dyn Store, wallet: &str) -> Units {
     store
         .balances(wallet)
@@ -67,10 +75,7 @@ crate::on_both_backends! {
     #[tokio::test]
     async fn hold_capture_release_move_exactly_the_right_amounts() {
         let (_dir, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "w", "1.00").await;
 
         assert_eq!(
             store.hold(&hold_request("h1", "w", "0.30")).await.unwrap(),
@@ -139,10 +144,7 @@ crate::on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_holds_never_overdraw() {
         let (_dir, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("w", &usd()), units("0.20"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "w", "0.20").await;
         let tasks: Vec<_> = (0..64)
             .map(|i| {
                 let store = store.clone();
@@ -264,10 +266,7 @@ crate::on_both_backends! {
     #[tokio::test]
     async fn intents_move_only_along_their_state_machine() {
         let (_dir, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("payer", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "payer", "1.00").await;
         for id in ["a", "b"] {
             store
                 .create_session(&session(id, now_ms() + 60_000))
@@ -367,10 +366,7 @@ crate::on_both_backends! {
     #[tokio::test]
     async fn sessions_refuse_bad_payments_without_changing_anything() {
         let (_dir, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("poor", &usd()), units("0.01"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "poor", "0.01").await;
         store
             .create_session(&session("s", now_ms() + 60_000))
             .await
@@ -422,10 +418,7 @@ crate::on_both_backends! {
     #[tokio::test]
     async fn the_sweep_expires_what_is_past_its_time_and_nothing_else() {
         let (_dir, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "w", "1.00").await;
         let mut stale = hold_request("stale", "w", "0.40");
         // Long enough ago for `ledger verify` to count it (past its grace).
         stale.expires_at = now_ms() - 10 * 60_000;
@@ -475,10 +468,7 @@ crate::on_both_backends! {
     #[tokio::test]
     async fn ledger_entries_cannot_be_rewritten() {
         let (place, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "w", "1.00").await;
         let update = crate::testing::execute(&place.db.url, "UPDATE ledger_entries SET amount = 0").await;
         assert!(update.unwrap_err().to_string().contains("never updated"));
         let delete = crate::testing::execute(&place.db.url, "DELETE FROM ledger_entries").await;
@@ -494,9 +484,7 @@ crate::on_both_backends! {
         let db = TestDb::fresh(dir.path());
         let (a, b) = tokio::join!(open(&db.url), open(&db.url));
         let (a, b) = (a.expect("first instance"), b.expect("second instance"));
-        a.topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*a, "w", "1.00").await;
         assert_eq!(available(&*b, "w").await, units("1.00"));
     }
 
@@ -510,10 +498,7 @@ crate::on_both_backends! {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
             tasks.push(tokio::spawn(async move {
                 if i == 5 {
-                    store
-                        .topup(&AccountRef::wallet("new", &usd()), units("0.10"), None)
-                        .await
-                        .unwrap();
+                    top_up(&*store, "new", "0.10").await;
                     return false;
                 }
                 let held = store
@@ -539,9 +524,7 @@ crate::on_both_backends! {
     async fn sweeps_on_every_instance_expire_each_hold_once() {
         let (place, a) = store().await;
         let b = open(&place.db.url).await.expect("second instance");
-        a.topup(&AccountRef::wallet("w", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*a, "w", "1.00").await;
         for i in 0..40 {
             let mut request = hold_request(&format!("h{i}"), "w", "0.01");
             request.expires_at = now_ms() - 1;
@@ -586,10 +569,7 @@ crate::on_both_backends! {
         use crate::terms::Role;
         let (_dir, store) = store().await;
         let usd = usd();
-        store
-            .topup(&AccountRef::wallet("w", &usd), units("10.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "w", "10.00").await;
         let terms = fee_terms();
         // A metered call: the most it can cost is held, plus the fee.
         let held = terms.payer_pays(units("1.00"), &usd);
@@ -1349,10 +1329,7 @@ crate::on_both_backends! {
     async fn refunds_give_back_each_legs_share_never_more_than_was_captured() {
         let (_dir, store) = store().await;
         let usd = usd();
-        store
-            .topup(&AccountRef::wallet("w", &usd), units("10.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "w", "10.00").await;
         store.hold(&hold_request("h1", "w", "1.01")).await.unwrap();
         let split = fee_terms().split(units("1.00"), &usd);
         store.capture("h1", &Charge::of(&split, "alice", &usd)).await.unwrap();
@@ -1421,10 +1398,7 @@ crate::on_both_backends! {
     #[tokio::test]
     async fn a_payment_that_lands_as_an_approval_is_declined_shows_who_paid() {
         let (_dir, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("payer", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "payer", "1.00").await;
         store.create_session(&session("d", now_ms() + 60_000)).await.unwrap();
         store.create_intent(&intent("d"), &OpenLimit::NONE).await.unwrap();
         assert!(
@@ -1481,11 +1455,7 @@ crate::on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_idempotency_key_makes_one_refund_even_at_once() {
         let (_dir, store) = store().await;
-        let usd = usd();
-        store
-            .topup(&AccountRef::wallet("w", &usd), units("10.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "w", "10.00").await;
         for round in 0..5 {
             let refund = |hold: String| RefundRequest {
                 payment_id: hold,
@@ -1523,11 +1493,7 @@ crate::on_both_backends! {
     #[tokio::test]
     async fn a_sessions_api_payment_is_refunded_to_whoever_paid_it() {
         let (_dir, store) = store().await;
-        let usd = usd();
-        store
-            .topup(&AccountRef::wallet("bob", &usd), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "bob", "1.00").await;
         let mut api = session("cs_api", now_ms() + 60_000);
         api.owner = Some("shop".into());
         store.create_session(&api).await.unwrap();
@@ -1744,10 +1710,7 @@ crate::on_both_backends! {
         use crate::export::{self, ExportError, Format, Selection};
         let (_dir, store) = store().await;
         for (wallet, amount) in [("a", "1.00"), ("b", "2.00"), ("a", "0.50"), ("c", "3.00"), ("a", "0.25")] {
-            store
-                .topup(&AccountRef::wallet(wallet, &usd()), units(amount), None)
-                .await
-                .unwrap();
+            top_up(&*store, wallet, amount).await;
         }
         let run = async |selection: &Selection, page: i64| {
             let mut out = Vec::new();
@@ -1802,10 +1765,7 @@ crate::on_postgres! {
 
         use crate::export::{self, Format, Selection};
         let (place, store) = store().await;
-        store
-            .topup(&AccountRef::wallet("a", &usd()), units("1.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "a", "1.00").await;
         // A posting written and not yet committed (as a capture in flight),
         // then one after it that commits at once.
         let mut late = sqlx::PgConnection::connect(&place.db.url).await.unwrap();
@@ -1820,10 +1780,7 @@ crate::on_postgres! {
         ] {
             sqlx::query(sql).execute(&mut late).await.unwrap();
         }
-        store
-            .topup(&AccountRef::wallet("b", &usd()), units("2.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "b", "2.00").await;
 
         let exporting = tokio::spawn({
             let store = store.clone();
@@ -1839,10 +1796,7 @@ crate::on_postgres! {
         assert!(!exporting.is_finished(), "it waits for the write in flight");
         // A writer that comes meanwhile is not held up until that one ends:
         // the export gives way, and waits again.
-        store
-            .topup(&AccountRef::wallet("c", &usd()), units("3.00"), None)
-            .await
-            .unwrap();
+        top_up(&*store, "c", "3.00").await;
         assert!(!exporting.is_finished(), "still waiting for the first");
         sqlx::query("COMMIT").execute(&mut late).await.unwrap();
         let exported = exporting.await.unwrap();
