@@ -180,13 +180,18 @@ impl Gate {
     /// one; or, for a session this store holds (opened by the local or
     /// mock provider before `[provider]` changed), the local one, so that
     /// its payment is still redeemed or refunded; or, for a remote that is
-    /// no longer configured, none: its payment is left as it is.
+    /// no longer configured (another kind, or a sessions API elsewhere),
+    /// none: its payment is left as it is, never asked of a remote that
+    /// would not know it and so be taken for unpaid.
     pub(crate) fn provider_of(&self, intent: &Intent) -> Result<&dyn Provider, ProviderError> {
-        if intent.provider == self.provider.name() {
+        if intent.provider == self.provider.identity() {
             return Ok(self.provider.as_ref());
         }
         match intent.provider.as_str() {
             "local" | "mock" => Ok(self.local.as_ref()),
+            // Recorded before intents named their remote by where it is:
+            // taken, as then, for the configured one of its kind.
+            kind if kind == self.provider.name() => Ok(self.provider.as_ref()),
             other => Err(ProviderError::NotConfigured(other.to_owned())),
         }
     }

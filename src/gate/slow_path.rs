@@ -123,7 +123,7 @@ impl Gate {
                 Purpose::Payment => mode.as_str().to_owned(),
             },
             status: IntentStatus::AwaitingPayment,
-            provider: self.provider.name().to_owned(),
+            provider: self.provider.identity().to_owned(),
             provider_session_id: Some(session.id.clone()),
             payment_url: Some(session.url.clone()),
             created_at: now,

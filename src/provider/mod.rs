@@ -72,8 +72,14 @@ pub struct SessionState {
 
 #[async_trait]
 pub trait Provider: Send + Sync {
-    /// Short name recorded on intents (`local`).
+    /// Its kind (`local`, `mock`, `sessions_api`).
     fn name(&self) -> &'static str;
+    /// Which provider this is, recorded on each intent it opens a session
+    /// for, so that the intent is later asked of this very provider: a
+    /// remote is named by where it is as well as by its kind.
+    fn identity(&self) -> &str {
+        self.name()
+    }
     /// Whether its sessions are in this store: asking about one is a read,
     /// not a call to another system.
     fn is_local(&self) -> bool {

@@ -22,6 +22,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub struct SessionsApiProvider {
     http: reqwest::Client,
     base: String,
+    identity: String,
     api_key: String,
 }
 
@@ -49,9 +50,11 @@ impl SessionsApiProvider {
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
+        let base = base.trim_end_matches('/').to_owned();
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            identity: identity(&base),
+            base,
             api_key,
         })
     }
@@ -81,6 +84,23 @@ impl SessionsApiProvider {
             attempt += 1;
         }
     }
+}
+
+/// `sessions_api at` the base URL, without any credentials it carries
+/// (the identity is recorded on intents and shown to callers).
+fn identity(base: &str) -> String {
+    let shown = match reqwest::Url::parse(base) {
+        Ok(mut url) => {
+            // Only fails for URLs that cannot carry credentials anyway.
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.as_str().trim_end_matches('/').to_owned()
+        }
+        Err(_) => base.to_owned(),
+    };
+    format!("sessions_api at {shown}")
 }
 
 /// A refusal that may not hold next time: the remote failed, was busy, or
@@ -154,6 +174,10 @@ impl Provider for SessionsApiProvider {
         "sessions_api"
     }
 
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+
     async fn create_session(&self, req: &SessionRequest) -> Result<ProviderSession, ProviderError> {
         let minor = to_minor_units(req.amount, &req.currency)
             .map_err(|e| ProviderError::Refused(e.to_string()))?;
@@ -216,6 +240,22 @@ mod tests {
 
     use super::*;
     use crate::money::{Currency, Units};
+
+    /// A remote is recorded on intents by where it is, never with the
+    /// credentials its URL may carry.
+    #[test]
+    fn a_remote_is_known_by_its_url_without_credentials() {
+        let named = |base: &str| SessionsApiProvider::new(base, "k".into()).unwrap().identity;
+        assert_eq!(
+            named("https://user:secret@pay.example/v1/?token=x"),
+            "sessions_api at https://pay.example/v1"
+        );
+        assert_eq!(
+            named("http://127.0.0.1:8080/"),
+            "sessions_api at http://127.0.0.1:8080"
+        );
+        assert_ne!(named("https://a.example"), named("https://b.example"));
+    }
 
     /// A sessions API that fails `failures` times, then answers.
     async fn flaky(failures: usize) -> (String, Arc<AtomicUsize>) {

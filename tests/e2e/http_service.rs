@@ -893,7 +893,10 @@ on_both_backends! {
     /// of the remote, which never heard of it, so it sat in clearing); one
     /// opened at a remote no longer configured is left as it is, and its
     /// caller is told why (it was asked of the local provider, which took
-    /// it for unpaid, and expired it with its payment at the remote).
+    /// it for unpaid, and expired it with its payment at the remote). That
+    /// holds for a sessions API at another URL too (it was asked of that
+    /// one, which did not know it either), and once its own remote is back,
+    /// a payment made there is redeemed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_payment_opened_before_the_provider_changed_is_settled_by_its_own_provider() {
         let b = HttpServer::start(&two_step_pricing()).await;
@@ -902,7 +905,10 @@ on_both_backends! {
         let remote_config = std::fs::read_to_string(&a.config).unwrap();
         let r = crate::harness::call(&remote_client, "echo", echo_args("remote")).await;
         let at_b = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let url = structured(&r)["payment_url"].as_str().unwrap().to_owned();
+        let session_at_b = url.rsplit('/').next().unwrap().to_owned();
         remote_client.cancel().await.ok();
+        let opened_at_b = format!("opened with provider `sessions_api at {}`", b.base);
 
         // Back to the local provider: a call paid here, not yet redeemed.
         std::fs::write(&a.config, &local).unwrap();
@@ -912,15 +918,34 @@ on_both_backends! {
         a.ok(&["sessions", "pay", &here]).await;
         let r = crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": at_b})).await;
         assert_eq!(error_code(&r), "payment_system_unavailable", "{r:?}");
-        assert!(text(&r).contains("opened with provider `sessions_api`"), "{}", text(&r));
+        assert!(text(&r).contains(&opened_at_b), "{}", text(&r));
         client.cancel().await.ok();
 
-        // And to the remote again: the payment made here is redeemed.
+        // To a sessions API elsewhere, which never heard of B's session.
+        let c = HttpServer::start(&two_step_pricing()).await;
+        std::fs::write(&a.config, remote_config.replace(&b.base, &c.base)).unwrap();
+        let key = c.key("tollgate-a", &["sessions:create", "sessions:read"]).await;
+        let client = a.client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key.as_str())]).await;
+        let r = crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": at_b})).await;
+        assert_eq!(error_code(&r), "payment_system_unavailable", "{r:?}");
+        assert!(text(&r).contains(&opened_at_b), "{}", text(&r));
+        client.cancel().await.ok();
+        let store = tollgate::testing::open_store(&a.db).await.unwrap();
+        let status = store.intent(&at_b).await.unwrap().unwrap().status;
+        assert_eq!(status.as_str(), "awaiting_payment", "left as it is");
+
+        // And to B again: the payment made here, and the one made at B
+        // meanwhile, are redeemed.
+        let response = checkout_post(&b.base, &session_at_b, &[("action", "settle")]).await;
+        assert_eq!(response.status(), 303);
         std::fs::write(&a.config, &remote_config).unwrap();
-        let key = b.key("tollgate-a2", &["sessions:create", "sessions:read"]).await;
+        let key = b.key("tollgate-a", &["sessions:create", "sessions:read"]).await;
         let client = a.client_with_env(None, &[("TOLLGATE_PROVIDER_KEY", key.as_str())]).await;
         let r = crate::harness::call(&client, "echo", json!({"text": "here", "payment_id": here})).await;
         assert_eq!(text(&r), "here", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        let r = crate::harness::call(&client, "echo", json!({"text": "remote", "payment_id": at_b})).await;
+        assert_eq!(text(&r), "remote", "{r:?}");
         assert_eq!(payment_meta(&r)["status"], "paid");
         client.cancel().await.ok();
         a.assert_ledger_ok().await;
