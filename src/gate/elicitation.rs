@@ -128,6 +128,19 @@ impl Gate {
             }
             Err(answer) => return answer,
         };
+        // Only this session was asked: another one (even of the same
+        // principal) answering, or an answer naming a payment offered some
+        // other way (a dynamic confirm tool is its own session's), would
+        // get round the binding those payments have.
+        let asked_here = matches!(intent.mode.as_str(), "elicitation" | "approval")
+            && intent.session_id.as_deref() == Some(scope.session_id);
+        if !asked_here {
+            return super::redeem::mismatch_reply(
+                state,
+                call.tool,
+                "request_state names a question this session was not asked",
+            );
+        }
         let answer = match responses
             .and_then(|r| r.get(INPUT_KEY))
             .and_then(|v| serde_json::from_value::<ElicitResult>(v.clone()).ok())

@@ -417,11 +417,22 @@ on_both_backends! {
             .pay_session(&state, None, tollgate::store::now_ms())
             .await
             .unwrap();
-        // Foreign: another principal, or other arguments.
+        // Foreign: another principal, other arguments, or another session
+        // of the same principal, which was never asked.
         let r = complete(bob.call_tool_once(retry(&state, "x")).await.unwrap());
         assert_eq!(error_code(&r), "payment_mismatch");
         let r = complete(alice.call_tool_once(retry(&state, "y")).await.unwrap());
         assert_eq!(error_code(&r), "payment_mismatch");
+        let elsewhere = t
+            .connect(
+                Some("alice"),
+                t.client(Person::AcceptsUnpaid, Elicitation::Url),
+                true,
+            )
+            .await;
+        let r = complete(elsewhere.call_tool_once(retry(&state, "x")).await.unwrap());
+        assert_eq!(error_code(&r), "payment_mismatch", "{r:?}");
+        elsewhere.cancel().await.ok();
         // The real answer runs the call once.
         let r = complete(alice.call_tool_once(retry(&state, "x")).await.unwrap());
         assert_ran(&r, "x");
@@ -628,6 +639,28 @@ on_both_backends! {
         assert!(names(a.list_all_tools().await.unwrap()).contains(&confirm));
 
         t.env.ok(&["sessions", "pay", &id]).await;
+        // Nor by answering, as a 2026-07-28 client, a question it was never
+        // asked: the payment id as `requestState` from another session.
+        let modern = t
+            .connect(
+                Some("alice"),
+                t.client(Person::Ignores, Elicitation::Form),
+                true,
+            )
+            .await;
+        let mut answer = rmcp::model::CallToolRequestParams::new("echo")
+            .with_arguments(crate::harness::args(echo_args("dyn")));
+        answer.request_state = Some(id.clone());
+        answer.input_responses = Some(rmcp::model::InputResponses::from_iter([(
+            "payment".to_owned(),
+            json!({"action": "accept"}),
+        )]));
+        let r = match modern.call_tool_once(answer).await.unwrap() {
+            rmcp::model::CallToolResponse::Complete(r) => r,
+            other => panic!("expected a result, got {other:?}"),
+        };
+        assert_eq!(error_code(&r), "payment_mismatch", "{r:?}");
+        modern.cancel().await.ok();
         assert_ran(&call(&a, &confirm, json!({})).await, "dyn");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
