@@ -601,10 +601,18 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
             finish_calls(&gate).await;
             service.cancel();
             waiting.await?;
+            // The session closed with the service: its dynamic payments
+            // are being ended.
+            gate.calls_finished(SESSION_END_GRACE).await;
         }
     }
     Ok(())
 }
+
+/// How long a stopping stdio server waits, once its session closed, for
+/// that session's dynamic payments to be ended (a few store writes, and a
+/// cancel at a remote provider).
+const SESSION_END_GRACE: Duration = Duration::from_secs(5);
 
 /// Closes the gate, and gives the calls under way [`SHUTDOWN_GRACE`] to
 /// finish: to be charged or released, and answered if the transport is

@@ -51,8 +51,26 @@ struct SessionGuard {
 }
 
 impl Drop for SessionGuard {
+    /// The payments its confirm tools were for are ended, counted as a
+    /// call under way, so that a shutdown waits for them.
     fn drop(&mut self) {
-        self.gate.dynamic_tools().forget(&self.id);
+        let offered = self.gate.dynamic_tools().forget(&self.id);
+        if offered.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                session = self.id,
+                "a session closed outside the runtime: its unused payments are left to upkeep"
+            );
+            return;
+        };
+        let (gate, session) = (self.gate.clone(), self.id.clone());
+        let counted = gate.enter_even_closing();
+        runtime.spawn(async move {
+            let _counted = counted;
+            gate.end_closed_sessions_payments(&session, offered).await;
+        });
     }
 }
 

@@ -31,6 +31,12 @@ impl Closing {
         (!self.closed.is_cancelled()).then_some(call)
     }
 
+    /// Counts work a closing gate must still wait for (ending what a
+    /// session that just closed left), until the guard is dropped.
+    pub fn enter_even_closing(&self) -> Counted {
+        self.calls.enter()
+    }
+
     pub fn close(&self) {
         self.closed.cancel();
     }

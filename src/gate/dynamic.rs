@@ -6,9 +6,10 @@
 //! without bound; a paid intent's stays while the payment can be redeemed
 //! (`[server] keep_results` longer, until recovery refunds it). Calling it from
 //! another session, even in another process, gets `payment_mismatch`: the
-//! session is recorded on the intent. HTTP requests served without a
-//! session (2026-07-28 clients) share one per principal
-//! ([`super::stateless_session`]).
+//! session is recorded on the intent, so when the session closes its
+//! payments are ended ([`Gate::end_closed_sessions_payments`]). HTTP
+//! requests served without a session (2026-07-28 clients) share one per
+//! principal ([`super::stateless_session`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -30,11 +31,16 @@ use super::{
 };
 use crate::{
     money::format_in,
+    provider::ProviderError,
     store::{IntentStatus, SessionStatus, now_ms},
     sync::lock,
 };
 
 const PREFIX: &str = "confirm_pay_";
+
+/// Why a closed session's paid payment is refunded (completes "was paid
+/// but").
+const CLOSED_UNUSED: &str = "the MCP session it was offered to closed before it was used";
 
 /// The payment id a dynamic confirm tool's name carries, if it is one.
 pub fn dynamic_confirm_payment_id(tool: &str) -> Option<&str> {
@@ -191,10 +197,18 @@ impl DynamicTools {
         lock(&self.sessions).len()
     }
 
-    /// Forgets a session that has closed.
-    pub fn forget(&self, session: &str) {
+    /// Forgets a session that has closed; the payment ids of the confirm
+    /// tools it was still offered.
+    pub fn forget(&self, session: &str) -> Vec<String> {
         let mut sessions = lock(&self.sessions);
-        sessions.remove(session);
+        let Some(forgotten) = sessions.remove(session) else {
+            return Vec::new();
+        };
+        forgotten
+            .offered
+            .keys()
+            .filter_map(|name| dynamic_confirm_payment_id(name).map(str::to_owned))
+            .collect()
     }
 
     async fn offer(&self, session: &str, peer: Peer<RoleServer>, name: String, offered: Offered) {
@@ -312,6 +326,59 @@ impl Gate {
             Outcome::KeepUntil(redeemable_until)
         } else {
             Outcome::Remove
+        }
+    }
+
+    /// Ends the payments a closed session was offered confirm tools for:
+    /// only that session could redeem them. One not paid is cancelled, so
+    /// nobody pays it for nothing; one paid and not used is refunded now,
+    /// not held until recovery refunds it `keep_results` later. What cannot
+    /// be ended now (its provider down) is left to upkeep and recovery.
+    pub async fn end_closed_sessions_payments(&self, session: &str, payment_ids: Vec<String>) {
+        for payment_id in payment_ids {
+            let intent = match self.store.intent(&payment_id).await {
+                Ok(Some(intent)) => intent,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(payment_id, "cannot end a closed session's payment: {e}");
+                    continue;
+                }
+            };
+            let unpaid = match intent.status {
+                IntentStatus::AwaitingPayment => {
+                    self.end_unpaid(&intent, IntentStatus::Cancelled).await
+                }
+                IntentStatus::Paid => Ok(false),
+                _ => continue, // running, or over already
+            };
+            let ended = match unpaid {
+                Ok(true) => Ok("cancelled"),
+                // Paid, perhaps just now.
+                Ok(false) => self
+                    .refund_unredeemed(&intent, CLOSED_UNUSED)
+                    .await
+                    .map(|refunded| {
+                        if refunded {
+                            "refunded"
+                        } else {
+                            "left as it was"
+                        }
+                    })
+                    .map_err(ProviderError::from),
+                Err(e) => Err(e),
+            };
+            match ended {
+                Ok(what) => tracing::info!(
+                    payment_id,
+                    session,
+                    "{what} the payment of a closed session's confirm tool"
+                ),
+                Err(e) => tracing::warn!(
+                    payment_id,
+                    session,
+                    "cannot end a closed session's payment now (upkeep tries again): {e}"
+                ),
+            }
         }
     }
 

@@ -202,6 +202,11 @@ impl Gate {
         self.closing.enter()
     }
 
+    /// Counts work as under way, closed or not: a shutdown waits for it.
+    pub fn enter_even_closing(&self) -> Counted {
+        self.closing.enter_even_closing()
+    }
+
     /// Stops taking calls, and ends the waits for payments (see `closing`).
     pub fn close(&self) {
         self.closing.close();

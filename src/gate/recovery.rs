@@ -58,6 +58,10 @@ fn count(settled: &[RemoteSettled], which: RemoteSettled) -> u64 {
 /// before it lands, so this is only a margin.
 const ABANDONED_AFTER_MS: i64 = 60_000;
 
+/// Why recovery refunds a payment nobody redeemed (see
+/// [`Gate::refund_unredeemed`]).
+const NOT_USED_IN_TIME: &str = "not used in time";
+
 /// What one recovery pass settled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recovered {
@@ -139,7 +143,7 @@ impl Gate {
         loop {
             let page = self.store.unredeemed(before, &after).await?;
             for intent in &page {
-                match self.refund_unredeemed(intent).await {
+                match self.refund_unredeemed(intent, NOT_USED_IN_TIME).await {
                     Ok(true) => recovered.unredeemed_refunded += 1,
                     Ok(false) => {}
                     Err(StoreError::Invalid(why)) => {
@@ -266,8 +270,13 @@ impl Gate {
     }
 
     /// Takes a paid, never redeemed intent through `running` (so no late
-    /// redeem can run it) to failed, refunded.
-    async fn refund_unredeemed(&self, intent: &Intent) -> Result<bool, StoreError> {
+    /// redeem can run it) to failed, refunded. `why` it was not used
+    /// completes "payment … was paid but".
+    pub(super) async fn refund_unredeemed(
+        &self,
+        intent: &Intent,
+        why: &str,
+    ) -> Result<bool, StoreError> {
         let _under_way = self.runs.enter(&intent.id);
         let claimed = if intent.status == IntentStatus::AwaitingPayment {
             let Some(session) = intent.provider_session_id.as_deref() else {
@@ -296,7 +305,7 @@ impl Gate {
             return Ok(false); // redeemed after all, or refunded elsewhere
         }
         let message = format!(
-            "payment `{}` was paid but not used in time, so it was refunded and `{}` was not run.",
+            "payment `{}` was paid but {why}, so it was refunded and `{}` was not run.",
             intent.id, intent.tool
         );
         let outcome = self.unrun(intent, code::PAYMENT_UNREDEEMED, message);

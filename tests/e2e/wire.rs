@@ -239,6 +239,54 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A dynamic confirm tool can be called only from the session it was
+    /// offered to. When that session closes (here, the client closes the
+    /// server's stdin), its payments are ended before the process exits:
+    /// one unpaid is cancelled, so nobody pays it for nothing; one paid and
+    /// never used is refunded at once. (Both were left: the paid one held
+    /// until recovery refunded it, `keep_results` later, a week by default.)
+    #[tokio::test]
+    async fn a_closed_sessions_dynamic_payments_are_cancelled_or_refunded_at_once() {
+        let env = Env::new("dynamic_tools");
+        env.topup("pat", "1.00").await;
+        let mut wire = Wire::start_as(&env, Some("kit")).await;
+        let mut offer = async |id: u64, text: &str| {
+            let r = wire.call(id, "echo", json!({"text": text})).await;
+            let next = r["structuredContent"]["next_step"].as_str().expect("a confirm tool");
+            assert!(next.starts_with("confirm_pay_"), "{r}");
+            r["structuredContent"]["payment_id"].as_str().expect("a payment id").to_owned()
+        };
+        let unpaid = offer(1, "never paid").await;
+        let paid = offer(2, "paid, never used").await;
+        env.ok(&["sessions", "pay", &paid, "--from", "pat"]).await;
+        assert_eq!(env.available("pat").await, "0.99");
+
+        let Wire { mut child, stdin, .. } = wire;
+        drop(stdin);
+        let exit = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+            .await
+            .expect("the server exits once its client goes")
+            .expect("wait");
+        assert!(exit.success(), "{exit:?}");
+
+        let store = tollgate::testing::open_store(&env.db).await.unwrap();
+        let intent = |id: String| {
+            let store = &store;
+            async move { store.intent(&id).await.unwrap().unwrap().status }
+        };
+        assert_eq!(intent(unpaid.clone()).await.as_str(), "cancelled");
+        let sessions = env.ok(&["sessions", "list"]).await;
+        assert!(
+            sessions.lines().any(|l| l.starts_with(&unpaid) && l.contains("cancelled")),
+            "its payment session can no longer be paid: {sessions}"
+        );
+        assert_eq!(intent(paid.clone()).await.as_str(), "failed");
+        assert_eq!(env.available("pat").await, "1.00", "refunded");
+        env.assert_ledger_ok().await;
+    }
+}
+
 /// The server's stdin and stdout are pipes when an MCP client starts it,
 /// and are then read and written on the runtime's event loop. Anything
 /// else (here, files) is served too, through tokio's blocking stdio.
