@@ -30,6 +30,24 @@ pub struct Price {
     pub metered_type: Option<Value>,
 }
 
+/// The one countable type a metered argument's schema gives it (`null`
+/// aside: a missing value is refused anyway), if it gives exactly one.
+fn one_type(declared: Option<&Value>) -> Option<&str> {
+    let kinds: Vec<&str> = match declared? {
+        Value::String(one) => vec![one.as_str()],
+        Value::Array(many) => many
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|kind| *kind != "null")
+            .collect(),
+        _ => return None,
+    };
+    match kinds[..] {
+        [kind @ ("string" | "array" | "object" | "number" | "integer")] => Some(kind),
+        _ => None,
+    }
+}
+
 impl Price {
     /// A metered argument must be there, of the type the tool declares, and
     /// not negative: the price is counted from the JSON as sent, and a tool
@@ -52,24 +70,25 @@ impl Price {
         if value.as_f64().is_some_and(|n| n < 0.0) {
             return refuse("the price is counted from it, so it may not be negative".into());
         }
-        let declared: Vec<&str> = match &self.metered_type {
-            Some(Value::String(one)) => vec![one.as_str()],
-            Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
-            _ => return Ok(()),
+        // The catalog serves a metered price only where the schema gives
+        // the argument one type (see [`one_type`]).
+        let Some(kind) = one_type(self.metered_type.as_ref()) else {
+            return refuse("its type is not known, so the price cannot be counted".into());
         };
-        let is = |kind: &str| match kind {
+        let is = match kind {
             "string" => value.is_string(),
             "array" => value.is_array(),
             "object" => value.is_object(),
             "number" => value.is_number(),
+            // Not 3.0, though JSON Schema takes it: many tools read only
+            // a whole number written as one.
             "integer" => value.is_i64() || value.is_u64(),
-            "boolean" => value.is_boolean(),
             _ => false,
         };
-        if declared.iter().any(|kind| is(kind)) {
+        if is {
             Ok(())
         } else {
-            refuse(format!("expected {}", declared.join(" or ")))
+            refuse(format!("expected {kind}"))
         }
     }
     /// What the payer is asked for before a call with these arguments
@@ -215,11 +234,21 @@ impl Catalog {
                     .get("properties")
                     .and_then(|p| p.get(argument));
                 metered_type = declared.and_then(|d| d.get("type")).cloned();
-                if declared.is_none() {
-                    let message = format!(
-                        "tools.price: `{}` has no argument `{argument}` to meter",
-                        priced.name
-                    );
+                let problem = match declared {
+                    None => Some(format!("has no argument `{argument}` to meter")),
+                    Some(_) if one_type(metered_type.as_ref()).is_none() => Some(format!(
+                        "meters argument `{argument}`, whose input schema gives it {}: it must give it one \
+                         type (a string's characters and a number's value count differently, and \
+                         a tool may read one as the other)",
+                        match &metered_type {
+                            Some(kinds) => format!("the types {kinds}"),
+                            None => "no type".to_owned(),
+                        }
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(problem) = problem {
+                    let message = format!("tools.price: `{}` {problem}", priced.name);
                     if strict {
                         return Err(config.tool_error(priced, message));
                     }

@@ -108,6 +108,11 @@ impl ServerHandler for TestUpstream {
                     "Counts to n (n defaults to 50, and a numeric string will do).",
                     schema(json!({"n": {"type": "integer"}})),
                 ),
+                Tool::new(
+                    "count_either",
+                    "Counts to n, given as a number or a numeric string.",
+                    schema(json!({"n": {"type": ["integer", "string"]}})),
+                ),
                 Tool::new("book", "Books a stay.", booking_schema()),
                 Tool::new(
                     "forecast",
@@ -215,7 +220,7 @@ impl ServerHandler for TestUpstream {
                 r.structured_content = Some(json!({"city": city, "high": 21.5}));
                 r
             }
-            "count" => {
+            "count" | "count_either" => {
                 // Lax, as many servers are: what a metered price must not trust.
                 let n = match args.get("n") {
                     None => 50,
@@ -829,6 +834,19 @@ on_both_backends! {
         assert_eq!(t.env.available("alice").await, "0.95");
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
+
+        // An argument the schema lets be a number or a string cannot be
+        // metered: "1000000" would be priced as seven characters, and
+        // counted to a million. (It was served, and priced so.)
+        let either = upstream_pricing(&url, "free")
+            + "\n[[tools]]\nname = \"test_count_either\"\nprice = { per_unit = \"0.01\", argument = \"n\", max = \"1.00\" }\n";
+        let out = crate::harness::Env::with_pricing(&either).cli(&["serve"]).await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("meters argument `n`, whose input schema gives it the types [\"integer\",\"string\"]: it must give it one type"),
+            "{err}"
+        );
     }
 }
 
