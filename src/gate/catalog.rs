@@ -1,7 +1,7 @@
 //! What tools exist, what they cost, and how they are listed to clients.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, btree_map},
     sync::Arc,
 };
 
@@ -125,23 +125,28 @@ impl Catalog {
     /// Joins the backends' tools with `pricing.toml`. A priced tool no
     /// backend provides, or a name served twice, is a start-up error.
     pub fn build(config: &Config, backends: &[Arc<dyn ToolBackend>]) -> Result<Self, ConfigError> {
-        Self::join(config, backends, true)
+        Self::join(config, backends, None)
     }
 
     /// The same while running, after an upstream changed its tools: a priced
-    /// tool that went away is simply not served (and logged).
+    /// tool that went away is simply not served (and logged), and a name
+    /// two backends now share stays with the one that served it in
+    /// `previous`: its price, and the payments already made for it, were
+    /// for that backend's tool.
     pub fn build_lenient(
         config: &Config,
         backends: &[Arc<dyn ToolBackend>],
+        previous: &Catalog,
     ) -> Result<Self, ConfigError> {
-        Self::join(config, backends, false)
+        Self::join(config, backends, Some(previous))
     }
 
     fn join(
         config: &Config,
         backends: &[Arc<dyn ToolBackend>],
-        strict: bool,
+        previous: Option<&Catalog>,
     ) -> Result<Self, ConfigError> {
+        let strict = previous.is_none();
         // At start, a tool that cannot be served as configured stops it.
         // While running (an upstream changed its tools), only that tool is
         // left out, logged: refusing the whole list would keep every other
@@ -162,11 +167,21 @@ impl Catalog {
             }
             for tool in backend.tools() {
                 let name = tool.name.to_string();
-                if described.contains_key(&name) {
-                    refuse(format!("two backends both provide a tool named `{name}`"))?;
-                    continue;
+                let served_before = previous
+                    .and_then(|p| p.entries.get(&name))
+                    .is_some_and(|e| Arc::ptr_eq(&e.backend, backend));
+                match described.entry(name) {
+                    btree_map::Entry::Vacant(free) => {
+                        free.insert((tool, backend.clone()));
+                    }
+                    btree_map::Entry::Occupied(mut taken) => {
+                        let name = taken.key();
+                        refuse(format!("two backends both provide a tool named `{name}`"))?;
+                        if served_before {
+                            taken.insert((tool, backend.clone()));
+                        }
+                    }
                 }
-                described.insert(name, (tool, backend.clone()));
             }
         }
         // A rule for a tool nobody serves would never ask anyone. The config
@@ -530,15 +545,26 @@ mod tests {
             "refused at start"
         );
 
-        let catalog = Catalog::build_lenient(&config, &backends).expect("served");
+        // Served before: `clash` by the first backend (the second had not
+        // got it yet).
+        let before = Catalog::build(&config, &backends[..1]).expect("served");
+        let catalog = Catalog::build_lenient(&config, &backends, &before).expect("served");
         let names: Vec<&str> = catalog.listed().iter().map(|t| t.name.as_ref()).collect();
         assert_eq!(names, ["clash", "confirm_ok_payment", "new", "ok"]);
-        let clash = catalog.listed_tool("clash").unwrap();
-        assert_eq!(
-            clash.description.as_deref(),
-            Some("The first."),
-            "the one served before"
-        );
+        let described = |catalog: &Catalog| {
+            let clash = catalog.listed_tool("clash").unwrap();
+            clash.description.as_deref().map(str::to_owned)
+        };
+        assert_eq!(described(&catalog).as_deref(), Some("The first."));
+
+        // And the other way round: served by the second backend, listed
+        // after the first, `clash` stays the second's when the first adds
+        // one. (The first in config order took it, and with it the price
+        // and the payments made for the second's tool.)
+        let only_second = Catalog::build_lenient(&config, &backends[1..], &before).expect("served");
+        assert_eq!(described(&only_second).as_deref(), Some("The second."));
+        let catalog = Catalog::build_lenient(&config, &backends, &only_second).expect("served");
+        assert_eq!(described(&catalog).as_deref(), Some("The second."));
         assert_eq!(catalog.confirmed_tool("confirm_ok_payment"), Some("ok"));
         assert!(catalog.get("confirm_ok_payment").is_none());
         assert!(catalog.get("confirm_pay_0123").is_none());

@@ -39,7 +39,7 @@ use crate::{
     provider::{Provider, ProviderError, local::LocalProvider},
     receipt::ReceiptSigner,
     store::{Charge, Intent, OpenLimit, Origin, Store},
-    sync::Counted,
+    sync::{Counted, lock},
     tools::ToolBackend,
 };
 pub use catalog::{Catalog, PAYMENT_ID_ARG, Price, confirm_tool_name};
@@ -123,6 +123,7 @@ pub struct Gate {
     local: Arc<dyn Provider>,
     catalog: std::sync::RwLock<Arc<Catalog>>,
     sources: Option<CatalogSources>,
+    rebuilding: std::sync::Mutex<()>,
     pub(crate) signer: ReceiptSigner,
     pub(crate) settings: GateSettings,
     pub(crate) dynamic: DynamicTools,
@@ -166,6 +167,7 @@ impl Gate {
             local,
             catalog: std::sync::RwLock::new(Arc::new(catalog)),
             sources: None,
+            rebuilding: Default::default(),
             signer,
             settings,
             dynamic: DynamicTools::default(),
@@ -266,7 +268,12 @@ impl Gate {
         let Some(sources) = &self.sources else {
             return;
         };
-        match Catalog::build_lenient(&sources.config, &sources.backends) {
+        // One rebuild at a time, each from the backends' lists as they are
+        // then: two upstreams changing at once could otherwise swap in the
+        // older build last.
+        let _one_at_a_time = lock(&self.rebuilding);
+        let previous = self.catalog();
+        match Catalog::build_lenient(&sources.config, &sources.backends, &previous) {
             Ok(catalog) => {
                 if let Ok(mut current) = self.catalog.write() {
                     *current = Arc::new(catalog);
