@@ -362,7 +362,7 @@ impl Gate {
         // is a failed run: answered, its hold released or its payment
         // refunded, rather than a call left hanging with its money held.
         match std::panic::AssertUnwindSafe(run).catch_unwind().await {
-            Ok(result) => result,
+            Ok(result) => reply::tools_own(result),
             Err(_) => {
                 tracing::error!(tool = name, "the tool panicked; its run counts as failed");
                 rmcp::model::CallToolResult::error(vec![rmcp::model::ContentBlock::text(format!(

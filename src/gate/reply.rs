@@ -87,6 +87,26 @@ pub fn with_body(mut result: CallToolResult, body: Value) -> CallToolResult {
     result
 }
 
+/// A tool's result without the `_meta` keys the gate sets itself: one a
+/// tool (an upstream) sent would be taken for the gate's reply, which the
+/// gate makes `isError` after charging for the result, or for its payment
+/// (logged and counted as one).
+pub fn tools_own(mut result: CallToolResult) -> CallToolResult {
+    if let Some(meta) = result.meta.as_mut() {
+        for key in [REPLY_META, PAYMENT_META] {
+            if meta.0.remove(key).is_some() {
+                tracing::warn!(
+                    "a tool's result carried `_meta[\"{key}\"]`, which is the gate's; dropped"
+                );
+            }
+        }
+        if meta.0.is_empty() {
+            result.meta = None;
+        }
+    }
+    result
+}
+
 /// An answer as it goes out for the tool called. Clients check a result of
 /// a tool with an `outputSchema` against it and throw, so that the person
 /// never sees the payment URL: the TypeScript SDK a result that is not an
