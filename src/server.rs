@@ -269,12 +269,7 @@ fn outcome(response: &Result<CallToolResponse, McpError>) -> &'static str {
         .meta
         .as_ref()
         .and_then(|m| m.0.get(crate::gate::reply::REPLY_META));
-    let code = result
-        .structured_content
-        .as_ref()
-        .or(gates_reply)
-        .and_then(|s| s.get("error"))
-        .and_then(|e| e.as_str());
+    let code = crate::gate::reply::code_of(result);
     match (result.is_error, code) {
         (Some(true), Some(code)) => crate::gate::reply::code::ALL
             .iter()

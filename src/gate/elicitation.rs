@@ -226,7 +226,7 @@ impl Gate {
                     .await
                 {
                     Settled::Final(result) => result,
-                    Settled::Pending(pending) => {
+                    Settled::Pending(pending, _) => {
                         tracing::info!(
                             payment_id = intent.id,
                             "accepted, but the provider has no payment"

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::{
     CallScope, Gate,
     redeem::{Settled, Wait},
+    reply::{self, code},
     slow_path::{Opened, Purpose, how_to_pay},
 };
 
@@ -91,11 +92,16 @@ impl Gate {
             .await
         {
             Settled::Final(result) => result,
-            Settled::Pending(_) => self.stopped_waiting(
-                opened,
-                purpose,
-                &format!("Stopped waiting after {}s", timeouts.progress.as_secs()),
-            ),
+            // Failing to the end: the caller is told the payment system is
+            // unavailable, not that nobody paid.
+            Settled::Pending(last, _) if reply::code_of(&last) == Some(code::UNAVAILABLE) => last,
+            Settled::Pending(_, ended_early) => {
+                let why = match ended_early {
+                    Some(why) => format!("Stopped waiting: {why}"),
+                    None => format!("Stopped waiting after {}s", timeouts.progress.as_secs()),
+                };
+                self.stopped_waiting(opened, purpose, &why)
+            }
         }
     }
 }

@@ -37,15 +37,17 @@ const MAX_POLL: Duration = Duration::from_secs(1);
 pub(super) enum Settled {
     /// Ran (or replayed), or ended for good (failed, expired, mismatch…).
     Final(CallToolResult),
-    /// Still unpaid when the wait ran out (or there was none); the intent
-    /// stays payable. Carries the `payment_pending` answer.
-    Pending(CallToolResult),
+    /// Still unpaid when the wait ended (or there was none); the intent
+    /// stays payable. Carries the last look's answer (`payment_pending`, or
+    /// `payment_system_unavailable` when the payment system failed then),
+    /// and what ended the wait before its time, if anything did.
+    Pending(CallToolResult, Option<&'static str>),
 }
 
 impl Settled {
     pub fn into_result(self) -> CallToolResult {
         match self {
-            Settled::Final(r) | Settled::Pending(r) => r,
+            Settled::Final(r) | Settled::Pending(r, _) => r,
         }
     }
 }
@@ -174,7 +176,7 @@ impl Gate {
                 }
                 failing = cause.is_some();
                 let Some(wait) = wait.as_mut().filter(|_| waiting) else {
-                    return Settled::Pending(result);
+                    return Settled::Pending(result, None);
                 };
                 if let Some(progress) = wait.progress.as_deref_mut() {
                     progress.heartbeat(scope).await;
@@ -184,7 +186,7 @@ impl Gate {
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     // The payment stays payable, the call redeemable.
-                    _ = self.wait_ended(scope) => return Settled::Pending(result),
+                    why = self.wait_ended(scope) => return Settled::Pending(result, Some(why)),
                 }
             }
             intent = match self.store.intent(&intent.id).await {

@@ -77,6 +77,15 @@ pub fn error(
     )
 }
 
+/// The error code of one of the gate's own replies, if it is one.
+pub fn code_of(result: &CallToolResult) -> Option<&str> {
+    let body = result
+        .structured_content
+        .as_ref()
+        .or_else(|| result.meta.as_ref().and_then(|m| m.0.get(REPLY_META)))?;
+    body.get("error").and_then(Value::as_str)
+}
+
 /// Gives one of the gate's own replies its body: `structuredContent`, and
 /// the same in `_meta["tollgate/reply"]`.
 pub fn with_body(mut result: CallToolResult, body: Value) -> CallToolResult {

@@ -1150,6 +1150,14 @@ on_both_backends! {
         let hint = format!("call `echo` again with the same arguments plus \"payment_id\": \"{id}\"");
         assert!(text(&r).contains("A payment made stands") && text(&r).contains(&hint), "{}", text(&r));
         client.cancel().await.ok();
+        // The same in progress mode. (It said "Stopped waiting after 1s",
+        // as if nobody had paid.)
+        let t = with_flaky_provider(&pricing("progress", ""), u32::MAX).await;
+        let client = t.connect(None, t.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&client, "echo", echo_args("unreachable")).await;
+        assert_eq!(error_code(&r), "payment_system_unavailable", "{r:?}");
+        assert!(text(&r).contains("A payment made stands"), "{}", text(&r));
+        client.cancel().await.ok();
 
         let t = InProcess::new(&pricing("elicitation", "")).await;
         let client = t.connect(None, t.client(Person::AcceptsUnpaid, Elicitation::Url), false).await;
