@@ -14,13 +14,16 @@ use toml::Spanned;
 
 use crate::{
     approvals::{ApprovalRule, ApprovalRules},
-    money::{Currency, Units, format_in, to_minor_units},
+    money::{Currency, Units, format_in, from_minor_units, to_minor_units},
     tariff::{Measure, Metered, Tariff},
     terms::{Fee, FeeAccounts, Role, Terms},
 };
 
 /// The longest duration a setting may take (ten years).
 const LONGEST_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+/// `approval_threshold` when none is set, in the currency's minor units.
+const DEFAULT_APPROVAL_MINOR_UNITS: i64 = 500;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{file}{location}: {message}")]
@@ -664,7 +667,11 @@ impl Config {
             ));
         }
         let approval_threshold = match &raw.server.approval_threshold {
-            None => Units::parse("5.00").unwrap_or_default(),
+            // 500 of the currency's minor units: 5.00 USD, 500 JPY, 0.500
+            // KWD. (It was 5 in any currency: 5 yen would send almost
+            // every call to a person, 5 dinars pass about $16 unasked.)
+            None => from_minor_units(DEFAULT_APPROVAL_MINOR_UNITS, &currency)
+                .map_err(|e| err(None, format!("server.approval_threshold: {e}")))?,
             Some(s) => Units::parse(s.get_ref())
                 .map_err(|e| err(Some(s.span()), format!("server.approval_threshold: {e}")))?,
         };
@@ -1379,6 +1386,23 @@ mode = "resubmit"
     /// or whole, to the rounding account, and fixed fees above a flat price
     /// would leave its author nothing: both refused, naming the field. (Both
     /// were taken.)
+    /// Without `approval_threshold`, the threshold is 500 of the currency's
+    /// minor units. (It was 5 in any currency: 5 yen, or 5 dinars.)
+    #[test]
+    fn the_default_approval_threshold_follows_the_currency() {
+        for (currency, threshold) in [("USD", "5.00"), ("JPY", "500"), ("KWD", "0.500")] {
+            let text = format!(
+                "[server]\nname = \"t\"\ncurrency = \"{currency}\"\n\n[[tools]]\nname = \"echo\"\nprice = \"1\"\n"
+            );
+            let config = Config::parse(&text, "p.toml").unwrap();
+            assert_eq!(
+                config.approvals.default,
+                Units::parse(threshold).unwrap(),
+                "{currency}"
+            );
+        }
+    }
+
     #[test]
     fn a_flat_price_is_whole_minor_units_and_holds_its_fixed_fees() {
         let e = error_for("price = \"0.015\"");
