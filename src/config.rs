@@ -707,6 +707,7 @@ impl Config {
                 ));
             }
         };
+        let paid_in_minor_units = matches!(provider, ProviderKind::SessionsApi { .. });
         // Settings of another kind of provider are a mistake to point out:
         // a `url` without `kind = "sessions_api"` would take payments here.
         if !matches!(provider, ProviderKind::SessionsApi { .. }) {
@@ -882,6 +883,9 @@ impl Config {
             let price = parse_tariff(t.price.get_ref())
                 .and_then(|price| match price {
                     Tariff::Flat(amount) => whole_flat_price(amount, &currency).map(Tariff::Flat),
+                    Tariff::Metered(metered) if paid_in_minor_units => {
+                        whole_metered_price(&metered, &currency).map(|()| Tariff::Metered(metered))
+                    }
                     metered => Ok(metered),
                 })
                 .map_err(|message| {
@@ -1202,6 +1206,23 @@ fn whole_flat_price(amount: Units, currency: &Currency) -> Result<Units, String>
         .map_err(|e| format!("{e}: a flat price is whole minor units"))
 }
 
+/// A metered price paid through a sessions API, whose payments go out in
+/// minor units: its base, per-unit price and maximum must be whole ones, so
+/// that what a call is asked for up front is. (A remote would refuse every
+/// slow-path payment of a finer one.)
+fn whole_metered_price(metered: &Metered, currency: &Currency) -> Result<(), String> {
+    for (part, amount) in [
+        ("base", metered.base),
+        ("per_unit", metered.per_unit),
+        ("max", metered.max),
+    ] {
+        to_minor_units(amount, currency).map_err(|e| {
+            format!("{part}: {e}: payments through the sessions_api provider are whole minor units")
+        })?;
+    }
+    Ok(())
+}
+
 /// A price with its outgoing commission must be an amount the ledger can
 /// hold. And fixed fees taken from a flat price's author share must fit in
 /// it: they are cut to what is there (`terms.rs`), silently. The author's
@@ -1423,6 +1444,25 @@ mode = "resubmit"
             "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[[tools]]\nname = \"echo\"\n{metered}\n"
         );
         assert!(Config::parse(&text, "p.toml").is_ok());
+        // Unless it is paid through a sessions API, which takes minor
+        // units: every slow-path payment of it would be refused there.
+        let remote = text.replace(
+            "[[tools]]",
+            "[provider]\nkind = \"sessions_api\"\nurl = \"http://127.0.0.1:1\"\n\n[[tools]]",
+        );
+        let e = Config::parse(&remote, "p.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("tools[0].price of `echo`: per_unit: 0.0001 USD")
+                && e.contains("payments through the sessions_api provider are whole minor units"),
+            "{e}"
+        );
+        assert!(
+            Config::parse(
+                &remote.replace("0.015", "0.02").replace("0.0001", "0.01"),
+                "p.toml"
+            )
+            .is_ok()
+        );
 
         let e = error_for("price = \"0.01\"\nplatform_share = \"0.02\"");
         assert!(
