@@ -13,7 +13,7 @@ use crate::{
     money::{Currency, Units},
     tariff::{Measure, Tariff},
     terms::Terms,
-    tools::ToolBackend,
+    tools::{ToolBackend, schema::ToolSchema},
 };
 
 /// The price, terms and mode of one priced tool.
@@ -106,6 +106,9 @@ pub struct Entry {
     /// The tool declares an `outputSchema`: the gate's own replies to it
     /// leave `structuredContent` out (see [`super::reply::for_tool`]).
     pub has_output_schema: bool,
+    /// A priced tool's `outputSchema`, compiled (if it can be): a result
+    /// that does not fit it counts as failed.
+    pub output: Option<Arc<ToolSchema>>,
 }
 
 pub struct Catalog {
@@ -331,6 +334,19 @@ impl Catalog {
                 continue;
             }
             let has_output_schema = tool.output_schema.is_some();
+            let output = match (&price, &tool.output_schema) {
+                (Some(_), Some(schema)) => match ToolSchema::compile(schema) {
+                    Ok(schema) => Some(Arc::new(schema)),
+                    Err(e) => {
+                        tracing::warn!(
+                            tool = name,
+                            "output: {e}; its results are charged unchecked"
+                        );
+                        None
+                    }
+                },
+                _ => None,
+            };
             match &price {
                 None => listed.push(tool),
                 Some(price) => {
@@ -348,6 +364,7 @@ impl Catalog {
                     backend,
                     price,
                     has_output_schema,
+                    output,
                 },
             );
         }

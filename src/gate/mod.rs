@@ -362,7 +362,7 @@ impl Gate {
         // is a failed run: answered, its hold released or its payment
         // refunded, rather than a call left hanging with its money held.
         match std::panic::AssertUnwindSafe(run).catch_unwind().await {
-            Ok(result) => reply::tools_own(result),
+            Ok(result) => unfit_output_fails(name, entry, reply::tools_own(result)),
             Err(_) => {
                 tracing::error!(tool = name, "the tool panicked; its run counts as failed");
                 rmcp::model::CallToolResult::error(vec![rmcp::model::ContentBlock::text(format!(
@@ -592,4 +592,38 @@ fn gone_tool_payment(name: &str, args: &JsonObject) -> Option<(String, String, O
             Some((name.to_owned(), payment_id.clone(), Some(hash)))
         }
     }
+}
+
+/// A priced tool's success whose `structuredContent` does not fit its
+/// `outputSchema` (or is missing) counts as a failed run, so it is not
+/// charged: its client would throw it away (the MCP SDKs check results
+/// against the schema), and the person would have paid for nothing.
+fn unfit_output_fails(
+    name: &str,
+    entry: &catalog::Entry,
+    result: rmcp::model::CallToolResult,
+) -> rmcp::model::CallToolResult {
+    let Some(output) = entry
+        .output
+        .as_ref()
+        .filter(|_| result.is_error != Some(true))
+    else {
+        return result;
+    };
+    let why = match &result.structured_content {
+        None => "it carries no structuredContent".to_owned(),
+        Some(content) => match output.check_value(content) {
+            Ok(()) => return result,
+            Err(e) if e.field == "arguments" => e.message,
+            Err(e) => format!("`{}`: {}", e.field, e.message),
+        },
+    };
+    tracing::warn!(
+        tool = name,
+        "a result that does not fit its outputSchema ({why}): not charged"
+    );
+    rmcp::model::CallToolResult::error(vec![rmcp::model::ContentBlock::text(format!(
+        "`{name}` answered with a result that does not fit its outputSchema ({why}); the call \
+         counts as failed, and nothing was charged"
+    ))])
 }

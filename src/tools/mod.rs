@@ -2,7 +2,7 @@
 
 pub mod demo;
 pub mod functions;
-pub mod input_schema;
+pub mod schema;
 pub mod upstream;
 
 use async_trait::async_trait;

@@ -34,7 +34,7 @@ use rmcp::{
     },
 };
 
-use super::{ArgumentError, CallContext, ToolBackend, input_schema::InputSchema};
+use super::{ArgumentError, CallContext, ToolBackend, schema::ToolSchema};
 use crate::{
     config::{Unpriced, UpstreamConfig, UpstreamTransport},
     sync::lock,
@@ -395,14 +395,14 @@ struct Listing {
     tools: Vec<Tool>,
     /// Served name → its schema; a tool whose schema could not be
     /// compiled is not here, and its calls go unchecked (as before).
-    inputs: HashMap<String, Arc<InputSchema>>,
+    inputs: HashMap<String, Arc<ToolSchema>>,
 }
 
 impl Listing {
     fn of(upstream: &str, tools: Vec<Tool>) -> Self {
         let inputs = tools
             .iter()
-            .filter_map(|tool| match InputSchema::compile(&tool.input_schema) {
+            .filter_map(|tool| match ToolSchema::compile(&tool.input_schema) {
                 Ok(schema) => Some((tool.name.to_string(), Arc::new(schema))),
                 Err(e) => {
                     // One odd schema must not stop the gateway; the upstream
@@ -410,7 +410,7 @@ impl Listing {
                     tracing::warn!(
                         upstream,
                         tool = %tool.name,
-                        "{e}; its arguments go to the upstream unchecked"
+                        "input: {e}; its arguments go to the upstream unchecked"
                     );
                     None
                 }

@@ -217,7 +217,12 @@ impl ServerHandler for TestUpstream {
                 let mut r = CallToolResult::success(vec![ContentBlock::text(format!(
                     "{city}: high of 21.5"
                 ))]);
-                r.structured_content = Some(json!({"city": city, "high": 21.5}));
+                r.structured_content = match city {
+                    // Results its own outputSchema does not take.
+                    "Nowhere" => Some(json!({"city": city, "high": "warm"})),
+                    "Bare" => None,
+                    _ => Some(json!({"city": city, "high": 21.5})),
+                };
                 if city == "Forged" {
                     // Keys of the gate's own: not the gate's reply, nor its payment.
                     let mut meta = rmcp::model::MetaObject::new();
@@ -1047,6 +1052,24 @@ on_both_backends! {
         assert_eq!(payment_meta(&r)["status"], "paid");
         assert!(gates_reply(&r).is_null(), "{r:?}");
         assert_eq!(r.meta.as_ref().unwrap().0["source"], "upstream", "the rest passes through");
+        // A result that does not fit the tool's own outputSchema, which its
+        // client would throw away, is a failed run: not charged. (It was.)
+        let before = t.env.available("alice").await;
+        for (city, why) in [
+            ("Nowhere", "`high`: expected number"),
+            ("Bare", "it carries no structuredContent"),
+        ] {
+            let r = call(&alice, "test_forecast", json!({"city": city})).await;
+            sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
+            assert_eq!(r.is_error, Some(true), "{r:?}");
+            assert!(
+                text(&r).contains("does not fit its outputSchema") && text(&r).contains(why),
+                "{}",
+                text(&r)
+            );
+            assert_eq!(payment_meta(&r)["status"], "released", "{r:?}");
+        }
+        assert_eq!(t.env.available("alice").await, before);
         let r = call(&alice, "test_forecast", json!({"city": 5})).await;
         sdk_takes(&r).unwrap_or_else(|e| panic!("{e}: {r:?}"));
         assert_eq!(r.is_error, Some(true));

@@ -1,7 +1,9 @@
-//! Checking arguments against a tool's JSON Schema `inputSchema`, for tools
-//! tollgate only knows by their schema (an upstream's). The gate checks a
-//! priced call's arguments before any money moves: a call its tool would
-//! refuse must not make anyone pay first.
+//! Checking values against a tool's JSON Schemas. Arguments against its
+//! `inputSchema`, for tools tollgate only knows by their schema (an
+//! upstream's): the gate checks a priced call's arguments before any money
+//! moves, since a call its tool would refuse must not make anyone pay
+//! first. And a priced call's `structuredContent` against its
+//! `outputSchema`: a result its client would throw away is not charged.
 
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use rmcp::model::JsonObject;
@@ -9,19 +11,20 @@ use serde_json::Value;
 
 use super::ArgumentError;
 
-/// A tool's input schema, compiled once (when its tool list is loaded).
-pub struct InputSchema(jsonschema::Validator);
+/// A tool's input or output schema, compiled once (when its tool list is
+/// loaded).
+pub struct ToolSchema(jsonschema::Validator);
 
 /// A schema the validator cannot compile (a bad `pattern`, a remote `$ref`).
 #[derive(Debug, thiserror::Error)]
-#[error("its input schema cannot be checked: {0}")]
+#[error("its schema cannot be checked: {0}")]
 pub struct UncheckableSchema(String);
 
 /// How much of the validator's own words an error keeps: its messages can
 /// quote the offending value, which may be large.
 const MESSAGE_KEPT: usize = 200;
 
-impl InputSchema {
+impl ToolSchema {
     pub fn compile(schema: &JsonObject) -> Result<Self, UncheckableSchema> {
         // Offline: no resolver fetches a remote `$ref`, so such a schema is
         // uncheckable rather than a request to somewhere at load time.
@@ -32,8 +35,13 @@ impl InputSchema {
 
     /// The first way `args` break the schema, naming the field.
     pub fn check(&self, args: &JsonObject) -> Result<(), ArgumentError> {
-        let args = Value::Object(args.clone());
-        let Some(error) = self.0.iter_errors(&args).next() else {
+        self.check_value(&Value::Object(args.clone()))
+    }
+
+    /// The first way `value` breaks the schema, naming the field
+    /// (`arguments` for the whole value).
+    pub fn check_value(&self, value: &Value) -> Result<(), ArgumentError> {
+        let Some(error) = self.0.iter_errors(value).next() else {
             return Ok(());
         };
         let at: Vec<String> = error
@@ -113,7 +121,7 @@ mod tests {
         v.as_object().cloned().unwrap_or_default()
     }
 
-    fn refusal(schema: &InputSchema, args: Value) -> (String, String) {
+    fn refusal(schema: &ToolSchema, args: Value) -> (String, String) {
         let e = schema.check(&object(args)).expect_err("refused");
         (e.field, e.message)
     }
@@ -122,7 +130,7 @@ mod tests {
     /// tools' words where there are some.
     #[test]
     fn a_refusal_names_the_field() {
-        let schema = InputSchema::compile(&object(json!({
+        let schema = ToolSchema::compile(&object(json!({
             "type": "object",
             "properties": {
                 "city": {"type": "string"},
@@ -169,7 +177,7 @@ mod tests {
     /// A value the message would quote is not echoed back at length.
     #[test]
     fn a_long_value_is_not_echoed_back() {
-        let schema = InputSchema::compile(&object(json!({
+        let schema = ToolSchema::compile(&object(json!({
             "type": "object",
             "properties": {"code": {"enum": ["a", "b"]}}
         })))
@@ -188,7 +196,7 @@ mod tests {
             json!({"$ref": "https://schemas.example.com/args.json"}),
         ] {
             assert!(
-                InputSchema::compile(&object(schema.clone())).is_err(),
+                ToolSchema::compile(&object(schema.clone())).is_err(),
                 "{schema}"
             );
         }
