@@ -28,7 +28,8 @@ use crate::{
 #[derive(Clone, Default)]
 struct TestUpstream {
     cancelled: Arc<std::sync::atomic::AtomicUsize>,
-    /// How many `more_N` tools `grow` has added.
+    /// How many `more_N` tools `grow` has added (once it has, `count`'s
+    /// schema takes no `n` above 3).
     grown: Arc<std::sync::atomic::AtomicUsize>,
     /// How many calls of `book` reached it, good or bad.
     booked: Arc<std::sync::atomic::AtomicUsize>,
@@ -106,7 +107,12 @@ impl ServerHandler for TestUpstream {
                 Tool::new(
                     "count",
                     "Counts to n (n defaults to 50, and a numeric string will do).",
-                    schema(json!({"n": {"type": "integer"}})),
+                    // Once grown, at most 3: a schema tightened upstream.
+                    schema(if grown > 0 {
+                        json!({"n": {"type": "integer", "maximum": 3}})
+                    } else {
+                        json!({"n": {"type": "integer"}})
+                    }),
                 ),
                 Tool::new(
                     "count_either",
@@ -699,6 +705,47 @@ on_both_backends! {
         }
         assert!(worked, "tollgate reconnected to the upstream");
         assert_eq!(t.env.available("alice").await, "0.80");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// A call paid for is not refused by a schema tightened upstream after
+    /// the payment: its arguments were checked when the payment was asked
+    /// for, and are bound to it. (It was refused as "nothing was charged",
+    /// its payment left until recovery refunded it a week later.) A new
+    /// call is checked against the new schema.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paid_call_is_not_refused_by_a_schema_tightened_after_its_payment() {
+        let (url, _upstream) = spawn_upstream().await;
+        let pricing = upstream_pricing(&url, "free")
+            + "\n[[tools]]\nname = \"test_count\"\nprice = { per_unit = \"0.01\", argument = \"n\", max = \"1.00\" }\n";
+        let t = InProcess::new(&pricing).await;
+        let handler = t.client(Person::Ignores, Elicitation::None);
+        let client = t.connect(None, handler.clone(), false).await;
+        let r = call(&client, "test_count", json!({"n": 5})).await;
+        assert_eq!(error_code(&r), "payment_required", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        t.env.ok(&["sessions", "pay", &id]).await;
+
+        assert_eq!(text(&call(&client, "test_grow", json!({})).await), "grown");
+        let tightened = async || {
+            let tools = client.list_all_tools().await.unwrap();
+            let count = tools.iter().find(|t| t.name == "test_count").unwrap();
+            count.input_schema["properties"]["n"].get("maximum").is_some()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !tightened().await {
+            assert!(tokio::time::Instant::now() < deadline, "the new schema was never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let r = call(&client, "test_count", json!({"n": 5})).await;
+        assert_eq!(error_code(&r), "invalid_arguments", "a new call: {r:?}");
+
+        let r = call(&client, "test_count", json!({"n": 5, "payment_id": id})).await;
+        assert_eq!(text(&r), "counted to 5", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
