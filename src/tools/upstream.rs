@@ -776,8 +776,15 @@ impl ToolBackend for Upstream {
                     Some(id),
                     Some("cancelled by the client".into()),
                 );
-                if let Err(e) = peer.notify_cancelled(cancel).await {
-                    tracing::debug!("cancellation not relayed: {e}");
+                // Bounded: a stuck transport must not keep the caller's
+                // answer (and its hold) waiting.
+                match self
+                    .within_timeout("relaying the cancellation", peer.notify_cancelled(cancel))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("cancellation not relayed: {e}"),
+                    Err(e) => tracing::debug!("cancellation not relayed: {e}"),
                 }
                 self.failure("the client cancelled the call".into())
             }
