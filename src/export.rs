@@ -246,6 +246,7 @@ mod tests {
             amount,
             role: Some("author".into()),
             legs: Vec::new(),
+            legs_at: None,
             currency: Currency::parse("USD").unwrap(),
             tool: Some("echo".into()),
             payment_id: Some("pay_1".into()),

@@ -27,10 +27,13 @@ pub struct Filter {
 
 impl Filter {
     pub fn keeps(&self, line: &StatementLine) -> bool {
+        self.keeps_tool(line) && self.keeps_time(line.at)
+    }
+
+    pub fn keeps_tool(&self, line: &StatementLine) -> bool {
         self.tool
             .as_ref()
             .is_none_or(|tool| line.tool.as_ref() == Some(tool))
-            && self.keeps_time(line.at)
     }
 
     pub fn keeps_time(&self, at: i64) -> bool {
@@ -147,26 +150,48 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
     // and the settlement's refund of what a metered run did not use: either
     // way, one payment, and its charge counts once.
     let mut counted: BTreeSet<&str> = BTreeSet::new();
-    for line in lines.iter().filter(|l| filter.keeps(l)) {
+    for line in lines.iter().filter(|l| filter.keeps_tool(l)) {
         let currency = &line.currency;
-        // A settlement's give-back to the payer of what a metered run did
-        // not use: to the payer, a refund; the charge's split is on the
-        // payment's own line.
-        let given_back = line.kind == "capture" && line.role.as_deref() == Some("refund");
-        let (kind, legs) = match given_back {
-            true => ("refund", &[][..]),
-            false => (line.kind.as_str(), &line.legs[..]),
+        // A split is shown and counted in the period it was posted in. A
+        // session a wallet paid is split by its settlement, once the tool
+        // ran, which can be days after the payment: a period that ends
+        // between the two shows the payment as not yet settled.
+        let split_in =
+            !line.legs.is_empty() && line.legs_at.is_some_and(|at| filter.keeps_time(at));
+        let legs = if split_in { &line.legs[..] } else { &[][..] };
+        let (at, kind, amount, legs, settles) = if filter.keeps_time(line.at) {
+            // A settlement's give-back to the payer of what a metered run
+            // did not use: to the payer, a refund; the charge's split is
+            // on the payment's own line.
+            match line.kind == "capture" && line.role.as_deref() == Some("refund") {
+                true => (line.at, "refund", line.amount, &[][..], None),
+                false => (line.at, line.kind.as_str(), line.amount, legs, None),
+            }
+        } else if split_in {
+            // Paid before the period, settled in it: the settlement moved
+            // none of the wallet's money (the payment did), but its split
+            // charge belongs to this period, on a line of its own.
+            let at = line.legs_at.unwrap_or(line.at);
+            (at, "settlement", 0, legs, Some(line.at))
+        } else {
+            continue;
         };
-        let notes: Vec<String> = [breakdown(legs, currency).unwrap_or_default(), details(line)]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect();
+        let notes: Vec<String> = [
+            breakdown(legs, currency).unwrap_or_default(),
+            settles
+                .map(|paid| format!("for the payment of {}", rfc3339(paid)))
+                .unwrap_or_default(),
+            details(line),
+        ]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
         let _ = writeln!(
             out,
             "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  {}",
-            rfc3339(line.at),
+            rfc3339(at),
             kind,
-            format_signed_in(line.amount, currency),
+            format_signed_in(amount, currency),
             currency.as_str(),
             line.tool.as_deref().unwrap_or("-"),
             line.payment_id.as_deref().unwrap_or(&line.txn_id),
@@ -175,9 +200,9 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
         let total = totals
             .entry(currency.as_str())
             .or_insert((currency, 0, 0, 0));
-        total.1 += line.amount;
+        total.1 += amount;
         total.3 += 1;
-        if counted.insert(line.payment_id.as_deref().unwrap_or(&line.txn_id)) {
+        if !legs.is_empty() && counted.insert(line.payment_id.as_deref().unwrap_or(&line.txn_id)) {
             total.2 += charged(legs);
         }
     }
@@ -259,6 +284,7 @@ mod tests {
                 .iter()
                 .map(|(role, amount)| (role.to_string(), Units(*amount)))
                 .collect(),
+            legs_at: Some(at),
             currency: Currency::parse("USD").unwrap(),
             tool: Some(tool.into()),
             payment_id: Some("pay_1".into()),
@@ -346,6 +372,8 @@ mod tests {
             StatementLine {
                 kind: "session_payment".into(),
                 role: None,
+                // The split is the settlement's, posted when the tool ran.
+                legs_at: Some(2_000),
                 ..line(-100_000, &legs, 1_000, "search")
             },
             StatementLine {
@@ -369,6 +397,37 @@ mod tests {
         assert_eq!(
             text.matches("charge 0.015 = author 0.015").count(),
             1,
+            "{text}"
+        );
+
+        // A period that ends between payment and settlement has the
+        // payment unsettled; one that starts between them has the split on
+        // a settlement line of its own, which moved none of the wallet's
+        // money.
+        let paid = Filter {
+            until: Some(1_500),
+            ..Filter::default()
+        };
+        let text = render("wallet:bob", &lines, &paid);
+        assert!(!text.contains("charge"), "{text}");
+        assert!(
+            text.ends_with("total: -0.10 USD over 1 line(s)\n"),
+            "{text}"
+        );
+        let settled = Filter {
+            since: Some(1_500),
+            ..Filter::default()
+        };
+        let text = render("wallet:bob", &lines, &settled);
+        let settlement = text
+            .lines()
+            .find(|l| l.contains(" settlement "))
+            .unwrap_or_default();
+        assert!(settlement.contains("charge 0.015 = author 0.015"), "{text}");
+        assert!(
+            text.ends_with(
+                "total: 0.085 USD over 2 line(s); the split charges came to 0.015 USD\n"
+            ),
             "{text}"
         );
     }

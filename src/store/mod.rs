@@ -373,6 +373,10 @@ pub struct StatementLine {
     /// The capture's legs by role, when it was split: what the call was
     /// charged, and who got what.
     pub legs: Vec<(String, Units)>,
+    /// When the legs were posted: the line's own time, except on a
+    /// wallet's payment of a session, whose split its later settlement
+    /// posted. A statement shows a split in the period it happened in.
+    pub legs_at: Option<i64>,
     pub currency: Currency,
     pub tool: Option<String>,
     pub payment_id: Option<String>,

@@ -196,6 +196,7 @@ pub(super) fn statement_line(row: &impl Columns) -> Result<StatementLine, StoreE
         amount: row.int("amount")?,
         role: row.opt_text("role")?,
         legs: super::posting::legs_by_role(row.opt_text("legs")?.as_deref()),
+        legs_at: row.opt_int("legs_at")?,
         currency: currency_of(row.text("currency")?)?,
         tool: row.opt_text("tool")?,
         payment_id: row.opt_text("payment_id")?,

@@ -7,19 +7,21 @@ pub(super) const BALANCES: &str = "SELECT currency, balance, held FROM accounts
      WHERE kind = 'wallet' AND name = $1 ORDER BY currency";
 
 /// Ledger lines as `rows::statement_line` reads them: `$amount`, `$legs`
-/// (the transaction's own unless given) and `$account` (kind and name) for
-/// each line, then `$tail`.
+/// with `$legs_at`, when they were posted (the transaction's own unless
+/// given), and `$account` (kind and name) for each line, then `$tail`.
 macro_rules! ledger_lines {
     ($amount:literal, $account:literal, $tail:literal) => {
-        ledger_lines!($amount, "t.legs", $account, $tail)
+        ledger_lines!($amount, "t.legs", "t.created_at", $account, $tail)
     };
-    ($amount:literal, $legs:literal, $account:literal, $tail:literal) => {
+    ($amount:literal, $legs:expr, $legs_at:expr, $account:literal, $tail:literal) => {
         concat!(
             "SELECT t.id, t.kind, t.created_at, ",
             $amount,
             ", ",
             $legs,
-            " AS legs, t.currency, t.tool, t.payment_id, t.beneficiary, t.memo, t.payer, t.intent_id,
+            " AS legs, ",
+            $legs_at,
+            " AS legs_at, t.currency, t.tool, t.payment_id, t.beneficiary, t.memo, t.payer, t.intent_id,
                     t.agent, t.metadata, t.approval, t.approved_by, t.approved_at,
                     CAST(NULL AS TEXT) AS approval_rule, ",
             $account,
@@ -31,15 +33,34 @@ macro_rules! ledger_lines {
     };
 }
 
+/// The settlement capture of the session a wallet paid on line `t`, for
+/// its split: `$column` of it. A statement shows the split by the
+/// capture's date, which is later than the payment's.
+macro_rules! settlement_of_payment {
+    ($column:literal) => {
+        concat!(
+            "CASE WHEN t.kind = 'session_payment' AND a.kind = 'wallet' THEN
+                 (SELECT s.",
+            $column,
+            " FROM ledger_transactions s
+                  WHERE s.intent_id = t.intent_id AND s.kind = 'capture'
+                  ORDER BY s.created_at, s.id LIMIT 1) END"
+        )
+    };
+}
+
 /// One account's entries (`$1`: name, `$2`: kind) with their transactions'
 /// audit data. A wallet's payment of a session shows the split its
-/// settlement posted (out of clearing, once the tool ran), as a fast-path
-/// capture shows its own.
+/// settlement posted (out of clearing, once the tool ran), dated by that
+/// settlement, as a fast-path capture shows its own.
 pub(super) const STATEMENT: &str = ledger_lines!(
     "e.amount, e.role",
-    "COALESCE(t.legs, CASE WHEN t.kind = 'session_payment' AND a.kind = 'wallet' THEN
-         (SELECT s.legs FROM ledger_transactions s
-          WHERE s.intent_id = t.intent_id AND s.kind = 'capture' LIMIT 1) END)",
+    concat!("COALESCE(t.legs, ", settlement_of_payment!("legs"), ")"),
+    concat!(
+        "CASE WHEN t.legs IS NOT NULL THEN t.created_at ELSE ",
+        settlement_of_payment!("created_at"),
+        " END"
+    ),
     "a.kind AS account_kind, a.name AS account_name",
     "WHERE a.kind = $2 AND a.name = $1 ORDER BY e.id"
 );

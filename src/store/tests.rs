@@ -363,6 +363,67 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// A session paid one day and settled the next (a metered run: 0.03 of
+    /// the 0.05 paid, the rest given back). Each period shows the split by
+    /// the day it happened: a statement up to the first day has the
+    /// payment unsettled, one from the second has the split on a line of
+    /// its own, and the whole has it once, on the payment, with totals
+    /// that come to the wallet's balance.
+    #[tokio::test]
+    async fn a_statement_dates_a_sessions_split_by_its_settlement() {
+        use crate::statement::{Filter, render};
+        let (_dir, store) = store().await;
+        top_up(&*store, "payer", "1.00").await;
+        let day = 86_400_000;
+        let settled_at = now_ms();
+        let paid_at = settled_at - day;
+        let between = paid_at + day / 2;
+        store.create_session(&session("s", settled_at + 60_000)).await.unwrap();
+        store.create_intent(&intent("s"), &OpenLimit::NONE).await.unwrap();
+        store.pay_session("s", Some("payer"), paid_at).await.unwrap();
+        let funding = Funding::InClearing {
+            refund_to: Some(AccountRef::wallet("payer", &usd())),
+        };
+        assert!(store.claim_paid_intent("s", &funding).await.unwrap());
+        let metered = IntentOutcome {
+            charge: Charge::whole(revenue(), units("0.03")),
+            at: settled_at,
+            ..outcome("s", true)
+        };
+        store.finish_intent(&metered).await.unwrap();
+
+        let lines = store.statement(AccountKind::Wallet, "payer").await.unwrap();
+        let payment = lines.iter().find(|l| l.kind == "session_payment").unwrap();
+        assert_eq!((payment.at, payment.legs_at), (paid_at, Some(settled_at)));
+        let statement = |since, until| render("wallet:payer", &lines, &Filter { tool: None, since, until });
+
+        let first_day = statement(None, Some(between));
+        assert!(first_day.ends_with("total: -0.05 USD over 1 line(s)\n"), "{first_day}");
+        assert!(!first_day.contains("charge 0.03"), "{first_day}");
+
+        let second_day = statement(Some(between), None);
+        let settlement = second_day.lines().find(|l| l.contains(" settlement ")).expect(&second_day);
+        assert!(settlement.contains("0.00  USD"), "{settlement}");
+        assert!(settlement.contains("charge 0.03 = author 0.03"), "{settlement}");
+        assert!(settlement.contains(&format!("for the payment of {}", rfc3339(paid_at))), "{settlement}");
+        assert!(
+            second_day.ends_with("total: 1.02 USD over 3 line(s); the split charges came to 0.03 USD\n"),
+            "{second_day}"
+        );
+
+        let whole = statement(None, None);
+        assert!(!whole.contains(" settlement "), "{whole}");
+        assert_eq!(whole.matches("charge 0.03 = author 0.03").count(), 1, "{whole}");
+        assert!(
+            whole.ends_with("total: 0.97 USD over 3 line(s); the split charges came to 0.03 USD\n"),
+            "{whole}"
+        );
+        assert_eq!(available(&*store, "payer").await, units("0.97"));
+        assert_sound(&*store).await;
+    }
+}
+
+crate::on_both_backends! {
     #[tokio::test]
     async fn sessions_refuse_bad_payments_without_changing_anything() {
         let (_dir, store) = store().await;
