@@ -1092,6 +1092,12 @@ where
             over_captured: query(statement!(verify::OVER_CAPTURED))
                 .fetch_all(&mut *conn)
                 .await?,
+            unposted_captures: query(statement!(verify::UNPOSTED_CAPTURES))
+                .fetch_all(&mut *conn)
+                .await?,
+            over_refunded: query(statement!(verify::OVER_REFUNDED))
+                .fetch_all(&mut *conn)
+                .await?,
         };
         found.report()
     }

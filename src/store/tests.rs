@@ -1601,6 +1601,106 @@ crate::on_both_backends! {
 }
 
 crate::on_both_backends! {
+    /// `ledger verify` takes every legitimate refund and capture as sound
+    /// (split and metered fast-path captures, partial refunds, a metered
+    /// session's settlement, a sessions-API payment), and fails, saying
+    /// which and why, on refunds that add up to more than their payment,
+    /// refunds of nothing, and a captured hold whose money the ledger never
+    /// took from its wallet.
+    #[tokio::test]
+    async fn verify_catches_over_refunds_and_captures_the_ledger_never_took() {
+        let (place, store) = store().await;
+        top_up(&*store, "w", "10.00").await;
+        let refund = |payment_id: &str, amount: Option<&str>, key: &str| RefundRequest {
+            payment_id: payment_id.into(),
+            amount: amount.map(units),
+            reason: "test".into(),
+            idempotency_key: key.into(),
+            restores_allowance: false,
+        };
+        // Fast path: a split capture, refunded in part; a metered one below
+        // its hold, refunded whole.
+        let usd = usd();
+        store.hold(&hold_request("h1", "w", "1.01")).await.unwrap();
+        let split = fee_terms().split(units("1.00"), &usd);
+        store.capture("h1", &Charge::of(&split, "alice", &usd)).await.unwrap();
+        store.refund(&refund("h1", Some("0.50"), "k1")).await.unwrap();
+        store.hold(&hold_request("h2", "w", "0.50")).await.unwrap();
+        store.capture("h2", &Charge::whole(revenue(), units("0.20"))).await.unwrap();
+        store.refund(&refund("h2", None, "k2")).await.unwrap();
+        // Slow path: 0.03 of the 0.05 paid charged, and 0.01 of it refunded.
+        store.create_session(&session("s", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("s"), &OpenLimit::NONE).await.unwrap();
+        store.pay_session("s", Some("w"), now_ms()).await.unwrap();
+        let funding = Funding::InClearing {
+            refund_to: Some(AccountRef::wallet("w", &usd)),
+        };
+        assert!(store.claim_paid_intent("s", &funding).await.unwrap());
+        let metered = IntentOutcome {
+            charge: Charge::whole(revenue(), units("0.03")),
+            ..outcome("s", true)
+        };
+        store.finish_intent(&metered).await.unwrap();
+        store.refund(&refund("s", Some("0.01"), "k3")).await.unwrap();
+        // A session made through the sessions API, refunded in part.
+        let mut api = session("cs_api", now_ms() + 60_000);
+        api.owner = Some("shop".into());
+        store.create_session(&api).await.unwrap();
+        store.pay_session("cs_api", Some("w"), now_ms()).await.unwrap();
+        store.refund(&refund("cs_api", Some("0.02"), "k4")).await.unwrap();
+        assert_sound(&*store).await;
+
+        let problems = || async { store.verify(now_ms()).await.expect("verify").problems };
+        let corrupt = |sql: String| {
+            let url = place.db.url.clone();
+            async move {
+                crate::testing::execute(&url, &sql).await.expect("corrupt the database");
+            }
+        };
+        // A refund row forged past what was captured, and one of a payment
+        // that has no capture at all.
+        for (key, payment, amount) in [("forged", "h1", 600_000), ("ghost", "nothing", 10_000)] {
+            corrupt(format!(
+                "INSERT INTO refunds (idempotency_key, payment_id, txn_id, amount, reason, created_at)
+                 SELECT '{key}', '{payment}', txn_id, {amount}, 'forged', 0 FROM refunds
+                 WHERE idempotency_key = 'k1'"
+            ))
+            .await;
+        }
+        assert_eq!(
+            problems().await,
+            [
+                "payment h1: refunds total 1.10 USD, more than the 1.01 USD captured",
+                "payment nothing: refunds total 0.01 USD, but it has no capture to refund",
+            ]
+        );
+        corrupt("DELETE FROM refunds WHERE idempotency_key IN ('forged', 'ghost')".into()).await;
+        assert_sound(&*store).await;
+
+        // A hold that says it captured more than its transaction took, and
+        // one pointed at a transaction that is not its capture.
+        corrupt("UPDATE holds SET captured = 300000 WHERE id = 'h2'".into()).await;
+        corrupt(
+            "UPDATE holds SET txn_id = (SELECT txn_id FROM refunds WHERE idempotency_key = 'k1')
+             WHERE id = 'h1'"
+                .into(),
+        )
+        .await;
+        let found = problems().await;
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("hold h1 captured 1.01 USD, but its transaction txn_")
+                && found[0].ends_with(" takes no such amount from wallet:w"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("hold h2 captured 0.30 USD, but its transaction txn_"),
+            "{found:?}"
+        );
+    }
+}
+
+crate::on_both_backends! {
     /// A paid run left `running` by a tollgate from before instance leases
     /// (no runner recorded) is taken for a dead instance's once the
     /// migration runs, and so recovered, rather than left running for good.

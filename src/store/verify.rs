@@ -39,6 +39,42 @@ pub(super) const STALE_HOLDS: &str =
 
 pub(super) const OVER_CAPTURED: &str = "SELECT id FROM holds WHERE captured > amount";
 
+/// Captured holds whose ledger transaction has no entry taking what they
+/// captured from the hold's wallet: the money the hold says moved did not.
+/// (`+e.account_id` keeps SQLite off the entries-by-account index, which
+/// would scan a busy wallet's entries once per hold, for an automatic
+/// index by transaction.)
+pub(super) const UNPOSTED_CAPTURES: &str =
+    "SELECT h.id, h.captured, h.txn_id, a.kind, a.name, a.currency
+     FROM holds h
+     LEFT JOIN accounts a ON a.id = h.account_id
+     LEFT JOIN ledger_entries e
+       ON e.txn_id = h.txn_id AND +e.account_id = h.account_id AND e.amount = -h.captured
+     WHERE h.status = 'captured' AND e.id IS NULL ORDER BY h.id";
+
+/// Refunded payments whose refunds add up to more than was captured, or
+/// that have nothing to refund: what a refund is measured against is the
+/// payment's capture (a fast-path hold's, a paid intent's settlement), or
+/// the payment of a session made through the sessions API, as
+/// `sql::CAPTURE_TXN_ID` finds it.
+pub(super) const OVER_REFUNDED: &str = "SELECT payment_id,
+            CAST(SUM(refunded) AS BIGINT) AS refunded, CAST(MAX(captured) AS BIGINT) AS captured,
+            COUNT(currency) AS captures, COALESCE(MAX(currency), MAX(refund_currency)) AS currency
+     FROM (SELECT r.payment_id, r.amount AS refunded, 0 AS captured, CAST(NULL AS TEXT) AS currency,
+                  rt.currency AS refund_currency
+           FROM refunds r LEFT JOIN ledger_transactions rt ON rt.id = r.txn_id
+           UNION ALL
+           SELECT payment_id, 0, amount, currency, NULL FROM ledger_transactions
+           WHERE kind = 'capture' AND payment_id IN (SELECT payment_id FROM refunds)
+           UNION ALL
+           SELECT t.payment_id, 0, t.amount, t.currency, NULL FROM ledger_transactions t
+           JOIN payment_sessions s ON s.id = t.payment_id
+           WHERE t.kind = 'session_payment' AND s.owner IS NOT NULL
+             AND t.payment_id IN (SELECT payment_id FROM refunds)) p
+     GROUP BY payment_id
+     HAVING COUNT(currency) = 0 OR SUM(refunded) > MAX(captured)
+     ORDER BY payment_id";
+
 /// An amount in the currency its row records; a currency that is not even
 /// three letters (a damaged row, which verify is there to report, not to
 /// trip on) gives no digits to go by.
@@ -46,6 +82,14 @@ fn amount(micros: i64, currency: &str) -> String {
     match Currency::recorded(currency) {
         Ok(currency) => format_signed_in(micros, &currency),
         Err(_) => format_without_currency(micros),
+    }
+}
+
+/// As [`amount`], followed by the currency's code when the row has one.
+fn amount_in(micros: i64, currency: &str) -> String {
+    match currency {
+        "" => amount(micros, currency),
+        _ => format!("{} {currency}", amount(micros, currency)),
     }
 }
 
@@ -57,6 +101,8 @@ pub(super) struct Found<R> {
     pub accounts: Vec<R>,
     pub stale_holds: Vec<R>,
     pub over_captured: Vec<R>,
+    pub unposted_captures: Vec<R>,
+    pub over_refunded: Vec<R>,
 }
 
 impl<R: Columns> Found<R> {
@@ -127,6 +173,37 @@ impl<R: Columns> Found<R> {
                 "hold {} captured more than it held",
                 row.text("id")?
             ));
+        }
+        for row in &self.unposted_captures {
+            let currency = row.opt_text("currency")?.unwrap_or_default();
+            let wallet = match (row.opt_text("kind")?, row.opt_text("name")?) {
+                (Some(kind), Some(name)) => format!("{kind}:{name}"),
+                _ => "its wallet".to_owned(),
+            };
+            let captured = row
+                .opt_int("captured")?
+                .map_or_else(|| "no amount".to_owned(), |c| amount_in(c, &currency));
+            let txn = row
+                .opt_text("txn_id")?
+                .unwrap_or_else(|| "(none)".to_owned());
+            problems.push(format!(
+                "hold {} captured {captured}, but its transaction {txn} takes no such amount from {wallet}",
+                row.text("id")?
+            ));
+        }
+        for row in &self.over_refunded {
+            let id = row.text("payment_id")?;
+            let currency = row.opt_text("currency")?.unwrap_or_default();
+            let refunded = amount_in(row.int("refunded")?, &currency);
+            problems.push(match row.opt_int("captured")? {
+                Some(captured) if row.int("captures")? > 0 => format!(
+                    "payment {id}: refunds total {refunded}, more than the {} captured",
+                    amount_in(captured, &currency)
+                ),
+                _ => format!(
+                    "payment {id}: refunds total {refunded}, but it has no capture to refund"
+                ),
+            });
         }
         Ok(report)
     }
