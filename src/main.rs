@@ -948,7 +948,7 @@ async fn sessions(store: &dyn Store, command: SessionsCommand) -> anyhow::Result
                     format_in(s.amount, &s.currency),
                     s.currency.as_str(),
                     rfc3339(s.expires_at),
-                    s.description
+                    statement::printable(&s.description)
                 );
             }
         }

@@ -5,6 +5,7 @@
 //! reconciled.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     fmt::Write,
 };
@@ -39,6 +40,38 @@ impl Filter {
     pub fn keeps_time(&self, at: i64) -> bool {
         self.since.is_none_or(|since| at >= since) && self.until.is_none_or(|until| at < until)
     }
+}
+
+/// Characters that would forge what a statement reads, not show as
+/// themselves: control characters (a line break starts a made-up line, an
+/// ANSI escape rewrites the terminal), line and paragraph separators, and
+/// direction marks, overrides and isolates (text read out of order).
+pub fn forges(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text recorded from someone else (a memo, a session's description, a
+/// caller's metadata) as a statement shows it: every character that
+/// [`forges`] written as an escape (`\n`, `\u{1b}`), so that it reads as
+/// what was sent, on its one line.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(forges) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if forges(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Parses `2026-11-21` (the start of that day, UTC) or an RFC 3339 time.
@@ -99,7 +132,7 @@ fn breakdown(legs: &[(String, Units)], currency: &Currency) -> Option<String> {
 fn details(line: &StatementLine) -> String {
     let mut parts = Vec::new();
     if let Some(agent) = &line.origin.agent {
-        parts.push(format!("agent {agent}"));
+        parts.push(format!("agent {}", printable(agent)));
     }
     if let Some(approval) = &line.approval {
         parts.push(describe_approval(
@@ -109,10 +142,10 @@ fn details(line: &StatementLine) -> String {
         ));
     }
     if let Some(metadata) = &line.origin.metadata {
-        parts.push(format!("metadata {metadata}"));
+        parts.push(format!("metadata {}", printable(metadata)));
     }
     if let Some(memo) = &line.memo {
-        parts.push(format!("memo: {memo}"));
+        parts.push(format!("memo: {}", printable(memo)));
     }
     parts.join("; ")
 }
@@ -126,7 +159,7 @@ fn describe_approval(status: ApprovalStatus, by: Option<&str>, at: Option<i64>) 
         ApprovalStatus::Declined => "declined".to_owned(),
     };
     if let Some(by) = by {
-        let _ = write!(text, " by {by}");
+        let _ = write!(text, " by {}", printable(by));
     }
     if let Some(at) = at {
         let _ = write!(text, " at {}", rfc3339(at));
@@ -193,8 +226,8 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
             kind,
             format_signed_in(amount, currency),
             currency.as_str(),
-            line.tool.as_deref().unwrap_or("-"),
-            line.payment_id.as_deref().unwrap_or(&line.txn_id),
+            printable(line.tool.as_deref().unwrap_or("-")),
+            printable(line.payment_id.as_deref().unwrap_or(&line.txn_id)),
             notes.join("; "),
         );
         let total = totals
@@ -252,8 +285,8 @@ pub fn render_approvals(principal: &str, intents: &[Intent], filter: &Filter) ->
             out,
             "{:<20}  {:<38}  {:<12}  {:>12} {:<4}  {:<16}  {}{}",
             rfc3339(intent.created_at),
-            intent.id,
-            intent.tool,
+            printable(&intent.id),
+            printable(&intent.tool),
             format_in(intent.amount, &intent.currency),
             intent.currency.as_str(),
             intent.status.as_str(),
@@ -261,7 +294,7 @@ pub fn render_approvals(principal: &str, intents: &[Intent], filter: &Filter) ->
             approval
                 .rule
                 .as_deref()
-                .map(|r| format!(" (rule {r})"))
+                .map(|r| format!(" (rule {})", printable(r)))
                 .unwrap_or_default(),
         );
     }
@@ -430,6 +463,42 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// A memo recorded with a line break, an ANSI escape or a direction
+    /// override (a session's description stored before the sessions API
+    /// refused them) prints escaped, on its own line: it cannot forge
+    /// another line or rewrite the terminal.
+    #[test]
+    fn a_memo_that_would_forge_lines_prints_escaped_on_its_one_line() {
+        let forged = "Pro feature\n1970-01-01T00:00:05Z  topup  1000.00  USD\u{1b}[2K\u{202e}";
+        let lines = [StatementLine {
+            kind: "session_payment".into(),
+            role: None,
+            memo: Some(forged.into()),
+            origin: crate::store::Origin {
+                agent: Some("bot\r".into()),
+                metadata: Some("{\"k\":\"a\u{2028}b\"}".into()),
+            },
+            ..line(-100_000, &[], 1_000, "echo")
+        }];
+        let text = render("wallet:bob", &lines, &Filter::default());
+        assert_eq!(
+            text.lines().count(),
+            4,
+            "title, columns, the line, the total: {text}"
+        );
+        assert!(!text.lines().any(|l| l.chars().any(forges)), "{text:?}");
+        assert!(
+            text.contains(
+                "memo: Pro feature\\n1970-01-01T00:00:05Z  topup  1000.00  USD\\u{1b}[2K\\u{202e}"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("agent bot\\r;"), "{text}");
+        assert!(text.contains("metadata {\"k\":\"a\\u{2028}b\"}"), "{text}");
+        // Plain text, accents and emoji included, is left as it is.
+        assert_eq!(printable("Café ☕ 👩‍💻"), "Café ☕ 👩‍💻");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::{
 use crate::{
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_in, from_minor_units, to_minor_units},
+    statement,
     store::{LocalSession, SessionStatus, current_session, new_id, now_ms, rfc3339},
 };
 
@@ -92,6 +93,16 @@ pub async fn create(
     };
     let description = match body.get("description") {
         None | Some(Value::Null) => String::new(),
+        // The description is the payer's statement line's memo: a line
+        // break, an escape or a direction override would forge what they
+        // read there.
+        Some(Value::String(d)) if d.chars().any(statement::forges) => {
+            return bad_request(
+                "description",
+                "must not contain control characters (line breaks, tabs, escapes), \
+                 line or paragraph separators, or direction marks",
+            );
+        }
         Some(Value::String(d)) if d.chars().count() <= MAX_DESCRIPTION => d.clone(),
         Some(Value::String(_)) => {
             return bad_request(

@@ -283,6 +283,63 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A session's description is the memo on its payer's statement. One
+    /// that would forge lines there (a line break, an ANSI escape, a
+    /// direction override) is a 400 naming the field, and no session is
+    /// made; one stored before the API refused them (put in by hand here)
+    /// prints escaped, on its one line, in the statement and the list.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_description_that_would_forge_statement_lines_is_refused_and_printed_escaped() {
+        let server = HttpServer::start(&crate::harness::pricing("resubmit", "")).await;
+        let creator = server.key("shop", &["sessions:create"]).await;
+        let sessions = format!("{}/v1/sessions", server.base);
+        let create = |description: &str| {
+            http()
+                .post(&sessions)
+                .bearer_auth(&creator)
+                .json(&json!({"amount": 250, "currency": "usd", "description": description}))
+                .send()
+        };
+        let forged = "Pro feature\n2026-11-21T12:00:00Z  topup  1000.00  USD\u{1b}[2K";
+        for description in [forged, "\u{1b}[2Jpaid", "tab\there", "refund \u{202e}00.001"] {
+            let response = create(description).await.unwrap();
+            assert_eq!(response.status(), 400, "{description:?}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["field"], "description", "{body}");
+            let message = body["message"].as_str().unwrap_or_default();
+            assert!(message.contains("must not contain control characters"), "{body}");
+        }
+        let listed = server.env.ok(&["sessions", "list"]).await;
+        assert_eq!(listed.lines().count(), 1, "only the header: {listed}");
+
+        // A row stored with such a description before the check.
+        let response = create("Pro feature").await.unwrap();
+        assert_eq!(response.status(), 201);
+        let created: Value = response.json().await.unwrap();
+        let id = created["sessionId"].as_str().unwrap().to_owned();
+        let stored = format!("UPDATE payment_sessions SET description = '{forged}' WHERE id = '{id}'");
+        tollgate::testing::execute(&server.env.db, &stored).await.unwrap();
+        server.env.topup("ben", "5.00").await;
+        server.env.ok(&["sessions", "pay", &id, "--from", "ben"]).await;
+        let statement = server.env.ok(&["wallet", "statement", "ben"]).await;
+        assert!(!statement.contains('\u{1b}'), "{statement:?}");
+        assert!(
+            !statement.lines().any(|l| l.starts_with("2026-11-21T12:00:00Z")),
+            "a forged line: {statement}"
+        );
+        let line = statement.lines().find(|l| l.contains(&id)).expect(&statement);
+        assert!(
+            line.ends_with("memo: Pro feature\\n2026-11-21T12:00:00Z  topup  1000.00  USD\\u{1b}[2K"),
+            "{line}"
+        );
+        let listed = server.env.ok(&["sessions", "list"]).await;
+        assert_eq!(listed.lines().count(), 2, "{listed:?}");
+        assert!(listed.contains("Pro feature\\n2026-11-21T12:00:00Z"), "{listed}");
+        server.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_sessions_api_validates_authenticates_and_rate_limits() {
         let pricing = crate::harness::pricing("resubmit", "").replace(
