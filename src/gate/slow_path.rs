@@ -97,6 +97,10 @@ impl Gate {
                 call.tool, self.settings.server_name
             ),
         };
+        // Names from elsewhere (an upstream's tool) written so that a
+        // sessions API, which refuses what would forge a statement line,
+        // takes it.
+        let description = crate::statement::printable(&description).into_owned();
         let request = SessionRequest {
             payment_id: payment_id.clone(),
             amount: call.amount,
