@@ -95,7 +95,9 @@ impl Gate {
             Ok(intent) => intent,
             Err(answer) => return Settled::Final(answer),
         };
-        let run_deadline = Instant::now() + self.settings.run_wait;
+        // How long to wait on a run under way, from when it is first seen:
+        // a call that waited for the payment first still waits the run out.
+        let mut run_deadline = None;
         let mut poll = FIRST_POLL;
         // Whether the payment system failed at the last look.
         let mut failing = false;
@@ -123,8 +125,14 @@ impl Gate {
                     Err(e) => return Settled::Final(reply::unavailable(e)),
                 },
                 IntentStatus::Running => {
-                    if Instant::now() >= run_deadline {
+                    let deadline = *run_deadline
+                        .get_or_insert_with(|| Instant::now() + self.settings.run_wait);
+                    if Instant::now() >= deadline {
                         return Settled::Final(self.still_running(&intent));
+                    }
+                    // A progress call's client hears it is still alive.
+                    if let Some(progress) = wait.as_mut().and_then(|w| w.progress.as_deref_mut()) {
+                        progress.heartbeat(scope).await;
                     }
                     // Not under way here while it waits: if the run was
                     // dropped, recovery must not take this caller's retries

@@ -439,6 +439,16 @@ pub async fn with_provider(
     pricing_text: &str,
     provider: impl FnOnce(&Config, Arc<dyn Store>) -> Arc<dyn tollgate::provider::Provider>,
 ) -> InProcess {
+    with_settings(pricing_text, provider, |_| {}).await
+}
+
+/// The same, with gate settings no config sets (how long a call waits on
+/// a run under way) changed by `change`.
+pub async fn with_settings(
+    pricing_text: &str,
+    provider: impl FnOnce(&Config, Arc<dyn Store>) -> Arc<dyn tollgate::provider::Provider>,
+    change: impl FnOnce(&mut tollgate::gate::GateSettings),
+) -> InProcess {
     use tollgate::{
         gate::{Catalog, GateSettings},
         receipt::ReceiptSigner,
@@ -446,6 +456,8 @@ pub async fn with_provider(
     };
     let env = Env::with_pricing(pricing_text);
     let config = config_for(&env, pricing_text);
+    let mut settings = GateSettings::from_config(&config);
+    change(&mut settings);
     let store = app::open_store(&config.store_url, &config)
         .await
         .expect("store");
@@ -455,7 +467,7 @@ pub async fn with_provider(
         Catalog::build(&config, &[Arc::new(demo_tools())]).expect("catalog"),
         ReceiptSigner::load_or_create(&app::receipt_key_path(&config).expect("key path"))
             .expect("key"),
-        GateSettings::from_config(&config),
+        settings,
     );
     InProcess {
         env,

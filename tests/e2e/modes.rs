@@ -589,6 +589,60 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A progress call that has waited for its payment longer than a call
+    /// waits on a run under way, and then finds another call (a resubmit)
+    /// running it, still waits that run out and answers with its result.
+    /// (Its time to wait on the run was counted from the start of its wait
+    /// for the payment, so it answered `payment_in_progress` at once.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_progress_call_waits_out_a_run_it_finds_under_way_after_a_long_wait() {
+        let pricing = pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\"")
+            + "\n[[tools]]\nname = \"sleep\"\nprice = \"0.01\"\n";
+        let t = crate::inproc::with_settings(
+            &pricing,
+            |config, store| tollgate::app::provider_for(config, store).expect("provider"),
+            |settings| settings.run_wait = Duration::from_secs(2),
+        )
+        .await;
+        // Longer than between two looks at the payment (a second, by
+        // then): the progress call sees the run under way.
+        let sleep = |id: Option<&str>| match id {
+            Some(id) => json!({"ms": 1500, "payment_id": id}),
+            None => json!({"ms": 1500}),
+        };
+        // The resubmit must claim the run before the progress call's next
+        // look at the payment (a second apart by then): tried again in the
+        // rare case the progress call claimed it first.
+        let mut resubmit_ran_it = false;
+        for _ in 0..3 {
+            let waiting = t.client(Person::Ignores, Elicitation::None);
+            let first = t.connect(Some("alice"), waiting.clone(), false).await;
+            let second = t.connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false).await;
+            let progress_call = tokio::spawn(async move {
+                let r = call(&first, "sleep", sleep(None)).await;
+                first.cancel().await.ok();
+                r
+            });
+            let id = waiting.first_progress_payment_id().await;
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            t.gate.store().pay_session(&id, None, tollgate::store::now_ms()).await.unwrap();
+            let resubmitted = call(&second, "sleep", sleep(Some(&id))).await;
+            let waited = progress_call.await.unwrap();
+            second.cancel().await.ok();
+            assert_eq!(resubmitted.is_error, Some(false), "{resubmitted:?}");
+            assert_eq!(waited.is_error, Some(false), "{waited:?}");
+            if payment_meta(&resubmitted).get("replayed").is_none() {
+                assert!(payment_meta(&waited).get("replayed").is_some(), "ran once: {waited:?}");
+                resubmit_ran_it = true;
+                break;
+            }
+        }
+        assert!(resubmit_ran_it, "the resubmit never claimed the run first");
+        t.env.assert_ledger_ok().await;
+    }
+}
+
 // ---------- dynamic tools ----------
 
 on_both_backends! {
