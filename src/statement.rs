@@ -48,7 +48,10 @@ impl Filter {
 /// direction marks, overrides and isolates (text read out of order).
 pub fn forges(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
 }
 
 /// Text recorded from someone else (a memo, a session's description, a

@@ -1628,6 +1628,8 @@ crate::on_both_backends! {
         store.hold(&hold_request("h2", "w", "0.50")).await.unwrap();
         store.capture("h2", &Charge::whole(revenue(), units("0.20"))).await.unwrap();
         store.refund(&refund("h2", None, "k2")).await.unwrap();
+        store.hold(&hold_request("h3", "w", "0.20")).await.unwrap();
+        store.capture("h3", &Charge::whole(revenue(), units("0.20"))).await.unwrap();
         // Slow path: 0.03 of the 0.05 paid charged, and 0.01 of it refunded.
         store.create_session(&session("s", now_ms() + 60_000)).await.unwrap();
         store.create_intent(&intent("s"), &OpenLimit::NONE).await.unwrap();
@@ -1677,8 +1679,9 @@ crate::on_both_backends! {
         corrupt("DELETE FROM refunds WHERE idempotency_key IN ('forged', 'ghost')".into()).await;
         assert_sound(&*store).await;
 
-        // A hold that says it captured more than its transaction took, and
-        // one pointed at a transaction that is not its capture.
+        // A hold that says it captured more than its transaction took, one
+        // pointed at a transaction that is not its capture, and one pointed
+        // at another hold's capture of the same wallet and amount.
         corrupt("UPDATE holds SET captured = 300000 WHERE id = 'h2'".into()).await;
         corrupt(
             "UPDATE holds SET txn_id = (SELECT txn_id FROM refunds WHERE idempotency_key = 'k1')
@@ -1686,15 +1689,24 @@ crate::on_both_backends! {
                 .into(),
         )
         .await;
+        corrupt(
+            "UPDATE holds SET txn_id = (SELECT txn_id FROM holds WHERE id = 'h2') WHERE id = 'h3'"
+                .into(),
+        )
+        .await;
         let found = problems().await;
-        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found.len(), 3, "{found:?}");
         assert!(
             found[0].starts_with("hold h1 captured 1.01 USD, but its transaction txn_")
-                && found[0].ends_with(" takes no such amount from wallet:w"),
+                && found[0].ends_with(" is not its capture or takes no such amount from wallet:w"),
             "{found:?}"
         );
         assert!(
             found[1].starts_with("hold h2 captured 0.30 USD, but its transaction txn_"),
+            "{found:?}"
+        );
+        assert!(
+            found[2].starts_with("hold h3 captured 0.20 USD, but its transaction txn_"),
             "{found:?}"
         );
     }

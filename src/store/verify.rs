@@ -39,17 +39,20 @@ pub(super) const STALE_HOLDS: &str =
 
 pub(super) const OVER_CAPTURED: &str = "SELECT id FROM holds WHERE captured > amount";
 
-/// Captured holds whose ledger transaction has no entry taking what they
-/// captured from the hold's wallet: the money the hold says moved did not.
-/// (`+e.account_id` keeps SQLite off the entries-by-account index, which
-/// would scan a busy wallet's entries once per hold, for an automatic
-/// index by transaction.)
+/// Captured holds whose ledger transaction is not their own capture (every
+/// capture trigger writes one, kind `capture`, naming the hold as its
+/// payment), or has no entry taking what they captured from the hold's
+/// wallet: the money the hold says moved did not. (`+e.account_id` keeps
+/// SQLite off the entries-by-account index, which would scan a busy
+/// wallet's entries once per hold, for an automatic index by transaction.)
 pub(super) const UNPOSTED_CAPTURES: &str =
     "SELECT h.id, h.captured, h.txn_id, a.kind, a.name, a.currency
      FROM holds h
      LEFT JOIN accounts a ON a.id = h.account_id
+     LEFT JOIN ledger_transactions t
+       ON t.id = h.txn_id AND t.kind = 'capture' AND t.payment_id = h.id
      LEFT JOIN ledger_entries e
-       ON e.txn_id = h.txn_id AND +e.account_id = h.account_id AND e.amount = -h.captured
+       ON e.txn_id = t.id AND +e.account_id = h.account_id AND e.amount = -h.captured
      WHERE h.status = 'captured' AND e.id IS NULL ORDER BY h.id";
 
 /// Refunded payments whose refunds add up to more than was captured, or
@@ -187,7 +190,7 @@ impl<R: Columns> Found<R> {
                 .opt_text("txn_id")?
                 .unwrap_or_else(|| "(none)".to_owned());
             problems.push(format!(
-                "hold {} captured {captured}, but its transaction {txn} takes no such amount from {wallet}",
+                "hold {} captured {captured}, but its transaction {txn} is not its capture or takes no such amount from {wallet}",
                 row.text("id")?
             ));
         }
