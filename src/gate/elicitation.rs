@@ -27,9 +27,10 @@ use super::{
     slow_path::{Opened, Purpose, how_to_pay, required_body},
 };
 use crate::{
+    config::Mode,
     money::format_in,
     provider::ProviderError,
-    store::{ApprovalStatus, Intent, IntentStatus, StoreError, rfc3339},
+    store::{APPROVAL_BY_FORM_MODE, ApprovalStatus, Intent, IntentStatus, StoreError, rfc3339},
 };
 
 /// The key of our request in an `InputRequiredResult`.
@@ -132,7 +133,7 @@ impl Gate {
         // principal) answering, or an answer naming a payment offered some
         // other way (a dynamic confirm tool is its own session's), would
         // get round the binding those payments have.
-        let asked_here = matches!(intent.mode.as_str(), "elicitation" | "approval")
+        let asked_here = (intent.mode == Mode::Elicitation.as_str() || intent.is_approval())
             && intent.session_id.as_deref() == Some(scope.session_id);
         if !asked_here {
             return super::redeem::mismatch_reply(
@@ -152,12 +153,14 @@ impl Gate {
             url: intent.payment_url.clone().unwrap_or_default(),
             intent,
         };
-        // The answer is the client's word: it was asked what this client,
-        // as it says now, would have been asked. One that cannot answer a
-        // form was never asked for a yes, so a yes it sends is not taken.
-        let asked = match prompt(scope.elicits(), &opened, purpose_of(&opened.intent)) {
-            Some(ElicitRequestParams::FormElicitationParams { .. }) => Asked::ByForm,
-            _ => Asked::ByUrl,
+        // The answer is the client's word, to the question recorded as
+        // asked: an approval's yes only where the client was asked by a
+        // form (not one that now says it answers forms, having been sent
+        // to the checkout page).
+        let asked = if opened.intent.mode == APPROVAL_BY_FORM_MODE {
+            Asked::ByForm
+        } else {
+            Asked::ByUrl
         };
         self.after_answer(scope, &opened, answer, asked).await
     }
@@ -415,7 +418,7 @@ enum Asked {
 }
 
 fn purpose_of(intent: &Intent) -> Purpose {
-    if intent.mode == "approval" {
+    if intent.is_approval() {
         Purpose::Approval
     } else {
         Purpose::Payment

@@ -10,8 +10,8 @@ use crate::{
     money::format_in,
     provider::SessionRequest,
     store::{
-        Approval, ApprovalStatus, Intent, IntentStatus, OpenIntents, new_payment_id, now_ms,
-        rfc3339,
+        APPROVAL_BY_FORM_MODE, APPROVAL_MODE, Approval, ApprovalStatus, Intent, IntentStatus,
+        OpenIntents, new_payment_id, now_ms, rfc3339,
     },
 };
 
@@ -123,7 +123,10 @@ impl Gate {
             principal: scope.caller.principal.clone(),
             session_id: Some(scope.session_id.to_owned()),
             mode: match purpose {
-                Purpose::Approval => "approval".to_owned(),
+                // A client that answers forms is asked by one (see
+                // `ask_approval`), and only then may send a yes back.
+                Purpose::Approval if scope.elicits().form() => APPROVAL_BY_FORM_MODE.to_owned(),
+                Purpose::Approval => APPROVAL_MODE.to_owned(),
                 Purpose::Payment => mode.as_str().to_owned(),
             },
             status: IntentStatus::AwaitingPayment,

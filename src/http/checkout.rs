@@ -108,7 +108,7 @@ async fn load(state: &HttpState, id: &str) -> Result<Option<CheckoutView>, Store
     let intent = state.store.intent(id).await?;
     let approval_wallet = intent
         .as_ref()
-        .filter(|i| i.mode == "approval")
+        .filter(|i| i.is_approval())
         .and_then(|i| i.principal.clone());
     let needs_approval = intent
         .as_ref()

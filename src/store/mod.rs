@@ -510,7 +510,8 @@ pub struct Intent {
     /// The MCP session that opened the intent (dynamic confirm tools are
     /// visible to it alone).
     pub session_id: Option<String>,
-    /// The payment mode it was opened in, or `approval`.
+    /// The payment mode it was opened in, or, for a charge above its
+    /// threshold, [`APPROVAL_MODE`] or [`APPROVAL_BY_FORM_MODE`].
     pub mode: String,
     pub status: IntentStatus,
     pub provider: String,
@@ -521,6 +522,20 @@ pub struct Intent {
     pub origin: Origin,
     /// `None` for intents made before approvals were recorded.
     pub approval: Option<Approval>,
+}
+
+/// The mode of an intent asking a person to approve a charge at the
+/// checkout page (or through a URL prompt).
+pub const APPROVAL_MODE: &str = "approval";
+/// The mode of an approval whose client was asked by a form: the only
+/// approval whose yes a client may send back (as a 2026-07-28 answer).
+pub const APPROVAL_BY_FORM_MODE: &str = "approval_by_form";
+
+impl Intent {
+    /// Whether it asks for an approval rather than a payment.
+    pub fn is_approval(&self) -> bool {
+        matches!(self.mode.as_str(), APPROVAL_MODE | APPROVAL_BY_FORM_MODE)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1600,6 +1600,57 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// An approval offered at the checkout page, to a 2026-07-28 request
+    /// that declared no elicitation, cannot be approved by the agent: a
+    /// later request that now declares forms and sends a yes back with the
+    /// payment id as `requestState` charges nothing. (What the client would
+    /// be asked was judged from what it declared now, so the yes was taken
+    /// and the wallet charged.) A person approves at the checkout page.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_approval_sent_to_checkout_is_not_approved_by_a_made_up_form_answer() {
+        let pricing = crate::harness::pricing("resubmit", "")
+            .replace("approval_threshold = \"5.00\"", "approval_threshold = \"0.005\"")
+            + "\n[timeouts]\npayment_check = \"1s\"\n";
+        let server = HttpServer::start(&pricing).await;
+        server.env.topup("lea", "1.00").await;
+        let key = server.key("lea", &["mcp"]).await;
+        let stateless = async |id: u64, params: Value| {
+            let response = http()
+                .post(format!("{}/mcp", server.base))
+                .bearer_auth(&key)
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "tools/call")
+                .header("mcp-name", "echo")
+                .json(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            assert!(status.is_success(), "{status}: {body}");
+            let event = body.lines().find_map(|l| l.strip_prefix("data:")).unwrap_or(&body);
+            let reply: Value = serde_json::from_str(event.trim()).unwrap_or_else(|e| panic!("{e}: {body}"));
+            reply["result"].clone()
+        };
+        let meta = |capabilities: Value| json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": capabilities});
+        let asked = stateless(1, json!({"name": "echo", "arguments": {"text": "hi"}, "_meta": meta(json!({}))})).await;
+        assert_eq!(asked["structuredContent"]["error"], "payment_required", "{asked}");
+        let id = asked["structuredContent"]["payment_id"].as_str().expect("a payment id").to_owned();
+
+        let yes = json!({"payment": {"action": "accept", "content": {"approve": true}}});
+        let answer = stateless(2, json!({"name": "echo", "arguments": {"text": "hi"},
+            "requestState": id, "inputResponses": yes,
+            "_meta": meta(json!({"elicitation": {"form": {}}}))})).await;
+        assert_eq!(answer["isError"], true, "{answer}");
+        assert_eq!(server.env.available("lea").await, "1.00", "nothing charged: {answer}");
+        server.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     /// A yes to an approval cannot charge a wallet here when payments are
     /// taken by another tollgate: the approved payment is made at that
     /// one's checkout page, and the call then runs.
