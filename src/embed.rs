@@ -44,7 +44,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     app::{self, AppError},
     config::{Config, ConfigError},
-    gate::{Caller, Gate, SHUTDOWN_GRACE},
+    gate::{Caller, Gate, SESSION_END_GRACE, SHUTDOWN_GRACE},
     server::TollgateServer,
     tools::{
         ToolBackend,
@@ -110,13 +110,17 @@ impl Tollgate {
             crate::stdio::stdout(),
             self.max_message_bytes,
         );
-        let running = self
-            .server(caller)
+        let server = self.server(caller);
+        let session = server.session_id().to_owned();
+        let running = server
             .serve(transport)
             .await
             .map_err(|e| ServeError::Session(e.to_string()))?;
         let ended = running.waiting().await;
-        let left = self.gate.calls_finished(SHUTDOWN_GRACE).await;
+        let mut left = self.gate.calls_finished(SHUTDOWN_GRACE).await;
+        // The session is over: its dynamic payments are ended.
+        self.gate.end_session(&session).await;
+        left += self.gate.calls_finished(SESSION_END_GRACE).await;
         if left > 0 {
             tracing::warn!(
                 "{left} call(s) still under way {}s after the client left; returning anyway",

@@ -11,7 +11,7 @@ use tollgate::{
     app::{self, DEFAULT_PRICING},
     config::Config,
     export,
-    gate::{Caller, Gate, SHUTDOWN_GRACE},
+    gate::{Caller, Gate, SESSION_END_GRACE, SHUTDOWN_GRACE},
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_in, format_without_currency, to_minor_units},
     receipt::ReceiptSigner,
@@ -581,6 +581,7 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
         "serving MCP over stdio"
     );
     let server = TollgateServer::new(gate.clone(), Caller { principal: payer });
+    let session = server.session_id().to_owned();
     let (input, output) = tollgate::stdio_guard::guard(
         tollgate::stdio::stdin(),
         tollgate::stdio::stdout(),
@@ -601,18 +602,14 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
             finish_calls(&gate).await;
             service.cancel();
             waiting.await?;
-            // The session closed with the service: its dynamic payments
-            // are being ended.
-            gate.calls_finished(SESSION_END_GRACE).await;
         }
     }
+    // The session is over: its dynamic payments are ended before the
+    // process goes (here, or by its closing, which is then waited for).
+    gate.end_session(&session).await;
+    gate.calls_finished(SESSION_END_GRACE).await;
     Ok(())
 }
-
-/// How long a stopping stdio server waits, once its session closed, for
-/// that session's dynamic payments to be ended (a few store writes, and a
-/// cancel at a remote provider).
-const SESSION_END_GRACE: Duration = Duration::from_secs(5);
 
 /// Closes the gate, and gives the calls under way [`SHUTDOWN_GRACE`] to
 /// finish: to be charged or released, and answered if the transport is
@@ -688,6 +685,7 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
     let signal = shutdown.clone();
     let state = Arc::new(tollgate::http::HttpState::new(&config, gate.clone()));
     let closing = state.clone();
+    let ending = gate.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down: finishing calls in flight");
@@ -700,6 +698,9 @@ async fn serve_http(mut config: Config, store: Arc<dyn Store>, addr: String) -> 
         signal.cancel();
     });
     tollgate::http::serve(listener, state, &config.http, shutdown).await?;
+    // The MCP sessions closed with the service, and end their dynamic
+    // payments.
+    ending.sessions_ended(SESSION_END_GRACE).await;
     Ok(())
 }
 

@@ -48,6 +48,9 @@ pub struct TollgateServer {
 struct SessionGuard {
     id: String,
     gate: Arc<Gate>,
+    /// Dropped after `drop` has started ending the session's payments: a
+    /// shutdown waiting for sessions to close then waits for that too.
+    _open: crate::sync::Counted,
 }
 
 impl Drop for SessionGuard {
@@ -90,6 +93,7 @@ impl TollgateServer {
             _session: Arc::new(SessionGuard {
                 id: session_id.clone(),
                 gate: gate.clone(),
+                _open: gate.session_opened(),
             }),
             gate,
             caller,

@@ -15,11 +15,18 @@ use crate::sync::{Counted, UnderWay};
 /// How long a stopping server waits for the calls under way.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
+/// How long a stopping server waits, once its transports are down, for its
+/// MCP sessions to close and for what they leave to be ended (a dynamic
+/// confirm tool's payment: a few store writes, a cancel at a remote).
+pub const SESSION_END_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 pub(crate) struct Closing {
     /// Cancelled when the gate closes.
     closed: CancellationToken,
     calls: Arc<UnderWay>,
+    /// The MCP sessions open: each ends its payments as it closes.
+    sessions: Arc<UnderWay>,
 }
 
 impl Closing {
@@ -53,6 +60,18 @@ impl Closing {
     /// Waits up to `grace` for the calls under way to end; how many had not.
     pub async fn drained(&self, grace: Duration) -> usize {
         self.calls.drained(grace).await
+    }
+
+    /// Counts an MCP session as open until the guard is dropped.
+    pub fn session_opened(&self) -> Counted {
+        self.sessions.enter()
+    }
+
+    /// Waits up to `grace` for the sessions to close, then as long again
+    /// for what their closing started; how many sessions or tasks were
+    /// left.
+    pub async fn sessions_ended(&self, grace: Duration) -> usize {
+        self.sessions.drained(grace).await + self.calls.drained(grace).await
     }
 }
 

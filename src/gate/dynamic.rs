@@ -329,6 +329,16 @@ impl Gate {
         }
     }
 
+    /// Ends the payments of a session that has closed (see
+    /// [`Gate::end_closed_sessions_payments`]), and forgets it. Nothing is
+    /// left to do if its closing already started that.
+    pub async fn end_session(&self, session: &str) {
+        let offered = self.dynamic.forget(session);
+        if !offered.is_empty() {
+            self.end_closed_sessions_payments(session, offered).await;
+        }
+    }
+
     /// Ends the payments a closed session was offered confirm tools for:
     /// only that session could redeem them. One not paid is cancelled, so
     /// nobody pays it for nothing; one paid and not used is refunded now,

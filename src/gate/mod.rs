@@ -19,7 +19,7 @@ mod scope;
 mod slow_path;
 mod withheld;
 
-pub use closing::SHUTDOWN_GRACE;
+pub use closing::{SESSION_END_GRACE, SHUTDOWN_GRACE};
 use lost_holds::LostHolds;
 pub use withheld::WithheldNotes;
 
@@ -207,6 +207,18 @@ impl Gate {
     /// Counts work as under way, closed or not: a shutdown waits for it.
     pub fn enter_even_closing(&self) -> Counted {
         self.closing.enter_even_closing()
+    }
+
+    /// Counts an MCP session as open until the guard is dropped.
+    pub fn session_opened(&self) -> Counted {
+        self.closing.session_opened()
+    }
+
+    /// For a server whose transports are down: waits up to `grace` for its
+    /// sessions to close, and as long again for the payments they leave to
+    /// be ended; how many sessions or tasks were left.
+    pub async fn sessions_ended(&self, grace: Duration) -> usize {
+        self.closing.sessions_ended(grace).await
     }
 
     /// Stops taking calls, and ends the waits for payments (see `closing`).

@@ -1600,6 +1600,51 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// An HTTP MCP session its client ends (DELETE) ends its dynamic
+    /// payments: only it could confirm them. One paid and never used is
+    /// refunded at once, one unpaid cancelled. Another session's, and a
+    /// stateless request's, are left alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http_session_that_ends_ends_its_dynamic_payments() {
+        let server = HttpServer::start(&crate::harness::pricing("dynamic_tools", "")).await;
+        server.env.topup("pat", "1.00").await;
+        let key = server.key("mo", &["mcp"]).await;
+        let offer = async |client: &crate::harness::Client, text: &str| {
+            let r = call(client, "echo", echo_args(text)).await;
+            structured(&r)["payment_id"].as_str().expect("a payment id").to_owned()
+        };
+        let ending = server.mcp(Some(&key), ()).await;
+        let staying = server.mcp(Some(&key), ()).await;
+        let (unpaid, paid) = (offer(&ending, "unpaid").await, offer(&ending, "paid").await);
+        let kept = offer(&staying, "kept").await;
+        let stateless = server.mcp_modern(Some(&key)).await;
+        let stateless_kept = offer(&stateless, "stateless").await;
+        stateless.cancel().await.ok();
+        for id in [&paid, &kept] {
+            server.env.ok(&["sessions", "pay", id, "--from", "pat"]).await;
+        }
+        assert_eq!(server.env.available("pat").await, "0.98");
+
+        ending.cancel().await.ok();
+        let store = tollgate::testing::open_store(&server.env.db).await.unwrap();
+        let status = async |id: &str| store.intent(id).await.unwrap().unwrap().status;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while status(&paid).await.as_str() != "failed" || status(&unpaid).await.as_str() != "cancelled" {
+            assert!(tokio::time::Instant::now() < deadline, "the ended session's payments were left");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(server.env.available("pat").await, "0.99", "the paid one refunded");
+        for id in [&kept, &stateless_kept] {
+            assert_eq!(status(id).await.as_str(), "awaiting_payment", "{id} left alone");
+        }
+        let confirmed = call(&staying, &format!("confirm_{kept}"), json!({})).await;
+        assert_eq!(text(&confirmed), "kept", "{confirmed:?}");
+        staying.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     /// An approval offered at the checkout page, to a 2026-07-28 request
     /// that declared no elicitation, cannot be approved by the agent: a
     /// later request that now declares forms and sends a yes back with the
