@@ -735,6 +735,36 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A payment offered as a dynamic confirm tool is used through that
+    /// tool, even by its own session: sent back as a 2026-07-28 answer's
+    /// `requestState`, it answers `payment_mismatch` and does not run.
+    #[tokio::test]
+    async fn a_dynamic_payment_is_not_redeemed_as_an_answer_to_a_question_never_asked() {
+        let t = InProcess::new(&pricing("dynamic_tools", "")).await;
+        let client = t.connect(Some("alice"), t.client(Person::Ignores, Elicitation::Form), true).await;
+        let r = call(&client, "echo", echo_args("dyn")).await;
+        let id = structured(&r)["payment_id"].as_str().expect("a payment id").to_owned();
+        assert_eq!(structured(&r)["next_step"], format!("confirm_{id}"));
+        t.env.ok(&["sessions", "pay", &id]).await;
+        let mut answer = rmcp::model::CallToolRequestParams::new("echo")
+            .with_arguments(crate::harness::args(echo_args("dyn")));
+        answer.request_state = Some(id.clone());
+        answer.input_responses = Some(rmcp::model::InputResponses::from_iter([(
+            "payment".to_owned(),
+            json!({"action": "accept"}),
+        )]));
+        let r = match client.call_tool_once(answer).await.unwrap() {
+            rmcp::model::CallToolResponse::Complete(r) => r,
+            other => panic!("expected a result, got {other:?}"),
+        };
+        assert_eq!(error_code(&r), "payment_mismatch", "{r:?}");
+        assert_ran(&call(&client, &format!("confirm_{id}"), json!({})).await, "dyn");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     #[tokio::test]
     async fn a_paid_call_whose_tool_is_gone_is_refunded_not_left_running() {
         // Each mode's way of redeeming, with the tool gone from the catalog.
