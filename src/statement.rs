@@ -186,6 +186,10 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
     // and the settlement's refund of what a metered run did not use: either
     // way, one payment, and its charge counts once.
     let mut counted: BTreeSet<&str> = BTreeSet::new();
+    // Each shown line with its time: a settlement's own line is dated when
+    // it happened, not where its payment sits, so they are put in time
+    // order before they are printed.
+    let mut shown: Vec<(i64, String)> = Vec::new();
     for line in lines.iter().filter(|l| filter.keeps_tool(l)) {
         let currency = &line.currency;
         // A split is shown and counted in the period it was posted in. A
@@ -222,17 +226,19 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
         .into_iter()
         .filter(|s| !s.is_empty())
         .collect();
-        let _ = writeln!(
-            out,
-            "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  {}",
-            rfc3339(at),
-            kind,
-            format_signed_in(amount, currency),
-            currency.as_str(),
-            printable(line.tool.as_deref().unwrap_or("-")),
-            printable(line.payment_id.as_deref().unwrap_or(&line.txn_id)),
-            notes.join("; "),
-        );
+        shown.push((
+            at,
+            format!(
+                "{:<20}  {:<15}  {:>12}  {:<8}  {:<12}  {:<38}  {}\n",
+                rfc3339(at),
+                kind,
+                format_signed_in(amount, currency),
+                currency.as_str(),
+                printable(line.tool.as_deref().unwrap_or("-")),
+                printable(line.payment_id.as_deref().unwrap_or(&line.txn_id)),
+                notes.join("; "),
+            ),
+        ));
         let total = totals
             .entry(currency.as_str())
             .or_insert((currency, 0, 0, 0));
@@ -241,6 +247,11 @@ pub fn render(title: &str, lines: &[StatementLine], filter: &Filter) -> String {
         if !legs.is_empty() && counted.insert(line.payment_id.as_deref().unwrap_or(&line.txn_id)) {
             total.2 += charged(legs);
         }
+    }
+    // Stable: lines of one moment keep the ledger's order.
+    shown.sort_by_key(|(at, _)| *at);
+    for (_, row) in shown {
+        out.push_str(&row);
     }
     for (currency, net, charged, count) in totals.into_values() {
         let _ = write!(
@@ -466,6 +477,20 @@ mod tests {
             ),
             "{text}"
         );
+
+        // Shown in time order: a top-up between the two comes before the
+        // settlement line, though the payment it sits on came first.
+        let mut with_top_up = lines.to_vec();
+        with_top_up.push(StatementLine {
+            txn_id: "txn_3".into(),
+            kind: "topup".into(),
+            role: None,
+            payment_id: None,
+            ..line(50_000, &[], 1_800, "-")
+        });
+        let text = render("wallet:bob", &with_top_up, &settled);
+        let at = |kind: &str| text.find(kind).unwrap_or_else(|| panic!("{kind}: {text}"));
+        assert!(at(" topup ") < at(" settlement "), "{text}");
     }
 
     /// A memo recorded with a line break, an ANSI escape or a direction
