@@ -645,6 +645,26 @@ on_both_backends! {
 
 // ---------- dynamic tools ----------
 
+/// `echo {text}` sent as a 2026-07-28 answer that accepts, with `state`
+/// as its `requestState`.
+async fn accepting_as_answer(
+    client: &Client,
+    state: &str,
+    text: &str,
+) -> rmcp::model::CallToolResult {
+    let mut answer =
+        CallToolRequestParams::new("echo").with_arguments(crate::harness::args(echo_args(text)));
+    answer.request_state = Some(state.to_owned());
+    answer.input_responses = Some(rmcp::model::InputResponses::from_iter([(
+        "payment".to_owned(),
+        json!({"action": "accept"}),
+    )]));
+    match client.call_tool_once(answer).await.unwrap() {
+        CallToolResponse::Complete(r) => r,
+        other => panic!("expected a result, got {other:?}"),
+    }
+}
+
 on_both_backends! {
     #[tokio::test]
     async fn dynamic_confirm_tools_are_per_session_and_go_away_after_use() {
@@ -702,17 +722,7 @@ on_both_backends! {
                 true,
             )
             .await;
-        let mut answer = rmcp::model::CallToolRequestParams::new("echo")
-            .with_arguments(crate::harness::args(echo_args("dyn")));
-        answer.request_state = Some(id.clone());
-        answer.input_responses = Some(rmcp::model::InputResponses::from_iter([(
-            "payment".to_owned(),
-            json!({"action": "accept"}),
-        )]));
-        let r = match modern.call_tool_once(answer).await.unwrap() {
-            rmcp::model::CallToolResponse::Complete(r) => r,
-            other => panic!("expected a result, got {other:?}"),
-        };
+        let r = accepting_as_answer(&modern, &id, "dyn").await;
         assert_eq!(error_code(&r), "payment_mismatch", "{r:?}");
         modern.cancel().await.ok();
         assert_ran(&call(&a, &confirm, json!({})).await, "dyn");
@@ -746,17 +756,7 @@ on_both_backends! {
         let id = structured(&r)["payment_id"].as_str().expect("a payment id").to_owned();
         assert_eq!(structured(&r)["next_step"], format!("confirm_{id}"));
         t.env.ok(&["sessions", "pay", &id]).await;
-        let mut answer = rmcp::model::CallToolRequestParams::new("echo")
-            .with_arguments(crate::harness::args(echo_args("dyn")));
-        answer.request_state = Some(id.clone());
-        answer.input_responses = Some(rmcp::model::InputResponses::from_iter([(
-            "payment".to_owned(),
-            json!({"action": "accept"}),
-        )]));
-        let r = match client.call_tool_once(answer).await.unwrap() {
-            rmcp::model::CallToolResponse::Complete(r) => r,
-            other => panic!("expected a result, got {other:?}"),
-        };
+        let r = accepting_as_answer(&client, &id, "dyn").await;
         assert_eq!(error_code(&r), "payment_mismatch", "{r:?}");
         assert_ran(&call(&client, &format!("confirm_{id}"), json!({})).await, "dyn");
         client.cancel().await.ok();
