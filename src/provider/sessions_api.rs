@@ -86,21 +86,14 @@ impl SessionsApiProvider {
     }
 }
 
-/// `sessions_api at` the base URL, without any credentials it carries
-/// (the identity is recorded on intents and shown to callers).
+/// `sessions_api at` the base URL's origin (scheme, host, port). The
+/// identity is recorded on intents and shown to callers, so nothing else
+/// of the URL goes in it: credentials, a path or a query may carry a token.
 fn identity(base: &str) -> String {
-    let shown = match reqwest::Url::parse(base) {
-        Ok(mut url) => {
-            // Only fails for URLs that cannot carry credentials anyway.
-            let _ = url.set_username("");
-            let _ = url.set_password(None);
-            url.set_query(None);
-            url.set_fragment(None);
-            url.as_str().trim_end_matches('/').to_owned()
-        }
-        Err(_) => base.to_owned(),
-    };
-    format!("sessions_api at {shown}")
+    match reqwest::Url::parse(base) {
+        Ok(url) => format!("sessions_api at {}", url.origin().ascii_serialization()),
+        Err(_) => "sessions_api at an unreadable URL".to_owned(),
+    }
 }
 
 /// A refusal that may not hold next time: the remote failed, was busy, or
@@ -241,14 +234,14 @@ mod tests {
     use super::*;
     use crate::money::{Currency, Units};
 
-    /// A remote is recorded on intents by where it is, never with the
-    /// credentials its URL may carry.
+    /// A remote is recorded on intents by its origin, never with the
+    /// credentials, path or query its URL may carry.
     #[test]
-    fn a_remote_is_known_by_its_url_without_credentials() {
+    fn a_remote_is_known_by_its_origin_alone() {
         let named = |base: &str| SessionsApiProvider::new(base, "k".into()).unwrap().identity;
         assert_eq!(
-            named("https://user:secret@pay.example/v1/?token=x"),
-            "sessions_api at https://pay.example/v1"
+            named("https://user:secret@pay.example/t/SECRET/?token=x"),
+            "sessions_api at https://pay.example"
         );
         assert_eq!(
             named("http://127.0.0.1:8080/"),
