@@ -707,10 +707,11 @@ impl Config {
                 ));
             }
         };
-        let paid_in_minor_units = matches!(provider, ProviderKind::SessionsApi { .. });
+        // Its payments go out in whole minor units.
+        let through_sessions_api = matches!(provider, ProviderKind::SessionsApi { .. });
         // Settings of another kind of provider are a mistake to point out:
         // a `url` without `kind = "sessions_api"` would take payments here.
-        if !matches!(provider, ProviderKind::SessionsApi { .. }) {
+        if !through_sessions_api {
             for (field, set) in [
                 ("url", &raw.provider.url),
                 ("api_key_env", &raw.provider.api_key_env),
@@ -883,7 +884,7 @@ impl Config {
             let price = parse_tariff(t.price.get_ref())
                 .and_then(|price| match price {
                     Tariff::Flat(amount) => whole_flat_price(amount, &currency).map(Tariff::Flat),
-                    Tariff::Metered(metered) if paid_in_minor_units => {
+                    Tariff::Metered(metered) if through_sessions_api => {
                         whole_metered_price(&metered, &currency).map(|()| Tariff::Metered(metered))
                     }
                     metered => Ok(metered),
@@ -1403,10 +1404,6 @@ mode = "resubmit"
         assert!(error_for("price = \"0.0000001\"").contains("decimal places"));
     }
 
-    /// A flat price finer than the currency's minor unit would go, in part
-    /// or whole, to the rounding account, and fixed fees above a flat price
-    /// would leave its author nothing: both refused, naming the field. (Both
-    /// were taken.)
     /// Without `approval_threshold`, the threshold is 500 of the currency's
     /// minor units. (It was 5 in any currency: 5 yen, or 5 dinars.)
     #[test]
@@ -1424,6 +1421,10 @@ mode = "resubmit"
         }
     }
 
+    /// A flat price finer than the currency's minor unit would go, in part
+    /// or whole, to the rounding account, and fixed fees above a flat price
+    /// would leave its author nothing: both refused, naming the field. (Both
+    /// were taken.)
     #[test]
     fn a_flat_price_is_whole_minor_units_and_holds_its_fixed_fees() {
         let e = error_for("price = \"0.015\"");

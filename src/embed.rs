@@ -44,7 +44,7 @@ use serde::de::DeserializeOwned;
 use crate::{
     app::{self, AppError},
     config::{Config, ConfigError},
-    gate::{Caller, Gate, SESSION_END_GRACE, SHUTDOWN_GRACE},
+    gate::{Caller, Gate, SHUTDOWN_GRACE},
     server::TollgateServer,
     tools::{
         ToolBackend,
@@ -119,8 +119,7 @@ impl Tollgate {
         let ended = running.waiting().await;
         let mut left = self.gate.calls_finished(SHUTDOWN_GRACE).await;
         // The session is over: its dynamic payments are ended.
-        self.gate.end_session(&session).await;
-        left += self.gate.calls_finished(SESSION_END_GRACE).await;
+        left += self.gate.end_session(&session).await;
         if left > 0 {
             tracing::warn!(
                 "{left} call(s) still under way {}s after the client left; returning anyway",

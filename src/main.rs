@@ -607,7 +607,6 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
     // The session is over: its dynamic payments are ended before the
     // process goes (here, or by its closing, which is then waited for).
     gate.end_session(&session).await;
-    gate.calls_finished(SESSION_END_GRACE).await;
     Ok(())
 }
 

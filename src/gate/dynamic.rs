@@ -24,7 +24,7 @@ use rmcp::{
 use serde_json::json;
 
 use super::{
-    ANONYMOUS_STATELESS, CallScope, Gate, PricedCall,
+    ANONYMOUS_STATELESS, CallScope, Gate, PricedCall, SESSION_END_GRACE,
     redeem::{mismatch_reply, pays_for, remote_grace_ends},
     reply::{self, code},
     slow_path::{Opened, Purpose},
@@ -330,13 +330,16 @@ impl Gate {
     }
 
     /// Ends the payments of a session that has closed (see
-    /// [`Gate::end_closed_sessions_payments`]), and forgets it. Nothing is
-    /// left to do if its closing already started that.
-    pub async fn end_session(&self, session: &str) {
+    /// [`Gate::end_closed_sessions_payments`]), and forgets it; or, if its
+    /// closing already started that, waits for it. Either way, waits up to
+    /// [`SESSION_END_GRACE`] for the calls and endings under way; how many
+    /// were left.
+    pub async fn end_session(&self, session: &str) -> usize {
         let offered = self.dynamic.forget(session);
         if !offered.is_empty() {
             self.end_closed_sessions_payments(session, offered).await;
         }
+        self.calls_finished(SESSION_END_GRACE).await
     }
 
     /// Ends the payments a closed session was offered confirm tools for:

@@ -407,9 +407,6 @@ impl Gate {
     }
 }
 
-/// The prompt for a payment (URL mode where the client has it, else a form
-/// stating tool, amount, currency and URL) or for an approval (a yes/no
-/// form where possible).
 /// How the person was asked: only a form can carry an approval's yes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Asked {
@@ -425,6 +422,9 @@ fn purpose_of(intent: &Intent) -> Purpose {
     }
 }
 
+/// The prompt for a payment (URL mode where the client has it, else a form
+/// stating tool, amount, currency and URL) or for an approval (a yes/no
+/// form where possible).
 fn prompt(elicits: Elicits, opened: &Opened, purpose: Purpose) -> Option<ElicitRequestParams> {
     let intent = &opened.intent;
     let amount = format_in(intent.amount, &intent.currency);

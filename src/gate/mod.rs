@@ -36,7 +36,7 @@ use crate::{
     canonical::args_hash,
     config::{Config, Mode, Timeouts},
     money::Units,
-    provider::{Provider, ProviderError, local::LocalProvider},
+    provider::{Provider, ProviderError, SessionState, local::LocalProvider},
     receipt::ReceiptSigner,
     store::{Charge, Intent, OpenLimit, Origin, Store},
     sync::{Counted, lock},
@@ -196,6 +196,16 @@ impl Gate {
             kind if kind == self.provider.name() => Ok(self.provider.as_ref()),
             other => Err(ProviderError::NotConfigured(other.to_owned())),
         }
+    }
+
+    /// What an intent's own provider (see [`Gate::provider_of`]) says of
+    /// its payment session.
+    pub(crate) async fn session_state_of(
+        &self,
+        intent: &Intent,
+        session: &str,
+    ) -> Result<SessionState, ProviderError> {
+        self.provider_of(intent)?.session_state(session).await
     }
 
     /// Counts a call as under way until the guard is dropped; `None` once

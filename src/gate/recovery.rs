@@ -206,8 +206,7 @@ impl Gate {
         let Some(session) = intent.provider_session_id.as_deref() else {
             return RemoteSettled::Unchanged;
         };
-        let asked = async { self.provider_of(intent)?.session_state(session).await };
-        let state = match asked.await {
+        let state = match self.session_state_of(intent, session).await {
             Ok(state) => Some(state),
             // Not the provider's (it was changed since): not paid there.
             Err(ProviderError::NotFound(_)) => None,
@@ -282,10 +281,7 @@ impl Gate {
             let Some(session) = intent.provider_session_id.as_deref() else {
                 return Ok(false);
             };
-            let Ok(provider) = self.provider_of(intent) else {
-                return Ok(false);
-            };
-            let state = match provider.session_state(session).await {
+            let state = match self.session_state_of(intent, session).await {
                 Ok(state) if state.status == SessionStatus::Paid && pays_for(&state, intent) => {
                     state
                 }

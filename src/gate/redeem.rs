@@ -309,13 +309,10 @@ impl Gate {
     /// payment.
     async fn declined(&self, intent: &Intent) -> CallToolResult {
         let failed = match intent.provider_session_id.as_deref() {
-            Some(id) => match self.provider_of(intent) {
-                Ok(provider) => matches!(
-                    provider.session_state(id).await.map(|s| s.status),
-                    Ok(SessionStatus::Failed)
-                ),
-                Err(_) => false,
-            },
+            Some(id) => matches!(
+                self.session_state_of(intent, id).await.map(|s| s.status),
+                Ok(SessionStatus::Failed)
+            ),
             None => false,
         };
         if failed {

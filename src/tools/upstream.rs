@@ -778,13 +778,12 @@ impl ToolBackend for Upstream {
                 );
                 // Bounded: a stuck transport must not keep the caller's
                 // answer (and its hold) waiting.
-                match self
+                let relayed = self
                     .within_timeout("relaying the cancellation", peer.notify_cancelled(cancel))
                     .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!("cancellation not relayed: {e}"),
-                    Err(e) => tracing::debug!("cancellation not relayed: {e}"),
+                    .and_then(|sent| sent.map_err(|e| e.to_string()));
+                if let Err(e) = relayed {
+                    tracing::debug!("cancellation not relayed: {e}");
                 }
                 self.failure("the client cancelled the call".into())
             }
