@@ -124,10 +124,12 @@ impl DynamicTools {
         .unwrap_or_default()
     }
 
-    /// Offers past their time whose intent must be looked at, as
-    /// (session, tool name), in one session or all. Those already kept
-    /// for a paid intent are simply removed.
-    fn due(&self, only: Option<&str>, now: i64) -> (Vec<(String, String)>, Vec<String>) {
+    /// Offers whose intent must be looked at, as (session, tool name, past
+    /// its time), in one session or all: those past their time, and those
+    /// not yet known paid (their payment may have been declined or
+    /// cancelled at checkout). Those already kept for a paid intent are
+    /// simply removed once past their time.
+    fn due(&self, only: Option<&str>, now: i64) -> (Vec<(String, String, bool)>, Vec<String>) {
         let mut sessions = lock(&self.sessions);
         let (mut due, mut changed) = (Vec::new(), Vec::new());
         for (id, s) in sessions.iter_mut() {
@@ -142,8 +144,8 @@ impl DynamicTools {
             due.extend(
                 s.offered
                     .iter()
-                    .filter(|(_, o)| o.expires_at <= now)
-                    .map(|(name, _)| (id.clone(), name.clone())),
+                    .filter(|(_, o)| o.expires_at <= now || !o.paid)
+                    .map(|(name, o)| (id.clone(), name.clone(), o.expires_at <= now)),
             );
         }
         sessions.retain(|_, s| !s.is_empty());
@@ -268,11 +270,15 @@ impl Gate {
         // Upkeep asks a remote provider, until it fails to answer once.
         let mut ask_remote = only.is_none();
         let (due, mut changed) = self.dynamic.due(only, now_ms());
-        for (session, name) in due {
+        for (session, name, past_time) in due {
             let Some(payment_id) = dynamic_confirm_payment_id(&name) else {
                 continue;
             };
-            let outcome = self.offer_outcome(payment_id, ask_remote).await;
+            let outcome = if past_time {
+                self.offer_outcome(payment_id, ask_remote).await
+            } else {
+                self.early_offer_outcome(payment_id, ask_remote).await
+            };
             if matches!(outcome, Outcome::Unanswered) && !self.provider.is_local() {
                 ask_remote = false;
             }
@@ -282,6 +288,50 @@ impl Gate {
         }
         for session in changed {
             self.dynamic.announce(&session).await;
+        }
+    }
+
+    /// What becomes of a confirm tool still in its time: removed only once
+    /// its payment can no longer be made (declined, cancelled or failed at
+    /// checkout) or its intent has ended, so a client that lists its tools
+    /// is not offered a call that can only fail.
+    async fn early_offer_outcome(&self, payment_id: &str, ask_remote: bool) -> Outcome {
+        let intent = match self.store.intent(payment_id).await {
+            Ok(Some(intent)) => intent,
+            Ok(None) => return Outcome::Remove,
+            Err(_) => return Outcome::Unanswered,
+        };
+        match intent.status {
+            IntentStatus::AwaitingPayment => {}
+            IntentStatus::Paid | IntentStatus::Running => {
+                return Outcome::KeepUntil(self.refunded_unused_at(&intent));
+            }
+            IntentStatus::Succeeded
+            | IntentStatus::Failed
+            | IntentStatus::Expired
+            | IntentStatus::Cancelled
+            | IntentStatus::Declined => return Outcome::Remove,
+        }
+        let (Some(session), Ok(provider)) = (
+            intent.provider_session_id.as_deref(),
+            self.provider_of(&intent),
+        ) else {
+            return Outcome::Unknown;
+        };
+        if !ask_remote && !provider.is_local() {
+            return Outcome::Unknown;
+        }
+        match provider.session_state(session).await {
+            Ok(state)
+                if matches!(
+                    state.status,
+                    SessionStatus::Failed | SessionStatus::Expired | SessionStatus::Cancelled
+                ) =>
+            {
+                Outcome::Remove
+            }
+            Ok(_) => Outcome::Unknown,
+            Err(_) => Outcome::Unanswered,
         }
     }
 

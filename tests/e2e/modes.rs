@@ -738,6 +738,27 @@ on_both_backends! {
             before,
             "removed after use"
         );
+
+        // A payment cancelled at checkout takes its confirm tool off the
+        // next list, long before its time is over: calling it could only
+        // fail.
+        let r = call(&a, "echo", echo_args("never")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let confirm = format!("confirm_{id}");
+        assert!(names(a.list_all_tools().await.unwrap()).contains(&confirm));
+        t.env.ok(&["sessions", "cancel", &id]).await;
+        assert!(
+            !names(a.list_all_tools().await.unwrap()).contains(&confirm),
+            "a cancelled payment's confirm tool is not listed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            a_handler
+                .list_changed
+                .load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "offered, then removed"
+        );
         a.cancel().await.ok();
         b.cancel().await.ok();
         t.env.assert_ledger_ok().await;
