@@ -27,7 +27,6 @@ use super::{
     slow_path::{Opened, Purpose, how_to_pay, required_body},
 };
 use crate::{
-    config::Mode,
     money::format_in,
     provider::ProviderError,
     store::{APPROVAL_BY_FORM_MODE, ApprovalStatus, Intent, IntentStatus, StoreError, rfc3339},
@@ -131,10 +130,11 @@ impl Gate {
         };
         // Only this session was asked: another one (even of the same
         // principal) answering, or an answer naming a payment offered some
-        // other way (a dynamic confirm tool is its own session's), would
-        // get round the binding those payments have.
-        let asked_here = (intent.mode == Mode::Elicitation.as_str() || intent.is_approval())
-            && intent.session_id.as_deref() == Some(scope.session_id);
+        // other way (a dynamic confirm tool is its own session's, an
+        // approval sent to the checkout page is redeemed in its tool's
+        // mode), would get round the binding those payments have.
+        let asked_here =
+            intent.was_elicited() && intent.session_id.as_deref() == Some(scope.session_id);
         if !asked_here {
             return super::redeem::mismatch_reply(
                 state,
@@ -205,14 +205,7 @@ impl Gate {
             Answer::Accepted(_) => {
                 if purpose == Purpose::Approval {
                     if said_no {
-                        return self
-                            .refuse(
-                                intent,
-                                IntentStatus::Declined,
-                                code::PAYMENT_DECLINED,
-                                "declined",
-                            )
-                            .await;
+                        return self.refuse(scope, intent, IntentStatus::Declined).await;
                     }
                     if approve == Some(true)
                         && let Some(refused) = self.charge_approved(opened).await
@@ -238,24 +231,8 @@ impl Gate {
                     }
                 }
             }
-            Answer::Declined => {
-                self.refuse(
-                    intent,
-                    IntentStatus::Declined,
-                    code::PAYMENT_DECLINED,
-                    "declined",
-                )
-                .await
-            }
-            Answer::Cancelled => {
-                self.refuse(
-                    intent,
-                    IntentStatus::Cancelled,
-                    code::PAYMENT_CANCELLED,
-                    "cancelled",
-                )
-                .await
-            }
+            Answer::Declined => self.refuse(scope, intent, IntentStatus::Declined).await,
+            Answer::Cancelled => self.refuse(scope, intent, IntentStatus::Cancelled).await,
             Answer::Unanswered(why) => {
                 tracing::info!(
                     payment_id = intent.id,
@@ -295,7 +272,17 @@ impl Gate {
             }
             // Already paid (a retry of the same answer): redeem replays it.
             Err(ProviderError::Store(StoreError::WrongState { .. })) => None,
+            // A limit lowered, or spent by another call, since the approval
+            // was asked: the caller is told nothing was charged, so the
+            // payment ends too, rather than stay payable at checkout (and
+            // hold one of the caller's open-payment places) until it expires.
             Err(ProviderError::Store(StoreError::OverLimit(breach))) => {
+                if let Err(e) = self.end_unpaid(intent, IntentStatus::Cancelled).await {
+                    tracing::warn!(
+                        payment_id = intent.id,
+                        "an approval refused by a limit is left to expire: {e}"
+                    );
+                }
                 Some(Gate::refused_by_limit(&intent.tool, &breach))
             }
             // A provider that takes payments elsewhere (another tollgate's
@@ -321,7 +308,7 @@ impl Gate {
                 Some(reply::error(
                     code::PAYMENT_REQUIRED,
                     format!(
-                        "approved, but {e}. Pay at {} instead, or top up; then {}.",
+                        "approved, but {e}. Top up wallet {wallet}, then approve it at {}; then {}.",
                         opened.url,
                         self.redeem_hint(intent)
                     ),
@@ -332,21 +319,26 @@ impl Gate {
         }
     }
 
-    /// The person said no: cancel the session, end the intent, charge nothing.
+    /// The person said no (`to`: declined or cancelled): cancel the
+    /// session, end the intent, charge nothing.
     async fn refuse(
         &self,
+        scope: &CallScope<'_>,
         intent: &Intent,
         to: IntentStatus,
-        code: &str,
-        status: &str,
     ) -> CallToolResult {
+        let (code, status) = if to == IntentStatus::Declined {
+            (code::PAYMENT_DECLINED, "declined")
+        } else {
+            (code::PAYMENT_CANCELLED, "cancelled")
+        };
         match self.end_unpaid(intent, to).await {
             Ok(true) => {
                 tracing::info!(payment_id = intent.id, status, "payment prompt refused");
                 ended(intent, code, status)
             }
             // Already paid or ended: say what it is now.
-            Ok(false) => self.redeem_state(intent, status).await,
+            Ok(false) => self.redeem_state(scope, intent, status).await,
             Err(ProviderError::Store(e)) => reply::unavailable(e),
             // The provider could not be made to cancel, so the intent stays
             // open (upkeep ends it in time): a payment made there meanwhile
@@ -375,7 +367,12 @@ impl Gate {
 
     /// What became of an intent whose refusal (`refused`: declined or
     /// cancelled) did not end it.
-    async fn redeem_state(&self, intent: &Intent, refused: &str) -> CallToolResult {
+    async fn redeem_state(
+        &self,
+        scope: &CallScope<'_>,
+        intent: &Intent,
+        refused: &str,
+    ) -> CallToolResult {
         match self.store.intent(&intent.id).await {
             // Its session was paid before the refusal reached it: the
             // payment stands, unused, and is refunded if it stays so.
@@ -395,6 +392,17 @@ impl Gate {
             }
             Ok(Some(now)) if now.status == IntentStatus::Declined => {
                 ended(&now, code::PAYMENT_DECLINED, "declined")
+            }
+            // Its call ran (or runs) already, paid before this answer (a
+            // repeated one) came: the same answer an accept gets, its
+            // stored result.
+            Ok(Some(now))
+                if matches!(
+                    now.status,
+                    IntentStatus::Running | IntentStatus::Succeeded | IntentStatus::Failed
+                ) =>
+            {
+                self.redeem(scope, &now.id, &now.tool, None).await
             }
             Ok(Some(now)) => reply::error(
                 code::PAYMENT_IN_PROGRESS,

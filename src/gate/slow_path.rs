@@ -10,8 +10,8 @@ use crate::{
     money::format_in,
     provider::SessionRequest,
     store::{
-        APPROVAL_BY_FORM_MODE, APPROVAL_MODE, Approval, ApprovalStatus, Intent, IntentStatus,
-        OpenIntents, new_payment_id, now_ms, rfc3339,
+        APPROVAL_BY_FORM_MODE, APPROVAL_BY_URL_MODE, APPROVAL_MODE, Approval, ApprovalStatus,
+        Intent, IntentStatus, OpenIntents, new_payment_id, now_ms, rfc3339,
     },
 };
 
@@ -126,6 +126,7 @@ impl Gate {
                 // A client that answers forms is asked by one (see
                 // `ask_approval`), and only then may send a yes back.
                 Purpose::Approval if scope.elicits().form() => APPROVAL_BY_FORM_MODE.to_owned(),
+                Purpose::Approval if scope.elicits().any() => APPROVAL_BY_URL_MODE.to_owned(),
                 Purpose::Approval => APPROVAL_MODE.to_owned(),
                 Purpose::Payment => mode.as_str().to_owned(),
             },

@@ -511,7 +511,8 @@ pub struct Intent {
     /// visible to it alone).
     pub session_id: Option<String>,
     /// The payment mode it was opened in, or, for a charge above its
-    /// threshold, [`APPROVAL_MODE`] or [`APPROVAL_BY_FORM_MODE`].
+    /// threshold, [`APPROVAL_MODE`], [`APPROVAL_BY_URL_MODE`] or
+    /// [`APPROVAL_BY_FORM_MODE`].
     pub mode: String,
     pub status: IntentStatus,
     pub provider: String,
@@ -525,8 +526,12 @@ pub struct Intent {
 }
 
 /// The mode of an intent asking a person to approve a charge at the
-/// checkout page (or through a URL prompt).
+/// checkout page, its caller told so in its tool's own mode (and, before
+/// [`APPROVAL_BY_URL_MODE`], through a URL prompt too).
 pub const APPROVAL_MODE: &str = "approval";
+/// The mode of an approval whose client was asked by a URL prompt: it may
+/// send its answer back (as a 2026-07-28 answer), but never a yes.
+pub const APPROVAL_BY_URL_MODE: &str = "approval_by_url";
 /// The mode of an approval whose client was asked by a form: the only
 /// approval whose yes a client may send back (as a 2026-07-28 answer).
 pub const APPROVAL_BY_FORM_MODE: &str = "approval_by_form";
@@ -534,7 +539,20 @@ pub const APPROVAL_BY_FORM_MODE: &str = "approval_by_form";
 impl Intent {
     /// Whether it asks for an approval rather than a payment.
     pub fn is_approval(&self) -> bool {
-        matches!(self.mode.as_str(), APPROVAL_MODE | APPROVAL_BY_FORM_MODE)
+        matches!(
+            self.mode.as_str(),
+            APPROVAL_MODE | APPROVAL_BY_URL_MODE | APPROVAL_BY_FORM_MODE
+        )
+    }
+
+    /// Whether its client was asked by an elicitation prompt, and so may
+    /// answer it.
+    pub fn was_elicited(&self) -> bool {
+        self.mode == crate::config::Mode::Elicitation.as_str()
+            || matches!(
+                self.mode.as_str(),
+                APPROVAL_BY_URL_MODE | APPROVAL_BY_FORM_MODE
+            )
     }
 }
 

@@ -1024,6 +1024,99 @@ on_both_backends! {
     }
 }
 
+/// `divide {a: 1, b: 2}` from a 2026-07-28 client: asked (`None`), or
+/// sent back with `state` as its `requestState` and `answer` as its
+/// answer.
+async fn divide_answering(
+    client: &Client,
+    answer: Option<(&str, serde_json::Value)>,
+) -> CallToolResponse {
+    let mut params = CallToolRequestParams::new("divide")
+        .with_arguments(crate::harness::args(json!({"a": 1, "b": 2})));
+    if let Some((state, answer)) = answer {
+        params.request_state = Some(state.to_owned());
+        params.input_responses = Some(rmcp::model::InputResponses::from_iter([(
+            "payment".to_owned(),
+            answer,
+        )]));
+    }
+    client.call_tool_once(params).await.unwrap()
+}
+
+fn complete(r: CallToolResponse) -> rmcp::model::CallToolResult {
+    match r {
+        CallToolResponse::Complete(r) => r,
+        other => panic!("expected a result, got {other:?}"),
+    }
+}
+
+on_both_backends! {
+    /// A yes that its wallet's limit refuses (lowered since the approval was
+    /// asked) ends the payment: nothing charged, and nothing left payable.
+    /// A no repeated after a yes ran the call gets its stored result.
+    #[tokio::test]
+    async fn an_approvals_answer_is_final_whatever_comes_after_it() {
+        let t = InProcess::new(&approval_pricing()).await;
+        t.env.topup("alice", "1.00").await;
+        let client = t
+            .connect(Some("alice"), t.client(Person::Ignores, Elicitation::Form), true)
+            .await;
+        let yes = json!({"action": "accept", "content": {"approve": true}});
+        let asked = async || match divide_answering(&client, None).await {
+            CallToolResponse::InputRequired(ir) => ir.request_state.expect("a request state"),
+            other => panic!("expected input_required, got {other:?}"),
+        };
+
+        let id = asked().await;
+        t.env.ok(&["wallet", "limits", "alice", "--per-call", "0.01"]).await;
+        let r = complete(divide_answering(&client, Some((&id, yes.clone()))).await);
+        assert_eq!(error_code(&r), "limit_exceeded", "{r:?}");
+        assert_eq!(t.env.available("alice").await, "1.00");
+        let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
+        assert_eq!(intent.status.as_str(), "cancelled");
+        assert_eq!(session_status(&t, &id).await, "cancelled");
+        let paid = t.env.cli(&["sessions", "pay", &id, "--from", "alice"]).await;
+        assert!(!paid.status.success(), "no longer payable");
+
+        t.env.ok(&["wallet", "limits", "alice", "--per-call", "none"]).await;
+        let id = asked().await;
+        let r = complete(divide_answering(&client, Some((&id, yes))).await);
+        assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
+        for no in [json!({"action": "decline"}), json!({"action": "cancel"})] {
+            let r = complete(divide_answering(&client, Some((&id, no))).await);
+            assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
+            assert_eq!(payment_meta(&r)["replayed"], true, "{r:?}");
+        }
+        assert_eq!(t.env.available("alice").await, "0.95", "charged once");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// An approval sent to the checkout page (its client answers no
+    /// prompts) is redeemed in its tool's mode: its id sent back as a
+    /// 2026-07-28 answer, even by its own session, is not an answer.
+    #[tokio::test]
+    async fn an_approval_never_asked_by_a_prompt_is_not_answered_by_one() {
+        let t = InProcess::new(&approval_pricing()).await;
+        t.env.topup("alice", "1.00").await;
+        let client = t
+            .connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), true)
+            .await;
+        let r = complete(divide_answering(&client, None).await);
+        assert_eq!(error_code(&r), "payment_required", "{r:?}");
+        let id = structured(&r)["payment_id"].as_str().expect("a payment id").to_owned();
+        t.env.ok(&["sessions", "pay", &id, "--from", "alice"]).await;
+        let r = complete(divide_answering(&client, Some((&id, json!({"action": "accept"})))).await);
+        assert_eq!(error_code(&r), "payment_mismatch", "{r:?}");
+        let r = call(&client, "divide", json!({"a": 1, "b": 2, "payment_id": id})).await;
+        assert_eq!(structured(&r), json!({"quotient": 0.5}), "{r:?}");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
 on_both_backends! {
     /// Accepting a URL prompt means "I will open the page", not "yes": the
     /// approval is given at the checkout page, with the wallet's key.
