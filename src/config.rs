@@ -1255,7 +1255,8 @@ fn fees_fit_price(terms: &Terms, price: &Tariff, currency: &Currency) -> Result<
         Some(Fee::Fixed(units)) => units.0,
         _ => 0,
     };
-    let taken = fixed(&terms.platform_share) + fixed(&terms.commission_in);
+    // Saturating: two huge fees must not wrap round to a small sum and pass.
+    let taken = fixed(&terms.platform_share).saturating_add(fixed(&terms.commission_in));
     let mut shares_only = terms.clone();
     for fee in [
         &mut shares_only.platform_share,
@@ -1465,6 +1466,11 @@ mode = "resubmit"
             .is_ok()
         );
 
+        // Two fees too large to add up are refused, not wrapped round.
+        let e = error_for(
+            "price = \"1.00\"\nplatform_share = \"5000000000000\"\ncommission_in = \"5000000000000\"",
+        );
+        assert!(e.contains("more than its price 1.00"), "{e}");
         let e = error_for("price = \"0.01\"\nplatform_share = \"0.02\"");
         assert!(
             e.contains(

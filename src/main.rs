@@ -582,12 +582,12 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
     );
     let server = TollgateServer::new(gate.clone(), Caller { principal: payer });
     let session = server.session_id().to_owned();
-    let (input, output) = tollgate::stdio_guard::guard(
+    let transport = tollgate::stdio_guard::transport(
         tollgate::stdio::stdin(),
         tollgate::stdio::stdout(),
         config.max_message_bytes,
     );
-    let running = server.serve((input, output)).await?;
+    let running = server.serve(transport).await?;
     let service = running.cancellation_token();
     let waiting = running.waiting();
     tokio::pin!(waiting);

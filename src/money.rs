@@ -19,7 +19,7 @@ pub enum MoneyError {
     #[error("amount {0} is negative")]
     Negative(Decimal),
     #[error("amount {0} has more than {SCALE} decimal places")]
-    TooPrecise(Decimal),
+    TooPrecise(String),
     #[error("amount {0} is too large")]
     TooLarge(Decimal),
     #[error("`{0}` is not an ISO 4217 currency code (three letters)")]
@@ -130,9 +130,11 @@ impl Units {
         if !plain {
             return Err(MoneyError::NotDecimal(text.to_owned()));
         }
-        let value: Decimal = trimmed
-            .parse()
-            .map_err(|_| MoneyError::NotDecimal(text.to_owned()))?;
+        // Exact: `parse` would round digits past the 28th, not refuse them.
+        let value = Decimal::from_str_exact(trimmed).map_err(|e| match e {
+            rust_decimal::Error::Underflow => MoneyError::TooPrecise(trimmed.to_owned()),
+            _ => MoneyError::NotDecimal(text.to_owned()),
+        })?;
         Self::from_decimal(value)
     }
 
@@ -142,7 +144,7 @@ impl Units {
         }
         let normalized = value.normalize();
         if normalized.scale() > SCALE {
-            return Err(MoneyError::TooPrecise(value));
+            return Err(MoneyError::TooPrecise(value.to_string()));
         }
         let scaled = normalized
             .checked_mul(Decimal::from(UNITS_PER_MAJOR))
@@ -256,6 +258,13 @@ mod tests {
             Units::parse("0.0000001"),
             Err(MoneyError::TooPrecise(_))
         ));
+        // Past the 28 digits a decimal holds: refused, not rounded to 0.01.
+        assert_eq!(
+            Units::parse("0.00999999999999999999999999999"),
+            Err(MoneyError::TooPrecise(
+                "0.00999999999999999999999999999".into()
+            ))
+        );
         assert!(matches!(
             Units::parse("99999999999999999"),
             Err(MoneyError::TooLarge(_))

@@ -15,6 +15,7 @@
 //! forwards rmcp's output out, and the guard's own error lines are written
 //! between rmcp's, never inside one.
 
+use rmcp::{RoleServer, transport::async_rw::AsyncRwTransport};
 use serde_json::{Map, Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
@@ -28,6 +29,23 @@ pub const MAX_DEPTH: usize = 64;
 const PARSE_ERROR: i64 = -32700;
 pub(crate) const INVALID_REQUEST: i64 = -32600;
 const INVALID_PARAMS: i64 = -32602;
+
+/// rmcp's transport over [`guard`]'s pipes. rmcp drops, unanswered, a
+/// line longer than its own limit (16 MiB by default): here it is told the
+/// guard's, so a line the guard lets through always reaches the server.
+pub fn transport<R, W>(
+    input: R,
+    output: W,
+    max_bytes: usize,
+) -> AsyncRwTransport<RoleServer, tokio::io::DuplexStream, tokio::io::DuplexStream>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (reads, writes) = guard(input, output, max_bytes);
+    // The newline and a `\r` before it, which the guard does not count.
+    AsyncRwTransport::new_server(reads, writes).with_max_line_length(max_bytes.saturating_add(2))
+}
 
 /// Serves rmcp on the returned pipe ends, guarding `input` and writing to
 /// `output`. The tasks end when the input ends and rmcp has finished.

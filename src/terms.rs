@@ -58,9 +58,8 @@ impl Fee {
                     .trim()
                     .chars()
                     .all(|c| c.is_ascii_digit() || c == '.');
-            let percent: Decimal = number
-                .trim()
-                .parse()
+            // Exact: `parse` would round digits past the 28th, not refuse them.
+            let percent = Decimal::from_str_exact(number.trim())
                 .ok()
                 .filter(|_| plain)
                 .ok_or_else(|| TermsError::NotAFee(text.to_owned()))?;
@@ -374,6 +373,8 @@ mod tests {
     #[test]
     fn fees_parse_as_percentages_or_whole_cents() {
         assert_eq!(fee("10%"), Fee::Percent(Decimal::TEN));
+        // Past the 28 digits a decimal holds: refused, not rounded to 100%.
+        assert!(Fee::parse("100.0000000000000000000000000001%", &usd()).is_err());
         assert_eq!(fee(" 2.5% "), Fee::Percent(Decimal::new(25, 1)));
         assert_eq!(fee("0.02"), Fee::Fixed(Units(20_000)));
         let usd = usd();

@@ -79,11 +79,12 @@ pub(super) async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| request.uri().authority().map(Authority::as_str));
+    // A Host header that is not text is refused, not passed over for the
+    // URI's authority: the header is what names the site asked for.
+    let host = match request.headers().get(header::HOST) {
+        Some(value) => value.to_str().ok(),
+        None => request.uri().authority().map(Authority::as_str),
+    };
     match host {
         Some(host) if allowed.allows(host) => next.run(request).await,
         Some(host) => {
@@ -96,7 +97,7 @@ pub(super) async fn guard(
         }
         None => (
             StatusCode::BAD_REQUEST,
-            "Bad Request: missing Host header\n",
+            "Bad Request: missing or unreadable Host header\n",
         )
             .into_response(),
     }

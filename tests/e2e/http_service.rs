@@ -1161,6 +1161,23 @@ on_both_backends! {
         let page = format!("{}/checkout/pay_x", server.base);
         let foreign = http().get(&page).header("host", "evil.example").send().await.unwrap();
         assert_eq!(foreign.status(), 403);
+        // A Host that is not text is refused too, not passed over for the
+        // request line's own (allowed) authority.
+        let status_line = async |host: &[u8]| {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let authority = server.base.trim_start_matches("http://");
+            let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
+            let mut request = format!("GET {page} HTTP/1.1\r\nHost: ").into_bytes();
+            request.extend_from_slice(host);
+            request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+            stream.write_all(&request).await.unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.unwrap();
+            String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned()
+        };
+        assert!(status_line(b"evil\x80").await.starts_with("HTTP/1.1 400"));
+        let authority = server.base.trim_start_matches("http://").as_bytes().to_vec();
+        assert!(status_line(&authority).await.starts_with("HTTP/1.1 404"), "its own host");
         assert_eq!(http().get(&page).send().await.unwrap().status(), 404, "its own host");
         let probe = http()
             .get(format!("{}/healthz", server.base))

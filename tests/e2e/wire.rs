@@ -210,6 +210,27 @@ on_both_backends! {
     }
 }
 
+/// A limit set above rmcp's own (16 MiB) holds: a line under it is
+/// answered, not dropped by rmcp without a word.
+#[tokio::test]
+async fn a_message_under_a_large_configured_limit_is_answered() {
+    let env = Env::with_pricing(&crate::harness::pricing(
+        "resubmit",
+        "max_message_bytes = 33554432",
+    ));
+    let mut wire = Wire::start(&env).await;
+    let words = "w ".repeat(9 * 1024 * 1024);
+    let r = wire.call(1, "word_count", json!({"text": words})).await;
+    assert_eq!(
+        r["isError"],
+        false,
+        "{}",
+        &r.to_string()[..200.min(r.to_string().len())]
+    );
+    assert_eq!(r["structuredContent"]["words"], 9 * 1024 * 1024);
+    drop(wire);
+}
+
 on_both_backends! {
     /// A client that cannot answer a form was never asked for a yes: an
     /// approval's "yes" it makes up and sends back with the payment id as
