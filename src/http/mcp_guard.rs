@@ -13,12 +13,17 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde_json::Value;
+use std::time::Duration;
 
 use crate::stdio_guard;
 
-/// The most a body may hold, from `[http] max_body_bytes`.
+/// The most a body may hold, from `[http] max_body_bytes`, and how long
+/// it may take to arrive, from `[http] request_timeout`.
 #[derive(Clone, Copy)]
-pub(super) struct BodyLimit(pub usize);
+pub(super) struct BodyLimit {
+    pub bytes: usize,
+    pub within: Duration,
+}
 
 pub(super) async fn guard(
     State(limit): State<BodyLimit>,
@@ -29,9 +34,34 @@ pub(super) async fn guard(
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    let Ok(bytes) = to_bytes(body, limit.0).await else {
-        let reply = stdio_guard::too_large(Value::Null, limit.0);
-        return (StatusCode::PAYLOAD_TOO_LARGE, Json(reply)).into_response();
+    // Bounded in time as the other routes are (their timeout cannot cover
+    // /mcp, whose answers may stream for long): a client sending its body
+    // a byte at a time must not hold a connection for ever.
+    let bytes = match tokio::time::timeout(limit.within, to_bytes(body, limit.bytes)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) if is_too_large(&e) => {
+            let reply = stdio_guard::too_large(Value::Null, limit.bytes);
+            return (StatusCode::PAYLOAD_TOO_LARGE, Json(reply)).into_response();
+        }
+        Ok(Err(e)) => {
+            let reply = stdio_guard::error_reply(
+                Value::Null,
+                stdio_guard::INVALID_REQUEST,
+                format!("the body could not be read: {e}"),
+            );
+            return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
+        }
+        Err(_) => {
+            let reply = stdio_guard::error_reply(
+                Value::Null,
+                stdio_guard::INVALID_REQUEST,
+                format!(
+                    "the body did not arrive within {}s",
+                    limit.within.as_secs_f64()
+                ),
+            );
+            return (StatusCode::REQUEST_TIMEOUT, Json(reply)).into_response();
+        }
     };
     // A byte-order mark is skipped (as on stdio), not handed to rmcp, which
     // would refuse the body in plain text.
@@ -46,7 +76,7 @@ pub(super) async fn guard(
             stdio_guard::INVALID_REQUEST,
             "the body is empty: POST one JSON-RPC message".into(),
         )),
-        false => stdio_guard::check(&bytes, limit.0),
+        false => stdio_guard::check(&bytes, limit.bytes),
     };
     if let Err(reply) = checked {
         tracing::warn!("refused a bad /mcp message: {}", reply["error"]["message"]);
@@ -54,4 +84,17 @@ pub(super) async fn guard(
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// Whether a body failed to be read for being over the limit (not for
+/// breaking off, or bad chunked framing).
+fn is_too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

@@ -168,7 +168,10 @@ pub fn router(state: Arc<HttpState>, http: &HttpConfig, shutdown: CancellationTo
             Router::new()
                 .fallback_service(mcp)
                 .layer(middleware::from_fn_with_state(
-                    mcp_guard::BodyLimit(http.max_body_bytes),
+                    mcp_guard::BodyLimit {
+                        bytes: http.max_body_bytes,
+                        within: http.request_timeout,
+                    },
                     mcp_guard::guard,
                 ))
                 .layer(middleware::from_fn_with_state(state.clone(), mcp_caller)),

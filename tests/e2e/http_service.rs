@@ -1916,6 +1916,42 @@ on_both_backends! {
     }
 }
 
+/// A `/mcp` body that is sent too slowly is answered 408 once
+/// `request_timeout` has passed, and one that breaks off is a 400, not
+/// taken for one too large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_body_that_is_slow_or_broken_is_refused_for_what_it_is() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pricing =
+        two_step_pricing().replace("[store]", "[http]\nrequest_timeout = \"1s\"\n\n[store]");
+    let server = HttpServer::start(&pricing).await;
+    let key = server.key("kim", &["mcp"]).await;
+    let authority = server.base.trim_start_matches("http://").to_owned();
+    let answer_to = async |head: &str, body: &[u8]| {
+        let mut stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let request = format!(
+            "POST /mcp HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {key}\r\n\
+             Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n\
+             {head}Connection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.write_all(body).await.unwrap();
+        let mut answer = Vec::new();
+        // Never sends the rest: the server must end the exchange itself.
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+            .await
+            .expect("answered in time")
+            .ok();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let slow = answer_to("Content-Length: 100\r\n", br#"{"jsonrpc":"#).await;
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
+    assert!(slow.contains("did not arrive within 1s"), "{slow}");
+    let broken = answer_to("Transfer-Encoding: chunked\r\n", b"zz\r\nnot a chunk\r\n").await;
+    assert!(broken.starts_with("HTTP/1.1 400"), "{broken}");
+    assert!(broken.contains("could not be read"), "{broken}");
+}
+
 tollgate::on_postgres! {
     /// A checkout whose write does not finish in time (here the session's
     /// row is locked elsewhere) says the outcome is not known and to reload,
