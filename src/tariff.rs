@@ -157,12 +157,29 @@ fn units_in(value: Option<&Value>) -> u64 {
     }
 }
 
-/// The units a tool reported using, if it did.
+/// The units a tool reported using, if it did: a number not below zero
+/// (written `3.0` by many JSON writers), a fraction rounded up as an
+/// argument's is. Anything else is logged and counts as not reported.
 pub fn reported_usage(result: &CallToolResult) -> Option<u64> {
-    let usage = result.meta.as_ref()?.0.get(USAGE_META)?;
-    usage
-        .as_u64()
-        .or_else(|| usage.get("units").and_then(Value::as_u64))
+    let reported = result.meta.as_ref()?.0.get(USAGE_META)?;
+    let number = match reported {
+        Value::Object(fields) => fields.get("units"),
+        other => Some(other),
+    };
+    let units = number.and_then(Value::as_number).and_then(|n| {
+        n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f.ceil() as u64)
+        })
+    });
+    if units.is_none() {
+        tracing::warn!(
+            usage = %reported,
+            "a tool reported usage that is not a number of units (0 or more): charged its maximum"
+        );
+    }
+    units
 }
 
 #[cfg(test)]
@@ -238,6 +255,15 @@ mod tests {
             units("0.05")
         );
         assert_eq!(t.charge(&a, &reporting(json!("three"))), units("0.05"));
+        // A whole number written as a float is that number; a fraction is
+        // rounded up; a negative one is not a usage.
+        assert_eq!(t.charge(&a, &reporting(json!(3.0))), units("0.016"));
+        assert_eq!(
+            t.charge(&a, &reporting(json!({"units": 2.5}))),
+            units("0.016")
+        );
+        assert_eq!(t.charge(&a, &reporting(json!(-1))), units("0.05"));
+        assert_eq!(t.charge(&a, &reporting(json!(-0.5))), units("0.05"));
     }
 
     #[test]

@@ -163,10 +163,8 @@ impl Catalog {
         };
         let mut described: BTreeMap<String, (Tool, Arc<dyn ToolBackend>)> = BTreeMap::new();
         for backend in backends {
-            if let Some(name) = backend.named_twice().filter(|_| strict) {
-                return Err(config.error(format!(
-                    "two tools are named `{name}`: each tool needs a name of its own"
-                )));
+            if let Some(why) = backend.misbuilt().filter(|_| strict) {
+                return Err(config.error(why.to_owned()));
             }
             for tool in backend.tools() {
                 let name = tool.name.to_string();

@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{ArgumentError, CallContext, ToolBackend};
+use super::{ArgumentError, CallContext, ToolBackend, schema::ToolSchema};
 
 /// What a tool function may return.
 pub trait IntoToolResult {
@@ -65,86 +65,10 @@ struct Typed<A, F> {
     handler: Arc<F>,
     /// The input schema, from `A`, made once.
     schema: Arc<JsonObject>,
-    bounds: Bounds,
+    /// It compiled, to check what deserialising does not (a length, a
+    /// range, a pattern, at any depth) before any money moves.
+    checked: ToolSchema,
     args: PhantomData<fn(A)>,
-}
-
-/// What a schema says of its top-level arguments that deserialising does
-/// not check: a number's `minimum` and `maximum`, a string's `minLength`
-/// and `maxLength`. Checked with the types, before any money moves.
-#[derive(Default)]
-struct Bounds(Vec<(String, Bound)>);
-
-#[derive(Default)]
-struct Bound {
-    minimum: Option<f64>,
-    maximum: Option<f64>,
-    min_length: Option<u64>,
-    max_length: Option<u64>,
-}
-
-impl Bounds {
-    fn of(schema: &JsonObject) -> Self {
-        let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
-            return Self::default();
-        };
-        let bounds = properties
-            .iter()
-            .map(|(name, property)| {
-                let number = |key: &str| property.get(key).and_then(Value::as_f64);
-                let length = |key: &str| property.get(key).and_then(Value::as_u64);
-                let bound = Bound {
-                    minimum: number("minimum"),
-                    maximum: number("maximum"),
-                    min_length: length("minLength"),
-                    max_length: length("maxLength"),
-                };
-                (name.clone(), bound)
-            })
-            .filter(|(_, b)| {
-                b.minimum.is_some()
-                    || b.maximum.is_some()
-                    || b.min_length.is_some()
-                    || b.max_length.is_some()
-            })
-            .collect();
-        Self(bounds)
-    }
-
-    fn check(&self, args: &JsonObject) -> Result<(), ArgumentError> {
-        for (field, bound) in &self.0 {
-            let broken = match args.get(field) {
-                Some(Value::Number(n)) => {
-                    n.as_f64()
-                        .and_then(|n| match (bound.minimum, bound.maximum) {
-                            (Some(min), _) if n < min => Some(format!("must be at least {min}")),
-                            (_, Some(max)) if n > max => Some(format!("must be at most {max}")),
-                            _ => None,
-                        })
-                }
-                Some(Value::String(s)) => {
-                    let chars = s.chars().count() as u64;
-                    match (bound.min_length, bound.max_length) {
-                        (Some(min), _) if chars < min => {
-                            Some(format!("must be at least {min} characters long"))
-                        }
-                        (_, Some(max)) if chars > max => {
-                            Some(format!("must be at most {max} characters long"))
-                        }
-                        _ => None,
-                    }
-                }
-                _ => None,
-            };
-            if let Some(why) = broken {
-                return Err(ArgumentError {
-                    field: field.clone(),
-                    message: format!("`{field}` {why}"),
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 impl<A, F, Fut, R> Typed<A, F>
@@ -192,8 +116,9 @@ where
     }
 
     fn validate(&self, args: &JsonObject) -> Result<(), ArgumentError> {
+        // serde's error first: it names the field in Rust's terms.
         Self::parse(args.clone())?;
-        self.bounds.check(args)
+        self.checked.check(args)
     }
 
     fn run(&self, args: JsonObject) -> BoxFuture {
@@ -229,9 +154,10 @@ where
 pub struct FnTools {
     tools: BTreeMap<String, Arc<dyn FnTool>>,
     run_limit: Option<Duration>,
-    /// The first name given to two tools: the second would silently have
-    /// replaced the first, so building refuses it.
-    added_twice: Option<String>,
+    /// Why these tools cannot be served as given, the first reason found:
+    /// two under one name (the second would silently have replaced the
+    /// first), or arguments that are not an object. Building refuses them.
+    misbuilt: Option<String>,
 }
 
 impl FnTools {
@@ -269,16 +195,41 @@ impl FnTools {
             .ok()
             .and_then(|v| v.as_object().cloned())
             .unwrap_or_default();
+        // MCP sends arguments as an object: a tool taking a string or a
+        // number could never be called.
+        let not_an_object = schema.get("type") != Some(&Value::from("object"));
+        let checked = match ToolSchema::compile(&schema) {
+            Ok(checked) if !not_an_object => Some(checked),
+            Ok(_) => {
+                self.misbuilt.get_or_insert_with(|| {
+                    format!(
+                        "tool `{name}`: its arguments must be a struct (a JSON object), not {}",
+                        std::any::type_name::<A>()
+                    )
+                });
+                None
+            }
+            Err(e) => {
+                self.misbuilt
+                    .get_or_insert_with(|| format!("tool `{name}`: {e}"));
+                None
+            }
+        };
+        let Some(checked) = checked else {
+            return self;
+        };
         let tool = Typed {
             name: name.clone(),
             description: description.into(),
             handler: Arc::new(handler),
-            bounds: Bounds::of(&schema),
             schema: Arc::new(schema),
+            checked,
             args: PhantomData,
         };
         if self.tools.insert(name.clone(), Arc::new(tool)).is_some() {
-            self.added_twice.get_or_insert(name);
+            self.misbuilt.get_or_insert_with(|| {
+                format!("two tools are named `{name}`: each tool needs a name of its own")
+            });
         }
         self
     }
@@ -290,8 +241,8 @@ impl ToolBackend for FnTools {
         self.tools.values().map(|t| t.describe()).collect()
     }
 
-    fn named_twice(&self) -> Option<&str> {
-        self.added_twice.as_deref()
+    fn misbuilt(&self) -> Option<&str> {
+        self.misbuilt.as_deref()
     }
 
     fn validate(&self, tool: &str, args: &JsonObject) -> Result<(), ArgumentError> {
@@ -311,8 +262,16 @@ impl ToolBackend for FnTools {
         let Some(limit) = self.run_limit else {
             return t.run(args).await;
         };
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(limit, t.run(args)).await {
-            Ok(result) => result,
+            // A handler that blocks (no await) cannot be stopped, only
+            // found late once it returns: past the limit, it fails all
+            // the same.
+            Ok(result) if started.elapsed() <= limit => result,
+            Ok(_) => CallToolResult::error(vec![ContentBlock::text(format!(
+                "`{tool}` ran past its limit of {}s without yielding; nothing was charged",
+                limit.as_secs_f64()
+            ))]),
             Err(_) => CallToolResult::error(vec![ContentBlock::text(format!(
                 "`{tool}` did not finish within {}s, so it was stopped; nothing was charged",
                 limit.as_secs_f64()

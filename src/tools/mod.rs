@@ -67,9 +67,11 @@ pub trait ToolBackend: Send + Sync {
         None
     }
 
-    /// A name this backend was given two tools under, if any: it serves
-    /// only one of them, so the catalog refuses to start with it.
-    fn named_twice(&self) -> Option<&str> {
+    /// Why this backend cannot serve its tools as they were given, if it
+    /// cannot (two tools under one name, of which it serves only one; a
+    /// tool whose arguments are not an object): the catalog refuses to
+    /// start with it.
+    fn misbuilt(&self) -> Option<&str> {
         None
     }
 }

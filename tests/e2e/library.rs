@@ -154,6 +154,84 @@ async fn two_tools_of_one_name_are_refused_at_start() {
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct NoArguments {}
 
+/// A tool whose arguments are not an object could never be called (MCP
+/// sends an object), so building refuses it.
+#[tokio::test]
+async fn a_tool_whose_arguments_are_not_an_object_is_refused_at_start() {
+    let env = Env::new("resubmit");
+    let text = format!(
+        "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[receipts]\nkey_file = \"{}\"\n",
+        env.key.display()
+    );
+    let built = tollgate::Tollgate::from_pricing(&text)
+        .expect("pricing")
+        .tool("shout", "Shouts.", |text: String| async move {
+            text.to_uppercase()
+        })
+        .store_url(env.db.clone())
+        .build()
+        .await;
+    let error = built.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        error.contains("tool `shout`: its arguments must be a struct (a JSON object)"),
+        "{error}"
+    );
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct Basket {
+    #[schemars(length(max = 3))]
+    items: Vec<Item>,
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct Item {
+    #[schemars(regex(pattern = r"^[a-z]+$"))]
+    name: String,
+}
+
+on_both_backends! {
+    /// What an embedded tool's schema says of its arguments holds before
+    /// any money moves, at any depth: more items than it takes, or an
+    /// item's name that misses its pattern, is `invalid_arguments` and
+    /// nothing is held. (Only top-level lengths and ranges were checked;
+    /// the rest ran, and was charged.)
+    #[tokio::test]
+    async fn an_embedded_tools_whole_schema_is_checked_before_any_charge() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let pricing = format!(
+            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
+             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"pack\"\nprice = \"0.10\"\n",
+            env.key.display()
+        );
+        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
+            .expect("pricing")
+            .tool("pack", "Packs a basket.", |b: Basket| async move {
+                let names: Vec<String> = b.items.into_iter().map(|i| i.name).collect();
+                format!("packed {}", names.join(", "))
+            })
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let alice = crate::harness::embedded_client(&tollgate, "alice").await;
+        let item = |name: &str| json!({"name": name});
+        let r = crate::harness::call(&alice, "pack", json!({"items": [item("a"), item("b")]})).await;
+        assert_eq!(text(&r), "packed a, b");
+        for refused in [
+            json!({"items": [item("a"), item("b"), item("c"), item("d")]}),
+            json!({"items": [item("a"), item("B4D")]}),
+        ] {
+            let r = crate::harness::call(&alice, "pack", refused.clone()).await;
+            assert_eq!(error_code(&r), "invalid_arguments", "{refused}: {r:?}");
+        }
+        assert_eq!(env.available("alice").await, "0.90", "only the good call was charged");
+        alice.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
+
 on_both_backends! {
     /// An embedder's shutdown turns new calls away and waits for the one
     /// under way, which is charged and answered. (The library had no way to
@@ -338,13 +416,18 @@ on_both_backends! {
         env.topup("alice", "1.00").await;
         let pricing = format!(
             "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
-             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"nap\"\nprice = \"0.10\"\n",
+             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"nap\"\nprice = \"0.10\"\n\n\
+             [[tools]]\nname = \"doze\"\nprice = \"0.10\"\n",
             env.key.display()
         );
         let tollgate = tollgate::Tollgate::from_pricing(&pricing)
             .expect("pricing")
             .tool("nap", "Sleeps for a while.", |i: Index| async move {
                 tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
+                "rested".to_owned()
+            })
+            .tool("doze", "Blocks its thread for a while.", |i: Index| async move {
+                std::thread::sleep(std::time::Duration::from_millis(i.at as u64));
                 "rested".to_owned()
             })
             .run_limit(std::time::Duration::from_millis(300))
@@ -358,6 +441,12 @@ on_both_backends! {
         let r = crate::harness::call(&alice, "nap", json!({"at": 5000})).await;
         assert_eq!(r.is_error, Some(true), "{r:?}");
         assert!(text(&r).contains("did not finish within 0.3s"), "{}", text(&r));
+        assert_eq!(payment_meta(&r)["status"], "released");
+        // One that blocks its thread cannot be stopped, but is found late
+        // when it returns, and fails all the same.
+        let r = crate::harness::call(&alice, "doze", json!({"at": 600})).await;
+        assert_eq!(r.is_error, Some(true), "{r:?}");
+        assert!(text(&r).contains("ran past its limit of 0.3s"), "{}", text(&r));
         assert_eq!(payment_meta(&r)["status"], "released");
         assert_eq!(env.available("alice").await, "0.90");
         let (_, held, _) = env.balance("alice").await;
