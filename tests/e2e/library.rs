@@ -334,12 +334,17 @@ on_both_backends! {
         let run = tokio::spawn(async move { peer.call_tool(params).await });
 
         let store = tollgate.gate().store().clone();
-        for _ in 0..100 {
+        // Unless the run is seen under way, "nothing refunded" would prove
+        // nothing: recovery has no running intent to leave alone.
+        let mut running = false;
+        for _ in 0..500 {
             if store.intent(&id).await.unwrap().unwrap().status.as_str() == "running" {
+                running = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        assert!(running, "the paid run never reached running");
         // Running, as if for two minutes.
         let aged = format!("UPDATE intents SET updated_at = updated_at - 120000 WHERE id = '{id}'");
         tollgate::testing::execute(&env.db, &aged).await.unwrap();
