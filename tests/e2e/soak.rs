@@ -131,16 +131,18 @@ fn settled(r: &CallToolResult) {
     }
 }
 
+/// The server's resident memory. Panics rather than read 0: a series of
+/// zeros would pass "memory flat" with nothing measured.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"));
+    assert!(kib > 0, "the server's RSS read as 0 KiB");
+    kib
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,8 +232,11 @@ async fn mixed_traffic_for_minutes_keeps_memory_flat_and_prunes_on_schedule() {
     let warm = *rss[third..two_thirds.max(third + 1)]
         .iter()
         .max()
-        .unwrap_or(&0);
-    let peak_late = *rss[two_thirds..].iter().max().unwrap_or(&0);
+        .expect("readings in the middle third");
+    let peak_late = *rss[two_thirds..]
+        .iter()
+        .max()
+        .expect("readings in the last third");
     assert!(
         peak_late <= warm + warm / 5 + 8 * 1024,
         "memory grew: {} KiB once warm, {} KiB later",
