@@ -242,11 +242,24 @@ on_both_backends! {
                 let r = flow.redeem(&alice, "echo", echo_args("yours"), &id).await;
                 assert_eq!(error_code(&r), "payment_mismatch");
                 assert!(text(&r).contains("arguments differ"));
-                // Key order and spacing do not make arguments different.
-                let r = flow
-                    .redeem(&alice, "echo", json!({"text": "mine"}), &id)
-                    .await;
-                assert_eq!(text(&r), "mine");
+                // Key order and spacing do not make arguments different:
+                // rmcp's client always writes keys sorted and compact, so
+                // the resends go out as raw lines, keys reversed and spaced.
+                let mut wire = crate::wire::Wire::start_as(&env, Some("alice")).await;
+                let line = format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"arguments":{{ "text" :  "mine",   "payment_id" : "{id}" }},"name":"echo"}}}}"#
+                );
+                let answer = wire.request_raw(1, &line).await;
+                assert_eq!(answer["result"]["content"][0]["text"], "mine", "{answer}");
+                assert_eq!(answer["result"]["_meta"]["tollgate/payment"]["status"], "paid");
+                let id = flow.start(&alice, "divide", json!({"a": 1, "b": 2})).await;
+                env.ok(&["sessions", "pay", &id]).await;
+                let line = format!(
+                    r#"{{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{{"name":"divide","arguments":{{"payment_id":"{id}" , "b" : 2 ,"a":1}}}}}}"#
+                );
+                let answer = wire.request_raw(2, &line).await;
+                assert_eq!(answer["result"]["structuredContent"], json!({"quotient": 0.5}), "{answer}");
+                drop(wire);
                 // Nor does a whole number written as a float (a model may
                 // write `2` one time and `2.0` the next).
                 let id = flow.start(&alice, "divide", json!({"a": 1, "b": 2})).await;

@@ -8,7 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::harness::{EXE, Env};
 
-struct Wire {
+pub(crate) struct Wire {
     child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
@@ -19,7 +19,7 @@ impl Wire {
         Self::start_as(env, None).await
     }
 
-    async fn start_as(env: &Env, payer: Option<&str>) -> Self {
+    pub(crate) async fn start_as(env: &Env, payer: Option<&str>) -> Self {
         let mut command = tokio::process::Command::new(EXE);
         command.arg("serve");
         if let Some(payer) = payer {
@@ -139,6 +139,18 @@ impl Wire {
             .expect("read")
             .expect("server closed stdout");
         serde_json::from_str(&line).expect("stdout carries only JSON-RPC")
+    }
+
+    /// Sends a line as written and returns the answer to request `id`,
+    /// skipping notifications.
+    pub(crate) async fn request_raw(&mut self, id: u64, line: &str) -> Value {
+        self.send_raw(line.as_bytes()).await;
+        loop {
+            let message = self.next().await;
+            if message["id"] == json!(id) {
+                return message;
+            }
+        }
     }
 
     /// Sends a bad line and returns the error it got: (code, id).
