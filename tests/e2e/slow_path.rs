@@ -504,9 +504,21 @@ on_both_backends! {
                 let r = flow.redeem(&client, "echo", echo_args("twice"), &id).await;
                 assert_eq!(error_code(&r), "payment_mismatch");
             }
-            // The settlement went through the ledger like any other.
+            // The settlement went through the ledger like any other: this
+            // payment's own session is paid (the refused one is too, so
+            // "paid" anywhere in the list proves nothing), and its charge
+            // is captured on echo's statement.
             let listed = env.ok(&["sessions", "list"]).await;
-            assert!(listed.contains(&id) && listed.contains("paid"), "{listed}");
+            let line = listed
+                .lines()
+                .find(|l| l.starts_with(&id))
+                .unwrap_or_else(|| panic!("{id} not listed: {listed}"));
+            assert_eq!(line.split_whitespace().nth(1), Some("paid"), "{line}");
+            let statement = env.ok(&["ledger", "statement", "--tool", "echo"]).await;
+            let captured: Vec<&str> = statement.lines().filter(|l| l.contains(&id)).collect();
+            assert_eq!(captured.len(), 1, "{statement}");
+            let fields: Vec<&str> = captured[0].split_whitespace().collect();
+            assert_eq!(fields[1..4], ["capture", "0.01", "USD"], "{statement}");
             client.cancel().await.ok();
             env.assert_ledger_ok().await;
         }
