@@ -255,14 +255,12 @@ on_both_backends! {
         let client = t
             .connect(None, t.client(Person::Dawdles, Elicitation::Url), false)
             .await;
-        let started = std::time::Instant::now();
+        // The person answers after 800ms, past the 300ms elicitation
+        // timeout: "no answer within" is only said when the server's
+        // timeout ends the prompt, so it was not the late answer.
         let r = call(&client, "echo", echo_args("slow")).await;
         assert_eq!(error_code(&r), "payment_timeout", "{r:?}");
         assert!(text(&r).contains("no answer within"), "{}", text(&r));
-        assert!(
-            started.elapsed() < Duration::from_millis(750),
-            "the server's timeout ended the wait"
-        );
         let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
         t.env.ok(&["sessions", "pay", &id]).await;
         let r = call(&client, "echo", json!({"text": "slow", "payment_id": id})).await;
@@ -528,13 +526,10 @@ on_both_backends! {
                 let id = watcher.first_progress_payment_id().await;
                 store.end_session(&id, end).await.unwrap();
             });
-            let started = std::time::Instant::now();
+            // Running out the 30s wait would answer payment_timeout: the
+            // session's own ending is what ended it.
             let r = call(&client, "echo", echo_args("doomed")).await;
-            assert_eq!(error_code(&r), code);
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "ended at once, not at the timeout"
-            );
+            assert_eq!(error_code(&r), code, "{r:?}");
             client.cancel().await.ok();
             t.env.assert_ledger_ok().await;
         }
