@@ -105,7 +105,9 @@ impl Tollgate {
     /// or released, so that a `main` that returns right after drops none
     /// of them with their holds open.
     pub async fn serve_stdio(&self, caller: Caller) -> Result<(), ServeError> {
-        let transport = crate::stdio_guard::transport(
+        // The embedder's gate may serve other transports too: stdin's end
+        // ends only this session (rmcp's own grace, then cancellation).
+        let (transport, _stdin_closed) = crate::stdio_guard::transport(
             crate::stdio::stdin(),
             crate::stdio::stdout(),
             self.max_message_bytes,

@@ -582,11 +582,22 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
     );
     let server = TollgateServer::new(gate.clone(), Caller { principal: payer });
     let session = server.session_id().to_owned();
-    let transport = tollgate::stdio_guard::transport(
+    let (transport, stdin_closed) = tollgate::stdio_guard::transport(
         tollgate::stdio::stdin(),
         tollgate::stdio::stdout(),
         config.max_message_bytes,
     );
+    // The client closed stdin: no call can come, so the process is
+    // stopping. Closing the gate at once has calls waiting for a payment
+    // answer with their payment id (the client may still read stdout)
+    // within rmcp's grace, rather than be cancelled unanswered.
+    tokio::spawn({
+        let gate = gate.clone();
+        async move {
+            stdin_closed.cancelled().await;
+            gate.close();
+        }
+    });
     let running = server.serve(transport).await?;
     let service = running.cancellation_token();
     let waiting = running.waiting();

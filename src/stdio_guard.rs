@@ -21,6 +21,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
     sync::mpsc,
 };
+use tokio_util::sync::CancellationToken;
 
 /// The deepest nesting of arrays and objects a message may have.
 pub const MAX_DEPTH: usize = 64;
@@ -30,29 +31,39 @@ const PARSE_ERROR: i64 = -32700;
 pub(crate) const INVALID_REQUEST: i64 = -32600;
 const INVALID_PARAMS: i64 = -32602;
 
-/// rmcp's transport over [`guard`]'s pipes. rmcp drops, unanswered, a
-/// line longer than its own limit (16 MiB by default): here it is told the
-/// guard's, so a line the guard lets through always reaches the server.
+/// rmcp's transport over [`guard`]'s pipes, and a token cancelled once
+/// `input` has ended (the client closed stdin: it may still read the
+/// answers). rmcp drops, unanswered, a line longer than its own limit (16
+/// MiB by default): here it is told the guard's, so a line the guard lets
+/// through always reaches the server.
 pub fn transport<R, W>(
     input: R,
     output: W,
     max_bytes: usize,
-) -> AsyncRwTransport<RoleServer, tokio::io::DuplexStream, tokio::io::DuplexStream>
+) -> (
+    AsyncRwTransport<RoleServer, tokio::io::DuplexStream, tokio::io::DuplexStream>,
+    CancellationToken,
+)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (reads, writes) = guard(input, output, max_bytes);
+    let input_ended = CancellationToken::new();
+    let (reads, writes) = guard(input, output, max_bytes, input_ended.clone());
     // The newline and a `\r` before it, which the guard does not count.
-    AsyncRwTransport::new_server(reads, writes).with_max_line_length(max_bytes.saturating_add(2))
+    let transport = AsyncRwTransport::new_server(reads, writes)
+        .with_max_line_length(max_bytes.saturating_add(2));
+    (transport, input_ended)
 }
 
 /// Serves rmcp on the returned pipe ends, guarding `input` and writing to
-/// `output`. The tasks end when the input ends and rmcp has finished.
+/// `output`; cancels `input_ended` when the input ends. The tasks end when
+/// the input ends and rmcp has finished.
 pub fn guard<R, W>(
     input: R,
     output: W,
     max_bytes: usize,
+    input_ended: CancellationToken,
 ) -> (tokio::io::DuplexStream, tokio::io::DuplexStream)
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -64,6 +75,7 @@ where
     // reading stdin (a client that only writes cannot fill memory).
     let (errors, mut error_lines) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
+        let _ended = input_ended.drop_guard();
         let mut input = BufReader::new(input);
         loop {
             let line = match read_line(&mut input, max_bytes).await {
@@ -454,7 +466,7 @@ mod tests {
     async fn refusals_nobody_reads_stop_the_reading_of_stdin() {
         let (mut client_writes, input) = tokio::io::duplex(1024);
         let (output, _client_never_reads) = tokio::io::duplex(1024);
-        let (_server_reads, _server_writes) = guard(input, output, 1000);
+        let (_server_reads, _server_writes) = guard(input, output, 1000, CancellationToken::new());
         let mut written = 0usize;
         let writing = async {
             loop {

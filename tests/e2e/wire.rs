@@ -222,6 +222,61 @@ on_both_backends! {
     }
 }
 
+/// A client that closes stdin while a call waits for its payment still
+/// gets that call's answer, with the payment id to redeem it by, and the
+/// payment stays payable. (The call was cancelled unanswered.)
+#[tokio::test]
+async fn a_call_waiting_for_payment_when_stdin_closes_answers_with_its_payment_id() {
+    let env = Env::with_pricing(&crate::harness::pricing("progress", ""));
+    let mut wire = Wire::start(&env).await;
+    wire.send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"text": "later"}, "_meta": {"progressToken": "t1"}}}),
+    )
+    .await;
+    let first = wire.next().await;
+    assert_eq!(first["method"], "notifications/progress", "{first}");
+    let Wire {
+        mut child,
+        stdin,
+        mut lines,
+    } = wire;
+    drop(stdin);
+    let answer = loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("answered within 10s")
+            .expect("read")
+            .expect("the waiting call's answer before stdout closed");
+        let message: Value = serde_json::from_str(&line).expect("JSON-RPC");
+        if message["id"] == json!(1) {
+            break message;
+        }
+    };
+    let result = &answer["result"];
+    assert_eq!(
+        result["structuredContent"]["error"], "payment_timeout",
+        "{answer}"
+    );
+    let id = result["structuredContent"]["payment_id"]
+        .as_str()
+        .expect("a payment id");
+    let text = result["content"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.contains("tollgate is shutting down"), "{text}");
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits once stdin is closed")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    let listed = env.ok(&["sessions", "list"]).await;
+    let line = listed
+        .lines()
+        .find(|l| l.contains(id))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(line.contains("pending"), "still payable: {line}");
+    env.assert_ledger_ok().await;
+}
+
 /// A limit set above rmcp's own (16 MiB) holds: a line under it is
 /// answered, not dropped by rmcp without a word.
 #[tokio::test]
