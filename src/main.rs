@@ -964,6 +964,10 @@ async fn sessions(store: &dyn Store, command: SessionsCommand) -> anyhow::Result
             }
         }
         SessionsCommand::Pay { id, from } => {
+            // A misspelt wallet is said so, not refused as one with no funds.
+            if let Some(wallet) = &from {
+                known_balances(store, wallet).await?;
+            }
             let posted = store.pay_session(&id, from.as_deref(), now_ms()).await?;
             match &from {
                 Some(wallet) => {

@@ -112,7 +112,7 @@ impl Gate {
             }
         }
         for (message, intent) in interrupted {
-            let outcome = self.unrun(&intent, code::RUN_INTERRUPTED, message);
+            let outcome = self.unrun(&intent, code::RUN_INTERRUPTED, message, "run interrupted");
             match self.store.finish_intent(&outcome).await {
                 Ok(_) => {
                     tracing::warn!(
@@ -304,7 +304,12 @@ impl Gate {
             "payment `{}` was paid but {why}, so it was refunded and `{}` was not run.",
             intent.id, intent.tool
         );
-        let outcome = self.unrun(intent, code::PAYMENT_UNREDEEMED, message);
+        let outcome = self.unrun(
+            intent,
+            code::PAYMENT_UNREDEEMED,
+            message,
+            &format!("not run, {why}"),
+        );
         self.store.finish_intent(&outcome).await?;
         tracing::info!(
             payment_id = intent.id,
@@ -315,8 +320,15 @@ impl Gate {
     }
 
     /// The outcome of a paid intent whose run did not happen, or whose end
-    /// is not known: failed, so the payer gets everything back.
-    pub(super) fn unrun(&self, intent: &Intent, code: &str, message: String) -> IntentOutcome {
+    /// is not known (`not_run` says which, for the ledger): failed, so the
+    /// payer gets everything back.
+    pub(super) fn unrun(
+        &self,
+        intent: &Intent,
+        code: &str,
+        message: String,
+        not_run: &str,
+    ) -> IntentOutcome {
         let message = format!("{message} Call `{}` again for a new payment.", intent.tool);
         let result = reply::with_payment(
             reply::error(
@@ -336,6 +348,7 @@ impl Gate {
             charge: self.intent_charge(intent, price, &args, &result),
             txn_id: new_txn_id(),
             at: now_ms(),
+            not_run: Some(not_run.to_owned()),
         }
     }
 }

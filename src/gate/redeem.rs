@@ -508,7 +508,12 @@ impl Gate {
                 "`{}` is no longer served, so this paid call did not run; the payment was refunded.",
                 intent.tool
             );
-            let outcome = self.unrun(&intent, code::TOOL_GONE, message);
+            let outcome = self.unrun(
+                &intent,
+                code::TOOL_GONE,
+                message,
+                "not run, its tool no longer served",
+            );
             return match self.store.finish_intent(&outcome).await {
                 Ok(_) => {
                     tracing::warn!(
@@ -533,6 +538,7 @@ impl Gate {
             charge: self.intent_charge(&intent, entry.price.as_ref(), &args, &result),
             txn_id: new_txn_id(),
             at: now_ms(),
+            not_run: None,
         };
         let (charge, txn_id, at) = (&outcome.charge, &outcome.txn_id, outcome.at);
         let in_currency = |units| format_in(units, &intent.currency);

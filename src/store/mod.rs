@@ -640,6 +640,9 @@ pub struct IntentOutcome {
     /// that the stored result can already carry its receipt.
     pub txn_id: String,
     pub at: i64,
+    /// Why its tool did not run (or may not have finished), when that is
+    /// so: the refund's ledger line says it, rather than "tool failed".
+    pub not_run: Option<String>,
 }
 
 impl IntentOutcome {

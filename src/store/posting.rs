@@ -241,13 +241,11 @@ impl Settlement {
             ..Audit::default()
         };
         let Some(plan) = plan else {
-            audit.memo = Some(
-                match outcome.succeeded {
-                    true => "nothing used: payment refunded",
-                    false => "tool failed: payment refunded",
-                }
-                .into(),
-            );
+            audit.memo = Some(match (&outcome.not_run, outcome.succeeded) {
+                (Some(why), _) => format!("{why}: payment refunded"),
+                (None, true) => "nothing used: payment refunded".into(),
+                (None, false) => "tool failed: payment refunded".into(),
+            });
             return Ok(refund_to.map(|refund_to| Self {
                 kind: "refund",
                 amount: Units(paid),

@@ -213,6 +213,7 @@ fn outcome(id: &str, succeeded: bool) -> IntentOutcome {
         charge: Charge::whole(revenue(), units("0.05")),
         txn_id: new_txn_id(),
         at: now_ms(),
+        not_run: None,
     }
 }
 

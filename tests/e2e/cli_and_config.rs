@@ -281,8 +281,15 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
     let out = env.cli(&["sessions", "pay", &id, "--from", "alcie"]).await;
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("insufficient"),
+        String::from_utf8_lossy(&out.stderr).contains("no wallet named `alcie`"),
         "{out:?}"
+    );
+    let listed = env.ok(&["sessions", "list"]).await;
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("pending")),
+        "still unpaid: {listed}"
     );
     client.cancel().await.ok();
     let out = env.cli(&["wallet", "statement", "alcie"]).await;

@@ -371,6 +371,16 @@ on_both_backends! {
         );
         assert_eq!(intent(paid.clone()).await.as_str(), "failed");
         assert_eq!(env.available("pat").await, "1.00", "refunded");
+        // The payer's statement says why, not that the tool failed.
+        let statement = env.ok(&["wallet", "statement", "pat"]).await;
+        let refund = statement
+            .lines()
+            .find(|l| l.contains("refund"))
+            .unwrap_or_else(|| panic!("{statement}"));
+        assert!(
+            refund.contains("not run, the MCP session it was offered to closed before it was used"),
+            "{refund}"
+        );
         env.assert_ledger_ok().await;
     }
 }
