@@ -587,15 +587,15 @@ async fn serve(config: Config, store: Arc<dyn Store>, payer: Option<String>) -> 
         tollgate::stdio::stdout(),
         config.max_message_bytes,
     );
-    // The client closed stdin: no call can come, so the process is
-    // stopping. Closing the gate at once has calls waiting for a payment
-    // answer with their payment id (the client may still read stdout)
-    // within rmcp's grace, rather than be cancelled unanswered.
+    // The client closed stdin: it can answer nothing more, and the process
+    // stops once rmcp has served what it read. Calls waiting for a payment
+    // stop waiting and answer with their payment id (the client may still
+    // read stdout), rather than be cancelled unanswered.
     tokio::spawn({
         let gate = gate.clone();
         async move {
             stdin_closed.cancelled().await;
-            gate.close();
+            gate.end_inputs();
         }
     });
     let running = server.serve(transport).await?;

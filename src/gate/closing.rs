@@ -24,6 +24,10 @@ pub const SESSION_END_GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct Closing {
     /// Cancelled when the gate closes.
     closed: CancellationToken,
+    /// Cancelled when the only client can no longer answer (it closed
+    /// stdin): calls stop waiting for a payment or a person, while calls
+    /// it sent before are still taken.
+    inputs_ended: CancellationToken,
     calls: Arc<UnderWay>,
     /// The MCP sessions open: each ends its payments as it closes.
     sessions: Arc<UnderWay>,
@@ -52,6 +56,10 @@ impl Closing {
         self.closed.is_cancelled()
     }
 
+    pub fn end_inputs(&self) {
+        self.inputs_ended.cancel();
+    }
+
     /// Resolves once the gate is closed: waits for a payment end then.
     pub async fn closed(&self) {
         self.closed.cancelled().await;
@@ -77,12 +85,14 @@ impl Closing {
 
 impl Gate {
     /// Resolves when a call should stop waiting (for a payment, a person's
-    /// answer, a run elsewhere): its client cancelled it or went away, or
-    /// the gate is closing. Says which, for the log.
+    /// answer, a run elsewhere): its client cancelled it or went away (or
+    /// closed stdin), or the gate is closing. Says which, for the log and
+    /// the answer.
     pub(super) async fn wait_ended(&self, scope: &CallScope<'_>) -> &'static str {
         tokio::select! {
             () = scope.cancelled.cancelled() => "the call was cancelled",
             () = self.closing.closed() => "tollgate is shutting down",
+            () = self.closing.inputs_ended.cancelled() => "the client closed its input",
         }
     }
 }

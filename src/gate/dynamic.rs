@@ -267,9 +267,12 @@ impl Gate {
     /// lists its tools before calling. A list does not wait on a remote
     /// provider: what only it can say is left to upkeep.
     pub async fn end_due_confirm_tools(&self, only: Option<&str>) {
-        // Upkeep asks a remote provider, until it fails to answer once.
+        // Upkeep asks a remote provider about offers past their time, until
+        // it fails to answer once. Those still in their time are looked at
+        // here only (store reads), after those past it.
         let mut ask_remote = only.is_none();
-        let (due, mut changed) = self.dynamic.due(only, now_ms());
+        let (mut due, mut changed) = self.dynamic.due(only, now_ms());
+        due.sort_by_key(|(.., past_time)| !past_time);
         for (session, name, past_time) in due {
             let Some(payment_id) = dynamic_confirm_payment_id(&name) else {
                 continue;
@@ -277,7 +280,7 @@ impl Gate {
             let outcome = if past_time {
                 self.offer_outcome(payment_id, ask_remote).await
             } else {
-                self.early_offer_outcome(payment_id, ask_remote).await
+                self.early_offer_outcome(payment_id).await
             };
             if matches!(outcome, Outcome::Unanswered) && !self.provider.is_local() {
                 ask_remote = false;
@@ -294,8 +297,10 @@ impl Gate {
     /// What becomes of a confirm tool still in its time: removed only once
     /// its payment can no longer be made (declined, cancelled or failed at
     /// checkout) or its intent has ended, so a client that lists its tools
-    /// is not offered a call that can only fail.
-    async fn early_offer_outcome(&self, payment_id: &str, ask_remote: bool) -> Outcome {
+    /// is not offered a call that can only fail. A remote provider is not
+    /// asked (one request per offer, each pass): its payments' ends are
+    /// seen once their time is over.
+    async fn early_offer_outcome(&self, payment_id: &str) -> Outcome {
         let intent = match self.store.intent(payment_id).await {
             Ok(Some(intent)) => intent,
             Ok(None) => return Outcome::Remove,
@@ -318,7 +323,7 @@ impl Gate {
         ) else {
             return Outcome::Unknown;
         };
-        if !ask_remote && !provider.is_local() {
+        if !provider.is_local() {
             return Outcome::Unknown;
         }
         match provider.session_state(session).await {

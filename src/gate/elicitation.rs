@@ -208,7 +208,7 @@ impl Gate {
                         return self.refuse(scope, intent, IntentStatus::Declined).await;
                     }
                     if approve == Some(true)
-                        && let Some(refused) = self.charge_approved(opened).await
+                        && let Some(refused) = self.charge_approved(scope, opened).await
                     {
                         return refused;
                     }
@@ -245,7 +245,11 @@ impl Gate {
 
     /// An approved charge: pay the session from the caller's wallet. `Some`
     /// is the answer when that cannot be done.
-    async fn charge_approved(&self, opened: &Opened) -> Option<CallToolResult> {
+    async fn charge_approved(
+        &self,
+        scope: &CallScope<'_>,
+        opened: &Opened,
+    ) -> Option<CallToolResult> {
         let intent = &opened.intent;
         let (Some(wallet), Some(session)) = (
             intent.principal.as_deref(),
@@ -277,11 +281,15 @@ impl Gate {
             // payment ends too, rather than stay payable at checkout (and
             // hold one of the caller's open-payment places) until it expires.
             Err(ProviderError::Store(StoreError::OverLimit(breach))) => {
-                if let Err(e) = self.end_unpaid(intent, IntentStatus::Cancelled).await {
-                    tracing::warn!(
+                match self.end_unpaid(intent, IntentStatus::Cancelled).await {
+                    Ok(true) => {}
+                    // Paid at checkout meanwhile: that payment stands, and
+                    // the caller is told how to use it.
+                    Ok(false) => return Some(self.redeem_state(scope, intent, "refused").await),
+                    Err(e) => tracing::warn!(
                         payment_id = intent.id,
                         "an approval refused by a limit is left to expire: {e}"
-                    );
+                    ),
                 }
                 Some(Gate::refused_by_limit(&intent.tool, &breach))
             }

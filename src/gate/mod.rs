@@ -236,6 +236,14 @@ impl Gate {
         self.closing.close();
     }
 
+    /// Its one client can answer no more (a stdio client closed stdin):
+    /// calls waiting for a payment or a person stop waiting and answer
+    /// with their payment id, which stays payable. Calls still come in:
+    /// those the client sent before closing are answered.
+    pub fn end_inputs(&self) {
+        self.closing.end_inputs();
+    }
+
     /// Whether the gate has stopped taking calls.
     pub fn is_closed(&self) -> bool {
         self.closing.is_closed()

@@ -176,6 +176,26 @@ async fn a_tool_whose_arguments_are_not_an_object_is_refused_at_start() {
         error.contains("tool `shout`: its arguments must be a struct (a JSON object)"),
         "{error}"
     );
+    // A tagged enum is read from an object too (its schema is a `oneOf`).
+    let built = tollgate::Tollgate::from_pricing(&text)
+        .expect("pricing")
+        .tool("turn", "Turns.", |way: Turn| async move {
+            match way {
+                Turn::Left { degrees } => format!("left {degrees}"),
+                Turn::Right { degrees } => format!("right {degrees}"),
+            }
+        })
+        .store_url(env.db.clone())
+        .build()
+        .await;
+    assert!(built.is_ok(), "{:?}", built.err().map(|e| e.to_string()));
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(tag = "way")]
+enum Turn {
+    Left { degrees: u32 },
+    Right { degrees: u32 },
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]

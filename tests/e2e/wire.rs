@@ -262,7 +262,7 @@ async fn a_call_waiting_for_payment_when_stdin_closes_answers_with_its_payment_i
         .as_str()
         .expect("a payment id");
     let text = result["content"][0]["text"].as_str().unwrap_or_default();
-    assert!(text.contains("tollgate is shutting down"), "{text}");
+    assert!(text.contains("the client closed its input"), "{text}");
     let exit = tokio::time::timeout(std::time::Duration::from_secs(15), child.wait())
         .await
         .expect("exits once stdin is closed")
@@ -457,9 +457,14 @@ async fn a_server_whose_stdin_or_stdout_is_a_file_still_answers() {
     );
     child.kill().await.ok();
 
-    // Stdin a file: its request is answered, and its end ends the server.
+    // Stdin a file: its requests are answered, a tool call included (the
+    // input has ended long before rmcp reads it), and its end ends the
+    // server.
     let input = dir.path().join("in.jsonl");
-    std::fs::write(&input, format!("{initialize}\n")).expect("in file");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let count = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "word_count", "arguments": {"text": "one two three"}}});
+    std::fs::write(&input, format!("{initialize}\n{initialized}\n{count}\n")).expect("in file");
     let mut child = command()
         .stdin(std::fs::File::open(&input).expect("in file"))
         .stdout(std::process::Stdio::piped())
@@ -469,6 +474,16 @@ async fn a_server_whose_stdin_or_stdout_is_a_file_still_answers() {
     let line = lines.next_line().await.expect("read").expect("an answer");
     let message: Value = serde_json::from_str(&line).expect("JSON-RPC");
     assert_eq!(message["result"]["serverInfo"]["name"], "tollgate");
+    let line = lines
+        .next_line()
+        .await
+        .expect("read")
+        .expect("the call's answer");
+    let message: Value = serde_json::from_str(&line).expect("JSON-RPC");
+    assert_eq!(
+        message["result"]["structuredContent"]["words"], 3,
+        "{message}"
+    );
     let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
         .await
         .expect("the server ends with its input")
