@@ -761,6 +761,43 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A confirm tool whose payment is declined at checkout is taken off
+    /// its session's list by upkeep, which tells the client, without the
+    /// client listing first.
+    #[tokio::test]
+    async fn upkeep_withdraws_a_declined_payments_confirm_tool_and_says_so() {
+        use std::sync::atomic::Ordering;
+        let t = InProcess::new(&pricing("dynamic_tools", "instance_lease = \"1s\"\n")).await;
+        let handler = t.client(Person::Ignores, Elicitation::None);
+        let client = t.connect(Some("alice"), handler.clone(), false).await;
+        let r = call(&client, "echo", echo_args("declined")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(handler.list_changed.load(Ordering::SeqCst), 1, "offered");
+        t.env.ok(&["sessions", "decline", &id]).await;
+        let mut told = false;
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if handler.list_changed.load(Ordering::SeqCst) == 2 {
+                told = true;
+                break;
+            }
+        }
+        assert!(told, "upkeep announced the withdrawal");
+        let listed: Vec<String> = client
+            .list_all_tools()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        assert!(!listed.contains(&format!("confirm_{id}")), "{listed:?}");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     /// A payment offered as a dynamic confirm tool is used through that
     /// tool, even by its own session: sent back as a 2026-07-28 answer's
     /// `requestState`, it answers `payment_mismatch` and does not run.
