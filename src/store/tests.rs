@@ -1058,7 +1058,12 @@ crate::on_postgres! {
             .map(|i| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let at = start + i as i64;
+                    // Aimed up to 49ms either side of its intent's end
+                    // (half before, half after), not all at the end
+                    // itself: there a loaded machine, waking the tasks
+                    // late, let none pay in time.
+                    let offset = (i % 50) as i64;
+                    let at = start + i as i64 + if i % 2 == 0 { -offset } else { offset };
                     let wait = std::time::Duration::from_millis((at - now_ms()).max(0) as u64);
                     tokio::time::sleep(wait).await;
                     store.pay_session(&format!("i{i:03}"), Some("payer"), now_ms()).await.is_ok()
