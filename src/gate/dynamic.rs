@@ -277,11 +277,7 @@ impl Gate {
             let Some(payment_id) = dynamic_confirm_payment_id(&name) else {
                 continue;
             };
-            let outcome = if past_time {
-                self.offer_outcome(payment_id, ask_remote).await
-            } else {
-                self.early_offer_outcome(payment_id).await
-            };
+            let outcome = self.offer_outcome(payment_id, ask_remote, past_time).await;
             if matches!(outcome, Outcome::Unanswered) && !self.provider.is_local() {
                 ask_remote = false;
             }
@@ -294,83 +290,58 @@ impl Gate {
         }
     }
 
-    /// What becomes of a confirm tool still in its time: removed only once
-    /// its payment can no longer be made (declined, cancelled or failed at
-    /// checkout) or its intent has ended, so a client that lists its tools
-    /// is not offered a call that can only fail. A remote provider is not
-    /// asked (one request per offer, each pass): its payments' ends are
-    /// seen once their time is over.
-    async fn early_offer_outcome(&self, payment_id: &str) -> Outcome {
+    /// What becomes of a confirm tool: past its intent's time, or still in
+    /// it (`past_time` false), when it is removed only once its payment can
+    /// no longer be made (declined, cancelled or failed at checkout) or its
+    /// intent has ended, so a client that lists its tools is not offered a
+    /// call that can only fail. An offer still in its time never asks a
+    /// remote provider (one request per offer, each pass): its end there is
+    /// seen once its time is over.
+    async fn offer_outcome(&self, payment_id: &str, ask_remote: bool, past_time: bool) -> Outcome {
         let intent = match self.store.intent(payment_id).await {
             Ok(Some(intent)) => intent,
             Ok(None) => return Outcome::Remove,
             Err(_) => return Outcome::Unanswered,
         };
-        match intent.status {
-            IntentStatus::AwaitingPayment => {}
-            IntentStatus::Paid | IntentStatus::Running => {
-                return Outcome::KeepUntil(self.refunded_unused_at(&intent));
-            }
-            IntentStatus::Succeeded
-            | IntentStatus::Failed
-            | IntentStatus::Expired
-            | IntentStatus::Cancelled
-            | IntentStatus::Declined => return Outcome::Remove,
-        }
-        let (Some(session), Ok(provider)) = (
-            intent.provider_session_id.as_deref(),
-            self.provider_of(&intent),
-        ) else {
-            return Outcome::Unknown;
-        };
-        if !provider.is_local() {
-            return Outcome::Unknown;
-        }
-        match provider.session_state(session).await {
-            Ok(state)
-                if matches!(
-                    state.status,
-                    SessionStatus::Failed | SessionStatus::Expired | SessionStatus::Cancelled
-                ) =>
-            {
-                Outcome::Remove
-            }
-            Ok(_) => Outcome::Unknown,
-            Err(_) => Outcome::Unanswered,
-        }
-    }
-
-    /// What becomes of a confirm tool whose intent's time is over.
-    async fn offer_outcome(&self, payment_id: &str, ask_remote: bool) -> Outcome {
-        let intent = match self.store.intent(payment_id).await {
-            Ok(Some(intent)) => intent,
-            Ok(None) => return Outcome::Remove,
-            Err(_) => return Outcome::Unanswered,
+        // What an unpaid offer comes to when nothing says its payment ended.
+        let undecided = if past_time {
+            Outcome::Remove
+        } else {
+            Outcome::Unknown
         };
         let paid = match intent.status {
             IntentStatus::Paid | IntentStatus::Running => true,
             IntentStatus::AwaitingPayment => {
                 let Some(session) = intent.provider_session_id.as_deref() else {
-                    return Outcome::Remove;
+                    return undecided;
                 };
                 let provider = match self.provider_of(&intent) {
                     Ok(provider) => provider,
                     Err(_) => return Outcome::Unknown,
                 };
-                if !ask_remote && !provider.is_local() {
+                // A remote is asked only in upkeep, about an offer past
+                // its time.
+                let may_ask = provider.is_local() || (ask_remote && past_time);
+                if !may_ask {
                     return Outcome::Unknown;
                 }
                 match provider.session_state(session).await {
                     // A remote session may still take the payment (see
                     // `remote_grace_ends`): listed meanwhile.
                     Ok(state) if state.status == SessionStatus::Pending => {
-                        return if now_ms() < remote_grace_ends(&intent) {
+                        return if !past_time || now_ms() < remote_grace_ends(&intent) {
                             Outcome::Unknown
                         } else {
                             Outcome::Remove
                         };
                     }
-                    Ok(state) => state.status == SessionStatus::Paid && pays_for(&state, &intent),
+                    Ok(state) if state.status == SessionStatus::Paid => {
+                        if !(past_time && pays_for(&state, &intent)) {
+                            return undecided;
+                        }
+                        true
+                    }
+                    Ok(_) => false,
                     Err(_) => return Outcome::Unanswered,
                 }
             }

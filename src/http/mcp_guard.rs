@@ -37,31 +37,27 @@ pub(super) async fn guard(
     // Bounded in time as the other routes are (their timeout cannot cover
     // /mcp, whose answers may stream for long): a client sending its body
     // a byte at a time must not hold a connection for ever.
-    let bytes = match tokio::time::timeout(limit.within, to_bytes(body, limit.bytes)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) if is_too_large(&e) => {
-            let reply = stdio_guard::too_large(Value::Null, limit.bytes);
-            return (StatusCode::PAYLOAD_TOO_LARGE, Json(reply)).into_response();
-        }
-        Ok(Err(e)) => {
-            let reply = stdio_guard::error_reply(
-                Value::Null,
-                stdio_guard::INVALID_REQUEST,
-                format!("the body could not be read: {e}"),
-            );
-            return (StatusCode::BAD_REQUEST, Json(reply)).into_response();
-        }
-        Err(_) => {
-            let reply = stdio_guard::error_reply(
-                Value::Null,
-                stdio_guard::INVALID_REQUEST,
-                format!(
-                    "the body did not arrive within {}s",
-                    limit.within.as_secs_f64()
-                ),
-            );
-            return (StatusCode::REQUEST_TIMEOUT, Json(reply)).into_response();
-        }
+    let unread = match tokio::time::timeout(limit.within, to_bytes(body, limit.bytes)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if is_too_large(&e) => Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            stdio_guard::too_large(Value::Null, limit.bytes),
+        )),
+        Ok(Err(e)) => Err((
+            StatusCode::BAD_REQUEST,
+            invalid(format!("the body could not be read: {e}")),
+        )),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            invalid(format!(
+                "the body did not arrive within {}s",
+                limit.within.as_secs_f64()
+            )),
+        )),
+    };
+    let bytes = match unread {
+        Ok(bytes) => bytes,
+        Err((status, reply)) => return (status, Json(reply)).into_response(),
     };
     // A byte-order mark is skipped (as on stdio), not handed to rmcp, which
     // would refuse the body in plain text.
@@ -71,9 +67,7 @@ pub(super) async fn guard(
     };
     // Unlike a stdio line, which may be blank, a POST is one message.
     let checked = match bytes.iter().all(u8::is_ascii_whitespace) {
-        true => Err(stdio_guard::error_reply(
-            Value::Null,
-            stdio_guard::INVALID_REQUEST,
+        true => Err(invalid(
             "the body is empty: POST one JSON-RPC message".into(),
         )),
         false => stdio_guard::check(&bytes, limit.bytes),
@@ -84,6 +78,11 @@ pub(super) async fn guard(
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
+}
+
+/// A JSON-RPC invalid-request error, with no id (none could be read).
+fn invalid(message: String) -> Value {
+    stdio_guard::error_reply(Value::Null, stdio_guard::INVALID_REQUEST, message)
 }
 
 /// Whether a body failed to be read for being over the limit (not for

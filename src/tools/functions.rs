@@ -204,25 +204,21 @@ impl FnTools {
             Some(Value::Array(any)) => !any.iter().any(|t| t == "object"),
             Some(_) => true,
         };
-        let checked = match ToolSchema::compile(&schema) {
-            Ok(checked) if !not_an_object => Some(checked),
-            Ok(_) => {
-                self.misbuilt.get_or_insert_with(|| {
-                    format!(
-                        "tool `{name}`: its arguments must be a struct (a JSON object), not {}",
-                        std::any::type_name::<A>()
-                    )
-                });
-                None
-            }
-            Err(e) => {
-                self.misbuilt
-                    .get_or_insert_with(|| format!("tool `{name}`: {e}"));
-                None
-            }
+        let checked = if not_an_object {
+            Err(format!(
+                "its arguments must be a struct (a JSON object), not {}",
+                std::any::type_name::<A>()
+            ))
+        } else {
+            ToolSchema::compile(&schema).map_err(|e| e.to_string())
         };
-        let Some(checked) = checked else {
-            return self;
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(why) => {
+                self.misbuilt
+                    .get_or_insert_with(|| format!("tool `{name}`: {why}"));
+                return self;
+            }
         };
         let tool = Typed {
             name: name.clone(),
