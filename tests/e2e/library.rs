@@ -154,6 +154,20 @@ async fn two_tools_of_one_name_are_refused_at_start() {
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct NoArguments {}
 
+/// Pricing in resubmit mode, with `env`'s receipt key, of `tools` at 0.10
+/// USD each.
+fn resubmit_pricing(env: &Env, tools: &[&str]) -> String {
+    let mut text = format!(
+        "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
+         [receipts]\nkey_file = \"{}\"\n",
+        env.key.display()
+    );
+    for tool in tools {
+        text += &format!("\n[[tools]]\nname = \"{tool}\"\nprice = \"0.10\"\n");
+    }
+    text
+}
+
 /// A tool whose arguments are not an object could never be called (MCP
 /// sends an object), so building refuses it.
 #[tokio::test]
@@ -220,11 +234,7 @@ on_both_backends! {
     async fn an_embedded_tools_whole_schema_is_checked_before_any_charge() {
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
-        let pricing = format!(
-            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
-             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"pack\"\nprice = \"0.10\"\n",
-            env.key.display()
-        );
+        let pricing = resubmit_pricing(&env, &["pack"]);
         let tollgate = tollgate::Tollgate::from_pricing(&pricing)
             .expect("pricing")
             .tool("pack", "Packs a basket.", |b: Basket| async move {
@@ -262,11 +272,7 @@ on_both_backends! {
         use std::{sync::Arc, time::Duration};
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
-        let pricing = format!(
-            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
-             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"slow\"\nprice = \"0.10\"\n",
-            env.key.display()
-        );
+        let pricing = resubmit_pricing(&env, &["slow"]);
         let started = Arc::new(tokio::sync::Notify::new());
         let starting = started.clone();
         let tollgate = Arc::new(
@@ -324,11 +330,7 @@ on_both_backends! {
         use std::{sync::Arc, time::Duration};
         let env = Env::new("resubmit");
         env.topup("carol", "1.00").await;
-        let pricing = format!(
-            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
-             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"slow\"\nprice = \"0.10\"\n",
-            env.key.display()
-        );
+        let pricing = resubmit_pricing(&env, &["slow"]);
         let go = Arc::new(tokio::sync::Notify::new());
         let waiting = go.clone();
         let tollgate = tollgate::Tollgate::from_pricing(&pricing)
@@ -396,11 +398,7 @@ on_both_backends! {
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
         env.topup("carol", "1.00").await;
-        let pricing = format!(
-            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
-             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"pick\"\nprice = \"0.10\"\n",
-            env.key.display()
-        );
+        let pricing = resubmit_pricing(&env, &["pick"]);
         let tollgate = tollgate::Tollgate::from_pricing(&pricing)
             .expect("pricing")
             .tool("pick", "Picks a letter.", |i: Index| async move {
@@ -439,12 +437,7 @@ on_both_backends! {
     async fn an_embedded_tool_past_its_run_limit_is_stopped_and_costs_nothing() {
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
-        let pricing = format!(
-            "[server]\nname = \"t\"\ncurrency = \"USD\"\nmode = \"resubmit\"\n\n\
-             [receipts]\nkey_file = \"{}\"\n\n[[tools]]\nname = \"nap\"\nprice = \"0.10\"\n\n\
-             [[tools]]\nname = \"doze\"\nprice = \"0.10\"\n",
-            env.key.display()
-        );
+        let pricing = resubmit_pricing(&env, &["nap", "doze"]);
         let tollgate = tollgate::Tollgate::from_pricing(&pricing)
             .expect("pricing")
             .tool("nap", "Sleeps for a while.", |i: Index| async move {
