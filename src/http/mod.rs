@@ -19,16 +19,20 @@ use futures::StreamExt;
 use session_owners::Access;
 mod sessions;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{Request, State},
+    extract::{ConnectInfo, Request, State},
     http::{Method, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
-    serve::ListenerExt,
+};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
 };
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService,
@@ -36,6 +40,7 @@ use rmcp::transport::streamable_http_server::{
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
 
 use crate::{
@@ -207,21 +212,65 @@ pub async fn serve(
         }
     });
     let app = router(state, http, shutdown.clone());
-    // A reply goes out as several small writes (an SSE stream's events, its
-    // last chunk); without TCP_NODELAY the last waits for the client's
-    // delayed ACK, about 40 ms, before the connection can carry the next
-    // request.
-    let listener = listener.tap_io(|tcp| {
+    // Every request's head must arrive within `request_timeout`, and an
+    // idle kept-alive connection is closed after as long: without a timer
+    // hyper waits for a head forever, and a client that opens connections
+    // and sends nothing (or a byte a minute) holds them open.
+    let mut connection = hyper::server::conn::http1::Builder::new();
+    connection
+        .timer(TokioTimer::new())
+        .header_read_timeout(http.request_timeout);
+    let connections = GracefulShutdown::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    refused_connection(e).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        // A reply goes out as several small writes (an SSE stream's events,
+        // its last chunk); without TCP_NODELAY the last waits for the
+        // client's delayed ACK, about 40 ms, before the connection can carry
+        // the next request.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(ConnectInfo(remote));
+            app.clone().oneshot(request)
+        });
+        let served = connections.watch(connection.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                tracing::debug!("connection from {remote} ended: {e}");
+            }
+        });
+    }
+    // Stop taking connections; let those open finish the calls they carry.
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// An `accept` that failed. A connection reset before it was taken is
+/// nothing; anything else (out of file descriptors, say) is logged and
+/// waited out, rather than retried in a hot loop.
+async fn refused_connection(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!("cannot accept a connection: {e}; trying again in a second");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// Authenticates an `/mcp` request and hands its caller to the MCP handler

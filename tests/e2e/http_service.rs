@@ -1957,6 +1957,45 @@ async fn an_mcp_body_that_is_slow_or_broken_is_refused_for_what_it_is() {
     assert!(broken.contains("could not be read"), "{broken}");
 }
 
+/// A connection that sends its request head slowly, or nothing at all, is
+/// closed after `request_timeout`, so a client cannot hold connections open
+/// by trickling bytes; one that sends a whole request in time is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_that_does_not_arrive_in_time_closes_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pricing =
+        two_step_pricing().replace("[store]", "[http]\nrequest_timeout = \"1s\"\n\n[store]");
+    let server = HttpServer::start(&pricing).await;
+    let authority = server.base.trim_start_matches("http://").to_owned();
+    // Reads until the server closes, or gives up after 20 s.
+    let closed_after = async |stream: &mut tokio::net::TcpStream| {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server closed the connection")
+            .ok();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+
+    let mut trickling = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    trickling
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: ")
+        .await
+        .unwrap();
+    let answer = closed_after(&mut trickling).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    let mut silent = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    closed_after(&mut silent).await;
+
+    // A kept-alive connection is answered, then closed once idle as long.
+    let mut kept = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let answer = closed_after(&mut kept).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 tollgate::on_postgres! {
     /// A checkout whose write does not finish in time (here the session's
     /// row is locked elsewhere) says the outcome is not known and to reload,
