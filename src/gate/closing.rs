@@ -84,14 +84,24 @@ impl Closing {
 }
 
 impl Gate {
-    /// Resolves when a call should stop waiting (for a payment, a person's
-    /// answer, a run elsewhere): its client cancelled it or went away (or
-    /// closed stdin), or the gate is closing. Says which, for the log and
-    /// the answer.
-    pub(super) async fn wait_ended(&self, scope: &CallScope<'_>) -> &'static str {
+    /// Resolves when a call should stop what it is doing (a provider's
+    /// check, a wait on a run elsewhere): its client cancelled it or went
+    /// away, or the gate is closing. Says which, for the log and the answer.
+    pub(super) async fn interrupted(&self, scope: &CallScope<'_>) -> &'static str {
         tokio::select! {
             () = scope.cancelled.cancelled() => "the call was cancelled",
             () = self.closing.closed() => "tollgate is shutting down",
+        }
+    }
+
+    /// Resolves when a call should stop waiting for a payment or a person's
+    /// answer: as [`Gate::interrupted`], or once a stdio client has closed
+    /// its input, after which it can neither answer nor cancel. A call it
+    /// sent before then that needs no wait (a payment already made) is
+    /// still served.
+    pub(super) async fn wait_ended(&self, scope: &CallScope<'_>) -> &'static str {
+        tokio::select! {
+            why = self.interrupted(scope) => why,
             () = self.closing.inputs_ended.cancelled() => "the client closed its input",
         }
     }

@@ -142,7 +142,7 @@ impl Gate {
                         () = tokio::time::sleep(RUN_POLL) => Step::Reload,
                         // The run goes on (here or elsewhere); this caller
                         // can ask again by the payment id.
-                        _ = self.wait_ended(scope) => return Settled::Final(self.still_running(&intent)),
+                        _ = self.interrupted(scope) => return Settled::Final(self.still_running(&intent)),
                     }
                 }
                 IntentStatus::Expired => {
@@ -356,7 +356,7 @@ impl Gate {
                 Ok(state) => state,
                 Err(e) => return Step::Unconfirmed(e.to_string()),
             },
-            why = self.wait_ended(scope) => return Step::Answer(self.not_checked(intent, why)),
+            why = self.interrupted(scope) => return Step::Answer(self.not_checked(intent, why)),
         };
         let (to, code, status) = match state.status {
             SessionStatus::Paid if !pays_for(&state, intent) => {

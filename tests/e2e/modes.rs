@@ -103,6 +103,26 @@ on_both_backends! {
     }
 }
 
+/// A stdio client that closes its input can no longer pay in a wait or
+/// answer a prompt, so its waits end; a call it sent before that redeems a
+/// payment already made still runs and answers (`printf … | tollgate
+/// serve`). Its check of the payment used to be cut short as a wait.
+#[tokio::test]
+async fn a_paid_call_redeemed_as_the_clients_input_ends_runs() {
+    let t = InProcess::new(&pricing("resubmit", "")).await;
+    let client = t
+        .connect(None, t.client(Person::Ignores, Elicitation::None), false)
+        .await;
+    let r = call(&client, "echo", echo_args("piped")).await;
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    t.env.ok(&["sessions", "pay", &id]).await;
+    t.gate.end_inputs();
+    let r = call(&client, "echo", json!({"text": "piped", "payment_id": id})).await;
+    assert_ran(&r, "piped");
+    client.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
+}
+
 on_both_backends! {
     #[tokio::test]
     async fn a_payment_made_before_a_decline_stands_and_is_used_or_refunded() {

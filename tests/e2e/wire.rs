@@ -274,6 +274,33 @@ async fn a_call_waiting_for_payment_when_stdin_closes_answers_with_its_payment_i
         .find(|l| l.contains(id))
         .unwrap_or_else(|| panic!("{listed}"));
     assert!(line.contains("pending"), "still payable: {line}");
+
+    // Paid since, it is redeemed by a call sent with the input's end right
+    // behind it: the end of input ends waits, not the check of a payment
+    // already made.
+    env.ok(&["sessions", "pay", id]).await;
+    let mut wire = Wire::start(&env).await;
+    wire.send(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"text": "later", "payment_id": id}}}),
+    )
+    .await;
+    let Wire {
+        mut child,
+        stdin,
+        mut lines,
+    } = wire;
+    drop(stdin);
+    let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("answered within 10s")
+        .expect("read")
+        .expect("the redeeming call's answer");
+    let answer: Value = serde_json::from_str(&line).expect("JSON-RPC");
+    assert_eq!(answer["id"], json!(2), "{answer}");
+    let text = answer["result"]["content"][0]["text"].as_str();
+    assert_eq!(text, Some("later"), "{answer}");
+    child.wait().await.expect("wait");
     env.assert_ledger_ok().await;
 }
 
