@@ -21,7 +21,7 @@ use serde_json::json;
 
 use super::{
     Gate,
-    redeem::{pays_for, refunded, remote_grace_ends},
+    redeem::{pays_for, refunded, remote_give_up, remote_grace_ends},
     reply::{self, code},
 };
 use crate::{
@@ -208,7 +208,13 @@ impl Gate {
         };
         let state = match self.session_state_of(intent, session).await {
             Ok(state) => Some(state),
-            // Not the provider's (it was changed since): not paid there.
+            // Unknown there, though it was made there: perhaps the key was
+            // changed for another principal's, and it is paid all the same.
+            // Asked again until the give-up, then taken as never paid.
+            Err(e @ ProviderError::NotFound(_)) if now < remote_give_up(intent) => {
+                tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
+                return RemoteSettled::Unchanged;
+            }
             Err(ProviderError::NotFound(_)) => None,
             Err(e @ ProviderError::Unavailable(_)) => {
                 tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");

@@ -266,6 +266,30 @@ impl Gate {
     /// paid: the tool did not run, and a payment made stands, redeemable by
     /// its id. A waiting call polls on through it (as if still pending).
     /// (The caller logs the cause.)
+    /// The answer to a call whose payment's time is over here while its
+    /// session, which cannot be cancelled, is still open at the provider.
+    fn payable_past_its_time(&self, intent: &Intent, why: &str) -> CallToolResult {
+        let until = rfc3339(remote_grace_ends(intent));
+        reply::error(
+            code::PAYMENT_PENDING,
+            format!(
+                "payment `{}` is not paid, and its time here is over, but {why}: a payment \
+                 made there by {until} still counts. Pay {} {} at {}, then {}",
+                intent.id,
+                format_in(intent.amount, &intent.currency),
+                intent.currency,
+                intent.payment_url.as_deref().unwrap_or("(no url)"),
+                self.redeem_hint(intent)
+            ),
+            reply::details(json!({
+                "payment_id": intent.id,
+                "status": "pending",
+                "payment_url": intent.payment_url,
+                "expires_at": until,
+            })),
+        )
+    }
+
     fn unconfirmed(&self, intent: &Intent) -> CallToolResult {
         reply::error(
             code::UNAVAILABLE,
@@ -412,6 +436,9 @@ impl Gate {
             Ok(true) => Step::Answer(ended(intent, code, status)),
             // Someone else moved it first (perhaps to paid): look again.
             Ok(false) => Step::Reload,
+            Err(ProviderError::StillPayable(why)) => {
+                Step::Pending(self.payable_past_its_time(intent, &why))
+            }
             // Not ended: a payment made meanwhile still counts.
             Err(e) => Step::Unconfirmed(e.to_string()),
         }
@@ -423,10 +450,11 @@ impl Gate {
     /// session was paid before the cancel reached it: then the intent stays
     /// payable, and is refunded if it is never used. An error, and the
     /// intent left as it is, if the provider could not be made to cancel
-    /// (unreachable, or its session still pending): ended here while still
-    /// payable there, a payment made there would be taken and never seen.
-    /// Upkeep tries again, and gives up a day past the intent's time: by
-    /// then the remote's own time is surely over too.
+    /// (unreachable, or its session still pending), or if it has no cancel
+    /// and the session is still open there: ended here while still payable
+    /// there, a payment made there would be taken and never seen. Upkeep
+    /// tries again, and gives up a day past the intent's time: by then the
+    /// remote's own time is surely over too.
     pub(super) async fn end_unpaid(
         &self,
         intent: &Intent,
@@ -434,43 +462,61 @@ impl Gate {
     ) -> Result<bool, ProviderError> {
         if let Some(session) = intent.provider_session_id.as_deref() {
             let cancelled = async { self.provider_of(intent)?.cancel_session(session).await };
-            match cancelled.await {
+            let not_cancelled = match cancelled.await {
                 // A remote provider's payment is not in this store, so the
                 // store's own check below cannot see it.
                 Ok(SessionStatus::Paid) => return Ok(false),
-                Ok(SessionStatus::Cancelled | SessionStatus::Expired | SessionStatus::Failed) => {}
-                // Cannot be cancelled, ever (README: "Taking payments
-                // through another tollgate"): no cancel there, or not for
-                // this key, or the session unknown there. Ended here all
-                // the same.
+                Ok(SessionStatus::Cancelled | SessionStatus::Expired | SessionStatus::Failed) => {
+                    None
+                }
+                Ok(SessionStatus::Pending) => Some(ProviderError::Unavailable(format!(
+                    "the provider did not cancel payment session `{session}` (still pending)"
+                ))),
+                Err(e @ ProviderError::Store(_)) => return Err(e),
+                // Cannot be cancelled, ever: no cancel there (the seed API
+                // has none), not for this key, or the session unknown
+                // there. What the session says decides.
                 Err(
                     e @ (ProviderError::NotFound(_)
                     | ProviderError::Unsupported(_)
                     | ProviderError::Refused(_)),
-                ) => tracing::warn!(
+                ) => match self.session_state_of(intent, session).await {
+                    Ok(state) if state.status == SessionStatus::Paid => return Ok(false),
+                    // Payable there until the remote's own time is surely
+                    // over: left open until then.
+                    Ok(state)
+                        if state.status == SessionStatus::Pending
+                            && now_ms() < remote_grace_ends(intent) =>
+                    {
+                        Some(ProviderError::StillPayable(format!(
+                            "payment session `{session}` cannot be cancelled at the provider \
+                             ({e}), and is still open there"
+                        )))
+                    }
+                    // Over there, past its time, or unknown there.
+                    Ok(_) | Err(ProviderError::NotFound(_)) => {
+                        tracing::warn!(
+                            payment_id = intent.id,
+                            session,
+                            "the provider cannot cancel the session ({e}): a payment made \
+                             there now is not seen here"
+                        );
+                        None
+                    }
+                    Err(e) => Some(e),
+                },
+                Err(e) => Some(e),
+            };
+            if let Some(why) = not_cancelled {
+                if now_ms() < remote_give_up(intent) {
+                    return Err(why);
+                }
+                tracing::warn!(
                     payment_id = intent.id,
                     session,
-                    "the provider cannot cancel the session ({e}): a payment made there now is \
-                     not seen here"
-                ),
-                Err(e @ ProviderError::Store(_)) => return Err(e),
-                not_cancelled => {
-                    let why = match not_cancelled {
-                        Ok(_) => format!(
-                            "the provider did not cancel payment session `{session}` (still pending)"
-                        ),
-                        Err(e) => e.to_string(),
-                    };
-                    if now_ms() < remote_grace_ends(intent).saturating_add(GIVE_UP_CANCEL_MS) {
-                        return Err(ProviderError::Unavailable(why));
-                    }
-                    tracing::warn!(
-                        payment_id = intent.id,
-                        session,
-                        "ending the payment a day past its time, though its session could not \
-                         be cancelled ({why}): a payment made there now is not seen here"
-                    );
-                }
+                    "ending the payment a day past its time, though its session could not \
+                     be cancelled ({why}): a payment made there now is not seen here"
+                );
             }
         }
         Ok(self.store.end_unpaid_intent(&intent.id, to).await?)
@@ -793,6 +839,12 @@ const GIVE_UP_CANCEL_MS: i64 = 24 * 3_600_000;
 /// open (see [`REMOTE_PENDING_GRACE_MS`]).
 pub(super) fn remote_grace_ends(intent: &Intent) -> i64 {
     intent.expires_at.saturating_add(REMOTE_PENDING_GRACE_MS)
+}
+
+/// Until when an intent whose provider session cannot be cancelled, or
+/// cannot be found there, is left open (see [`GIVE_UP_CANCEL_MS`]).
+pub(super) fn remote_give_up(intent: &Intent) -> i64 {
+    remote_grace_ends(intent).saturating_add(GIVE_UP_CANCEL_MS)
 }
 
 /// The details of an answer that leaves `intent` waiting for its payment.

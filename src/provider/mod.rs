@@ -30,6 +30,10 @@ pub enum ProviderError {
     Refused(String),
     #[error("the payment provider cannot {0}")]
     Unsupported(&'static str),
+    /// A session that cannot be cancelled at its provider and is still
+    /// open there: a payment made there now still counts.
+    #[error("{0}")]
+    StillPayable(String),
     /// The payment was opened with a remote provider that `[provider]` no
     /// longer names: nobody here can ask it, so it is left as it is.
     #[error(

@@ -33,14 +33,17 @@ struct Created {
     url: String,
 }
 
+/// A session's status. The seed API answers `{"status": …}` alone; a
+/// tollgate also says which session, and for how much, which are checked
+/// when given.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Status {
-    session_id: String,
+    session_id: Option<String>,
     status: String,
     /// Minor units.
-    amount: i64,
-    currency: String,
+    amount: Option<i64>,
+    currency: Option<String>,
 }
 
 impl SessionsApiProvider {
@@ -128,37 +131,51 @@ async fn check(
     }
 }
 
-/// A session's status, amount and currency from the API's answer about
-/// session `id`, which must be about that session.
+/// A session's status, and its amount and currency when the API says
+/// them, from the API's answer about session `id`, which must be about
+/// that session.
 async fn read_status(
     response: reqwest::Response,
     id: &str,
-) -> Result<(SessionStatus, Units, Currency), ProviderError> {
+) -> Result<(SessionStatus, Option<(Units, Currency)>), ProviderError> {
     let status: Status = check(response, Some(id))
         .await?
         .json()
         .await
         .map_err(|e| ProviderError::Unreadable(e.to_string()))?;
     let unreadable = |what: String| ProviderError::Unreadable(format!("the provider {what}"));
-    if status.session_id != id {
+    if let Some(answered_for) = status.session_id.as_deref().filter(|s| *s != id) {
         return Err(unreadable(format!(
-            "answered for session `{}` when asked about `{id}`",
-            status.session_id
+            "answered for session `{answered_for}` when asked about `{id}`"
         )));
     }
-    // As recorded there: the gate compares it with the intent's own.
-    let currency = Currency::recorded(&status.currency)
-        .map_err(|e| unreadable(format!("reported a session in {e}")))?;
-    let amount = from_minor_units(status.amount, &currency)
-        .map_err(|e| unreadable(format!("reported an amount it cannot mean: {e}")))?;
-    let session_status =
-        SessionStatus::parse(&status.status.to_ascii_lowercase()).ok_or_else(|| {
+    let charged = match (status.amount, status.currency.as_deref()) {
+        (None, None) => None,
+        (Some(amount), Some(currency)) => {
+            // As recorded there: the gate compares it with the intent's own.
+            let currency = Currency::recorded(currency)
+                .map_err(|e| unreadable(format!("reported a session in {e}")))?;
+            let amount = from_minor_units(amount, &currency)
+                .map_err(|e| unreadable(format!("reported an amount it cannot mean: {e}")))?;
+            Some((amount, currency))
+        }
+        _ => {
+            return Err(unreadable(
+                "reported an amount without its currency, or a currency without an amount".into(),
+            ));
+        }
+    };
+    let session_status = match status.status.to_ascii_lowercase().as_str() {
+        // Both spellings are in use.
+        "canceled" => SessionStatus::Cancelled,
+        other => SessionStatus::parse(other).ok_or_else(|| {
             unreadable(format!(
                 "reported an unknown session status `{}`",
                 status.status
             ))
-        })?;
-    Ok((session_status, amount, currency))
+        })?,
+    };
+    Ok((session_status, charged))
 }
 
 #[async_trait]
@@ -197,13 +214,13 @@ impl Provider for SessionsApiProvider {
     async fn session_state(&self, id: &str) -> Result<SessionState, ProviderError> {
         let url = format!("{}/v1/sessions/{id}", self.base);
         let response = self.send(|| self.http.get(&url), true).await?;
-        let (status, amount, currency) = read_status(response, id).await?;
+        let (status, charged) = read_status(response, id).await?;
         Ok(SessionState {
             status,
             funding: Funding::External {
                 account: self.name().to_owned(),
             },
-            charged: Some((amount, currency)),
+            charged,
         })
     }
 
@@ -334,6 +351,44 @@ mod tests {
             Err(ProviderError::Unavailable(_))
         ));
         assert_eq!(calls.load(Ordering::SeqCst), ATTEMPTS as usize, "bounded");
+    }
+
+    /// The seed API answers a status read with `{"status": …}` alone: taken
+    /// as it is (the session was made here for the intent's amount), in
+    /// either spelling of "cancelled". Every such answer was unreadable,
+    /// and a session paid there never ran its call.
+    #[tokio::test]
+    async fn a_seed_shaped_status_answer_is_read() {
+        let app = Router::new().route(
+            "/v1/sessions/{id}",
+            get(
+                |axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    Json(match id.as_str() {
+                        "sess_paid" => json!({"status": "paid"}),
+                        "sess_pending" => json!({"status": "pending"}),
+                        "sess_canceled" => json!({"status": "canceled"}),
+                        _ => json!({"status": "paid", "amount": 500}),
+                    })
+                },
+            ),
+        );
+        let provider = SessionsApiProvider::new(&serve(app).await, "key".into()).unwrap();
+        let paid = provider.session_state("sess_paid").await.unwrap();
+        assert_eq!((paid.status, paid.charged), (SessionStatus::Paid, None));
+        let status = async |id| provider.session_state(id).await.map(|s| s.status);
+        assert_eq!(
+            status("sess_pending").await.unwrap(),
+            SessionStatus::Pending
+        );
+        assert_eq!(
+            status("sess_canceled").await.unwrap(),
+            SessionStatus::Cancelled
+        );
+        let half = status("sess_half").await;
+        assert!(
+            matches!(&half, Err(ProviderError::Unreadable(m)) if m.contains("without its currency")),
+            "{half:?}"
+        );
     }
 
     /// A remote that runs out of its own time answers 408: that cancel may

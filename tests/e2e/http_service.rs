@@ -1863,18 +1863,148 @@ on_both_backends! {
         a.env.assert_ledger_ok().await;
 
         // A cancel the remote refuses for good (a key without the right)
-        // never will go through: the decline ends the call here all the
-        // same, rather than leave it open for ever.
+        // never will go through. The session is still payable there, so
+        // the call stays open until the remote's time is surely over (ten
+        // minutes past its own), then upkeep ends it. (It was ended at
+        // once, and a payment made there afterwards was never seen.)
         let a = in_process_paying_through(&b, &pricing, |inner| {
             let refusing = crate::inproc::Wrapped::new(inner);
-            refusing.refused_cancels.store(1, std::sync::atomic::Ordering::Release);
+            refusing.refused_cancels.store(2, std::sync::atomic::Ordering::Release);
             Arc::new(refusing)
         })
         .await;
-        let (client, _, intent) = declined_echo(&a, "no").await;
-        assert_eq!(intent.status.as_str(), "declined");
+        let (client, r, intent) = declined_echo(&a, "no").await;
+        assert!(text(&r).contains("a payment made there still counts"), "{}", text(&r));
+        assert_eq!(intent.status.as_str(), "awaiting_payment");
+        let ended = format!(
+            "UPDATE intents SET expires_at = {} WHERE id = '{}'",
+            tollgate::store::now_ms() - 11 * 60_000,
+            intent.id
+        );
+        tollgate::testing::execute(&a.env.db, &ended).await.unwrap();
+        a.gate.recover_interrupted(tollgate::store::now_ms() - 60_000).await.unwrap();
+        let intent = a.gate.store().intent(&intent.id).await.unwrap().unwrap();
+        assert_eq!(intent.status.as_str(), "expired");
         client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
         b.env.assert_ledger_ok().await;
+    }
+}
+
+/// A payment API shaped as the seed's: `POST /v1/sessions` gives
+/// `{sessionId, url}`, `GET /v1/sessions/{id}` gives `{"status": …}`
+/// alone, and there is no cancel. Its sessions' statuses are set by hand.
+struct SeedApi {
+    base: String,
+    statuses: Arc<std::sync::Mutex<std::collections::HashMap<String, &'static str>>>,
+}
+
+impl SeedApi {
+    async fn start() -> Self {
+        use axum::{Json, extract::Path, http::StatusCode, routing::get};
+        let statuses: Arc<std::sync::Mutex<std::collections::HashMap<String, &'static str>>> =
+            Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (made, read) = (statuses.clone(), statuses.clone());
+        let checkout = base.clone();
+        let app = axum::Router::new()
+            .route(
+                "/v1/sessions",
+                axum::routing::post(move || async move {
+                    let mut statuses = made.lock().unwrap();
+                    let id = format!("sess_{}", statuses.len() + 1);
+                    statuses.insert(id.clone(), "pending");
+                    Json(json!({"sessionId": id, "url": format!("{checkout}/checkout/{id}")}))
+                }),
+            )
+            .route(
+                "/v1/sessions/{id}",
+                get(move |Path(id): Path<String>| async move {
+                    match read.lock().unwrap().get(&id) {
+                        Some(status) => Ok(Json(json!({ "status": status }))),
+                        None => Err(StatusCode::NOT_FOUND),
+                    }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { base, statuses }
+    }
+
+    fn set(&self, session: &str, status: &'static str) {
+        self.statuses
+            .lock()
+            .unwrap()
+            .insert(session.to_owned(), status);
+    }
+}
+
+on_both_backends! {
+    /// Against the seed's payment API: a session it reports `{"status":
+    /// "paid"}` runs its call (every such answer was unreadable, and the
+    /// call never ran). A call past its time while its session is still
+    /// open there, which has no cancel, stays payable (it was ended at
+    /// once, and the payment made next was lost). A session it does not
+    /// know is asked about again until a day past its time (it was taken
+    /// at once as never paid).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_seed_shaped_payment_api_settles_calls_and_loses_no_payment() {
+        use tollgate::provider::sessions_api::SessionsApiProvider;
+        let seed = SeedApi::start().await;
+        let remote = Arc::new(SessionsApiProvider::new(&seed.base, "key".into()).unwrap());
+        let a = crate::inproc::with_provider(&crate::inproc::pricing("resubmit", ""), |_, _| {
+            remote
+        })
+        .await;
+        let client = a.connect(None, a.client(Person::Ignores, Elicitation::None), false).await;
+        let open = async |text: &str| {
+            let r = call(&client, "echo", echo_args(text)).await;
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+            (id, intent.provider_session_id.unwrap())
+        };
+        let redeem = async |text: &str, id: &str| {
+            call(&client, "echo", json!({"text": text, "payment_id": id})).await
+        };
+        let expire = async |id: &str, ago_ms: i64| {
+            let sql = format!(
+                "UPDATE intents SET expires_at = {} WHERE id = '{id}'",
+                tollgate::store::now_ms() - ago_ms
+            );
+            tollgate::testing::execute(&a.env.db, &sql).await.unwrap();
+        };
+        let status = async |id: &str| {
+            a.gate.store().intent(id).await.unwrap().unwrap().status.as_str().to_owned()
+        };
+
+        let (id, session) = open("paid").await;
+        let r = redeem("paid", &id).await;
+        assert_eq!(error_code(&r), "payment_pending", "{r:?}");
+        seed.set(&session, "paid");
+        let r = redeem("paid", &id).await;
+        assert_eq!(text(&r), "paid", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+
+        let (id, session) = open("late").await;
+        expire(&id, 1_000).await;
+        let r = redeem("late", &id).await;
+        assert_eq!(error_code(&r), "payment_pending", "{r:?}");
+        assert!(text(&r).contains("cannot be cancelled at the provider"), "{}", text(&r));
+        assert_eq!(status(&id).await, "awaiting_payment", "still payable there");
+        seed.set(&session, "paid");
+        let r = redeem("late", &id).await;
+        assert_eq!(text(&r), "late", "{r:?}");
+
+        let (id, session) = open("unknown").await;
+        seed.statuses.lock().unwrap().remove(&session);
+        expire(&id, 60_000).await;
+        a.gate.recover_interrupted(tollgate::store::now_ms() - 60_000).await.unwrap();
+        assert_eq!(status(&id).await, "awaiting_payment", "asked again later");
+        expire(&id, 2 * 24 * 3_600_000).await;
+        a.gate.recover_interrupted(tollgate::store::now_ms() - 60_000).await.unwrap();
+        assert_eq!(status(&id).await, "expired", "given up a day past its time");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
     }
 }
 
