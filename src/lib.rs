@@ -18,6 +18,7 @@ pub mod gate;
 pub mod http;
 pub mod keys;
 pub mod money;
+pub mod payment_report;
 pub mod provider;
 pub mod receipt;
 pub mod server;

@@ -14,6 +14,7 @@ use tollgate::{
     gate::{Caller, Gate, SESSION_END_GRACE, SHUTDOWN_GRACE},
     keys::{ApiKey, Scope},
     money::{Currency, Units, format_in, format_without_currency, to_minor_units},
+    payment_report::PaymentRecord,
     receipt::ReceiptSigner,
     server::TollgateServer,
     statement,
@@ -131,6 +132,11 @@ enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
+    /// What became of one payment.
+    Payment {
+        #[command(subcommand)]
+        command: PaymentCommand,
+    },
     /// Gives back some or all of a captured payment, or of a session paid
     /// through the sessions API, to whoever paid it.
     Refund {
@@ -216,6 +222,14 @@ fn trimmed_name(
         "" => Err(format!("a {what} name cannot be empty")),
         name => Ok(name.to_owned()),
     }
+}
+
+#[derive(Subcommand)]
+enum PaymentCommand {
+    /// A call's payment by its id (a receipt's, or an answer's
+    /// `payment_id`): the call, whether it was charged and why, and its
+    /// ledger lines, even when no money moved.
+    Show { payment_id: String },
 }
 
 #[derive(Subcommand)]
@@ -413,8 +427,38 @@ impl Command {
             } | Command::Keys {
                 command: KeysCommand::List
             } | Command::Ledger { .. }
+                | Command::Payment { .. }
         )
     }
+}
+
+/// `tollgate payment show`: fails (exit 1) for an id the store never
+/// recorded.
+async fn show_payment(store: &dyn Store, id: &str) -> anyhow::Result<std::process::ExitCode> {
+    let hold = store.hold_record(id).await?;
+    let intent = store.intent(id).await?;
+    let session = store.session(id).await?;
+    let result = match &intent {
+        Some(_) => store.stored_result(id).await?,
+        None => None,
+    };
+    let lines = store.payment_lines(id).await?;
+    let record = PaymentRecord {
+        id,
+        hold: hold.as_ref(),
+        intent: intent.as_ref(),
+        session: session.as_ref(),
+        result: result.as_ref(),
+        lines: &lines,
+    };
+    if !record.is_known() {
+        bail!(
+            "no payment `{}` was ever recorded here (check the id, and --db)",
+            tollgate::statement::printable(id)
+        );
+    }
+    print!("{}", record.render());
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
@@ -451,6 +495,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Keys { command } => keys(store.as_ref(), command).await?,
         Command::Wallet { command } => wallet(&config, store.as_ref(), command).await?,
         Command::Sessions { command } => sessions(store.as_ref(), command).await?,
+        Command::Payment {
+            command: PaymentCommand::Show { payment_id },
+        } => return show_payment(store.as_ref(), &payment_id).await,
         Command::Ledger {
             command: LedgerCommand::Verify,
         } => return ledger_verify(store.as_ref()).await,

@@ -602,6 +602,23 @@ pub struct LocalSession {
     pub owner: Option<String>,
 }
 
+/// A fast-path call's hold, as `tollgate payment show` reads it.
+#[derive(Debug, Clone)]
+pub struct HoldRecord {
+    pub id: String,
+    pub wallet: String,
+    pub currency: Currency,
+    pub amount: Units,
+    /// `open`, `captured`, `released` or `expired`.
+    pub status: String,
+    pub captured: Option<Units>,
+    pub principal: String,
+    pub tool: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub settled_at: Option<i64>,
+}
+
 /// Where the money of a paid session is, as the gate marks its intent paid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Funding {
@@ -873,6 +890,11 @@ pub trait Store: Send + Sync + 'static {
     /// clearing → beneficiary on success, clearing → payer on failure.
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError>;
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError>;
+    /// A fast-path call's hold, by its id (the call's payment id).
+    async fn hold_record(&self, id: &str) -> Result<Option<HoldRecord>, StoreError>;
+    /// Every ledger entry of a payment: the transactions that name it as
+    /// their payment or intent (charges, settlements, refunds).
+    async fn payment_lines(&self, payment_id: &str) -> Result<Vec<StatementLine>, StoreError>;
 
     // ---- local provider's sessions ----
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError>;

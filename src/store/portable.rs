@@ -14,10 +14,10 @@ use crate::{
 
 use super::{
     APPROVALS_LISTED, AccountKind, AccountRef, ApiKey, ApprovalStatus, Audit, Charge, Cursor,
-    Funding, HoldOutcome, HoldRequest, Intent, IntentOutcome, IntentStatus, LocalSession,
-    OpenIntents, Posted, Pruned, REMOTE_DUE_PAGE, RefundRequest, Refunded, SessionStatus,
-    StatementLine, StoreError, StoreStats, StoredResult, ToppedUp, UNREDEEMED_PAGE, VerifyReport,
-    WalletBalance, WalletLimits, new_txn_id, now_ms,
+    Funding, HoldOutcome, HoldRecord, HoldRequest, Intent, IntentOutcome, IntentStatus,
+    LocalSession, OpenIntents, Posted, Pruned, REMOTE_DUE_PAGE, RefundRequest, Refunded,
+    SessionStatus, StatementLine, StoreError, StoreStats, StoredResult, ToppedUp, UNREDEEMED_PAGE,
+    VerifyReport, WalletBalance, WalletLimits, new_txn_id, now_ms,
     posting::{
         CapturePlan, Entry, Settlement, TxnHeader, check_balanced, clearing,
         external_payment_audit, session_payment_audit, settled_capture,
@@ -486,6 +486,19 @@ where
         self.optional(
             statement!(sql::STORED_RESULT, intent_id),
             rows::stored_result,
+        )
+        .await
+    }
+
+    pub async fn hold_record(&self, id: &str) -> Result<Option<HoldRecord>, StoreError> {
+        self.optional(statement!(sql::HOLD_RECORD, id), rows::hold_record)
+            .await
+    }
+
+    pub async fn payment_lines(&self, payment_id: &str) -> Result<Vec<StatementLine>, StoreError> {
+        self.all(
+            statement!(sql::PAYMENT_LINES, payment_id),
+            rows::statement_line,
         )
         .await
     }

@@ -5,9 +5,9 @@
 use sqlx::Row;
 
 use super::{
-    AccountKind, AccountRef, Approval, ApprovalStatus, Intent, IntentStatus, LocalSession,
-    OpenIntents, Origin, SessionStatus, StatementLine, StoreError, StoreStats, StoredResult,
-    WalletBalance, WalletLimits, parse_scopes,
+    AccountKind, AccountRef, Approval, ApprovalStatus, HoldRecord, Intent, IntentStatus,
+    LocalSession, OpenIntents, Origin, SessionStatus, StatementLine, StoreError, StoreStats,
+    StoredResult, WalletBalance, WalletLimits, parse_scopes,
 };
 use crate::{
     allowance::{Limits, Spent},
@@ -155,6 +155,22 @@ pub(super) fn session(row: &impl Columns) -> Result<LocalSession, StoreError> {
         expires_at: row.int("expires_at")?,
         paid_from,
         owner: row.opt_text("owner")?,
+    })
+}
+
+pub(super) fn hold_record(row: &impl Columns) -> Result<HoldRecord, StoreError> {
+    Ok(HoldRecord {
+        id: row.text("id")?,
+        wallet: row.text("wallet")?,
+        currency: currency_of(row.text("currency")?)?,
+        amount: Units(row.int("amount")?),
+        status: row.text("status")?,
+        captured: row.opt_int("captured")?.map(Units),
+        principal: row.text("principal")?,
+        tool: row.text("tool")?,
+        created_at: row.int("created_at")?,
+        expires_at: row.int("expires_at")?,
+        settled_at: row.opt_int("settled_at")?,
     })
 }
 

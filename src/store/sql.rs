@@ -65,6 +65,21 @@ pub(super) const STATEMENT: &str = ledger_lines!(
     "WHERE a.kind = $2 AND a.name = $1 ORDER BY e.id"
 );
 
+/// Every entry of the transactions naming payment `$1` as their payment
+/// or intent. A scan of the transactions: for an operator's look-up, not
+/// for a call.
+pub(super) const PAYMENT_LINES: &str = ledger_lines!(
+    "e.amount, e.role",
+    "a.kind AS account_kind, a.name AS account_name",
+    "WHERE t.payment_id = $1 OR t.intent_id = $1 ORDER BY e.id"
+);
+
+/// A hold with its wallet's name and currency (`$1`: its id).
+pub(super) const HOLD_RECORD: &str =
+    "SELECT h.id, a.name AS wallet, a.currency, h.amount, h.status, h.captured, h.principal,
+            h.tool, h.created_at, h.expires_at, h.settled_at
+     FROM holds h JOIN accounts a ON a.id = h.account_id WHERE h.id = $1";
+
 /// A page of entries for export: up to `$2` after entry `$1`, up to entry
 /// `$3`.
 pub(super) const ENTRIES_PAGE: &str = ledger_lines!(

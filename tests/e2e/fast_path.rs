@@ -159,3 +159,59 @@ async fn a_release_that_fails_is_tried_again() {
     client.cancel().await.ok();
     env.assert_ledger_ok().await;
 }
+
+on_both_backends! {
+    /// `tollgate payment show ID` tells what became of a call's payment,
+    /// even when no money moved and no statement shows it: a fast-path
+    /// call charged, one whose tool failed (released), a slow-path call
+    /// paid and run, one never paid, and an id never recorded.
+    #[tokio::test]
+    async fn payment_show_tells_what_became_of_each_payment() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let alice = env.client(Some("alice")).await;
+        let show = async |id: &str| env.ok(&["payment", "show", id]).await;
+
+        let r = call(&alice, "divide", json!({"a": 1, "b": 4})).await;
+        let charged = payment_meta(&r)["payment_id"].as_str().unwrap().to_owned();
+        let out = show(&charged).await;
+        assert!(out.contains("tool `divide` for principal alice, fast path"), "{out}");
+        assert!(out.contains("status: charged 0.05 USD"), "{out}");
+        assert!(out.contains("capture") && out.contains("wallet:alice"), "{out}");
+        assert!(out.contains("-0.05"), "{out}");
+
+        let r = call(&alice, "divide", json!({"a": 1, "b": 0})).await;
+        let released = payment_meta(&r)["payment_id"].as_str().unwrap().to_owned();
+        let out = show(&released).await;
+        assert!(out.contains("status: released at"), "{out}");
+        assert!(out.contains("nothing charged"), "{out}");
+        assert!(out.contains("ledger: no line: no money moved"), "{out}");
+        alice.cancel().await.ok();
+
+        let anonymous = env.client(None).await;
+        let r = call(&anonymous, "echo", echo_args("paid")).await;
+        let paid = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        env.ok(&["sessions", "pay", &paid]).await;
+        let r = call(&anonymous, "echo", json!({"text": "paid", "payment_id": paid})).await;
+        assert_eq!(text(&r), "paid");
+        let out = show(&paid).await;
+        assert!(out.contains("tool `echo` for an anonymous caller, slow path (resubmit)"), "{out}");
+        assert!(out.contains("status: succeeded (paid, and its tool ran: charged)"), "{out}");
+        assert!(out.contains("session: paid"), "{out}");
+        assert!(out.contains("result: kept, a success"), "{out}");
+        assert!(out.contains("session_payment") && out.contains("capture"), "{out}");
+
+        let r = call(&anonymous, "echo", echo_args("unpaid")).await;
+        let unpaid = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let out = show(&unpaid).await;
+        assert!(out.contains("status: awaiting_payment (waiting for its payment)"), "{out}");
+        assert!(out.contains("result: none kept"), "{out}");
+        assert!(out.contains("ledger: no line: no money moved"), "{out}");
+        anonymous.cancel().await.ok();
+
+        let out = env.cli(&["payment", "show", "pay_never"]).await;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no payment `pay_never` was ever recorded here"), "{err}");
+    }
+}

@@ -604,6 +604,14 @@ impl Store for PgStore {
         self.db.stored_result(intent_id).await
     }
 
+    async fn hold_record(&self, id: &str) -> Result<Option<HoldRecord>, StoreError> {
+        self.db.hold_record(id).await
+    }
+
+    async fn payment_lines(&self, payment_id: &str) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.payment_lines(payment_id).await
+    }
+
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
         self.db.create_session(session).await
     }

@@ -466,6 +466,14 @@ impl Store for SqliteStore {
         read(in_thread, self.db.stored_result(intent_id)).await
     }
 
+    async fn hold_record(&self, id: &str) -> Result<Option<HoldRecord>, StoreError> {
+        self.db.hold_record(id).await
+    }
+
+    async fn payment_lines(&self, payment_id: &str) -> Result<Vec<StatementLine>, StoreError> {
+        self.db.payment_lines(payment_id).await
+    }
+
     async fn create_session(&self, session: &LocalSession) -> Result<(), StoreError> {
         self.write_statement(session.clone(), |session| {
             Statement::create_session(session)
