@@ -602,6 +602,31 @@ pub struct LocalSession {
     pub owner: Option<String>,
 }
 
+/// A hold or an intent the expiry sweep ended: its id, tool and principal.
+pub(crate) type Swept = (String, String, Option<String>);
+
+/// Logs what a sweep ended, one line each, so that a call's payment id
+/// leads to its end in the log: a hold whose call never finished (given
+/// back), an intent never paid.
+pub(crate) fn log_swept(holds: &[Swept], intents: &[Swept]) {
+    for (payment_id, tool, principal) in holds {
+        tracing::warn!(
+            payment_id,
+            tool,
+            principal,
+            "a fast-path hold expired, its call never finished: given back, nothing charged"
+        );
+    }
+    for (payment_id, tool, principal) in intents {
+        tracing::info!(
+            payment_id,
+            tool,
+            principal,
+            "a payment expired unpaid: nothing charged"
+        );
+    }
+}
+
 /// A fast-path call's hold, as `tollgate payment show` reads it.
 #[derive(Debug, Clone)]
 pub struct HoldRecord {

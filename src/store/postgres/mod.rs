@@ -175,16 +175,16 @@ impl PgStore {
             .await?;
         // Rows another instance is sweeping (or capturing) right now are
         // skipped: it ends them, exactly once.
-        let expired = sqlx::query(
+        let holds: Vec<Swept> = sqlx::query_as(
             "UPDATE holds SET status = 'expired', settled_at = $1
              WHERE id IN (SELECT id FROM holds WHERE status = 'open' AND expires_at < $1
                           ORDER BY id FOR UPDATE SKIP LOCKED)
-               AND status = 'open'",
+               AND status = 'open'
+             RETURNING id, tool, principal",
         )
         .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        .fetch_all(&mut *tx)
+        .await?;
         // Intents in two statements. The first locks those past their time
         // (skipping any a payment of their session has locked). The
         // second, with a snapshot taken after those locks, sees every
@@ -205,15 +205,17 @@ impl PgStore {
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+        let mut intents: Vec<Swept> = Vec::new();
         if !due.is_empty() {
-            sqlx::query(concat!(
+            intents = sqlx::query_as(concat!(
                 "UPDATE intents i SET status = 'expired', updated_at = $1
                  WHERE i.id = ANY($2) AND i.status = 'awaiting_payment' AND NOT ",
-                session_paid!("i")
+                session_paid!("i"),
+                " RETURNING i.id, i.tool, i.principal"
             ))
             .bind(now)
             .bind(&due)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
         }
         sqlx::query(
@@ -226,7 +228,8 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(expired)
+        log_swept(&holds, &intents);
+        Ok(holds.len() as u64)
     }
 }
 

@@ -330,22 +330,23 @@ impl Store for SqliteStore {
         // The write lock is taken up front: one sweeper at a time.
         let mut tx = self.write_tx().await?;
         // `holds_end` gives each expired reservation back.
-        let expired = sqlx::query(
-            "UPDATE holds SET status = 'expired', settled_at = $1 WHERE status = 'open' AND expires_at < $1",
+        let holds: Vec<Swept> = sqlx::query_as(
+            "UPDATE holds SET status = 'expired', settled_at = $1 WHERE status = 'open' AND expires_at < $1
+             RETURNING id, tool, principal",
         )
         .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query(concat!(
+        .fetch_all(&mut *tx)
+        .await?;
+        let intents: Vec<Swept> = sqlx::query_as(concat!(
             "UPDATE intents SET status = 'expired', updated_at = $1
              WHERE status = 'awaiting_payment' AND expires_at < $1 AND NOT ",
             session_paid!("intents"),
             " AND ",
-            paid_here!("intents")
+            paid_here!("intents"),
+            " RETURNING id, tool, principal"
         ))
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
         sqlx::query(
             "UPDATE payment_sessions SET status = 'expired', updated_at = $1 WHERE status = 'pending' AND expires_at < $1",
@@ -354,7 +355,8 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(expired)
+        log_swept(&holds, &intents);
+        Ok(holds.len() as u64)
     }
 
     async fn verify(&self, now: i64) -> Result<VerifyReport, StoreError> {
