@@ -655,13 +655,36 @@ impl Gate {
             // Only this call moved the intent to `running`, so a retry that
             // finds it moved on means an earlier attempt landed.
             Err(Unrecorded::Retried(StoreError::WrongState { .. })) | Ok(_) => {
-                tracing::info!(
-                    tool = intent.tool,
-                    payment_id = intent.id,
-                    amount,
-                    succeeded = outcome.succeeded,
-                    "paid intent ran"
-                );
+                // Worded as the fast path's, so one grep finds every charge.
+                let principal = intent.principal.as_deref().unwrap_or("anonymous");
+                let currency = intent.currency.as_str();
+                if outcome.earns() {
+                    tracing::info!(
+                        tool = intent.tool,
+                        principal,
+                        payment_id = intent.id,
+                        amount,
+                        currency,
+                        "charged (slow path, {})",
+                        intent.mode
+                    );
+                } else {
+                    tracing::info!(
+                        tool = intent.tool,
+                        principal,
+                        payment_id = intent.id,
+                        amount,
+                        currency,
+                        succeeded = outcome.succeeded,
+                        "refunded (slow path, {}): {}",
+                        intent.mode,
+                        if outcome.succeeded {
+                            "its run charged nothing"
+                        } else {
+                            "its tool failed"
+                        }
+                    );
+                }
             }
             Err(e) => {
                 // Not handed over before its charge is recorded. The intent
