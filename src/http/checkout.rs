@@ -357,6 +357,8 @@ pub async fn act(
             StatusCode::CONFLICT,
         );
     }
+    // Who paid or approved, for the log.
+    let mut payer = None;
     let outcome = match form.action.as_str() {
         "pay" => {
             // Only a key that may spend its wallet (scope `mcp` or
@@ -372,6 +374,11 @@ pub async fn act(
                 Ok(key) if key.allows(Scope::Approve) => key,
                 Ok(key) if key.allows(Scope::Mcp) && !approving => key,
                 Ok(key) => {
+                    tracing::info!(
+                        session = id,
+                        principal = key.principal,
+                        "checkout refused a key without the scope to pay or approve"
+                    );
                     let message = if approving && key.allows(Scope::Mcp) {
                         "That API key may pay, but not approve a charge above the threshold: \
                          that needs a person's key, with the approve scope, not the one a client \
@@ -388,6 +395,10 @@ pub async fn act(
                 }
                 Err(AuthError::Store(e)) => return unavailable(&id, &e),
                 Err(_) => {
+                    tracing::warn!(
+                        session = id,
+                        "checkout refused an API key that is not valid"
+                    );
                     return render(
                         &state,
                         &loaded,
@@ -412,10 +423,12 @@ pub async fn act(
             } else {
                 "paid"
             };
+            payer = Some(key.principal.clone());
             let paying = state.store.pay_session(&id, Some(&key.principal), now_ms());
             in_time(deadline, paying).await.map(|_| done)
         }
         "settle" if state.dev_settle && loaded.approval_wallet.is_none() => {
+            payer = Some("dev settlement".to_owned());
             let settling = state.store.pay_session(&id, None, now_ms());
             in_time(deadline, settling).await.map(|_| "paid")
         }
@@ -446,7 +459,7 @@ pub async fn act(
     };
     match outcome {
         Ok(done) => {
-            tracing::info!(session = id, done, "checkout");
+            tracing::info!(session = id, done, payer, "checkout");
             Redirect::to(&format!("/checkout/{id}?done={done}")).into_response()
         }
         Err(Failed::Unconfirmed) => {
@@ -473,6 +486,7 @@ pub async fn act(
                 StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
                 _ => return unavailable(&id, &e),
             };
+            tracing::info!(session = id, payer, "checkout refused: {e}");
             let reloaded = read_in_time(deadline, load(&state, &id)).await;
             let loaded = reloaded.and_then(|r| r.ok().flatten()).unwrap_or(loaded);
             render(&state, &loaded, Some((&e.to_string(), true)), status)
