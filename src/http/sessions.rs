@@ -167,7 +167,7 @@ pub async fn read(
         Err(refused) => return refused,
     };
     match visible_session(&state, &key, &id).await {
-        Ok(session) => view(&session),
+        Ok(session) => view(&state, &session).await,
         Err(response) => response,
     }
 }
@@ -189,7 +189,9 @@ pub async fn cancel(
     };
     match visible_session(&state, &key, &id).await {
         // Pending past its time is expired, as a read says: left so.
-        Ok(session) if session.status != SessionStatus::Pending => return view(&session),
+        Ok(session) if session.status != SessionStatus::Pending => {
+            return view(&state, &session).await;
+        }
         Ok(_) => {}
         Err(response) => return response,
     }
@@ -203,7 +205,7 @@ pub async fn cancel(
         Err(e) => return unavailable(e),
     }
     match visible_session(&state, &key, &id).await {
-        Ok(session) => view(&session),
+        Ok(session) => view(&state, &session).await,
         Err(response) => response,
     }
 }
@@ -240,25 +242,48 @@ async fn visible_session(
     }
 }
 
-fn view(session: &LocalSession) -> Response {
-    Json(view_json(session)).into_response()
+/// A session as the API shows it, with what `tollgate refund` gave back of
+/// its payment: the tollgate that made it must not run its call for money
+/// the payer has back.
+async fn view(state: &HttpState, session: &LocalSession) -> Response {
+    let refunded = match session.status {
+        SessionStatus::Paid => match state.store.refunded(&session.id).await {
+            Ok(refunded) => refunded,
+            Err(e) => return unavailable(e),
+        },
+        _ => Units(0),
+    };
+    Json(view_json(session, refunded)).into_response()
 }
 
 /// A session as the API shows it. `amount` is in minor units, as the API
 /// speaks; a session the gate opened for a price finer than that (an
 /// admin's key sees those too) has none, and shows `null` there, never a
-/// rounded figure. `value` is the exact amount in major units.
-fn view_json(session: &LocalSession) -> Value {
-    json!({
+/// rounded figure. `value` is the exact amount in major units. A paid
+/// session refunded, in part or whole, reads `refunded`, and says how much
+/// (`refunded` in minor units, `refundedValue` exact): its payment no longer
+/// pays for the call it was made for.
+fn view_json(session: &LocalSession, refunded: Units) -> Value {
+    let status = if refunded.0 > 0 {
+        "refunded"
+    } else {
+        session.status.as_str()
+    };
+    let mut view = json!({
         "sessionId": session.id,
-        "status": session.status.as_str(),
+        "status": status,
         "amount": to_minor_units(session.amount, &session.currency).ok(),
         "value": format_in(session.amount, &session.currency),
         "currency": session.currency.as_str().to_ascii_lowercase(),
         "description": session.description,
         "createdAt": rfc3339(session.created_at),
         "expiresAt": rfc3339(session.expires_at),
-    })
+    });
+    if refunded.0 > 0 {
+        view["refunded"] = json!(to_minor_units(refunded, &session.currency).ok());
+        view["refundedValue"] = json!(format_in(refunded, &session.currency));
+    }
+    view
 }
 
 /// A session is visible to the principal that created it, and to admins.
@@ -308,16 +333,16 @@ mod tests {
             owner: None,
         };
         let session = |amount: &str| session_in(amount, "USD");
-        let whole = view_json(&session("2.50"));
+        let whole = view_json(&session("2.50"), Units(0));
         assert_eq!(
             (whole["amount"].clone(), whole["value"].clone()),
             (json!(250), json!("2.50"))
         );
-        let finer = view_json(&session("0.0025"));
+        let finer = view_json(&session("0.0025"), Units(0));
         assert_eq!(finer["amount"], Value::Null, "not 0");
         assert_eq!(finer["value"], "0.0025");
         // In the currency's own digits: whole yen show none.
-        let yen = view_json(&session_in("500", "JPY"));
+        let yen = view_json(&session_in("500", "JPY"), Units(0));
         assert_eq!(
             (yen["amount"].clone(), yen["value"].clone()),
             (json!(500), json!("500"))

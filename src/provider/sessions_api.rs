@@ -168,6 +168,9 @@ async fn read_status(
     let session_status = match status.status.to_ascii_lowercase().as_str() {
         // Both spellings are in use.
         "canceled" => SessionStatus::Cancelled,
+        // Paid, then given back (a tollgate's operator refunded it): it
+        // pays for no call any more.
+        "refunded" => SessionStatus::Cancelled,
         other => SessionStatus::parse(other).ok_or_else(|| {
             unreadable(format!(
                 "reported an unknown session status `{}`",
@@ -367,6 +370,7 @@ mod tests {
                         "sess_paid" => json!({"status": "paid"}),
                         "sess_pending" => json!({"status": "pending"}),
                         "sess_canceled" => json!({"status": "canceled"}),
+                        "sess_refunded" => json!({"status": "refunded"}),
                         _ => json!({"status": "paid", "amount": 500}),
                     })
                 },
@@ -382,6 +386,11 @@ mod tests {
         );
         assert_eq!(
             status("sess_canceled").await.unwrap(),
+            SessionStatus::Cancelled
+        );
+        // Given back by a tollgate's operator: it pays for nothing now.
+        assert_eq!(
+            status("sess_refunded").await.unwrap(),
             SessionStatus::Cancelled
         );
         let half = status("sess_half").await;

@@ -915,6 +915,8 @@ pub trait Store: Send + Sync + 'static {
     /// clearing → beneficiary on success, clearing → payer on failure.
     async fn finish_intent(&self, outcome: &IntentOutcome) -> Result<Option<Posted>, StoreError>;
     async fn stored_result(&self, intent_id: &str) -> Result<Option<StoredResult>, StoreError>;
+    /// How much of payment `payment_id` was refunded by `tollgate refund`.
+    async fn refunded(&self, payment_id: &str) -> Result<Units, StoreError>;
     /// A fast-path call's hold, by its id (the call's payment id).
     async fn hold_record(&self, id: &str) -> Result<Option<HoldRecord>, StoreError>;
     /// Every ledger entry of a payment: the transactions that name it as

@@ -490,6 +490,15 @@ where
         .await
     }
 
+    pub async fn refunded(&self, payment_id: &str) -> Result<Units, StoreError> {
+        let total = self
+            .optional(statement!(sql::REFUNDED_SO_FAR, payment_id), |row| {
+                row.int("total")
+            })
+            .await?;
+        Ok(Units(total.unwrap_or(0)))
+    }
+
     pub async fn hold_record(&self, id: &str) -> Result<Option<HoldRecord>, StoreError> {
         self.optional(statement!(sql::HOLD_RECORD, id), rows::hold_record)
             .await

@@ -1891,6 +1891,49 @@ on_both_backends! {
     }
 }
 
+on_both_backends! {
+    /// A session B's operator refunds before A's call ran reads `refunded`
+    /// at B, and A does not run the call for it: it ends as cancelled.
+    /// (B kept reading `paid`, and A ran the call for money the payer had
+    /// back.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payment_refunded_at_the_remote_runs_no_call() {
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let a = in_process_paying_through(&b, &crate::inproc::pricing("resubmit", ""), |remote| {
+            remote
+        })
+        .await;
+        let client = a.connect(None, a.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&client, "echo", echo_args("refunded")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        let session = a.gate.store().intent(&id).await.unwrap().unwrap().provider_session_id.unwrap();
+        let paid = checkout_post(&b.base, &session, &[("action", "settle")]).await;
+        assert_eq!(paid.status(), 303);
+        b.env.ok(&["refund", &session, "0.004", "--reason", "asked for it back"]).await;
+
+        let admin = b.key("admin", &["admin"]).await;
+        let view: Value = http()
+            .get(format!("{}/v1/sessions/{session}", b.base))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(view["status"], "refunded", "{view}");
+        assert_eq!(view["refundedValue"], "0.004", "{view}");
+
+        let r = call(&client, "echo", json!({"text": "refunded", "payment_id": id})).await;
+        assert_eq!(error_code(&r), "payment_cancelled", "{r:?}");
+        let intent = a.gate.store().intent(&id).await.unwrap().unwrap();
+        assert_eq!(intent.status.as_str(), "cancelled");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
+        b.env.assert_ledger_ok().await;
+    }
+}
+
 /// A payment API shaped as the seed's: `POST /v1/sessions` gives
 /// `{sessionId, url}`, `GET /v1/sessions/{id}` gives `{"status": …}`
 /// alone, and there is no cancel. Its sessions' statuses are set by hand.

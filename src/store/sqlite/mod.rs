@@ -468,6 +468,10 @@ impl Store for SqliteStore {
         read(in_thread, self.db.stored_result(intent_id)).await
     }
 
+    async fn refunded(&self, payment_id: &str) -> Result<Units, StoreError> {
+        self.db.refunded(payment_id).await
+    }
+
     async fn hold_record(&self, id: &str) -> Result<Option<HoldRecord>, StoreError> {
         self.db.hold_record(id).await
     }
