@@ -18,6 +18,8 @@ use crate::{
 
 const ATTEMPTS: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest `Retry-After` waited out before a retry.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 pub struct SessionsApiProvider {
     http: reqwest::Client,
@@ -78,11 +80,18 @@ impl SessionsApiProvider {
                 Ok(r) => idempotent && transient(r.status()),
                 Err(e) => e.is_connect() || (idempotent && e.is_timeout()),
             };
-            if !retry || attempt >= ATTEMPTS {
+            // A rate limit says when to come back: sooner is refused again,
+            // and later than a call can wait is given up at once.
+            let wait = match outcome.as_ref().map(retry_after) {
+                Ok(Some(after)) if after > MAX_RETRY_AFTER => None,
+                Ok(Some(after)) => Some(after),
+                _ => Some(backoff),
+            };
+            let Some(wait) = wait.filter(|_| retry && attempt < ATTEMPTS) else {
                 return outcome.map_err(|e| ProviderError::Unavailable(e.to_string()));
-            }
-            tracing::debug!(attempt, "sessions API call failed; retrying in {backoff:?}");
-            tokio::time::sleep(backoff).await;
+            };
+            tracing::debug!(attempt, "sessions API call failed; retrying in {wait:?}");
+            tokio::time::sleep(wait).await;
             backoff *= 2;
             attempt += 1;
         }
@@ -97,6 +106,35 @@ fn identity(base: &str) -> String {
         Ok(url) => format!("sessions_api at {}", url.origin().ascii_serialization()),
         Err(_) => "sessions_api at an unreadable URL".to_owned(),
     }
+}
+
+/// How long a `429` or `503` asks to be left alone (`Retry-After` in
+/// seconds, or the seed's `X-RateLimit-Reset` as seconds from now when
+/// small, else as a Unix time).
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    if let Some(seconds) = header("retry-after") {
+        return Some(Duration::from_secs(seconds));
+    }
+    if response.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return None;
+    }
+    let reset = header("x-ratelimit-reset")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // A reset under a day's seconds is a delay; anything else a time.
+    Some(Duration::from_secs(if reset < 86_400 {
+        reset
+    } else {
+        reset.saturating_sub(now)
+    }))
 }
 
 /// A refusal that may not hold next time: the remote failed, was busy, or
@@ -398,6 +436,45 @@ mod tests {
             matches!(&half, Err(ProviderError::Unreadable(m)) if m.contains("without its currency")),
             "{half:?}"
         );
+    }
+
+    /// A rate limit that asks to be left alone longer than a call can wait
+    /// is given up at once (it was asked twice more within 300 ms, and
+    /// refused each time); one that asks for a moment is waited out.
+    #[tokio::test]
+    async fn a_rate_limit_is_waited_out_or_given_up_as_it_asks() {
+        let limited = async |headers: &'static [(&'static str, &'static str)]| {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let app = Router::new()
+                .route(
+                    "/v1/sessions/{id}",
+                    get(move |State(calls): State<Arc<AtomicUsize>>| async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        let mut response = axum::response::IntoResponse::into_response(
+                            StatusCode::TOO_MANY_REQUESTS,
+                        );
+                        for (name, value) in headers {
+                            response
+                                .headers_mut()
+                                .insert(*name, axum::http::HeaderValue::from_static(value));
+                        }
+                        response
+                    }),
+                )
+                .with_state(calls.clone());
+            let provider = SessionsApiProvider::new(&serve(app).await, "key".into()).unwrap();
+            let asked = provider.session_state("cs_1").await;
+            assert!(
+                matches!(asked, Err(ProviderError::Unavailable(_))),
+                "{:?}",
+                asked.map(|s| s.status)
+            );
+            calls.load(Ordering::SeqCst)
+        };
+        assert_eq!(limited(&[("retry-after", "60")]).await, 1);
+        assert_eq!(limited(&[("x-ratelimit-reset", "4102444800")]).await, 1);
+        assert_eq!(limited(&[("retry-after", "0")]).await, ATTEMPTS as usize);
+        assert_eq!(limited(&[]).await, ATTEMPTS as usize);
     }
 
     /// A remote that runs out of its own time answers 408: that cancel may
