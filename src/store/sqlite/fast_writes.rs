@@ -34,6 +34,7 @@
 
 use std::{
     collections::VecDeque,
+    panic::AssertUnwindSafe,
     path::Path,
     sync::{
         Arc, Mutex, TryLockError,
@@ -198,6 +199,19 @@ struct Queue {
     checkpointer: mpsc::SyncSender<()>,
 }
 
+/// Wakes the writer thread when dropped holding it (see
+/// [`FastWriter::write`]).
+struct WakeWriter<'a>(Option<&'a mpsc::Sender<()>>);
+
+impl Drop for WakeWriter<'_> {
+    fn drop(&mut self) {
+        if let Some(writer_thread) = self.0 {
+            // Stopped: the queue is run by no one either way.
+            let _ = writer_thread.send(());
+        }
+    }
+}
+
 /// Who is running the queue.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Runner {
@@ -226,7 +240,13 @@ impl FastWriter {
             .spawn(move || {
                 while woken.recv().is_ok() {
                     while woken.try_recv().is_ok() {}
-                    thread_queue.run(Runner::WriterThread);
+                    // A write that panics fails its batch (its callers hear
+                    // that it went unanswered), not the writer: the next
+                    // batch rolls back what it left open.
+                    let run = AssertUnwindSafe(|| thread_queue.run(Runner::WriterThread));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!("a write panicked on the writer thread: its batch failed");
+                    }
                 }
             })
             .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
@@ -241,6 +261,10 @@ impl FastWriter {
     pub(super) async fn write(&self, write: FastWrite) -> Outcome {
         let (reply, outcome) = oneshot::channel();
         lock(&self.queue.writes).push_back((write, reply));
+        // Dropped before the write is run or handed over (its call's client
+        // went away), this wakes the writer thread, so that the write is run
+        // now, not whenever another comes.
+        let mut unattended = WakeWriter(Some(&self.writer_thread));
         let in_flight = InFlight::enter(&self.in_flight);
         // A lone write runs here, with no hand-off. Under concurrency the
         // writer thread runs them, on the other core, while this runtime
@@ -256,6 +280,7 @@ impl FastWriter {
             true
         };
         let stopped = || StoreError::Corrupt("the store's writer has stopped".into());
+        unattended.0 = None;
         if handed_over {
             self.writer_thread.send(()).map_err(|_| stopped())?;
         }
@@ -331,10 +356,19 @@ impl Queue {
             loop {
                 let mut writes = lock(&self.writes);
                 let cut = writes.len().min(MAX_BATCH);
-                let batch: Vec<Queued> = writes.drain(..cut).collect();
+                let mut batch: Vec<Queued> = writes.drain(..cut).collect();
                 drop(writes);
                 if batch.is_empty() {
                     break;
+                }
+                // A hold whose call has gone (its client went away) is not
+                // made: nobody would use or release it, and its money would
+                // stay held until it expired.
+                batch.retain(|(write, reply)| {
+                    !(matches!(write, FastWrite::Hold(_)) && reply.is_closed())
+                });
+                if batch.is_empty() {
+                    continue;
                 }
                 if let Err(batch) = run(&conn, batch, runner) {
                     // Put back in front, in order, for the writer thread.
@@ -598,6 +632,58 @@ mod tests {
         assert_eq!(store.balances("w").await.unwrap()[0].held, Units(20));
     }
 
+    /// A call dropped after queueing its hold (its client went away) does
+    /// not leave the hold made, its money held until it expired; a write of
+    /// another kind dropped so is run at once, not when the next comes.
+    /// (Both were left in the queue for whichever write came next.)
+    #[tokio::test]
+    async fn a_write_whose_caller_went_away_is_dropped_or_run_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = funded_store(&dir).await;
+        let writer = FastWriter::open(&dir.path().join("t.db"), Synchronous::Normal).unwrap();
+        assert!(writer.write(hold("h1", 10)).await.unwrap());
+        let queued_then_dropped = async |write| {
+            let mut writing = Box::pin(writer.write(write));
+            assert!(
+                futures::poll!(&mut writing).is_pending(),
+                "queued, not yet run"
+            );
+        };
+        queued_then_dropped(hold("gone", 10)).await;
+        let release = FastWrite::Release {
+            hold_id: "h1".into(),
+            at: now_ms(),
+        };
+        queued_then_dropped(release).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.balances("w").await.unwrap()[0].held != Units(0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "h1 still held, or `gone` made: {:?}",
+                store.balances("w").await.unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(writer.write(hold("h2", 100)).await.unwrap(), "all 100 free");
+    }
+
+    /// A write that panics on the writer thread fails alone: the writer
+    /// goes on, and the next write is made. (The thread ended, and every
+    /// write after it failed with "the store's writer has stopped".)
+    #[tokio::test]
+    async fn a_write_that_panics_does_not_stop_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = funded_store(&dir).await;
+        // `full`: every write goes to the writer thread.
+        let writer = FastWriter::open(&dir.path().join("t.db"), Synchronous::Full).unwrap();
+        let panicked = writer
+            .transaction(|_| -> Result<(), StoreError> { panic!("a write that panics") })
+            .await;
+        assert!(panicked.is_err());
+        assert!(writer.write(hold("h1", 10)).await.unwrap());
+        assert_eq!(store.balances("w").await.unwrap()[0].held, Units(10));
+    }
+
     /// A batch of one write runs as its own transaction: its outcome is the
     /// same as in a batch (covered, not covered, failed), it is committed,
     /// and nothing is left open on the connection.
@@ -652,9 +738,9 @@ mod tests {
         assert_eq!(store.balances("w").await.unwrap()[0].held, Units(30));
     }
 
-    /// A call dropped while its write waits leaves the write to the next
-    /// runner, and is no longer counted as under way: the next lone write
-    /// runs on its caller again.
+    /// A call dropped while its write waits is no longer counted as under
+    /// way: the next lone write runs on its caller again. (Its hold, whose
+    /// call has gone, is not made.)
     #[tokio::test(flavor = "current_thread")]
     async fn a_dropped_call_leaves_its_write_queued_and_uncounted() {
         let dir = tempfile::tempdir().unwrap();
@@ -670,8 +756,8 @@ mod tests {
         assert!(writer.write(hold("h2", 10)).await.unwrap());
         assert_eq!(
             store.balances("w").await.unwrap()[0].held,
-            Units(20),
-            "both holds landed"
+            Units(10),
+            "h2 alone"
         );
     }
 
