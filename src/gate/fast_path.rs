@@ -128,6 +128,7 @@ impl Gate {
         let amount = in_currency(charge.total());
         let posted = recording::until_recorded(
             "capture after a successful run",
+            &payment_id,
             self.settings.timeouts.record,
             || self.store.capture(&payment_id, &charge),
         )

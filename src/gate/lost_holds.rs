@@ -62,6 +62,10 @@ impl LostHolds {
             );
             return;
         }
+        tracing::info!(
+            payment_id = hold_id.as_str(),
+            "a hold's answer was lost: it is released if it landed"
+        );
         followed
             .holds
             .insert(hold_id, Instant::now() + self.may_land);

@@ -21,11 +21,17 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 /// How long a write left to the background keeps trying.
 const BACKGROUND_PATIENCE: Duration = Duration::from_secs(3600);
 
-/// Runs `write` until it lands, fails for a reason other than the payment
-/// system being unreachable, or `patience` runs out. `Retried(e)` says a
-/// later attempt failed after an earlier one may have landed unseen.
+/// How many attempts apart a write still failing is logged again.
+const LOG_EVERY: u32 = 60;
+
+/// Runs `write` (payment `payment_id`'s) until it lands, fails for a reason
+/// other than the payment system being unreachable, or `patience` runs out.
+/// `Retried(e)` says a later attempt failed after an earlier one may have
+/// landed unseen. Logged when it starts failing, every minute or so while
+/// it does, and when it lands after all.
 pub(super) async fn until_recorded<T, F, Fut>(
     what: &str,
+    payment_id: &str,
     patience: Duration,
     mut write: F,
 ) -> Result<T, Unrecorded>
@@ -38,11 +44,22 @@ where
     let mut attempt = 1;
     loop {
         match write().await {
-            Ok(done) => return Ok(done),
+            Ok(done) => {
+                if attempt > 1 {
+                    tracing::info!(payment_id, attempt, "{what}: recorded");
+                }
+                return Ok(done);
+            }
             Err(e @ StoreError::Unavailable(_))
                 if tokio::time::Instant::now() + pause < deadline =>
             {
-                tracing::warn!("{what}: payment system unavailable ({e}); trying again");
+                if attempt % LOG_EVERY == 1 {
+                    tracing::warn!(
+                        payment_id,
+                        attempt,
+                        "{what}: payment system unavailable ({e}); trying again"
+                    );
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(LONGEST_PAUSE);
                 attempt += 1;
@@ -61,7 +78,7 @@ where
     Fut: Future<Output = Result<(), StoreError>> + Send,
 {
     tokio::spawn(async move {
-        match until_recorded(what, BACKGROUND_PATIENCE, write).await {
+        match until_recorded(what, &payment_id, BACKGROUND_PATIENCE, write).await {
             Ok(()) => tracing::warn!(payment_id, "{what}: done, after the call was answered"),
             Err(e) => tracing::error!(payment_id, "{what}: gave up: {e}"),
         }
@@ -82,5 +99,42 @@ impl std::fmt::Display for Unrecorded {
         match self {
             Unrecorded::Refused(e) | Unrecorded::Retried(e) => e.fmt(f),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::testing::LogCapture;
+
+    /// A write retried through an outage is logged with its payment id when
+    /// it starts failing and when it lands, not at every attempt. (It was
+    /// logged at every attempt, up to once a second for an hour, with no
+    /// payment id.)
+    #[tokio::test]
+    async fn a_write_retried_through_an_outage_is_logged_by_its_payment_id() {
+        let (log, _logging) = LogCapture::start();
+        let attempts = AtomicU32::new(0);
+        let recorded = until_recorded("storing", "pay_1", Duration::from_secs(60), || async {
+            if attempts.fetch_add(1, Ordering::SeqCst) < 5 {
+                Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+        assert!(recorded.is_ok());
+        let lines = log.lines_of("pay_1");
+        assert_eq!(lines.len(), 2, "{}", log.text());
+        assert!(
+            lines[0].contains("WARN") && lines[0].contains("trying again"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("recorded") && lines[1].contains("attempt=6"),
+            "{lines:?}"
+        );
     }
 }

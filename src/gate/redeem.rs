@@ -621,6 +621,7 @@ impl Gate {
         outcome.result_json = serde_json::to_string(&result).unwrap_or_default();
         let finished = recording::until_recorded(
             "storing a paid run's result",
+            &intent.id,
             self.settings.timeouts.record,
             || self.store.finish_intent(&outcome),
         )

@@ -476,20 +476,6 @@ crate::on_both_backends! {
     }
 }
 
-/// What is logged through it, kept for a test to read.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 crate::on_both_backends! {
     #[tokio::test]
     async fn the_sweep_expires_what_is_past_its_time_and_nothing_else() {
@@ -520,19 +506,14 @@ crate::on_both_backends! {
         }
         store.pay_session("paid", None, now_ms()).await.unwrap();
 
-        let log = Captured::default();
-        let writer = log.clone();
-        let logging = tracing::subscriber::set_default(
-            tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish(),
-        );
+        let (log, logging) = crate::testing::LogCapture::start();
         assert_eq!(store.sweep_expired(now_ms()).await.unwrap(), 1);
         drop(logging);
         // Each end is logged with its payment id, so the id leads to it.
-        let log = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
-        let line = |id: &str| log.lines().find(|l| l.contains(&format!("payment_id=\"{id}\""))).map(str::to_owned);
-        assert!(line("stale").is_some_and(|l| l.contains("hold expired")), "{log}");
-        assert!(line("unpaid").is_some_and(|l| l.contains("expired unpaid")), "{log}");
-        assert_eq!(line("paid"), None, "{log}");
+        let line = |id: &str| log.lines_of(id).join("\n");
+        assert!(line("stale").contains("hold expired"), "{}", log.text());
+        assert!(line("unpaid").contains("expired unpaid"), "{}", log.text());
+        assert_eq!(line("paid"), "", "{}", log.text());
         assert_eq!(available(&*store, "w").await, units("0.90"));
         assert_eq!(
             store.intent("unpaid").await.unwrap().unwrap().status,
