@@ -16,6 +16,7 @@ use futures::FutureExt;
 use crate::{
     config::{Config, ConfigError, ProviderKind},
     gate::{Catalog, CatalogSources, Gate, GateSettings, Recovered, WithheldNotes},
+    http::metrics,
     provider::{Provider, ProviderError, local::LocalProvider, sessions_api::SessionsApiProvider},
     receipt::{ReceiptError, ReceiptSigner, default_key_path},
     store::{PgStore, Pruned, SqliteStore, Store, StoreError, now_ms},
@@ -343,6 +344,37 @@ fn millis(span: Duration) -> i64 {
     i64::try_from(span.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Counts and logs what recovery did: what dead instances left (a warning:
+/// a crash happened), and the routine settling of payments never used or
+/// paid at a remote past their time.
+fn report_recovered(r: &Recovered) {
+    for (event, count) in [
+        ("orphaned_hold_released", r.holds_released),
+        ("interrupted_run_refunded", r.runs_refunded),
+        ("unredeemed_refunded", r.unredeemed_refunded),
+        ("remote_paid_kept", r.remote_paid_kept),
+        ("remote_expired", r.remote_expired),
+    ] {
+        metrics::record_upkeep(event, count);
+    }
+    if r.holds_released + r.runs_refunded > 0 {
+        tracing::warn!(
+            holds_released = r.holds_released,
+            runs_refunded = r.runs_refunded,
+            "recovered what dead instances left: open holds released, interrupted paid runs \
+             refunded"
+        );
+    }
+    if r.unredeemed_refunded + r.remote_paid_kept + r.remote_expired > 0 {
+        tracing::info!(
+            unredeemed_refunded = r.unredeemed_refunded,
+            remote_paid_kept = r.remote_paid_kept,
+            remote_expired = r.remote_expired,
+            "refunded payments never redeemed, and settled remote payments past their time"
+        );
+    }
+}
+
 /// One round of upkeep. Recovery runs only while this instance's own lease
 /// runs (looked at just before), and has for a lease since it was
 /// registered or last lapsed: otherwise it could not tell which instances
@@ -351,23 +383,16 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
     let store = gate.store();
     match store.sweep_expired(now_ms()).await {
         Ok(0) => {}
-        Ok(n) => tracing::info!("expired {n} holds past their time"),
+        Ok(n) => {
+            metrics::record_upkeep("hold_expired", n);
+            tracing::info!("expired {n} holds past their time");
+        }
         Err(e) => tracing::warn!("expiry sweep failed: {e}"),
     }
     let before = now_ms() - upkeep.keep_results.as_millis() as i64;
     if lease.held(upkeep.lease) {
         match gate.recover_interrupted(before).await {
-            Ok(r) if r == Recovered::default() => {}
-            Ok(r) => tracing::warn!(
-                holds_released = r.holds_released,
-                runs_refunded = r.runs_refunded,
-                unredeemed_refunded = r.unredeemed_refunded,
-                remote_paid_kept = r.remote_paid_kept,
-                remote_expired = r.remote_expired,
-                "recovered what dead instances left (open holds released, interrupted paid runs \
-                 refunded), refunded payments never redeemed, and settled remote payments past \
-                 their time"
-            ),
+            Ok(r) => report_recovered(&r),
             Err(e) => tracing::warn!("crash recovery failed: {e}"),
         }
     }
@@ -421,6 +446,32 @@ mod tests {
         // A renewal in time is no lapse.
         assert!(lease.renew(store.as_ref(), span).await);
         assert!(lease.held(span));
+    }
+
+    /// What recovery did is counted in `/metrics`, by event (it was only
+    /// logged, and routine refunds of unused payments as a crash warning).
+    #[test]
+    fn recovery_is_counted_by_event() {
+        let recorder = metrics::recorder().expect("the recorder is installed");
+        let shown = |event: &str| {
+            let line = format!("tollgate_upkeep_total{{event=\"{event}\"}} ");
+            recorder
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(&line).and_then(|n| n.parse::<u64>().ok()))
+                .unwrap_or(0)
+        };
+        let before = (
+            shown("orphaned_hold_released"),
+            shown("unredeemed_refunded"),
+        );
+        report_recovered(&Recovered {
+            holds_released: 2,
+            unredeemed_refunded: 1,
+            ..Recovered::default()
+        });
+        assert_eq!(shown("orphaned_hold_released"), before.0 + 2);
+        assert_eq!(shown("unredeemed_refunded"), before.1 + 1);
     }
 
     #[tokio::test]

@@ -80,7 +80,10 @@ where
     tokio::spawn(async move {
         match until_recorded(what, &payment_id, BACKGROUND_PATIENCE, write).await {
             Ok(()) => tracing::warn!(payment_id, "{what}: done, after the call was answered"),
-            Err(e) => tracing::error!(payment_id, "{what}: gave up: {e}"),
+            Err(e) => {
+                tracing::error!(payment_id, "{what}: gave up: {e}");
+                crate::http::metrics::record_unrecorded(what);
+            }
         }
     });
 }

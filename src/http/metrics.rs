@@ -60,6 +60,21 @@ pub fn record_call(tool: &str, mode: &str, outcome: &str, seconds: f64) {
     metrics::histogram!(LATENCY, "tool" => tool.to_owned()).record(seconds);
 }
 
+/// What upkeep did off the call path, `count` times: `hold_expired`,
+/// `orphaned_hold_released`, `interrupted_run_refunded`,
+/// `unredeemed_refunded`, `remote_paid_kept`, `remote_expired`.
+pub fn record_upkeep(event: &'static str, count: u64) {
+    if count > 0 {
+        metrics::counter!("tollgate_upkeep_total", "event" => event).increment(count);
+    }
+}
+
+/// A charge or a result that could not be recorded even in the background
+/// (given up after an hour): money an operator must look at.
+pub fn record_unrecorded(what: &'static str) {
+    metrics::counter!("tollgate_unrecorded_total", "what" => what).increment(1);
+}
+
 pub async fn scrape(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
     if let Err(e) = authenticate(state.store.as_ref(), &headers, Scope::Admin).await {
         return e.into_response();
