@@ -616,6 +616,12 @@ fn verify_receipt(config: &Config, receipt: &str) -> anyhow::Result<()> {
     let claims = signer.verify(receipt)?;
     println!("valid receipt");
     println!("{}", serde_json::to_string_pretty(&claims)?);
+    // The receipt proves the charge was made; whether some of it was given
+    // back since is the ledger's to say.
+    eprintln!(
+        "refunds since are not part of a receipt: `tollgate payment show {}` shows them",
+        tollgate::statement::printable(&claims.payment_id)
+    );
     Ok(())
 }
 

@@ -179,6 +179,12 @@ on_both_backends! {
         assert!(out.contains("status: charged 0.05 USD"), "{out}");
         assert!(out.contains("capture") && out.contains("wallet:alice"), "{out}");
         assert!(out.contains("-0.05"), "{out}");
+        // Its receipt points at it for refunds made since.
+        let receipt = payment_meta(&r)["receipt"].as_str().unwrap().to_owned();
+        let verified = env.cli(&["receipt", "verify", &receipt]).await;
+        assert!(verified.status.success());
+        let note = String::from_utf8_lossy(&verified.stderr);
+        assert!(note.contains(&format!("tollgate payment show {charged}")), "{note}");
 
         let r = call(&alice, "divide", json!({"a": 1, "b": 0})).await;
         let released = payment_meta(&r)["payment_id"].as_str().unwrap().to_owned();
