@@ -657,35 +657,20 @@ impl Gate {
             // finds it moved on means an earlier attempt landed.
             Err(Unrecorded::Retried(StoreError::WrongState { .. })) | Ok(_) => {
                 // Worded as the fast path's, so one grep finds every charge.
-                let principal = intent.principal.as_deref().unwrap_or("anonymous");
-                let currency = intent.currency.as_str();
-                if outcome.earns() {
-                    tracing::info!(
-                        tool = intent.tool,
-                        principal,
-                        payment_id = intent.id,
-                        amount,
-                        currency,
-                        "charged (slow path, {})",
-                        intent.mode
-                    );
-                } else {
-                    tracing::info!(
-                        tool = intent.tool,
-                        principal,
-                        payment_id = intent.id,
-                        amount,
-                        currency,
-                        succeeded = outcome.succeeded,
-                        "refunded (slow path, {}): {}",
-                        intent.mode,
-                        if outcome.succeeded {
-                            "its run charged nothing"
-                        } else {
-                            "its tool failed"
-                        }
-                    );
-                }
+                let ended = match (outcome.earns(), outcome.succeeded) {
+                    (true, _) => "charged",
+                    (false, true) => "refunded: its run charged nothing",
+                    (false, false) => "refunded: its tool failed",
+                };
+                tracing::info!(
+                    tool = intent.tool,
+                    principal = intent.principal.as_deref().unwrap_or("anonymous"),
+                    payment_id = intent.id,
+                    amount,
+                    currency = intent.currency.as_str(),
+                    "{ended} (slow path, {})",
+                    intent.mode
+                );
             }
             Err(e) => {
                 // Not handed over before its charge is recorded. The intent

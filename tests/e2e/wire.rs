@@ -127,6 +127,28 @@ on_both_backends! {
 }
 
 impl Wire {
+    /// Closes the server's stdin, then reads the answer to request `id`
+    /// (skipping notifications), which must come before stdout closes.
+    async fn close_input_then_answer(self, id: u64) -> (Value, tokio::process::Child) {
+        let Wire {
+            child,
+            stdin,
+            mut lines,
+        } = self;
+        drop(stdin);
+        loop {
+            let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+                .await
+                .expect("answered within 10s")
+                .expect("read")
+                .expect("the call's answer before stdout closed");
+            let message: Value = serde_json::from_str(&line).expect("JSON-RPC");
+            if message["id"] == json!(id) {
+                return (message, child);
+            }
+        }
+    }
+
     async fn send_raw(&mut self, line: &[u8]) {
         self.stdin.write_all(line).await.expect("write");
         self.stdin.write_all(b"\n").await.expect("write");
@@ -236,23 +258,7 @@ async fn a_call_waiting_for_payment_when_stdin_closes_answers_with_its_payment_i
     .await;
     let first = wire.next().await;
     assert_eq!(first["method"], "notifications/progress", "{first}");
-    let Wire {
-        mut child,
-        stdin,
-        mut lines,
-    } = wire;
-    drop(stdin);
-    let answer = loop {
-        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
-            .await
-            .expect("answered within 10s")
-            .expect("read")
-            .expect("the waiting call's answer before stdout closed");
-        let message: Value = serde_json::from_str(&line).expect("JSON-RPC");
-        if message["id"] == json!(1) {
-            break message;
-        }
-    };
+    let (answer, mut child) = wire.close_input_then_answer(1).await;
     let result = &answer["result"];
     assert_eq!(
         result["structuredContent"]["error"], "payment_timeout",
@@ -285,19 +291,7 @@ async fn a_call_waiting_for_payment_when_stdin_closes_answers_with_its_payment_i
         "name": "echo", "arguments": {"text": "later", "payment_id": id}}}),
     )
     .await;
-    let Wire {
-        mut child,
-        stdin,
-        mut lines,
-    } = wire;
-    drop(stdin);
-    let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
-        .await
-        .expect("answered within 10s")
-        .expect("read")
-        .expect("the redeeming call's answer");
-    let answer: Value = serde_json::from_str(&line).expect("JSON-RPC");
-    assert_eq!(answer["id"], json!(2), "{answer}");
+    let (answer, mut child) = wire.close_input_then_answer(2).await;
     let text = answer["result"]["content"][0]["text"].as_str();
     assert_eq!(text, Some("later"), "{answer}");
     child.wait().await.expect("wait");
