@@ -86,10 +86,14 @@ fn sqlite_url(url: &str) -> Result<String, AppError> {
 /// The file a SQLite store URL names, if it names one (not PostgreSQL, not
 /// an in-memory database).
 pub fn sqlite_file(url: &str) -> Option<PathBuf> {
-    if is_postgres(url) || url.contains("memory") {
+    if is_postgres(url) {
         return None;
     }
-    let options: sqlx::sqlite::SqliteConnectOptions = sqlite_url(url).ok()?.parse().ok()?;
+    let url = sqlite_url(url).ok()?;
+    if SqliteStore::in_memory(&url) {
+        return None;
+    }
+    let options: sqlx::sqlite::SqliteConnectOptions = url.parse().ok()?;
     Some(options.get_filename().to_owned())
 }
 

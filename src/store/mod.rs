@@ -56,6 +56,12 @@ pub enum StoreError {
     OverLimit(Box<Breach>),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// Each of the store's connections would open a database of its own.
+    #[error(
+        "`{0}` is an in-memory SQLite database, which tollgate cannot use: give the path of a \
+         database file instead (for instance sqlite://tollgate.db)"
+    )]
+    InMemory(String),
 }
 
 impl StoreError {

@@ -358,6 +358,43 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
     env.assert_ledger_ok().await;
 }
 
+/// An in-memory SQLite store is refused at start, naming it: the store's
+/// own connections would each open another database (and one of them a
+/// file named after it), so every write failed with "no such table".
+#[tokio::test]
+async fn an_in_memory_sqlite_store_is_refused_at_start() {
+    let env = Env::new("resubmit");
+    for url in [
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        ":memory:",
+        "sqlite://tollgate.db?mode=memory",
+    ] {
+        for args in [&["serve"][..], &["wallet", "topup", "alice", "1"]] {
+            let cwd = tempfile::tempdir().unwrap();
+            let out = env
+                .command()
+                .current_dir(cwd.path())
+                .env("TOLLGATE_DB", url)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{url} {args:?} succeeded");
+            assert!(
+                stderr.contains(url)
+                    && stderr.contains("is an in-memory SQLite database")
+                    && stderr.contains("give the path of a database file"),
+                "{url} {args:?}: {stderr}"
+            );
+            let made: Vec<_> = std::fs::read_dir(cwd.path()).unwrap().collect();
+            assert!(made.is_empty(), "{url} {args:?} made {made:?}");
+        }
+    }
+}
+
 /// With no key configured and no data directory (neither XDG_DATA_HOME nor
 /// HOME, as in a bare service unit), the server refuses to start and says
 /// what to set, rather than keep its receipt key in a shared directory or

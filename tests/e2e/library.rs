@@ -151,6 +151,33 @@ async fn two_tools_of_one_name_are_refused_at_start() {
     }
 }
 
+/// An in-memory SQLite store is refused when building, naming it (the
+/// store's own connections would each open another database).
+#[tokio::test]
+async fn an_in_memory_store_is_refused_when_building() {
+    let env = Env::new("resubmit");
+    let text = format!(
+        "[server]\nname = \"t\"\ncurrency = \"USD\"\n\n[receipts]\nkey_file = \"{}\"\n",
+        env.key.display()
+    );
+    for url in [
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        "sqlite://x.db?mode=memory",
+    ] {
+        let built = tollgate::Tollgate::from_pricing(&text)
+            .expect("pricing")
+            .store_url(url)
+            .build()
+            .await;
+        let error = built.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            error.contains(&format!("`{url}` is an in-memory SQLite database")),
+            "{url}: {error}"
+        );
+    }
+}
+
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct NoArguments {}
 

@@ -49,6 +49,12 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database and applies migrations.
     pub async fn connect(url: &str, synchronous: Synchronous) -> Result<Self, StoreError> {
+        // The writer's and readers' rusqlite connections cannot share the
+        // pool's in-memory database: they would open one of their own (or
+        // a file named after it) and find no tables.
+        if Self::in_memory(url) {
+            return Err(StoreError::InMemory(url.to_owned()));
+        }
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -74,6 +80,19 @@ impl SqliteStore {
                 opened => return opened,
             }
         }
+    }
+
+    /// Whether a SQLite URL names an in-memory database, read as sqlx reads
+    /// it: `sqlite::memory:`, `sqlite://:memory:`, or `mode=memory`.
+    pub fn in_memory(url: &str) -> bool {
+        let rest = url
+            .trim_start_matches("sqlite://")
+            .trim_start_matches("sqlite:");
+        let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+        // `file::memory:` is SQLite's own URI for one.
+        database == ":memory:"
+            || database.starts_with("file::memory:")
+            || params.split('&').any(|param| param == "mode=memory")
     }
 
     async fn open(
