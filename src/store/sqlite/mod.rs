@@ -15,6 +15,7 @@ use std::{str::FromStr, time::Duration};
 use async_trait::async_trait;
 use sqlx::{
     Sqlite, Transaction,
+    migrate::MigrateError,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
@@ -55,7 +56,12 @@ impl SqliteStore {
         if Self::in_memory(url) {
             return Err(StoreError::InMemory(url.to_owned()));
         }
-        let options = SqliteConnectOptions::from_str(url)?
+        let options = Self::options(url, synchronous)?;
+        retrying_contention(|| Self::open(&options, synchronous)).await
+    }
+
+    fn options(url: &str, synchronous: Synchronous) -> Result<SqliteConnectOptions, StoreError> {
+        Ok(SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(match synchronous {
@@ -63,23 +69,7 @@ impl SqliteStore {
                 Synchronous::Normal => SqliteSynchronous::Normal,
             })
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        // Processes opening one new file at once get in each other's way:
-        // one finds it locked while another turns on WAL (SQLite answers
-        // that at once, without waiting), or finds the tables another is
-        // creating (SQLite migrations take no cross-process lock). The loser
-        // waits a little and tries again, and then sees the winner's work.
-        let mut attempt = 0;
-        loop {
-            match Self::open(&options, synchronous).await {
-                Err(e) if attempt < 5 && start_up_contention(&e) => {
-                    attempt += 1;
-                    tracing::debug!("opening the store failed ({e}); attempt {attempt}, retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                }
-                opened => return opened,
-            }
-        }
+            .foreign_keys(true))
     }
 
     /// Whether a SQLite URL names an in-memory database, read as sqlx reads
@@ -162,18 +152,68 @@ async fn read<T>(
     }
 }
 
+/// Runs `open` until it succeeds, fails for another reason than contention,
+/// or has been retried five times.
+///
+/// Processes opening one new file at once get in each other's way: one finds
+/// it locked while another turns on WAL (SQLite answers that at once, without
+/// waiting), or finds the tables another is creating (SQLite migrations take
+/// no cross-process lock). The loser waits a little and tries again, and then
+/// sees the winner's work.
+async fn retrying_contention<T, F>(mut open: impl FnMut() -> F) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match open().await {
+            Err(e) if attempt < 5 && start_up_contention(&e) => {
+                attempt += 1;
+                tracing::debug!("opening the store failed ({e}); attempt {attempt}, retrying");
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            opened => return opened,
+        }
+    }
+}
+
 /// Whether opening the store failed because another process was opening it
-/// too: a migration that met the other's (any migration error, as before),
-/// or the file locked (SQLITE_BUSY, whatever its extended code).
+/// too: the file locked, or a migration meeting the other's work. Any other
+/// migration error (one edited after it was applied, say) will not go away.
 fn start_up_contention(e: &StoreError) -> bool {
     match e {
-        StoreError::Migrate(_) => true,
-        StoreError::Unavailable(sqlx::Error::Database(db)) => db
-            .code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| code & 0xff == 5),
+        StoreError::Unavailable(e) => busy(e),
+        StoreError::Migrate(MigrateError::Execute(e)) => busy(e) || applied_by_another(e),
+        StoreError::Migrate(MigrateError::ExecuteMigration(e, _)) => {
+            busy(e) || applied_by_another(e)
+        }
         _ => false,
     }
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED, whatever the extended code.
+fn busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+        _ => false,
+    }
+}
+
+/// What a migration meets when another process applied it in the meantime:
+/// its tables, indexes, triggers or columns already there (the migrations
+/// create them without `IF NOT EXISTS`), or its version already recorded
+/// (one that only changes rows runs twice without complaint).
+fn applied_by_another(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let message = db.message();
+    message.contains("already exists")
+        || message.starts_with("duplicate column name")
+        || message.contains("UNIQUE constraint failed: _sqlx_migrations.version")
 }
 
 /// The IMMEDIATE transaction a session payment runs in holds the write
@@ -621,5 +661,89 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         self.db.stats().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn url(dir: &tempfile::TempDir) -> String {
+        format!("sqlite://{}", dir.path().join("t.db").display())
+    }
+
+    /// A migration edited after it was applied fails the start at once,
+    /// saying so: it is no other process's doing, and will not go away.
+    #[tokio::test]
+    async fn a_migration_changed_since_it_was_applied_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = url(&dir);
+        let store = SqliteStore::connect(&url, Synchronous::Normal)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE _sqlx_migrations SET checksum = x'00' WHERE version = 1")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        drop(store);
+
+        let options = SqliteStore::options(&url, Synchronous::Normal).unwrap();
+        let attempts = AtomicUsize::new(0);
+        let opened = retrying_contention(|| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            SqliteStore::open(&options, Synchronous::Normal)
+        })
+        .await;
+        let error = opened.err().unwrap();
+        assert!(
+            matches!(error, StoreError::Migrate(MigrateError::VersionMismatch(1))),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("migration 1 was previously applied but has been modified"),
+            "{error}"
+        );
+        assert_eq!(attempts.load(Ordering::SeqCst), 1, "retried");
+    }
+
+    /// What another process's migrations leave in the way is retried; a
+    /// migration that is wrong in itself is not.
+    #[tokio::test]
+    async fn only_another_process_s_migrations_are_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(&url(&dir), Synchronous::Normal)
+            .await
+            .unwrap();
+        let failed = |sql: &'static str| async {
+            let e = sqlx::query(sql).execute(store.pool()).await.unwrap_err();
+            StoreError::Migrate(MigrateError::ExecuteMigration(e, 1))
+        };
+        for raced in [
+            "CREATE TABLE accounts (id INTEGER)",
+            "CREATE INDEX ledger_transactions_settlement ON ledger_transactions (intent_id)",
+            "ALTER TABLE holds ADD COLUMN legs TEXT",
+        ] {
+            assert!(start_up_contention(&failed(raced).await), "{raced}");
+        }
+        let version = sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (1, 'again', TRUE, x'00', -1)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap_err();
+        assert!(start_up_contention(&StoreError::Migrate(
+            MigrateError::Execute(version)
+        )));
+        for wrong in ["CREATE TABLE (", "ALTER TABLE nowhere ADD COLUMN x TEXT"] {
+            assert!(!start_up_contention(&failed(wrong).await), "{wrong}");
+        }
+        assert!(!start_up_contention(&StoreError::Migrate(
+            MigrateError::VersionMissing(99)
+        )));
     }
 }
