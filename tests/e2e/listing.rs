@@ -119,7 +119,12 @@ on_both_backends! {
             .call_tool(rmcp::model::CallToolRequestParams::new("nope"))
             .await
             .expect_err("unknown tool must fail");
-        assert!(err.to_string().contains("unknown tool `nope`"), "{err}");
+        let rmcp::ServiceError::McpError(error) = &err else {
+            panic!("not a JSON-RPC error: {err}");
+        };
+        assert_eq!(error.code, rmcp::model::ErrorCode::INVALID_PARAMS, "{err}");
+        assert_eq!(error.code.0, -32602);
+        assert!(error.message.contains("unknown tool `nope`"), "{err}");
         client.cancel().await.ok();
         env.assert_ledger_ok().await;
     }

@@ -526,13 +526,14 @@ on_both_backends! {
 
 on_both_backends! {
     #[tokio::test]
-    async fn progress_ends_at_once_when_the_session_fails_or_is_cancelled() {
+    async fn progress_ends_at_once_when_the_session_fails_is_cancelled_or_expires() {
         for (end, code) in [
             (tollgate::store::SessionStatus::Failed, "payment_failed"),
             (
                 tollgate::store::SessionStatus::Cancelled,
                 "payment_cancelled",
             ),
+            (tollgate::store::SessionStatus::Expired, "payment_expired"),
         ] {
             let t = InProcess::new(
                 &pricing("progress", "").replace("progress = \"1s\"", "progress = \"30s\""),
@@ -550,6 +551,52 @@ on_both_backends! {
             // session's own ending is what ended it.
             let r = call(&client, "echo", echo_args("doomed")).await;
             assert_eq!(error_code(&r), code, "{r:?}");
+            client.cancel().await.ok();
+            t.env.assert_ledger_ok().await;
+        }
+    }
+}
+
+/// Ends a payment's time now (its intent's and its local session's), as
+/// if its payment_ttl had run out.
+async fn expire(t: &InProcess, id: &str) {
+    let past = tollgate::store::now_ms() - 1;
+    for table in ["intents", "payment_sessions"] {
+        let changed = tollgate::testing::execute(
+            &t.env.db,
+            &format!("UPDATE {table} SET expires_at = {past} WHERE id = '{id}'"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(changed, 1, "{table}");
+    }
+}
+
+on_both_backends! {
+    /// A payment whose time ran out unpaid, redeemed by its id in the modes
+    /// that wait for it, answers `payment_expired` and can no longer be
+    /// paid.
+    #[tokio::test]
+    async fn an_expired_payment_redeemed_in_progress_or_elicitation_mode_says_so() {
+        for (mode, person, elicitation) in [
+            ("progress", Person::Ignores, Elicitation::None),
+            ("elicitation", Person::Dawdles, Elicitation::Url),
+        ] {
+            let t = InProcess::new(&pricing(mode, "")).await;
+            let client = t.connect(None, t.client(person, elicitation), false).await;
+            let r = call(&client, "echo", echo_args("late")).await;
+            assert_eq!(error_code(&r), "payment_timeout", "{mode}: {r:?}");
+            let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+            expire(&t, &id).await;
+            let r = call(&client, "echo", json!({"text": "late", "payment_id": id})).await;
+            assert_eq!(error_code(&r), "payment_expired", "{mode}: {r:?}");
+            assert_eq!(structured(&r)["status"], "expired", "{mode}");
+            let out = t.env.cli(&["sessions", "pay", &id]).await;
+            assert!(!out.status.success(), "{mode}: paid after its time");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("expired"), "{mode}: {stderr}");
+            let r = call(&client, "echo", json!({"text": "late", "payment_id": id})).await;
+            assert_eq!(error_code(&r), "payment_expired", "{mode}: asked again");
             client.cancel().await.ok();
             t.env.assert_ledger_ok().await;
         }
@@ -812,6 +859,45 @@ on_both_backends! {
             .map(|t| t.name.to_string())
             .collect();
         assert!(!listed.contains(&format!("confirm_{id}")), "{listed:?}");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
+    /// A confirm tool whose payment expires unpaid is taken off its
+    /// session's list by upkeep, which tells the client, without the client
+    /// listing first.
+    #[tokio::test]
+    async fn upkeep_withdraws_an_expired_payments_confirm_tool_and_says_so() {
+        use std::sync::atomic::Ordering;
+        let t = InProcess::new(&pricing("dynamic_tools", "instance_lease = \"1s\"\n")).await;
+        let handler = t.client(Person::Ignores, Elicitation::None);
+        let client = t.connect(Some("alice"), handler.clone(), false).await;
+        let r = call(&client, "echo", echo_args("expired")).await;
+        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(handler.list_changed.load(Ordering::SeqCst), 1, "offered");
+        expire(&t, &id).await;
+        let mut told = false;
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if handler.list_changed.load(Ordering::SeqCst) == 2 {
+                told = true;
+                break;
+            }
+        }
+        assert!(told, "upkeep announced the withdrawal");
+        let listed: Vec<String> = client
+            .list_all_tools()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        assert!(!listed.contains(&format!("confirm_{id}")), "{listed:?}");
+        let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
+        assert_eq!(intent.status.as_str(), "expired");
         client.cancel().await.ok();
         t.env.assert_ledger_ok().await;
     }
