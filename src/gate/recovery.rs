@@ -208,20 +208,26 @@ impl Gate {
         };
         let state = match self.session_state_of(intent, session).await {
             Ok(state) => Some(state),
-            // Unknown there, though it was made there: perhaps the key was
-            // changed for another principal's, and it is paid all the same.
-            // Asked again until the give-up, then taken as never paid.
-            Err(e @ ProviderError::NotFound(_)) if now < remote_give_up(intent) => {
-                tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
-                return RemoteSettled::Unchanged;
-            }
-            Err(ProviderError::NotFound(_)) => None,
             Err(e @ ProviderError::Unavailable(_)) => {
                 tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
                 return RemoteSettled::ProviderDown;
             }
-            // About this one only (an answer that cannot be used, a
-            // refusal): the others are still asked.
+            // About this one only: unknown there though it was made there
+            // (a key changed for another principal's, say: it may be paid
+            // all the same), an answer that cannot be used (a status a newer
+            // remote says), a refusal. The others are still asked, and this
+            // one again until a day past its time, then taken as never paid.
+            Err(
+                e @ (ProviderError::NotFound(_)
+                | ProviderError::Unreadable(_)
+                | ProviderError::Refused(_)),
+            ) if now >= remote_give_up(intent) => {
+                tracing::warn!(
+                    payment_id = intent.id,
+                    "cannot ask about a payment ({e}) a day past its time: taken as never paid"
+                );
+                None
+            }
             Err(e) => {
                 tracing::warn!(payment_id = intent.id, "cannot ask about a payment: {e}");
                 return RemoteSettled::Unchanged;

@@ -142,7 +142,7 @@ impl Gate {
                         () = tokio::time::sleep(RUN_POLL) => Step::Reload,
                         // The run goes on (here or elsewhere); this caller
                         // can ask again by the payment id.
-                        _ = self.interrupted(scope) => return Settled::Final(self.still_running(&intent)),
+                        _ = self.wait_ended(scope) => return Settled::Final(self.still_running(&intent)),
                     }
                 }
                 IntentStatus::Expired => {
@@ -262,10 +262,6 @@ impl Gate {
         )
     }
 
-    /// The answer when the payment system cannot say whether `intent` was
-    /// paid: the tool did not run, and a payment made stands, redeemable by
-    /// its id. A waiting call polls on through it (as if still pending).
-    /// (The caller logs the cause.)
     /// The answer to a call whose payment's time is over here while its
     /// session, which cannot be cancelled, is still open at the provider.
     fn payable_past_its_time(&self, intent: &Intent, why: &str) -> CallToolResult {
@@ -290,6 +286,10 @@ impl Gate {
         )
     }
 
+    /// The answer when the payment system cannot say whether `intent` was
+    /// paid: the tool did not run, and a payment made stands, redeemable by
+    /// its id. A waiting call polls on through it (as if still pending).
+    /// (The caller logs the cause.)
     fn unconfirmed(&self, intent: &Intent) -> CallToolResult {
         reply::error(
             code::UNAVAILABLE,
@@ -483,18 +483,25 @@ impl Gate {
                 ) => match self.session_state_of(intent, session).await {
                     Ok(state) if state.status == SessionStatus::Paid => return Ok(false),
                     // Payable there until the remote's own time is surely
-                    // over: left open until then.
+                    // over: left open until then. (What the provider said
+                    // is logged, not told to the caller.)
                     Ok(state)
                         if state.status == SessionStatus::Pending
                             && now_ms() < remote_grace_ends(intent) =>
                     {
+                        tracing::info!(
+                            payment_id = intent.id,
+                            session,
+                            "the provider cannot cancel the session ({e}), which is still open: \
+                             the payment stays open"
+                        );
                         Some(ProviderError::StillPayable(format!(
-                            "payment session `{session}` cannot be cancelled at the provider \
-                             ({e}), and is still open there"
+                            "payment session `{session}` cannot be cancelled at the provider, \
+                             and is still open there"
                         )))
                     }
-                    // Over there, past its time, or unknown there.
-                    Ok(_) | Err(ProviderError::NotFound(_)) => {
+                    // Over there, or past its time.
+                    Ok(_) => {
                         tracing::warn!(
                             payment_id = intent.id,
                             session,
@@ -503,6 +510,12 @@ impl Gate {
                         );
                         None
                     }
+                    // Unknown there though it was made there (a key changed
+                    // for another principal's, say): it may be paid all the
+                    // same, so left open until the give-up, as upkeep does.
+                    Err(ProviderError::NotFound(_)) => Some(ProviderError::Unavailable(format!(
+                        "the provider does not know payment session `{session}`"
+                    ))),
                     Err(e) => Some(e),
                 },
                 Err(e) => Some(e),

@@ -260,11 +260,13 @@ async fn view(state: &HttpState, session: &LocalSession) -> Response {
 /// speaks; a session the gate opened for a price finer than that (an
 /// admin's key sees those too) has none, and shows `null` there, never a
 /// rounded figure. `value` is the exact amount in major units. A paid
-/// session refunded, in part or whole, reads `refunded`, and says how much
-/// (`refunded` in minor units, `refundedValue` exact): its payment no longer
-/// pays for the call it was made for.
+/// session refunded says how much (`refunded` in minor units,
+/// `refundedValue` exact); refunded whole, it reads `refunded`: its payment
+/// no longer pays for the call it was made for. (Refunded in part, it still
+/// reads `paid`: ending its call would leave the rest here with nothing
+/// to give it back.)
 fn view_json(session: &LocalSession, refunded: Units) -> Value {
-    let status = if refunded.0 > 0 {
+    let status = if refunded.0 > 0 && refunded >= session.amount {
         "refunded"
     } else {
         session.status.as_str()

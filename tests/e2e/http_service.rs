@@ -1892,8 +1892,9 @@ on_both_backends! {
 }
 
 on_both_backends! {
-    /// A session B's operator refunds before A's call ran reads `refunded`
-    /// at B, and A does not run the call for it: it ends as cancelled.
+    /// A session B's operator refunds whole before A's call ran reads
+    /// `refunded` at B, and A does not run the call for it: it ends as
+    /// cancelled. Refunded in part, it still reads `paid`.
     /// (B kept reading `paid`, and A ran the call for money the payer had
     /// back.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1909,20 +1910,28 @@ on_both_backends! {
         let session = a.gate.store().intent(&id).await.unwrap().unwrap().provider_session_id.unwrap();
         let paid = checkout_post(&b.base, &session, &[("action", "settle")]).await;
         assert_eq!(paid.status(), 303);
-        b.env.ok(&["refund", &session, "0.004", "--reason", "asked for it back"]).await;
-
         let admin = b.key("admin", &["admin"]).await;
-        let view: Value = http()
-            .get(format!("{}/v1/sessions/{session}", b.base))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(view["status"], "refunded", "{view}");
-        assert_eq!(view["refundedValue"], "0.004", "{view}");
+        let view = async || -> Value {
+            http()
+                .get(format!("{}/v1/sessions/{session}", b.base))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        };
+        // Refunded in part, it still pays: ending the call would leave the
+        // rest at B with nothing to give it back.
+        b.env.ok(&["refund", &session, "0.004", "--reason", "asked for some back"]).await;
+        let partly = view().await;
+        assert_eq!(partly["status"], "paid", "{partly}");
+        assert_eq!(partly["refundedValue"], "0.004", "{partly}");
+        b.env.ok(&["refund", &session, "--reason", "asked for it all back"]).await;
+        let whole = view().await;
+        assert_eq!(whole["status"], "refunded", "{whole}");
+        assert_eq!(whole["refundedValue"], "0.01", "{whole}");
 
         let r = call(&client, "echo", json!({"text": "refunded", "payment_id": id})).await;
         assert_eq!(error_code(&r), "payment_cancelled", "{r:?}");
@@ -1940,6 +1949,8 @@ on_both_backends! {
 struct SeedApi {
     base: String,
     statuses: Arc<std::sync::Mutex<std::collections::HashMap<String, &'static str>>>,
+    /// Answers 404 about every session (as to a key changed for another's).
+    forgetful: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SeedApi {
@@ -1950,6 +1961,8 @@ impl SeedApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (made, read) = (statuses.clone(), statuses.clone());
+        let forgetful = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let forgets = forgetful.clone();
         let checkout = base.clone();
         let app = axum::Router::new()
             .route(
@@ -1964,6 +1977,9 @@ impl SeedApi {
             .route(
                 "/v1/sessions/{id}",
                 get(move |Path(id): Path<String>| async move {
+                    if forgets.load(std::sync::atomic::Ordering::Acquire) {
+                        return Err(StatusCode::NOT_FOUND);
+                    }
                     match read.lock().unwrap().get(&id) {
                         Some(status) => Ok(Json(json!({ "status": status }))),
                         None => Err(StatusCode::NOT_FOUND),
@@ -1971,7 +1987,11 @@ impl SeedApi {
                 }),
             );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { base, statuses }
+        Self {
+            base,
+            statuses,
+            forgetful,
+        }
     }
 
     fn set(&self, session: &str, status: &'static str) {
@@ -2052,6 +2072,27 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A call declined while its session, which has no cancel there, is
+    /// unknown there too (the remote answers 404 about it, as to a key
+    /// changed for another principal's) stays payable: it may be paid there
+    /// all the same. (It was ended at once.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decline_whose_session_the_remote_does_not_know_leaves_it_open() {
+        use tollgate::provider::sessions_api::SessionsApiProvider;
+        let seed = SeedApi::start().await;
+        seed.forgetful.store(true, std::sync::atomic::Ordering::Release);
+        let remote = Arc::new(SessionsApiProvider::new(&seed.base, "key".into()).unwrap());
+        let pricing = crate::inproc::pricing("elicitation", "");
+        let a = crate::inproc::with_provider(&pricing, |_, _| remote).await;
+        let (client, r, intent) = declined_echo(&a, "unknown").await;
+        assert!(text(&r).contains("a payment made there still counts"), "{}", text(&r));
+        assert_eq!(intent.status.as_str(), "awaiting_payment");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     /// Upkeep asks the remote about each payment past its time. One it
     /// answers nonsense about is skipped, and the others are still settled.
     /// (Every pass stopped at it, oldest first, as if the remote were down,
@@ -2088,6 +2129,16 @@ on_both_backends! {
         assert_eq!(status(&sessions[1].0).await.as_str(), "paid");
         let r = call(&client, "echo", json!({"text": "second", "payment_id": sessions[1].0})).await;
         assert_eq!(text(&r), "second", "{r:?}");
+        // A day past its time, it is given up as never paid (a status this
+        // tollgate cannot read held it open for ever).
+        let past = format!(
+            "UPDATE intents SET expires_at = {} WHERE id = '{}'",
+            tollgate::store::now_ms() - 2 * 24 * 3_600_000,
+            sessions[0].0
+        );
+        tollgate::testing::execute(&a.env.db, &past).await.unwrap();
+        a.gate.recover_interrupted(tollgate::store::now_ms() - 60_000).await.unwrap();
+        assert_eq!(status(&sessions[0].0).await.as_str(), "expired");
         client.cancel().await.ok();
         a.env.assert_ledger_ok().await;
         b.env.assert_ledger_ok().await;

@@ -241,11 +241,15 @@ impl FastWriter {
                 while woken.recv().is_ok() {
                     while woken.try_recv().is_ok() {}
                     // A write that panics fails its batch (its callers hear
-                    // that it went unanswered), not the writer: the next
-                    // batch rolls back what it left open.
-                    let run = AssertUnwindSafe(|| thread_queue.run(Runner::WriterThread));
-                    if std::panic::catch_unwind(run).is_err() {
+                    // that it went unanswered), not the writer: what it
+                    // left open is rolled back, and the queue run on.
+                    loop {
+                        let run = AssertUnwindSafe(|| thread_queue.run(Runner::WriterThread));
+                        if std::panic::catch_unwind(run).is_ok() {
+                            break;
+                        }
                         tracing::error!("a write panicked on the writer thread: its batch failed");
+                        thread_queue.roll_back_open_transaction();
                     }
                 }
             })
@@ -338,6 +342,21 @@ impl Queue {
     /// busy leaves its write to the holder, which looks at the queue again
     /// after letting go of the connection: a write queued before a failed
     /// `try_lock` is always seen.
+    /// Rolls back a transaction a panicking write left open, so that the
+    /// writer does not keep SQLite's write lock from the other connections
+    /// until the next write comes.
+    fn roll_back_open_transaction(&self) {
+        let conn = match self.conn.lock() {
+            Ok(conn) => conn,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!("cannot roll back the writer's transaction: {e}");
+        }
+    }
+
     fn run(&self, runner: Runner) -> Ran {
         loop {
             let conn = match self.conn.try_lock() {
@@ -680,6 +699,12 @@ mod tests {
             .transaction(|_| -> Result<(), StoreError> { panic!("a write that panics") })
             .await;
         assert!(panicked.is_err());
+        // Nothing is left holding the write lock: another connection writes.
+        let usd = Currency::parse("USD").unwrap();
+        store
+            .topup(&AccountRef::wallet("w", &usd), Units(10), None)
+            .await
+            .unwrap();
         assert!(writer.write(hold("h1", 10)).await.unwrap());
         assert_eq!(store.balances("w").await.unwrap()[0].held, Units(10));
     }
