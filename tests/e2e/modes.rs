@@ -827,79 +827,66 @@ on_both_backends! {
     }
 }
 
+/// How a dynamic confirm tool's payment ends outside its session.
+enum Ended {
+    DeclinedAtCheckout,
+    Expired,
+}
+
+/// A confirm tool whose payment ends so is taken off its session's list
+/// by upkeep, which tells the client, without the client listing first;
+/// the intent then reads `status`, when given.
+async fn upkeep_withdraws_the_confirm_tool_of_a_payment(ended: Ended, status: Option<&str>) {
+    use std::sync::atomic::Ordering;
+    let t = InProcess::new(&pricing("dynamic_tools", "instance_lease = \"1s\"\n")).await;
+    let handler = t.client(Person::Ignores, Elicitation::None);
+    let client = t.connect(Some("alice"), handler.clone(), false).await;
+    let r = call(&client, "echo", echo_args("ended")).await;
+    let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(handler.list_changed.load(Ordering::SeqCst), 1, "offered");
+    match ended {
+        Ended::DeclinedAtCheckout => {
+            t.env.ok(&["sessions", "decline", &id]).await;
+        }
+        Ended::Expired => expire(&t, &id).await,
+    }
+    let mut told = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if handler.list_changed.load(Ordering::SeqCst) == 2 {
+            told = true;
+            break;
+        }
+    }
+    assert!(told, "upkeep announced the withdrawal");
+    let listed: Vec<String> = client
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(!listed.contains(&format!("confirm_{id}")), "{listed:?}");
+    if let Some(status) = status {
+        let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
+        assert_eq!(intent.status.as_str(), status);
+    }
+    client.cancel().await.ok();
+    t.env.assert_ledger_ok().await;
+}
+
 on_both_backends! {
-    /// A confirm tool whose payment is declined at checkout is taken off
-    /// its session's list by upkeep, which tells the client, without the
-    /// client listing first.
     #[tokio::test]
     async fn upkeep_withdraws_a_declined_payments_confirm_tool_and_says_so() {
-        use std::sync::atomic::Ordering;
-        let t = InProcess::new(&pricing("dynamic_tools", "instance_lease = \"1s\"\n")).await;
-        let handler = t.client(Person::Ignores, Elicitation::None);
-        let client = t.connect(Some("alice"), handler.clone(), false).await;
-        let r = call(&client, "echo", echo_args("declined")).await;
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(handler.list_changed.load(Ordering::SeqCst), 1, "offered");
-        t.env.ok(&["sessions", "decline", &id]).await;
-        let mut told = false;
-        for _ in 0..60 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if handler.list_changed.load(Ordering::SeqCst) == 2 {
-                told = true;
-                break;
-            }
-        }
-        assert!(told, "upkeep announced the withdrawal");
-        let listed: Vec<String> = client
-            .list_all_tools()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|t| t.name.to_string())
-            .collect();
-        assert!(!listed.contains(&format!("confirm_{id}")), "{listed:?}");
-        client.cancel().await.ok();
-        t.env.assert_ledger_ok().await;
+        upkeep_withdraws_the_confirm_tool_of_a_payment(Ended::DeclinedAtCheckout, None).await;
     }
 }
 
 on_both_backends! {
-    /// A confirm tool whose payment expires unpaid is taken off its
-    /// session's list by upkeep, which tells the client, without the client
-    /// listing first.
     #[tokio::test]
     async fn upkeep_withdraws_an_expired_payments_confirm_tool_and_says_so() {
-        use std::sync::atomic::Ordering;
-        let t = InProcess::new(&pricing("dynamic_tools", "instance_lease = \"1s\"\n")).await;
-        let handler = t.client(Person::Ignores, Elicitation::None);
-        let client = t.connect(Some("alice"), handler.clone(), false).await;
-        let r = call(&client, "echo", echo_args("expired")).await;
-        let id = structured(&r)["payment_id"].as_str().unwrap().to_owned();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(handler.list_changed.load(Ordering::SeqCst), 1, "offered");
-        expire(&t, &id).await;
-        let mut told = false;
-        for _ in 0..60 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if handler.list_changed.load(Ordering::SeqCst) == 2 {
-                told = true;
-                break;
-            }
-        }
-        assert!(told, "upkeep announced the withdrawal");
-        let listed: Vec<String> = client
-            .list_all_tools()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|t| t.name.to_string())
-            .collect();
-        assert!(!listed.contains(&format!("confirm_{id}")), "{listed:?}");
-        let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
-        assert_eq!(intent.status.as_str(), "expired");
-        client.cancel().await.ok();
-        t.env.assert_ledger_ok().await;
+        upkeep_withdraws_the_confirm_tool_of_a_payment(Ended::Expired, Some("expired")).await;
     }
 }
 
