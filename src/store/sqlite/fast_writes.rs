@@ -199,15 +199,28 @@ struct Queue {
     checkpointer: mpsc::SyncSender<()>,
 }
 
-/// Wakes the writer thread when dropped holding it (see
-/// [`FastWriter::write`]).
-struct WakeWriter<'a>(Option<&'a mpsc::Sender<()>>);
+/// A queued write's answer, until its caller attends to it (see
+/// [`FastWriter::write`]). Dropped before that, it lets go of the answer
+/// (so the writer sees that nobody waits for it), then wakes the writer
+/// thread: in that order, or a hold could be made for nobody.
+struct Unattended<'a> {
+    outcome: Option<oneshot::Receiver<Outcome>>,
+    writer_thread: &'a mpsc::Sender<()>,
+}
 
-impl Drop for WakeWriter<'_> {
+impl Unattended<'_> {
+    /// The answer, no longer left to the writer thread alone.
+    fn attended(mut self) -> Option<oneshot::Receiver<Outcome>> {
+        self.outcome.take()
+    }
+}
+
+impl Drop for Unattended<'_> {
     fn drop(&mut self) {
-        if let Some(writer_thread) = self.0 {
+        if let Some(outcome) = self.outcome.take() {
+            drop(outcome);
             // Stopped: the queue is run by no one either way.
-            let _ = writer_thread.send(());
+            let _ = self.writer_thread.send(());
         }
     }
 }
@@ -268,15 +281,18 @@ impl FastWriter {
         // Dropped before the write is run or handed over (its call's client
         // went away), this wakes the writer thread, so that the write is run
         // now, not whenever another comes.
-        let mut unattended = WakeWriter(Some(&self.writer_thread));
+        let unattended = Unattended {
+            outcome: Some(outcome),
+            writer_thread: &self.writer_thread,
+        };
         let in_flight = InFlight::enter(&self.in_flight);
         // A lone write runs here, with no hand-off. Under concurrency the
         // writer thread runs them, on the other core, while this runtime
         // thread goes on serving the other calls.
         let run_here = self.combine && in_flight.alone;
         // Calls the runtime has ready get to queue their writes first, so
-        // that they share this commit. (A call dropped here leaves its write
-        // to whoever runs the queue next.)
+        // that they share this commit. (A call dropped here has its write
+        // run by the writer thread, through `unattended`.)
         let handed_over = if run_here {
             tokio::task::yield_now().await;
             self.queue.run(Runner::Caller) == Ran::Busy
@@ -284,7 +300,7 @@ impl FastWriter {
             true
         };
         let stopped = || StoreError::Corrupt("the store's writer has stopped".into());
-        unattended.0 = None;
+        let outcome = unattended.attended().ok_or_else(stopped)?;
         if handed_over {
             self.writer_thread.send(()).map_err(|_| stopped())?;
         }
