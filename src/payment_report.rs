@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::{
     money::{format_in, format_signed_in},
-    statement::printable,
+    statement::{describe_approval, printable},
     store::{HoldRecord, Intent, IntentStatus, LocalSession, StatementLine, StoredResult, rfc3339},
 };
 
@@ -155,14 +155,8 @@ fn describe_intent(out: &mut String, intent: &Intent) {
     }
     out.push('\n');
     if let Some(approval) = &intent.approval {
-        let _ = write!(out, "approval: {}", approval.status.as_str());
-        if let Some(by) = &approval.by {
-            let _ = write!(out, " by {}", printable(by));
-        }
-        if let Some(at) = approval.at {
-            let _ = write!(out, " at {}", rfc3339(at));
-        }
-        out.push('\n');
+        let described = describe_approval(approval.status, approval.by.as_deref(), approval.at);
+        let _ = writeln!(out, "approval: {described}");
     }
 }
 

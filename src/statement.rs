@@ -154,7 +154,11 @@ fn details(line: &StatementLine) -> String {
 }
 
 /// "approved by wallet:alice at 2026-11-21T10:00:00Z", "auto-approved".
-fn describe_approval(status: ApprovalStatus, by: Option<&str>, at: Option<i64>) -> String {
+pub(crate) fn describe_approval(
+    status: ApprovalStatus,
+    by: Option<&str>,
+    at: Option<i64>,
+) -> String {
     let mut text = match status {
         ApprovalStatus::AutoApproved => return "auto-approved under its threshold".into(),
         ApprovalStatus::Waiting => return "waiting for approval".into(),

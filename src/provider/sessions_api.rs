@@ -534,49 +534,23 @@ mod tests {
         // Nothing listens here: the POST never arrived, so it is retried, then
         // refused. No server sees a refused connection, so the retries are
         // counted from the ones `send` logs.
-        let retries = Arc::new(AtomicUsize::new(0));
-        let _counting = {
-            use tracing_subscriber::layer::SubscriberExt;
-            tracing::subscriber::set_default(
-                tracing_subscriber::registry().with(CountRetries(retries.clone())),
-            )
-        };
+        // (This thread's log only: the test's runtime is current-thread.)
+        let (log, _logging) = crate::testing::LogCapture::start();
         let provider = SessionsApiProvider::new("http://127.0.0.1:9", "key".into()).unwrap();
         assert!(matches!(
             provider.create_session(&request("1.00")).await,
             Err(ProviderError::Unavailable(_))
         ));
+        let retries = log
+            .text()
+            .lines()
+            .filter(|l| l.contains("tollgate::provider::sessions_api") && l.contains("retrying"))
+            .count();
         assert_eq!(
-            retries.load(Ordering::SeqCst),
+            retries,
             ATTEMPTS as usize - 1,
             "sent {ATTEMPTS} times in all"
         );
-    }
-
-    /// Counts `send`'s "retrying" events (this thread only: the test's
-    /// runtime is current-thread).
-    struct CountRetries(Arc<AtomicUsize>);
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountRetries {
-        fn on_event(
-            &self,
-            event: &tracing::Event<'_>,
-            _: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            let mut message = String::new();
-            event.record(
-                &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
-                    if field.name() == "message" {
-                        message = format!("{value:?}");
-                    }
-                },
-            );
-            if event.metadata().target() == "tollgate::provider::sessions_api"
-                && message.contains("retrying")
-            {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
     }
 
     #[tokio::test]

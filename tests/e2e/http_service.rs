@@ -1763,6 +1763,19 @@ async fn in_process_paying_through(
     crate::inproc::with_provider(pricing, |_, _| wrap(remote)).await
 }
 
+/// Moves intent `id`'s time `ago_ms` into the past, as if it had run out
+/// then (its remote session keeps its own time).
+async fn intent_past_its_time(a: &crate::inproc::InProcess, id: &str, ago_ms: i64) {
+    let sql = format!(
+        "UPDATE intents SET expires_at = {} WHERE id = '{id}'",
+        tollgate::store::now_ms() - ago_ms
+    );
+    assert_eq!(
+        tollgate::testing::execute(&a.env.db, &sql).await.unwrap(),
+        1
+    );
+}
+
 /// An anonymous `echo` call through `a` whose person declines the prompt:
 /// its client, the answer (`payment_declined`) and the intent as the
 /// decline left it.
@@ -1876,12 +1889,7 @@ on_both_backends! {
         let (client, r, intent) = declined_echo(&a, "no").await;
         assert!(text(&r).contains("a payment made there still counts"), "{}", text(&r));
         assert_eq!(intent.status.as_str(), "awaiting_payment");
-        let ended = format!(
-            "UPDATE intents SET expires_at = {} WHERE id = '{}'",
-            tollgate::store::now_ms() - 11 * 60_000,
-            intent.id
-        );
-        tollgate::testing::execute(&a.env.db, &ended).await.unwrap();
+        intent_past_its_time(&a, &intent.id, 11 * 60_000).await;
         a.gate.recover_interrupted(tollgate::store::now_ms() - 60_000).await.unwrap();
         let intent = a.gate.store().intent(&intent.id).await.unwrap().unwrap();
         assert_eq!(intent.status.as_str(), "expired");
@@ -2029,13 +2037,7 @@ on_both_backends! {
         let redeem = async |text: &str, id: &str| {
             call(&client, "echo", json!({"text": text, "payment_id": id})).await
         };
-        let expire = async |id: &str, ago_ms: i64| {
-            let sql = format!(
-                "UPDATE intents SET expires_at = {} WHERE id = '{id}'",
-                tollgate::store::now_ms() - ago_ms
-            );
-            tollgate::testing::execute(&a.env.db, &sql).await.unwrap();
-        };
+        let expire = async |id: &str, ago_ms: i64| intent_past_its_time(&a, id, ago_ms).await;
         let status = async |id: &str| {
             a.gate.store().intent(id).await.unwrap().unwrap().status.as_str().to_owned()
         };
@@ -2131,12 +2133,7 @@ on_both_backends! {
         assert_eq!(text(&r), "second", "{r:?}");
         // A day past its time, it is given up as never paid (a status this
         // tollgate cannot read held it open for ever).
-        let past = format!(
-            "UPDATE intents SET expires_at = {} WHERE id = '{}'",
-            tollgate::store::now_ms() - 2 * 24 * 3_600_000,
-            sessions[0].0
-        );
-        tollgate::testing::execute(&a.env.db, &past).await.unwrap();
+        intent_past_its_time(&a, &sessions[0].0, 2 * 24 * 3_600_000).await;
         a.gate.recover_interrupted(tollgate::store::now_ms() - 60_000).await.unwrap();
         assert_eq!(status(&sessions[0].0).await.as_str(), "expired");
         client.cancel().await.ok();

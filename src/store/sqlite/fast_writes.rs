@@ -354,25 +354,19 @@ enum Ran {
 }
 
 impl Queue {
-    /// Runs what is queued if the connection is free. A caller that finds it
-    /// busy leaves its write to the holder, which looks at the queue again
-    /// after letting go of the connection: a write queued before a failed
-    /// `try_lock` is always seen.
     /// Rolls back a transaction a panicking write left open, so that the
     /// writer does not keep SQLite's write lock from the other connections
     /// until the next write comes.
     fn roll_back_open_transaction(&self) {
-        let conn = match self.conn.lock() {
-            Ok(conn) => conn,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if !conn.is_autocommit()
-            && let Err(e) = conn.execute_batch("ROLLBACK")
-        {
+        if let Err(e) = roll_back_left_open(&lock(&self.conn)) {
             tracing::error!("cannot roll back the writer's transaction: {e}");
         }
     }
 
+    /// Runs what is queued if the connection is free. A caller that finds it
+    /// busy leaves its write to the holder, which looks at the queue again
+    /// after letting go of the connection: a write queued before a failed
+    /// `try_lock` is always seen.
     fn run(&self, runner: Runner) -> Ran {
         loop {
             let conn = match self.conn.try_lock() {
@@ -509,6 +503,18 @@ fn run(conn: &Connection, batch: Vec<Queued>, runner: Runner) -> Result<(), Vec<
     Ok(())
 }
 
+/// Rolls back a transaction left open on the writer's connection (a write
+/// that panicked, a COMMIT and a ROLLBACK that both failed). It would
+/// swallow every later write (a lone write would be answered as done inside
+/// it and never committed), and keep SQLite's write lock meanwhile.
+fn roll_back_left_open(conn: &Connection) -> rusqlite::Result<()> {
+    if !conn.is_autocommit() {
+        tracing::warn!("the writer's connection had a transaction left open: rolled back");
+        control(conn, "ROLLBACK")?;
+    }
+    Ok(())
+}
+
 /// Runs a transaction-control statement (`BEGIN`, `COMMIT`, savepoints),
 /// kept prepared: parsing it anew each time was a measurable share of a
 /// lone write.
@@ -523,13 +529,7 @@ fn run_batch<'a>(
     conn: &Connection,
     batch: impl ExactSizeIterator<Item = &'a FastWrite>,
 ) -> rusqlite::Result<Vec<Outcome>> {
-    if !conn.is_autocommit() {
-        // A transaction left open (a write that panicked, a COMMIT and a
-        // ROLLBACK that both failed) would swallow every later write: a lone
-        // write would be answered as done inside it and never committed.
-        tracing::warn!("the writer's connection had a transaction left open: rolled back");
-        control(conn, "ROLLBACK")?;
-    }
+    roll_back_left_open(conn)?;
     let mut batch = batch.peekable();
     if batch.len() == 1
         && let Some(write) = batch.next_if(|write| !matches!(write, FastWrite::Op(_)))

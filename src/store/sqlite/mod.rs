@@ -183,8 +183,7 @@ where
 fn start_up_contention(e: &StoreError) -> bool {
     match e {
         StoreError::Unavailable(e) => busy(e),
-        StoreError::Migrate(MigrateError::Execute(e)) => busy(e) || applied_by_another(e),
-        StoreError::Migrate(MigrateError::ExecuteMigration(e, _)) => {
+        StoreError::Migrate(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) => {
             busy(e) || applied_by_another(e)
         }
         _ => false,
