@@ -341,7 +341,21 @@ impl Gate {
                         }
                         true
                     }
-                    Ok(_) => false,
+                    // Over there (declined, cancelled or expired at
+                    // checkout): ended here too, so that it no longer
+                    // takes one of its caller's open-payment places.
+                    Ok(state) => {
+                        let (to, _, _) = self
+                            .ending_at_the_providers_word(&intent, state.status)
+                            .await;
+                        if let Err(e) = self.end_reported(&intent, to, false).await {
+                            tracing::warn!(
+                                payment_id = intent.id,
+                                "a confirm tool's payment, over at its provider, not ended here: {e}"
+                            );
+                        }
+                        false
+                    }
                     Err(_) => return Outcome::Unanswered,
                 }
             }

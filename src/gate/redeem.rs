@@ -416,20 +416,8 @@ impl Gate {
             // the provider (a remote one, on the remote's clock): cancelled
             // there before the caller is told it expired, or a payment made
             // there after that answer would be taken for nothing.
-            SessionStatus::Pending | SessionStatus::Expired => {
-                (IntentStatus::Expired, code::PAYMENT_EXPIRED, "expired")
-            }
-            SessionStatus::Failed => {
-                let by = format!("provider {}", intent.provider);
-                self.record_decision(intent, ApprovalStatus::Declined, &by)
-                    .await;
-                (IntentStatus::Declined, code::PAYMENT_FAILED, "failed")
-            }
-            SessionStatus::Cancelled => (
-                IntentStatus::Cancelled,
-                code::PAYMENT_CANCELLED,
-                "cancelled",
-            ),
+            SessionStatus::Pending => (IntentStatus::Expired, code::PAYMENT_EXPIRED, "expired"),
+            over => self.ending_at_the_providers_word(intent, over).await,
         };
         let still_open = state.status == SessionStatus::Pending;
         match self.end_reported(intent, to, still_open).await {
@@ -441,6 +429,31 @@ impl Gate {
             }
             // Not ended: a payment made meanwhile still counts.
             Err(e) => Step::Unconfirmed(e.to_string()),
+        }
+    }
+
+    /// What an intent still awaiting payment ends as, its provider having
+    /// reported its session `over` (failed, cancelled or expired there):
+    /// `(status, error code, status word)`. A failed payment is recorded as
+    /// the provider's decline of the intent's approval, if it had one.
+    pub(super) async fn ending_at_the_providers_word(
+        &self,
+        intent: &Intent,
+        over: SessionStatus,
+    ) -> (IntentStatus, &'static str, &'static str) {
+        match over {
+            SessionStatus::Failed => {
+                let by = format!("provider {}", intent.provider);
+                self.record_decision(intent, ApprovalStatus::Declined, &by)
+                    .await;
+                (IntentStatus::Declined, code::PAYMENT_FAILED, "failed")
+            }
+            SessionStatus::Cancelled => (
+                IntentStatus::Cancelled,
+                code::PAYMENT_CANCELLED,
+                "cancelled",
+            ),
+            _ => (IntentStatus::Expired, code::PAYMENT_EXPIRED, "expired"),
         }
     }
 

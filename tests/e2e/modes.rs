@@ -879,7 +879,7 @@ async fn upkeep_withdraws_the_confirm_tool_of_a_payment(ended: Ended, status: Op
 on_both_backends! {
     #[tokio::test]
     async fn upkeep_withdraws_a_declined_payments_confirm_tool_and_says_so() {
-        upkeep_withdraws_the_confirm_tool_of_a_payment(Ended::DeclinedAtCheckout, None).await;
+        upkeep_withdraws_the_confirm_tool_of_a_payment(Ended::DeclinedAtCheckout, Some("declined")).await;
     }
 }
 
