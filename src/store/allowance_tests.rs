@@ -4,9 +4,11 @@
 
 use std::sync::Arc;
 
-use super::tests::{assert_sound, available, hold_request, revenue, session, store, units, usd};
+use super::tests::{
+    assert_sound, available, hold_request, intent, outcome, revenue, session, store, units, usd,
+};
 use super::*;
-use crate::allowance::{Limit, Limits, day_start};
+use crate::allowance::{Limit, Limits, day_start, month_start};
 
 fn limits(per_call: Option<&str>, daily: Option<&str>, tools: Option<&[&str]>) -> Limits {
     Limits {
@@ -201,5 +203,68 @@ mod caps_under_64_concurrent_calls {
             let result = concurrent_caps_case(cap, amounts);
             prop_assert!(result.is_ok(), "{}", result.unwrap_err());
         }
+    }
+}
+
+crate::on_both_backends! {
+    /// A payment made just before a day (or month) ends can land after
+    /// another has started the next: a write queued behind others, or
+    /// another instance. It is then counted in the period under way, and
+    /// whatever it does not charge is given back to that period: a released
+    /// hold, a capture below its hold, a session's payment refunded. (Each
+    /// used to give back nothing, leaving the new period's cap short.)
+    #[tokio::test]
+    async fn a_payment_counted_in_the_next_period_gives_back_to_it() {
+        let (place, store) = store().await;
+        let wallet = AccountRef::wallet("w", &usd());
+        store.topup(&wallet, units("10.00"), None).await.unwrap();
+        let caps = Limits {
+            daily: Some(units("5.00")),
+            monthly: Some(units("9.00")),
+            ..Limits::default()
+        };
+        store.set_limits(&wallet, &caps).await.unwrap();
+        // As if a payment made at the start of the next month had landed
+        // first: the counters are in that day and that month.
+        let next_month = month_start(month_start(now_ms()) + 40 * 86_400_000);
+        let moved = crate::testing::execute(
+            &place.db.url,
+            &format!(
+                "UPDATE accounts SET spent_day_start = {next_month}, spent_day = 1000000,
+                        spent_month_start = {next_month}, spent_month = 1000000
+                 WHERE kind = 'wallet' AND name = 'w'"
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(moved, 1);
+        let counted = |store: Arc<dyn Store>| async move {
+            let spent = store.limits("w").await.unwrap()[0].spent;
+            assert_eq!((spent.day_start, spent.month_start), (next_month, next_month));
+            (spent.day, spent.month)
+        };
+
+        assert_eq!(store.hold(&hold_request("h1", "w", "0.40")).await.unwrap(), HoldOutcome::Held);
+        assert_eq!(counted(store.clone()).await, (units("1.40"), units("1.40")));
+        store.release("h1").await.unwrap();
+        assert_eq!(counted(store.clone()).await, (units("1.00"), units("1.00")), "released");
+
+        assert_eq!(store.hold(&hold_request("h2", "w", "0.40")).await.unwrap(), HoldOutcome::Held);
+        store.capture("h2", &Charge::whole(revenue(), units("0.10"))).await.unwrap();
+        assert_eq!(counted(store.clone()).await, (units("1.10"), units("1.10")), "captured 0.10");
+
+        store.create_session(&session("s", now_ms() + 60_000)).await.unwrap();
+        store.create_intent(&intent("s"), &OpenLimit::NONE).await.unwrap();
+        store.pay_session("s", Some("w"), now_ms()).await.unwrap();
+        assert_eq!(counted(store.clone()).await, (units("1.15"), units("1.15")), "paid 0.05");
+        let funding = Funding::InClearing {
+            refund_to: Some(wallet.clone()),
+        };
+        assert!(store.claim_paid_intent("s", &funding).await.unwrap());
+        store.finish_intent(&outcome("s", false)).await.unwrap();
+        assert_eq!(counted(store.clone()).await, (units("1.10"), units("1.10")), "refunded");
+
+        assert_eq!(available(&*store, "w").await, units("9.90"));
+        assert_sound(&*store).await;
     }
 }

@@ -848,6 +848,7 @@ where
                 )));
             }
         };
+        let mut paid_at = now;
         if let Some(wallet) = from_wallet {
             let row = tx.fetch_one(statement!(locks.wallet, source_id)).await?;
             // The wallet's limits, checked and counted on its locked row.
@@ -870,12 +871,19 @@ where
             if available < session.amount.0 {
                 return Err(StoreError::insufficient(wallet, session, available));
             }
+            // Counters already in a later day or month (a payment made just
+            // before midnight, landing after one made after it) count this
+            // one in theirs: it is paid at that period's start, so that a
+            // refund gives back to the period it was counted in.
+            paid_at = now
+                .max(limits.spent.day_start)
+                .max(limits.spent.month_start);
             tx.execute(statement!(
                 sql::COUNT_SPEND,
                 source_id,
                 session.amount.0,
-                day_start(now),
-                month_start(now)
+                day_start(paid_at),
+                month_start(paid_at)
             ))
             .await?;
         }
@@ -899,7 +907,7 @@ where
             ],
         )
         .await?;
-        tx.execute(statement!(sql::MARK_SESSION_PAID, id, source_id, now))
+        tx.execute(statement!(sql::MARK_SESSION_PAID, id, source_id, paid_at))
             .await?;
         tx.commit().await?;
         Ok(posted)

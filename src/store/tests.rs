@@ -8,7 +8,7 @@ use crate::testing::TestDb;
 
 /// Keeps a test's database (and its directory) alive.
 pub(super) struct Place {
-    db: TestDb,
+    pub(super) db: TestDb,
     _dir: tempfile::TempDir,
 }
 
@@ -205,7 +205,7 @@ pub(super) fn session(id: &str, expires_at: i64) -> LocalSession {
     }
 }
 
-fn outcome(id: &str, succeeded: bool) -> IntentOutcome {
+pub(super) fn outcome(id: &str, succeeded: bool) -> IntentOutcome {
     IntentOutcome {
         intent_id: id.into(),
         succeeded,

@@ -142,9 +142,15 @@ type Outcome = Result<bool, StoreError>;
 /// The hold: the balance check, the wallet's limits (in the periods of
 /// the hold's `created_at`, as the `holds_reserve` trigger counts them) and
 /// the reservation, in one statement.
+///
+/// A hold that lands after the wallet's counters have moved into a later
+/// day or month (made just before midnight, queued behind a later one) is
+/// counted in that period, and made at its start: a release then gives the
+/// amount back to the counters it went into (see `holds_end`).
 const HOLD: &str = "INSERT INTO holds (id, account_id, amount, status, principal, tool, args_hash, created_at, expires_at,
                                        agent, metadata, owner)
-     SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, ?6, ?7, ?9, ?10, ?11 FROM accounts
+     SELECT ?1, id, ?2, 'open', ?3, ?4, ?5, max(?6, spent_day_start, spent_month_start), ?7, ?9, ?10, ?11
+     FROM accounts
      WHERE kind = 'wallet' AND name = ?3 AND currency = ?8 AND balance - held >= ?2
        AND (per_call_max IS NULL OR ?2 <= per_call_max)
        AND (allowed_tools IS NULL OR EXISTS (SELECT 1 FROM json_each(allowed_tools) WHERE value = ?4))
