@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// The longest duration a setting may take (ten years).
-const LONGEST_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+pub(crate) const LONGEST_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 /// `approval_threshold` when none is set, in the currency's minor units.
 const DEFAULT_APPROVAL_MINOR_UNITS: i64 = 500;

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use super::{CallScope, Gate, PricedCall, catalog::Entry, recording, reply};
 use crate::{
+    config::LONGEST_DURATION,
     money::{Units, format_in},
     receipt::ReceiptClaims,
     store::{
@@ -38,8 +39,14 @@ impl Gate {
         }
         let payment_id = new_payment_id();
         // Longer than the run may take (an upstream's timeout), so that
-        // the expiry sweep cannot end the hold under a run still going.
-        let run_limit = entry.backend.run_limit().map(|limit| limit + HOLD_MARGIN);
+        // the expiry sweep cannot end the hold under a run still going. A
+        // backend's limit is taken at most as long as a configured one may
+        // be (the embedding API's is not checked): a deadline past that
+        // would not fit the store's milliseconds.
+        let run_limit = entry
+            .backend
+            .run_limit()
+            .map(|limit| limit.min(LONGEST_DURATION) + HOLD_MARGIN);
         let ttl = HOLD_TTL
             .max(self.settings.payment_ttl)
             .max(run_limit.unwrap_or_default());

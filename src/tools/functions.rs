@@ -272,7 +272,7 @@ impl ToolBackend for FnTools {
             // A handler that blocks (no await) cannot be stopped, only
             // found late once it returns: well past the limit, it fails
             // all the same.
-            Ok(result) if started.elapsed() <= limit + slack => result,
+            Ok(result) if started.elapsed() <= limit.saturating_add(slack) => result,
             Ok(_) => CallToolResult::error(vec![ContentBlock::text(format!(
                 "`{tool}` ran past its limit of {}s without yielding; nothing was charged",
                 limit.as_secs_f64()

@@ -502,6 +502,36 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    /// A run limit too long to be a deadline (`Duration::MAX`: "no limit")
+    /// is taken as the longest one a configuration may give: the call runs
+    /// and is charged. (It used to panic, adding the hold's margin.)
+    #[tokio::test]
+    async fn an_embedded_run_limit_of_forever_runs_and_charges() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let pricing = resubmit_pricing(&env, &["nap"]);
+        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
+            .expect("pricing")
+            .tool("nap", "Sleeps for a while.", |i: Index| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
+                "rested".to_owned()
+            })
+            .run_limit(std::time::Duration::MAX)
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let alice = crate::harness::embedded_client(&tollgate, "alice").await;
+        let r = crate::harness::call(&alice, "nap", json!({"at": 10})).await;
+        assert_eq!(text(&r), "rested", "{r:?}");
+        assert_eq!(payment_meta(&r)["status"], "paid");
+        assert_eq!(env.available("alice").await, "0.90");
+        alice.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
+
+on_both_backends! {
     /// A fast-path call answered without its result ("nothing was
     /// charged") whose hold was not given back before the server stopped
     /// is given back when it starts again, from the note left beside the
