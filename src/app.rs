@@ -273,11 +273,7 @@ where
     tokio::spawn(async move {
         while let Some(alive) = owner.upgrade() {
             if let Err(panic) = AssertUnwindSafe(pass(alive)).catch_unwind().await {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let why = crate::sync::panic_message(&*panic);
                 tracing::error!("an upkeep pass failed (it runs again next time): {why}");
             }
             tokio::time::sleep(period).await;

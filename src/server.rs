@@ -2,12 +2,14 @@
 
 use std::{
     borrow::Cow,
+    panic::AssertUnwindSafe,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
 };
 
+use futures::FutureExt;
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     model::{
@@ -191,7 +193,23 @@ impl ServerHandler for TollgateServer {
             progress_sent: Default::default(),
         };
         let tool = request.name.to_string();
-        let response = self.gate.call(&scope, request).await;
+        // A defect in the gate that panics is answered, not left as a call
+        // the client waits on for ever. What it had done stands: a hold it
+        // made is swept when it expires, a run it claimed is recovered.
+        let response = match AssertUnwindSafe(self.gate.call(&scope, request))
+            .catch_unwind()
+            .await
+        {
+            Ok(response) => response,
+            Err(panic) => {
+                let why = crate::sync::panic_message(&*panic);
+                tracing::error!(tool, "handling a call failed unexpectedly: {why}");
+                Err(McpError::internal_error(
+                    format!("tollgate failed unexpectedly handling this call to `{tool}`"),
+                    None,
+                ))
+            }
+        };
         crate::http::metrics::record_call(
             &self.gate.tool_label(&tool),
             self.gate.mode_label(&tool),

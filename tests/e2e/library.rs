@@ -501,6 +501,81 @@ on_both_backends! {
     }
 }
 
+/// A backend whose argument check panics: a defect in code the gate runs
+/// before the tool, outside the tool's own run.
+struct PanicsWhenChecked;
+
+#[async_trait::async_trait]
+impl tollgate::tools::ToolBackend for PanicsWhenChecked {
+    fn tools(&self) -> Vec<rmcp::model::Tool> {
+        let schema = json!({"type": "object"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        vec![rmcp::model::Tool::new(
+            "brittle",
+            "Breaks when checked.",
+            std::sync::Arc::new(schema),
+        )]
+    }
+    fn validate(
+        &self,
+        _tool: &str,
+        _args: &rmcp::model::JsonObject,
+    ) -> Result<(), tollgate::tools::ArgumentError> {
+        panic!("a defect in the argument check")
+    }
+    async fn call(
+        &self,
+        _tool: &str,
+        _args: rmcp::model::JsonObject,
+        _context: &tollgate::tools::CallContext,
+    ) -> rmcp::model::CallToolResult {
+        rmcp::model::CallToolResult::success(vec![rmcp::model::ContentBlock::text("ran")])
+    }
+}
+
+on_both_backends! {
+    /// A call whose handling panics in the gate (not in the tool) gets an
+    /// internal error, and the session goes on serving. It used to be left
+    /// unanswered: the client waited for ever.
+    #[tokio::test]
+    async fn a_call_the_gate_fails_on_unexpectedly_is_answered() {
+        let env = Env::new("resubmit");
+        env.topup("alice", "1.00").await;
+        let pricing = resubmit_pricing(&env, &["brittle", "nap"]);
+        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
+            .expect("pricing")
+            .tool("nap", "Sleeps for a while.", |i: Index| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
+                "rested".to_owned()
+            })
+            .backend(std::sync::Arc::new(PanicsWhenChecked))
+            .store_url(env.db.clone())
+            .build()
+            .await
+            .expect("build");
+        let alice = crate::harness::embedded_client(&tollgate, "alice").await;
+        let brittle = rmcp::model::CallToolRequestParams::new("brittle")
+            .with_arguments(json!({}).as_object().cloned().unwrap_or_default());
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), alice.call_tool(brittle))
+            .await
+            .expect("answered");
+        match answer {
+            Err(rmcp::ServiceError::McpError(e)) => {
+                assert_eq!(e.code, rmcp::model::ErrorCode::INTERNAL_ERROR, "{e:?}");
+                assert!(e.message.contains("failed unexpectedly"), "{e:?}");
+            }
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+        let r = crate::harness::call(&alice, "nap", json!({"at": 1})).await;
+        assert_eq!(text(&r), "rested", "still serving");
+        assert_eq!(env.available("alice").await, "0.90");
+        alice.cancel().await.ok();
+        env.assert_ledger_ok().await;
+    }
+}
+
 on_both_backends! {
     /// A run limit too long to be a deadline (`Duration::MAX`: "no limit")
     /// is taken as the longest one a configuration may give: the call runs
