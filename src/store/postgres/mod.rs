@@ -17,6 +17,7 @@
 //! wallet has a row to lock like any other.
 
 mod batch;
+mod clock;
 
 use std::{future::Future, str::FromStr, sync::Arc, time::Duration};
 
@@ -43,6 +44,8 @@ pub struct PgStore {
     db: Portable<Postgres>,
     /// Holds, captures and releases, batched under load.
     fast_path: Arc<batch::Batches>,
+    /// Whether this host's clock agrees with the database's.
+    clock_check: clock::ClockCheck,
 }
 
 /// PostgreSQL rolled the whole transaction back and says trying again may
@@ -135,7 +138,11 @@ impl PgStore {
         migrating.close().await?;
         let db = Portable::new(pool);
         let fast_path = batch::Batches::new(db.pool.clone());
-        Ok(Self { db, fast_path })
+        Ok(Self {
+            db,
+            fast_path,
+            clock_check: clock::ClockCheck::default(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -694,7 +701,9 @@ impl Store for PgStore {
     /// The lease runs as long as asked, from the database's clock.
     async fn heartbeat(&self, now: i64, alive_until: i64) -> Result<(), StoreError> {
         retrying(|| async {
+            let asked = now_ms();
             let db_now = self.clock().await?;
+            self.clock_check.observe(db_now, asked, now_ms());
             self.db
                 .heartbeat(db_now, db_now.saturating_add(alive_until - now))
                 .await
