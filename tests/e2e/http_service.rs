@@ -2246,3 +2246,41 @@ tollgate::on_postgres! {
         server.env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    /// The checkout page logs who paid, and why it refused: a key that is
+    /// not valid, one without the scope, too little money. (A
+    /// current-thread runtime: the server's logs are this thread's.)
+    #[tokio::test]
+    async fn the_checkout_page_logs_who_paid_and_its_refusals() {
+        let (log, _logging) = tollgate::testing::LogCapture::start();
+        let server = HttpServer::start(&two_step_pricing()).await;
+        server.env.topup("erin", "1.00").await;
+        server.env.topup("poor", "0.01").await;
+        let erin_key = server.key("erin", &["mcp"]).await;
+        let poor_key = server.key("poor", &["mcp"]).await;
+        let reader = server.key("erin", &["sessions:read"]).await;
+        let anon = server.key("frank", &["mcp"]).await;
+        let client = server.mcp(Some(&anon), ()).await;
+        let r = call(&client, "divide", json!({"a": 1, "b": 1})).await;
+        let id = structured(&r)["payment_id"].as_str().expect("a payment id").to_owned();
+        for (key, status) in [("nonsense", 401), (reader.as_str(), 403), (poor_key.as_str(), 402), (erin_key.as_str(), 303)] {
+            let response = checkout_post(&server.base, &id, &[("action", "pay"), ("api_key", key)]).await;
+            assert_eq!(response.status(), status);
+        }
+        let text = log.text();
+        let of_this: Vec<&str> = text.lines().filter(|l| l.contains(&id)).collect();
+        let said = |words: &str| of_this.iter().any(|l| l.contains(words));
+        assert!(said("checkout refused an API key that is not valid"), "{text}");
+        assert!(said("checkout refused a key without the scope to pay or approve"), "{text}");
+        assert!(said("checkout refused: ") && said("payer=\"poor\""), "{text}");
+        assert!(
+            of_this.iter().any(|l| l.contains("done=\"paid\"") && l.contains("payer=\"erin\"")),
+            "{text}"
+        );
+        assert!(!text.contains(&erin_key) && !text.contains(&poor_key), "no key is logged");
+        assert_eq!(server.env.available("erin").await, "0.95");
+        client.cancel().await.ok();
+        server.env.assert_ledger_ok().await;
+    }
+}

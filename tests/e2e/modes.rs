@@ -1493,3 +1493,34 @@ on_both_backends! {
         t.env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    /// A paid slow-path run is logged by its payment id, worded as the
+    /// fast path's so that one grep finds every charge: charged, or
+    /// refunded and why.
+    #[tokio::test]
+    async fn a_slow_path_run_logs_its_charge_or_refund_by_payment_id() {
+        let (log, _logging) = tollgate::testing::LogCapture::start();
+        let t = InProcess::new(&pricing("two_step", "")).await;
+        t.env.topup("carol", "1.00").await;
+        let client = t.connect(Some("alice"), t.client(Person::Ignores, Elicitation::None), false).await;
+        let mut ids = Vec::new();
+        for (tool, args) in [("echo", echo_args("logged")), ("divide", json!({"a": 1, "b": 0}))] {
+            let r = call(&client, tool, args).await;
+            let id = structured(&r)["payment_id"].as_str().expect("a payment id").to_owned();
+            t.env.ok(&["sessions", "pay", &id, "--from", "carol"]).await;
+            let confirm = format!("confirm_{tool}_payment");
+            call(&client, &confirm, json!({"payment_id": id})).await;
+            ids.push(id);
+        }
+        let charged = log.lines_of(&ids[0]).join("\n");
+        assert!(charged.contains("charged (slow path, two_step)"), "{}", log.text());
+        assert!(charged.contains("amount=\"0.01\"") && charged.contains("principal=\"alice\""), "{charged}");
+        let refunded = log.lines_of(&ids[1]).join("\n");
+        assert!(refunded.contains("refunded: its tool failed (slow path, two_step)"), "{}", log.text());
+        assert!(!refunded.contains("charged"), "{refunded}");
+        assert_eq!(t.env.available("carol").await, "0.99");
+        client.cancel().await.ok();
+        t.env.assert_ledger_ok().await;
+    }
+}
