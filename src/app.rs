@@ -252,9 +252,14 @@ pub async fn spawn_upkeep(gate: &Arc<Gate>, upkeep: Upkeep) -> Result<(), AppErr
             }
         }
     });
+    // Two loops: the second asks remote providers, which may take minutes
+    // when one is slow, and the expiry sweep does not wait on it.
+    every_while_alive(weak.clone(), upkeep.every(), move |gate| async move {
+        sweep_pass(&gate, upkeep).await
+    });
     every_while_alive(weak, upkeep.every(), move |gate| {
         let lease = lease.clone();
-        async move { upkeep_pass(&gate, upkeep, &lease).await }
+        async move { settle_pass(&gate, upkeep, &lease).await }
     });
     Ok(())
 }
@@ -375,11 +380,15 @@ fn report_recovered(r: &Recovered) {
     }
 }
 
-/// One round of upkeep. Recovery runs only while this instance's own lease
-/// runs (looked at just before), and has for a lease since it was
-/// registered or last lapsed: otherwise it could not tell which instances
-/// are really gone.
-async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
+/// What upkeep keeps only for a while ends before this.
+fn kept_since(upkeep: Upkeep) -> i64 {
+    now_ms().saturating_sub(i64::try_from(upkeep.keep_results.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// One round of the store's own upkeep: holds and payments past their time
+/// are ended, and what is kept only for a while is pruned. It asks no
+/// provider, so a slow one cannot hold it up.
+async fn sweep_pass(gate: &Gate, upkeep: Upkeep) {
     let store = gate.store();
     match store.sweep_expired(now_ms()).await {
         Ok(0) => {}
@@ -389,14 +398,7 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
         }
         Err(e) => tracing::warn!("expiry sweep failed: {e}"),
     }
-    let before = now_ms() - upkeep.keep_results.as_millis() as i64;
-    if lease.held(upkeep.lease) {
-        match gate.recover_interrupted(before).await {
-            Ok(r) => report_recovered(&r),
-            Err(e) => tracing::warn!("crash recovery failed: {e}"),
-        }
-    }
-    match store.prune(before).await {
+    match store.prune(kept_since(upkeep)).await {
         Ok(pruned) if pruned == Pruned::default() => {}
         Ok(pruned) => tracing::info!(
             results = pruned.results,
@@ -407,7 +409,19 @@ async fn upkeep_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
         ),
         Err(e) => tracing::warn!("pruning failed: {e}"),
     }
-    // Last: it may wait on a remote provider.
+}
+
+/// One round of settling what calls left behind, which may wait on remote
+/// providers. Recovery runs only while this instance's own lease runs
+/// (looked at just before), and has for a lease since it was registered or
+/// last lapsed: otherwise it could not tell which instances are really gone.
+async fn settle_pass(gate: &Gate, upkeep: Upkeep, lease: &Lease) {
+    if lease.held(upkeep.lease) {
+        match gate.recover_interrupted(kept_since(upkeep)).await {
+            Ok(r) => report_recovered(&r),
+            Err(e) => tracing::warn!("crash recovery failed: {e}"),
+        }
+    }
     gate.end_due_confirm_tools(None).await;
 }
 

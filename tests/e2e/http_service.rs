@@ -2284,3 +2284,60 @@ on_both_backends! {
         server.env.assert_ledger_ok().await;
     }
 }
+
+on_both_backends! {
+    /// Upkeep that waits on a remote provider (here one that takes the
+    /// connection and never answers) does not hold up the expiry of holds:
+    /// a hold past its time gives its money back all the same. (Both were
+    /// one pass: the sweep waited until the remote's answer timed out.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_provider_that_hangs_does_not_hold_up_the_expiry_of_holds() {
+        use tollgate::store::{HoldOutcome, HoldRequest, now_ms};
+        let b = HttpServer::start(&two_step_pricing()).await;
+        let a = in_process_paying_through(&b, &crate::inproc::pricing("resubmit", ""), |inner| {
+            let wrapped = crate::inproc::Wrapped::new(inner);
+            wrapped.hanging_checks.store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+            Arc::new(wrapped)
+        })
+        .await;
+        let client = a.connect(None, a.client(Person::Ignores, Elicitation::None), false).await;
+        let r = call(&client, "echo", echo_args("never paid")).await;
+        let id = structured(&r)["payment_id"].as_str().expect("a payment id").to_owned();
+        // Past its time: upkeep asks the remote about it, and waits.
+        intent_past_its_time(&a, &id, 60_000).await;
+        let upkeep = tollgate::app::Upkeep {
+            lease: Duration::from_secs(1),
+            keep_results: Duration::from_secs(3600),
+        };
+        tollgate::app::spawn_upkeep(&a.gate, upkeep).await.expect("upkeep");
+        // Recovery starts once this instance has held its lease for a
+        // whole lease; then it hangs on the remote.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        a.env.topup("walt", "1.00").await;
+        let hold = HoldRequest {
+            hold_id: "pay_0123456789abcdef".into(),
+            principal: "walt".into(),
+            amount: tollgate::money::Units::parse("0.10").unwrap(),
+            currency: tollgate::money::Currency::parse("USD").unwrap(),
+            tool: "echo".into(),
+            args_hash: "h".into(),
+            expires_at: now_ms() - 1,
+            origin: Default::default(),
+        };
+        assert_eq!(a.gate.store().hold(&hold).await.unwrap(), HoldOutcome::Held);
+        assert_eq!(a.env.available("walt").await, "0.90");
+        let mut given_back = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if a.env.available("walt").await == "1.00" {
+                given_back = true;
+                break;
+            }
+        }
+        assert!(given_back, "the hold past its time was expired");
+        let intent = a.gate.store().intent(&id).await.unwrap().expect("intent");
+        assert_eq!(intent.status.as_str(), "awaiting_payment", "still waiting on the remote");
+        client.cancel().await.ok();
+        a.env.assert_ledger_ok().await;
+    }
+}
