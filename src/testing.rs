@@ -250,6 +250,17 @@ impl LogCapture {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// The lines logged since the last `take` (or the start), which are
+    /// no longer kept: for a long test that looks at what each step logged.
+    pub fn take(&self) -> String {
+        let bytes = self
+            .0
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     /// The lines that name payment `id`.
     pub fn lines_of(&self, id: &str) -> Vec<String> {
         let field = format!("payment_id=\"{id}\"");

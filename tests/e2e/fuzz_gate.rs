@@ -3,11 +3,15 @@
 //! calls (known and unknown tools, arguments of any shape, hostile strings,
 //! SQL- and path-looking payment ids, other principals' payment ids, odd
 //! `_meta`) go through an rmcp client to a real gate on SQLite. Each must
-//! get an answer: a result, or a JSON-RPC error for a tool that does not
-//! exist. An error result carries a known code, or is a tool's own error:
-//! with its hold released (or refunded), or of a free tool. Only answers
-//! that say `paid` are charged; no hold stays open; the server keeps
-//! answering; the ledger stays sound.
+//! get an answer within `CALL_TIMEOUT` (a hang fails, rather than stalls
+//! the run): a result, or, for a tool that does not exist, a JSON-RPC
+//! error "invalid params" or "method not found" (not a closed transport,
+//! nor any other error). An error result carries a known code, or is a
+//! tool's own error: with its hold released (or refunded), or of a free
+//! tool. A tool that panics (answered "failed unexpectedly", logged "the
+//! tool panicked") fails the run, as does any ERROR the gate logs. Only
+//! answers that say `paid` are charged; no hold stays open; the server
+//! keeps answering; the ledger stays sound.
 //!
 //! A plain `cargo test` runs 32 sequences; `TOLLGATE_FUZZ_SECS` runs as
 //! many as fit in that time (`scripts/fuzz`). A failing sequence is printed
@@ -20,14 +24,22 @@ use proptest::{
     strategy::ValueTree,
     test_runner::{Config as RunnerConfig, TestRunner},
 };
-use rmcp::model::{CallToolRequestParams, MetaObject, RequestMetaObject};
+use rmcp::{
+    ServiceError,
+    model::{CallToolRequestParams, ErrorCode, MetaObject, RequestMetaObject},
+};
 use serde_json::{Map, Value, json};
-use tollgate::{gate::reply::code, money::Units};
+use tollgate::{gate::reply::code, money::Units, testing::LogCapture};
 
 use crate::{
-    harness::{args, payment_meta, structured},
+    harness::{args, payment_meta, structured, text},
     inproc::{Elicitation, InProcess, Person},
 };
+
+/// How long a call may take. The slowest take well under a second (a
+/// payment id whose session is checked with the provider); a call still
+/// unanswered after this hangs.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 enum PaymentRef {
@@ -201,6 +213,10 @@ price = "0.03"
 
 struct Fuzzer {
     server: InProcess,
+    /// What the gate logs (the test runs on one thread, so all of it).
+    logs: LogCapture,
+    /// The slowest answer so far.
+    slowest: Duration,
     clients: [crate::inproc::Client; 2],
     issued: [Option<String>; 2],
     /// What alice's answers said she was charged, in micro-units.
@@ -208,7 +224,7 @@ struct Fuzzer {
 }
 
 impl Fuzzer {
-    async fn new() -> Self {
+    async fn new(logs: LogCapture) -> Self {
         let server = InProcess::new(&pricing()).await;
         server.env.topup("alice", "1000.00").await;
         let alice = server
@@ -227,6 +243,8 @@ impl Fuzzer {
             .await;
         Self {
             server,
+            logs,
+            slowest: Duration::ZERO,
             clients: [alice, bob],
             issued: [None, None],
             charged: 0,
@@ -261,11 +279,32 @@ impl Fuzzer {
             params.meta = Some(RequestMetaObject(MetaObject(meta.clone())));
         }
         let known = TOOLS.contains(&call.tool.as_str());
-        let r = match self.clients[call.caller].call_tool(params).await {
-            Ok(r) => r,
-            Err(_) if !known => return Ok(()),
-            Err(e) => return Err(format!("a known tool got a protocol error: {e}")),
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(CALL_TIMEOUT, self.clients[call.caller].call_tool(params)).await;
+        self.slowest = self.slowest.max(started.elapsed());
+        self.logged_nothing_wrong()?;
+        let r = match answer {
+            Err(_) => return Err(format!("no answer within {CALL_TIMEOUT:?}: the call hangs")),
+            Ok(Ok(r)) => r,
+            Ok(Err(ServiceError::McpError(e)))
+                if !known
+                    && (e.code == ErrorCode::INVALID_PARAMS
+                        || e.code == ErrorCode::METHOD_NOT_FOUND) =>
+            {
+                return Ok(());
+            }
+            Ok(Err(e)) if !known => {
+                return Err(format!(
+                    "an unknown tool got an error other than invalid params or method not \
+                     found: {e:?}"
+                ));
+            }
+            Ok(Err(e)) => return Err(format!("a known tool got a protocol error: {e}")),
         };
+        if text(&r).contains("failed unexpectedly") {
+            return Err(format!("the tool panicked: {r:?}"));
+        }
         let body = structured(&r);
         if let Some(id) = body["payment_id"].as_str()
             && (body["error"] == "payment_required" || body["status"] == "payment_required")
@@ -298,6 +337,21 @@ impl Fuzzer {
         Ok(())
     }
 
+    /// Fails on a panicking tool's log line, and on any ERROR logged
+    /// since the last look.
+    fn logged_nothing_wrong(&self) -> Result<(), String> {
+        let logged = self.logs.take();
+        let wrong: Vec<&str> = logged
+            .lines()
+            .filter(|l| l.contains("the tool panicked") || l.contains(" ERROR "))
+            .collect();
+        if wrong.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("the gate logged:\n{}", wrong.join("\n")))
+        }
+    }
+
     /// What must hold between sequences.
     async fn check(&self) -> Result<(), String> {
         let store = self.server.gate.store();
@@ -318,12 +372,12 @@ impl Fuzzer {
             return Err(format!("{} holds left open", stats.open_holds));
         }
         for client in &self.clients {
-            client
-                .list_tools(None)
+            tokio::time::timeout(CALL_TIMEOUT, client.list_tools(None))
                 .await
+                .map_err(|_| format!("tools/list unanswered within {CALL_TIMEOUT:?}"))?
                 .map_err(|e| format!("the server stopped answering: {e}"))?;
         }
-        Ok(())
+        self.logged_nothing_wrong()
     }
 }
 
@@ -337,10 +391,12 @@ fn budget() -> (Option<Duration>, usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On one thread, so that the log capture sees everything the gate logs.
+#[tokio::test]
 async fn random_tool_calls_get_clear_answers_and_charge_only_what_they_say() {
     tollgate::testing::select(tollgate::testing::Backend::Sqlite);
-    let mut fuzzer = Fuzzer::new().await;
+    let (logs, _guard) = LogCapture::start();
+    let mut fuzzer = Fuzzer::new(logs).await;
     let mut runner = TestRunner::new(RunnerConfig::default());
     let strategy = prop::collection::vec(fuzz_call(), 1..8);
     let (time, cases) = budget();
@@ -362,9 +418,10 @@ async fn random_tool_calls_get_clear_answers_and_charge_only_what_they_say() {
         ran += 1;
     }
     eprintln!(
-        "gate fuzz: {ran} sequences in {:.0?}; alice charged {} µ",
+        "gate fuzz: {ran} sequences in {:.0?}; alice charged {} µ; slowest answer {:.0?}",
         started.elapsed(),
-        fuzzer.charged
+        fuzzer.charged,
+        fuzzer.slowest
     );
     fuzzer.server.env.assert_ledger_ok().await;
 }
