@@ -2293,10 +2293,13 @@ on_both_backends! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_remote_provider_that_hangs_does_not_hold_up_the_expiry_of_holds() {
         use tollgate::store::{HoldOutcome, HoldRequest, now_ms};
+        use std::sync::atomic::Ordering::SeqCst;
         let b = HttpServer::start(&two_step_pricing()).await;
+        let checks_begun = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let a = in_process_paying_through(&b, &crate::inproc::pricing("resubmit", ""), |inner| {
-            let wrapped = crate::inproc::Wrapped::new(inner);
-            wrapped.hanging_checks.store(u32::MAX, std::sync::atomic::Ordering::SeqCst);
+            let mut wrapped = crate::inproc::Wrapped::new(inner);
+            wrapped.hanging_checks.store(u32::MAX, SeqCst);
+            wrapped.checks_begun = checks_begun.clone();
             Arc::new(wrapped)
         })
         .await;
@@ -2311,8 +2314,16 @@ on_both_backends! {
         };
         tollgate::app::spawn_upkeep(&a.gate, upkeep).await.expect("upkeep");
         // Recovery starts once this instance has held its lease for a
-        // whole lease; then it hangs on the remote.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // whole lease; then it hangs on the remote. The hold is made after.
+        let mut hanging = false;
+        for _ in 0..100 {
+            if checks_begun.load(SeqCst) > 0 {
+                hanging = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(hanging, "upkeep asked the remote about the payment past its time");
         a.env.topup("walt", "1.00").await;
         let hold = HoldRequest {
             hold_id: "pay_0123456789abcdef".into(),

@@ -353,6 +353,8 @@ pub struct Wrapped {
     /// A session the provider answers about with something unusable.
     pub unreadable: Arc<std::sync::Mutex<Option<String>>>,
     pub before_cancel: Option<BeforeCancel>,
+    /// How many checks of a session's state have begun.
+    pub checks_begun: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Wrapped {
@@ -365,6 +367,7 @@ impl Wrapped {
             refused_cancels: 0.into(),
             unreadable: Default::default(),
             before_cancel: None,
+            checks_begun: Default::default(),
         }
     }
 }
@@ -390,6 +393,8 @@ impl tollgate::provider::Provider for Wrapped {
         &self,
         id: &str,
     ) -> Result<tollgate::provider::SessionState, tollgate::provider::ProviderError> {
+        self.checks_begun
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if take_one(&self.failing_checks) {
             return Err(tollgate::provider::ProviderError::Unavailable(
                 "connection refused".into(),

@@ -415,6 +415,17 @@ struct Index {
     at: usize,
 }
 
+/// A tollgate over `pricing` with the embedded tool `nap`, which sleeps
+/// for `at` milliseconds and says "rested".
+fn napping(pricing: &str) -> tollgate::TollgateBuilder {
+    tollgate::Tollgate::from_pricing(pricing)
+        .expect("pricing")
+        .tool("nap", "Sleeps for a while.", |i: Index| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
+            "rested".to_owned()
+        })
+}
+
 on_both_backends! {
     /// A handler that panics on its input is a failed run: the caller is
     /// answered, and nothing is charged, on the fast path (the hold is
@@ -465,12 +476,7 @@ on_both_backends! {
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
         let pricing = resubmit_pricing(&env, &["nap", "doze"]);
-        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
-            .expect("pricing")
-            .tool("nap", "Sleeps for a while.", |i: Index| async move {
-                tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
-                "rested".to_owned()
-            })
+        let tollgate = napping(&pricing)
             .tool("doze", "Blocks its thread for a while.", |i: Index| async move {
                 std::thread::sleep(std::time::Duration::from_millis(i.at as u64));
                 "rested".to_owned()
@@ -544,12 +550,7 @@ on_both_backends! {
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
         let pricing = resubmit_pricing(&env, &["brittle", "nap"]);
-        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
-            .expect("pricing")
-            .tool("nap", "Sleeps for a while.", |i: Index| async move {
-                tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
-                "rested".to_owned()
-            })
+        let tollgate = napping(&pricing)
             .backend(std::sync::Arc::new(PanicsWhenChecked))
             .store_url(env.db.clone())
             .build()
@@ -585,12 +586,7 @@ on_both_backends! {
         let env = Env::new("resubmit");
         env.topup("alice", "1.00").await;
         let pricing = resubmit_pricing(&env, &["nap"]);
-        let tollgate = tollgate::Tollgate::from_pricing(&pricing)
-            .expect("pricing")
-            .tool("nap", "Sleeps for a while.", |i: Index| async move {
-                tokio::time::sleep(std::time::Duration::from_millis(i.at as u64)).await;
-                "rested".to_owned()
-            })
+        let tollgate = napping(&pricing)
             .run_limit(std::time::Duration::MAX)
             .store_url(env.db.clone())
             .build()

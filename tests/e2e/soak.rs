@@ -37,9 +37,8 @@ use std::{
 use rmcp::{
     ClientHandler, ErrorData as McpError, RoleClient, ServiceExt,
     model::{
-        CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig,
-        ElicitRequestParams, ElicitResult, ElicitationAction, ElicitationCapability,
-        FormElicitationCapability, Implementation,
+        CallToolResult, ClientCapabilities, ClientConfig, ElicitRequestParams, ElicitResult,
+        ElicitationAction, ElicitationCapability, FormElicitationCapability, Implementation,
     },
     service::{RequestContext, RunningService},
     transport::{
@@ -52,7 +51,7 @@ use tollgate::{
     store::{Cursor, IntentStatus, Pruned, now_ms},
 };
 
-use crate::{harness::*, inproc::config_for};
+use crate::{harness::*, http_service::call, inproc::config_for};
 
 /// How long results and ended unpaid intents are kept here.
 const KEEP_RESULTS_SECS: u64 = 15;
@@ -306,17 +305,6 @@ async fn connect<H: ClientHandler>(
     handler.serve(transport).await.expect("MCP over HTTP")
 }
 
-async fn call_as<H: ClientHandler>(
-    client: &RunningService<RoleClient, H>,
-    tool: &str,
-    arguments: Value,
-) -> CallToolResult {
-    client
-        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
-        .await
-        .unwrap_or_else(|e| panic!("call {tool} failed at the protocol level: {e}"))
-}
-
 /// Takes a call through the route its caller and tool must take: a
 /// confirm tool (`next_step`), or the same call again with the payment
 /// id, or a prompt answered inside the call. One in ten payments that
@@ -333,7 +321,7 @@ async fn drive<H: ClientHandler>(
     let (route, label) = route(caller, tool);
     let asked = || prompts.map_or(0, |p| p.load(Ordering::SeqCst));
     let asked_before = asked();
-    let first = call_as(client, tool, arguments.clone()).await;
+    let first = call(client, tool, arguments.clone()).await;
     let what = format!("{caller:?} {tool} {arguments} ({label})");
     let prompted = asked() - asked_before;
     assert_eq!(
@@ -369,12 +357,12 @@ async fn drive<H: ClientHandler>(
     }
     let paid = match next {
         // A dynamic confirm tool names its payment; two_step's takes it.
-        Some(next) if next.starts_with("confirm_pay_") => call_as(client, next, json!({})).await,
-        Some(next) => call_as(client, next, json!({ "payment_id": id })).await,
+        Some(next) if next.starts_with("confirm_pay_") => call(client, next, json!({})).await,
+        Some(next) => call(client, next, json!({ "payment_id": id })).await,
         None => {
             let mut again = arguments;
             again["payment_id"] = json!(id);
-            call_as(client, tool, again).await
+            call(client, tool, again).await
         }
     };
     assert_eq!(
