@@ -226,6 +226,38 @@ pub async fn serve_http(
     Ok((child, base))
 }
 
+/// A dispatcher that lives as long as the process, interested in every
+/// callsite "sometimes" and enabling nothing. `tracing` caches a callsite's
+/// interest for the whole process when a thread first reaches it; while one
+/// dispatcher is registered, it asks only that thread's default, and a
+/// thread of another test, with none, caches "never": a capture on this
+/// thread then never sees that log. With this one registered too, every
+/// live dispatcher is asked, "sometimes" wins, and each event is checked
+/// against the subscriber of the thread that logs it.
+struct Anchor;
+
+static ANCHOR: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+
+impl tracing::Subscriber for Anchor {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 /// What this thread logs while the guard lives, kept for a test to read
 /// (`tracing`'s default subscriber is per thread: a current-thread runtime
 /// sees all of its tasks' logs).
@@ -234,6 +266,9 @@ pub struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl LogCapture {
     pub fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+        // Before the capture's own dispatcher: with it there are two, so a
+        // callsite is never cached as of no interest (see `Anchor`).
+        ANCHOR.get_or_init(|| tracing::Dispatch::new(Anchor));
         let capture = Self::default();
         let writer = capture.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -281,5 +316,30 @@ impl std::io::Write for LogCapture {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A callsite another thread (with no subscriber) reaches first, while
+    /// a capture is live here, is still captured here: `tracing` caches a
+    /// callsite's interest for the whole process, and with one dispatcher
+    /// it asked that other thread's (none: "never"), so the log a test
+    /// looked for went missing when a test beside it ran the same code.
+    #[test]
+    fn a_capture_sees_what_another_thread_reached_first() {
+        fn log_it() {
+            tracing::info!("reached first on another thread");
+        }
+        let (log, _logging) = LogCapture::start();
+        std::thread::spawn(log_it).join().unwrap();
+        log_it();
+        assert!(
+            log.text().contains("reached first on another thread"),
+            "{}",
+            log.text()
+        );
     }
 }
