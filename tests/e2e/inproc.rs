@@ -69,6 +69,28 @@ pub struct TestClient {
     pub custom: Arc<Mutex<Vec<String>>>,
 }
 
+/// The first field a form elicitation asks for (its yes/no question).
+pub fn first_form_field(request: &ElicitRequestParams) -> Option<String> {
+    let ElicitRequestParams::FormElicitationParams {
+        requested_schema, ..
+    } = request
+    else {
+        return None;
+    };
+    serde_json::to_value(requested_schema).unwrap_or_default()["properties"]
+        .as_object()
+        .and_then(|p| p.keys().next().cloned())
+}
+
+/// An accept, answering `field` (a form's question) yes.
+pub fn accepting(field: Option<String>) -> ElicitResult {
+    let accept = ElicitResult::new(ElicitationAction::Accept);
+    match field {
+        Some(field) => accept.with_content(serde_json::json!({ field: true })),
+        None => accept,
+    }
+}
+
 /// The payment id a prompt or progress message names.
 pub fn payment_id_in(text: &str) -> Option<String> {
     let start = text.find("pay_")?;
@@ -169,27 +191,13 @@ impl ClientHandler for TestClient {
             ElicitRequestParams::UrlElicitationParams { elicitation_id, .. } => {
                 (Some(elicitation_id.clone()), None)
             }
-            ElicitRequestParams::FormElicitationParams {
-                message,
-                requested_schema,
-                ..
-            } => {
-                let schema = serde_json::to_value(requested_schema).unwrap_or_default();
-                let field = schema["properties"]
-                    .as_object()
-                    .and_then(|p| p.keys().next().cloned());
-                (payment_id_in(message), field)
+            ElicitRequestParams::FormElicitationParams { message, .. } => {
+                (payment_id_in(message), first_form_field(&request))
             }
             _ => (None, None),
         };
         self.prompts.lock().unwrap().push(request);
-        let accept = |field: Option<String>| {
-            let mut r = ElicitResult::new(ElicitationAction::Accept);
-            if let Some(field) = field {
-                r = r.with_content(serde_json::json!({ field: true }));
-            }
-            Ok(r)
-        };
+        let accept = |field: Option<String>| Ok(accepting(field));
         match self.person {
             Person::PaysAndAccepts => {
                 if let Some(id) = &id {

@@ -20,6 +20,12 @@ fn assert_ran(r: &rmcp::model::CallToolResult, expected: &str) {
     assert_eq!(payment_meta(r)["status"], "paid", "{r:?}");
 }
 
+/// The names of the tools `client` is offered now.
+async fn tool_names(client: &Client) -> Vec<String> {
+    let tools = client.list_all_tools().await.expect("tools/list");
+    tools.into_iter().map(|t| t.name.to_string()).collect()
+}
+
 async fn session_status(t: &InProcess, id: &str) -> String {
     let session = t.gate.store().session(id).await.unwrap().expect("session");
     session.status.as_str().to_owned()
@@ -860,13 +866,7 @@ async fn upkeep_withdraws_the_confirm_tool_of_a_payment(ended: Ended, status: Op
         }
     }
     assert!(told, "upkeep announced the withdrawal");
-    let listed: Vec<String> = client
-        .list_all_tools()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.name.to_string())
-        .collect();
+    let listed = tool_names(&client).await;
     assert!(!listed.contains(&format!("confirm_{id}")), "{listed:?}");
     if let Some(status) = status {
         let intent = t.gate.store().intent(&id).await.unwrap().expect("intent");
@@ -1037,13 +1037,7 @@ on_both_backends! {
         // One is paid in time, and its caller comes back after the time.
         t.env.ok(&["sessions", "pay", &ids[0]]).await;
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let listed: Vec<String> = a
-            .list_all_tools()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|t| t.name.to_string())
-            .collect();
+        let listed = tool_names(&a).await;
         let paid = format!("confirm_{}", ids[0]);
         assert_eq!(
             listed.len(),

@@ -38,7 +38,7 @@ use rmcp::{
     ClientHandler, ErrorData as McpError, RoleClient, ServiceExt,
     model::{
         CallToolResult, ClientCapabilities, ClientConfig, ElicitRequestParams, ElicitResult,
-        ElicitationAction, ElicitationCapability, FormElicitationCapability, Implementation,
+        ElicitationCapability, FormElicitationCapability, Implementation,
     },
     service::{RequestContext, RunningService},
     transport::{
@@ -276,19 +276,9 @@ impl ClientHandler for Eliciting {
         _context: RequestContext<RoleClient>,
     ) -> Result<ElicitResult, McpError> {
         self.prompts.fetch_add(1, Ordering::SeqCst);
-        let field = match &request {
-            ElicitRequestParams::FormElicitationParams {
-                requested_schema, ..
-            } => serde_json::to_value(requested_schema).unwrap_or_default()["properties"]
-                .as_object()
-                .and_then(|p| p.keys().next().cloned()),
-            _ => None,
-        };
-        let mut accept = ElicitResult::new(ElicitationAction::Accept);
-        if let Some(field) = field {
-            accept = accept.with_content(json!({ field: true }));
-        }
-        Ok(accept)
+        Ok(crate::inproc::accepting(crate::inproc::first_form_field(
+            &request,
+        )))
     }
 }
 
