@@ -15,7 +15,10 @@
 //! - `resubmit`: `echo` fails with a payment id; `echo` again with it gives
 //!   the text;
 //! - `fast`: `echo` gives the text (PayMCP's elicitation flow adds one
-//!   elicitation round trip, accepted at once).
+//!   elicitation round trip, accepted at once);
+//! - `free`: `word_count`, a tool neither server prices, gives the count:
+//!   no payment at all, so the server's MCP round trip alone, the floor
+//!   under every paid flow.
 //!
 //! A flow counts only if its own text ("hi-<n>") comes back, not as an
 //! error, with evidence that it was paid: tollgate's
@@ -48,14 +51,15 @@ enum Workload {
     TwoStep,
     Resubmit,
     Fast,
+    Free,
 }
 
 impl Workload {
     fn parse(s: &str) -> anyhow::Result<Self> {
-        [Self::TwoStep, Self::Resubmit, Self::Fast]
+        [Self::TwoStep, Self::Resubmit, Self::Fast, Self::Free]
             .into_iter()
             .find(|workload| workload.name() == s)
-            .with_context(|| format!("unknown workload {s:?}: two_step, resubmit or fast"))
+            .with_context(|| format!("unknown workload {s:?}: two_step, resubmit, fast or free"))
     }
 
     fn name(self) -> &'static str {
@@ -63,13 +67,14 @@ impl Workload {
             Self::TwoStep => "two_step",
             Self::Resubmit => "resubmit",
             Self::Fast => "fast",
+            Self::Free => "free",
         }
     }
 
     fn calls_per_flow(self) -> u32 {
         match self {
             Self::TwoStep | Self::Resubmit => 2,
-            Self::Fast => 1,
+            Self::Fast | Self::Free => 1,
         }
     }
 }
@@ -256,6 +261,18 @@ impl Session {
                 let result = self.call("echo", json!({ "text": want }))?;
                 check_paid_text(&result, want, self.elicitations > before)
             }
+            Workload::Free => {
+                let result = self.call("word_count", json!({ "text": want }))?;
+                ensure!(!is_error(&result), "an error result: {result}");
+                // PayMCP's FastMCP also puts the number in structured
+                // content; the text, "1", is common to both.
+                ensure!(text_of(&result) == "1", "expected 1 word, got: {result}");
+                ensure!(
+                    result["_meta"]["tollgate/payment"].is_null(),
+                    "a free call carried a payment: {result}"
+                );
+                Ok(())
+            }
         }
     }
 }
@@ -362,7 +379,7 @@ fn main() -> anyhow::Result<()> {
     let client_us = per_flow(client_before, cpu_time(std::process::id()));
     let rate = args.flows as f64 / elapsed;
     eprintln!(
-        "{} {}: {} paid flows in {elapsed:.3}s = {rate:.1} flows/s ({} tools/call per flow{}); \
+        "{} {}: {} flows in {elapsed:.3}s = {rate:.1} flows/s ({} tools/call per flow{}); \
          server CPU {server_us} µs/flow, this client's {client_us} µs/flow",
         args.label,
         args.workload.name(),

@@ -12,6 +12,8 @@ ONE COMPLETED PAID FLOW, however many MCP requests it takes:
             (2 tools/call)
   fast      echo -> text (1 tools/call; PayMCP's elicitation flow adds one
             server->client elicitation round trip, answered "accept" at once)
+  free      word_count -> "1" (1 tools/call to a tool neither server prices:
+            no payment at all, the server's MCP round trip alone)
 
 Each flow sends its own text ("hi-<n>") and counts only if that same text
 comes back, not as an error, with evidence that it was paid for:
@@ -149,6 +151,12 @@ class Runner:
             r = await self.s.call_tool("echo", {"text": want}, progress_callback=self.on_progress)
             asked = self.elicitations > e0 or self.progress_paid > p0
             check_paid_text(r, want, other_evidence=asked)
+        elif self.workload == "free":
+            r = await self.s.call_tool("word_count", {"text": want})
+            if r.isError or text_of(r) != "1":
+                raise FlowError(f"expected 1 word: {short(r)}")
+            if tollgate_status(r) is not None:
+                raise FlowError(f"a free call carried a payment: {short(r)}")
         else:
             raise SystemExit(f"unknown workload {self.workload}")
 
@@ -217,9 +225,9 @@ async def run(args) -> int:
     server_us = (
         f"{(cpu1 - cpu0) / max(done, 1) * 1e6:.0f}" if cpu0 is not None and cpu1 is not None else "na"
     )
-    mcp_calls = {"two_step": 2, "resubmit": 2, "fast": 1}[args.workload]
+    mcp_calls = {"two_step": 2, "resubmit": 2, "fast": 1, "free": 1}[args.workload]
     print(
-        f"{args.label} {args.workload}: {done}/{args.flows} paid flows completed in {elapsed:.3f}s "
+        f"{args.label} {args.workload}: {done}/{args.flows} flows completed in {elapsed:.3f}s "
         f"= {rate:.1f} flows/s (a 'call' = one completed paid flow = {mcp_calls} tools/call"
         + (f" + 1 elicitation" if runner.elicitations else "")
         + f"); client CPU {client_cpu / elapsed * 100:.0f}% of wall, server CPU {server_us} us/flow",
@@ -234,9 +242,9 @@ async def run(args) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(
         description="Drive a paid MCP stdio server through N sequential paid flows.",
-        usage="%(prog)s --workload {two_step,resubmit,fast} [--flows N] [--label L] -- SERVER_CMD [ARGS...]",
+        usage="%(prog)s --workload {two_step,resubmit,fast,free} [--flows N] [--label L] -- SERVER_CMD [ARGS...]",
     )
-    ap.add_argument("--workload", required=True, choices=["two_step", "resubmit", "fast"])
+    ap.add_argument("--workload", required=True, choices=["two_step", "resubmit", "fast", "free"])
     ap.add_argument("--flows", type=int, default=int(os.environ.get("BENCH_FLOWS", "2000")))
     ap.add_argument("--warmup", type=int, default=20, help="untimed flows first (default 20)")
     ap.add_argument("--label", default="server")

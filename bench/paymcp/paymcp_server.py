@@ -5,7 +5,9 @@ One priced tool, `echo {text}` at 0.01 USD, gated by PayMCP with its bundled
 mock provider (`paymcp.providers.MockPaymentProvider`, registered under the
 provider name "mock"). With `default_status="paid"` (its default) every
 payment it creates is born paid, so no human or network is involved: the
-analogue of tollgate's `[provider] kind = "mock"`.
+analogue of tollgate's `[provider] kind = "mock"`. One free tool,
+`word_count {text}`, unpriced as in tollgate's demo pricing: the MCP round
+trip alone.
 
 The payment flow (PayMCP's `Mode`) comes from `--mode` or `PAYMCP_MODE`
 (default `two_step`): auto, two_step, resubmit, elicitation, progress,
@@ -47,6 +49,13 @@ def main() -> None:
     async def echo(text: str, ctx: Context):
         """Echo the text back."""
         return text
+
+    # Unpriced, and shaped as `echo` is (no declared output, so no
+    # structured output to validate): the floor under PayMCP's flows.
+    @mcp.tool()
+    async def word_count(text: str, ctx: Context):
+        """Counts the words in a text."""
+        return str(len(text.split()))
 
     print(f"paymcp_server: mode={args.mode}", file=sys.stderr)
     mcp.run(transport="stdio")
