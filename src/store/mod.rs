@@ -1021,3 +1021,5 @@ pub(crate) fn parse_scopes(text: &str) -> Result<Vec<Scope>, StoreError> {
 mod allowance_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upgrade_tests;

@@ -627,7 +627,7 @@ fn fee_terms() -> crate::terms::Terms {
 }
 
 /// What an account's entries add up to.
-async fn posted(store: &dyn Store, kind: AccountKind, name: &str) -> i64 {
+pub(super) async fn posted(store: &dyn Store, kind: AccountKind, name: &str) -> i64 {
     let lines = store.statement(kind, name).await.expect("statement");
     lines.iter().map(|l| l.amount).sum()
 }
