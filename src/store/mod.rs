@@ -31,7 +31,15 @@ pub enum StoreError {
     #[error("payment system unavailable: {0}")]
     Unavailable(#[from] sqlx::Error),
     #[error("migrations failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
+    /// The database has a migration this build does not know: a newer
+    /// tollgate has written it, in a shape this one may misread.
+    #[error(
+        "this database was written by a newer tollgate: its migration {0} is unknown to this \
+         one, which cannot use it safely. Run that tollgate (or a newer one), or restore a \
+         backup from before the upgrade"
+    )]
+    WrittenByNewer(i64),
     #[error("{0} not found")]
     NotFound(String),
     #[error(
@@ -112,6 +120,17 @@ impl StoreError {
 }
 
 /// A session ends (without payment) only as failed, expired or cancelled.
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        match e {
+            sqlx::migrate::MigrateError::VersionMissing(version) => {
+                StoreError::WrittenByNewer(version)
+            }
+            other => StoreError::Migrate(other),
+        }
+    }
+}
+
 fn check_session_ending(to: SessionStatus) -> Result<(), StoreError> {
     if matches!(to, SessionStatus::Pending | SessionStatus::Paid) {
         return Err(StoreError::Invalid(format!(

@@ -358,6 +358,51 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
     env.assert_ledger_ok().await;
 }
 
+on_both_backends! {
+    /// A database a newer tollgate has migrated is refused, saying so and
+    /// what to do, and left as it was. (Rolled back after an upgrade, this
+    /// build would otherwise misread the newer shape.) Every cause of an
+    /// error is said once.
+    #[tokio::test]
+    async fn a_database_from_a_newer_tollgate_is_refused_saying_so() {
+        let env = Env::new("resubmit");
+        assert!(env.cli(&["wallet", "topup", "alice", "1.00"]).await.status.success());
+        let postgres = env.db.starts_with("postgres");
+        let checksum = if postgres { "decode('00', 'hex')" } else { "X'00'" };
+        let newer = format!(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from a newer tollgate', TRUE, {checksum}, 1)"
+        );
+        tollgate::testing::execute(&env.db, &newer).await.unwrap();
+        for args in [&["serve"][..], &["wallet", "balance", "alice"]] {
+            let out = env.cli(args).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} used it: {stderr}");
+            assert!(
+                stderr.contains("written by a newer tollgate: its migration 9999 is unknown")
+                    && stderr.contains("Run that tollgate (or a newer one)"),
+                "{args:?}: {stderr}"
+            );
+            assert_eq!(stderr.matches("9999").count(), 1, "said once: {stderr}");
+        }
+        let forget = "DELETE FROM _sqlx_migrations WHERE version = 9999";
+        assert_eq!(tollgate::testing::execute(&env.db, forget).await.unwrap(), 1);
+        let out = env.cli(&["wallet", "balance", "alice"]).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains("available 1.00 USD"), "{stdout}");
+
+        if postgres {
+            // sqlx says the database's message, then gives it as the cause.
+            let missing = tollgate::testing::database_url(&env.db, "tollgate_no_such_database");
+            let out = env.command().env("TOLLGATE_DB", &missing).args(["wallet", "balance", "alice"])
+                .stdin(std::process::Stdio::null()).output().await.unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert_eq!(stderr.matches("does not exist").count(), 1, "said once: {stderr}");
+        }
+    }
+}
+
 /// An in-memory SQLite store is refused at start, naming it: the store's
 /// own connections would each open another database (and one of them a
 /// file named after it), so every write failed with "no such table".
