@@ -361,10 +361,11 @@ async fn reading_commands_create_nothing_and_wallet_names_are_trimmed() {
 on_both_backends! {
     /// A database a newer tollgate has migrated is refused, saying so and
     /// what to do, and left as it was. (Rolled back after an upgrade, this
-    /// build would otherwise misread the newer shape.) Every cause of an
-    /// error is said once.
+    /// build would otherwise misread the newer shape.) On PostgreSQL, a
+    /// database that does not exist and a server that refuses the
+    /// connection each say so. Every cause of an error is said once.
     #[tokio::test]
-    async fn a_database_from_a_newer_tollgate_is_refused_saying_so() {
+    async fn a_database_it_cannot_use_is_refused_saying_why_once() {
         let env = Env::new("resubmit");
         assert!(env.cli(&["wallet", "topup", "alice", "1.00"]).await.status.success());
         let postgres = env.db.starts_with("postgres");
@@ -392,13 +393,25 @@ on_both_backends! {
         assert!(out.status.success() && stdout.contains("available 1.00 USD"), "{stdout}");
 
         if postgres {
-            // sqlx says the database's message, then gives it as the cause.
+            // A database that does not exist (sqlx says the server's message,
+            // then gives it as the cause), and a port nothing listens on (the
+            // pool would retry until its timeout and say only that).
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let refused = format!("postgres://postgres@{closed}/postgres");
             let missing = tollgate::testing::database_url(&env.db, "tollgate_no_such_database");
-            let out = env.command().env("TOLLGATE_DB", &missing).args(["wallet", "balance", "alice"])
-                .stdin(std::process::Stdio::null()).output().await.unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success());
-            assert_eq!(stderr.matches("does not exist").count(), 1, "said once: {stderr}");
+            for (db, why) in [(missing.as_str(), "does not exist"), (&refused, "refused")] {
+                let out = env
+                    .command()
+                    .env("TOLLGATE_DB", db)
+                    .args(["wallet", "balance", "alice"])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await
+                    .unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success(), "{db}");
+                assert_eq!(stderr.matches(why).count(), 1, "{db}, said once: {stderr}");
+            }
         }
     }
 }

@@ -111,18 +111,12 @@ impl PgStore {
             "statement_timeout",
             settings.statement_timeout.as_millis().to_string(),
         )]);
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .acquire_timeout(settings.connect_timeout)
-            // A connection the server dropped (restart, pg_terminate_backend)
-            // is found and replaced before a call uses it. The ping costs
-            // under 5% of fast-path throughput in the scale_out bench.
-            .test_before_acquire(true)
-            .connect_with(options)
-            .await?;
         // On a connection of its own, without the statement timeout: a
         // migration of a large table, or waiting for another instance's
-        // (the advisory lock), may rightly take longer than any call.
+        // (the advisory lock), may rightly take longer than any call. Made
+        // first: a server that refuses it says why (refused, no such
+        // database, bad password) at once, where the pool retries until its
+        // timeout and then says only that it timed out.
         let mut migrating =
             tokio::time::timeout(settings.connect_timeout, PgConnection::connect_with(&base))
                 .await
@@ -132,6 +126,15 @@ impl PgStore {
                         "connecting to apply the migrations timed out",
                     )))
                 })??;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.connect_timeout)
+            // A connection the server dropped (restart, pg_terminate_backend)
+            // is found and replaced before a call uses it. The ping costs
+            // under 5% of fast-path throughput in the scale_out bench.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations/postgres")
             .run_direct(&mut migrating)
             .await?;
