@@ -400,14 +400,8 @@ on_both_backends! {
             let refused = format!("postgres://postgres@{closed}/postgres");
             let missing = tollgate::testing::database_url(&env.db, "tollgate_no_such_database");
             for (db, why) in [(missing.as_str(), "does not exist"), (&refused, "refused")] {
-                let out = env
-                    .command()
-                    .env("TOLLGATE_DB", db)
-                    .args(["wallet", "balance", "alice"])
-                    .stdin(std::process::Stdio::null())
-                    .output()
-                    .await
-                    .unwrap();
+                let cwd = tempfile::tempdir().unwrap();
+                let out = env.cli_on(db, cwd.path(), &["wallet", "balance", "alice"]).await;
                 let stderr = String::from_utf8_lossy(&out.stderr);
                 assert!(!out.status.success(), "{db}");
                 assert_eq!(stderr.matches(why).count(), 1, "{db}, said once: {stderr}");
@@ -430,15 +424,7 @@ async fn an_in_memory_sqlite_store_is_refused_at_start() {
     ] {
         for args in [&["serve"][..], &["wallet", "topup", "alice", "1"]] {
             let cwd = tempfile::tempdir().unwrap();
-            let out = env
-                .command()
-                .current_dir(cwd.path())
-                .env("TOLLGATE_DB", url)
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await
-                .unwrap();
+            let out = env.cli_on(url, cwd.path(), args).await;
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{url} {args:?} succeeded");
             assert!(

@@ -98,6 +98,19 @@ impl Env {
             .expect("run tollgate")
     }
 
+    /// Runs a CLI command to completion on another store (`TOLLGATE_DB`),
+    /// from the directory `cwd`.
+    pub async fn cli_on(&self, db: &str, cwd: &std::path::Path, args: &[&str]) -> Output {
+        self.command()
+            .current_dir(cwd)
+            .env("TOLLGATE_DB", db)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run tollgate")
+    }
+
     /// Runs a CLI command that must succeed; returns its stdout.
     pub async fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args).await;
