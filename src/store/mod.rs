@@ -119,7 +119,7 @@ impl StoreError {
     }
 }
 
-/// A session ends (without payment) only as failed, expired or cancelled.
+/// A database a newer tollgate migrated is told apart from a failed migration.
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         match e {
@@ -131,6 +131,7 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
+/// A session ends (without payment) only as failed, expired or cancelled.
 fn check_session_ending(to: SessionStatus) -> Result<(), StoreError> {
     if matches!(to, SessionStatus::Pending | SessionStatus::Paid) {
         return Err(StoreError::Invalid(format!(
