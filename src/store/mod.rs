@@ -64,6 +64,12 @@ pub enum StoreError {
     OverLimit(Box<Breach>),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A SQLite file with tables, none of them tollgate's.
+    #[error(
+        "`{0}` is another program's SQLite database (it has tables, and none of them is \
+         tollgate's): give tollgate a database file of its own, new or made by tollgate"
+    )]
+    AnotherPrograms(String),
     /// Each of the store's connections would open a database of its own.
     #[error(
         "`{0}` is an in-memory SQLite database, which tollgate cannot use: give the path of a \

@@ -410,6 +410,43 @@ on_both_backends! {
     }
 }
 
+/// Another program's SQLite database (tables, none of them tollgate's) is
+/// refused by every command, even one that only reads, and left exactly as
+/// it was: no tables added, no journal mode changed, no files beside it.
+#[tokio::test]
+async fn another_programs_sqlite_database_is_refused_and_left_untouched() {
+    let env = Env::new("resubmit");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.db");
+    let db = path.display().to_string();
+    let create = "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)";
+    tollgate::testing::execute(&format!("sqlite://{db}?mode=rwc"), create)
+        .await
+        .unwrap();
+    let before = std::fs::read(&path).unwrap();
+    for args in [
+        &["serve"][..],
+        &["wallet", "balance", "alice"],
+        &["wallet", "topup", "alice", "1"],
+        &["ledger", "verify"],
+    ] {
+        let out = env.cli_on(&db, dir.path(), args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} used it: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{db}` is another program's SQLite database"))
+                && stderr.contains("give tollgate a database file of its own"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(files, ["notes.db"], "files made beside it");
+}
+
 /// An in-memory SQLite store is refused at start, naming it: the store's
 /// own connections would each open another database (and one of them a
 /// file named after it), so every write failed with "no such table".

@@ -89,6 +89,7 @@ impl SqliteStore {
         options: &SqliteConnectOptions,
         synchronous: Synchronous,
     ) -> Result<Self, StoreError> {
+        refuse_another_programs(options.get_filename()).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -224,6 +225,34 @@ const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
              FROM intents WHERE id = $1",
     wallet: wallet_with_limits!("WHERE id = $1"),
 };
+
+/// A database file another program keeps (it has tables, none of them
+/// tollgate's) is refused before anything is written to it: WAL mode and
+/// the migrations would both change it, even for a command that only
+/// reads. A new or empty file, or one of tollgate's, goes on.
+async fn refuse_another_programs(path: &std::path::Path) -> Result<(), StoreError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    use sqlx::{ConnectOptions, Connection};
+    // A plain connection: it sets no journal mode, and only reads.
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(BUSY_TIMEOUT)
+        .connect()
+        .await?;
+    let (tables, ours): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(name = '_sqlx_migrations'), 0) FROM sqlite_schema
+         WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    conn.close().await?;
+    if tables > 0 && ours == 0 {
+        return Err(StoreError::AnotherPrograms(path.display().to_string()));
+    }
+    Ok(())
+}
 
 #[async_trait]
 impl Store for SqliteStore {
