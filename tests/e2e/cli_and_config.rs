@@ -419,10 +419,15 @@ async fn another_programs_sqlite_database_is_refused_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notes.db");
     let db = path.display().to_string();
-    let create = "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)";
-    tollgate::testing::execute(&format!("sqlite://{db}?mode=rwc"), create)
-        .await
-        .unwrap();
+    // A program that keeps its migrations with sqlx, as tollgate does.
+    for create in [
+        "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)",
+        "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL)",
+    ] {
+        tollgate::testing::execute(&format!("sqlite://{db}?mode=rwc"), create)
+            .await
+            .unwrap();
+    }
     let before = std::fs::read(&path).unwrap();
     for args in [
         &["serve"][..],

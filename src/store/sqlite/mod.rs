@@ -229,7 +229,9 @@ const PAYMENT_LOCKS: PaymentLocks = PaymentLocks {
 /// A database file another program keeps (it has tables, none of them
 /// tollgate's) is refused before anything is written to it: WAL mode and
 /// the migrations would both change it, even for a command that only
-/// reads. A new or empty file, or one of tollgate's, goes on.
+/// reads. A new or empty file, or one of tollgate's (its ledger is made by
+/// the first migration), goes on. sqlx's own table does not make a file
+/// tollgate's: another program may keep its migrations there too.
 async fn refuse_another_programs(path: &std::path::Path) -> Result<(), StoreError> {
     if !path.exists() {
         return Ok(());
@@ -241,14 +243,14 @@ async fn refuse_another_programs(path: &std::path::Path) -> Result<(), StoreErro
         .busy_timeout(BUSY_TIMEOUT)
         .connect()
         .await?;
-    let (tables, ours): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(name = '_sqlx_migrations'), 0) FROM sqlite_schema
-         WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+    let (tables, ledgers): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(name <> '_sqlx_migrations'), 0), coalesce(sum(name = 'ledger_entries'), 0)
+         FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
     )
     .fetch_one(&mut conn)
     .await?;
     conn.close().await?;
-    if tables > 0 && ours == 0 {
+    if tables > 0 && ledgers == 0 {
         return Err(StoreError::AnotherPrograms(path.display().to_string()));
     }
     Ok(())
